@@ -1,0 +1,79 @@
+"""The dependency direction in ARCHITECTURE.md, checked on the source itself.
+
+model <- {generate, quant, parallel} <- train <- posttrain; tokenizer <- {data, generate, serve};
+nothing imports serve/ or cli.py. Each subpackage may import only the ones listed for it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "herd"
+
+ALLOWED: dict[str, set[str]] = {
+    "model": set(),
+    "tokenizer": set(),
+    "generate": {"model", "tokenizer"},
+    "quant": {"model"},
+    "parallel": {"model"},
+    "data": {"tokenizer"},
+    "train": {"model", "tokenizer", "generate", "quant", "parallel", "data"},
+    "eval": {"model", "tokenizer", "generate", "quant", "data", "train"},
+    "posttrain": {"model", "tokenizer", "generate", "quant", "parallel", "data", "train", "eval"},
+    "serve": {"model", "tokenizer", "generate", "quant"},
+}
+# Top-level modules: the package root stays light; entry points may use anything but each other.
+TOP_LEVEL: dict[str, set[str] | None] = {"__init__": {"model"}, "__main__": {"cli"}, "cli": None, "demo": None}
+
+
+def _herd_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "herd" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        yield (rel.parts[0] if len(rel.parts) > 1 else rel.stem), path
+
+
+@pytest.mark.parametrize("unit, path", list(_modules()), ids=lambda v: str(v))
+def test_imports_follow_the_dependency_direction(unit, path):
+    imported = _herd_imports(path) - {unit}
+    if unit in ALLOWED:
+        allowed = ALLOWED[unit]
+    else:
+        assert unit in TOP_LEVEL, f"{path}: new top-level unit {unit!r}; add it to ALLOWED with its dependencies"
+        allowed = TOP_LEVEL[unit]
+        if allowed is None:  # entry points may import any library unit
+            allowed = set(ALLOWED) | {"demo"}
+    bad = imported - allowed
+    assert not bad, f"{path.relative_to(ROOT.parent)} imports herd.{sorted(bad)}, which {unit} must not depend on"
+
+
+def test_nothing_imports_serve_or_cli():
+    for unit, path in _modules():
+        if unit in ("serve", "cli", "__main__"):
+            continue
+        imported = _herd_imports(path)
+        assert not imported & {"serve", "cli"}, f"{path} imports serve/cli"
+
+
+def test_model_code_is_pure_math():
+    # No distributed code, file I/O or device choice in the forward-pass modules.
+    for name in ("llama.py", "rope.py", "args.py"):
+        src = (ROOT / "model" / name).read_text()
+        for banned in ("torch.distributed", "open(", ".cuda(", "torch.load", "torch.save"):
+            assert banned not in src, f"herd/model/{name} contains {banned!r}"
