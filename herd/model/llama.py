@@ -106,12 +106,14 @@ class AttentionMask:
     else a boolean (B, 1, S, L) tensor: key slot <= query slot, and the same document.
     """
 
-    def __init__(self, pos: torch.Tensor, *, kv_len: int, doc_ids: torch.Tensor | None, cached: bool):
+    def __init__(
+        self, pos: torch.Tensor, *, kv_len: int, doc_ids: torch.Tensor | None, cached: bool, from_zero: bool = False
+    ):
         self.pos, self.kv_len = pos, kv_len  # pos: (B or 1, S)
         S = pos.shape[1]
         self.is_causal, self.mask = False, None
-        if not cached and doc_ids is None:
-            self.is_causal = True  # positions are 0..S-1 for every row
+        if doc_ids is None and (not cached or from_zero):
+            self.is_causal = True  # every row's queries are positions 0..S-1 over keys 0..S-1
         elif cached and pos.shape[0] == 1 and S == 1:
             pass  # the newest token of a single sequence sees all kv_len cached keys
         else:
@@ -173,11 +175,12 @@ class Transformer(nn.Module):
             raise ValueError("doc_ids (packed training) cannot be combined with a KV cache")
         if pos is None:
             pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else 0
+        from_zero = isinstance(pos, int) and pos == 0  # an int 0: a fresh prefill, SDPA's causal fast path applies
         if isinstance(pos, int):
             pos = torch.arange(pos, pos + S, device=tokens.device).unsqueeze(0)  # (1, S)
         # The cache is read up to the furthest position any row has reached.
         kv_len = int(pos.max()) + 1 if cache is not None else S
-        mask = AttentionMask(pos, kv_len=kv_len, doc_ids=doc_ids, cached=cache is not None)
+        mask = AttentionMask(pos, kv_len=kv_len, doc_ids=doc_ids, cached=cache is not None, from_zero=from_zero)
         freqs_cis = self.freqs_cis[pos]  # (B or 1, S, D/2)
 
         h = self.tok_embeddings(tokens)  # (B, S, dim)
