@@ -1,0 +1,1 @@
+"""Data: corpora readers now; the curation pipeline, token shards and the loader later."""
