@@ -1,0 +1,98 @@
+"""A multi-turn chat over the generation loop, and finding the tokenizer that goes with a model.
+
+The session keeps the conversation as `Message`s and re-encodes the whole dialog each turn
+(prefill is cheap next to decoding at these sizes, and it keeps the cache logic in one place:
+`generate`). Replies stream as text; the finished reply is parsed back with the chat format, so
+tool calls come back as `ToolCall`s rather than raw text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from herd.generate.generate import stream_text
+from herd.generate.sampling import SamplingParams
+from herd.model.llama import Transformer
+from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+
+LLAMA3_VOCAB = 128256
+
+
+def resolve_tokenizer(model_dir: str | Path, explicit: str | Path | None, *, vocab_size: int) -> Tokenizer:
+    """The tokenizer for a checkpoint: `explicit`, else tokenizer.model beside the weights (or in
+    original/, where HF repos keep Meta's files), else the Llama 3 tokenizer when the vocabulary
+    size says the model uses it."""
+    if explicit is not None:
+        tok = Tokenizer.from_file(explicit)
+    else:
+        model_dir = Path(model_dir)
+        found = [p for p in (model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model") if p.is_file()]
+        if found:
+            tok = Tokenizer.from_file(found[0])
+        elif vocab_size == LLAMA3_VOCAB:
+            tok = Tokenizer.from_file(llama3_tokenizer_path())
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer.model in {model_dir} (or its original/ folder) and the model's vocabulary "
+                f"({vocab_size}) is not Llama 3's; pass --tokenizer PATH"
+            )
+    if tok.n_words != vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.n_words} tokens but the model's vocabulary is {vocab_size}; "
+            "pass the tokenizer the model was trained with (--tokenizer PATH)"
+        )
+    return tok
+
+
+class ChatSession:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        version: str = "3.1",
+        system: str | None = None,
+        sampling: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 512,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.format = ChatFormat(tokenizer, version=version)
+        self.system, self.sampling, self.max_new_tokens = system, sampling, max_new_tokens
+        self.history: list[Message] = []
+        self.last_reply: Message | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [Message(role="system", content=self.system)] if self.system else []
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user turn and stream the assistant's reply as text pieces.
+
+        The reply joins the history once it is complete (a reply cut short by an exception is
+        dropped with its user turn, so the history never holds half a turn).
+        """
+        dialog = [*self.history, Message(role="user", content=text)]
+        prompt = self.format.encode_dialog_prompt(dialog).tokens
+        room = self.model.args.max_seq_len - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"the conversation is {len(prompt)} tokens, the model's limit is {self.model.args.max_seq_len}; "
+                "start over with /reset"
+            )
+        events = stream_text(
+            self.model, self.tokenizer, [prompt], max_new_tokens=min(self.max_new_tokens, room),
+            sampling=self.sampling, stop_tokens=self.tokenizer.stop_tokens,
+        )
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as done:
+                result = done.value[0]
+                break
+            if event.texts[0]:
+                yield event.texts[0]
+        reply_ids = result.tokens + ([result.stop_token] if result.stop_token is not None else [])
+        reply = self.format.decode_assistant_message(reply_ids)
+        self.history = [*dialog, reply]
+        self.last_reply = reply
