@@ -1,0 +1,270 @@
+"""`herd <command>`: parse arguments, call the library, print. No logic of its own.
+
+Each command is one small function taking the parsed namespace; COMMANDS maps names to
+(function, help, argument builder). Library errors meant for users (ValueError,
+FileNotFoundError) are printed as one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    return getattr(torch, DTYPES[name])
+
+
+def _load(opts):
+    from herd.generate.session import resolve_tokenizer
+    from herd.model.formats import load_model
+
+    # CPU default fp32: bf16 matmuls are very slow on CPUs without AVX-512 BF16.
+    dtype = _dtype(opts.dtype) if opts.dtype else (None if opts.device != "cpu" else _dtype("fp32"))
+    model = load_model(opts.path, dtype=dtype, device=opts.device, max_seq_len=opts.max_seq_len).eval()
+    tokenizer = resolve_tokenizer(opts.path, opts.tokenizer, vocab_size=model.args.vocab_size)
+    return model, tokenizer
+
+
+def _sampling(opts):
+    from herd.generate import SamplingParams
+
+    return SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed)
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def cmd_info(opts) -> None:
+    from herd.model.formats import describe
+
+    info = describe(opts.path)
+    a = info.args
+    if opts.json:
+        print(json.dumps({"path": str(info.path), "format": info.format, "dtype": info.dtype,
+                          "num_params": info.num_params, "bytes_on_disk": info.bytes_on_disk,
+                          "files": list(info.files), "config": info.config}, indent=2))
+        return
+    scaling = "none" if a.rope_scaling is None else (
+        f"llama3 factor {a.rope_scaling.factor:g} (low {a.rope_scaling.low_freq_factor:g}, "
+        f"high {a.rope_scaling.high_freq_factor:g}, original {a.rope_scaling.original_max_seq_len})")
+    rows = [
+        ("path", str(info.path)),
+        ("format", {"hf": "Hugging Face safetensors", "meta": "Meta consolidated.*.pth"}[info.format]),
+        ("files", ", ".join(info.files)),
+        ("dtype", info.dtype),
+        ("parameters", f"{info.num_params:,} ({info.num_params / 1e9:.3f} B)"),
+        ("size on disk", f"{info.bytes_on_disk / 2**20:,.1f} MiB"),
+        ("layers / dim", f"{a.n_layers} / {a.dim}"),
+        ("heads (q / kv)", f"{a.n_heads} / {a.n_kv_heads}, head_dim {a.head_dim}"),
+        ("ffn hidden", str(a.ffn_hidden_dim)),
+        ("vocabulary", f"{a.vocab_size:,}"),
+        ("rope", f"theta {a.rope_theta:g}, scaling {scaling}"),
+        ("context", f"{a.max_seq_len:,} tokens"),
+        ("tied embeddings", "yes" if a.tie_embeddings else "no"),
+        ("KV cache", f"{a.kv_cache_bytes_per_token() / 1024:g} KiB/token in bf16"),
+    ]
+    for k, v in rows:
+        print(f"{k:>16}  {v}")
+
+
+def cmd_generate(opts) -> None:
+    from herd.generate import stream_text
+    from herd.tokenizer import ChatFormat, Message
+
+    model, tok = _load(opts)
+    if opts.chat:
+        messages = ([Message(role="system", content=opts.system)] if opts.system else []) + [
+            Message(role="user", content=p) for p in opts.prompt[:1]]
+        prompts = [ChatFormat(tok, version="3.1").encode_dialog_prompt(messages).tokens]
+        if len(opts.prompt) > 1:
+            raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
+    else:
+        prompts = [tok.encode(p, bos=True, eos=False) for p in opts.prompt]
+    stop = tok.stop_tokens if not opts.ignore_eos else ()
+    events = stream_text(model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=_sampling(opts),
+                         stop_tokens=stop, logprobs=opts.logprobs)
+    if len(prompts) == 1:  # stream a single prompt as it is produced
+        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            results = done.value
+            break
+        if len(prompts) == 1 and event.texts[0]:
+            print(event.texts[0], end="", flush=True)
+    if len(prompts) == 1:
+        print()
+    else:
+        for p, r in zip(opts.prompt, results):
+            print(f"--- {p!r}\n{p}{tok.decode(r.tokens)}")
+    for r in results:
+        line = f"[{len(r.tokens)} tokens, finish: {r.finish_reason}]"
+        if opts.logprobs and r.logprobs:
+            line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
+        print(line, file=sys.stderr)
+
+
+def cmd_chat(opts) -> None:
+    from herd.generate.session import ChatSession
+
+    model, tok = _load(opts)
+    session = ChatSession(model, tok, system=opts.system, sampling=_sampling(opts), max_new_tokens=opts.max_new_tokens)
+    print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        print("llama> ", end="", flush=True)
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+        except ValueError as e:
+            print(f"\n(error: {e})", file=sys.stderr)
+            continue
+        print()
+        if session.last_reply and session.last_reply.tool_calls:
+            for call in session.last_reply.tool_calls:
+                print(f"(tool call: {call.name}({json.dumps(call.arguments)}))", file=sys.stderr)
+
+
+def cmd_tokenize(opts) -> None:
+    from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+
+    tok = Tokenizer.from_file(opts.tokenizer or llama3_tokenizer_path())
+    if opts.decode is not None:
+        ids = [int(t) for t in opts.decode.replace(",", " ").split()]
+        print(tok.decode(ids))
+        return
+    if opts.file:
+        text = Path(opts.file).read_text(encoding="utf-8")
+    elif opts.text is not None:
+        text = opts.text
+    else:
+        text = sys.stdin.read()
+    ids = tok.encode(text, bos=opts.bos, eos=opts.eos, allowed_special="all" if opts.allow_special else frozenset())
+    if opts.count:
+        print(f"{len(ids)} tokens, {len(text)} characters, {len(text) / max(len(ids), 1):.2f} characters/token")
+    elif opts.pieces:
+        print(" ".join(f"{i}:{tok.decode([i])!r}" for i in ids))
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_convert(opts) -> None:
+    from herd.model.formats import convert
+
+    out = convert(opts.src, opts.dst, to=opts.to, num_shards=opts.num_shards, overwrite=opts.overwrite)
+    print(f"wrote {opts.to} checkpoint to {out}")
+
+
+def cmd_demo(opts) -> None:
+    from herd.demo import run_demo
+
+    run_demo(out_dir=Path(opts.out))
+
+
+# ---- argument definitions --------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
+    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
+    p.add_argument("--max-seq-len", type=int, help="shorten the context (RoPE table and cache) to this many tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, Meta's)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--system", help="system prompt (chat format)")
+
+
+def _info_args(p):
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _generate_args(p):
+    _model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
+    p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+
+
+def _tokenize_args(p):
+    p.add_argument("text", nargs="?", help="text to encode (default: stdin)")
+    p.add_argument("--file", help="encode this UTF-8 file")
+    p.add_argument("--tokenizer", help="tiktoken rank file (default: the Llama 3 tokenizer)")
+    p.add_argument("--bos", action="store_true")
+    p.add_argument("--eos", action="store_true")
+    p.add_argument("--allow-special", action="store_true", help="parse <|...|> special-token text")
+    p.add_argument("--count", action="store_true", help="print counts and characters/token only")
+    p.add_argument("--pieces", action="store_true", help="print id:piece pairs")
+    p.add_argument("--decode", help="decode these ids (space or comma separated) instead")
+
+
+def _convert_args(p):
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=("hf", "meta"), required=True)
+    p.add_argument("--num-shards", type=int, default=1, help="Meta model-parallel files to split into")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
+
+
+COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
+    "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
+    "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
+    "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _model_args),
+    "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
+    "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
+    "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Llama 3 in PyTorch: models, tokenizer, inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text, add_args) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        COMMANDS[opts.command][0](opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"herd {opts.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
