@@ -239,6 +239,7 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+# name -> (function, one-line help, argument builder). A name with a space is a nested command.
 COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
     "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
@@ -250,15 +251,27 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Keys with a space ("data tokenize") become nested commands: `herd data tokenize ...`."""
     parser = argparse.ArgumentParser(prog="herd", description="Llama 3 in PyTorch: models, tokenizer, inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (_, help_text, add_args) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        group, _, leaf = name.partition(" ")
+        if not leaf:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+        else:
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            p = groups[group].add_parser(leaf, help=help_text, description=help_text)
+        p.set_defaults(command_name=name)
+        add_args(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
+    opts.command = opts.command_name
     try:
         COMMANDS[opts.command][0](opts)
     except (ValueError, FileNotFoundError) as e:
