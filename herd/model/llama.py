@@ -68,10 +68,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, mask.pos)  # (B, K, Lmax, D)
             k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]  # (B, K, L, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=q.shape[1] != k.shape[1]
-        )  # (B, H, S, D)
+        out = self.attend(q, k, v, mask)  # (B, H, S, D)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """Scores and weighted values: q (B, H, S, D) over k, v (B, K, L, D) -> (B, H, S, D).
+
+        The one seam for attention applied from outside: context parallelism replaces it per
+        module to attend local queries over keys gathered from other ranks.
+        """
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
 
 class FeedForward(nn.Module):
@@ -102,19 +110,22 @@ class AttentionMask:
     """Which keys each query may see, computed once per forward and shared by all layers.
 
     `mask` is None with `is_causal=True` for the common training case (SDPA's fastest path),
-    None with `is_causal=False` when every query sees every cached key (single-row decode),
-    else a boolean (B, 1, S, L) tensor: key slot <= query slot, and the same document.
+    None with `is_causal=False` when every query sees every cached key (single-row decode with
+    kv_len = position + 1), else a boolean (B, 1, S, L) tensor: key slot <= query slot, and the
+    same document. `fixed_len`: kv_len was chosen by the caller (e.g. the whole static cache),
+    so it may exceed the positions and the mask is always built.
     """
 
     def __init__(
-        self, pos: torch.Tensor, *, kv_len: int, doc_ids: torch.Tensor | None, cached: bool, from_zero: bool = False
+        self, pos: torch.Tensor, *, kv_len: int, doc_ids: torch.Tensor | None, cached: bool, from_zero: bool = False,
+        fixed_len: bool = False,
     ):
         self.pos, self.kv_len = pos, kv_len  # pos: (B or 1, S)
         S = pos.shape[1]
         self.is_causal, self.mask = False, None
         if doc_ids is None and (not cached or from_zero):
             self.is_causal = True  # every row's queries are positions 0..S-1 over keys 0..S-1
-        elif cached and pos.shape[0] == 1 and S == 1:
+        elif cached and not fixed_len and pos.shape[0] == 1 and S == 1:
             pass  # the newest token of a single sequence sees all kv_len cached keys
         else:
             # With a cache, slot p holds position p; without one, keys are the tokens themselves
@@ -161,6 +172,7 @@ class Transformer(nn.Module):
         pos: torch.Tensor | int | None = None,
         cache: Cache | None = None,
         doc_ids: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, S, dim), before the output head.
 
@@ -169,6 +181,9 @@ class Transformer(nn.Module):
         cache: KV cache to read and extend (inference). None: attend within `tokens` only.
         doc_ids: (B, S) document id per token for packed training; attention never crosses
              a change of id. Not combinable with a cache.
+        kv_len: with a cache, attend over its first kv_len slots (masked by position). Default:
+             the furthest position + 1, which reads `pos` on the host. A fixed value (the cache
+             length) keeps shapes static and the step free of host syncs, for torch.compile.
         """
         B, S = tokens.shape
         if doc_ids is not None and cache is not None:
@@ -178,9 +193,13 @@ class Transformer(nn.Module):
         from_zero = isinstance(pos, int) and pos == 0  # an int 0: a fresh prefill, SDPA's causal fast path applies
         if isinstance(pos, int):
             pos = torch.arange(pos, pos + S, device=tokens.device).unsqueeze(0)  # (1, S)
-        # The cache is read up to the furthest position any row has reached.
-        kv_len = int(pos.max()) + 1 if cache is not None else S
-        mask = AttentionMask(pos, kv_len=kv_len, doc_ids=doc_ids, cached=cache is not None, from_zero=from_zero)
+        fixed_len = kv_len is not None
+        if fixed_len and cache is None:
+            raise ValueError("kv_len sets how much of a KV cache to read; it needs cache=")
+        if not fixed_len:  # the cache is read up to the furthest position any row has reached
+            kv_len = int(pos.max()) + 1 if cache is not None else S
+        mask = AttentionMask(pos, kv_len=kv_len, doc_ids=doc_ids, cached=cache is not None, from_zero=from_zero,
+                             fixed_len=fixed_len)
         freqs_cis = self.freqs_cis[pos]  # (B or 1, S, D/2)
 
         h = self.tok_embeddings(tokens)  # (B, S, dim)
