@@ -1,0 +1,96 @@
+"""Real web-like pages from Debian packages, fetched without installing anything.
+
+`apt-get download` fetches the .deb (no dependencies resolved, no maintainer scripts run) and
+`dpkg -x` unpacks it into a cache folder, so the demo needs neither root nor a changed system.
+Metapackages such as `python3-doc` carry no files; their direct dependencies are fetched too.
+A `.done` marker written last makes a half-unpacked cache visible as such and redone.
+
+`write_warc` stores documents as WARC response records (warcio), the format a crawler leaves,
+so the pipeline's WARC reader is exercised on real pages with their real URLs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from herd.data.document import Document
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise FileNotFoundError(f"`{cmd[0]}` is not on PATH: the Debian demo data needs a Debian/Ubuntu system "
+                                "with apt-get and dpkg; point a folder/warc/jsonl reader at your own files instead")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        hint = " (run `apt-get update` once so apt knows the package)" if cmd[0].startswith("apt") else ""
+        raise FileNotFoundError(f"`{' '.join(cmd)}` failed{hint}: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def _depends(deb: Path) -> list[str]:
+    out = _run(["dpkg-deb", "-f", str(deb), "Depends"]).strip()
+    names = []
+    for item in filter(None, (s.strip() for s in out.split(","))):
+        first = item.split("|")[0].strip()  # of alternatives, the first is what apt would pick
+        names.append(first.split()[0].split(":")[0])
+    return names
+
+
+def fetch_packages(packages: list[str], *, cache_dir: Path) -> Path:
+    """Downloads and unpacks `packages` (and, for packages with no files of their own, their direct
+    dependencies) into `cache_dir/root`; returns that root. Reuses a finished cache."""
+    if not packages:
+        raise ValueError("a debian reader needs `packages = [...]` (e.g. [\"debian-handbook\"])")
+    root = cache_dir / "root"
+    debs = cache_dir / "debs"
+    todo = [p for p in packages if not (cache_dir / f"{p}.done").exists()]
+    for pkg in todo:
+        debs.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=debs) as tmp:
+            _run(["apt-get", "download", pkg], cwd=Path(tmp))
+            [deb] = list(Path(tmp).glob("*.deb"))
+            names = [pkg]
+            files = _run(["dpkg-deb", "-c", str(deb)])
+            if "/usr/share/doc/" in files and files.count("\n") < 20:  # metapackage: only changelog/copyright
+                names += [d for d in _depends(deb) if d not in packages]
+                for dep in names[1:]:
+                    _run(["apt-get", "download", dep], cwd=Path(tmp))
+            root.mkdir(parents=True, exist_ok=True)
+            for d in sorted(Path(tmp).glob("*.deb")):
+                _run(["dpkg", "-x", str(d), str(root)])
+        (cache_dir / f"{pkg}.done").write_text("\n".join(names) + "\n")
+    return root
+
+
+def write_warc(docs: Iterable[Document], path: Path, *, source_files: list[str] | None = None) -> Path:
+    """Writes documents as HTTP 200 text/html response records (atomically); skips the work when
+    `path` exists and was written from the same `source_files` list."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    listing = path.with_suffix(".files")
+    wanted = "\n".join(source_files or [])
+    if path.exists() and listing.exists() and listing.read_text() == wanted:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        for doc in docs:
+            assert doc.url, f"{doc.id}: a WARC record needs a URL"
+            payload = doc.text.encode("utf-8")
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                                  ("Content-Length", str(len(payload)))], protocol="HTTP/1.1")
+            warc_headers = {"WARC-Date": doc.timestamp} if doc.timestamp else None
+            rec = w.create_warc_record(doc.url, "response", payload=io.BytesIO(payload), http_headers=headers,
+                                       warc_headers_dict=warc_headers)
+            w.write_record(rec)
+    os.replace(tmp, path)
+    listing.write_text(wanted)
+    return path

