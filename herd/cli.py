@@ -185,6 +185,21 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out))
 
 
+def cmd_data_run(opts) -> None:
+    from herd.data.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig.from_toml(opts.pipeline)
+    report = run_pipeline(cfg, workers=opts.workers, fresh=opts.fresh)
+    if opts.json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return
+    print(report.table())
+    for name, out in report.outputs.items():
+        tokens = f", {out['tokens']:,} tokens" if "tokens" in out else ""
+        print(f"output {name}: {out.get('docs', 0):,} docs, {out.get('chars', 0) / 1e6:.2f} MB{tokens} -> {out['path']}")
+    print(f"{report.seconds:.1f} s; report: {cfg.output_dir / 'report.json'}, {cfg.output_dir / 'report.html'}")
+
+
 # ---- argument definitions --------------------------------------------------------------------
 
 
@@ -239,6 +254,13 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+def _data_run_args(p):
+    p.add_argument("pipeline", help="pipeline TOML file (see herd/data/pipeline.py and configs/data/)")
+    p.add_argument("--workers", type=int, help="processes (default: [pipeline] workers)")
+    p.add_argument("--fresh", action="store_true", help="discard a previous run's work in output_dir instead of resuming")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+
+
 # name -> (function, one-line help, argument builder). A name with a space is a nested command.
 COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
@@ -247,6 +269,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "data run": (cmd_data_run, "run a data-curation pipeline file (extract, dedup, filter, mix, shards)", _data_run_args),
 }
 
 
