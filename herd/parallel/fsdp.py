@@ -1,0 +1,45 @@
+"""Fully sharded data parallelism (FSDP2 `fully_shard`), and HSDP on a 2-D mesh.
+
+Each transformer block is its own FSDP unit, so only one block's full weights exist at a
+time; the token embedding is another unit, and the root (norm + output head) is the last.
+The trade-off is granularity: finer units overlap communication with compute and keep peak
+memory at one block, at the price of more, smaller collectives.
+
+A tied embedding/output matrix must live in one unit (FSDP replaces a parameter by its
+sharded DTensor once); it then stays in the root, which is gathered for the whole step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard `model` (a Transformer or a pipeline stage of one) over `mesh`, in place.
+
+    mesh: 1-D for FSDP, 2-D (replicate, shard) for HSDP.
+    param_dtype: the dtype blocks compute in (bf16 on GPU); parameters and the optimizer stay
+        in their stored dtype. Gradients are reduced in `reduce_dtype` (the paper reduces in fp32).
+    reshard_after_forward: free gathered weights after each block's forward (ZeRO-3). Pipeline
+        parallelism turns it off: every microbatch would gather the same weights again.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs = dict(mesh=mesh, mp_policy=mp)
+    for block in model.layers.values():
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    tied = getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None \
+        and model.output.weight is model.tok_embeddings.weight
+    if getattr(model, "tok_embeddings", None) is not None and not tied:
+        fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root's weights (norm, output head) are needed again as soon as backward starts.
+    fully_shard(model, reshard_after_forward=False, **kwargs)

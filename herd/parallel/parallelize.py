@@ -1,0 +1,311 @@
+"""Apply every parallelism to a meta-device model, in one documented order, and run a step.
+
+Order (each step relies on the ones before it):
+
+0. float8: swap Linear -> Float8Linear on the whole model, so TP and FSDP see the final modules.
+1. pipeline split: this rank's stages are cut out of the meta model (`pipeline.py`).
+2. TP (+ sequence and loss parallel): needs plain Linears/norms to attach its styles to.
+3. CP: replaces each `Attention.attend`; must precede compile so compile traces it.
+4. AC: wraps whole blocks (the TP hooks and the CP attend inside are recomputed with them).
+5. torch.compile per block: compiles the checkpointed block; FSDP's hooks stay outside it.
+6. FSDP / HSDP: shards whatever the steps above produced, block by block, then the root.
+
+Then `materialize` allocates the parameters on the target device and initialises them.
+
+`ParallelModel.forward_backward` is the single place where the layouts differ at run time:
+it shards the batch for CP, runs the pipeline schedule or a plain forward/backward, enables
+loss parallel for TP, and normalises the loss by the global number of target tokens so
+gradients equal the single-process gradients of the same global batch exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from herd.model.llama import Transformer, positions_from_doc_ids
+from herd.parallel.checkpointing import AC_MODES, apply_ac
+from herd.parallel.context import ContextParallel, apply_cp
+from herd.parallel.dims import Meshes, ParallelDims
+from herd.parallel.float8 import FLOAT8_RECIPES, apply_float8
+from herd.parallel.fsdp import apply_fsdp
+from herd.parallel.pipeline import PP_SCHEDULES, build_schedule, check_pp, split_model, stages_per_rank
+from herd.parallel.tensor import apply_tp, check_tp
+
+IGNORE_INDEX = -100
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    """The `[parallel]` section of a training config."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: every rank the other dimensions leave
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int = 0  # 0: one per pipeline stage (pp * stages per rank)
+    pp_stages_per_rank: int = 0  # 0: the schedule's default (1, or 2 for looped and V schedules)
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-sharded logits
+    ac: str = "none"  # none | full | selective
+    compile: bool = False  # torch.compile each block
+    float8: str = "none"  # none | tensorwise | rowwise (torchao)
+    float8_emulate: bool = False  # float8 numerics without FP8 hardware (CPU, tests)
+    param_dtype: str = "float32"  # FSDP compute dtype; bfloat16 on GPU
+    reduce_dtype: str = "float32"  # FSDP gradient reduction dtype (the paper reduces in fp32)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("pp_schedule", PP_SCHEDULES), ("ac", AC_MODES), ("float8", FLOAT8_RECIPES),
+                              ("param_dtype", tuple(_DTYPES)), ("reduce_dtype", tuple(_DTYPES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"parallel.{name} = {getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        if self.pp_microbatches < 0 or self.pp_stages_per_rank < 0:
+            raise ValueError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0 (0 = default)")
+
+    def dims(self, world_size: int) -> ParallelDims:
+        return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
+                            pp=self.pp, world_size=world_size)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed (not averaged) token cross-entropy; -100 targets contribute nothing."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # mean cross-entropy over the global batch, the same value on every rank
+    num_targets: int  # target tokens in the global batch
+
+
+class ParallelModel:
+    """The local parts of a parallelised model and how to run a training step on them."""
+
+    def __init__(self, parts: list[nn.Module], *, config: ParallelConfig, meshes: Meshes | None,
+                 stage_ids: list[int], cp: ContextParallel | None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.parts, self.config, self.meshes, self.stage_ids, self.cp = parts, config, meshes, stage_ids, cp
+        self.loss_fn = loss_fn
+        self.schedule = None
+        self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    @property
+    def dims(self) -> ParallelDims:
+        return self.meshes.dims if self.meshes is not None else ParallelDims()
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.dims.pp * max(len(self.stage_ids), 1) - 1 in self.stage_ids
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for part in self.parts:
+            yield from part.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen = set()
+        for part in self.parts:
+            for name, p in part.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def train(self, mode: bool = True) -> ParallelModel:
+        for part in self.parts:
+            part.train(mode)
+        return self
+
+    def materialize(self, *, device: torch.device | str, seed: int | None = None) -> None:
+        """Allocate parameters on `device` and initialise them randomly.
+
+        Sharded parameters are initialised through DTensor's random-number tracker, so the
+        values depend on the layout; use `load_full_state_dict` to start every layout from the
+        same weights (e.g. a seed checkpoint).
+        """
+        device = torch.device(device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        for part in self.parts:
+            part.to_empty(device=device)
+            part.init_weights()
+        self._build_schedule(device)
+
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], *, device: torch.device | str) -> None:
+        """Allocate on `device` and copy in a full (unsharded) state dict held by every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        device = torch.device(device)
+        for part in self.parts:
+            part.to_empty(device=device)
+            if isinstance(part, Transformer):
+                part.init_rope()
+            if self.meshes is None:
+                part.load_state_dict(state_dict)
+                if isinstance(part, Transformer):
+                    part.tie_weights()
+            else:
+                # Pipeline stages hold a subset of the keys, hence strict=False; every key a
+                # stage does hold is still loaded (checked by the parity tests).
+                # A copy: set_model_state_dict replaces the values of the dict it is given.
+                set_model_state_dict(part, dict(state_dict),
+                                     options=StateDictOptions(full_state_dict=True, strict=self.dims.pp == 1))
+        self._build_schedule(device)
+
+    def _build_schedule(self, device: torch.device) -> None:
+        if self.dims.pp == 1 or self.schedule is not None:
+            return
+        c = self.config
+        n_mb = c.pp_microbatches or self.dims.pp * len(self.parts)
+        self.schedule = build_schedule(
+            list(zip(self.stage_ids, self.parts)), self.meshes.pp, schedule=c.pp_schedule,
+            n_microbatches=n_mb, loss_fn=self._pipeline_loss, device=device,
+        )
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _plain(self.loss_fn(logits, targets)) * self._scale
+
+    def _loss_context(self):
+        if self.dims.tp > 1 and self.config.loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+        num_targets: int | None = None,
+    ) -> StepLoss:
+        """Forward and backward of one (B, S) batch; gradients accumulate into `.grad`.
+
+        Every CP, TP and PP rank of a data-parallel group passes the same full batch.
+        `num_targets`: target tokens of the whole global step, when it spans several calls
+        (gradient accumulation); by default this call's batch summed over data-parallel ranks.
+        """
+        B, S = inputs.shape
+        d, m = self.dims, self.meshes
+        if d.tp > 1 and (S // d.cp) % d.tp != 0:
+            raise ValueError(f"sequence parallel needs seq_len / cp = {S // d.cp} divisible by tp = {d.tp}")
+        if num_targets is None:
+            count = (targets != IGNORE_INDEX).sum()
+            if m is not None and d.dp > 1:
+                dist.all_reduce(count, group=m.dp.get_group())
+            num_targets = int(count)
+        # Each data/context rank sums its own tokens; FSDP averages gradients over those
+        # dp_replicate * dp_shard * cp ranks, so scaling by that count makes the result the
+        # gradient of (global token sum / global token count).
+        self._scale = (d.dp * d.cp) / max(num_targets, 1)
+        if self.cp is not None:
+            shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
+            inputs, targets, pos, doc_ids = shard.inputs, shard.targets, shard.pos, None
+        else:
+            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
+            pos = pos.expand(B, -1)
+        local_sum = torch.zeros((), device=inputs.device)
+        with self._loss_context():
+            if self.schedule is not None:
+                losses: list[torch.Tensor] = []
+                kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
+                args = (inputs,) if self.has_first_stage else ()
+                self.schedule.step(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                if self.has_last_stage:
+                    local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
+            else:
+                (part,) = self.parts
+                logits = part(inputs, pos=pos, doc_ids=doc_ids)
+                loss = _plain(self.loss_fn(logits, targets))
+                (loss * self._scale).backward()
+                local_sum = loss.detach()
+        total = local_sum.float() / max(num_targets, 1)
+        if m is not None and (d.dp * d.cp > 1 or d.pp > 1):
+            # Sum over every rank that holds distinct tokens; non-last pipeline stages add 0.
+            for mesh, n in ((m.dp_cp, d.dp * d.cp), (m.pp, d.pp)):
+                if n > 1:
+                    dist.all_reduce(total, group=mesh.get_group())
+        return StepLoss(loss=total, num_targets=num_targets)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm over all shards, stages and parts; return the norm."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # sums the squared norms of every shard
+        if self.dims.pp > 1:
+            sq = norm**2
+            dist.all_reduce(sq, group=self.meshes.pp.get_group())
+            norm = sq.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def parallelize(
+    model: Transformer,
+    config: ParallelConfig,
+    meshes: Meshes | None,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy,
+) -> ParallelModel:
+    """Transform a meta-device `model` for this rank (see the module docstring for the order).
+
+    meshes: from `ParallelDims.build_mesh`, or None for a single process (AC, compile and
+        float8 still apply). `loss_fn(logits, targets)` must return the *sum* over tokens.
+    """
+    d = meshes.dims if meshes is not None else ParallelDims()
+    if meshes is None and config.dims(1) != d:
+        raise ValueError(f"parallel layout {config.dims(1).describe()} needs torch.distributed; launch with torchrun")
+    args = model.args
+    check_tp(args, d.tp)
+    n_per_rank = stages_per_rank(config.pp_schedule, config.pp_stages_per_rank or None) if d.pp > 1 else 1
+    check_pp(args, d.pp, n_per_rank)
+    use_fsdp = d.dp_replicate * d.fsdp > 1
+    if _DTYPES[config.param_dtype] != torch.float32 and not use_fsdp:
+        raise ValueError(
+            f"parallel.param_dtype = {config.param_dtype} is applied by FSDP, which this layout ({d.describe()}) "
+            "does not use; build the model in that dtype instead"
+        )
+
+    apply_float8(model, recipe=config.float8, emulate=config.float8_emulate)
+    if d.pp > 1:
+        stages = split_model(model, pp_rank=meshes.pp.get_local_rank(), pp=d.pp,
+                             schedule=config.pp_schedule, n_per_rank=n_per_rank)
+    else:
+        stages = [(0, model)]
+    cp = ContextParallel(meshes.cp) if d.cp > 1 else None
+    if cp is not None and d.pp > 1:
+        cp.allow_row_masks = False
+    for _, part in stages:
+        if d.tp > 1:
+            apply_tp(part, meshes.tp, loss_parallel=config.loss_parallel)
+        if cp is not None:
+            apply_cp(part, cp)
+        apply_ac(part, mode=config.ac)
+        if config.compile:
+            for block in part.layers.values():
+                block.compile()  # in place: parameter names keep no `_orig_mod` prefix
+        if use_fsdp:
+            apply_fsdp(part, meshes.fsdp, param_dtype=_DTYPES[config.param_dtype],
+                       reduce_dtype=_DTYPES[config.reduce_dtype], reshard_after_forward=d.pp == 1)
+    return ParallelModel([m for _, m in stages], config=config, meshes=meshes,
+                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn)
