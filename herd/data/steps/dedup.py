@@ -8,6 +8,9 @@ per bucket for lines). That is simple and exact up to what fits in one machine's
 documents of 8-byte keys); beyond that the same signature files are what a sharded merge (by key
 range, datatrove's stage 2) would consume.
 
+Library choice: rensa's Rust RMinHash (~40x faster than datasketch's `update_batch` here); the
+tests check its candidate rate against 1 - (1 - s^r)^b, which assumes independent rows.
+
 Which copy survives is deterministic: the highest priority (crawl time for URLs), then the
 first in (shard, position) order. MinHash clusters keep their first member.
 
@@ -257,14 +260,16 @@ class MinHashDedup(GlobalStep):
             return [" ".join(w)] if w else []
         return [" ".join(w[i:i + n]) for i in range(len(w) - n + 1)]
 
-    def signature(self, text: str) -> np.ndarray:
-        """(bands * rows,) uint64 MinHash values of the document's shingle set."""
+    def signature_of(self, shingles: list[str]) -> np.ndarray:
+        """(bands * rows,) uint64 MinHash values of a shingle set (rensa's Rust RMinHash)."""
         import rensa
 
         m = rensa.RMinHash(num_perm=self.bands * self.rows, seed=self.seed)
-        sh = self.shingles(text)
-        m.update(sh if sh else [""])
+        m.update(shingles if shingles else [""])
         return np.asarray(m.digest(), dtype=np.uint64)
+
+    def signature(self, text: str) -> np.ndarray:
+        return self.signature_of(self.shingles(text))
 
     def band_keys(self, doc: Document) -> np.ndarray:
         sig = self.signature(doc.text).reshape(self.bands, self.rows)

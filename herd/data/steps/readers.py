@@ -124,7 +124,10 @@ class JsonlReader(Reader):
     def _doc(self, row: dict[str, Any], default_id: str) -> Document:
         if self.text_key not in row:
             raise ValueError(f"{default_id}: no {self.text_key!r} field; set text_key in the reader config")
-        meta = dict(row.pop("metadata", None) or {})
+        meta = row.pop("metadata", None) or {}
+        if isinstance(meta, str):  # herd's Parquet output stores metadata as a JSON string
+            meta = json.loads(meta)
+        meta = dict(meta)
         text = row.pop(self.text_key)
         doc_id = str(row.pop(self.id_key, default_id))
         url, ts = row.pop(self.url_key, None), row.pop(self.timestamp_key, None)
