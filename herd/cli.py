@@ -8,6 +8,7 @@ FileNotFoundError) are printed as one line and exit with status 2, without a tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -200,6 +201,80 @@ def cmd_data_run(opts) -> None:
     print(f"{report.seconds:.1f} s; report: {cfg.output_dir / 'report.json'}, {cfg.output_dir / 'report.html'}")
 
 
+def _report_out(opts, report) -> None:
+    print(report.table())
+    if opts.out:
+        print(f"results written to {report.save(opts.out)}")
+
+
+def cmd_eval_mc(opts) -> None:
+    from herd.eval.multiple_choice import evaluate_mc, load_mc_jsonl
+    from herd.eval.results import EvalReport
+
+    model, tok = _load(opts)
+    pool = load_mc_jsonl(opts.shots_file) if opts.shots_file else None
+    tasks = []
+    for path in opts.task:
+        examples = load_mc_jsonl(path)[: opts.limit]
+        res = evaluate_mc(model, tok, examples, task=Path(path).stem, num_shots=opts.shots, shots_pool=pool,
+                          seed=opts.seed, batch_size=opts.batch_size)
+        tasks.append(res.to_task_result())
+    _report_out(opts, EvalReport(model=str(opts.path), tasks=tasks))
+
+
+def cmd_eval_needle(opts) -> None:
+    from herd.eval.needle import evaluate_needle, plot_needle_heatmap
+    from herd.eval.results import EvalReport
+
+    model, tok = _load(opts)
+    res = evaluate_needle(model, tok, lengths=_ints(opts.lengths), depths=_floats(opts.depths), trials=opts.trials,
+                          method=opts.method, filler=opts.filler, seed=opts.seed, batch_size=opts.batch_size)
+    print(f"needle retrieval accuracy ({opts.method}, {opts.trials} trials per cell, filler {opts.filler}):")
+    print(res.table())
+    print(f"mean accuracy {res.mean_accuracy:.3f}")
+    if opts.heatmap:
+        print(f"heatmap written to {plot_needle_heatmap(res, opts.heatmap)}")
+    if opts.out:
+        print(f"results written to {EvalReport(model=str(opts.path), tasks=[res.to_task_result()]).save(opts.out)}")
+
+
+def cmd_eval_lm_eval(opts) -> None:
+    from herd.eval.lm_eval_adapter import run_lm_eval
+    from herd.eval.results import EvalReport, TaskResult
+
+    model, tok = _load(opts)
+    results = run_lm_eval(model, tok, opts.tasks.split(","), num_fewshot=opts.num_fewshot, limit=opts.limit,
+                          batch_size=opts.batch_size, include_path=opts.include_path)
+    tasks = [TaskResult(task=t, metrics=m, num_examples=opts.limit or 0,
+                        config={"harness": "lm-eval", "num_fewshot": opts.num_fewshot}) for t, m in results.items()]
+    _report_out(opts, EvalReport(model=str(opts.path), tasks=tasks))
+
+
+def cmd_scaling_fit(opts) -> None:
+    from herd.eval.scaling import fit_scaling, load_points, plot_isoflops, plot_two_step
+
+    fit = fit_scaling(load_points(opts.points), chance=opts.chance)
+    print(fit.table())
+    print(fit.summary())
+    pred = fit.predict(opts.predict) if opts.predict else None
+    if pred is not None:
+        line = f"prediction at C = {pred.budget:.3g}: N* = {pred.n_opt:,.0f} params on {pred.tokens:,.0f} tokens"
+        if pred.loss is not None:
+            line += f", loss {pred.loss:.4f}"
+        if pred.task_acc is not None:
+            line += f", task NLL {pred.task_nll:.4f}, accuracy {pred.task_acc:.3f}"
+        print(line)
+    if opts.plot_dir:
+        print(f"plot written to {plot_isoflops(fit, Path(opts.plot_dir) / 'isoflops.png', predict=pred)}")
+        if fit.acc_vs_nll is not None:
+            print(f"plot written to {plot_two_step(fit, Path(opts.plot_dir) / 'two_step.png', predict=pred)}")
+    if opts.out:
+        from herd.eval.results import atomic_write_text
+
+        data = {**fit.to_dict(), "prediction": None if pred is None else dataclasses.asdict(pred)}
+        print(f"fit written to {atomic_write_text(opts.out, json.dumps(data, indent=2) + chr(10))}")
+
+
 # ---- argument definitions --------------------------------------------------------------------
 
 
@@ -261,6 +336,68 @@ def _data_run_args(p):
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _eval_model_args(p):
+    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
+    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
+    p.add_argument("--max-seq-len", type=int, help="set the context (RoPE table) to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--out", help="write the results as JSON here")
+
+
+def _eval_mc_args(p):
+    _eval_model_args(p)
+    p.add_argument("--task", action="append", required=True,
+                   help='JSONL file, one {"question", "choices", "answer"} per line; repeat for several tasks')
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question")
+    p.add_argument("--shots-file", help="draw shots from this JSONL (default: the task itself, never the same example)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
+    p.add_argument("--seed", type=int, default=0, help="which shots are drawn")
+
+
+def _eval_needle_args(p):
+    _eval_model_args(p)
+    p.add_argument("--lengths", default="256,512,1024", help="context lengths in tokens, comma-separated")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
+    p.add_argument("--trials", type=int, default=4, help="keys (and haystack windows) per cell")
+    p.add_argument("--method", choices=("loglik", "generate"), default="loglik",
+                   help="loglik: answer tokens are all argmax (one forward); generate: greedy decoding")
+    p.add_argument("--filler", default="passkey", help="passkey, wikipedia, or a UTF-8 text file")
+    p.add_argument("--heatmap", help="write the accuracy heatmap PNG here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _eval_lm_eval_args(p):
+    _eval_model_args(p)
+    p.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (the data must be available)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=int, help="examples per task")
+    p.add_argument("--include-path", help="a folder of your own lm-eval task YAMLs")
+
+
+def _scaling_fit_args(p):
+    p.add_argument("points", help="sweep results JSONL: name, budget, n_params, loss[, task_nll, task_acc] per line")
+    p.add_argument("--predict", type=float, help="predict N*, tokens, loss (and task accuracy) at this budget")
+    p.add_argument("--chance", type=float, help="task accuracy of random guessing (pins the sigmoid's floor)")
+    p.add_argument("--plot-dir", help="write isoflops.png (and two_step.png) here")
+    p.add_argument("--out", help="write the fitted constants and the prediction as JSON here")
+
+
 # name -> (function, one-line help, argument builder). A name with a space is a nested command.
 COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
@@ -270,6 +407,11 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
     "data run": (cmd_data_run, "run a data-curation pipeline file (extract, dedup, filter, mix, shards)", _data_run_args),
+    "eval mc": (cmd_eval_mc, "multiple-choice accuracy (acc, acc_norm) on JSONL tasks", _eval_mc_args),
+    "eval needle": (cmd_eval_needle, "needle-in-a-haystack accuracy by context length and depth", _eval_needle_args),
+    "eval lm-eval": (cmd_eval_lm_eval, "run EleutherAI lm-eval tasks on a herd model", _eval_lm_eval_args),
+    "scaling fit": (cmd_scaling_fit, "fit IsoFLOP minima, N*(C), the loss floor and the two-step method",
+                    _scaling_fit_args),
 }
 
 
