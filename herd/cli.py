@@ -186,6 +186,64 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out))
 
 
+def cmd_tokenizer_train(opts) -> None:
+    import time
+
+    from herd.data.corpora import read_sources
+    from herd.data.split import select_split
+    from herd.tokenizer import Tokenizer
+    from herd.tokenizer.train_bpe import train_tokenizer
+
+    # The held-out documents are left out here too, so validation text is unseen by the merges.
+    train_docs = select_split(read_sources(opts.sources), "train", val_fraction=opts.val_fraction)
+    start = time.perf_counter()
+    result = train_tokenizer((d.text for d in train_docs), opts.out, vocab_size=opts.vocab_size)
+    seconds = time.perf_counter() - start
+    tok = Tokenizer.from_file(result.path)
+    print(f"trained {result.vocab_size:,} BPE tokens on {result.num_chars:,} characters in {seconds:.1f} s "
+          f"-> {result.path}")
+    print(f"ids 0..{tok.n_words - 1} ({result.vocab_size:,} + 256 special), sha256 {result.sha256[:16]}")
+    held_out = [d.text for d in select_split(read_sources(opts.sources), "val", val_fraction=opts.val_fraction)]
+    if held_out:
+        n_bytes = sum(len(t.encode("utf-8")) for t in held_out)
+        n_tokens = sum(len(ids) for ids in tok.encode_batch(held_out, bos=False, eos=False))
+        print(f"held-out: {len(held_out)} docs, {n_bytes / n_tokens:.2f} bytes/token")
+
+
+def cmd_data_tokenize(opts) -> None:
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from herd.data.corpora import check_sources, read_sources
+    from herd.data.shards import tokenize_to_shards
+    from herd.data.split import select_split
+    from herd.tokenizer import llama3_tokenizer_path
+
+    check_sources(opts.sources)
+    tokenizer = opts.tokenizer or llama3_tokenizer_path()
+    workers = opts.workers if opts.workers is not None else (os.cpu_count() or 1)
+    splits = ("val", "train") if opts.val_fraction > 0 else ("train",)
+    for split in splits:
+        docs = select_split(read_sources(opts.sources), split, val_fraction=opts.val_fraction)
+        out = Path(opts.out) / split
+        complete_before = (out / "meta.json").is_file() and not opts.no_resume
+        start = time.perf_counter()
+        with tqdm(desc=split, unit=" docs", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+            def progress(n_docs: int, n_tokens: int) -> None:
+                bar.update(n_docs - bar.n)
+                bar.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
+
+            info = tokenize_to_shards(docs, out, tokenizer_path=tokenizer, num_workers=workers,
+                                      bos=not opts.no_bos, eos=not opts.no_eos, resume=not opts.no_resume,
+                                      max_tokens_per_shard=opts.max_tokens_per_shard, progress=progress,
+                                      source=f"{'+'.join(opts.sources)} ({split}, val_fraction={opts.val_fraction})")
+        seconds = time.perf_counter() - start
+        print(f"{split:>5}: {info.num_docs:,} docs, {info.num_tokens:,} tokens in {len(info.shards)} shard(s) "
+              f"-> {info.path} " + ("(already complete)" if complete_before else f"({seconds:.1f} s)"))
+
+
 def cmd_data_run(opts) -> None:
     from herd.data.pipeline import PipelineConfig, run_pipeline
 
@@ -329,6 +387,30 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+def _sources_arg(p):
+    p.add_argument("--sources", nargs="+", required=True, metavar="SOURCE",
+                   help="wiki-en, wiki-fr, wiki-es, austen, python-stdlib, or JSONL files with a \"text\" field")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents held out by id hash (default 0.01; use the same value everywhere)")
+
+
+def _tokenizer_train_args(p):
+    _sources_arg(p)
+    p.add_argument("--vocab-size", type=int, default=4096, help="base tokens incl. the 256 bytes (default 4096)")
+    p.add_argument("--out", required=True, help="rank file to write, e.g. runs/tok/tokenizer.model")
+
+
+def _data_tokenize_args(p):
+    _sources_arg(p)
+    p.add_argument("--tokenizer", help="tiktoken rank file (default: the Llama 3 tokenizer)")
+    p.add_argument("--out", required=True, help="writes OUT/train and OUT/val shard directories")
+    p.add_argument("--workers", type=int, help="tokenizer processes (default: one per CPU core; 0: in-process)")
+    p.add_argument("--max-tokens-per-shard", type=int, default=2**27)
+    p.add_argument("--no-bos", action="store_true", help="do not start documents with <|begin_of_text|>")
+    p.add_argument("--no-eos", action="store_true", help="do not end documents with <|end_of_text|>")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming an interrupted run")
+
+
 def _data_run_args(p):
     p.add_argument("pipeline", help="pipeline TOML file (see herd/data/pipeline.py and configs/data/)")
     p.add_argument("--workers", type=int, help="processes (default: [pipeline] workers)")
@@ -406,6 +488,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "tokenizer train": (cmd_tokenizer_train, "train a small BPE vocabulary (tiktoken rank file)", _tokenizer_train_args),
+    "data tokenize": (cmd_data_tokenize, "tokenize sources into train/val token shards", _data_tokenize_args),
     "data run": (cmd_data_run, "run a data-curation pipeline file (extract, dedup, filter, mix, shards)", _data_run_args),
     "eval mc": (cmd_eval_mc, "multiple-choice accuracy (acc, acc_norm) on JSONL tasks", _eval_mc_args),
     "eval needle": (cmd_eval_needle, "needle-in-a-haystack accuracy by context length and depth", _eval_needle_args),
