@@ -284,13 +284,9 @@ def evaluate_needle(
                         records=records)
 
 
-def plot_needle_heatmap(result: NeedleResult, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
-    """Accuracy by context length (x) and needle depth (y, 0 = start of the context at the top), as PNG."""
+def _draw_heatmap(fig, ax, result: NeedleResult, title: str) -> None:
     from matplotlib.colors import LinearSegmentedColormap
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1.2 + 0.9 * len(result.lengths), 1.0 + 0.5 * len(result.depths)))
-    ax = fig.add_subplot()
     cmap = LinearSegmentedColormap.from_list("needle", ["#d7301f", "#fdd49e", "#1a9850"])
     im = ax.imshow(result.accuracy, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(result.lengths)), [f"{n:,}" for n in result.lengths])
@@ -300,6 +296,55 @@ def plot_needle_heatmap(result: NeedleResult, path: str | os.PathLike[str], *, t
     for i, row in enumerate(result.accuracy):
         for j, acc in enumerate(row):
             ax.text(j, i, f"{acc:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(title or f"needle retrieval accuracy ({result.method}, {result.trials} trials per cell)")
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="accuracy")
+
+
+def plot_needle_heatmap(result: NeedleResult, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+    """Accuracy by context length (x) and needle depth (y, 0 = start of the context at the top), as PNG."""
+    return plot_needle_heatmaps({title or f"needle retrieval accuracy ({result.method}, {result.trials} trials per cell)":
+                                 result}, path)
+
+
+def plot_needle_heatmaps(results: dict[str, NeedleResult], path: str | os.PathLike[str]) -> Path:
+    """Several heatmaps side by side (e.g. before and after context extension), one per title."""
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("no needle results to plot")
+    first = next(iter(results.values()))
+    width = 1.2 + 0.9 * len(first.lengths)
+    fig = Figure(figsize=(width * len(results) + 0.5, 1.0 + 0.5 * len(first.depths)))
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, (title, result) in zip(axes, results.items()):
+        _draw_heatmap(fig, ax, result, title)
     return save_figure(fig, path)
+
+
+def needle_training_texts(
+    tokenizer: NeedleTokenizer,
+    *,
+    num_docs: int,
+    context_length: int,
+    filler: str | os.PathLike[str] = "passkey",
+    template: NeedleTemplate = NeedleTemplate(),
+    seed: int = 0,
+) -> list[str]:
+    """Documents that teach the task: a haystack of about `context_length` tokens with the needle
+    at a uniformly random depth, then the question and its answer.
+
+    For small models that must learn retrieval before it can be measured (the demo). Text, not
+    tokens, so they go through the ordinary data path (`herd data tokenize`, shards, the loader);
+    re-tokenizing the spliced text may shift lengths by a token or two, which training does not
+    mind. Keys come from a different seed space than `needle_samples`, so evaluation keys are
+    not memorised.
+    """
+    rng = random.Random(f"train:{seed}")
+    stream = filler_tokens(tokenizer, filler, min_tokens=context_length + 4096)
+    docs = []
+    for _ in range(num_docs):
+        key = template.random_key(rng)
+        sample = make_needle_sample(tokenizer, stream, context_length=context_length, depth=rng.random(), key=key,
+                                    template=template, offset=rng.randrange(0, 4096))
+        docs.append(tokenizer.decode(sample.tokens[1:]) + template.answer.format(key=key) + ".")
+    return docs
