@@ -138,9 +138,25 @@ def train_transformer(examples: Sequence[tuple[str, str]], out_path: str | Path,
     n_valid = max(1, len(rows) // 10)
     valid, train = rows[:n_valid], rows[n_valid:]
     torch.manual_seed(seed)
-    cfg = {"buckets": buckets, "dim": dim, "layers": layers, "heads": heads, "max_len": max_len}
+    # A model this small gains nothing from intra-op threads, and on a busy 2-core machine the
+    # threads' spinning made training 4x slower; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_transformer(train, valid, labels, out_path, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  cfg={"buckets": buckets, "dim": dim, "layers": layers, "heads": heads,
+                                       "max_len": max_len})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_transformer(train: list[tuple[str, str]], valid: list[tuple[str, str]], labels: list[str],
+                       out_path: str | Path, *, epochs: int, batch_size: int, lr: float,
+                       cfg: dict[str, int]) -> dict[str, Any]:
+    import torch
+
     model = _torch_model(len(labels), **cfg)
-    hasher = _Hasher(buckets, max_len)
+    hasher = _Hasher(cfg["buckets"], cfg["max_len"])
     x_train, y_train = hasher([t for t, _ in train]), torch.tensor([labels.index(lab) for _, lab in train])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
