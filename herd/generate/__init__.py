@@ -11,14 +11,18 @@ from herd.generate.generate import (
     prefill,
     stream_text,
 )
+from herd.generate.compiled import CompiledDecoder, static_decode_step
 from herd.generate.kv_cache import KVCache
 from herd.generate.sampling import GREEDY, SamplingParams, sample, truncated_probs
+from herd.generate.speculative import SpeculativeResult, speculative_generate
 
 __all__ = [
     "GREEDY",
+    "CompiledDecoder",
     "GenerationResult",
     "KVCache",
     "SamplingParams",
+    "SpeculativeResult",
     "StepEvent",
     "TextEvent",
     "decode_step",
@@ -27,6 +31,8 @@ __all__ = [
     "pad_prompts",
     "prefill",
     "sample",
+    "speculative_generate",
+    "static_decode_step",
     "stream_text",
     "truncated_probs",
 ]
