@@ -74,6 +74,9 @@ def _build(registry: dict[str, type], entry: dict[str, Any], *, what: str) -> An
     unknown = sorted(set(entry) - names)
     if unknown:
         raise ValueError(f"{what} {kind!r}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    if "where" in entry and not getattr(cls, "supports_where", True):
+        raise ValueError(f"{what} {kind!r}: `where` applies to filters, modifiers and classifiers only; "
+                         "a dedup, extraction, language-ID or mix step sees every document")
     entry.setdefault("name", kind)
     return cls(**entry)
 

@@ -75,25 +75,54 @@ class StepStats:
         return cls(**d)
 
 
+def matches(doc: Document, where: dict[str, Any]) -> bool:
+    """True when every `metadata[key]` equals the value (or is in the list) that `where` gives."""
+    for key, want in where.items():
+        v = doc.metadata.get(key)
+        if (v not in want) if isinstance(want, list) else (v != want):
+            return False
+    return True
+
+
+@dataclass
 class Step:
     """A configured transformation of a document stream. Subclasses are dataclasses whose fields
     are the step's TOML keys; `type` is the name used in pipeline files."""
 
     type: ClassVar[str] = ""
+    supports_where: ClassVar[bool] = False
     name: str = ""
+    # Filters, modifiers and scorers only: documents whose metadata does not match pass through untouched
+    # (e.g. {source = ["handbook"]} keeps web heuristics off code; {language = "en"} for English rules).
+    where: dict[str, Any] | None = None
 
     def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         raise NotImplementedError
 
+    def _bypass(self, doc: Document, stats: StepStats) -> bool:
+        if self.where is None or matches(doc, self.where):
+            return False
+        stats.docs_in += 1
+        stats.docs_out += 1
+        stats.chars_in += len(doc.text)
+        stats.chars_out += len(doc.text)
+        stats.counters["not_applied"] += 1
+        return True
+
 
 class Filter(Step):
     """Keeps or drops whole documents: `filter(doc) -> (keep, reason)`."""
+
+    supports_where: ClassVar[bool] = True
 
     def filter(self, doc: Document) -> tuple[bool, str | None]:
         raise NotImplementedError
 
     def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         for doc in docs:
+            if self._bypass(doc, stats):
+                yield doc
+                continue
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             keep, reason = self.filter(doc)
@@ -109,11 +138,16 @@ class Filter(Step):
 class Modifier(Step):
     """Rewrites text: `modify(doc) -> new text`; an empty result drops the document."""
 
+    supports_where: ClassVar[bool] = True
+
     def modify(self, doc: Document, stats: StepStats) -> str:
         raise NotImplementedError
 
     def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         for doc in docs:
+            if self._bypass(doc, stats):
+                yield doc
+                continue
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             text = self.modify(doc, stats)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from herd.data.document import Document
-from herd.data.steps.base import Step, StepStats
+from herd.data.steps.base import Step, StepStats, matches
 
 _WS = re.compile(r"\s+")
 
@@ -240,6 +240,7 @@ class Classify(Step):
     """
 
     type: ClassVar[str] = "classify"
+    supports_where: ClassVar[bool] = True  # documents not matching `where` pass unscored
     name: str = "classify"
     model: str = ""
     field: str = "quality"
@@ -248,7 +249,6 @@ class Classify(Step):
     pareto_alpha: float | None = None
     seed: int = 0
     batch_size: int = 64
-    languages: list[str] | None = None  # only score documents in these languages; others pass unscored
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -280,7 +280,7 @@ class Classify(Step):
         batch: list[Document] = []
 
         def flush() -> Iterator[Document]:
-            todo = [d for d in batch if self.languages is None or d.metadata.get("language") in self.languages]
+            todo = [d for d in batch if self.where is None or matches(d, self.where)]
             probs = dict(zip(map(id, todo), self._scorer.probs([d.text for d in todo]))) if todo else {}
             for d in batch:
                 if id(d) in probs and not self._decide(d, probs[id(d)], stats):

@@ -29,7 +29,7 @@ import numpy as np
 import xxhash
 
 from herd.data.document import Document
-from herd.data.steps.base import Filter, GlobalStep, Modifier, StepStats, words
+from herd.data.steps.base import Filter, GlobalStep, Modifier, StepStats, matches, words
 
 # ---- Gopher repetition (Rae et al. 2021, Table A1; datatrove GopherRepetitionFilter) -------------
 
@@ -272,6 +272,9 @@ class C4Filter(Modifier):
     def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         # Page-level reasons need their own names, so the line pass and page checks are inlined.
         for doc in docs:
+            if self._bypass(doc, stats):
+                yield doc
+                continue
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             low = doc.text.lower()
@@ -363,7 +366,6 @@ class DirtyWords(Filter):
     word_list: str | None = None
     max_count: int | None = 0          # C4: any match drops the page
     max_fraction: float | None = None  # e.g. 0.005: more than 1 match per 200 words
-    languages: list[str] | None = None  # only check these metadata["language"] values (None: all)
 
     @cached_property
     def _pattern(self) -> re.Pattern:
@@ -374,8 +376,6 @@ class DirtyWords(Filter):
         return len(self._pattern.findall(text.lower()))
 
     def filter(self, doc: Document) -> tuple[bool, str | None]:
-        if self.languages is not None and doc.metadata.get("language") not in self.languages:
-            return True, None
         n = self.count(doc.text)
         doc.metadata["dirty_words"] = n
         if self.max_count is not None and n > self.max_count:
@@ -422,6 +422,7 @@ class TokenKL(GlobalStep):
     """
 
     type: ClassVar[str] = "token_kl"
+    supports_where: ClassVar[bool] = True
     name: str = "token_kl"
     reference: str = "corpus"
     tokens: str = "words"
@@ -489,6 +490,9 @@ class TokenKL(GlobalStep):
 
     def _filter(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         for doc in docs:
+            if self._bypass(doc, stats):
+                yield doc
+                continue
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             kl = self.score(doc.text)
@@ -564,6 +568,9 @@ class PiiMask(Modifier):
             yield from docs
             return
         for doc in docs:
+            if self.where is not None and not matches(doc, self.where):
+                yield doc
+                continue
             n = len(EMAIL.findall(doc.text)) + sum(
                 1 for m in IPV4.finditer(doc.text) if _is_global_ip(m.group(0)))
             if n > self.max_matches:

@@ -221,3 +221,13 @@ def test_pii_masks_emails_and_public_ips_only():
     assert stats.counters == {"emails_masked": 2, "ips_masked": 1} and stats.modified == 1
     again, _ = run(PiiMask(), [out[0].text])  # idempotent: placeholders are not PII
     assert again[0].text == out[0].text
+
+
+def test_where_limits_a_filter_to_matching_documents():
+    step = GopherQuality(where={"language": ["en"]})
+    stats = StepStats(name="g", type="gopher_quality")
+    docs = [doc("trop court", language="fr"), doc("too short", language="en")]
+    out = list(step(docs, stats))
+    stats.check()
+    assert [d.text for d in out] == ["trop court"]
+    assert stats.counters == {"not_applied": 1} and stats.dropped == {"gopher_too_few_words": 1}
