@@ -1,0 +1,1 @@
+"""Post-training: SFT, reward models, rejection sampling, DPO, LoRA/QLoRA, distillation, pruning."""

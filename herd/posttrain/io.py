@@ -1,0 +1,107 @@
+"""Atomic writes for post-training outputs: a reader sees the old file or directory, or the new one.
+
+`herd.model.save_model` already writes checkpoints atomically; these helpers cover what sits
+around them (adapters, reward heads, JSON reports) and the tokenizer copy that makes an output
+directory usable by `herd generate` / `herd chat` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from herd.model import Transformer, save_model
+
+
+def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Run write(tmp) in a temporary directory beside dst, then rename it to dst."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; choose another output directory or allow overwriting")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        write(tmp)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> Path:
+    """JSON to `path` via a temporary file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def tokenizer_file(model_dir: str | os.PathLike) -> Path | None:
+    """tokenizer.model beside the weights (or in original/, as HF repos keep it), if present."""
+    model_dir = Path(model_dir)
+    for p in (model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def save_checkpoint(
+    model: Transformer, path: str | os.PathLike, *, format: str = "hf", tokenizer: str | os.PathLike | None = None
+) -> Path:
+    """save_model, then copy the tokenizer file in, so the directory is complete on its own.
+
+    The copy is done by writing into a staging directory that is renamed into place, so the
+    directory never exists without its tokenizer.
+    """
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        save_model(model, tmp / "ckpt", format=format)  # type: ignore[arg-type]
+        for f in (tmp / "ckpt").iterdir():
+            os.rename(f, tmp / f.name)
+        (tmp / "ckpt").rmdir()
+        if tokenizer is not None:
+            shutil.copy2(tokenizer, tmp / "tokenizer.model")
+
+    return atomic_dir(path, write)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors file written atomically (contiguous CPU copies of the tensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,125 @@
+"""The optimisation loop every post-training stage shares: AdamW, warmup + cosine, clipping, logging.
+
+Each stage supplies only `loss_fn(step) -> StepLoss`; the loop does backward, clipping, the
+optimizer and scheduler step, timing and the log line. Post-training runs are short (hundreds
+of steps) and single-process here, so this stays a plain loop with no checkpoint/resume logic;
+a run that is cut off is rerun. Pretraining's trainer (`herd.train`) is the one with resumable
+state, sharding and accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from herd.posttrain.config import ModelConfig, OptimConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepLoss:
+    """What one step's loss function returns: the scalar to minimise, tokens it covered, extra metrics."""
+
+    loss: torch.Tensor
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float]
+    metrics: list[dict[str, float]]
+    seconds: float
+    tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_optim(cfg: OptimConfig) -> None:
+    if cfg.lr <= 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
+        raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {cfg}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.betas}")
+
+
+def fit(
+    params: Iterable[nn.Parameter],
+    loss_fn: Callable[[int], StepLoss],
+    cfg: OptimConfig,
+    *,
+    log_every: int = 10,
+    log: Callable[[str], None] | None = print,
+    name: str = "train",
+    max_seconds: float | None = None,
+) -> FitResult:
+    """Run cfg.steps optimizer steps of `loss_fn` over `params` (stops early after max_seconds)."""
+    check_optim(cfg)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: everything is frozen")
+    # Weight decay on matrices only: decaying norm gains rescales activations instead of regularising.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    losses, metrics, tokens = [], [], 0
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = loss_fn(step)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"{name}: loss is {out.loss.item()} at step {step}; lower optim.lr")
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        metrics.append(out.metrics)
+        tokens += out.tokens
+        elapsed = time.perf_counter() - start
+        if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+            extra = "".join(f"  {k} {v:.3f}" for k, v in out.metrics.items())
+            log(f"{name} step {step + 1:>4}/{cfg.steps}  loss {losses[-1]:.4f}{extra}  lr {lr:.2e}  "
+                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        if max_seconds is not None and elapsed > max_seconds:
+            if log is not None:
+                log(f"{name}: stopping after {step + 1} steps ({elapsed:.0f} s budget reached)")
+            break
+    return FitResult(len(losses), losses, metrics, time.perf_counter() - start, tokens)
+
+
+def load_for_training(cfg: ModelConfig):
+    """(model, tokenizer) for a ModelConfig: the checkpoint in the requested dtype, in train mode."""
+    from herd.generate.session import resolve_tokenizer
+    from herd.model import load_model
+
+    if not cfg.path:
+        raise ValueError("model.path is empty: give the checkpoint directory to start from")
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    model = load_model(cfg.path, dtype=_DTYPES[cfg.dtype], device=cfg.device)
+    tok = resolve_tokenizer(cfg.path, cfg.tokenizer or None, vocab_size=model.args.vocab_size)
+    return model.train(), tok
