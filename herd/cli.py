@@ -333,6 +333,36 @@ def cmd_scaling_fit(opts) -> None:
         print(f"fit written to {atomic_write_text(opts.out, json.dumps(data, indent=2) + chr(10))}")
 
 
+def cmd_scaling_sweep(opts) -> None:
+    from herd.eval.scaling import (
+        SweepTraining,
+        model_ladder,
+        plan_isoflop_sweep,
+        run_scaling_sweep,
+        trainer_train_fn,
+    )
+
+    settings = SweepTraining(train=tuple(opts.train), val=tuple(opts.val), tokenizer=opts.tokenizer or "",
+                             seq_len=opts.seq_len, batch_tokens=opts.batch_tokens, lr=opts.lr, device=opts.device,
+                             task=opts.task)
+    ladder = model_ladder(vocab_size=opts.vocab_size, max_seq_len=opts.seq_len, depths=_ints(opts.depths))
+    plan = plan_isoflop_sweep(_floats(opts.budgets), ladder, points_per_budget=opts.points_per_budget)
+    print(f"{len(plan)} runs over {len({r.budget for r in plan})} budgets -> {opts.out}/points.jsonl", flush=True)
+    outcome = run_scaling_sweep(
+        plan, ladder, trainer_train_fn(settings, log=lambda msg: None), out_dir=opts.out, chance=opts.chance,
+        held_out_budget=opts.held_out,
+        on_point=lambda p: print(f"  {p.name}: N {p.n_params:,}, {p.tokens:,} tokens, val loss {p.loss:.4f}",
+                                 flush=True))
+    print(outcome.fit.table())
+    print(outcome.fit.summary())
+    if outcome.held_out is not None:
+        h = outcome.held_out
+        print(f"held-out C = {h.prediction.budget:.3g}: predicted N* {h.prediction.n_opt:,.0f}, loss "
+              f"{h.prediction.loss:.4f}; trained {h.run.name} (N {h.measured.n_params:,}): loss "
+              f"{h.measured.loss:.4f}, error {h.loss_error:+.4f}")
+    print(f"plot written to {outcome.plot}; fit written to {outcome.fit_json}")
+
+
 # ---- argument definitions --------------------------------------------------------------------
 
 
@@ -480,6 +510,24 @@ def _scaling_fit_args(p):
     p.add_argument("--out", help="write the fitted constants and the prediction as JSON here")
 
 
+def _scaling_sweep_args(p):
+    p.add_argument("--train", action="append", required=True, help="token-shard directory to train on (repeatable)")
+    p.add_argument("--val", action="append", required=True, help="held-out token-shard directory (repeatable)")
+    p.add_argument("--tokenizer", help="the shards' tokenizer.model (needed with --task)")
+    p.add_argument("--vocab-size", type=int, required=True, help="the shards' vocabulary size")
+    p.add_argument("--budgets", required=True, help="compute budgets in FLOPs, comma-separated, e.g. 1e12,3e12,1e13")
+    p.add_argument("--depths", default="1,2,3,4,5,6,7,8", help="model depths of the size ladder (width = 32 x depth)")
+    p.add_argument("--points-per-budget", type=int, default=5)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--task", help="multiple-choice JSONL scored after each run (two-step method)")
+    p.add_argument("--chance", type=float, help="the task's chance accuracy")
+    p.add_argument("--held-out", type=float, help="then predict this larger budget, train it, and report the error")
+    p.add_argument("--out", required=True, help="sweep directory: points.jsonl (resumable), runs, isoflops.png")
+
+
 # name -> (function, one-line help, argument builder). A name with a space is a nested command.
 COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
@@ -496,6 +544,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "eval lm-eval": (cmd_eval_lm_eval, "run EleutherAI lm-eval tasks on a herd model", _eval_lm_eval_args),
     "scaling fit": (cmd_scaling_fit, "fit IsoFLOP minima, N*(C), the loss floor and the two-step method",
                     _scaling_fit_args),
+    "scaling sweep": (cmd_scaling_sweep, "train an IsoFLOP sweep of small models, fit it, check a held-out budget",
+                      _scaling_sweep_args),
 }
 
 

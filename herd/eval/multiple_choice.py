@@ -148,10 +148,16 @@ class MCResult:
     def num_examples(self) -> int:
         return len(self.predictions)
 
+    @property
+    def answer_nll(self) -> float:
+        """Mean over examples of the correct answer's NLL per UTF-8 byte: the "normalised NLL of
+        the correct answer" that the paper's two-step method predicts from compute."""
+        return sum(-p.logprobs[p.answer] / p.byte_lengths[p.answer] for p in self.predictions) / len(self.predictions)
+
     def to_task_result(self) -> TaskResult:
         return TaskResult(
             task=self.task,
-            metrics={"acc": self.accuracy, "acc_norm": self.accuracy_norm},
+            metrics={"acc": self.accuracy, "acc_norm": self.accuracy_norm, "answer_nll": self.answer_nll},
             num_examples=self.num_examples,
             config={"num_shots": self.num_shots, "acc_norm": "log-likelihood per UTF-8 byte of the continuation"},
         )

@@ -518,3 +518,152 @@ def run_sweep(
         if on_point is not None:
             on_point(point)
     return done
+
+
+# ---- the sweep on herd's trainer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepTraining:
+    """How every run of a sweep is trained and measured (all runs alike, only shape and tokens vary).
+
+    The schedule follows the paper's scaling-law runs scaled down: linear warmup, cosine decay to
+    0.1 x peak, weight decay 0.1. `task` (a multiple-choice JSONL) adds the normalised answer NLL
+    and accuracy each run needs for the two-step method.
+    """
+
+    train: tuple[str, ...]  # token-shard directories
+    val: tuple[str, ...]
+    tokenizer: str = ""  # the shards' tokenizer.model; needed with `task`
+    seq_len: int = 128
+    batch_tokens: int = 4096
+    lr: float = 3e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    val_batches: int = 8
+    val_batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    task: str | None = None
+    task_limit: int | None = None
+
+    def config(self, run: SweepRun, *, out_dir: Path) -> dict[str, Any]:
+        """The trainer config (as a dict for `herd.train.config.config_from_dict`) for one run."""
+        steps = max(1, round(run.tokens / self.batch_tokens))
+        a = run.args
+        return {
+            "job": {"out_dir": str(out_dir), "device": self.device, "seed": self.seed},
+            "model": {"preset": "", "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads,
+                      "n_kv_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "multiple_of": a.multiple_of,
+                      "max_seq_len": max(a.max_seq_len, self.seq_len), "rope_theta": a.rope_theta},
+            "data": {"train": list(self.train), "val": list(self.val), "tokenizer": self.tokenizer},
+            "optim": {"lr": self.lr, "weight_decay": self.weight_decay},
+            "schedule": {"warmup_steps": max(1, round(self.warmup_fraction * steps)), "min_lr": 0.1 * self.lr},
+            "checkpoint": {"every": steps, "keep_last": 1},
+            "metrics": {"log_every": max(1, steps // 4), "val_batches": self.val_batches,
+                        "val_batch_size": self.val_batch_size, "tensorboard": False, "plot": False,
+                        "progress": False},
+            "stages": [{"name": "pretrain", "steps": steps, "ramp": [[0, self.batch_tokens, self.seq_len]]}],
+        }
+
+
+def trainer_train_fn(settings: SweepTraining, *, log: Callable[[str], None] | None = None) -> TrainFn:
+    """A `TrainFn` that trains each run with `herd.train.Trainer` and measures it."""
+    from herd.train import Trainer
+    from herd.train.config import config_from_dict
+
+    examples, tokenizer = None, None
+    if settings.task:
+        from herd.eval.multiple_choice import load_mc_jsonl
+        from herd.tokenizer import Tokenizer
+
+        if not settings.tokenizer:
+            raise ValueError("scoring a task needs the tokenizer the shards were made with (tokenizer=...)")
+        examples = load_mc_jsonl(settings.task)[: settings.task_limit]
+        tokenizer = Tokenizer.from_file(settings.tokenizer)
+
+    def train(run: SweepRun, *, out_dir: Path) -> SweepPoint:
+        trainer = Trainer(config_from_dict(settings.config(run, out_dir=out_dir)), log=log)
+        result = trainer.fit()
+        loss = result.stages[-1].val_loss
+        if loss is None:
+            raise ValueError("the sweep needs validation shards (val=...) to measure each run's loss")
+        point = SweepPoint(name=run.name, budget=run.budget, n_params=run.n_params, loss=float(loss),
+                           tokens=result.tokens_seen)
+        if examples is not None:
+            from herd.eval.multiple_choice import evaluate_mc
+
+            mc = evaluate_mc(trainer.model.eval(), tokenizer, examples, task=Path(settings.task).stem)
+            point.task_nll, point.task_acc = mc.answer_nll, mc.accuracy
+        return point
+
+    return train
+
+
+@dataclass(frozen=True)
+class HeldOutCheck:
+    """A prediction for a budget outside the sweep, and what training that budget measured."""
+
+    prediction: Prediction
+    run: SweepRun  # the ladder shape nearest the predicted N*
+    measured: SweepPoint
+
+    @property
+    def loss_error(self) -> float | None:
+        """Measured minus predicted loss (positive: the prediction was optimistic)."""
+        return None if self.prediction.loss is None else self.measured.loss - self.prediction.loss
+
+    @property
+    def acc_error(self) -> float | None:
+        if self.prediction.task_acc is None or self.measured.task_acc is None:
+            return None
+        return self.measured.task_acc - self.prediction.task_acc
+
+
+def check_held_out(
+    fit: ScalingFit, budget: float, ladder: Sequence[ModelArgs], train_fn: TrainFn, *, out_dir: str | os.PathLike[str]
+) -> HeldOutCheck:
+    """Predict `budget` from the fit, then train the ladder shape nearest N*(budget) on C / (6 N)
+    tokens and measure it (the paper's check that the law extrapolates)."""
+    pred = fit.predict(budget)
+    shape = min(ladder, key=lambda a: abs(math.log(scaling_params(a) / pred.n_opt)))
+    n = scaling_params(shape)
+    run = SweepRun(name=f"heldout-C{budget:.2e}-L{shape.n_layers}-d{shape.dim}", budget=float(budget), args=shape,
+                   n_params=n, tokens=int(budget / (6 * n)))
+    return HeldOutCheck(prediction=pred, run=run, measured=train_fn(run, out_dir=Path(out_dir) / run.name))
+
+
+@dataclass
+class SweepOutcome:
+    points: list[SweepPoint]
+    fit: ScalingFit
+    held_out: HeldOutCheck | None
+    plot: Path
+    fit_json: Path
+
+
+def run_scaling_sweep(
+    plan: Sequence[SweepRun],
+    ladder: Sequence[ModelArgs],
+    train_fn: TrainFn,
+    *,
+    out_dir: str | os.PathLike[str],
+    chance: float | None = None,
+    held_out_budget: float | None = None,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> SweepOutcome:
+    """The whole method: run (or resume) the sweep, fit it, optionally train a held-out budget,
+    and write `isoflops.png` and `fit.json` (constants, prediction, measured error) in `out_dir`."""
+    out = Path(out_dir)
+    points = run_sweep(plan, train_fn, out_dir=out, on_point=on_point)
+    fit = fit_scaling(points, chance=chance)
+    held = check_held_out(fit, held_out_budget, ladder, train_fn, out_dir=out) if held_out_budget else None
+    plot = plot_isoflops(fit, out / "isoflops.png", predict=held.prediction if held else None,
+                         actual=held.measured if held else None)
+    data = fit.to_dict()
+    if held is not None:
+        data["held_out"] = {"prediction": asdict(held.prediction), "run": held.run.name,
+                            "measured": asdict(held.measured), "loss_error": held.loss_error,
+                            "acc_error": held.acc_error}
+    fit_json = atomic_write_text(out / "fit.json", json.dumps(data, indent=2) + "\n")
+    return SweepOutcome(points=points, fit=fit, held_out=held, plot=plot, fit_json=fit_json)

@@ -42,7 +42,8 @@ def test_eval_mc_reports_the_library_accuracy(ckpt, tmp_path, capsys):
     report = json.loads(out.read_text())
     [t] = report["tasks"]
     assert t["task"] == "llamas" and t["num_examples"] == 3
-    assert t["metrics"] == {"acc": expected.accuracy, "acc_norm": expected.accuracy_norm}
+    assert t["metrics"] == {"acc": expected.accuracy, "acc_norm": expected.accuracy_norm,
+                            "answer_nll": pytest.approx(expected.answer_nll)}
     assert "acc_norm" in printed and "results written to" in printed
 
 

@@ -52,6 +52,7 @@ def test_scores_match_a_hand_computed_bigram_ranking(byte_tok, make_bigram):
     # The sum prefers the short answer; per byte the long, likely one wins.
     assert (pred.pred, pred.pred_norm) == (0, 1)
     assert (result.accuracy, result.accuracy_norm) == (0.0, 1.0)
+    assert result.answer_nll == pytest.approx(-expected[1] / 5, abs=1e-5)  # the correct answer's NLL per byte
 
 
 def test_scores_match_hand_computed_sums_with_few_shots(byte_tok, make_bigram, bigram_lp):
