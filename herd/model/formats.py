@@ -475,6 +475,9 @@ def _locate(path: str | os.PathLike) -> _Located:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is a file; pass the checkpoint directory that contains it")
     names = {p.name for p in root.iterdir()}
+    if "quant_config.json" in names:  # written by herd.quant, which model/ must not import
+        raise ValueError(f"{root} is a quantized checkpoint (`herd quantize`); load it with "
+                         "herd.quant.load_quantized(path)")
     meta_shards = sorted(n for n in names if _META_SHARD_RE.match(n))
     is_hf = HF_CONFIG in names and (HF_WEIGHTS in names or HF_INDEX in names)
     is_meta = META_PARAMS in names and bool(meta_shards)

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[2] / "herd"
 ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "tokenizer": set(),
-    "generate": {"model", "tokenizer"},
-    "quant": {"model"},
+    "kernels": set(),  # compiled CPU ops; used by quant (quantized linears) and generate (decode)
+    "generate": {"model", "tokenizer", "kernels"},
+    "quant": {"model", "kernels"},
     "parallel": {"model"},
     "data": {"tokenizer"},
     "train": {"model", "tokenizer", "generate", "quant", "parallel", "data"},

@@ -1,0 +1,129 @@
+"""Hand-written CPU kernels for decode-sized matmuls, compiled on first use.
+
+Trade-off: a C++ extension built at run time (`torch.utils.cpp_extension.load`, cached on
+disk) instead of a prebuilt wheel. It keeps herd a pure-Python install and lets the kernels
+target the machine they run on, at the price of a one-time compile (~20-40 s on 2 cores, logged
+loudly) and a dependency on a C++ compiler and ninja. When either is missing, or the CPU lacks
+AVX2/FMA/F16C, `cpu_kernels()` returns None and says why once, loudly; callers then use plain
+PyTorch ops, which compute the same values more slowly.
+
+The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most 4 rows, see cpu_gemv.cpp):
+
+    linear_f32(x (M, K), w (N, K) f32) -> (M, N)
+    linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
+    linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
+
+Numerics: fp32 products accumulated in fp32, in a different order than MKL's, so results equal
+`F.linear` on the dequantized weight to fp32 reassociation error (relative ~1e-6 of sum |w x|).
+
+Environment: HERD_CPU_KERNELS=0 disables them (logged); HERD_KERNEL_CACHE sets the build
+directory (default ~/.cache/herd/kernels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+log = logging.getLogger("herd.kernels")
+
+MAX_ROWS = 4  # the kernels' M limit; larger inputs belong to MKL's GEMM
+_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops": namespace or None, "reason": why not
+
+
+def cache_dir() -> Path:
+    """Where the compiled extension lives; one subdirectory per source + torch version."""
+    root = os.environ.get("HERD_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "herd" / "kernels"
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    torch_tag = torch.__version__.replace("+", "_").replace(".", "_")
+    return f"herd_cpu_{torch_tag}_{digest}"
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("HERD_CPU_KERNELS", "1") == "0":
+        return "HERD_CPU_KERNELS=0 is set"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"this CPU's best vector ISA is {capability}; the kernels need AVX2 + FMA + F16C"
+    if shutil.which("ninja") is None and not _ninja_module():
+        return "ninja is not installed (`pip install ninja`, or `pip install herd[quant]`)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    return None
+
+
+def _ninja_module() -> bool:
+    # pip's ninja puts its binary in the environment's bin directory, which may not be on PATH
+    # when the interpreter is run by its full path; cpp_extension then finds nothing either.
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    from ninja import BIN_DIR
+
+    os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+def _build() -> SimpleNamespace:
+    from torch.utils.cpp_extension import load
+
+    name = _build_name()
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    built = any(build_dir.glob(f"{name}*.so"))
+    if not built:
+        log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
+    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build_dir),
+         is_python_module=False, verbose=False)
+    ops = torch.ops.herd_cpu
+    return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4)
+
+
+def cpu_kernels() -> SimpleNamespace | None:
+    """The compiled ops (`linear_f32`, `linear_int8`, `linear_int4`), or None with a logged reason.
+
+    Thread-safe; the build (or the failure) happens once per process.
+    """
+    if "ops" in _state:  # the per-call fast path: no lock once decided
+        return _state["ops"]
+    with _lock:
+        if "ops" not in _state:
+            reason = _unavailable_reason()
+            ops = None
+            if reason is None:
+                try:
+                    ops = _build()
+                except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                    # cpp_extension reports compiler and linker failures as RuntimeError.
+                    reason = f"building the extension failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+            if ops is None:
+                log.warning("herd.kernels: CPU kernels unavailable (%s); using plain PyTorch ops, decode will "
+                            "be slower", reason)
+            _state["ops"], _state["reason"] = ops, reason
+        return _state["ops"]
+
+
+def unavailable_reason() -> str | None:
+    """Why `cpu_kernels()` returned None (after it has been called), else None."""
+    return _state.get("reason")
+
+
+__all__ = ["MAX_ROWS", "cache_dir", "cpu_kernels", "unavailable_reason"]

@@ -1,0 +1,74 @@
+"""Post-training quantization applied from outside the model: int8, int4 and FP8 row-wise.
+
+    report = quantize(model, QuantConfig("int8"))     # swaps nn.Linear modules in place
+    save_quantized(model, "out"); model = load_quantized("out")
+    apply_cpu_kernels(model)                          # fp32 decode through herd's GEMV kernel
+
+Schemes and their trade-offs:
+
+* int8: weight-only, symmetric, one fp32 scale per output channel (gpt-fast's and torchao's
+  int8 weight-only): 8 bits per weight plus one fp32 scale per row; activations keep the
+  model's dtype.
+* int4: weight-only, group-wise and *asymmetric* (w = q * s + m with q in 0..15, one fp16
+  scale and min per group, default 64 inputs): 4.5 bits per weight at group 64, the size of
+  llama.cpp's Q4_0 (symmetric, group 32). Asymmetric groups spend the 16 levels on the range
+  the weights actually use instead of a symmetric one, which lowers the error for the same
+  bits; the min costs nothing per weight in the kernel (it multiplies the group sum of x).
+* fp8: exactly the Llama 3 paper's section 6.2 and Meta's reference: e4m3 weights with one
+  scale per output row, activations quantized per token with the abs-max clamped to 1200, only
+  the feed-forward w1/w3/w2 of blocks 1..n-2. `torch._scaled_mm` on GPUs with FP8 tensor
+  cores; an exact emulation (same quantized operands, fp32 products) elsewhere.
+
+int8 and int4 quantize every linear layer *including the output head* (it is 17% of the
+weights a 3.2-1B reads per token); llama.cpp's Q8_0 / Q4_0 files do the same.
+"""
+
+from herd.quant.apply import (
+    SCHEMES,
+    QuantConfig,
+    QuantReport,
+    Scheme,
+    apply_cpu_kernels,
+    modules_to_quantize,
+    quantize,
+)
+from herd.quant.checkpoint import (
+    is_quantized_checkpoint,
+    load_quantized,
+    quantize_checkpoint,
+    read_quant_config,
+    save_quantized,
+)
+from herd.quant.linear import (
+    ACTIVATION_SCALE_UB,
+    CpuKernelLinear,
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    quantize_fp8_rows,
+    quantize_int4,
+    quantize_int8,
+)
+
+__all__ = [
+    "ACTIVATION_SCALE_UB",
+    "SCHEMES",
+    "CpuKernelLinear",
+    "Fp8Linear",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantConfig",
+    "QuantReport",
+    "Scheme",
+    "apply_cpu_kernels",
+    "is_quantized_checkpoint",
+    "load_quantized",
+    "modules_to_quantize",
+    "quantize",
+    "quantize_checkpoint",
+    "quantize_fp8_rows",
+    "quantize_int4",
+    "quantize_int8",
+    "read_quant_config",
+    "save_quantized",
+]

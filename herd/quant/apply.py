@@ -1,0 +1,141 @@
+"""`quantize(model, config)` and `apply_cpu_kernels(model)`: module swaps from outside the model.
+
+The model's code never changes: these functions walk a built `Transformer` and replace
+`nn.Linear` children with the modules of `herd.quant.linear`, keeping the attribute names, so
+the state-dict keys stay Meta's (`layers.3.feed_forward.w1.weight`, plus `.scale` etc.).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from herd.kernels import cpu_kernels, unavailable_reason
+from herd.model.llama import Transformer
+from herd.quant.linear import ACTIVATION_SCALE_UB, CpuKernelLinear, Fp8Linear, Int4Linear, Int8Linear
+
+log = logging.getLogger("herd.quant")
+
+Scheme = Literal["int8", "int4", "fp8"]
+SCHEMES: tuple[str, ...] = ("int8", "int4", "fp8")
+QUANTIZED_TYPES = (Int8Linear, Int4Linear, Fp8Linear)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    scheme: "int8" (weight-only, per output channel) and "int4" (weight-only, group-wise)
+        quantize every linear layer including the output head; "fp8" follows the Llama 3
+        paper (section 6.2): only feed-forward w1/w3/w2, never attention, the first or last
+        block, the embedding or the head.
+    group_size: int4 inputs per (scale, min) pair; must divide every layer's in_features.
+    activation_scale_ub: fp8 only; a token's abs-max is clamped to this before scaling (1200
+        in the paper and Meta's reference).
+    """
+
+    scheme: Scheme
+    group_size: int = 64
+    activation_scale_ub: float = ACTIVATION_SCALE_UB
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.group_size <= 0 or self.group_size % 32 != 0:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+        if not self.activation_scale_ub > 0:
+            raise ValueError(f"activation_scale_ub must be > 0, got {self.activation_scale_ub}")
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What `quantize` did: which modules changed, and the weight bytes of those modules."""
+
+    scheme: Scheme
+    modules: tuple[str, ...]  # quantized module names, e.g. "layers.1.feed_forward.w1"
+    bytes_before: int  # of the replaced modules' weights
+    bytes_after: int  # of their quantized buffers (codes + scales)
+
+
+def modules_to_quantize(model: Transformer, scheme: Scheme) -> list[str]:
+    """Names of the `nn.Linear` modules `scheme` replaces, in model order."""
+    names = []
+    last = model.args.n_layers - 1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if scheme == "fp8":
+            parts = name.split(".")  # layers.{i}.feed_forward.w{1,2,3}
+            is_ffn = len(parts) == 4 and parts[0] == "layers" and parts[2] == "feed_forward"
+            # Meta skips blocks by layer_id, so a pipeline stage holding layer 0 still skips it.
+            if not is_ffn or int(parts[1]) in (0, last):
+                continue
+        names.append(name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def _buffer_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+@torch.no_grad()
+def quantize(model: Transformer, config: QuantConfig) -> QuantReport:
+    """Replace `model`'s linear layers in place according to `config`; returns what changed.
+
+    Quantization runs on the weights' device, in fp32. Quantizing the head of a model with tied
+    embeddings unties it: the embedding keeps its float weights (a lookup reads one row per
+    token, so shrinking it would not speed decoding), the head gets quantized codes.
+    """
+    if any(isinstance(m, QUANTIZED_TYPES) for m in model.modules()):
+        raise ValueError("this model is already quantized; quantize the float checkpoint instead")
+    names = modules_to_quantize(model, config.scheme)
+    before = after = 0
+    for name in names:
+        linear = model.get_submodule(name)
+        before += linear.weight.numel() * linear.weight.element_size()
+        if config.scheme == "int8":
+            new = Int8Linear.from_linear(linear)
+        elif config.scheme == "int4":
+            new = Int4Linear.from_linear(linear, group_size=config.group_size)
+        else:
+            new = Fp8Linear.from_linear(linear, activation_scale_ub=config.activation_scale_ub)
+        after += _buffer_bytes(new)
+        _set_module(model, name, new)
+    log.info("quantized %d modules to %s: %.1f MiB -> %.1f MiB", len(names), config.scheme, before / 2**20,
+             after / 2**20)
+    return QuantReport(scheme=config.scheme, modules=tuple(names), bytes_before=before, bytes_after=after)
+
+
+def apply_cpu_kernels(model: nn.Module) -> int:
+    """Route decode-sized fp32 matmuls of every plain CPU `nn.Linear` through herd's GEMV kernel.
+
+    Returns how many layers now use it: 0 when the kernels cannot be built (the reason is
+    logged once) or nothing qualifies. The parameters are shared, not copied, so tied weights
+    stay tied and `state_dict()` is unchanged. Quantized modules pick their kernels themselves.
+    """
+    targets = [
+        name for name, m in model.named_modules()
+        if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+    ]
+    if not targets or cpu_kernels() is None:
+        if targets:
+            log.warning("apply_cpu_kernels: leaving %d layers on MKL (%s)", len(targets), unavailable_reason())
+        return 0
+    for name in targets:
+        old = model.get_submodule(name)
+        new = CpuKernelLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        new.weight = old.weight
+        if old.bias is not None:
+            new.bias = old.bias
+        _set_module(model, name, new)
+    return len(targets)

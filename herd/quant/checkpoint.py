@@ -1,0 +1,210 @@
+"""Quantized checkpoints: one safetensors file of codes and scales, and a JSON file saying how.
+
+A directory holds `quant_config.json` (format tag, scheme, group size, the activation bound,
+which modules are quantized and with what, and the exact `ModelArgs`) and `model.safetensors`
+(herd/Meta parameter names; a quantized module contributes `weight` plus `scale` or `scales`
+and `mins`), plus the tokenizer files of the source checkpoint.
+
+Trade-off: herd's own layout rather than an HF `quantization_config` one. No other loader can
+run these formats anyway, and a directory that HF or `herd.load_model` half-recognised would
+fail later and more confusingly; `herd.load_model` instead names `load_quantized` when it sees
+`quant_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from herd.model.args import ModelArgs
+from herd.model.formats import load_model
+from herd.model.llama import Transformer
+from herd.quant.apply import QUANTIZED_TYPES, QuantConfig, QuantReport, quantize
+from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
+
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS = "model.safetensors"
+FORMAT_TAG = "herd-quant-v1"
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _scheme_of(module: torch.nn.Module) -> str:
+    return {Int8Linear: "int8", Int4Linear: "int4", Fp8Linear: "fp8"}[type(module)]
+
+
+def save_quantized(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    copy_from: str | os.PathLike | None = None,
+) -> Path:
+    """Write a quantized `model` to directory `path`, atomically (a temp dir renamed into place).
+
+    copy_from: a checkpoint directory whose tokenizer files (also `original/tokenizer.model`)
+    are copied beside the weights, so the CLI finds the tokenizer.
+    """
+    dst = Path(path)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+    if not quantized:
+        raise ValueError("the model has no quantized modules; run herd.quant.quantize(model, config) first, "
+                         "or save float models with herd.save_model")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) or choose another path")
+    schemes = sorted({_scheme_of(m) for m in quantized.values()})
+    first = next(iter(quantized.values()))
+    config: dict[str, Any] = {
+        "format": FORMAT_TAG,
+        "scheme": schemes[0] if len(schemes) == 1 else "mixed",
+        "group_size": first.group_size if isinstance(first, Int4Linear) else None,
+        "activation_scale_ub": first.activation_scale_ub if isinstance(first, Fp8Linear) else None,
+        "modules": {name: _scheme_of(m) for name, m in quantized.items()},
+        "model_args": dataclasses.asdict(model.args),
+    }
+    state = model.state_dict()
+    # safetensors refuses two names for one storage: a tied, unquantized head is re-tied on load.
+    if "output.weight" in state and model.output.weight is model.tok_embeddings.weight:
+        del state["output.weight"]
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    sources = []
+    if copy_from is not None:
+        src = Path(copy_from)
+        sources = [src / n for n in _TOKENIZER_FILES if (src / n).is_file()]
+        if not (src / "tokenizer.model").is_file() and (src / "original" / "tokenizer.model").is_file():
+            sources.append(src / "original" / "tokenizer.model")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "herd_quant": config["scheme"]})
+        with open(tmp / QUANT_CONFIG, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        for s in sources:
+            shutil.copy2(s, tmp / s.name)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def read_quant_config(path: str | os.PathLike) -> dict[str, Any]:
+    root = Path(path)
+    cfg_file = root / QUANT_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{root} has no {QUANT_CONFIG}, so it is not a herd-quantized checkpoint; load float checkpoints "
+            "with herd.load_model, or write a quantized one with `herd quantize SRC DST --scheme int8`"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the file is corrupt or truncated") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_TAG:
+        raise ValueError(f"{cfg_file} is not a {FORMAT_TAG} file (format: {cfg.get('format')!r}); re-run herd quantize")
+    return cfg
+
+
+def _shell(scheme: str, in_features: int, out_features: int, cfg: dict[str, Any]) -> torch.nn.Module:
+    if scheme == "int8":
+        return Int8Linear(in_features, out_features, device="meta")
+    if scheme == "int4":
+        return Int4Linear(in_features, out_features, group_size=int(cfg["group_size"]), device="meta")
+    if scheme == "fp8":
+        return Fp8Linear(in_features, out_features, activation_scale_ub=float(cfg["activation_scale_ub"]),
+                         device="meta")
+    raise ValueError(f"unknown scheme {scheme!r} in {QUANT_CONFIG}; it was written by a newer herd")
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_seq_len: int | None = None,
+) -> Transformer:
+    """Load a directory written by `save_quantized` / `herd quantize`.
+
+    dtype: for the float tensors (embedding, norms, unquantized layers); None keeps the saved
+    dtype. Codes and scales always keep theirs.
+    """
+    root = Path(path)
+    cfg = read_quant_config(root)
+    try:
+        args = ModelArgs(**cfg["model_args"])
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{root / QUANT_CONFIG}: bad model_args ({e}); re-run herd quantize") from e
+    if max_seq_len is not None:
+        args = args.replace(max_seq_len=max_seq_len)
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; the quantized checkpoint is incomplete, re-run herd quantize")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name, scheme in cfg["modules"].items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{QUANT_CONFIG} names module {name!r}, which this model does not have") from None
+        new = _shell(scheme, linear.in_features, linear.out_features, cfg)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    expected = model.state_dict()
+    tied_head = args.tie_embeddings and "output" not in cfg["modules"]
+    if tied_head:
+        expected.pop("output.weight")
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match {QUANT_CONFIG}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, ref in expected.items():
+        t = sd[key]
+        if t.shape != ref.shape:
+            raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        scheme = cfg["modules"].get(key.rpartition(".")[0])
+        if scheme is None:  # embedding, norms, unquantized layers: cast as asked
+            sd[key] = t.to(device=device, dtype=dtype or t.dtype)
+        elif t.dtype != ref.dtype:
+            raise ValueError(f"{weights}: {key} is {t.dtype}, but the {scheme} format stores {ref.dtype}")
+        else:
+            sd[key] = t.to(device)  # codes and scales exactly as saved
+    if tied_head:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if tied_head:
+        model.tie_weights()
+    model.freqs_cis = torch.empty(0, device=device)  # built on meta; recompute on the real device
+    model.init_rope()
+    return model
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, overwrite: bool = False
+) -> QuantReport:
+    """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer."""
+    model = load_model(src)
+    report = quantize(model, config)
+    save_quantized(model, dst, overwrite=overwrite, copy_from=src)
+    return report

@@ -1,0 +1,280 @@
+"""Quantized replacements for `nn.Linear`, and the tensor-level quantizers behind them.
+
+Each module stores its weight in the quantized format as buffers (so `state_dict()` holds
+exactly what is saved) and chooses a matmul per call:
+
+* CPU, fp32 activations, at most 4 rows (decode): herd's AVX2 kernels (`herd.kernels`).
+* CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
+* Anything else (prefill, GPU, no compiler): dequantize to the activation dtype and `F.linear`.
+  This is also the reference every fast path is tested against.
+
+Formats (the trade-offs are in herd/quant/__init__.py):
+
+    int8  weight int8 (N, K), scale fp32 (N,):           w = q * scale[n], q in [-127, 127]
+    int4  weight uint8 (N, K/2), scales, mins fp16 (N, K/G):  w = q * s + m, q in [0, 15]
+    fp8   weight float8_e4m3fn (N, K), scale fp32 (N,):  w = q * scale[n]; activations per token
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.kernels import MAX_ROWS, cpu_kernels
+
+# ---- int8, per output channel, symmetric ----------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (int8 (N, K), fp32 scale (N,)), symmetric with 127 levels each side."""
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)  # all-zero rows get a harmless tiny scale
+    scale = amax / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+# ---- int4, group-wise, asymmetric ------------------------------------------------------------
+
+_INT4_UNIT = 32  # inputs per packed unit (16 bytes); group sizes are multiples of it
+
+
+def check_int4_shape(in_features: int, group_size: int) -> None:
+    if group_size <= 0 or group_size % _INT4_UNIT != 0:
+        raise ValueError(f"int4 group_size must be a positive multiple of {_INT4_UNIT}, got {group_size}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"int4 needs in_features divisible by group_size, but {in_features} % {group_size} != 0; "
+            f"choose a group size that divides {in_features} (e.g. 32)"
+        )
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed uint8 (N, K/2), scales fp16 (N, K/G), mins fp16 (N, K/G)).
+
+    Each group maps [min, max] onto 0..15. The scale and min are rounded to fp16 *before* the
+    codes are chosen, so the codes are the nearest ones for the values actually stored.
+    """
+    N, K = w.shape
+    check_int4_shape(K, group_size)
+    g = w.float().view(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    mins = lo.to(torch.float16)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
+    s, m = scales.float().clamp(min=2**-24), mins.float()  # clamp: fp16 underflow to 0 must not divide
+    q = torch.round((g - m[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).view(N, K)
+    return pack_int4(q), scales, mins
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout (see cpu_gemv.cpp).
+
+    Per 32 inputs, four little-endian int32 words; nibble i of word l holds input 4*i + l.
+    """
+    N, K = q.shape
+    assert K % _INT4_UNIT == 0
+    v = q.to(torch.int64).view(N, K // 32, 8, 4)  # (N, unit, i, l): input 4*i + l
+    shifts = (4 * torch.arange(8, dtype=torch.int64, device=q.device)).view(1, 1, 8, 1)
+    words = (v << shifts).sum(dim=2)  # (N, unit, 4), each < 2**32; disjoint bits, so sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.view(torch.uint8).view(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: (N, K/2) uint8 -> codes (N, K) uint8."""
+    N, half = packed.shape
+    words = packed.contiguous().view(torch.int32).view(N, half // 16, 1, 4)  # (N, unit, 1, l)
+    shifts = (4 * torch.arange(8, dtype=torch.int32, device=packed.device)).view(1, 1, 8, 1)
+    return ((words >> shifts) & 0xF).to(torch.uint8).view(N, half * 2)  # (N, unit, i, l) -> (N, K)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    N = packed.shape[0]
+    q = unpack_int4(packed).view(N, -1, group_size).float()  # (N, G, g)
+    w = q * scales.float()[..., None] + mins.float()[..., None]
+    return w.view(N, -1).to(dtype)
+
+
+# ---- fp8 row-wise (Llama 3 paper section 6.2, FBGEMM's quantize_fp8_per_row) ---------------
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_EPS = 1e-12
+ACTIVATION_SCALE_UB = 1200.0  # the paper's upper bound on a token's abs-max
+
+
+def quantize_fp8_rows(x: torch.Tensor, *, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, K) -> (float8_e4m3fn (R, K), fp32 scale (R,)), one scale per row, FBGEMM's arithmetic.
+
+    row_max = max|x_row| clamped to [1e-12, scale_ub]; the row is multiplied by 448 / row_max,
+    clamped to +-448 (values above the bound saturate) and rounded to e4m3; the stored scale
+    is the reciprocal of the multiplier, so x ~= q * scale.
+    """
+    xf = x.float()
+    row_max = xf.abs().amax(dim=-1)
+    row_max = row_max.clamp(min=FP8_EPS, max=scale_ub) if scale_ub is not None else row_max.clamp(min=FP8_EPS)
+    inv = FP8_MAX / row_max  # (R,)
+    q = (xf * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, inv.reciprocal()
+
+
+def _scaled_mm_supported(device: torch.device) -> bool:
+    # FP8 tensor-core GEMMs exist from compute capability 8.9 (Ada, Hopper) on.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
+
+
+def _use_kernel(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    # The kernels have no backward: anything autograd must differentiate takes the ATen path.
+    needs_grad = torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad)
+    return x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= MAX_ROWS and not needs_grad
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8, one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, *, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("herd's quantized linears have no bias (Llama has none)")
+        mod = cls(linear.in_features, linear.out_features, device="meta")
+        mod.weight, mod.scale = quantize_int8(linear.weight.detach())
+        return mod
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        if _use_kernel(x2, self.weight) and (ops := cpu_kernels()) is not None:
+            y = ops.linear_int8(x2.contiguous(), self.weight, self.scale)
+        elif x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16):
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.dequantize(x2.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric, one fp16 scale and min per group of `group_size` inputs."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, group_size: int, device: torch.device | str | None = None
+    ):
+        super().__init__()
+        check_int4_shape(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("mins", torch.empty(out_features, n_groups, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group_size: int) -> Int4Linear:
+        if linear.bias is not None:
+            raise ValueError("herd's quantized linears have no bias (Llama has none)")
+        mod = cls(linear.in_features, linear.out_features, group_size=group_size, device="meta")
+        mod.weight, mod.scales, mod.mins = quantize_int4(linear.weight.detach(), group_size)
+        return mod
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scales, self.mins, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        if _use_kernel(x2, self.weight) and (ops := cpu_kernels()) is not None:
+            y = ops.linear_int4(x2.contiguous(), self.weight, self.scales, self.mins, self.group_size)
+        else:
+            y = F.linear(x2, self.dequantize(x2.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+class Fp8Linear(nn.Module):
+    """FP8 e4m3 weights (one scale per output row) x FP8 activations (one scale per token).
+
+    On CUDA devices with FP8 tensor cores this is `torch._scaled_mm`. Elsewhere the same
+    quantized operands are multiplied in fp32: every e4m3 x e4m3 product is exact in fp32, so
+    the emulation differs from the GPU only in summation order (and the GPU's fast accumulation).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        activation_scale_ub: float = ACTIVATION_SCALE_UB,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_scale_ub = activation_scale_ub
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                   device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, activation_scale_ub: float = ACTIVATION_SCALE_UB) -> Fp8Linear:
+        if linear.bias is not None:
+            raise ValueError("herd's quantized linears have no bias (Llama has none)")
+        mod = cls(linear.in_features, linear.out_features, activation_scale_ub=activation_scale_ub, device="meta")
+        mod.weight, mod.scale = quantize_fp8_rows(linear.weight.detach(), scale_ub=None)  # weights: no bound
+        return mod
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        xq, x_scale = quantize_fp8_rows(x2, scale_ub=self.activation_scale_ub)  # (M, K), (M,)
+        if _scaled_mm_supported(x2.device):
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale[:, None], scale_b=self.scale[None, :],
+                                 out_dtype=x2.dtype if x2.dtype != torch.float32 else torch.bfloat16,
+                                 use_fast_accum=True).to(x2.dtype)
+        else:
+            y = (xq.float() @ self.weight.float().t()) * x_scale[:, None] * self.scale[None, :]  # (M, N) fp32
+            y = y.to(x2.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 row-wise, "
+                f"activation_scale_ub={self.activation_scale_ub:g}")
+
+
+class CpuKernelLinear(nn.Linear):
+    """An fp32 `nn.Linear` whose decode-sized calls (<= 4 rows on CPU) use herd's GEMV kernel.
+
+    MKL's sgemv reaches ~14-16 GB/s inside the model where a plain stream reaches ~20; larger
+    inputs (prefill) still go to MKL's GEMM, which is compute-bound and hard to beat.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        if self.bias is None and self.weight.dtype == torch.float32 and _use_kernel(x2, self.weight):
+            ops = cpu_kernels()
+            assert ops is not None, "apply_cpu_kernels only installs this module when the kernels load"
+            return ops.linear_f32(x2.contiguous(), self.weight).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)

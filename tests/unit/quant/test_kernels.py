@@ -1,0 +1,158 @@
+"""herd's CPU kernels against their references.
+
+Tolerances. fp32 summation in a different order than MKL (or float64) changes a dot product
+of K terms by at most gamma_K * sum|x_k w_k| with gamma_K ~ K * 2**-24 (Higham's bound); in
+practice the error is ~sqrt(K) * 2**-24 of that sum. The tests compare to a float64 reference
+with the rigorous bound and to `F.linear` in fp32 with twice it, and also assert that the
+typical error is far below the bound (so a kernel that drops a term cannot hide under it).
+
+The extension compiles once per machine into HERD_KERNEL_CACHE (~/.cache/herd/kernels) and is
+reused by later runs. A machine where it cannot be built fails these tests unless
+HERD_CPU_KERNELS=0 says the fallback is intended.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from herd.kernels import cpu_kernels, unavailable_reason
+from herd.quant.linear import (
+    CpuKernelLinear,
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+U = 2.0**-24  # fp32 unit roundoff
+
+
+@pytest.fixture(scope="module")
+def ops():
+    k = cpu_kernels()
+    if k is None:
+        if os.environ.get("HERD_CPU_KERNELS") == "0":
+            pytest.skip("HERD_CPU_KERNELS=0: kernels disabled on purpose")
+        pytest.fail(f"herd's CPU kernels did not build: {unavailable_reason()}")
+    return k
+
+
+def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, extra_roundings: int = 0) -> None:
+    """y (fp32) against x @ w.T in float64, within gamma_K * sum|x w| (+ extra per-output roundings)."""
+    ref = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    K = x.shape[1]
+    bound = (K + extra_roundings) * U * mag + 1e-30
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max err / bound {(err / bound).max():.3g}"
+    assert (err / mag).max() < 64 * K**0.5 * U, "typical error should be ~sqrt(K) ulps, not near the bound"
+    fl = F.linear(x, w.float()).double()  # MKL's fp32 result is within the same bound of ref
+    assert ((y.double() - fl).abs() <= 2 * bound).all()
+
+
+SHAPES = [(1, 8), (5, 17), (37, 100), (64, 224), (300, 2048), (4, 4096)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N, K", SHAPES)
+def test_f32_equals_linear(ops, M, N, K):
+    g = torch.Generator().manual_seed(N * 1000 + K + M)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    _check_close(ops.linear_f32(x, w), x, w)
+
+
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("N, K", SHAPES)
+def test_int8_equals_dequantized_matmul(ops, M, N, K):
+    g = torch.Generator().manual_seed(N + K + M)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    q, scale = quantize_int8(w)
+    y = ops.linear_int8(x, q, scale)
+    # The kernel scales after the dot product (one more rounding per output); the reference
+    # weight q * scale is exact in float64.
+    _check_close(y, x, q.double() * scale.double()[:, None], extra_roundings=2)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N, K, G", [(5, 32, 32), (37, 96, 32), (64, 224, 32), (300, 2048, 64), (8, 4096, 128),
+                                     (3, 512, 256)])
+def test_int4_equals_dequantized_matmul(ops, M, N, K, G):
+    g = torch.Generator().manual_seed(N + K + G + M)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    packed, scales, mins = quantize_int4(w, G)
+    wd = dequantize_int4(packed, scales, mins, G)
+    y = ops.linear_int4(x, packed, scales, mins, G)
+    # The kernel computes sum_g s_g (q . x)_g + m_g (sum x)_g: the same sum, regrouped.
+    _check_close(y, x, wd)
+
+
+def test_int4_packing_round_trip_and_layout():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    # The documented layout: per 32 inputs, nibble i of little-endian word l holds input 4i + l.
+    word0 = int.from_bytes(bytes(packed[0, :4].tolist()), "little")
+    assert [(word0 >> (4 * i)) & 0xF for i in range(8)] == [int(q[0, 4 * i]) for i in range(8)]
+
+
+def test_int4_quantization_error_is_at_most_half_a_step():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    packed, scales, mins = quantize_int4(w, 64)
+    err = (dequantize_int4(packed, scales, mins, 64) - w).view(16, 4, 64).abs()
+    step = scales.float()[..., None]
+    # Half a step, plus the fp16 rounding of the min (relative 2**-11).
+    assert (err <= step / 2 + mins.float().abs()[..., None] * 2**-11 + 1e-6).all()
+
+
+def test_kernels_reject_bad_inputs(ops):
+    w = torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match="1..4 rows"):
+        ops.linear_f32(torch.randn(5, 32), w)
+    with pytest.raises(RuntimeError, match="float32 activations"):
+        ops.linear_f32(torch.randn(1, 32, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.linear_f32(torch.randn(1, 31), w)
+    packed, scales, mins = quantize_int4(w, 32)
+    with pytest.raises(RuntimeError, match="float16 scales"):
+        ops.linear_int4(torch.randn(1, 32), packed, scales.float(), mins, 32)
+
+
+def test_modules_take_the_kernel_for_decode_and_the_reference_for_prefill(ops, monkeypatch):
+    lin = torch.nn.Linear(96, 40, bias=False)
+    mods = [Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group_size=32)]
+    calls = []
+    for name in ("linear_int8", "linear_int4"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    x = torch.randn(2, 3, 96)
+    with torch.inference_mode():
+        for mod in mods:
+            ref = F.linear(x, mod.dequantize())
+            big = mod(x)  # 6 rows: dequantize + F.linear
+            small = mod(x[:1, :2])  # 2 rows: the kernel
+            torch.testing.assert_close(big, ref, rtol=0, atol=0)
+            torch.testing.assert_close(small, ref[:1, :2], rtol=1e-5, atol=1e-5)
+    assert calls == ["linear_int8", "linear_int4"]
+
+
+def test_int8_bf16_activations_use_atens_packed_kernel():
+    lin = torch.nn.Linear(64, 48, bias=False)
+    mod = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 64).bfloat16()
+    ref = F.linear(x.float(), mod.dequantize()).bfloat16()
+    torch.testing.assert_close(mod(x), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_kernel_linear_keeps_autograd_on_the_aten_path(ops):
+    lin = CpuKernelLinear(32, 16, bias=False)
+    x = torch.randn(1, 32, requires_grad=True)
+    lin(x).sum().backward()  # the custom op has no backward; training must not reach it
+    assert x.grad is not None and lin.weight.grad is not None
