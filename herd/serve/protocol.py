@@ -1,0 +1,444 @@
+"""The OpenAI API as data: request validation, chat prompts with tools, text with stop strings, responses.
+
+No HTTP here (that is `server.py`), so every rule of the protocol is testable as a plain
+function. The conventions followed are OpenAI's as vLLM and llama.cpp implement them
+(`research/inference.md` section 4): nested `{"error": {...}}` bodies, `data: [DONE]`,
+`stream_options.include_usage`, `content: null` beside `tool_calls`.
+
+Trade-offs:
+* Sampling defaults are the API's (temperature 1, top_p 1), not Meta's 0.6 / 0.9: a client
+  written for the OpenAI API gets the behaviour it was written for.
+* Unknown fields are ignored (clients send `user`, `metadata`, ...), but a known field of the
+  wrong type is a 400, and so is a feature we do not implement (penalties, logit_bias, echo,
+  response_format other than text), rather than silently generating something else.
+* Tools follow the Llama 3.1 JSON tool-calling format: their definitions go into the system
+  prompt with the instruction to answer with `{"name": ..., "parameters": ...}`; a reply is
+  parsed with `ChatFormat.decode_assistant_message`, which also reads the function-tag and
+  pythonic-list formats and `<|python_tag|>` calls.
+* Special tokens (ids of the tokenizer's special set) are left out of the text, as vLLM's
+  `skip_special_tokens` default does; they still count in usage and logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from herd.generate import SamplingParams
+from herd.serve.engine import MAX_TOP_LOGPROBS, Choice
+from herd.tokenizer import ChatFormat, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
+
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 500: "server_error", 503: "unavailable_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ---- typed field access ----------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _get(body: dict, name: str, kind: str, default: Any = None, *, required: bool = False) -> Any:
+    """body[name] checked against a JSON type: "string", "integer", "number", "boolean", "object", "array".
+    A missing field or JSON null gives `default` (or a 400 when required)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise APIError(400, f"'{name}' is required", param=name)
+        return default
+    ok = {
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        # 1.0 is also an integer in JSON; json.loads gives a float for it, which must not fail "integer" fields.
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "boolean": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+    }[kind]
+    if not ok and kind == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not ok:
+        raise APIError(400, f"'{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {_type_name(value)}",
+                       param=name)
+    return value
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if value < lo or value > hi or (lo_open and value == lo):
+        lo_txt = f"({lo}" if lo_open else f"[{lo}"
+        raise APIError(400, f"'{name}' must be in {lo_txt}, {hi}], got {value}", param=name)
+
+
+# ---- requests ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommonParams:
+    """The fields both endpoints share, validated. max_tokens None: up to the end of the context."""
+
+    model: str | None
+    max_tokens: int | None
+    sampling: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+
+
+@dataclass
+class ChatRequest:
+    params: CommonParams
+    messages: list[Message]
+    tools: list[dict] = field(default_factory=list)  # the "function" objects of the tools
+
+
+@dataclass
+class CompletionRequest:
+    params: CommonParams
+    prompts: list[str | list[int]]
+
+
+_UNSUPPORTED_IF_SET = {
+    "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "echo": False, "suffix": "",
+    "functions": [], "function_call": "none",
+}
+
+
+def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
+    for name, neutral in _UNSUPPORTED_IF_SET.items():
+        if body.get(name) not in (None, neutral):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    fmt = _get(body, "response_format", "object")
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    model = _get(body, "model", "string")
+    max_tokens = _get(body, "max_completion_tokens", "integer") if chat else None
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", "integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+    temperature = float(_get(body, "temperature", "number", 1.0))
+    _in_range("temperature", temperature, 0.0, 2.0)
+    top_p = float(_get(body, "top_p", "number", 1.0))
+    _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    n = _get(body, "n", "integer", 1)
+    _in_range("n", n, 1, max_n)
+    best_of = _get(body, "best_of", "integer")
+    if best_of is not None and best_of != n:
+        raise APIError(400, "'best_of' other than n is not supported", param="best_of")
+    seed = _get(body, "seed", "integer")
+    if seed is not None:
+        _in_range("seed", seed, 0, 2**63 - 1 - max_n)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "'stop' must be a string or an array of strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    stream = _get(body, "stream", "boolean", False)
+    options = _get(body, "stream_options", "object")
+    if options is not None and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
+    if chat:
+        logprobs = _get(body, "logprobs", "boolean", False)
+        top = _get(body, "top_logprobs", "integer", 0)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    else:  # completions: logprobs is the number of alternatives, and asks for the chosen tokens' too
+        top = _get(body, "logprobs", "integer")
+        logprobs = top is not None
+        top = top or 0
+    _in_range("top_logprobs" if chat else "logprobs", top, 0, MAX_TOP_LOGPROBS)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top)
+
+
+def _text_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, f"{where}: only text content parts ({{'type': 'text', 'text': ...}}) are supported",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"{where}: content must be a string or an array of text parts", param="messages")
+
+
+def _tool_call_in(raw: Any, where: str) -> ToolCall:
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
+        raise APIError(400, f"{where}: a tool call needs function.name and function.arguments (a JSON string)",
+                       param="messages")
+    try:
+        arguments = json.loads(fn["arguments"])
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"{where}: function.arguments is not valid JSON: {e}", param="messages") from e
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}: function.arguments must encode a JSON object", param="messages")
+    return ToolCall(fn["name"], arguments, call_id=raw.get("id"))
+
+
+def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    params = _common(body, max_n=max_n, chat=True)
+    raw_messages = _get(body, "messages", "array", required=True)
+    if not raw_messages:
+        raise APIError(400, "'messages' must not be empty", param="messages")
+    messages = []
+    for i, raw in enumerate(raw_messages):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise APIError(400, f"{where} must be an object", param="messages")
+        role = raw.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise APIError(400, f"{where}: unknown role {role!r}; use system, user, assistant or tool", param="messages")
+        content = raw.get("content")
+        calls = []
+        if role == "assistant" and raw.get("tool_calls"):
+            if not isinstance(raw["tool_calls"], list):
+                raise APIError(400, f"{where}: tool_calls must be an array", param="messages")
+            calls = [_tool_call_in(c, where) for c in raw["tool_calls"]]
+        text = "" if content is None and calls else _text_content(content, where)
+        messages.append(Message(role="system" if role == "developer" else role, content=text, tool_calls=calls))
+    tools = []
+    raw_tools = _get(body, "tools", "array", [])
+    for i, tool in enumerate(raw_tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", param="tools")
+        tools.append(fn)
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)",
+                       param="tool_choice")
+    if choice == "none":
+        tools = []
+    return ChatRequest(params, messages, tools)
+
+
+def parse_completion_request(body: Any, *, max_n: int) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    params = _common(body, max_n=max_n, chat=False)
+    prompt = body.get("prompt")
+    # str | list[str] | list[int] | list[list[int]], as OpenAI accepts.
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [list(prompt)]
+    elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
+          and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise APIError(400, "'prompt' must be a string, an array of strings, or token ids (an array of integers "
+                       "or of integer arrays), and not empty", param="prompt")
+    return CompletionRequest(params, prompts)
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------
+
+
+def tools_system_prompt(tools: Sequence[dict], instructions: str = "") -> str:
+    """The system prompt that offers `tools` (OpenAI function objects) in the Llama 3.1 JSON format."""
+    defs = "\n\n".join(json.dumps(t, indent=4) for t in tools)
+    text = (
+        "You can call functions. To call one, reply with nothing but a JSON object of the form "
+        '{"name": function name, "parameters": dictionary of argument name and its value}. '
+        "Do not use variables. When a function's result comes back, use it to answer the user's question.\n\n"
+        f"These are the functions you can call:\n\n{defs}"
+    )
+    if instructions:
+        text += "\n\n" + instructions
+    return llama31_system_prompt(text)
+
+
+def chat_prompt(fmt: ChatFormat, request: ChatRequest) -> list[int]:
+    """Token ids of the dialog with an open assistant header; tools are folded into the system turn."""
+    messages = list(request.messages)
+    if request.tools:
+        system = ""
+        if messages and messages[0].role == "system":
+            system = messages.pop(0).content
+        messages.insert(0, Message(role="system", content=tools_system_prompt(request.tools, system)))
+    try:
+        return fmt.encode_dialog_prompt(messages).tokens
+    except ValueError as e:  # e.g. several JSON tool calls in one assistant turn
+        raise APIError(400, f"cannot encode the messages in the Llama {fmt.version} chat format: {e}",
+                       param="messages") from e
+
+
+def completion_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=True, eos=False)
+    if any(not 0 <= t < tokenizer.n_words for t in prompt):
+        raise APIError(400, f"prompt token ids must be in 0..{tokenizer.n_words - 1}", param="prompt")
+    return prompt
+
+
+def check_length(prompt_len: int, max_tokens: int | None, context: int) -> int:
+    """The max_tokens to generate: as asked, or up to the end of the context; a 400 if it cannot fit."""
+    if prompt_len >= context:
+        raise APIError(400, f"the prompt is {prompt_len} tokens but this model's context is {context} tokens; "
+                       "shorten the prompt", param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        return context - prompt_len
+    if prompt_len + max_tokens > context:
+        raise APIError(400, f"this model's context is {context} tokens, but {prompt_len + max_tokens} were requested "
+                       f"({prompt_len} in the prompt, {max_tokens} for the completion); lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+# ---- output text ------------------------------------------------------------------------------------------
+
+
+class TextAssembler:
+    """One choice's tokens in, text out: complete UTF-8 characters only, special tokens skipped, cut
+    before the first stop string, and holding back a tail that may still grow into one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], special_ids: frozenset[int]):
+        self._decoder = StreamDecoder(tokenizer)
+        self._stop, self._special = list(stop), special_ids
+        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
+        self._sent = 0
+        self.stopped = False
+
+    def feed(self, token: int) -> str:
+        """Text that became final with this token ("" while it may still be a stop string's start)."""
+        if self.stopped or token in self._special:
+            return ""
+        self.text += self._decoder.feed(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of the choice."""
+        if not self.stopped:
+            self.text += self._decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        if not self.stopped and self._stop:
+            # A match cannot start before the text already sent: that text was held back while it could.
+            hits = [i for i in (self.text.find(s, self._sent) for s in self._stop) if i >= 0]
+            if hits:
+                self.text, self.stopped, final = self.text[: min(hits)], True, True
+        end = len(self.text)
+        if not final:
+            end -= max((k for s in self._stop for k in range(len(s) - 1, 0, -1)
+                        if self.text.endswith(s[:k])), default=0)
+        out = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return out
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token's own text for logprobs (a partial UTF-8 character shows as U+FFFD, as OpenAI's does)."""
+    return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def chat_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0) -> dict[str, Any] | None:
+    """`{"content": [...]}` for the choice's tokens from `start` on (OpenAI chat format)."""
+    if choice.logprobs is None:
+        return None
+    content = []
+    for j in range(start, len(choice.tokens)):
+        t = choice.tokens[j]
+        entry: dict[str, Any] = {"token": token_text(tokenizer, t), "logprob": choice.logprobs[j],
+                                 "bytes": list(tokenizer.decode_single_token_bytes(t)), "top_logprobs": []}
+        if choice.top_logprobs is not None:
+            entry["top_logprobs"] = [
+                {"token": token_text(tokenizer, a), "logprob": lp, "bytes": list(tokenizer.decode_single_token_bytes(a))}
+                for a, lp in choice.top_logprobs[j]
+            ]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    if choice.logprobs is None:
+        return None
+    tokens, offsets = [], []
+    for t in choice.tokens[start:]:
+        tokens.append(token_text(tokenizer, t))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    top = None
+    if choice.top_logprobs is not None:
+        top = [{token_text(tokenizer, a): lp for a, lp in alts} for alts in choice.top_logprobs[start:]]
+    return {"tokens": tokens, "token_logprobs": choice.logprobs[start:], "top_logprobs": top, "text_offset": offsets}
+
+
+# ---- tool calls out ----------------------------------------------------------------------------------------
+
+
+def parse_tool_calls(fmt: ChatFormat, choice: Choice) -> list[dict[str, Any]]:
+    """OpenAI `tool_calls` for a finished reply, or [] when it is plain text."""
+    ids = choice.tokens + ([choice.stop_token] if choice.stop_token is not None else [])
+    message = fmt.decode_assistant_message(ids)
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+        for call in message.tool_calls
+    ]
+
+
+def may_be_tool_call(tokenizer: Tokenizer, tokens: Sequence[int], special_ids: frozenset[int]) -> bool:
+    """Whether a reply that starts with `tokens` could still turn out to be a tool call, so that a
+    stream must hold its text back: it starts with <|python_tag|>, '{', '[' or '<' (after spaces)."""
+    if tokens and tokens[0] == tokenizer.python_tag_id:
+        return True
+    text = tokenizer.decode([t for t in tokens if t not in special_ids]).lstrip()
+    return not text or text[0] in "{[<"
+
+
+# ---- response objects --------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
