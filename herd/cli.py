@@ -528,6 +528,57 @@ def _scaling_sweep_args(p):
     p.add_argument("--out", required=True, help="sweep directory: points.jsonl (resumable), runs, isoflops.png")
 
 
+# ---- post-training (herd.posttrain) ----------------------------------------------------------
+
+
+def _posttrain(opts, config_cls: str, run: str):
+    import importlib
+
+    from herd.posttrain import config as pt_config
+
+    cfg = pt_config.load_config(getattr(pt_config, config_cls), opts.config, opts.overrides)
+    module, _, fn = run.rpartition(".")
+    return getattr(importlib.import_module(f"herd.posttrain.{module}"), fn)(cfg)
+
+
+def _print_report(report: dict) -> None:
+    for key, value in report.items():
+        print(f"{key:>28}  {value:.4f}" if isinstance(value, float) else f"{key:>28}  {value}")
+
+
+def cmd_sft(opts) -> None:
+    result = _posttrain(opts, "SFTConfig", "sft.run_sft")
+    _print_report({"steps": result.fit.steps, "final loss": result.fit.losses[-1], "val loss": result.val_loss,
+                   "tokens/s": result.fit.tokens_per_s, "train dialogs": result.train_examples,
+                   "packed rows": result.packed_rows, "output": result.output})
+
+
+def cmd_rm(opts) -> None:
+    _print_report(_posttrain(opts, "RewardConfig", "reward.run_reward"))
+
+
+def cmd_rs(opts) -> None:
+    _print_report(_posttrain(opts, "RejectionConfig", "rejection.run_rejection"))
+
+
+def cmd_dpo(opts) -> None:
+    _print_report(_posttrain(opts, "DPOConfig", "dpo.run_dpo"))
+
+
+def cmd_distill(opts) -> None:
+    _print_report(_posttrain(opts, "DistillConfig", "distill.run_distill"))
+
+
+def cmd_prune(opts) -> None:
+    _print_report(_posttrain(opts, "PruneConfig", "prune.run_prune"))
+
+
+def _posttrain_args(p):
+    p.add_argument("config", help="TOML config (see configs/posttrain_*.toml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                   help="override config values, e.g. --optim.lr 1e-4 --lora.rank 8")
+
+
 # name -> (function, one-line help, argument builder). A name with a space is a nested command.
 COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
@@ -536,6 +587,16 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
+            _posttrain_args),
+    "rm": (cmd_rm, "train a reward model on preference JSONL (Bradley-Terry, edited > chosen > rejected)",
+           _posttrain_args),
+    "rs": (cmd_rs, "rejection sampling: K samples per prompt, keep the reward model's best", _posttrain_args),
+    "dpo": (cmd_dpo, "DPO on preference JSONL (beta, NLL term, formatting tokens masked)", _posttrain_args),
+    "distill": (cmd_distill, "logit distillation from a teacher (forward KL at a temperature + CE)",
+                _posttrain_args),
+    "prune": (cmd_prune, "structured width/depth pruning by activation importance, then distillation",
+              _posttrain_args),
     "tokenizer train": (cmd_tokenizer_train, "train a small BPE vocabulary (tiktoken rank file)", _tokenizer_train_args),
     "data tokenize": (cmd_data_tokenize, "tokenize sources into train/val token shards", _data_tokenize_args),
     "data run": (cmd_data_run, "run a data-curation pipeline file (extract, dedup, filter, mix, shards)", _data_run_args),

@@ -35,7 +35,14 @@ from herd.generate import SamplingParams, generate
 from herd.generate.session import resolve_tokenizer
 from herd.model import Transformer, load_model
 from herd.posttrain.config import OptimConfig
-from herd.posttrain.data import Conversation, chatterbot_conversations, conversation_dialog, mismatched_pairs
+from herd.posttrain.data import (
+    Conversation,
+    chatterbot_conversations,
+    conversation_dialog,
+    mismatched_pairs,
+    write_chat_jsonl,
+    write_preference_jsonl,
+)
 from herd.posttrain.dpo import encode_pairs, precompute_reference_logps, preference_accuracy, train_dpo
 from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
 from herd.posttrain.sft import tokenize_dialogs, train_sft
@@ -109,8 +116,15 @@ def run_posttrain_demo(
     log(f"posttrain: {len(train_convs)} training and {len(held_convs)} held-out chatterbot dialogs "
         f"(model {model.args.num_params():,} parameters, vocabulary {model.args.vocab_size:,})")
 
-    train_pairs = encode_pairs(fmt, mismatched_pairs(train_convs, seed=1, system=SYSTEM)[: cfg.train_pairs])
-    held_pairs = encode_pairs(fmt, mismatched_pairs(held_convs, seed=2, system=SYSTEM)[: cfg.held_out_pairs])
+    raw_train = mismatched_pairs(train_convs, seed=1, system=SYSTEM)
+    raw_held = mismatched_pairs(held_convs, seed=2, system=SYSTEM)
+    # The data as files too, so `herd sft|rm|rs|dpo` (configs/posttrain_*.toml) can be tried on it.
+    write_chat_jsonl(out / "chat_train.jsonl", [conversation_dialog(c, system=SYSTEM) for c in train_convs])
+    write_chat_jsonl(out / "chat_heldout.jsonl", [conversation_dialog(c, system=SYSTEM) for c in held_convs])
+    write_preference_jsonl(out / "pairs_train.jsonl", raw_train)
+    write_preference_jsonl(out / "pairs_heldout.jsonl", raw_held)
+    train_pairs = encode_pairs(fmt, raw_train[: cfg.train_pairs])
+    held_pairs = encode_pairs(fmt, raw_held[: cfg.held_out_pairs])
     before = _answers(model, fmt, SHOW_PROMPTS, cfg.max_new_tokens)
     acc_base = preference_accuracy(model, held_pairs)
 

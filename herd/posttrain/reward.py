@@ -45,7 +45,8 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         w = backbone.tok_embeddings.weight
         self.score = nn.Linear(backbone.args.dim, 1, bias=True, device=w.device, dtype=w.dtype)
-        nn.init.normal_(self.score.weight, std=backbone.args.dim**-0.5)
+        # Zero: every response starts with reward 0, i.e. no preference, instead of a random one.
+        nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
