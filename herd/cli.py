@@ -363,6 +363,22 @@ def cmd_scaling_sweep(opts) -> None:
     print(f"plot written to {outcome.plot}; fit written to {outcome.fit_json}")
 
 
+def cmd_serve(opts) -> None:
+    from herd.serve.engine import Engine
+    from herd.serve.server import serve
+
+    model, tok = _load(opts)
+    # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
+    # would not fit); --max-seq-len sets it explicitly.
+    context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
+    engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
+                    token_bytes=tok.decode_single_token_bytes, compile=opts.compile)
+    name = opts.model_name or Path(opts.path).resolve().name
+    print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
+          f"tokens, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key)
+
+
 # ---- argument definitions --------------------------------------------------------------------
 
 
@@ -411,6 +427,21 @@ def _convert_args(p):
     p.add_argument("--to", choices=("hf", "meta"), required=True)
     p.add_argument("--num-shards", type=int, default=1, help="Meta model-parallel files to split into")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _serve_args(p):
+    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
+    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
+    p.add_argument("--max-seq-len", type=int, help="context per slot (default: the model's, at most 8192)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows; default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
 
 
 def _demo_args(p):
@@ -587,6 +618,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),
     "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
             _posttrain_args),
     "rm": (cmd_rm, "train a reward model on preference JSONL (Bradley-Terry, edited > chosen > rejected)",
