@@ -298,13 +298,11 @@ def cmd_eval_needle(opts) -> None:
 
 def cmd_eval_lm_eval(opts) -> None:
     from herd.eval.lm_eval_adapter import run_lm_eval
-    from herd.eval.results import EvalReport, TaskResult
+    from herd.eval.results import EvalReport
 
     model, tok = _load(opts)
-    results = run_lm_eval(model, tok, opts.tasks.split(","), num_fewshot=opts.num_fewshot, limit=opts.limit,
-                          batch_size=opts.batch_size, include_path=opts.include_path)
-    tasks = [TaskResult(task=t, metrics=m, num_examples=opts.limit or 0,
-                        config={"harness": "lm-eval", "num_fewshot": opts.num_fewshot}) for t, m in results.items()]
+    tasks = run_lm_eval(model, tok, opts.tasks.split(","), num_fewshot=opts.num_fewshot, limit=opts.limit,
+                        batch_size=opts.batch_size, include_path=opts.include_path)
     _report_out(opts, EvalReport(model=str(opts.path), tasks=tasks))
 
 

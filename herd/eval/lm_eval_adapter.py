@@ -22,6 +22,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from herd.eval.results import TaskResult
 from herd.eval.scoring import rolling_loglikelihood, score_continuations
 from herd.model.llama import Transformer
 
@@ -130,8 +131,8 @@ def run_lm_eval(
     limit: int | None = None,
     batch_size: int = 16,
     include_path: str | None = None,
-) -> dict[str, dict[str, float]]:
-    """Run lm-eval tasks; return {task: {metric: value}} (numbers only, lm-eval's names).
+) -> list[TaskResult]:
+    """Run lm-eval tasks; one `TaskResult` per task with lm-eval's numeric metrics under its names.
 
     include_path: a folder of task YAMLs of your own (lm-eval's TaskManager include_path), for
     tasks whose data is local.
@@ -145,5 +146,11 @@ def run_lm_eval(
                           log_samples=False)
     if out is None:
         raise ValueError("lm-eval returned no results (is this a non-zero distributed rank?)")
-    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for task, metrics in out["results"].items()}
+    counts = out.get("n-samples", {})
+    return [
+        TaskResult(task=task, num_examples=int(counts.get(task, {}).get("effective", 0)),
+                   metrics={k: float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                   config={"harness": "lm-eval", "num_fewshot": num_fewshot, "limit": limit})
+        for task, metrics in out["results"].items()
+    ]

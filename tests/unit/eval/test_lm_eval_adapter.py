@@ -90,3 +90,39 @@ def test_real_lm_eval_subclass(model, byte_tok):
     [(lp, greedy)] = lm.loglikelihood([inst])
     [direct] = score_continuations(model, [([byte_tok.bos_id, *b"The sky is"], list(b" blue"))])
     assert (lp, greedy) == (pytest.approx(direct.logprob, abs=1e-6), direct.is_greedy)
+
+
+def test_harness_on_a_local_task_agrees_with_herd_accuracy(model, byte_tok, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval.evaluator")  # the full harness (datasets, evaluate, ...), not just its API
+    import json
+
+    from herd.eval.lm_eval_adapter import run_lm_eval
+    from herd.eval.multiple_choice import load_mc_jsonl
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "llamas.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "What do llamas eat?", "choices": ["grass", "fish", "rocks"], "answer": 0},
+        {"question": "Where are llamas from?", "choices": ["the Andes", "the Alps"], "answer": 0},
+        {"question": "Sky colour?", "choices": ["green", "blue"], "answer": 1},
+        {"question": "Legs of a llama?", "choices": ["two", "four", "six"], "answer": 1},
+    ]) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "herd_llamas.yaml").write_text(f"""task: herd_llamas
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    [res] = run_lm_eval(model, byte_tok, ["herd_llamas"], include_path=str(tmp_path / "tasks"), num_fewshot=0)
+    direct = evaluate_mc(model, byte_tok, load_mc_jsonl(data))
+    assert res.task == "herd_llamas" and res.num_examples == 4
+    assert res.metrics["acc,none"] == direct.accuracy
