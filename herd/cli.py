@@ -186,6 +186,29 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out))
 
 
+def cmd_train(opts) -> None:
+    from herd.train import Trainer, load_config
+
+    result = Trainer(load_config(opts.config, opts.overrides)).fit()
+    for s in result.stages:
+        line = f"{s.name}: {s.steps} steps, {s.tokens:,} tokens in {s.seconds:.1f} s -> {s.checkpoint}"
+        if s.val_loss is not None:
+            line += f" (val loss {s.val_loss:.4f})"
+        if s.averaged:
+            line += f"; averaged model {s.averaged}"
+        print(line)
+    print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
+          + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
+
+
+def cmd_export(opts) -> None:
+    from herd.train import export_checkpoint
+
+    out = export_checkpoint(opts.checkpoint, opts.out, format=opts.format, tokenizer=opts.tokenizer,
+                            overwrite=opts.overwrite)
+    print(f"wrote {opts.format} checkpoint to {out}")
+
+
 def cmd_tokenizer_train(opts) -> None:
     import time
 
@@ -446,6 +469,20 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+def _train_args(p):
+    p.add_argument("config", help="run config TOML (see configs/debug.toml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                   help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200")
+
+
+def _export_args(p):
+    p.add_argument("checkpoint", help="a run directory (its newest good checkpoint) or checkpoints/step-N")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--format", choices=("hf", "meta"), default="hf")
+    p.add_argument("--tokenizer", help="tokenizer.model to copy beside the weights (default: the run's)")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _sources_arg(p):
     p.add_argument("--sources", nargs="+", required=True, metavar="SOURCE",
                    help="wiki-en, wiki-fr, wiki-es, austen, python-stdlib, or JSONL files with a \"text\" field")
@@ -616,6 +653,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
+    "export": (cmd_export, "export a training checkpoint as an HF or Meta directory", _export_args),
     "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),
     "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
             _posttrain_args),

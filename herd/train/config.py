@@ -1,0 +1,468 @@
+"""Training configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
+
+A run is described by a TOML file whose top-level tables are the sections below (`[job]`,
+`[model]`, `[data]`, `[train]`, `[optim]`, `[schedule]`, `[checkpoint]`, `[metrics]`) plus a
+list of `[[stages]]`. `herd train FILE --optim.lr 3e-4 --stages.anneal.steps 50` overrides
+single values; a value is parsed to the declared type of its field.
+
+Design trade-off: the schema is the dataclasses themselves (their type hints drive parsing and
+validation), instead of a schema library. That keeps the config readable as plain Python and
+costs a small hand-written coercer that understands exactly the types used here: int, float,
+str, bool, Literal, `X | None` and lists of those. Unknown keys and badly typed values are
+errors that name the key and, where there is a closed set, the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from herd.model.args import PRESETS, ModelArgs, RopeScaling
+
+
+@dataclass
+class JobConfig:
+    out_dir: str = "runs/train"  # checkpoints, metrics.jsonl, TensorBoard events, loss plot
+    seed: int = 0  # model init, data order
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class ModelConfig:
+    """A named preset (or "" for ModelArgs' defaults) with any field overridden."""
+
+    preset: str = "debug"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+
+    def args(self) -> ModelArgs:
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {self.preset!r}; valid: {', '.join(sorted(PRESETS))} "
+                             "(or \"\" for a shape given field by field)")
+        base = PRESETS[self.preset] if self.preset else ModelArgs()
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "preset" and getattr(self, f.name) is not None}
+        try:
+            return base.replace(**changes)
+        except ValueError as e:
+            raise ValueError(f"[model]: {e}") from None
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # token-shard directories (herd data tokenize)
+    weights: list[float] = field(default_factory=list)  # sampling weight per source; [] = loader default
+    val: list[str] = field(default_factory=list)  # held-out shard directories for validation loss
+    tokenizer: str = ""  # tokenizer.model the shards were made with; copied beside the checkpoints
+
+
+@dataclass
+class TrainConfig:
+    """How one optimizer step consumes its batch."""
+
+    micro_batch_tokens: int = 0  # tokens per forward/backward (at least one row); gradients accumulate. 0 = whole batch
+    loss_chunks: int = 1  # >1: compute the output head + loss in this many chunks, recomputed in backward
+    document_mask: bool = True  # attention never crosses a document boundary inside a packed row
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matmul weights only (not norms, not embeddings)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0  # linear from lr/warmup_steps to lr
+    decay_steps: int = 0  # cosine from lr to min_lr over this many steps after warmup; 0 = to the end of the cosine stages
+    min_lr: float = 0.0  # the floor the cosine reaches and then holds
+
+
+@dataclass
+class StageConfig:
+    """One phase of training; stages run in order, each from the previous one's final checkpoint."""
+
+    name: str = ""
+    steps: int = 0
+    # Rows (tokens_seen, batch_tokens, seq_len): from `tokens_seen` (counted over the whole run)
+    # on, a step takes `batch_tokens` tokens in rows of `seq_len`. The first row must start at 0.
+    ramp: list[list[int]] = field(default_factory=list)
+    lr: Literal["cosine", "linear_to_zero"] = "cosine"  # linear_to_zero: from the cosine value at the stage start
+    train: list[str] = field(default_factory=list)  # data mix for this stage; [] = [data].train
+    weights: list[float] = field(default_factory=list)
+    max_seq_len: int | None = None  # the model's RoPE table length from this stage on
+    rope_theta: float | None = None  # a new RoPE base from this stage on
+    rope_scaling_factor: float | None = None  # Llama 3.1 frequency scaling, relative to the previous max_seq_len
+    checkpoint_every: int | None = None  # this stage's checkpoint interval; None = checkpoint.every
+    average_last: int = 0  # at the end: average the weights of this stage's last N checkpoints into a model
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; stage ends are always checkpointed
+    keep_last: int = 3  # periodic checkpoints kept; each stage's final checkpoint is kept as well
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10  # console line every N steps (the progress bar updates every step)
+    val_every: int = 0  # validation loss every N steps; 0 = only at stage ends
+    val_batches: int = 4
+    val_batch_size: int = 8
+    val_seq_len: int = 0  # 0 = the sequence length of the first stage's first ramp row
+    tensorboard: bool = True
+    plot: bool = True  # loss.png beside the checkpoints
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def stage_args(self, index: int) -> ModelArgs:
+        """Model hyperparameters in force during stage `index` (RoPE changes accumulate)."""
+        args = self.model.args()
+        for stage in self.stages[: index + 1]:
+            changes: dict[str, Any] = {}
+            if stage.rope_theta is not None:
+                changes["rope_theta"] = stage.rope_theta
+            if stage.rope_scaling_factor is not None:
+                changes["rope_scaling"] = RopeScaling(factor=stage.rope_scaling_factor,
+                                                      original_max_seq_len=args.max_seq_len)
+            if stage.max_seq_len is not None:
+                changes["max_seq_len"] = stage.max_seq_len
+            args = args.replace(**changes)
+        return args
+
+    def validate(self) -> Config:
+        """Cross-field rules; raises ValueError naming the key. Returns self."""
+        if not self.stages:
+            raise ValueError("no [[stages]] in the config; add at least one, e.g.\n"
+                             "[[stages]]\nname = \"pretrain\"\nsteps = 100\nramp = [[0, 8192, 256]]")
+        _positive(self.checkpoint.every, "checkpoint.every")
+        _positive(self.checkpoint.keep_last, "checkpoint.keep_last")
+        _positive(self.metrics.log_every, "metrics.log_every")
+        _positive(self.train.loss_chunks, "train.loss_chunks")
+        if self.optim.lr <= 0 or self.schedule.min_lr < 0 or self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"need 0 <= schedule.min_lr <= optim.lr and optim.lr > 0, got min_lr "
+                             f"{self.schedule.min_lr} and lr {self.optim.lr}")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
+        for key in ("warmup_steps", "decay_steps"):
+            if getattr(self.schedule, key) < 0:
+                raise ValueError(f"schedule.{key} must be >= 0")
+        if not self.data.train and not all(s.train for s in self.stages):
+            raise ValueError("data.train is empty: list the token-shard directories to train on, "
+                             "e.g. train = [\"runs/demo/shards/train\"]")
+        _check_weights(self.data.train, self.data.weights, "data")
+        names = [s.name for s in self.stages]
+        start = 0
+        for i, stage in enumerate(self.stages):
+            key = f"stages.{stage.name or i}"
+            if not stage.name:
+                raise ValueError(f"stages.{i}.name is empty; give every stage a name")
+            if names.count(stage.name) > 1:
+                raise ValueError(f"{key}: stage names must be unique, got {names}")
+            _positive(stage.steps, f"{key}.steps")
+            _positive(self.checkpoint_every(i), f"{key}.checkpoint_every")
+            _check_weights(stage.train, stage.weights, key)
+            args = self.stage_args(i)
+            _check_ramp(stage.ramp, key, max_seq_len=args.max_seq_len,
+                        micro_batch_tokens=self.train.micro_batch_tokens)
+            if stage.average_last < 0 or stage.average_last > self.checkpoint.keep_last + 1:
+                raise ValueError(f"{key}.average_last ({stage.average_last}) must be between 0 and "
+                                 f"checkpoint.keep_last + 1 ({self.checkpoint.keep_last + 1}), since only those "
+                                 "checkpoints are kept")
+            every = self.checkpoint_every(i)
+            saved = len(range((start // every + 1) * every, start + stage.steps, every)) + 1  # + the final one
+            if stage.average_last > saved:
+                raise ValueError(f"{key}.average_last is {stage.average_last} but the stage writes only {saved} "
+                                 f"checkpoint(s) every {every} steps; set {key}.checkpoint_every lower")
+            start += stage.steps
+        val_seq = self.val_seq_len
+        if val_seq > self.model.args().max_seq_len:
+            raise ValueError(f"metrics.val_seq_len ({val_seq}) exceeds model.max_seq_len")
+        return self
+
+    def checkpoint_every(self, index: int) -> int:
+        every = self.stages[index].checkpoint_every
+        return self.checkpoint.every if every is None else every
+
+    @property
+    def val_seq_len(self) -> int:
+        return self.metrics.val_seq_len or self.stages[0].ramp[0][2]
+
+
+def _positive(value: int, key: str) -> None:
+    if value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value}")
+
+
+def _check_weights(sources: list[str], weights: list[float], key: str) -> None:
+    if weights and len(weights) != len(sources):
+        raise ValueError(f"{key}.weights has {len(weights)} entries for {len(sources)} sources in {key}.train")
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise ValueError(f"{key}.weights must be non-negative with a positive sum, got {weights}")
+
+
+def _check_ramp(rows: list[list[int]], key: str, *, max_seq_len: int, micro_batch_tokens: int) -> None:
+    if not rows:
+        raise ValueError(f"{key}.ramp is empty; give at least one row [tokens_seen, batch_tokens, seq_len], "
+                         "e.g. ramp = [[0, 8192, 256]]")
+    prev = -1
+    for row in rows:
+        if len(row) != 3:
+            raise ValueError(f"{key}.ramp rows are [tokens_seen, batch_tokens, seq_len], got {row}")
+        seen, batch_tokens, seq_len = row
+        if prev < 0 and seen != 0:
+            raise ValueError(f"{key}.ramp must start with a row [0, batch_tokens, seq_len], got {row}")
+        if seen <= prev:
+            raise ValueError(f"{key}.ramp: tokens_seen must increase from row to row, got {rows}")
+        prev = seen
+        if seq_len <= 0 or batch_tokens <= 0 or batch_tokens % seq_len:
+            raise ValueError(f"{key}.ramp row {row}: batch_tokens must be a positive multiple of seq_len")
+        if seq_len > max_seq_len:
+            raise ValueError(f"{key}.ramp row {row}: seq_len {seq_len} exceeds the model's max_seq_len "
+                             f"{max_seq_len}; raise model.max_seq_len or set max_seq_len on the stage")
+        rows = batch_tokens // seq_len
+        if rows % micro_batch_rows(micro_batch_tokens, seq_len, rows):
+            raise ValueError(
+                f"{key}.ramp row {row}: the batch's {rows} rows of {seq_len} do not split into micro-batches of "
+                f"{micro_batch_rows(micro_batch_tokens, seq_len, rows)} rows (train.micro_batch_tokens = "
+                f"{micro_batch_tokens}); choose sizes that divide")
+
+
+def micro_batch_rows(micro_batch_tokens: int, seq_len: int, rows: int) -> int:
+    """Rows per forward/backward: as many as fit in micro_batch_tokens, at least one; 0 = the whole batch."""
+    if micro_batch_tokens == 0:
+        return rows
+    return min(max(micro_batch_tokens // seq_len, 1), rows)
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or start from the defaults with `path=None`), apply `--section.key value`
+    overrides, validate. Every error is a ValueError naming the offending key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    cfg = _build(Config, data, "")
+    for key, value in parse_overrides(overrides):
+        apply_override(cfg, key, value)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a TOML-shaped dict (tests and the demo build configs in Python)."""
+    return _build(Config, data, "").validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The TOML-shaped dict of a config (None fields dropped, since TOML has no null)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a config as TOML (stdlib has a reader only; the types here are few)."""
+    d = config_to_dict(cfg)
+    out: list[str] = []
+    for section, values in d.items():
+        if section == "stages":
+            continue
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    for stage in d["stages"]:
+        out.append("[[stages]]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in stage.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def parse_overrides(argv: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """["--optim.lr", "3e-4", "--job.seed=2"] -> [("optim.lr", "3e-4"), ("job.seed", "2")]."""
+    out, i = [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(f"expected an override --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"override {arg} has no value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key, value))
+    return out
+
+
+def apply_override(cfg: Config, key: str, text: str) -> None:
+    """Set `section.key` (or `stages.NAME_OR_INDEX.key`) to `text` parsed as the field's type."""
+    parts = key.split(".")
+    section = parts[0]
+    if section == "stages":
+        if len(parts) != 3:
+            raise ValueError(f"--{key}: stage overrides look like --stages.NAME.key (or --stages.0.key)")
+        names = [s.name for s in cfg.stages]
+        if parts[1] in names:
+            target = cfg.stages[names.index(parts[1])]
+        elif parts[1].isdigit() and int(parts[1]) < len(cfg.stages):
+            target = cfg.stages[int(parts[1])]
+        else:
+            raise ValueError(f"--{key}: no stage {parts[1]!r}; stages are {names}")
+        name = parts[2]
+    else:
+        sections = {f.name for f in dataclasses.fields(Config)} - {"stages"}
+        if section not in sections or len(parts) != 2:
+            raise ValueError(f"--{key}: unknown section {section!r}; valid sections: {', '.join(sorted(sections))}, "
+                             "stages")
+        target, name = getattr(cfg, section), parts[1]
+    hints = _hints(type(target))
+    if name not in hints:
+        raise ValueError(f"--{key}: unknown key {name!r}; valid keys: {', '.join(hints)}")
+    setattr(target, name, _coerce(_parse_text(text, hints[name]), hints[name], key))
+
+
+def _parse_text(text: str, tp: Any) -> Any:
+    """Command-line text -> a Python value, using TOML syntax where it is unambiguous."""
+    base = _strip_optional(tp)
+    if base is str or typing.get_origin(base) is Literal:
+        return text
+    if text.lower() in ("none", "null") and base is not tp:
+        return None
+    if typing.get_origin(base) is list and not text.lstrip().startswith("["):
+        return [x.strip() for x in text.split(",") if x.strip()]  # --data.train a,b
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # _coerce reports it as the wrong type
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ValueError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+                         f"valid keys: {', '.join(hints)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            if not isinstance(value, list):
+                raise ValueError(f"{key}: expected a list of tables ([[{key}]]), got {type(value).__name__}")
+            item = typing.get_args(tp)[0]
+            kwargs[name] = [_build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
+                            for i, v in enumerate(value)]
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    base = _strip_optional(tp)
+    if value is None:
+        if base is tp:
+            raise ValueError(f"{key}: a value is required")
+        return None
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(base)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"config field {key} has an unsupported type {tp}")  # a schema bug, not user input

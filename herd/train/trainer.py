@@ -1,0 +1,419 @@
+"""The pretraining loop: stages of AdamW steps over packed batches, checkpointed and resumable.
+
+One `Trainer` runs every stage of a config in order (pretrain, context extension, annealing),
+each starting from the previous stage's final checkpoint. `train_step` is the whole algorithm;
+the rest is bookkeeping around it.
+
+Design trade-offs:
+* Everything that must survive a restart lives in `state_dict()` (model, optimizer, step,
+  tokens seen, loader position, RNG states) and nothing else is read back. The learning rate and
+  batch shape are functions of (step, tokens seen), so they need no state of their own. On CPU a
+  run killed at any step and restarted with the same command reproduces the uninterrupted run's
+  losses bit for bit (tests/integration/test_train_resume.py).
+* Stage transitions go through disk even in an uninterrupted run: the stage's final checkpoint
+  is saved and then loaded back. That is one redundant read per stage, and in exchange a run
+  that crosses a stage boundary in one process and a run restarted exactly at the boundary take
+  the same code path, and "the annealing stage starts from the pretrain checkpoint" is literal.
+* The model is built on the meta device and materialised afterwards, leaving one marked place
+  (`build_training_model`) where issue 4's parallelism will be applied before any memory exists.
+* Gradients are token-weighted over the whole accumulated batch: each micro-batch's summed loss
+  is divided by the number of targets in the full batch before backward, so splitting a batch
+  into micro-batches changes nothing but memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import pickle
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from herd.model import ModelArgs, Transformer
+from herd.train import checkpoint as ckpt_io
+from herd.train.average import average_checkpoints
+from herd.train.checkpoint import Checkpointer, SavedCheckpoint
+from herd.train.config import Config, config_to_dict, micro_batch_rows
+from herd.train.export import TOKENIZER_FILE, save_inference_model
+from herd.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
+from herd.train.optim import build_optimizer
+from herd.train.schedule import Schedule, StageSpan, batch_shape
+
+
+class Batch(Protocol):
+    inputs: torch.Tensor  # (B, S) int64
+    targets: torch.Tensor  # (B, S) int64, -100 = no target
+    doc_ids: torch.Tensor  # (B, S) int64
+    num_targets: int
+
+
+class Loader(Protocol):
+    def next_batch(self, *, batch_size: int | None = None, seq_len: int | None = None) -> Batch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LoaderFactory = Callable[..., Loader]  # (sources, *, weights, seq_len, batch_size, seed) -> Loader
+
+
+def packed_loader(sources: Sequence[str], *, weights: Sequence[float] | None, seq_len: int, batch_size: int,
+                  seed: int) -> Loader:
+    from herd.data.loader import PackedLoader
+
+    return PackedLoader(sources, weights=weights, seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"job.device is {name!r} but no CUDA device is available; use \"cpu\" or \"auto\"")
+    return device
+
+
+def build_training_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
+    """Meta-device build -> (parallelize) -> materialise -> initialise. Parameters stay fp32:
+    on GPU the forward runs under bf16 autocast with fp32 master weights and fp32 gradients."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    # Issue 4 applies parallelism here, while the model is still on the meta device:
+    #     model = parallelize(model, parallel_dims, cfg.parallel)   # TP -> AC -> compile -> FSDP
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives the two names of a tied matrix separate storage
+    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+    return model
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the batch's target tokens, fp32
+    lr: float
+    grad_norm: float  # before clipping
+    tokens: int  # input tokens in the batch
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    tokens: int
+    seconds: float  # wall time of this stage in this process (0 if it was already done)
+    final_loss: float | None
+    val_loss: float | None
+    checkpoint: str
+    averaged: str | None = None  # directory of the averaged model, for stages with average_last
+    averaged_val_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    seconds: float
+    resumed_from: int  # step of the checkpoint this process started from (0 = fresh)
+    stages: list[StageResult] = field(default_factory=list)
+    loss_plot: str | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, loader_factory: LoaderFactory = packed_loader,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
+        self.loader_factory = loader_factory
+        self.device = resolve_device(cfg.job.device)
+        self.out_dir = Path(cfg.job.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.schedule = Schedule.from_config(cfg)
+        self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                         log=self.log)
+        self.step = 0
+        self.tokens_seen = 0
+        self.loader: Loader | None = None
+        self.loader_key = ""  # which sources/weights the loader reads; its state only carries over if equal
+        self._pending_loader_state: tuple[str, bytes] | None = None
+        self.tokenizer = self._copy_tokenizer()
+        self.metrics: MetricsLogger | None = None
+        self.peak_flops = 0.0
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs. Loader and RNG states are opaque pickled blobs: DCP then
+        needs no knowledge of their structure to load them back."""
+        loader_state = self.loader.state_dict() if self.loader is not None else None
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        return {
+            "model": self.model.state_dict(),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
+                      "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng)},
+        }
+
+    def load_checkpoint(self, ckpt: SavedCheckpoint) -> None:
+        state = self.state_dict()
+        ckpt_io.load(ckpt.path, state)
+        self.model.load_state_dict(state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        train = state["train"]
+        self.step, self.tokens_seen = int(train["step"]), int(train["tokens_seen"])
+        # The loader for the next stage may read other sources; it is rebuilt in _enter_stage,
+        # which takes this state only if the sources match.
+        self.loader, self.loader_key = None, ""
+        self._pending_loader_state = (train["loader_key"], train["loader"])
+        rng = pickle.loads(train["rng"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint:
+        meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
+                "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
+                "config": config_to_dict(self.cfg)}
+        return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are slow without AVX-512 BF16
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch (fp32)."""
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        doc_ids = batch.doc_ids.to(self.device, non_blocking=True) if self.cfg.train.document_mask else None
+        with self._autocast():
+            if self.cfg.train.loss_chunks == 1:
+                return cross_entropy_sum(self.model(inputs, doc_ids=doc_ids), targets)
+            hidden = self.model.hidden(inputs, doc_ids=doc_ids)  # (B, S, dim)
+            return chunked_cross_entropy_sum(hidden, self.model.output.weight, targets,
+                                             chunks=self.cfg.train.loss_chunks)
+
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        lr = self.schedule.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        num_targets = sum(b.num_targets for b in micro_batches)
+        if num_targets == 0:
+            raise ValueError(f"step {self.step}: the batch has no target tokens (all -100); check the data")
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self.loss_sum(batch)
+            (loss / num_targets).backward()  # gradients accumulate as the mean over the whole batch
+            total += loss.detach()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = (total / num_targets).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss became {mean_loss} at step {self.step + 1}; restart from the last "
+                                     "checkpoint with a lower optim.lr or longer schedule.warmup_steps")
+        self.step += 1
+        tokens = sum(b.inputs.numel() for b in micro_batches)
+        self.tokens_seen += tokens
+        return StepResult(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer | None = None) -> float | None:
+        """Mean loss per target token on the held-out split (the same batches every time)."""
+        if not self.cfg.data.val:
+            return None
+        model = model or self.model
+        m = self.cfg.metrics
+        loader = self.loader_factory(self.cfg.data.val, weights=None, seq_len=self.cfg.val_seq_len,
+                                     batch_size=m.val_batch_size, seed=self.cfg.job.seed)
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for _ in range(m.val_batches):
+            b = loader.next_batch()
+            doc_ids = b.doc_ids.to(self.device) if self.cfg.train.document_mask else None
+            with self._autocast():
+                logits = model(b.inputs.to(self.device), doc_ids=doc_ids)
+            total += cross_entropy_sum(logits, b.targets.to(self.device)).item()
+            count += b.num_targets
+        model.train(was_training)
+        return total / max(count, 1)
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def _copy_tokenizer(self) -> Path | None:
+        if not self.cfg.data.tokenizer:
+            return None
+        src = Path(self.cfg.data.tokenizer)
+        if not src.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {src} not found (it is the tokenizer.model the shards "
+                                    "were made with)")
+        dst = self.out_dir / TOKENIZER_FILE
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            shutil.copy2(src, dst)
+        return dst
+
+    def _enter_stage(self, span: StageSpan) -> None:
+        stage = self.cfg.stages[span.index]
+        args = self.cfg.stage_args(span.index)
+        if args != self.model.args:  # context extension: a longer RoPE table, or a new theta / scaling
+            self.model.args = args
+            self.model.init_rope()
+        sources, weights = self._mix(span.index)
+        key = json.dumps([sources, weights])
+        if self.loader is None or key != self.loader_key:
+            shape = batch_shape(stage.ramp, self.tokens_seen)
+            # A new mix gets its own seed (job.seed + the index of the stage that introduced it),
+            # so a stage re-reading a source sees another order, and a restart rebuilds the same.
+            first = span.index
+            while first > 0 and self._mix(first - 1) == (sources, weights):
+                first -= 1
+            self.loader = self.loader_factory(sources, weights=weights, seq_len=shape.seq_len,
+                                              batch_size=shape.rows, seed=self.cfg.job.seed + first)
+            self.loader_key = key
+            if self._pending_loader_state is not None and self._pending_loader_state[0] == key:
+                self.loader.load_state_dict(pickle.loads(self._pending_loader_state[1]))
+        self._pending_loader_state = None
+
+    def _mix(self, index: int) -> tuple[list[str], list[float] | None]:
+        stage = self.cfg.stages[index]
+        if stage.train:
+            return list(stage.train), list(stage.weights) or None
+        return list(self.cfg.data.train), list(self.cfg.data.weights) or None
+
+    def _next_micro_batches(self, span: StageSpan) -> list[Batch]:
+        shape = batch_shape(self.cfg.stages[span.index].ramp, self.tokens_seen)
+        rows = micro_batch_rows(self.cfg.train.micro_batch_tokens, shape.seq_len, shape.rows)
+        assert shape.rows % rows == 0, (shape, rows)  # Config.validate checked the divisibility
+        return [self.loader.next_batch(batch_size=rows, seq_len=shape.seq_len) for _ in range(shape.rows // rows)]
+
+    def _resume(self) -> int:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return 0
+        saved = latest.meta.get("model_args", {})
+        now = dataclasses.asdict(self.cfg.stage_args(latest.meta.get("stage_index", 0)))
+        shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings")
+        if any(saved.get(k) != now[k] for k in shape_keys):
+            raise ValueError(f"the checkpoint {latest.path} holds a model of another shape "
+                             f"({ {k: saved.get(k) for k in shape_keys} }) than [model] now describes; "
+                             "use a new job.out_dir or restore the config")
+        self.load_checkpoint(latest)
+        self.log(f"resumed from {latest.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        return self.step
+
+    def fit(self) -> TrainResult:
+        t_start = time.perf_counter()
+        resumed_from = self._resume()
+        spans = self.schedule.spans
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.peak_flops = measure_matmul_peak(self.device, dtype)
+        self.log(f"{self.model.args.num_params():,} parameters on {self.device}; measured {dtype} matmul peak "
+                 f"{self.peak_flops / 1e9:,.1f} GFLOP/s; {self.schedule.total_steps} steps in "
+                 f"{len(spans)} stage(s): {', '.join(f'{s.name} ({s.steps})' for s in spans)}")
+        self.metrics = MetricsLogger(self.out_dir, self.cfg.metrics, total_steps=self.schedule.total_steps,
+                                     start_step=self.step, stage_bounds=[(s.name, s.start) for s in spans])
+        result = TrainResult(steps=0, tokens_seen=0, seconds=0.0, resumed_from=resumed_from)
+        try:
+            for span in spans:
+                result.stages.append(self._run_stage(span))
+        finally:
+            self.metrics.close()
+        result.steps, result.tokens_seen = self.step, self.tokens_seen
+        result.loss_plot = str(self.metrics.plot()) if self.cfg.metrics.plot else None
+        result.seconds = time.perf_counter() - t_start
+        return result
+
+    def _run_stage(self, span: StageSpan) -> StageResult:
+        stage = self.cfg.stages[span.index]
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        final = self.checkpointer.find_stage_final(span.name) if self.step >= span.end else None
+        if final is None:
+            if self.step < span.start:
+                raise AssertionError(f"stage {span.name} starts at step {span.start} but the run is at {self.step}")
+            if self.step == span.start and span.index > 0:
+                prev = self.schedule.spans[span.index - 1]
+                start_ckpt = self.checkpointer.find_stage_final(prev.name)
+                if start_ckpt is None:
+                    raise FileNotFoundError(f"stage {span.name} starts from stage {prev.name}'s final checkpoint, "
+                                            f"which is missing from {self.checkpointer.root}")
+                self.load_checkpoint(start_ckpt)
+                self.log(f"stage {span.name}: starting from {start_ckpt.path.name} (end of {prev.name})")
+            self._enter_stage(span)
+            last_loss = self._train_until(span)
+            val = self.evaluate()
+            if val is not None:
+                self.metrics.log_val(self.step, span.name, val)
+            final = self.save_checkpoint(span, final=True)
+        else:
+            last_loss, val = None, None
+        out = StageResult(name=span.name, steps=span.steps, tokens=self.tokens_seen - tokens0,
+                          seconds=time.perf_counter() - t0, final_loss=last_loss, val_loss=val,
+                          checkpoint=str(final.path))
+        averaged = self.out_dir / f"{span.name}-averaged"
+        if stage.average_last and (last_loss is not None or not averaged.is_dir()):
+            self._average(span, out, averaged)
+        elif stage.average_last:
+            out.averaged = str(averaged)
+        return out
+
+    def _train_until(self, span: StageSpan) -> float | None:
+        cfg, last = self.cfg, None
+        while self.step < span.end:
+            t = time.perf_counter()
+            micro = self._next_micro_batches(span)
+            r = self.train_step(micro)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t
+            seq_len = micro[0].inputs.shape[1]
+            tps = r.tokens / seconds
+            self.metrics.log_step(StepRecord(
+                step=self.step, stage=span.name, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
+                tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
+                mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds))
+            last = r.loss
+            if cfg.metrics.val_every and self.step % cfg.metrics.val_every == 0 and self.step < span.end:
+                val = self.evaluate()
+                if val is not None:
+                    self.metrics.log_val(self.step, span.name, val)
+            if self.step % cfg.checkpoint_every(span.index) == 0 and self.step < span.end:
+                self.save_checkpoint(span)
+        return last
+
+    def _average(self, span: StageSpan, out: StageResult, dst: Path) -> None:
+        n = self.cfg.stages[span.index].average_last
+        ckpts = self.checkpointer.stage_checkpoints(span.name)[-n:]
+        if len(ckpts) < n:
+            raise FileNotFoundError(f"stage {span.name}: {n} checkpoints to average but only steps "
+                                    f"{[c.step for c in ckpts]} are in {self.checkpointer.root}")
+        model = average_checkpoints([c.path for c in ckpts], self.model.args, device=self.device)
+        save_inference_model(model, dst, format="hf", tokenizer=self.tokenizer, overwrite=True)
+        out.averaged = str(dst)
+        out.averaged_val_loss = self.evaluate(model)
+        steps = ", ".join(str(c.step) for c in ckpts)
+        msg = f"stage {span.name}: averaged the checkpoints of steps {steps} into {dst}"
+        if out.averaged_val_loss is not None:
+            self.metrics.log_val(self.step, span.name, out.averaged_val_loss, name="averaged_val_loss")
+            msg += f" (validation loss {out.averaged_val_loss:.4f})"
+        self.log(msg)
