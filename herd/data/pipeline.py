@@ -26,6 +26,7 @@ Pipeline file:
     [[train]]                    # optional: classifiers trained before the run if missing
     model = "models/domain.bin"  # relative to output_dir; .bin fastText, .pt tiny transformer
     examples = [{label = "code", limit = 500, input = {type = "python_stdlib"}}, ...]
+                                 # a classify step with the same `model` string reads this file
 
     [[step]]                     # any step of herd.data.steps.STEPS, in order
     type = "extract"
@@ -133,6 +134,13 @@ class PipelineConfig:
                 train.append(TrainSpec(**t))
             except TypeError as e:
                 raise ValueError(f"[[train]]: {e}; keys: model, examples, kind, chunk_chars, options") from None
+        # A classify step naming a model that a [[train]] block writes reads it where training put it.
+        trained = {t.model for t in train}
+        out_dir = Path(p["output_dir"]).expanduser()
+        for step in steps:
+            model = getattr(step, "model", None)
+            if isinstance(model, str) and model in trained and not Path(model).expanduser().is_absolute():
+                step.model = str(out_dir / model)
         workers = int(p.get("workers", 1))
         if workers < 1:
             raise ValueError(f"[pipeline] workers must be >= 1, got {workers}")
@@ -293,6 +301,15 @@ class _Run:
 _CURRENT: _Run | None = None
 
 
+def _worker_init() -> None:
+    # Parallelism comes from the worker processes: a torch model inside one (the tiny classifier)
+    # must not also spawn intra-op threads, or N workers x N threads thrash the cores.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def _task(k: int, shard: int) -> None:
     assert _CURRENT is not None
     _CURRENT.run_task(k, shard)
@@ -428,7 +445,8 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
     plans: dict[str, Any] = {}
     global _CURRENT
     _CURRENT = run
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork")) if workers > 1 else None
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init)
+            if workers > 1 else None)
     try:
         for stage in run.stages:
             sdir = run.stage_dir(stage.index)
