@@ -4,7 +4,6 @@ import json
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -108,25 +107,19 @@ def test_killed_worker_pool_resumes_without_redoing_finished_shards(tmp_path, sm
     out = tmp_path / "out"
     kw = dict(tokenizer_path=small_tokenizer, max_tokens_per_shard=3000, batch_chars=2000)
 
-    def slow_docs():  # slow enough that the kill lands midway
+    def docs_with_a_kill():
+        # The parent thread both pulls documents and writes finished shards, so killing a worker
+        # from inside the document stream, two thirds in, lands mid-run deterministically (a
+        # timed killer thread raced the pool on a loaded machine). The pause lets the executor
+        # notice the dead worker before the next submission.
         for i, d in enumerate(docs):
-            if i % 10 == 0:
-                time.sleep(0.01)
+            if i == 2 * len(docs) // 3:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+                time.sleep(1.0)
             yield d
 
-    def kill_a_worker_once_shards_exist():
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if len(list(out.glob("shard_*.idx.npy"))) >= 3:
-                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
-                return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_a_worker_once_shards_exist)
-    killer.start()
     with pytest.raises(BrokenProcessPool):
-        tokenize_to_shards(slow_docs(), out, num_workers=2, **kw)
-    killer.join()
+        tokenize_to_shards(docs_with_a_kill(), out, num_workers=2, **kw)
 
     # Nothing corrupt under a final name, no meta.json, and the finished shards are on record.
     assert not (out / "meta.json").exists()
