@@ -425,7 +425,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         shutil.rmtree(out / "work")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "pipeline.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != cfg.raw:
+    if not fresh and config_path.exists() and json.loads(config_path.read_text()) != cfg.raw:
         raise ValueError(f"{out} holds a run of a different pipeline file; rerun with --fresh to start over, "
                          "or choose another output_dir")
     _atomic_json(config_path, cfg.raw)

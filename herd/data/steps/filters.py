@@ -392,18 +392,25 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 def kl_divergence(doc_counts: Counter, ref: dict[str, int], *, ref_total: int, oov_count: int,
                   alpha: float) -> float:
-    """KL(p_d || q) in nats. p_d: the document's token frequencies. q: the reference counts with
-    add-alpha smoothing over the reference vocabulary plus one out-of-vocabulary bucket that
-    pools every token the reference does not know (and the rare tokens it pooled itself)."""
+    """KL(p_d || q) in nats over the reference vocabulary plus one out-of-vocabulary symbol.
+
+    p_d: the document's token frequencies, with every token the reference does not know merged
+    into the OOV symbol. q: the reference counts with add-alpha smoothing; the OOV symbol's count
+    is what the reference pooled there (its own rare tokens)."""
     n = sum(doc_counts.values())
-    vocab = len(ref) + 1
-    denom = ref_total + oov_count + alpha * vocab
+    denom = ref_total + oov_count + alpha * (len(ref) + 1)
     kl = 0.0
+    oov = 0
     for tok, c in doc_counts.items():
-        p = c / n
         ref_count = ref.get(tok)
-        q = ((oov_count if ref_count is None else ref_count) + alpha) / denom
-        kl += p * math.log(p / q)
+        if ref_count is None:
+            oov += c
+            continue
+        p = c / n
+        kl += p * math.log(p / ((ref_count + alpha) / denom))
+    if oov:
+        p = oov / n
+        kl += p * math.log(p / ((oov_count + alpha) / denom))
     return kl
 
 

@@ -187,3 +187,21 @@ def test_mix_step_hits_the_target_shares(tmp_path, run_steps):
     n_general = len(out) - n_code
     assert 250 < n_general < 350  # rate 0.75 of 400 = 300 expected
     assert stats["mix"].dropped["mix_domain_not_weighted"] == 1
+
+
+def test_token_kl_per_language_reference_from_the_corpus(tmp_path, rng, run_steps):
+    from herd.data.steps.filters import TokenKL
+
+    en = "the cat sat on the mat and the dog sat on the rug".split()
+    fr = "le chat est sur le tapis et le chien est sur la natte".split()
+    docs = [Document(id=f"en{i}", text=" ".join(rng.choice(en) for _ in range(60)), metadata={"language": "en"})
+            for i in range(20)]
+    docs += [Document(id=f"fr{i}", text=" ".join(rng.choice(fr) for _ in range(60)), metadata={"language": "fr"})
+             for i in range(3)]
+    docs.append(Document(id="odd", text=" ".join(f"tok{i}" for i in range(60)), metadata={"language": "en"}))
+    # Per language, French is scored against French and passes; the page of unique tokens does not.
+    out, stats = run_steps(tmp_path / "a", docs, [TokenKL(by="language", min_tokens=50, max_kl=2.0)])
+    assert {d.id for d in out} == {d.id for d in docs} - {"odd"}
+    # One reference for all: the French minority now looks like outliers too.
+    out, stats = run_steps(tmp_path / "b", docs, [TokenKL(min_tokens=50, max_kl=2.0)])
+    assert {d.id for d in docs} - {d.id for d in out} == {"odd", "fr0", "fr1", "fr2"}
