@@ -34,7 +34,12 @@ def _load(opts):
 
     # CPU default fp32: bf16 matmuls are very slow on CPUs without AVX-512 BF16.
     dtype = _dtype(opts.dtype) if opts.dtype else (None if opts.device != "cpu" else _dtype("fp32"))
-    model = load_model(opts.path, dtype=dtype, device=opts.device, max_seq_len=opts.max_seq_len).eval()
+    from herd.quant import apply_cpu_kernels, is_quantized_checkpoint, load_quantized
+
+    load = load_quantized if is_quantized_checkpoint(opts.path) else load_model
+    model = load(opts.path, dtype=dtype, device=opts.device, max_seq_len=opts.max_seq_len).eval()
+    if opts.device == "cpu":
+        apply_cpu_kernels(model)  # fp32 decode GEMVs through herd's kernel (MKL's sgemv is slower)
     tokenizer = resolve_tokenizer(opts.path, opts.tokenizer, vocab_size=model.args.vocab_size)
     return model, tokenizer
 
@@ -184,6 +189,39 @@ def cmd_demo(opts) -> None:
     from herd.demo import run_demo
 
     run_demo(out_dir=Path(opts.out))
+
+
+def cmd_quantize(opts) -> None:
+    from herd.quant import QuantConfig, quantize_checkpoint
+
+    config = QuantConfig(opts.scheme, group_size=opts.group_size)
+    report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite)
+    print(f"quantized {len(report.modules)} linear layers to {report.scheme}: "
+          f"{report.bytes_before / 2**20:,.1f} MiB -> {report.bytes_after / 2**20:,.1f} MiB; wrote {opts.out}")
+
+
+def cmd_eval_perplexity(opts) -> None:
+    from herd.eval.perplexity import compare_schemes, held_out_wiki_text
+
+    if opts.text:
+        text, source = Path(opts.text).read_text(encoding="utf-8"), opts.text
+    else:
+        text, n_docs = held_out_wiki_text(opts.wiki, val_fraction=opts.val_fraction)
+        source = f"wikipedia-{opts.wiki}, {n_docs} held-out articles (val_fraction {opts.val_fraction})"
+    rows = compare_schemes(opts.path, text, schemes=opts.schemes, seq_len=opts.seq_len, stride=opts.stride,
+                           max_tokens=opts.max_tokens, group_size=opts.group_size, tokenizer_path=opts.tokenizer)
+    first = rows[0].result
+    if opts.json:
+        print(json.dumps({"text": source, "seq_len": opts.seq_len, "stride": opts.stride or opts.seq_len,
+                          "rows": [{"scheme": r.scheme, **dataclasses.asdict(r.result),
+                                    "delta_perplexity": r.delta_perplexity} for r in rows]}))
+        return
+    print(f"text: {source}; {first.num_tokens:,} tokens scored, {first.num_bytes:,} bytes; "
+          f"seq_len {opts.seq_len}, stride {opts.stride or opts.seq_len}")
+    print(f"{'scheme':<12}{'perplexity':>12}{'bits/byte':>11}{'change':>10}")
+    for r in rows:
+        change = "" if r.delta_perplexity is None else f"{100 * r.delta_perplexity:+.2f}%"
+        print(f"{r.scheme:<12}{r.result.perplexity:>12.3f}{r.result.bits_per_byte:>11.4f}{change:>10}")
 
 
 def cmd_train(opts) -> None:
@@ -469,6 +507,31 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+def _quantize_args(p):
+    p.add_argument("path", help="float checkpoint directory (HF or Meta)")
+    p.add_argument("out", help="directory to write (quant_config.json + model.safetensors + tokenizer)")
+    p.add_argument("--scheme", choices=("int8", "int4", "fp8"), required=True,
+                   help="int8: per-channel; int4: asymmetric groups; fp8: the paper's FFN-only row-wise rule")
+    p.add_argument("--group-size", type=int, default=64, help="int4 inputs per scale/min pair (default 64)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _eval_perplexity_args(p):
+    p.add_argument("path", help="checkpoint directory (float, or quantized by herd quantize)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
+    src.add_argument("--wiki", choices=("en", "fr", "es"), help="held-out Wikipedia lead paragraphs (embedded)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="the document split's held-out share (0.01)")
+    p.add_argument("--schemes", nargs="*", default=[], choices=("int8", "int4", "fp8"),
+                   help="also score the model quantized with each scheme and report the change")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size for --schemes")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, help="window step (default: seq-len, disjoint windows)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _train_args(p):
     p.add_argument("config", help="run config TOML (see configs/debug.toml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
@@ -653,6 +716,10 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "quantize": (cmd_quantize, "quantize a checkpoint to int8, int4 or FP8 (with scales, safetensors)",
+                 _quantize_args),
+    "eval perplexity": (cmd_eval_perplexity, "perplexity and bits/byte on a text, per quantization scheme",
+                        _eval_perplexity_args),
     "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
     "export": (cmd_export, "export a training checkpoint as an HF or Meta directory", _export_args),
     "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),
