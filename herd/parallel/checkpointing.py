@@ -2,9 +2,10 @@
 
 * full: keep only each block's input; the whole block is recomputed in backward (about one
   extra forward, ~33% more compute) and activation memory drops to one (B, S, dim) per layer.
-* selective: keep the outputs of matmuls and attention, recompute the cheap element-wise
-  work (norms, RoPE, SiLU, products). Most of the memory of the norm/activation tensors is
-  saved at a few percent of compute.
+* selective: keep the outputs of matmuls, attention and TP reduce-scatters, recompute the
+  cheap element-wise work (norms, RoPE, SiLU, products) and the all-gathers that feed the
+  projections. Most of the memory of the norm/activation tensors is saved at a few percent
+  of compute.
 
 Wrapping replaces `layers[i]` by a `CheckpointWrapper`, which adds `_checkpoint_wrapped_module`
 to parameter names; its state-dict hooks and DCP's state-dict helpers remove it again, so
@@ -31,6 +32,9 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_mm.default,
+    # TP's reduce-scatter ends each projection pair: keeping its (sequence-sharded) output
+    # avoids communicating again; the input all-gathers are recomputed.
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
 
 

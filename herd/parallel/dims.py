@@ -41,7 +41,8 @@ class ParallelDims:
             if self.world_size % others != 0:
                 raise ValueError(
                     f"world size {self.world_size} is not divisible by dp_replicate*cp*tp*pp = {others}; "
-                    f"choose degrees whose product divides the number of processes"
+                    f"choose degrees whose product divides the number of processes, or launch a multiple of "
+                    f"{others} (torchrun --nproc-per-node {others})"
                 )
             object.__setattr__(self, "dp_shard", self.world_size // others)
         elif self.dp_shard < 1:

@@ -102,6 +102,7 @@ class ParallelModel:
         self.loss_fn = loss_fn
         self.schedule = None
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
+        self._merged: nn.Module | None = None
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -117,17 +118,24 @@ class ParallelModel:
     def has_last_stage(self) -> bool:
         return self.dims.pp * max(len(self.stage_ids), 1) - 1 in self.stage_ids
 
+    @property
+    def module(self) -> nn.Module:
+        """One module holding every local parameter under the full model's names.
+
+        For optimizers and checkpoints (`state_dict`, DCP's `get_optimizer_state_dict`), not
+        for forward: with several pipeline stages on a rank it is a container of their parts.
+        """
+        if len(self.parts) == 1:
+            return self.parts[0]
+        if self._merged is None:
+            self._merged = _LocalParts(self.parts)
+        return self._merged
+
     def parameters(self) -> Iterator[nn.Parameter]:
-        for part in self.parts:
-            yield from part.parameters()
+        return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        seen = set()
-        for part in self.parts:
-            for name, p in part.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield name, p
+        return self.module.named_parameters()
 
     def train(self, mode: bool = True) -> ParallelModel:
         for part in self.parts:
@@ -254,6 +262,24 @@ class ParallelModel:
             norm = sq.sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
+
+
+class _LocalParts(nn.Module):
+    """Several pipeline stages of one rank seen as one module with the full model's names."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for part in parts:
+            for name, block in part.layers.items():
+                self.layers[name] = block
+            for attr in ("tok_embeddings", "norm", "output"):
+                if getattr(part, attr, None) is not None:
+                    setattr(self, attr, getattr(part, attr))
+        self.layers = nn.ModuleDict(sorted(self.layers.items(), key=lambda kv: int(kv[0])))
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a rank's pipeline stages run through ParallelModel.forward_backward, not forward")
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

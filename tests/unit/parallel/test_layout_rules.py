@@ -1,0 +1,128 @@
+"""Single-process checks of the pieces the spawned tests compose: TP plan, pipeline cuts,
+zig-zag chunks, AC and float8 conversion, and the errors for layouts that cannot work."""
+
+import fnmatch
+
+import pytest
+import torch
+from torch import nn
+
+from herd.model import ModelArgs
+from herd.model.llama import Transformer, build_model
+from herd.parallel import ParallelConfig, parallelize
+from herd.parallel.context import local_slots, zigzag_chunks
+from herd.parallel.pipeline import check_pp, layer_split, split_model, stage_ids, stages_per_rank
+from herd.parallel.tensor import check_tp, llama_tp_plan
+
+ARGS = ModelArgs.from_name("debug", n_layers=4)
+
+
+def _meta(args=ARGS):
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+def test_tp_plan_covers_every_linear_and_every_pattern_matches():
+    model = _meta()
+    names = [n for n, _ in model.named_modules() if n]
+    plan = llama_tp_plan()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            assert any(fnmatch.fnmatchcase(name, p) and name.count(".") == p.count(".") for p in plan), name
+    for pattern in plan:
+        assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
+
+
+def test_tp_errors_are_gqa_aware():
+    llama8b = ModelArgs.from_name("llama3-8b")
+    check_tp(llama8b, 8)
+    with pytest.raises(ValueError, match=r"n_kv_heads=8.*whole KV heads.*use parallel.tp in \[1, 2, 4, 8\]"):
+        check_tp(llama8b, 16)
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_tp(ARGS.replace(vocab_size=255), 2)
+
+
+def test_layer_split_is_contiguous_and_even():
+    assert layer_split(126, 16)[0] == range(0, 7) and len(layer_split(126, 16)[1]) == 8
+    assert [len(r) for r in layer_split(10, 4)] == [2, 3, 3, 2]
+    ranges = layer_split(7, 3)
+    assert [i for r in ranges for i in r] == list(range(7))
+    with pytest.raises(ValueError, match="at least 5 layers"):
+        layer_split(4, 5)
+
+
+def test_stage_assignment_per_schedule():
+    assert stages_per_rank("1F1B") == 1 and stages_per_rank("ZBVZeroBubble") == 2
+    assert stages_per_rank("Interleaved1F1B", 3) == 3
+    assert stage_ids(1, 4, "Interleaved1F1B", 2) == [1, 5]  # loop
+    assert stage_ids(1, 4, "ZBVZeroBubble", 2) == [1, 6]  # V
+    with pytest.raises(ValueError, match="one stage per rank"):
+        stages_per_rank("GPipe", 2)
+    with pytest.raises(ValueError, match="unknown pipeline schedule"):
+        stages_per_rank("DualPipe")
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
+def test_pipeline_stages_partition_the_parameters_under_their_full_names(schedule):
+    full = {n for n, _ in _meta().named_parameters()}
+    seen: list[str] = []
+    n = stages_per_rank(schedule)
+    for rank in range(2):
+        for _, stage in split_model(_meta(), pp_rank=rank, pp=2, schedule=schedule, n_per_rank=n):
+            seen += [name for name, _ in stage.named_parameters()]
+    assert sorted(seen) == sorted(full)  # every parameter exactly once, names unchanged
+
+
+def test_pipeline_rejects_tied_embeddings():
+    with pytest.raises(ValueError, match="tied embedding"):
+        check_pp(ARGS.replace(tie_embeddings=True), 2, 1)
+
+
+def test_zigzag_pairs_an_early_and_a_late_chunk():
+    assert [zigzag_chunks(r, 4) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    slots = torch.cat([local_slots(16, r, 2) for r in range(2)])
+    assert slots.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="multiple of 2\\*cp = 4"):
+        local_slots(18, 0, 2)
+
+
+def test_distributed_layouts_need_a_process_group():
+    with pytest.raises(ValueError, match="torchrun"):
+        parallelize(_meta(), ParallelConfig(tp=2), None)
+    with pytest.raises(ValueError, match="param_dtype"):
+        parallelize(_meta(), ParallelConfig(param_dtype="bfloat16"), None)
+
+
+def _run(config: ParallelConfig, state, inputs, targets):
+    pm = parallelize(_meta(), config, None)
+    pm.load_full_state_dict(state, device="cpu")
+    loss = pm.forward_backward(inputs, targets).loss
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in pm.named_parameters()}
+    return pm, float(loss), grads
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing_but_memory(ac):
+    state = build_model(ARGS, seed=0).state_dict()
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
+    _, loss, grads = _run(ParallelConfig(), state, inputs, targets)
+    pm, loss_ac, grads_ac = _run(ParallelConfig(ac=ac), state, inputs, targets)
+    assert type(pm.parts[0].layers["0"]).__name__ == "CheckpointWrapper"
+    assert set(pm.module.state_dict()) == set(state)  # checkpoints keep the plain names
+    assert loss_ac == loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ac[name], grad, rtol=0, atol=1e-6)
+
+
+def test_float8_converts_all_but_the_output_head():
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+
+    state = build_model(ARGS, seed=0).state_dict()
+    inputs = torch.randint(0, 256, (2, 16))
+    pm, loss8, _ = _run(ParallelConfig(float8="rowwise", float8_emulate=True), state, inputs, inputs)
+    converted = {n for n, m in pm.module.named_modules() if isinstance(m, Float8Linear)}
+    assert len(converted) == 7 * ARGS.n_layers and "output" not in converted
+    _, loss, _ = _run(ParallelConfig(), state, inputs, inputs)
+    assert loss8 != loss and abs(loss8 - loss) < 1e-2  # float8 rounding, not a different model
