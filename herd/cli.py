@@ -191,6 +191,20 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out))
 
 
+def cmd_plan(opts) -> None:
+    from herd.model import ModelArgs
+    from herd.parallel.plan import Layout, format_plan, parse_count, plan
+
+    layout = Layout(gpus=opts.gpus, tp=opts.tp, cp=opts.cp, pp=opts.pp, seq_len=opts.seq,
+                    global_batch_tokens=parse_count(opts.gbs_tokens), micro_batch=opts.micro_batch, ac=opts.ac,
+                    pp_schedule=opts.pp_schedule)
+    p = plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
+    if opts.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return
+    print(format_plan(p, mfu=opts.mfu, peak_flops=opts.peak_tflops * 1e12, gpu_memory_gib=opts.gpu_memory_gib))
+
+
 def cmd_quantize(opts) -> None:
     from herd.quant import QuantConfig, quantize_checkpoint
 
@@ -507,6 +521,25 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
 
 
+def _plan_args(p):
+    p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--seq", type=int, required=True, help="sequence length in tokens")
+    p.add_argument("--gbs-tokens", required=True, help="global batch in tokens; K/M/G are powers of 1024 (16M)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per pipeline microbatch")
+    p.add_argument("--pp-schedule", default="1F1B", help="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
+                   "ZBVZeroBubble")
+    p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
+                   help="activation checkpointing for FLOPs and traffic (memory is shown for all three)")
+    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM dense bf16: 989)")
+    p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
 def _quantize_args(p):
     p.add_argument("path", help="float checkpoint directory (HF or Meta)")
     p.add_argument("out", help="directory to write (quant_config.json + model.safetensors + tokenizer)")
@@ -716,6 +749,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+    "plan": (cmd_plan, "size a parallel training layout: memory per GPU, step FLOPs, traffic", _plan_args),
     "quantize": (cmd_quantize, "quantize a checkpoint to int8, int4 or FP8 (with scales, safetensors)",
                  _quantize_args),
     "eval perplexity": (cmd_eval_perplexity, "perplexity and bits/byte on a text, per quantization scheme",

@@ -99,6 +99,9 @@ def quantize(model: Transformer, config: QuantConfig) -> QuantReport:
     if any(isinstance(m, QUANTIZED_TYPES) for m in model.modules()):
         raise ValueError("this model is already quantized; quantize the float checkpoint instead")
     names = modules_to_quantize(model, config.scheme)
+    if not names:
+        raise ValueError(f"{config.scheme} leaves this {model.args.n_layers}-layer model unchanged: it quantizes only "
+                         "the feed-forward layers of blocks 1..n-2 (the paper's rule), so it needs >= 3 layers")
     before = after = 0
     for name in names:
         linear = model.get_submodule(name)

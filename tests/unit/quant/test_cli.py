@@ -1,0 +1,63 @@
+"""`herd quantize` and `herd eval perplexity` on a tiny checkpoint with the real Llama 3 vocabulary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import herd
+from herd.cli import main
+from herd.eval.perplexity import perplexity
+from herd.model import ModelArgs, build_model
+from herd.quant import load_quantized
+from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+
+TEXT = "Llamas are domesticated South American camelids, widely used as meat and pack animals. " * 6
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64,
+                     max_seq_len=256, tie_embeddings=True)
+    path = tmp_path_factory.mktemp("qcli") / "hf"
+    herd.save_model(build_model(args, seed=5), path, format="hf")
+    return path
+
+
+def test_quantize_writes_a_loadable_checkpoint(ckpt, tmp_path, capsys):
+    assert main(["quantize", str(ckpt), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized 22 linear layers to int4" in out  # 3 blocks x 7 + the head
+    cfg = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert cfg["scheme"] == "int4" and cfg["group_size"] == 32
+    assert load_quantized(tmp_path / "q").output.group_size == 32
+    assert main(["generate", str(tmp_path / "q"), "--prompt", "Hi", "--max-new-tokens", "2",
+                 "--temperature", "0"]) == 0
+
+
+def test_quantize_user_errors(ckpt, tmp_path, capsys):
+    assert main(["quantize", str(ckpt), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "q"), "--scheme", "int8"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_perplexity_reports_each_scheme(ckpt, tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT)
+    assert main(["eval", "perplexity", str(ckpt), "--text", str(text_file), "--schemes", "int8", "fp8",
+                 "--seq-len", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["scheme"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "int8", "fp8"]
+    # The float row is the library's number on the same tokens.
+    tok = Tokenizer.from_file(llama3_tokenizer_path())
+    ref = perplexity(herd.load_model(ckpt, dtype=torch.float32).eval(), TEXT, tokenizer=tok, seq_len=64)
+    assert rows["none"]["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
+    assert rows["none"]["bits_per_byte"] == pytest.approx(ref.bits_per_byte, rel=1e-6)
+    assert rows["none"]["delta_perplexity"] is None
+    assert rows["int8"]["delta_perplexity"] != 0 and abs(rows["int8"]["delta_perplexity"]) < 0.05
+    assert main(["eval", "perplexity", str(ckpt), "--text", str(text_file), "--seq-len", "64"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
