@@ -360,3 +360,55 @@ def plan(args: ModelArgs, layout: Layout, *, model: str = "") -> Plan:
         memory_no_ac=_memory(args, layout, "none"), memory_full_ac=_memory(args, layout, "full"),
         memory_selective_ac=_memory(args, layout, "selective"), memory=_memory(args, layout, layout.ac), comm=comm,
     )
+
+
+# ---- presentation ----------------------------------------------------------------------------
+
+
+def parse_count(text: str) -> int:
+    """'16M' -> 16 * 2**20. K, M, G are powers of 1024: the paper's 16M tokens are 2,048 x 8,192."""
+    t = text.strip().upper().replace(",", "").replace("_", "")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(t[-1:], 1)
+    number = t[:-1] if mult > 1 else t
+    try:
+        value = float(number) * mult
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a count; use e.g. 16M, 8192 or 4.5K") from None
+    if value != int(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number of tokens")
+    return int(value)
+
+
+def format_plan(p: Plan, *, mfu: float, peak_flops: float = H100_BF16_PEAK, gpu_memory_gib: float | None = None) -> str:
+    L = p.layout
+
+    def gib(x: float) -> str:
+        return f"{x / GiB:,.1f}"
+
+    mems = (("none", p.memory_no_ac), ("selective", p.memory_selective_ac), ("full", p.memory_full_ac))
+    lines = [
+        f"{'model':>16}  {p.model or '-'} ({p.num_params:,} parameters)",
+        f"{'layout':>16}  {L.gpus:,} GPUs = tp {L.tp} x cp {L.cp} x pp {L.pp} x dp {p.dp}",
+        f"{'batch':>16}  {L.global_batch_tokens:,} tokens = {L.sequences:,} x {L.seq_len:,}; {p.sequences_per_dp} "
+        f"per dp rank in {p.microbatches} microbatch(es) of {L.micro_batch}{' (' + L.pp_schedule + ')' if L.pp > 1 else ''}",
+        f"{'memory / GPU':>16}  GiB on the busiest pipeline rank ({p.memory_no_ac.stage}), by activation checkpointing:",
+        f"{'':>16}  {'':<12}" + "".join(f"{m:>11}" for m, _ in mems),
+    ]
+    for field_name in ("params", "grads", "optimizer", "activations", "logits", "total"):
+        label = {"params": "parameters", "grads": "gradients"}.get(field_name, field_name)
+        lines.append(f"{'':>16}  {label:<12}" + "".join(f"{gib(getattr(m, field_name)):>11}" for _, m in mems))
+    if gpu_memory_gib is not None:
+        fits = [m for m, mem in mems if mem.total / GiB <= gpu_memory_gib]
+        lines.append(f"{'':>16}  fits in {gpu_memory_gib:g} GiB with AC: {', '.join(fits) or 'none of these'} "
+                     "(allocator, workspaces and NCCL buffers not counted)")
+    seconds = p.step_seconds(mfu=mfu, peak_flops=peak_flops)
+    lines += [
+        f"{'step FLOPs':>16}  {p.step_flops:.3e} ({p.flops_per_token / 1e9:,.1f} GFLOP/token), "
+        f"{p.flops_per_gpu / 1e12:,.0f} TFLOP per GPU"
+        + (f" ({p.hardware_flops_per_gpu / 1e12:,.0f} executed with {L.ac} AC)" if L.ac == "full" else ""),
+        f"{'at ' + format(mfu, '.0%') + ' MFU':>16}  {seconds:,.2f} s/step, {L.global_batch_tokens / seconds / L.gpus:,.0f} "
+        f"tokens/s/GPU ({mfu * peak_flops / 1e12:,.0f} TFLOP/s of {peak_flops / 1e12:,.0f} peak)",
+        f"{'traffic / GPU':>16}  per step, first pipeline rank: "
+        + ", ".join(f"{k} {v / GiB:,.2f} GiB" for k, v in p.comm.items() if k != "loss"),
+    ]
+    return "\n".join(lines)
