@@ -278,16 +278,23 @@ class WikipediaReader(Reader):
     topics: list[str] | None = None
     exclude_topics: list[str] | None = None
     limit: int | None = None
+    parts: int = 4  # units per language, so one language's ~10k articles spread over shards
 
     def units(self) -> list[str]:
-        return list(self.languages)
+        if self.limit is not None:  # a limit counts from the start of each language
+            return list(self.languages)
+        return [f"{lang}:{k}" for lang in self.languages for k in range(self.parts)]
 
     def read(self, unit: str) -> Iterator[Document]:
         from herd.data.corpora import wikipedia_leads
 
-        topics = _wiki_topics(unit) if (self.topics or self.exclude_topics) else {}
+        lang, _, part = unit.partition(":")
+        k = int(part) if part else None
+        topics = _wiki_topics(lang) if (self.topics or self.exclude_topics) else {}
         n = 0
-        for d in wikipedia_leads(unit):
+        for i, d in enumerate(wikipedia_leads(lang)):
+            if k is not None and i % self.parts != k:
+                continue
             title = d.id.split("/", 1)[1]
             topic = topics.get(title, "")
             if (self.topics and topic not in self.topics) or (self.exclude_topics and topic in self.exclude_topics):
@@ -295,8 +302,8 @@ class WikipediaReader(Reader):
             if self.limit is not None and n >= self.limit:
                 return
             n += 1
-            yield Document(id=d.id, text=d.text, url=f"https://{unit}.wikipedia.org/wiki/{title.replace(' ', '_')}",
-                           metadata={"source": self.name, "wiki_lang": unit})
+            yield Document(id=d.id, text=d.text, url=f"https://{lang}.wikipedia.org/wiki/{title.replace(' ', '_')}",
+                           metadata={"source": self.name, "wiki_lang": lang})
 
 
 @dataclass
@@ -306,15 +313,17 @@ class PythonStdlibReader(Reader):
     type: ClassVar[str] = "python_stdlib"
     name: str = "python_stdlib"
     limit: int | None = None
+    parts: int = 4
 
     def units(self) -> list[str]:
-        return ["stdlib"]
+        return [str(k) for k in range(self.parts)]
 
     def read(self, unit: str) -> Iterator[Document]:
         from herd.data.corpora import python_stdlib_sources
 
-        for d in python_stdlib_sources(limit=self.limit):
-            yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text"})
+        for i, d in enumerate(python_stdlib_sources(limit=self.limit)):
+            if i % self.parts == int(unit):
+                yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text"})
 
 
 READERS: dict[str, type[Reader]] = {
