@@ -183,9 +183,9 @@ def test_stop_cancels_what_is_left(model):
 
 
 def test_compiled_engine_equals_eager(model, monkeypatch):
-    # aot_eager traces the same fixed-shape graph as inductor without generating code (seconds,
-    # not minutes); inductor itself is checked in tests/unit/generate/test_compiled.py.
-    monkeypatch.setattr(engine_module, "CompiledDecoder", partial(CompiledDecoder, backend="aot_eager"))
+    # The "eager" backend captures the same fixed-shape graph (fullgraph: no breaks) and runs it
+    # without compiling it; inductor itself is checked in tests/unit/generate/test_compiled.py.
+    monkeypatch.setattr(engine_module, "CompiledDecoder", partial(CompiledDecoder, backend="eager"))
     prompts = _prompts(3, seed=5)
     engine = Engine(model, max_batch=2, max_queue=4, max_seq_len=48, compile=True)
     handles = [engine.submit(Request(p, 10)) for p in prompts]
