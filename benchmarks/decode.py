@@ -1,19 +1,33 @@
-"""Decode and prefill speed of herd vs HF transformers, against this machine's own rooflines.
+"""Decode and prefill speed of herd (fp32, int8, int4) vs HF transformers and llama.cpp, on rooflines.
 
-Everything is measured in the same run because these machines are noisy: herd and HF are
-interleaved repetition by repetition, and the rooflines come from the same process.
+Everything is measured in the same run because these machines are noisy: every engine is
+timed once per repetition, in turn, and the medians are reported; the rooflines come from the
+same process.
 
 * memory read bandwidth: best of a streaming sum and a large fp32 GEMV over 1 GiB
 * fp32 matmul peak: best of large square fp32 matmuls
 * decode tok/s: (time of generating 1 + N tokens - time of generating 1 token) / N, greedy,
-  batch 1, through each library's own generate API (what users call)
+  batch 1. herd and HF through their generate APIs (what users call); llama.cpp through
+  llama-cpp-python's `eval` (prefill, then one token at a time, greedy on its logits)
 * prefill tok/s: prompt length / time of generating 1 token
 
-Roofline fractions: decode reads every matmul weight once per token (all layers plus the
-output head; the embedding lookup reads one row), so its bound is bandwidth / weight bytes.
-Prefill is compute bound: its bound is (prefill FLOPs) / matmul peak.
+Roofline fractions: decode reads every matmul weight once per token (all layers plus the output
+head, in whatever format the engine stores them; the embedding lookup reads one row), so its
+bound is bandwidth / those bytes. Prefill is compute bound: (prefill FLOPs) / matmul peak.
 
-    python benchmarks/decode.py                 # Llama-3.2-1B-shaped random fp32 model
+Engines: herd fp32 with its AVX2 GEMV kernel (`apply_cpu_kernels`), herd int8 and int4
+(`quantize`, group 64), HF transformers fp32, and with --llamacpp llama.cpp at F32, Q8_0 and
+Q4_0 on the *same* weights as herd, converted to GGUF with the `gguf` package (cached in
+--gguf-dir). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
+compiles llama.cpp from source, which takes 20+ minutes on 2 cores.
+
+Quality cost: a random model has no meaningful perplexity, so each quantized engine is
+compared with herd fp32 on the prompt's next-token distributions: mean KL(fp32 || quantized)
+and how often the argmax agrees. (`herd eval perplexity` measures the perplexity change on
+real text for trained checkpoints.)
+
+    python benchmarks/decode.py                 # Llama-3.2-1B-shaped random model
+    python benchmarks/decode.py --llamacpp      # ... and llama.cpp F32 / Q8_0 / Q4_0
     python benchmarks/decode.py --layers 4      # quicker smoke run
 
 The last line printed is one JSON object with every figure.
@@ -22,14 +36,26 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
+import importlib.util
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from herd.generate import SamplingParams, generate
 from herd.model import ModelArgs, build_model
+from herd.model.rope import precompute_freqs_cis
+from herd.quant import QuantConfig, apply_cpu_kernels, quantize
+from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
 
 
 def best_time(fn, reps: int) -> float:
@@ -80,6 +106,174 @@ def build_hf(args: ModelArgs):
     return model
 
 
+def matmul_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every matmul weight (codes + scales for quantized layers): what decode reads."""
+    kinds = (torch.nn.Linear, Int8Linear, Int4Linear, Fp8Linear)
+    total = 0
+    for m in model.modules():
+        if isinstance(m, kinds):
+            total += sum(t.numel() * t.element_size() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    return total
+
+
+def quantized_copy(args: ModelArgs, scheme: str, group_size: int, share_embedding: torch.nn.Parameter):
+    """The benchmark's weights (seed 0), quantized; the float embedding is shared, not copied."""
+    model = build_model(args, seed=0).eval()
+    quantize(model, QuantConfig(scheme, group_size=group_size))
+    model.tok_embeddings.weight = share_embedding  # identical values; saves 1 GB per copy
+    gc.collect()
+    return model
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------
+
+LLAMACPP_TYPES = ("F32", "Q8_0", "Q4_0")
+
+
+def ensure_llamacpp() -> None:
+    missing = [p for p, mod in (("llama-cpp-python", "llama_cpp"), ("gguf", "gguf"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        print(f"--llamacpp: installing {' '.join(missing)} with pip; llama-cpp-python compiles llama.cpp from "
+              "source (20+ minutes on 2 cores)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
+
+
+def _llama3_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens, token types and merges of the Llama 3 tokenizer, from the HF tokenizer.json that
+    ships with herd's demo extra; llama.cpp refuses a GGUF without a vocabulary."""
+    import gguf
+
+    from herd.tokenizer import llama3_tokenizer_path
+
+    data = json.loads((Path(llama3_tokenizer_path()).parent / "tokenizer.json").read_text())
+    tokens = [""] * vocab_size
+    types = [gguf.TokenType.NORMAL] * vocab_size
+    for piece, i in data["model"]["vocab"].items():
+        tokens[i] = piece
+    for added in data["added_tokens"]:
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return tokens, [int(t) for t in types], merges
+
+
+def write_gguf(model, path: Path, qtype: str) -> None:
+    """The herd model's weights as a llama.cpp GGUF file; 2-D matmul weights in `qtype`.
+
+    herd's q/k rows are already in Meta's interleaved-pair order, which is what llama.cpp's
+    LLaMA RoPE expects (its HF converter undoes HF's permutation to get there). The 3.1 RoPE
+    scaling becomes `rope_freqs`, the per-frequency divisors llama.cpp applies.
+    """
+    import gguf
+    import numpy as np
+
+    a = model.args
+    assert a.tie_embeddings, "the benchmark model is the tied 3.2-1B shape"
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_block_count(a.n_layers)
+    w.add_feed_forward_length(a.ffn_hidden_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_key_length(a.head_dim)
+    w.add_value_length(a.head_dim)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    w.add_vocab_size(a.vocab_size)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
+    tokens, types, merges = _llama3_vocab(a.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(128000)
+    w.add_eos_token_id(128001)
+
+    # Scaled frequencies / unscaled ones, per pair: llama.cpp divides each angle by this factor.
+    unscaled = precompute_freqs_cis(a.head_dim, 2, a.rope_theta, None).angle()[1]
+    scaled = precompute_freqs_cis(a.head_dim, 2, a.rope_theta, a.rope_scaling).angle()[1]
+    w.add_tensor("rope_freqs.weight", (unscaled / scaled).float().numpy())
+
+    def add(name: str, t: torch.Tensor) -> None:
+        x = t.detach().float().contiguous().numpy()
+        if x.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, x.astype(np.float32))
+
+    add("token_embd.weight", model.tok_embeddings.weight)  # tied: also the output head
+    add("output_norm.weight", model.norm.weight)
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+             "feed_forward.w3": "ffn_up"}
+    for i, layer in model.layers.items():
+        add(f"blk.{i}.attn_norm.weight", layer.attention_norm.weight)
+        add(f"blk.{i}.ffn_norm.weight", layer.ffn_norm.weight)
+        for src, dst in names.items():
+            add(f"blk.{i}.{dst}.weight", layer.get_submodule(src).weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_matmul_bytes(path: Path) -> int:
+    """Bytes of the GGUF's 2-D weights (token_embd is the tied output head, read every token)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2 or t.name == "token_embd.weight")
+
+
+def llamacpp_models(model, gguf_dir: Path, n_ctx: int, threads: int) -> dict[str, tuple]:
+    from llama_cpp import Llama
+
+    a = model.args
+    tag = hashlib.sha256(repr((a, "seed0")).encode()).hexdigest()[:10]
+    out = {}
+    for qtype in LLAMACPP_TYPES:
+        path = gguf_dir / f"bench-{tag}-{qtype}.gguf"
+        if not path.is_file():
+            gguf_dir.mkdir(parents=True, exist_ok=True)
+            print(f"writing {path} ...", flush=True)
+            tmp = path.with_suffix(".tmp")
+            write_gguf(model, tmp, qtype)
+            os.replace(tmp, path)
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                    logits_all=True, verbose=False)
+        out[qtype] = (llm, gguf_matmul_bytes(path))
+    return out
+
+
+def llamacpp_runner(llm, prompt: list[int]) -> Callable[[int], None]:
+    import numpy as np
+
+    def run(n: int) -> None:
+        llm.reset()
+        llm.eval(prompt)  # prefill; its last row of logits gives the first new token
+        for _ in range(n - 1):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+
+    return run
+
+
+# ---- quality ---------------------------------------------------------------------------------
+
+
+def divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref || other) over positions, and the share of positions whose argmax agrees."""
+    kl = F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return float(kl.mean()), float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (default: the 1B's 16)")
@@ -87,80 +281,133 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp F32/Q8_0/Q4_0 (installs it if missing)")
+    ap.add_argument("--gguf-dir", default="runs/bench-gguf", help="where converted GGUF files are cached")
     opts = ap.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
 
     args = ModelArgs.from_name("llama3.2-1b", max_seq_len=4096)
     if opts.layers:
         args = args.replace(n_layers=opts.layers)
-    print(f"model: llama3.2-1b shape, {args.n_layers} layers, {args.num_params() / 1e9:.3f} B params, fp32, "
-          f"{torch.get_num_threads()} threads")
+    print(f"model: llama3.2-1b shape, {args.n_layers} layers, {args.num_params() / 1e9:.3f} B params, "
+          f"{threads} threads")
+    if opts.llamacpp:
+        ensure_llamacpp()
     bw, peak = memory_bandwidth_gb_s(), matmul_peak_gflop_s()
     print(f"machine: read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.1f} GFLOP/s")
 
-    herd_model = build_model(args, seed=0).eval()
+    fp32 = build_model(args, seed=0).eval()
+    kernel_layers = apply_cpu_kernels(fp32)
+    print(f"herd fp32: {kernel_layers} linear layers on herd's GEMV kernel")
+    engines: dict[str, dict] = {
+        "herd_fp32": {"model": fp32},
+        "herd_int8": {"model": quantized_copy(args, "int8", opts.group_size, fp32.tok_embeddings.weight)},
+        "herd_int4": {"model": quantized_copy(args, "int4", opts.group_size, fp32.tok_embeddings.weight)},
+    }
+    for e in engines.values():
+        e["bytes"] = matmul_bytes(e["model"])
     hf_model = build_hf(args)
+    engines["hf_fp32"] = {"model": hf_model, "bytes": engines["herd_fp32"]["bytes"]}
     prompt = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(2))
     greedy = SamplingParams(temperature=0.0)
 
-    def run_herd(n: int) -> None:
-        generate(herd_model, prompt.tolist(), max_new_tokens=n, sampling=greedy)
+    with torch.inference_mode():
+        ref_logits = fp32(prompt)[0]  # (S, V)
+        for name in ("herd_int8", "herd_int4"):
+            engines[name]["kl"], engines[name]["top1"] = divergence(ref_logits, engines[name]["model"](prompt)[0])
+
+    def herd_runner(model):
+        return lambda n: generate(model, prompt.tolist(), max_new_tokens=n, sampling=greedy)
 
     def run_hf(n: int) -> None:
         with torch.inference_mode():
             hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)
 
-    run_herd(2)  # warm up both (first calls allocate and pick kernels)
-    run_hf(2)
-    times: dict[str, list[float]] = {k: [] for k in ("herd_1", "herd_n", "hf_1", "hf_n")}
+    for name in ("herd_fp32", "herd_int8", "herd_int4"):
+        engines[name]["run"] = herd_runner(engines[name]["model"])
+    engines["hf_fp32"]["run"] = run_hf
+
+    if opts.llamacpp:
+        n_ctx = opts.prompt_len + opts.new_tokens + 8
+        for qtype, (llm, nbytes) in llamacpp_models(fp32, Path(opts.gguf_dir), n_ctx, threads).items():
+            name = f"llamacpp_{qtype.lower()}"
+            engines[name] = {"run": llamacpp_runner(llm, prompt[0].tolist()), "bytes": nbytes}
+            llm.reset()
+            llm.eval(prompt[0].tolist())
+            logits = torch.from_numpy(llm.scores[: opts.prompt_len].copy()).float()
+            engines[name]["kl"], engines[name]["top1"] = divergence(ref_logits, logits)
+    del ref_logits
+
+    for e in engines.values():
+        e["run"](2)  # warm up (first calls allocate, pick kernels, fault in mmap'd weights)
+        e["t1"], e["tn"] = [], []
     n = 1 + opts.new_tokens
     for _ in range(opts.reps):
-        for name, fn in (("herd", run_herd), ("hf", run_hf)):
-            t = time.perf_counter(); fn(1); times[f"{name}_1"].append(time.perf_counter() - t)  # noqa: E702
-            t = time.perf_counter(); fn(n); times[f"{name}_n"].append(time.perf_counter() - t)  # noqa: E702
+        for e in engines.values():
+            t = time.perf_counter(); e["run"](1); e["t1"].append(time.perf_counter() - t)  # noqa: E702
+            t = time.perf_counter(); e["run"](n); e["tn"].append(time.perf_counter() - t)  # noqa: E702
 
-    def rates(name: str) -> tuple[float, float]:
-        t1, tn = statistics.median(times[f"{name}_1"]), statistics.median(times[f"{name}_n"])
-        if tn <= t1:
-            raise SystemExit(f"{name}: generating {n} tokens was not slower than 1 ({tn:.3f} s vs {t1:.3f} s); "
-                             "the machine is too noisy, raise --new-tokens or --reps")
-        return opts.prompt_len / t1, opts.new_tokens / (tn - t1)
-
-    herd_prefill, herd_decode = rates("herd")
-    hf_prefill, hf_decode = rates("hf")
-
-    # Rooflines. Decode reads all matmul weights (the output head too; tied or not it is read).
-    weight_bytes = (args.num_params(embeddings=False) + args.vocab_size * args.dim) * 4
-    decode_bound = bw * 1e9 / weight_bytes  # tok/s
     S, L, H, D = opts.prompt_len, args.n_layers, args.n_heads, args.head_dim
     prefill_flops = 2 * args.num_params(embeddings=False) * S + 2 * args.vocab_size * args.dim \
         + 2 * 2 * L * H * D * S * (S + 1) / 2  # causal QK^T and PV
-    prefill_bound = S / (prefill_flops / (peak * 1e9))  # tok/s
+    prefill_bound = S / (prefill_flops / (peak * 1e9))  # tok/s, fp32 compute
+    for name, e in engines.items():
+        t1, tn = statistics.median(e["t1"]), statistics.median(e["tn"])
+        if tn <= t1:
+            raise SystemExit(f"{name}: generating {n} tokens was not slower than 1 ({tn:.3f} s vs {t1:.3f} s); "
+                             "the machine is too noisy, raise --new-tokens or --reps")
+        e["prefill"], e["decode"] = S / t1, opts.new_tokens / (tn - t1)
+        e["bound"] = bw * 1e9 / e["bytes"]  # decode tok/s if weights streamed at full bandwidth
 
-    print(f"{'':8}{'prefill tok/s':>16}{'decode tok/s':>14}")
-    print(f"{'herd':8}{herd_prefill:16.1f}{herd_decode:14.2f}")
-    print(f"{'HF':8}{hf_prefill:16.1f}{hf_decode:14.2f}")
-    print(f"{'bound':8}{prefill_bound:16.1f}{decode_bound:14.2f}")
-    figures = {
-        "model": f"llama3.2-1b-shape-{args.n_layers}L-fp32",
-        "threads": torch.get_num_threads(),
+    print(f"{'':16}{'weights MB':>11}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode bound':>14}"
+          f"{'fraction':>10}{'KL vs fp32':>12}{'top-1 agree':>13}")
+    for name, e in engines.items():
+        kl = f"{e['kl']:.2e}" if "kl" in e else "-"
+        top1 = f"{e['top1']:.3f}" if "top1" in e else "-"
+        print(f"{name:16}{e['bytes'] / 1e6:11.0f}{e['prefill']:15.1f}{e['decode']:14.2f}{e['bound']:14.2f}"
+              f"{e['decode'] / e['bound']:10.3f}{kl:>12}{top1:>13}")
+    print(f"{'fp32 prefill bound':16}{'':11}{prefill_bound:15.1f}")
+
+    herd, hf = engines["herd_fp32"], engines["hf_fp32"]
+    figures: dict[str, object] = {
+        "model": f"llama3.2-1b-shape-{args.n_layers}L",
+        "threads": threads,
         "prompt_len": S,
         "new_tokens": opts.new_tokens,
+        "reps": opts.reps,
         "bandwidth_gb_s": round(bw, 2),
         "matmul_peak_gflop_s": round(peak, 1),
-        "decode_herd_tok_s": round(herd_decode, 3),
-        "decode_hf_tok_s": round(hf_decode, 3),
-        "prefill_herd_tok_s": round(herd_prefill, 2),
-        "prefill_hf_tok_s": round(hf_prefill, 2),
-        "decode_herd_over_hf": round(herd_decode / hf_decode, 3),
-        "prefill_herd_over_hf": round(herd_prefill / hf_prefill, 3),
-        "decode_roofline_fraction": round(herd_decode / decode_bound, 3),
-        "decode_roofline_fraction_hf": round(hf_decode / decode_bound, 3),
-        "prefill_roofline_fraction": round(herd_prefill / prefill_bound, 3),
-        "prefill_roofline_fraction_hf": round(hf_prefill / prefill_bound, 3),
+        "decode_herd_tok_s": round(herd["decode"], 3),
+        "decode_hf_tok_s": round(hf["decode"], 3),
+        "prefill_herd_tok_s": round(herd["prefill"], 2),
+        "prefill_hf_tok_s": round(hf["prefill"], 2),
+        "decode_herd_over_hf": round(herd["decode"] / hf["decode"], 3),
+        "prefill_herd_over_hf": round(herd["prefill"] / hf["prefill"], 3),
+        "decode_roofline_fraction": round(herd["decode"] / herd["bound"], 3),
+        "decode_roofline_fraction_hf": round(hf["decode"] / hf["bound"], 3),
+        "prefill_roofline_fraction": round(herd["prefill"] / prefill_bound, 3),
+        "prefill_roofline_fraction_hf": round(hf["prefill"] / prefill_bound, 3),
     }
+    for name, e in engines.items():
+        if name in ("herd_fp32", "hf_fp32"):
+            continue
+        figures[f"decode_{name}_tok_s"] = round(e["decode"], 3)
+        figures[f"prefill_{name}_tok_s"] = round(e["prefill"], 2)
+        figures[f"decode_{name}_roofline_fraction"] = round(e["decode"] / e["bound"], 3)
+        figures[f"weights_{name}_mb"] = round(e["bytes"] / 1e6, 1)
+        if "kl" in e:
+            figures[f"kl_{name}_vs_fp32"] = float(f"{e['kl']:.3e}")
+            figures[f"top1_{name}_vs_fp32"] = round(e["top1"], 4)
+    if opts.llamacpp:
+        figures["decode_int8_over_llamacpp_q8_0"] = round(engines["herd_int8"]["decode"]
+                                                          / engines["llamacpp_q8_0"]["decode"], 3)
+        figures["decode_int4_over_llamacpp_q4_0"] = round(engines["herd_int4"]["decode"]
+                                                          / engines["llamacpp_q4_0"]["decode"], 3)
+        figures["decode_fp32_over_llamacpp_f32"] = round(herd["decode"] / engines["llamacpp_f32"]["decode"], 3)
     print(json.dumps(figures))
 
 
