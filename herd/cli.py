@@ -239,9 +239,18 @@ def cmd_eval_perplexity(opts) -> None:
 
 
 def cmd_train(opts) -> None:
+    from herd.parallel.launch import is_rank0, pop_nproc, run_under_torchrun
     from herd.train import Trainer, load_config
 
-    result = Trainer(load_config(opts.config, opts.overrides)).fit()
+    nproc, overrides = pop_nproc(opts.overrides)
+    if nproc > 1:  # the same command under torchrun: one code path for both spellings
+        code = run_under_torchrun(nproc, ["train", opts.config, *overrides])
+        if code:
+            raise SystemExit(code)
+        return
+    result = Trainer(load_config(opts.config, overrides)).fit()
+    if not is_rank0():
+        return
     for s in result.stages:
         line = f"{s.name}: {s.steps} steps, {s.tokens:,} tokens in {s.seconds:.1f} s -> {s.checkpoint}"
         if s.val_loss is not None:
@@ -568,7 +577,8 @@ def _eval_perplexity_args(p):
 def _train_args(p):
     p.add_argument("config", help="run config TOML (see configs/debug.toml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
-                   help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200")
+                   help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200; "
+                   "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...)")
 
 
 def _export_args(p):

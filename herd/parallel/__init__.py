@@ -6,9 +6,16 @@ parallel, activation checkpointing, per-block compile and torchao float8, all on
 """
 
 from herd.parallel.dims import MESH_DIMS, Meshes, ParallelDims
-from herd.parallel.parallelize import ParallelConfig, ParallelModel, StepLoss, parallelize, sum_cross_entropy
+from herd.parallel.parallelize import (
+    ParallelConfig,
+    ParallelModel,
+    StepLoss,
+    build_parallel_model,
+    parallelize,
+    sum_cross_entropy,
+)
 
 __all__ = [
-    "MESH_DIMS", "Meshes", "ParallelConfig", "ParallelDims", "ParallelModel", "StepLoss", "parallelize",
-    "sum_cross_entropy",
+    "MESH_DIMS", "Meshes", "ParallelConfig", "ParallelDims", "ParallelModel", "StepLoss", "build_parallel_model",
+    "parallelize", "sum_cross_entropy",
 ]

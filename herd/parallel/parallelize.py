@@ -63,8 +63,15 @@ class ParallelConfig:
     float8_emulate: bool = False  # float8 numerics without FP8 hardware (CPU, tests)
     param_dtype: str = "float32"  # FSDP compute dtype; bfloat16 on GPU
     reduce_dtype: str = "float32"  # FSDP gradient reduction dtype (the paper reduces in fp32)
+    # Initialise the whole model on every rank from the seed, then shard it: the same weights as
+    # one process. False: initialise shards in place (any model size; values depend on the layout).
+    full_init: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key (also after `--parallel.key value` overrides)."""
         for name, allowed in (("pp_schedule", PP_SCHEDULES), ("ac", AC_MODES), ("float8", FLOAT8_RECIPES),
                               ("param_dtype", tuple(_DTYPES)), ("reduce_dtype", tuple(_DTYPES))):
             if getattr(self, name) not in allowed:
@@ -250,6 +257,47 @@ class ParallelModel:
                     dist.all_reduce(total, group=mesh.get_group())
         return StepLoss(loss=total, num_targets=num_targets)
 
+    def dp_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This data-parallel rank's rows of a global batch that every rank holds."""
+        if x is None or self.meshes is None or self.dims.dp == 1:
+            return x
+        B, dp, r = x.shape[0], self.dims.dp, self.meshes.dp_rank
+        if B % dp:
+            raise ValueError(f"a batch of {B} rows cannot be split over dp = {dp} data-parallel ranks; "
+                             "make the (micro-)batch rows a multiple of dp_replicate * dp_shard")
+        return x[r * B // dp:(r + 1) * B // dp]
+
+    @torch.no_grad()
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> float:
+        """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
+        B, S = inputs.shape
+        d, m = self.dims, self.meshes
+        self._scale = 1.0
+        if self.cp is not None:
+            shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
+            inputs, targets, pos, doc_ids = shard.inputs, shard.targets, shard.pos, None
+        else:
+            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
+            pos = pos.expand(B, -1)
+        total = torch.zeros((), device=inputs.device)
+        with self._loss_context():
+            if self.schedule is not None:
+                losses: list[torch.Tensor] = []
+                kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
+                args = (inputs,) if self.has_first_stage else ()
+                self.schedule.eval(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                if self.has_last_stage:
+                    total = torch.stack([x.detach() for x in losses]).sum()
+            else:
+                (part,) = self.parts
+                total = _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets)).detach()
+        total = total.float()
+        if m is not None:
+            for mesh, n in ((m.cp, d.cp), (m.pp, d.pp)):  # CP ranks hold pieces, only the last stage has it
+                if n > 1:
+                    dist.all_reduce(total, group=mesh.get_group())
+        return float(total)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over all shards, stages and parts; return the norm."""
         params = [p for p in self.parameters() if p.grad is not None]
@@ -269,6 +317,7 @@ class _LocalParts(nn.Module):
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
+        self._parts = tuple(parts)  # a tuple: not registered again as submodules
         self.layers = nn.ModuleDict()
         for part in parts:
             for name, block in part.layers.items():
@@ -277,6 +326,19 @@ class _LocalParts(nn.Module):
                 if getattr(part, attr, None) is not None:
                     setattr(self, attr, getattr(part, attr))
         self.layers = nn.ModuleDict(sorted(self.layers.items(), key=lambda kv: int(kv[0])))
+
+    @property
+    def args(self):
+        return self._parts[0].args
+
+    @args.setter
+    def args(self, value) -> None:
+        for part in self._parts:
+            part.args = value
+
+    def init_rope(self) -> None:
+        for part in self._parts:
+            part.init_rope()
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a rank's pipeline stages run through ParallelModel.forward_backward, not forward")
@@ -298,6 +360,7 @@ def parallelize(
     meshes: from `ParallelDims.build_mesh`, or None for a single process (AC, compile and
         float8 still apply). `loss_fn(logits, targets)` must return the *sum* over tokens.
     """
+    config.validate()
     d = meshes.dims if meshes is not None else ParallelDims()
     if meshes is None and config.dims(1) != d:
         raise ValueError(f"parallel layout {config.dims(1).describe()} needs torch.distributed; launch with torchrun")
@@ -335,3 +398,32 @@ def parallelize(
                        reduce_dtype=_DTYPES[config.reduce_dtype], reshard_after_forward=d.pp == 1)
     return ParallelModel([m for _, m in stages], config=config, meshes=meshes,
                          stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn)
+
+
+def build_parallel_model(
+    args,
+    config: ParallelConfig,
+    meshes: Meshes | None,
+    *,
+    device: torch.device | str,
+    seed: int,
+    init_fn: Callable[..., nn.Module] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy,
+) -> ParallelModel:
+    """Meta-device build -> `parallelize` -> materialise and initialise: what a trainer calls.
+
+    With `config.full_init`, `init_fn(args, device=..., seed=...)` builds the whole initialised
+    model on every rank (the single-process initialisation, so every layout starts from the same
+    weights) and its state is sharded in; otherwise each rank initialises its shards in place.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    pm = parallelize(model, config, meshes, loss_fn=loss_fn)
+    if config.full_init:
+        if init_fn is None:
+            raise ValueError("full_init needs the single-process initialiser (init_fn)")
+        state = init_fn(args, device=torch.device(device), seed=seed).state_dict()
+        pm.load_full_state_dict(state, device=device)
+    else:
+        pm.materialize(device=device, seed=seed)
+    return pm

@@ -84,6 +84,25 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+# In a distributed run (issue 4) every rank writes its shards into one directory, and rank 0
+# alone does the bookkeeping on the file system (COMPLETE, rename, prune, quarantine).
+def _rank0() -> bool:
+    return _no_dist() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if not _no_dist():
+        dist.barrier()
+
+
+def _from_rank0(value: Any) -> Any:
+    if _no_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     # DCP warns on every single-process save/load that it is "assuming the intent" to run without
@@ -124,7 +143,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.log = log
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in sorted(self.root.iterdir()):
+        for leftover in sorted(self.root.iterdir()) if _rank0() else ():
             if _TMP_RE.match(leftover.name):
                 self.log(f"removing {leftover.name}: an unfinished checkpoint write from an interrupted run")
                 shutil.rmtree(leftover)
@@ -134,11 +153,16 @@ class Checkpointer:
     def save(self, state: dict[str, Any], *, step: int, meta: dict[str, Any], keep: bool = False) -> SavedCheckpoint:
         """Write `state` (a DCP state dict) as the checkpoint for `step`; prune old ones."""
         dst = self.root / checkpoint_name(step)
-        tmp = self.root / f".{dst.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".{dst.name}.tmp-{_from_rank0(os.getpid())}"
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
         with _quiet_single_process():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=_no_dist())
+        if not _rank0():
+            _barrier()  # until rank 0 has made the checkpoint complete
+            return SavedCheckpoint(dst, step, meta)
         files = {p.name: [p.stat().st_size, _crc32(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {**meta, "step": step, "keep": keep, "saved_at": time.time(), "files": files}
         with open(tmp / COMPLETE, "w") as f:
@@ -151,6 +175,7 @@ class Checkpointer:
         os.rename(tmp, dst)
         _fsync_dir(self.root)
         self._prune()
+        _barrier()
         return SavedCheckpoint(dst, step, meta)
 
     def _prune(self) -> None:
@@ -180,6 +205,9 @@ class Checkpointer:
 
     def latest(self, *, before: int | None = None) -> SavedCheckpoint | None:
         """The newest checkpoint that verifies; every bad one met on the way is reported and moved aside."""
+        return _from_rank0(self._latest(before) if _rank0() else None)
+
+    def _latest(self, before: int | None) -> SavedCheckpoint | None:
         for path in reversed(self.candidates()):
             step = int(_NAME_RE.match(path.name).group(1))
             if before is not None and step >= before:

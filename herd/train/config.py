@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from herd.model.args import PRESETS, ModelArgs, RopeScaling
+from herd.parallel import ParallelConfig
 
 
 @dataclass
@@ -143,6 +144,7 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # herd.parallel: degrees, AC, compile, FP8
 
     def stage_args(self, index: int) -> ModelArgs:
         """Model hyperparameters in force during stage `index` (RoPE changes accumulate)."""
@@ -204,6 +206,7 @@ class Config:
                 raise ValueError(f"{key}.average_last is {stage.average_last} but the stage writes only {saved} "
                                  f"checkpoint(s) every {every} steps; set {key}.checkpoint_every lower")
             start += stage.steps
+        self.parallel.validate()  # --parallel.* overrides bypass the dataclass's own check
         val_seq = self.val_seq_len
         if val_seq > self.model.args().max_seq_len:
             raise ValueError(f"metrics.val_seq_len ({val_seq}) exceeds model.max_seq_len")

@@ -42,6 +42,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from herd.model import ModelArgs, Transformer
+from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
+from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
@@ -90,12 +92,23 @@ def build_training_model(args: ModelArgs, *, device: torch.device, seed: int) ->
     on GPU the forward runs under bf16 autocast with fp32 master weights and fp32 gradients."""
     with torch.device("meta"):
         model = Transformer(args)
-    # Issue 4 applies parallelism here, while the model is still on the meta device:
-    #     model = parallelize(model, parallel_dims, cfg.parallel)   # TP -> AC -> compile -> FSDP
+    # Parallel runs build through herd.parallel.build_parallel_model instead (Trainer.__init__),
+    # which transforms the meta model and calls this function only for the full initialisation.
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives the two names of a tied matrix separate storage
     model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
     return model
+
+
+class _NoMetrics:
+    """The metrics sink of ranks other than 0 in a distributed run."""
+
+    def log_step(self, record) -> None: ...
+    def log_val(self, *args, **kwargs) -> None: ...
+    def write(self, line: str) -> None: ...
+    def close(self) -> None: ...
+    def plot(self) -> None:
+        return None
 
 
 @dataclass
@@ -139,7 +152,22 @@ class Trainer:
         self.out_dir = Path(cfg.job.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.schedule = Schedule.from_config(cfg)
-        self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
+        # Issue 4's seam: under torchrun, or with a [parallel] section, the model goes through
+        # herd.parallel (meta -> pipeline split, TP, CP, AC, compile, FSDP -> materialise), and
+        # self.model is the module holding this rank's parameters under the full model's names.
+        self.meshes = init_distributed(cfg.parallel, self.device)
+        self.parallel: ParallelModel | None = None
+        if self.meshes is not None or cfg.parallel != ParallelConfig():
+            if cfg.train.loss_chunks != 1:
+                raise ValueError("train.loss_chunks must be 1 with [parallel]: tensor parallelism computes the "
+                                 "head on vocabulary shards and pipeline stages compute it on the last stage")
+            self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
+                                                 seed=cfg.job.seed, init_fn=build_training_model)
+            self.model = self.parallel.module
+            if not is_rank0():
+                self.log = lambda msg: None
+        else:
+            self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          log=self.log)
@@ -210,6 +238,21 @@ class Trainer:
             return chunked_cross_entropy_sum(hidden, self.model.output.weight, targets,
                                              chunks=self.cfg.train.loss_chunks)
 
+    def _parallel_forward_backward(self, batch: Batch, num_targets: int) -> torch.Tensor:
+        """One micro-batch through herd.parallel; returns its summed loss over all ranks.
+
+        Every rank reads the whole global batch (the loader is the same on every rank, so a
+        checkpoint's data position is layout-independent) and keeps its data-parallel rows;
+        `num_targets` is already the global count.
+        """
+        pm = self.parallel
+        doc_ids = batch.doc_ids if self.cfg.train.document_mask else None
+        inputs, targets, doc_ids = (None if t is None else pm.dp_rows(t.to(self.device, non_blocking=True))
+                                    for t in (batch.inputs, batch.targets, doc_ids))
+        with self._autocast():
+            result = pm.forward_backward(inputs, targets, doc_ids=doc_ids, num_targets=num_targets)
+        return result.loss * num_targets
+
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
@@ -219,11 +262,17 @@ class Trainer:
             raise ValueError(f"step {self.step}: the batch has no target tokens (all -100); check the data")
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
+            if self.parallel is not None:
+                total += self._parallel_forward_backward(batch, num_targets)
+                continue
             loss = self.loss_sum(batch)
             (loss / num_targets).backward()  # gradients accumulate as the mean over the whole batch
             total += loss.detach()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if self.parallel is not None:  # the norm over every shard and pipeline stage
+            grad_norm = self.parallel.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = (total / num_targets).item()
@@ -253,6 +302,11 @@ class Trainer:
             b = loader.next_batch()
             doc_ids = b.doc_ids.to(self.device) if self.cfg.train.document_mask else None
             with self._autocast():
+                if model is self.model and self.parallel is not None:
+                    total += self.parallel.loss_sum(b.inputs.to(self.device), b.targets.to(self.device),
+                                                    doc_ids=doc_ids)
+                    count += b.num_targets
+                    continue
                 logits = model(b.inputs.to(self.device), doc_ids=doc_ids)
             total += cross_entropy_sum(logits, b.targets.to(self.device)).item()
             count += b.num_targets
@@ -269,7 +323,7 @@ class Trainer:
             raise FileNotFoundError(f"data.tokenizer: {src} not found (it is the tokenizer.model the shards "
                                     "were made with)")
         dst = self.out_dir / TOKENIZER_FILE
-        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+        if is_rank0() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
             shutil.copy2(src, dst)
         return dst
 
@@ -331,8 +385,11 @@ class Trainer:
         self.log(f"{self.model.args.num_params():,} parameters on {self.device}; measured {dtype} matmul peak "
                  f"{self.peak_flops / 1e9:,.1f} GFLOP/s; {self.schedule.total_steps} steps in "
                  f"{len(spans)} stage(s): {', '.join(f'{s.name} ({s.steps})' for s in spans)}")
-        self.metrics = MetricsLogger(self.out_dir, self.cfg.metrics, total_steps=self.schedule.total_steps,
-                                     start_step=self.step, stage_bounds=[(s.name, s.start) for s in spans])
+        if is_rank0():  # one process writes metrics.jsonl, TensorBoard and the plot
+            self.metrics = MetricsLogger(self.out_dir, self.cfg.metrics, total_steps=self.schedule.total_steps,
+                                         start_step=self.step, stage_bounds=[(s.name, s.start) for s in spans])
+        else:
+            self.metrics = _NoMetrics()
         result = TrainResult(steps=0, tokens_seen=0, seconds=0.0, resumed_from=resumed_from)
         try:
             for span in spans:
@@ -408,7 +465,8 @@ class Trainer:
             raise FileNotFoundError(f"stage {span.name}: {n} checkpoints to average but only steps "
                                     f"{[c.step for c in ckpts]} are in {self.checkpointer.root}")
         model = average_checkpoints([c.path for c in ckpts], self.model.args, device=self.device)
-        save_inference_model(model, dst, format="hf", tokenizer=self.tokenizer, overwrite=True)
+        if is_rank0():  # every rank averaged the same weights; one writes them
+            save_inference_model(model, dst, format="hf", tokenizer=self.tokenizer, overwrite=True)
         out.averaged = str(dst)
         out.averaged_val_loss = self.evaluate(model)
         steps = ", ".join(str(c.step) for c in ckpts)
