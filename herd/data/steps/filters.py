@@ -343,6 +343,8 @@ class FineWebFilter(Filter):
 
 # ---- dirty words (Llama 3 §3.1.1 after C4's LDNOOBW use) -----------------------------------------
 
+_HYPHENATED = re.compile(r"\w+(?:-\w+)*")
+
 
 def load_word_list(path: str | None) -> list[str]:
     if path is None:
@@ -368,12 +370,25 @@ class DirtyWords(Filter):
     max_fraction: float | None = None  # e.g. 0.005: more than 1 match per 200 words
 
     @cached_property
-    def _pattern(self) -> re.Pattern:
-        ws = sorted(load_word_list(self.word_list), key=len, reverse=True)
-        return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in ws) + r")(?!\w)")
+    def _lists(self) -> tuple[frozenset[str], re.Pattern | None]:
+        ws = load_word_list(self.word_list)
+        single = frozenset(w for w in ws if " " not in w)
+        phrases = sorted((w for w in ws if " " in w), key=len, reverse=True)
+        pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, phrases)) + r")(?!\w)") if phrases else None
+        return single, pattern
 
     def count(self, text: str) -> int:
-        return len(self._pattern.findall(text.lower()))
+        """Word-boundary matches: single words by set lookup over the text's words (a hyphenated
+        word also matches through its parts, as a `\b` regex would), phrases by regex."""
+        single, phrases = self._lists
+        low = text.lower()
+        n = 0
+        for w in _HYPHENATED.findall(low):
+            if w in single:
+                n += 1
+            elif "-" in w:
+                n += sum(p in single for p in w.split("-"))
+        return n + (len(phrases.findall(low)) if phrases else 0)
 
     def filter(self, doc: Document) -> tuple[bool, str | None]:
         n = self.count(doc.text)
@@ -549,8 +564,9 @@ class TokenKL(GlobalStep):
 # ---- PII (datatrove PIIFormatter; dolma pii_regex) -----------------------------------------------
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
-IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
-IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])|(?<![:\w])[0-9A-Fa-f]{0,4}::[0-9A-Fa-f:]+(?![:\w])")
+IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
+# Candidates only (hex digits and at least two colons); ipaddress decides, so "12:30:45" stays.
+IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f]*:)[0-9A-Fa-f:]{2,39}(?![\w:])")
 
 
 @dataclass

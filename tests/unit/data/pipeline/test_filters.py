@@ -214,11 +214,12 @@ def test_token_kl_drops_outliers_against_a_reference_file(tmp_path):
 
 
 def test_pii_masks_emails_and_public_ips_only():
-    text = "Mail jane.doe@example.org or ops@corp.co.uk; server 8.8.8.8, router 192.168.1.1, local 127.0.0.1."
+    text = ("Mail jane.doe@example.org or ops@corp.co.uk; server 8.8.8.8, router 192.168.1.1, local 127.0.0.1, "
+            "dns 2606:4700:4700::1111, docs 2001:db8::1 at 12:30:45.")
     out, stats = run(PiiMask(), [text])
     assert out[0].text == ("Mail email@example.com or email@example.com; server 192.0.2.1, router 192.168.1.1, "
-                           "local 127.0.0.1.")
-    assert stats.counters == {"emails_masked": 2, "ips_masked": 1} and stats.modified == 1
+                           "local 127.0.0.1, dns 192.0.2.1, docs 2001:db8::1 at 12:30:45.")
+    assert stats.counters == {"emails_masked": 2, "ips_masked": 2} and stats.modified == 1
     again, _ = run(PiiMask(), [out[0].text])  # idempotent: placeholders are not PII
     assert again[0].text == out[0].text
 
