@@ -12,6 +12,7 @@ The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most 4 rows, see c
     linear_f32(x (M, K), w (N, K) f32) -> (M, N)
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
     linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
+    dequantize_int4(w, scale, min, G) -> (N, K) f32   (prefill: one pass, then MKL's GEMM)
 
 Numerics: fp32 products accumulated in fp32, in a different order than MKL's, so results equal
 `F.linear` on the dequantized weight to fp32 reassociation error (relative ~1e-6 of sum |w x|).
@@ -94,11 +95,12 @@ def _build() -> SimpleNamespace:
     load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build_dir),
          is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
-    return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4)
+    return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
+                           dequantize_int4=ops.dequantize_int4)
 
 
 def cpu_kernels() -> SimpleNamespace | None:
-    """The compiled ops (`linear_f32`, `linear_int8`, `linear_int4`), or None with a logged reason.
+    """The compiled ops (`linear_*`, `dequantize_int4`), or None with a logged reason.
 
     Thread-safe; the build (or the failure) happens once per process.
     """

@@ -205,6 +205,9 @@ class Int4Linear(nn.Module):
         x2 = _rows(x)
         if _use_kernel(x2, self.weight) and (ops := cpu_kernels()) is not None:
             y = ops.linear_int4(x2.contiguous(), self.weight, self.scales, self.mins, self.group_size)
+        elif x2.device.type == "cpu" and (ops := cpu_kernels()) is not None:
+            w = ops.dequantize_int4(self.weight, self.scales, self.mins, self.group_size)  # one pass, fp32
+            y = F.linear(x2, w.to(x2.dtype))
         else:
             y = F.linear(x2, self.dequantize(x2.dtype))
         return y.view(*x.shape[:-1], self.out_features)
