@@ -25,18 +25,18 @@ from herd.data.steps.base import Step, StepStats
 # ---- markdown markers --------------------------------------------------------------------------
 
 _MD_RULES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"^[ \t]{0,3}(`{3,}|~{3,}).*$", re.M), ""),                 # code fences (content kept)
-    (re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.M), r"\1"),         # ATX headings
-    (re.compile(r"^[ \t]{0,3}(=+|-+)[ \t]*$", re.M), ""),                        # setext underlines, rules
-    (re.compile(r"^[ \t]{0,3}([*_][ \t]*){3,}$", re.M), ""),                     # *** / ___ rules
-    (re.compile(r"^([ \t]*)>[ \t]?", re.M), r"\1"),                              # block quotes
-    (re.compile(r"^([ \t]*)[*+-][ \t]+(?=\S)", re.M), r"\1"),                    # bullet markers
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),                        # images -> alt text
-    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),                         # links -> link text
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),                 # bold
-    (re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *italic*
-    (re.compile(r"(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])"), r"\1"),   # _italic_ (not snake_case)
-    (re.compile(r"`([^`\n]+)`"), r"\1"),                                   # inline code
+    (re.compile(r"^[ \t]{0,3}(`{3,}|~{3,}).*$", re.M), ""),                        # code fences (content kept)
+    (re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.M), r"\1"),     # ATX headings
+    (re.compile(r"^[ \t]{0,3}(=+|-+)[ \t]*$", re.M), ""),                          # setext underlines, rules
+    (re.compile(r"^[ \t]{0,3}([*_][ \t]*){3,}$", re.M), ""),                       # *** / ___ rules
+    (re.compile(r"^([ \t]*)>[ \t]?", re.M), r"\1"),                                # block quotes
+    (re.compile(r"^([ \t]*)[*+-][ \t]+(?=\S)", re.M), r"\1"),                      # bullet markers
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),                                # images -> alt text
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),                                 # links -> link text
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),                         # bold
+    (re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])"), r"\1"),        # *italic*
+    (re.compile(r"(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])"), r"\1"),          # _italic_ (not snake_case)
+    (re.compile(r"`([^`\n]+)`"), r"\1"),                                           # inline code
     (re.compile(r"^[ \t]*\|?([ \t]*:?-{3,}:?[ \t]*\|)+[ \t]*:?-*:?[ \t]*$", re.M), ""),  # table separator rows
 ]
 
