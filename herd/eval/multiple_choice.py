@@ -15,10 +15,11 @@ comparable across prompts).
 
 Two accuracies are reported, because the sum of log-probabilities favours short answers:
 * `acc`: argmax of the summed log-likelihood (unnormalised);
-* `acc_norm`: argmax of the log-likelihood divided by the continuation's length in UTF-8
-  bytes. Bytes, not tokens, so the normalisation does not depend on the tokenizer and two
-  models with different vocabularies are compared on the same footing (lm-eval's acc_norm
-  divides by characters; for ASCII text the two are identical).
+* `acc_norm`: argmax of the log-likelihood divided by the choice's length in UTF-8 bytes
+  (the choice text, without the space that joins it to the prompt). Bytes, not tokens, so the
+  normalisation does not depend on the tokenizer and models with different vocabularies are
+  compared on the same footing. lm-eval's acc_norm divides by characters of the same text, so
+  on ASCII choices the two are identical (checked against the harness in the tests).
 
 Design trade-off: every choice of every example is one independent (context, continuation)
 request, batched by length across examples. Scoring a shared context once and the choices
@@ -159,7 +160,7 @@ class MCResult:
             task=self.task,
             metrics={"acc": self.accuracy, "acc_norm": self.accuracy_norm, "answer_nll": self.answer_nll},
             num_examples=self.num_examples,
-            config={"num_shots": self.num_shots, "acc_norm": "log-likelihood per UTF-8 byte of the continuation"},
+            config={"num_shots": self.num_shots, "acc_norm": "log-likelihood per UTF-8 byte of the choice"},
         )
 
 
@@ -200,7 +201,7 @@ def evaluate_mc(
     predictions = []
     for i, ex in enumerate(examples):
         lps = [next(scores).logprob for _ in ex.choices]
-        nbytes = [len(format_continuation(c).encode("utf-8")) for c in ex.choices]
+        nbytes = [len(c.encode("utf-8")) for c in ex.choices]
         predictions.append(MCPrediction(
             index=i, id=ex.id, answer=ex.answer, logprobs=lps, byte_lengths=nbytes,
             pred=_argmax(lps), pred_norm=_argmax([lp / n for lp, n in zip(lps, nbytes)]),

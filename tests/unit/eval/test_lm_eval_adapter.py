@@ -121,8 +121,10 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
 metric_list:
   - metric: acc
+  - metric: acc_norm
 """)
     [res] = run_lm_eval(model, byte_tok, ["herd_llamas"], include_path=str(tmp_path / "tasks"), num_fewshot=0)
     direct = evaluate_mc(model, byte_tok, load_mc_jsonl(data))
     assert res.task == "herd_llamas" and res.num_examples == 4
     assert res.metrics["acc,none"] == direct.accuracy
+    assert res.metrics["acc_norm,none"] == direct.accuracy_norm  # both per character / byte of the choice

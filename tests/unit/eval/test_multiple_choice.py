@@ -48,11 +48,11 @@ def test_scores_match_a_hand_computed_bigram_ranking(byte_tok, make_bigram):
     expected = [2 * uniform, 2 * uniform + 3 * bb]  # " a": ':'->' '->'a'; " bbbb": ':'->' '->'b', then b->b x3
     [pred] = result.predictions
     assert pred.logprobs == pytest.approx(expected, abs=1e-4)
-    assert pred.byte_lengths == [2, 5]
+    assert pred.byte_lengths == [1, 4]  # the choice's bytes, not the joining space
     # The sum prefers the short answer; per byte the long, likely one wins.
     assert (pred.pred, pred.pred_norm) == (0, 1)
     assert (result.accuracy, result.accuracy_norm) == (0.0, 1.0)
-    assert result.answer_nll == pytest.approx(-expected[1] / 5, abs=1e-5)  # the correct answer's NLL per byte
+    assert result.answer_nll == pytest.approx(-expected[1] / 4, abs=1e-5)  # the correct answer's NLL per byte
 
 
 def test_scores_match_hand_computed_sums_with_few_shots(byte_tok, make_bigram, bigram_lp):
