@@ -54,9 +54,8 @@ def short_context_loss(model: Transformer, val_tokens: Sequence[int], *, seq_len
     """Mean NLL per token over `val_tokens`, windows of `seq_len` tokens (herd.eval.perplexity)."""
     from herd.eval.perplexity import perplexity
 
-    # stride seq_len - 1: consecutive windows share one token, the last target of one being the
-    # first input of the next, so every window scores seq_len - 1 new tokens with no recomputation.
-    return perplexity(model, list(val_tokens), seq_len=seq_len, stride=seq_len - 1).nll
+    # Disjoint windows, as the trainer's validation loss reads its rows.
+    return perplexity(model, list(val_tokens), seq_len=seq_len, stride=seq_len).nll
 
 
 def run_long_context_demo(
