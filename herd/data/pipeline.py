@@ -71,13 +71,15 @@ def _build(registry: dict[str, type], entry: dict[str, Any], *, what: str) -> An
     if kind not in registry:
         raise ValueError(f"{what}: unknown or missing type {kind!r}; choose one of {', '.join(sorted(registry))}")
     cls = registry[kind]
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(entry) - names)
-    if unknown:
-        raise ValueError(f"{what} {kind!r}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     if "where" in entry and not getattr(cls, "supports_where", True):
         raise ValueError(f"{what} {kind!r}: `where` applies to filters, modifiers and classifiers only; "
                          "a dedup, extraction, language-ID or mix step sees every document")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if not getattr(cls, "supports_where", True):
+        names.discard("where")
+    unknown = sorted(set(entry) - names)
+    if unknown:
+        raise ValueError(f"{what} {kind!r}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     entry.setdefault("name", kind)
     return cls(**entry)
 
