@@ -155,6 +155,50 @@ class GopherRepetition(Filter):
         return True, None
 
 
+@dataclass
+class RepeatedLines(Modifier):
+    """Llama 3 §3.1.1's use of duplicated n-gram coverage: remove *lines* of repeated content such
+    as logs or error messages, which line dedup misses because each line differs (a timestamp,
+    a counter). Gopher's scan runs over the whole document with one set of seen n-grams; a line
+    whose characters are more than `max_dup_frac` covered by n-grams seen earlier (in earlier
+    lines or earlier in itself) is removed. The paper gives no threshold: 0.5 removes a line
+    that mostly repeats and keeps prose that quotes a phrase."""
+
+    type: ClassVar[str] = "repeated_lines"
+    name: str = "repeated_lines"
+    n: int = 5
+    max_dup_frac: float = 0.5
+    min_words: int = 5  # shorter lines are line dedup's business
+
+    def line_fractions(self, text: str) -> list[float]:
+        """Duplicated n-gram character fraction of each line, in order (0 for short lines)."""
+        seen: set[tuple[str, ...]] = set()
+        out = []
+        for line in text.split("\n"):
+            ws = line.split()
+            if len(ws) < max(self.n, self.min_words):
+                out.append(0.0)
+                continue
+            chars = i = 0
+            while i < len(ws) - self.n + 1:
+                gram = tuple(ws[i:i + self.n])
+                if gram in seen:
+                    chars += sum(map(len, gram))
+                    i += self.n
+                else:
+                    seen.add(gram)
+                    i += 1
+            seen.update(tuple(ws[j:j + self.n]) for j in range(len(ws) - self.n + 1))
+            out.append(chars / sum(map(len, ws)))
+        return out
+
+    def modify(self, doc: Document, stats: StepStats) -> str:
+        lines = doc.text.split("\n")
+        keep = [ln for ln, f in zip(lines, self.line_fractions(doc.text)) if f <= self.max_dup_frac]
+        stats.counters["lines_removed"] += len(lines) - len(keep)
+        return "\n".join(keep)
+
+
 # ---- Gopher quality (Rae et al. 2021 §A.1.1; datatrove GopherQualityFilter) ----------------------
 
 PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…–—“”‘’«»¿¡·•")
@@ -631,4 +675,4 @@ def _is_global_ip(s: str) -> bool:
         return False
 
 
-STEPS = (GopherRepetition, GopherQuality, C4Filter, FineWebFilter, DirtyWords, TokenKL, PiiMask)
+STEPS = (GopherRepetition, RepeatedLines, GopherQuality, C4Filter, FineWebFilter, DirtyWords, TokenKL, PiiMask)

@@ -232,3 +232,23 @@ def test_where_limits_a_filter_to_matching_documents():
     stats.check()
     assert [d.text for d in out] == ["trop court"]
     assert stats.counters == {"not_applied": 1} and stats.dropped == {"gopher_too_few_words": 1}
+
+
+def test_repeated_lines_removes_log_lines_and_keeps_prose():
+    from herd.data.steps.filters import RepeatedLines
+
+    log = "{} ERROR connection to db.example.com failed: timeout after 30 seconds, retrying"
+    prose = ["The service writes a line to its log every time a request fails.",
+             "Operators read the log when the error rate goes up after a deploy."]
+    lines = prose[:1] + [log.format(f"2023-01-01T12:00:0{i}") for i in range(4)] + prose[1:]
+    step = RepeatedLines()
+    fr = step.line_fractions("\n".join(lines))
+    # Each later log line repeats the first one's 10 words after its timestamp: the 5-gram at the
+    # timestamp is new, the next two ("ERROR .. failed:", "timeout .. retrying") were seen, so
+    # 10 of the line's 11 words are covered: their characters over the line's word characters.
+    ws = lines[2].split()
+    assert fr[2] == pytest.approx(sum(map(len, ws[1:11])) / sum(map(len, ws)))
+    assert fr[0] == fr[1] == fr[-1] == 0
+    out, stats = run(step, ["\n".join(lines)])
+    assert out[0].text.split("\n") == [prose[0], lines[1], prose[1]]
+    assert stats.counters == {"lines_removed": 3}
