@@ -368,6 +368,11 @@ def parallelize(
     check_tp(args, d.tp)
     n_per_rank = stages_per_rank(config.pp_schedule, config.pp_stages_per_rank or None) if d.pp > 1 else 1
     check_pp(args, d.pp, n_per_rank)
+    if config.float8 == "tensorwise" and d.tp > 1:
+        # Each TP rank would scale its gradient shards by its own amax (torchao's float8 TP
+        # styles fix that; they are not wired here). Row-wise scales are per row, so unaffected.
+        raise ValueError("parallel.float8 = tensorwise is not supported with tensor parallelism; "
+                         "use parallel.float8 = rowwise with tp > 1")
     use_fsdp = d.dp_replicate * d.fsdp > 1
     if _DTYPES[config.param_dtype] != torch.float32 and not use_fsdp:
         raise ValueError(

@@ -382,6 +382,8 @@ class Trainer:
         spans = self.schedule.spans
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.peak_flops = measure_matmul_peak(self.device, dtype)
+        if self.meshes is not None:  # tokens/s is the whole group's, so MFU is against the group's peak
+            self.peak_flops *= self.meshes.world.size()
         self.log(f"{self.model.args.num_params():,} parameters on {self.device}; measured {dtype} matmul peak "
                  f"{self.peak_flops / 1e9:,.1f} GFLOP/s; {self.schedule.total_steps} steps in "
                  f"{len(spans)} stage(s): {', '.join(f'{s.name} ({s.steps})' for s in spans)}")

@@ -151,6 +151,16 @@ def world2(rank: int, world: int, workdir: Path) -> list:
         ref = H.train(runner, H.new_optimizer(runner.parameters()), batches)
         _, got = H.parallel_run(P(**f8), batches, state=state)
         out += H.compare(f"FSDP 2 + float8 {recipe} (emulated)", ref, got)
+    # TP ranks see the whole batch, so TP + row-wise float8 equals one float8 process exactly.
+    f8 = dict(float8="rowwise", float8_emulate=True)
+    with torch.device("meta"):
+        model = Transformer(H.ARGS)
+    single = parallelize(model, P(**f8), None)
+    single.load_full_state_dict(state, device="cpu")
+    runner = H.Parallel(single)
+    ref = H.train(runner, H.new_optimizer(runner.parameters()), refs[True][0])
+    _, got = H.parallel_run(P(tp=2, **f8), refs[True][0], state=state)
+    out += H.compare("TP 2 + float8 rowwise (emulated)", ref, got)
 
     # bf16 compute under FSDP (the GPU setting) is not exact; it must stay close to fp32.
     _, (losses, _) = H.parallel_run(P(param_dtype="bfloat16"), refs[True][0], state=state)

@@ -29,7 +29,7 @@ NAMES = (
                                    ("TP 2 + selective AC", True), ("CP 2 + full AC", True)]]
     + [f"PP 2 {s} docs=True" for s in scenarios.PP_SCHEDULES]
     + [f"FSDP 2 + float8 {r} (emulated)" for r in ("tensorwise", "rowwise")]
-    + ["FSDP 2 bf16 compute"]
+    + ["TP 2 + float8 rowwise (emulated)", "FSDP 2 bf16 compute"]
     + [f"comm {n}" for n in ("FSDP 2", "TP 2", "CP 2", "PP 2 1F1B", "PP 2 ZBVZeroBubble", "TP 2 + full AC",
                              "TP 2 + selective AC", "CP 2 + selective AC")]
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]

@@ -93,6 +93,15 @@ def test_distributed_layouts_need_a_process_group():
         parallelize(_meta(), ParallelConfig(param_dtype="bfloat16"), None)
 
 
+def test_tensorwise_float8_with_tp_is_refused_with_the_fix():
+    from herd.parallel.dims import Meshes, ParallelDims
+
+    fake = Meshes(dims=ParallelDims(tp=2, world_size=2), world=None, dp=None, dp_cp=None, fsdp=None, cp=None,
+                  tp=None, pp=None)
+    with pytest.raises(ValueError, match="use parallel.float8 = rowwise"):
+        parallelize(_meta(), ParallelConfig(tp=2, float8="tensorwise"), fake)
+
+
 def _run(config: ParallelConfig, state, inputs, targets):
     pm = parallelize(_meta(), config, None)
     pm.load_full_state_dict(state, device="cpu")
