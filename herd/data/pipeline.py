@@ -434,14 +434,16 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
     classifiers = train_classifiers(cfg, log=log)
 
     run = _Run(cfg)
-    units_path = out / "work" / "units.json"
-    if units_path.exists():  # shard assignment is fixed for the life of a run
-        run.units = [tuple(u) for u in json.loads(units_path.read_text())]  # type: ignore[misc]
+    layout_path = out / "work" / "layout.json"
+    if layout_path.exists():  # the shard assignment is fixed for the life of a run, whatever --workers says
+        layout = json.loads(layout_path.read_text())
+        run.units = [tuple(u) for u in layout["units"]]  # type: ignore[misc]
+        run.num_shards = layout["num_shards"]
     else:
         run.units = [(i, u) for i, r in enumerate(cfg.inputs) for u in r.units()]
-        units_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_json(units_path, run.units)
-    run.num_shards = max(1, min(len(run.units), cfg.shards or 4 * workers))
+        run.num_shards = max(1, min(len(run.units), cfg.shards or 4 * workers))
+        layout_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(layout_path, {"units": run.units, "num_shards": run.num_shards})
     log(f"{len(run.units)} input files in {run.num_shards} shards, {len(run.stages)} stage(s), {workers} worker(s)")
 
     plans: dict[str, Any] = {}
