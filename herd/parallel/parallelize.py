@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -83,10 +83,6 @@ class ParallelConfig:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
                             pp=self.pp, world_size=world_size)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed (not averaged) token cross-entropy; -100 targets contribute nothing."""
@@ -143,11 +139,6 @@ class ParallelModel:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.module.named_parameters()
-
-    def train(self, mode: bool = True) -> ParallelModel:
-        for part in self.parts:
-            part.train(mode)
-        return self
 
     def materialize(self, *, device: torch.device | str, seed: int | None = None) -> None:
         """Allocate parameters on `device` and initialise them randomly.
