@@ -162,7 +162,9 @@ class RepeatedLines(Modifier):
     a counter). Gopher's scan runs over the whole document with one set of seen n-grams; a line
     whose characters are more than `max_dup_frac` covered by n-grams seen earlier (in earlier
     lines or earlier in itself) is removed. The paper gives no threshold: 0.5 removes a line
-    that mostly repeats and keeps prose that quotes a phrase."""
+    that mostly repeats and keeps prose that quotes a phrase. On the demo corpus it removes shell
+    sessions, `ls -l` listings and syslog excerpts, and also formulaic reference sentences
+    ("Changed in version 3.6: Accepts a path-like object ...") that repeat within one page."""
 
     type: ClassVar[str] = "repeated_lines"
     name: str = "repeated_lines"
