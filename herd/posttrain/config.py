@@ -143,7 +143,7 @@ class DistillSection:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the KL term; 1 - alpha on cross-entropy with the data
     top_k: int = 0  # > 0: keep only the teacher's top-k logits per position (cached to disk)
-    cache_dir: str = ""  # where top-k teacher logits go; "" = <output.dir>/teacher_topk
+    cache_dir: str = ""  # directory for teacher_topk.safetensors; "" = output.dir
 
 
 @dataclass

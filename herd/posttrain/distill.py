@@ -183,8 +183,7 @@ def run_distill(cfg: DistillConfig, *, log: Callable[[str], None] | None = print
     rows = chat_rows(ChatFormat(tok, version="3.1"), cfg.data.train, seq_len=cfg.data.seq_len)
     topk = None
     if cfg.distill.top_k > 0:
-        cache = Path(cfg.distill.cache_dir or Path(cfg.output.dir).parent / f".{Path(cfg.output.dir).name}-teacher") \
-            / "teacher_topk.safetensors"
+        cache = Path(cfg.distill.cache_dir or cfg.output.dir) / "teacher_topk.safetensors"
         cache_teacher_topk(teacher, rows[0], rows[2], k=cfg.distill.top_k, path=cache)
         topk = load_teacher_topk(cache)
         teacher = None  # freed: the cache is all training needs

@@ -46,6 +46,9 @@ def _nf4_levels() -> torch.Tensor:
 NF4_LEVELS = _nf4_levels()  # (16,) ascending, -1.0 ... 1.0
 MAX_HALF_GAP = float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2)
 _MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2  # (15,) decision boundaries
+# Byte -> its two levels (high nibble, low nibble): one gather decodes a byte, so dequantising
+# needs no unpacked index tensor (that alone was 8 bytes per weight as int64).
+_PAIR_LEVELS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)  # (256, 2)
 
 
 class NF4Weight(nn.Module):
@@ -88,10 +91,9 @@ class NF4Weight(nn.Module):
         return self.scale_codes.float() / 127 * groups + self.scale_mean
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        idx = torch.stack([self.codes >> 4, self.codes & 0xF], dim=1).reshape(-1).long()  # (numel,)
-        levels = NF4_LEVELS.to(self.codes.device)[idx].reshape(-1, self.block_size)  # (n_blocks, block)
-        w = levels * self.block_scales().unsqueeze(1)
-        return w.reshape(self.shape).to(dtype or self.dtype)
+        levels = _PAIR_LEVELS.to(self.codes.device)[self.codes.int()]  # (numel / 2, 2) fp32
+        w = levels.view(-1, self.block_size).mul_(self.block_scales().unsqueeze(1))  # (n_blocks, block)
+        return w.view(self.shape).to(dtype or self.dtype)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
