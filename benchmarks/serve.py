@@ -8,12 +8,13 @@ and send streamed chat-free completions back to back. What is measured:
 * throughput: completion tokens (from each response's `usage`) / wall time of the whole phase
 * latency: per request, from sending to the last byte; time to first token: to the first text chunk
 * p50 / p99 over the phase's requests (with a few dozen requests p99 is close to the maximum)
+* every phase runs `--rounds` times, in alternating order, and the summary takes the median
 
 The target (issue 6): 16 clients get at least 4x the aggregate throughput of 1, which is what
 continuous batching buys: one decode step reads the weights once for every running request.
 
     python benchmarks/serve.py                     # dim 512, 4 layers (~78 M params), 48 tokens per request
-    python benchmarks/serve.py --max-tokens 16     # quicker smoke run
+    python benchmarks/serve.py --max-tokens 16 --rounds 1   # quicker smoke run
 
 The last line printed is one JSON object with every figure.
 """
@@ -105,6 +106,18 @@ def phase(url: str, clients: int, requests_per_client: int, max_tokens: int) -> 
             "latency_mean_s": round(statistics.fmean(latencies), 3)}
 
 
+def measured_phase(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    """`phase`, plus the server's own view from /metrics: mean batch and time per decode step."""
+    before = scrape(url)
+    row = phase(url, clients, requests_per_client, max_tokens)
+    after = scrape(url)
+    steps = max(after["herd_decode_steps_total"] - before["herd_decode_steps_total"], 1)
+    row["mean_batch"] = round((after["herd_decode_rows_total"] - before["herd_decode_rows_total"]) / steps, 2)
+    row["decode_step_ms"] = round(1000 * (after["herd_decode_seconds_total"] - before["herd_decode_seconds_total"])
+                                  / steps, 2)
+    return row
+
+
 def scrape(url: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
@@ -119,13 +132,18 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per request")
-    p.add_argument("--requests", type=int, default=32, help="requests per phase (at least 2 per client)")
+    p.add_argument("--requests", type=int, default=8, help="requests per client: this / clients, at least 2")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the phases, in alternating order, so that load from other processes hits all alike")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--device", default="cpu", help="the server's torch device")
     p.add_argument("--compile", action="store_true", help="serve with the torch.compile'd decode step")
     p.add_argument("--tokenizer", help="tiktoken rank file (default: the Llama 3 tokenizer herd finds)")
     p.add_argument("--server-cpus", help="pin the server to these CPUs with taskset, e.g. 0,1 (clients stay free)")
+    p.add_argument("--server-threads", type=int,
+                   help="torch threads of the server (OMP_NUM_THREADS); on an oversubscribed machine 1 avoids "
+                        "OpenMP barrier stalls in every batched matmul")
     args = p.parse_args()
 
     margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=2, vocab_size=128256,
@@ -143,7 +161,10 @@ def main() -> None:
         if args.server_cpus:
             cmd = ["taskset", "-c", args.server_cpus, *cmd]
         log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.server_threads:
+            env["OMP_NUM_THREADS"] = str(args.server_threads)
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -158,30 +179,26 @@ def main() -> None:
             with httpx.Client(timeout=600) as warm:  # first-call costs (allocator, kernels) out of the figures
                 one_request(warm, url, "warm up", 4)
             rows = []
-            for clients in args.clients:
-                before = scrape(url)
-                row = phase(url, clients, max(2, args.requests // clients), args.max_tokens)
-                after = scrape(url)
-                steps = after["herd_decode_steps_total"] - before["herd_decode_steps_total"]
-                row["mean_batch"] = round((after["herd_decode_rows_total"] - before["herd_decode_rows_total"])
-                                          / max(steps, 1), 2)
-                row["decode_step_ms"] = round(1000 * (after["herd_decode_seconds_total"]
-                                                      - before["herd_decode_seconds_total"]) / max(steps, 1), 2)
-                rows.append(row)
-                print(f"{clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s   latency p50 {row['latency_p50_s']:.2f} s"
-                      f" p99 {row['latency_p99_s']:.2f} s   ttft p50 {row['ttft_p50_s']:.2f} s   mean batch"
-                      f" {row['mean_batch']:.1f}   step {row['decode_step_ms']:.1f} ms", flush=True)
+            for r in range(args.rounds):
+                for clients in args.clients if r % 2 == 0 else args.clients[::-1]:
+                    row = measured_phase(url, clients, max(2, args.requests // clients), args.max_tokens)
+                    rows.append({"round": r, **row})
+                    print(f"round {r} {clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s   latency p50"
+                          f" {row['latency_p50_s']:.2f} s p99 {row['latency_p99_s']:.2f} s   ttft p50 {row['ttft_p50_s']:.2f} s"
+                          f"   mean batch {row['mean_batch']:.1f}   step {row['decode_step_ms']:.1f} ms", flush=True)
         finally:
             server.terminate()
             server.wait(30)
             log.close()
 
-    by = {r["clients"]: r for r in rows}
+    tps = {c: statistics.median(r["tokens_per_s"] for r in rows if r["clients"] == c) for c in args.clients}
     summary = {"model": f"random-dim{args.dim}-{args.layers}L-vocab128256-fp32", "params": margs.num_params(),
                "device": args.device, "compile": args.compile, "server_cpus": args.server_cpus or f"all {os.cpu_count()}",
-               "max_batch": args.max_batch, "max_tokens": args.max_tokens, "results": rows}
-    if 1 in by and 16 in by:
-        summary["speedup_16_over_1"] = round(by[16]["tokens_per_s"] / by[1]["tokens_per_s"], 2)
+               "server_threads": args.server_threads or "default",
+               "max_batch": args.max_batch, "max_tokens": args.max_tokens,
+               "median_tokens_per_s": {str(c): round(v, 2) for c, v in tps.items()}, "results": rows}
+    if 1 in tps and 16 in tps:
+        summary["speedup_16_over_1"] = round(tps[16] / tps[1], 2)
         summary["target_4x_met"] = summary["speedup_16_over_1"] >= 4
     print(json.dumps(summary))
 
