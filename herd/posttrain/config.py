@@ -7,8 +7,9 @@ errors that list the valid ones; values are parsed to the declared type of their
 Trade-off: each command's config is its own dataclass tree (SFTConfig, DPOConfig, ...) that
 reuses the shared sections (model, optim, lora, output) instead of one big job config with
 every section optional. A file can then only contain what its command reads, and a typo in a
-DPO config is caught even if the same key would be valid for distillation. The generic
-TOML -> dataclass coercion is small and lives here until `herd.train.config` exposes one.
+DPO config is caught even if the same key would be valid for distillation. Override parsing is
+`herd.train.config`'s; the TOML -> dataclass coercion is repeated here (about 60 lines) because
+the trainer's is private to its one Config tree.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from herd.train.config import parse_overrides  # the same --section.key VALUE syntax as herd train
 
 T = TypeVar("T")
 
@@ -210,25 +213,6 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         tp = hints[name]
         kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
     return cls(**kwargs)
-
-
-def parse_overrides(argv: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """["--optim.lr", "3e-4", "--lora.rank=8"] -> [("optim.lr", "3e-4"), ("lora.rank", "8")]."""
-    out, i, argv = [], 0, list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise ValueError(f"expected an override --section.key VALUE, got {arg!r}")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ValueError(f"override {arg} has no value")
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        out.append((key, value))
-    return out
 
 
 def _apply_override(cfg: Any, key: str, text: str) -> None:

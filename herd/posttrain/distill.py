@@ -159,7 +159,7 @@ def train_distill(
                                alpha=alpha)
         return StepLoss(out.loss, tokens=x.numel(), metrics={"kl": out.kl.item(), "ce": out.ce.item()})
 
-    return DistillResult(fit(student.parameters(), step, optim, log=log, log_every=log_every, name="distill",
+    return DistillResult(fit(student, step, optim, log=log, log_every=log_every, name="distill",
                              max_seconds=max_seconds))
 
 

@@ -36,7 +36,7 @@ from herd.model import Transformer
 from herd.posttrain.config import DPOConfig, LoRAConfig, OptimConfig
 from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, read_preference_jsonl
 from herd.posttrain.io import write_json
-from herd.posttrain.lora import apply_lora, lora_disabled, lora_parameters
+from herd.posttrain.lora import apply_lora, lora_disabled
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
 from herd.tokenizer import ChatFormat, Message, Tokenizer
 
@@ -262,9 +262,6 @@ def train_dpo(
     if use_lora:
         apply_lora(policy, lora.targets, lora.rank, lora.alpha, dropout=lora.dropout,
                    quantize_base=lora.quantize_base)
-        params = lora_parameters(policy)
-    else:
-        params = list(policy.parameters())
     if reference_logps is None and reference is None and not use_lora:
         reference = copy.deepcopy(policy)
     if reference is not None:
@@ -294,7 +291,7 @@ def train_dpo(
                         metrics={"dpo": out.dpo.item(), "nll": out.nll.item(), "acc": out.accuracy,
                                  "margin": float((out.chosen_rewards - out.rejected_rewards).mean())})
 
-    result = fit(params, step, optim, log=log, log_every=log_every, name="dpo", max_seconds=max_seconds)
+    result = fit(policy, step, optim, log=log, log_every=log_every, name="dpo", max_seconds=max_seconds)
     recent = [m["acc"] for m in result.metrics[-10:]]
     return DPOResult(result, len(pairs), sum(recent) / max(len(recent), 1))
 

@@ -1,23 +1,28 @@
 """The optimisation loop every post-training stage shares: AdamW, warmup + cosine, clipping, logging.
 
 Each stage supplies only `loss_fn(step) -> StepLoss`; the loop does backward, clipping, the
-optimizer and scheduler step, timing and the log line. Post-training runs are short (hundreds
-of steps) and single-process here, so this stays a plain loop with no checkpoint/resume logic;
-a run that is cut off is rerun. Pretraining's trainer (`herd.train`) is the one with resumable
-state, sharding and accumulation.
+optimizer and scheduler step, timing and the log line. The parameter groups (no decay on norms
+and embeddings) and the warmup-cosine schedule are the pretraining trainer's own
+(`herd.train.optim`, `herd.train.schedule`), so both phases follow one rule.
+
+Trade-off: post-training runs are short (hundreds of steps) and single-process here, so this
+stays a plain loop without the trainer's DCP checkpoints, resume and gradient accumulation; a
+run that is cut off is rerun. Using `herd.train.Trainer` itself would need its data and loss to
+become pluggable (it reads token shards and computes next-token loss on every token).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from herd.posttrain.config import ModelConfig, OptimConfig
+from herd.train.optim import param_groups
+from herd.train.schedule import Schedule, StageSpan
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,14 +49,11 @@ class FitResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def schedule_for(cfg: OptimConfig, name: str = "posttrain") -> Schedule:
+    """The trainer's warmup + cosine as one stage: cfg.lr after warmup, cfg.lr * min_lr_ratio at the last step."""
+    return Schedule(peak_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
+                    decay_steps=max(cfg.steps - cfg.warmup_steps - 1, 1),
+                    spans=(StageSpan(0, name, 0, max(cfg.steps, 1), "cosine"),))
 
 
 def check_optim(cfg: OptimConfig) -> None:
@@ -64,7 +66,7 @@ def check_optim(cfg: OptimConfig) -> None:
 
 
 def fit(
-    params: Iterable[nn.Parameter],
+    model: nn.Module,
     loss_fn: Callable[[int], StepLoss],
     cfg: OptimConfig,
     *,
@@ -73,19 +75,19 @@ def fit(
     name: str = "train",
     max_seconds: float | None = None,
 ) -> FitResult:
-    """Run cfg.steps optimizer steps of `loss_fn` over `params` (stops early after max_seconds)."""
+    """Run cfg.steps optimizer steps of `loss_fn` over the trainable parameters of `model` (frozen
+    ones, e.g. a LoRA base, are left out); stops early once `max_seconds` have passed."""
     check_optim(cfg)
-    params = [p for p in params if p.requires_grad]
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters: everything is frozen")
-    # Weight decay on matrices only: decaying norm gains rescales activations instead of regularising.
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    schedule = schedule_for(cfg, name)
     losses, metrics, tokens = [], [], 0
     start = time.perf_counter()
     for step in range(cfg.steps):
-        lr = lr_at(step, cfg)
+        lr = schedule.lr(step)
         for g in opt.param_groups:
             g["lr"] = lr
         out = loss_fn(step)

@@ -175,7 +175,7 @@ def train_reward_model(
         loss = torch.stack(losses).sum() / len(batch)
         return StepLoss(loss, tokens=n_tokens, metrics={"acc": sum(acc) / len(batch)})
 
-    result = fit(model.parameters(), step, optim, log=log, log_every=log_every, name="rm")
+    result = fit(model, step, optim, log=log, log_every=log_every, name="rm")
     after = reward_accuracy(model, val_items) if val_items else None
     return RewardResult(result, after, before)
 

@@ -37,7 +37,7 @@ from herd.posttrain.data import (
     read_chat_jsonl,
 )
 from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
-from herd.posttrain.lora import apply_lora, lora_parameters, merge_lora, save_adapter
+from herd.posttrain.lora import apply_lora, merge_lora, save_adapter
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
 from herd.tokenizer import ChatFormat, ChatTokens, Message
 
@@ -162,9 +162,6 @@ def train_sft(
     if lora is not None and lora.rank > 0:
         apply_lora(model, lora.targets, lora.rank, lora.alpha, dropout=lora.dropout,
                    quantize_base=lora.quantize_base)
-        params = lora_parameters(model)
-    else:
-        params = list(model.parameters())
     model.train()
 
     def step(_: int) -> StepLoss:
@@ -172,7 +169,7 @@ def train_sft(
         loss = next_token_loss_sum(model, b) / max(b.num_targets, 1)
         return StepLoss(loss, tokens=b.inputs.numel())
 
-    result = fit(params, step, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
+    result = fit(model, step, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
     val = eval_loss(model, pack_sft(val_examples, seq_len=seq_len)) if val_examples else None
     per_row = float((targets != IGNORE).sum()) / max(inputs.shape[0], 1)
     return SFTResult(result, len(examples), inputs.shape[0], per_row, val)
