@@ -24,6 +24,7 @@ Design trade-offs:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -85,6 +86,25 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"job.device is {name!r} but no CUDA device is available; use \"cpu\" or \"auto\"")
     return device
+
+
+def keep_freed_memory_in_the_heap() -> None:
+    """On glibc, stop returning large freed blocks to the kernel (CPU training only).
+
+    A training step allocates and frees the same large activation buffers every time. glibc
+    serves blocks above 128 KiB with mmap and gives them back with munmap on free, so each step
+    page-faults all of its activations in again: on our 2-core machines that was ~13% of the
+    CPU time as system time, and steps ~20-30% slower (the same cure as running under jemalloc
+    or tcmalloc, which PyTorch recommends for CPU training). The cost is a resident set that
+    stays at its peak instead of shrinking between steps.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): their allocators do not have this problem to the same degree
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def build_training_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
@@ -149,6 +169,8 @@ class Trainer:
         self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
         self.loader_factory = loader_factory
         self.device = resolve_device(cfg.job.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_in_the_heap()
         self.out_dir = Path(cfg.job.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.schedule = Schedule.from_config(cfg)
