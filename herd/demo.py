@@ -1,49 +1,66 @@
-"""`make demo` / `herd demo`: the real pieces on real embedded data, in about a minute.
+"""`make demo` / `herd demo`: the whole recipe at toy scale, from raw text to samples, in about 10 minutes.
 
-Until training lands the model in this demo is *untrained* (random weights), and it says so.
-What is real: the Llama 3 tokenizer and chat format on Wikipedia leads in three languages and
-on Python source; checkpoint conversion HF -> Meta (split over 2 model-parallel files) -> HF
-with an exact-equality check on the logits; streamed generation through the KV cache.
-Everything the demo prints is also written to `<out>/demo.json`.
+1. checks: the Llama 3 tokenizer reproduces Meta's test vector, the 3.1 chat format and its SFT
+   mask, and an HF -> Meta (2 files) -> HF conversion that keeps the logits bit-identical;
+2. data: English Wikipedia leads, Jane Austen's novels and a little of Python's standard
+   library, each split into train / validation by a hash of the document id;
+3. a 4,096-token BPE vocabulary trained on the training split, and token shards per source;
+4. pretraining a 3.2M-parameter Llama 3 (configs/demo.toml), a context-extension stage, and an
+   annealing stage on a prose-only mix whose last checkpoints are averaged;
+5. validation loss against the unigram entropy of the data, and samples from a few prompts.
+
+Design trade-off: every stage's output is kept under --out and reused when it is complete (the
+tokenizer file, shard directories with their meta.json, training checkpoints), so a second run
+only repeats the parts that are cheap to check; nothing is cached between runs in memory or
+anywhere else. The shape and step counts are fixed in configs/demo.toml rather than adapted to
+the machine's speed, so the samples are the same quality everywhere and the run is
+reproducible; a busy machine takes longer instead of training less.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from herd.data.corpora import WIKI_LANGUAGES, python_stdlib_sources, wikipedia_leads
-from herd.generate import SamplingParams, stream_text
+from herd.data.corpora import Doc, austen_chapters, python_stdlib_sources, wikipedia_leads
+from herd.data.loader import PackedLoader
+from herd.data.shards import read_meta, tokenize_to_shards
+from herd.data.split import select_split
+from herd.generate import SamplingParams, generate
 from herd.model import ModelArgs, build_model
 from herd.model.formats import convert, load_model, save_model
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from herd.tokenizer.train_bpe import train_tokenizer
+from herd.train import Trainer, load_config
 
 GOLDEN = ("This is a test sentence.", [128000, 2028, 374, 264, 1296, 11914, 13, 128001])
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+VAL_FRACTION = 0.02
+BASE_VOCAB = 3840  # + 256 special tokens = the model's 4,096
+STDLIB_FILES = 40  # "a little Python": the first 40 standard-library modules, ~0.6M characters
+SOURCES: dict[str, Callable[[], Iterator[Doc]]] = {
+    "wiki": lambda: wikipedia_leads("en"),
+    "austen": lambda: austen_chapters(),
+    "code": lambda: python_stdlib_sources(limit=STDLIB_FILES),
+}
+PROMPTS = ["The history of the city", "Elizabeth looked at him and said", "In the nineteenth century,",
+           "The most important"]
 
 
 def _rule(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 72 - len(title)))
+    print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
 
 
-def compression_table(tok: Tokenizer) -> list[dict]:
-    """Characters and bytes per token on each embedded slice (higher = better compression)."""
-    slices = {f"wikipedia-{lang}": lambda lang=lang: wikipedia_leads(lang) for lang in WIKI_LANGUAGES}
-    slices["python-stdlib"] = lambda: python_stdlib_sources(limit=400)
-    rows = []
-    for name, docs in slices.items():
-        texts = [d.text for d in docs()]
-        ids = tok.encode_batch(texts, bos=False, eos=False)
-        n_tok = sum(len(x) for x in ids)
-        n_chr = sum(len(t) for t in texts)
-        n_byte = sum(len(t.encode("utf-8")) for t in texts)
-        rows.append(dict(slice=name, docs=len(texts), characters=n_chr, tokens=n_tok,
-                         chars_per_token=round(n_chr / n_tok, 3), bytes_per_token=round(n_byte / n_tok, 3)))
-    return rows
+# ---- 1. checks from the earlier demo -------------------------------------------------------------
 
 
 def chat_example(tok: Tokenizer) -> dict:
@@ -56,11 +73,10 @@ def chat_example(tok: Tokenizer) -> dict:
     ]
     enc = fmt.encode_dialog_prompt(dialog)
     trained = tok.decode([t for t, m in zip(enc.tokens, enc.assistant_mask) if m])
-    return dict(tokens=len(enc.tokens), assistant_tokens=sum(enc.assistant_mask), assistant_text=trained,
-                rendered=tok.decode(enc.tokens))
+    return dict(tokens=len(enc.tokens), assistant_tokens=sum(enc.assistant_mask), assistant_text=trained)
 
 
-def round_trip(tok: Tokenizer, out_dir: Path) -> tuple[torch.nn.Module, dict]:
+def round_trip(tok: Tokenizer, out_dir: Path) -> dict:
     """A small random 3.2-style model (tied embeddings, Llama 3 vocabulary): HF -> Meta (2 files)
     -> HF, logits compared. The HF and Meta copies stay in out_dir for trying the other commands."""
     args = ModelArgs(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=64,
@@ -71,76 +87,214 @@ def round_trip(tok: Tokenizer, out_dir: Path) -> tuple[torch.nn.Module, dict]:
     save_model(model, hf_dir, format="hf", overwrite=True)
     convert(hf_dir, meta_dir, to="meta", num_shards=2, overwrite=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        back_dir = Path(tmp) / "hf-again"
-        convert(meta_dir, back_dir, to="hf")
-        reloaded = load_model(back_dir).eval()
-        files = {d.name: sorted(p.name for p in d.iterdir()) for d in (hf_dir, meta_dir, back_dir)}
+        reloaded = load_model(convert(meta_dir, Path(tmp) / "hf-again", to="hf")).eval()
     probe = torch.tensor([tok.encode("Round trips must be exact.", bos=True, eos=False)])
     with torch.no_grad():
         identical = torch.equal(model(probe), reloaded(probe))
-    return reloaded, dict(params=args.num_params(), logits_identical=identical, files=files,
-                          hf_dir=str(hf_dir), meta_dir=str(meta_dir))
+    return dict(params=args.num_params(), logits_identical=identical, hf_dir=str(hf_dir), meta_dir=str(meta_dir))
+
+
+def checks(out_dir: Path, report: dict) -> Tokenizer:
+    _rule("1. checks: Llama 3 tokenizer, chat format, checkpoint formats")
+    llama3 = Tokenizer.from_file(llama3_tokenizer_path())
+    ids = llama3.encode(GOLDEN[0], bos=True, eos=True)
+    report["golden_ok"] = ids == GOLDEN[1]
+    print(f"tokenizer   {GOLDEN[0]!r} -> {ids} ({'matches' if report['golden_ok'] else 'DOES NOT MATCH'} "
+          "Meta's test vector)")
+    chat = chat_example(llama3)
+    print(f"chat 3.1    a 4-message dialog is {chat['tokens']} tokens; the SFT mask keeps the "
+          f"{chat['assistant_tokens']} assistant tokens {chat['assistant_text']!r}")
+    rt = round_trip(llama3, out_dir)
+    report["chat"], report["round_trip"] = chat, rt
+    print(f"formats     HF -> Meta (2 model-parallel files) -> HF on a random {rt['params']:,}-parameter model: "
+          f"logits {'bit-identical' if rt['logits_identical'] else 'DIFFERENT'}")
+    return llama3
+
+
+# ---- 2-3. data, tokenizer, shards ----------------------------------------------------------------
+
+
+def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict) -> dict[str, dict[str, Path]]:
+    _rule("2. data: Wikipedia (en) leads, Jane Austen, a little Python")
+    t0 = time.perf_counter()
+    stats = {}
+    for name, docs in SOURCES.items():
+        n_docs = n_chars = n_val = 0
+        for d in docs():
+            n_docs += 1
+            n_chars += len(d.text)
+        n_val = sum(1 for _ in select_split(docs(), "val", val_fraction=VAL_FRACTION))
+        stats[name] = dict(docs=n_docs, characters=n_chars, val_docs=n_val)
+        print(f"{name:>8}: {n_docs:>6,} documents, {n_chars:>10,} characters ({n_val} held out for validation)")
+    report["data"] = dict(sources=stats, seconds=round(time.perf_counter() - t0, 1))
+
+    _rule(f"3. tokenizer ({BASE_VOCAB:,} BPE tokens + 256 special) and token shards")
+    tok_path = out_dir / "tokenizer.model"
+    t0 = time.perf_counter()
+    if tok_path.is_file():
+        print(f"reusing {tok_path}")
+    else:
+        texts = (d.text for name in SOURCES for d in select_split(SOURCES[name](), "train", val_fraction=VAL_FRACTION))
+        trained = train_tokenizer(texts, tok_path, vocab_size=BASE_VOCAB)
+        print(f"trained on {trained.num_chars:,} characters of the training split -> {tok_path}")
+    tok = Tokenizer.from_file(tok_path)
+    held_out = [d.text for d in itertools.islice(select_split(SOURCES["wiki"](), "val", val_fraction=VAL_FRACTION), 100)]
+    n_bytes = sum(len(t.encode()) for t in held_out)
+    ours = sum(map(len, tok.encode_batch(held_out, bos=False, eos=False)))
+    theirs = sum(map(len, llama3.encode_batch(held_out, bos=False, eos=False)))
+    print(f"held-out Wikipedia: {n_bytes / ours:.2f} bytes/token with these {tok.n_words:,} tokens, "
+          f"{n_bytes / theirs:.2f} with Llama 3's 128,256")
+    tokenizer_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dirs: dict[str, dict[str, Path]] = {}
+    for name in SOURCES:
+        dirs[name] = {}
+        for split in ("train", "val"):
+            path = out_dir / "shards" / name / split
+            if (path / "meta.json").is_file():
+                info = read_meta(path)
+            else:
+                info = tokenize_to_shards(select_split(SOURCES[name](), split, val_fraction=VAL_FRACTION), path,
+                                          tokenizer_path=tok_path, num_workers=min(2, os.cpu_count() or 1),
+                                          source=f"{name} ({split})")
+            dirs[name][split] = path
+            print(f"{name:>8} {split:<5}: {info.num_docs:>6,} documents, {info.num_tokens:>9,} tokens -> {path}")
+    report["tokenizer"] = dict(path=str(tok_path), n_words=tok.n_words, seconds=round(tokenizer_seconds, 1),
+                               wiki_bytes_per_token=round(n_bytes / ours, 3))
+    report["shards_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"tokenizer {tokenizer_seconds:.1f} s, shards {report['shards_seconds']:.1f} s")
+    return dirs
+
+
+# ---- 4. training ---------------------------------------------------------------------------------
+
+
+def demo_config(out_dir: Path, dirs: dict[str, dict[str, Path]]):
+    """configs/demo.toml with its paths pointed at out_dir, through the same overrides as the CLI."""
+    if not CONFIG.is_file():
+        raise FileNotFoundError(f"{CONFIG} is missing; the demo runs from a source checkout (pip install -e .)")
+    paths = lambda *names: ",".join(str(dirs[n]["train"]) for n in names)  # noqa: E731
+    overrides = [
+        "--job.out_dir", str(out_dir / "train"),
+        "--data.train", paths("wiki", "austen", "code"),
+        "--data.val", f"{dirs['wiki']['val']},{dirs['austen']['val']}",
+        "--data.tokenizer", str(out_dir / "tokenizer.model"),
+        "--stages.anneal.train", paths("wiki", "austen"),
+    ]
+    return load_config(CONFIG, overrides)
+
+
+def train(cfg, report: dict):
+    _rule("4. training: pretrain -> context extension -> annealing + checkpoint averaging")
+    args = cfg.model.args()
+    print(f"model: {args.num_params():,} parameters ({args.n_layers} layers, dim {args.dim}, "
+          f"{args.n_heads}/{args.n_kv_heads} heads, vocabulary {args.vocab_size:,}); "
+          f"{sum(s.steps for s in cfg.stages)} steps in {len(cfg.stages)} stages; config {CONFIG.name}")
+    result = Trainer(cfg, log=lambda msg: print(f"[train] {msg}", flush=True)).fit()
+    report["train"] = dict(seconds=round(result.seconds, 1), steps=result.steps, tokens=result.tokens_seen,
+                           resumed_from=result.resumed_from, loss_plot=result.loss_plot,
+                           stages=[s.__dict__ for s in result.stages])
+    return result
+
+
+# ---- 5. evaluation and samples -------------------------------------------------------------------
+
+
+def unigram_report(cfg, model, dirs: dict[str, dict[str, Path]]) -> dict:
+    """Validation loss of `model` and of a unigram model (training-token frequencies) on the same targets."""
+    counts = np.zeros(cfg.model.args().vocab_size, dtype=np.float64)
+    for name in SOURCES:
+        info = read_meta(dirs[name]["train"])
+        for shard in info.shards:
+            tokens = np.fromfile(info.path / shard.file, dtype="<u4")
+            counts += np.bincount(tokens, minlength=counts.size)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    log_q = np.log((counts + 1) / (counts.sum() + counts.size))  # add-one, so unseen tokens are finite
+
+    val = [str(dirs["wiki"]["val"]), str(dirs["austen"]["val"])]
+    total_val = sum(read_meta(v).num_tokens for v in val)
+    rows, seq = 8, cfg.val_seq_len
+    loader = PackedLoader(val, seq_len=seq, batch_size=rows, seed=0)
+    model_nll = unigram_nll = 0.0
+    n = 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(min(max(total_val // (rows * seq), 1), 12)):  # up to ~25K held-out tokens
+            b = loader.next_batch()
+            logits = model(b.inputs, doc_ids=b.doc_ids)
+            keep = b.targets != -100
+            model_nll += torch.nn.functional.cross_entropy(logits[keep], b.targets[keep], reduction="sum").item()
+            unigram_nll += float(-log_q[b.targets[keep].numpy()].sum())
+            n += int(keep.sum())
+    return dict(val_tokens=n, val_loss=model_nll / n, unigram_val_loss=unigram_nll / n, unigram_entropy=entropy)
+
+
+def samples(model, tok: Tokenizer) -> list[dict]:
+    prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
+    results = generate(model, prompts, max_new_tokens=40, stop_tokens=(tok.eos_id,),
+                       sampling=SamplingParams(temperature=0.7, top_p=0.9, seed=0))
+    return [dict(prompt=p, completion=tok.decode(r.tokens)) for p, r in zip(PROMPTS, results)]
 
 
 def run_demo(out_dir: Path = Path("runs/demo")) -> dict:
-    t0 = time.time()
+    t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {}
+    timings: list[tuple[str, float]] = []
 
-    _rule("Llama 3 tokenizer (tiktoken engine, 128,000 BPE ranks + 256 special tokens)")
-    tok = Tokenizer.from_file(llama3_tokenizer_path())
-    ids = tok.encode(GOLDEN[0], bos=True, eos=True)
-    print(f"{GOLDEN[0]!r} -> {ids}  ({'matches' if ids == GOLDEN[1] else 'DOES NOT MATCH'} Meta's test vector)")
-    report["golden_ok"] = ids == GOLDEN[1]
+    def timed(name: str, fn, *args):
+        t = time.perf_counter()
+        value = fn(*args)
+        timings.append((name, time.perf_counter() - t))
+        return value
 
-    _rule("Compression on the embedded corpora")
-    rows = compression_table(tok)
-    print(f"{'slice':<16}{'docs':>7}{'characters':>13}{'tokens':>11}{'chars/token':>13}{'bytes/token':>13}")
-    for r in rows:
-        print(f"{r['slice']:<16}{r['docs']:>7}{r['characters']:>13,}{r['tokens']:>11,}"
-              f"{r['chars_per_token']:>13.2f}{r['bytes_per_token']:>13.2f}")
-    report["compression"] = rows
+    llama3 = timed("checks", checks, out_dir, report)
+    dirs = timed("data + tokenizer + shards", prepare_data, out_dir, llama3, report)
+    cfg = demo_config(out_dir, dirs)
+    result = timed("training (3 stages)", train, cfg, report)
 
-    _rule("Chat format 3.1 (the assistant mask is what SFT trains on)")
-    chat = chat_example(tok)
-    print(chat["rendered"])
-    print(f"\n{chat['tokens']} tokens; {chat['assistant_tokens']} in the assistant mask: {chat['assistant_text']!r}")
-    report["chat"] = chat
+    _rule("5. evaluation and samples")
+    t0 = time.perf_counter()
+    final_dir = Path(result.stages[-1].averaged)
+    model = load_model(final_dir).eval()
+    tok = Tokenizer.from_file(final_dir / "tokenizer.model")
+    ev = unigram_report(cfg, model, dirs)
+    report["eval"] = ev
+    print(f"validation loss of the final (averaged) model: {ev['val_loss']:.3f} nats/token over {ev['val_tokens']:,} "
+          f"held-out tokens")
+    print(f"unigram entropy of the training tokens:       {ev['unigram_entropy']:.3f} nats/token "
+          f"(a unigram model scores {ev['unigram_val_loss']:.3f} on the same held-out tokens)")
+    print(f"the model is {ev['unigram_val_loss'] - ev['val_loss']:.2f} nats/token better than token frequencies "
+          f"alone (perplexity {math.exp(ev['val_loss']):,.0f} vs {math.exp(ev['unigram_val_loss']):,.0f})")
+    report["samples"] = samples(model, tok)
+    print(f"\nsamples from {final_dir} (temperature 0.7, top-p 0.9); loss plot: {result.loss_plot}")
+    for s in report["samples"]:
+        print(f"  > {s['prompt']}{s['completion']}")
+    timings.append(("evaluation + samples", time.perf_counter() - t0))
 
-    _rule("Checkpoint formats: HF -> Meta (2 model-parallel files) -> HF")
-    model, rt = round_trip(tok, out_dir)
-    for name, files in rt["files"].items():
-        print(f"{name:>15}: {', '.join(files)}")
-    print(f"{rt['params']:,} parameters; logits after the round trip are "
-          f"{'bit-identical' if rt['logits_identical'] else 'DIFFERENT'}")
-    print(f"kept for trying the other commands: {rt['hf_dir']}, {rt['meta_dir']} (untrained)")
-    report["round_trip"] = {k: v for k, v in rt.items() if k != "files"}
+    _rule("what each stage did")
+    rows = [(name, f"{sec:.1f} s") for name, sec in timings[:2]]
+    for s in result.stages:
+        did = f"{s.steps} steps, {s.tokens:,} tokens" if s.tokens else f"{s.steps} steps (reused)"
+        val = f", val loss {s.val_loss:.3f}" if s.val_loss is not None else ""
+        avg = f", averaged val loss {s.averaged_val_loss:.3f}" if s.averaged_val_loss is not None else ""
+        rows.append((f"  {s.name}", f"{s.seconds:.1f} s  ({did}{val}{avg})"))
+    rows += [(name, f"{sec:.1f} s") for name, sec in timings[2:]]
+    for name, text in rows:
+        print(f"{name:<28}{text}")
 
-    _rule("Generation through the KV cache -- UNTRAINED MODEL (random weights): expect gibberish")
-    fmt = ChatFormat(tok, version="3.1")
-    prompt = fmt.encode_dialog_prompt([Message(role="user", content="Tell me about llamas.")]).tokens
-    print("user> Tell me about llamas.\nllama> ", end="", flush=True)
-    events = stream_text(model, tok, [prompt], max_new_tokens=24, sampling=SamplingParams(temperature=0.8, seed=0))
-    text = ""
-    while True:
-        try:
-            event = next(events)
-        except StopIteration as done:
-            result = done.value[0]
-            break
-        text += event.texts[0]
-        print(event.texts[0], end="", flush=True)
-    print(f"\n[{len(result.tokens)} tokens, finish: {result.finish_reason}]")
-    report["generation"] = dict(untrained=True, text=text, finish_reason=result.finish_reason)
-
-    report["seconds"] = round(time.time() - t0, 1)
+    report["timings"] = {name: round(sec, 1) for name, sec in timings}
+    report["seconds"] = round(time.time() - t_start, 1)
     path = out_dir / "demo.json"
     fd, tmp_name = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+        json.dump(report, f, indent=2, ensure_ascii=False, default=str)
     os.replace(tmp_name, path)  # atomic: a crash never leaves half a report
-    _rule(f"done in {report['seconds']} s; report written to {path}")
-    print(f"next: herd info {rt['hf_dir']}   |   herd chat {rt['hf_dir']}")
-    if not (report["golden_ok"] and rt["logits_identical"]):
+    _rule(f"done in {report['seconds']:.0f} s; report {path}")
+    print(f"try: herd generate {final_dir} --prompt \"The river\"   |   herd info {final_dir}")
+    if not (report["golden_ok"] and report["round_trip"]["logits_identical"]):
         raise ValueError("the demo's exactness checks failed (see above)")
     return report
