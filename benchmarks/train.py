@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      vocab_size=opts.vocab, multiple_of=256, max_seq_len=S)
     flops_per_token = args.flops_per_token(S)
-    peak_start = measure_matmul_peak(torch.device("cpu"), torch.float32)
+    peak_start = measure_matmul_peak(torch.device("cpu"), torch.float32, cached=False)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = config_from_dict({
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"round {r + 1}/{opts.rounds}: " + ", ".join(f"{n} {tok_s[n][-1]:,.0f} tok/s" for n in contenders),
                   file=sys.stderr, flush=True)
 
-    peak = max(peak_start, measure_matmul_peak(torch.device("cpu"), torch.float32))
+    peak = max(peak_start, measure_matmul_peak(torch.device("cpu"), torch.float32, cached=False))
     med = {name: statistics.median(v) for name, v in tok_s.items()}
     result = {
         "benchmark": "train", "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(),

@@ -188,7 +188,7 @@ def cmd_convert(opts) -> None:
 def cmd_demo(opts) -> None:
     from herd.demo import run_demo
 
-    run_demo(out_dir=Path(opts.out))
+    run_demo(out_dir=Path(opts.out), quick=opts.quick)
 
 
 def cmd_plan(opts) -> None:
@@ -528,6 +528,8 @@ def _serve_args(p):
 
 def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
+    p.add_argument("--quick", action="store_true",
+                   help="every stage at a fraction of its size (about a minute): checks the chain, not the model")
 
 
 def _plan_args(p):

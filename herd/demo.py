@@ -7,7 +7,13 @@
 3. a 4,096-token BPE vocabulary trained on the training split, and token shards per source;
 4. pretraining a 3.2M-parameter Llama 3 (configs/demo.toml), a context-extension stage, and an
    annealing stage on a prose-only mix whose last checkpoints are averaged;
-5. validation loss against the unigram entropy of the data, and samples from a few prompts.
+5. validation loss against the unigram entropy of the data, and samples from a few prompts;
+6. long context: needle-in-a-haystack accuracy and short-context loss of the model before and
+   after the context-extension stage (herd.eval.demo), with heatmaps;
+7. post-training: SFT on chat dialogs, then DPO on preference pairs, the same prompts answered
+   before and after, preference accuracy on held-out pairs (herd.posttrain.demo).
+
+`herd demo --quick` runs every stage at a fraction of its size (about a minute) to check the chain.
 
 Design trade-off: every stage's output is kept under --out and reused when it is complete (the
 tokenizer file, shard directories with their meta.json, training checkpoints), so a second run
@@ -41,6 +47,7 @@ from herd.model.formats import convert, load_model, save_model
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
 from herd.tokenizer.train_bpe import train_tokenizer
 from herd.train import Trainer, load_config
+from herd.train.export import export_checkpoint
 
 GOLDEN = ("This is a test sentence.", [128000, 2028, 374, 264, 1296, 11914, 13, 128001])
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
@@ -170,7 +177,15 @@ def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict) -> dict[str, di
 # ---- 4. training ---------------------------------------------------------------------------------
 
 
-def demo_config(out_dir: Path, dirs: dict[str, dict[str, Path]]):
+# `herd demo --quick`: every stage at a fraction of its size (about a minute in all), to check that
+# the whole chain works on a machine; the samples are noise at this size.
+QUICK_OVERRIDES = ["--stages.pretrain.steps", "12", "--stages.context.steps", "2", "--stages.anneal.steps", "4",
+                   "--stages.anneal.checkpoint_every", "2", "--stages.anneal.average_last", "2",
+                   "--checkpoint.every", "6", "--metrics.val_every", "6", "--metrics.val_batches", "2",
+                   "--metrics.log_every", "4"]
+
+
+def demo_config(out_dir: Path, dirs: dict[str, dict[str, Path]], *, quick: bool = False):
     """configs/demo.toml with its paths pointed at out_dir, through the same overrides as the CLI."""
     if not CONFIG.is_file():
         raise FileNotFoundError(f"{CONFIG} is missing; the demo runs from a source checkout (pip install -e .)")
@@ -182,7 +197,7 @@ def demo_config(out_dir: Path, dirs: dict[str, dict[str, Path]]):
         "--data.tokenizer", str(out_dir / "tokenizer.model"),
         "--stages.anneal.train", paths("wiki", "austen"),
     ]
-    return load_config(CONFIG, overrides)
+    return load_config(CONFIG, overrides + (QUICK_OVERRIDES if quick else []))
 
 
 def train(cfg, report: dict):
@@ -239,21 +254,74 @@ def samples(model, tok: Tokenizer) -> list[dict]:
     return [dict(prompt=p, completion=tok.decode(r.tokens)) for p, r in zip(PROMPTS, results)]
 
 
-def run_demo(out_dir: Path = Path("runs/demo")) -> dict:
+def _stage(result, name: str):
+    for s in result.stages:
+        if s.name == name:
+            return s
+    raise ValueError(f"configs/demo.toml has no stage named {name!r}; the demo needs pretrain, context, anneal")
+
+
+def long_context(cfg, result, dirs: dict[str, dict[str, Path]], out_dir: Path, report: dict, *,
+                 quick: bool) -> None:
+    """Needle accuracy and short-context loss of the model before and after the context stage."""
+    from herd.eval.demo import run_long_context_demo
+
+    pre, ctx = _stage(result, "pretrain"), _stage(result, "context")
+    long_len = next(s.max_seq_len for s in cfg.stages if s.name == "context")
+    short_len = cfg.model.args().max_seq_len
+    _rule(f"6. long context: needle in a haystack at up to {long_len} tokens, before and after extension")
+    models = {}
+    for label, stage in (("before", pre), ("after", ctx)):
+        path = export_checkpoint(stage.checkpoint, out_dir / f"{stage.name}-hf", format="hf", overwrite=True)
+        # RoPE tables as long as the longest prompt: the pretrained model is measured at positions
+        # it never trained on, which is what extension is for.
+        models[label] = load_model(path, max_seq_len=long_len + 64).eval()  # + room for the answer
+    tok = Tokenizer.from_file(out_dir / "tokenizer.model")
+    info = read_meta(dirs["wiki"]["val"])
+    val_tokens = np.concatenate([np.fromfile(info.path / sh.file, dtype="<u4") for sh in info.shards])
+    val_tokens = val_tokens[: (4 if quick else 24) * short_len].tolist()
+    lengths = [short_len // 2, short_len, long_len] if not quick else [short_len, long_len]
+    lc = run_long_context_demo(models["before"], models["after"], tok, out_dir=out_dir / "long_context",
+                               val_tokens=val_tokens, short_len=short_len, lengths=lengths,
+                               trials=1 if quick else 4, echo=lambda m: print(m, flush=True))
+    report["long_context"] = dict(
+        lengths=lengths, short_len=short_len,
+        needle_before={n: lc.needle_before.accuracy_at_length(n) for n in lengths},
+        needle_after={n: lc.needle_after.accuracy_at_length(n) for n in lengths},
+        val_loss_before=lc.val_loss_before, val_loss_after=lc.val_loss_after, heatmap=str(lc.heatmap))
+    print(f"needle heatmaps: {lc.heatmap}")
+
+
+def posttrain(final_dir: Path, out_dir: Path, report: dict, *, quick: bool) -> None:
+    """SFT then DPO on the pretrained model; answers and preference accuracy before and after."""
+    from herd.posttrain.demo import DemoConfig, run_posttrain_demo
+
+    _rule("7. post-training: SFT on chat dialogs, then DPO on preference pairs")
+    config = DemoConfig()
+    if quick:
+        config.sft.steps, config.dpo.steps, config.train_pairs, config.held_out_pairs = 6, 3, 24, 16
+        config.sft.warmup_steps, config.dpo.warmup_steps = 2, 1
+        config.max_new_tokens = 8
+    report["posttrain"] = run_posttrain_demo(final_dir, out_dir / "posttrain", config=config,
+                                             log=lambda m: print(m, flush=True))
+
+
+def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
+    """The whole speedrun; prints as it goes, returns the report it also writes to out_dir/demo.json."""
     t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict = {}
+    report: dict = {"quick": quick}
     timings: list[tuple[str, float]] = []
 
-    def timed(name: str, fn, *args):
+    def timed(name: str, fn, *args, **kwargs):
         t = time.perf_counter()
-        value = fn(*args)
+        value = fn(*args, **kwargs)
         timings.append((name, time.perf_counter() - t))
         return value
 
     llama3 = timed("checks", checks, out_dir, report)
     dirs = timed("data + tokenizer + shards", prepare_data, out_dir, llama3, report)
-    cfg = demo_config(out_dir, dirs)
+    cfg = demo_config(out_dir, dirs, quick=quick)
     result = timed("training (3 stages)", train, cfg, report)
 
     _rule("5. evaluation and samples")
@@ -274,6 +342,9 @@ def run_demo(out_dir: Path = Path("runs/demo")) -> dict:
     for s in report["samples"]:
         print(f"  > {s['prompt']}{s['completion']}")
     timings.append(("evaluation + samples", time.perf_counter() - t0))
+
+    timed("long context (needle)", long_context, cfg, result, dirs, out_dir, report, quick=quick)
+    timed("post-training (SFT, DPO)", posttrain, final_dir, out_dir, report, quick=quick)
 
     _rule("what each stage did")
     rows = [(name, f"{sec:.1f} s") for name, sec in timings[:2]]

@@ -29,10 +29,21 @@ import torch
 from herd.train.config import MetricsConfig
 
 
+_PEAKS: dict[tuple, float] = {}
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int | None = None,
-                        seconds: float = 1.0) -> float:
-    """Best FLOP/s of a square matmul in `dtype` on `device` over about `seconds` of trials."""
+                        seconds: float = 1.0, cached: bool = True) -> float:
+    """Best FLOP/s of a square matmul in `dtype` on `device` over about `seconds` of trials.
+
+    Measured once per process and device/dtype/size (each measurement costs a few seconds, and a
+    process that builds several trainers, like the demo or a test run, would pay it each time);
+    `cached=False` measures again, e.g. for a benchmark that brackets its run with two readings.
+    """
     n = size or (2048 if device.type == "cpu" else 8192)
+    key = (str(device), dtype, n)
+    if cached and key in _PEAKS:
+        return _PEAKS[key]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -46,7 +57,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
         sync()
         best = min(best, time.perf_counter() - t)
         trials += 1
-    return 2 * n**3 / best
+    peak = 2 * n**3 / best
+    if cached:
+        _PEAKS[key] = peak
+    return peak
 
 
 @dataclass

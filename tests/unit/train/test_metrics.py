@@ -1,0 +1,19 @@
+import time
+
+import torch
+
+from herd.train.metrics import measure_matmul_peak
+
+
+def test_matmul_peak_is_measured_once_per_process():
+    cpu = torch.device("cpu")
+    first = measure_matmul_peak(cpu, torch.float32, size=256, seconds=0.05)
+    # A 256^3 matmul is ~33.5 MFLOP: any real machine does it at well over 0.1 GFLOP/s and far
+    # under 100 TFLOP/s.
+    assert 1e8 < first < 1e14
+    t = time.perf_counter()
+    again = measure_matmul_peak(cpu, torch.float32, size=256, seconds=0.05)
+    assert again == first and time.perf_counter() - t < 0.01
+    fresh = measure_matmul_peak(cpu, torch.float32, size=256, seconds=0.05, cached=False)
+    assert 1e8 < fresh < 1e14
+    assert measure_matmul_peak(cpu, torch.float32, size=256) == first  # a fresh reading does not replace it
