@@ -219,15 +219,23 @@ class DebianReader(FolderReader):
 
     type: ClassVar[str] = "debian"
     packages: list[str] = field(default_factory=list)
-    cache_dir: str = "~/.cache/herd/debian"
+    cache_dir: str = ""  # default: herd.data.debian.debian_cache_dir() ($HERD_CACHE/debian, ~/.cache/herd/debian)
     name: str = "debian"
     warc: bool = False
     warc_parts: int = 8
+    # Where the WARC files are written (default: <cache_dir>/warc). A run that must not share
+    # them with other runs of the same reader name (tests, the speedrun) points this at its own folder.
+    warc_dir: str = ""
+
+    def _cache(self) -> Path:
+        from herd.data.debian import debian_cache_dir
+
+        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else debian_cache_dir()
 
     def _root(self) -> Path:
         from herd.data.debian import fetch_packages
 
-        root = fetch_packages(self.packages, cache_dir=Path(os.path.expanduser(self.cache_dir)))
+        root = fetch_packages(self.packages, cache_dir=self._cache())
         return root / self.root.lstrip("/")
 
     def units(self) -> list[str]:
@@ -241,7 +249,8 @@ class DebianReader(FolderReader):
         for part in range(self.warc_parts):
             chunk = files[part :: self.warc_parts]
             if chunk:
-                warc = Path(os.path.expanduser(self.cache_dir)) / "warc" / f"{self.name}-{part:03d}.warc.gz"
+                folder = Path(os.path.expanduser(self.warc_dir)) if self.warc_dir else self._cache() / "warc"
+                warc = folder / f"{self.name}-{part:03d}.warc.gz"
                 write_warc((d for f in chunk for d in FolderReader.read(self, f)), warc, source_files=chunk)
                 out.append(str(warc))
         return out

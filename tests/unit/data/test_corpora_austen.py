@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from herd.data import corpora
+from herd.data import corpora, debian
 from herd.data.corpora import (
     RSymbol, RVector, austen_chapters, austen_data_dir, check_sources, fetch_austen, jsonl_docs,
     r_unserialize, read_r_lazyload_db, read_sources,
@@ -192,7 +192,7 @@ def test_a_non_text_object_is_an_error(tmp_path):
 
 
 def test_fetch_without_apt_names_the_manual_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"apt-get download r-cran-janeaustenr && dpkg -x"):
         fetch_austen(cache_dir=tmp_path)
 
