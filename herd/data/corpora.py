@@ -1,6 +1,6 @@
 """Readers for the real text corpora that install with herd's demo extras: no hub downloads.
 
-Each reader yields `Doc(id, text, source)` records and nothing else, so the same records can
+Each reader yields `Doc(id, text, source, topic)` records and nothing else, so the same records can
 feed the tokenizer demo now and the curation pipeline later. Files are located through
 `importlib.metadata` / `sysconfig`, never by importing the data packages (the Wikipedia one
 fails to import without its framework). Jane Austen's novels come from a Debian package that
@@ -33,6 +33,8 @@ class Doc:
     id: str
     text: str
     source: str
+    # Wikipedia's vital-article topic ("Mathematics", "Arts", ...); "" for other sources.
+    topic: str = ""
 
 
 def _wiki_file(lang: str) -> Path:
@@ -59,7 +61,8 @@ def wikipedia_leads(lang: str = "en") -> Iterator[Doc]:
     for title in sorted(articles):
         text = (articles[title].get("extract") or "").strip()
         if text:
-            yield Doc(id=f"wiki-{lang}/{title}", text=text, source=f"wikipedia-{lang}")
+            yield Doc(id=f"wiki-{lang}/{title}", text=text, source=f"wikipedia-{lang}",
+                      topic=articles[title].get("topic") or "")
 
 
 def python_stdlib_sources(*, limit: int | None = None) -> Iterator[Doc]:

