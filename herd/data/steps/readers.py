@@ -1,5 +1,6 @@
 """Readers: files on disk -> `Document`s. WARC, JSONL (plain/gz/zstd), Parquet, folders of HTML
-or text, Debian packages (fetched into a cache), and the Wikipedia leads that ship on PyPI.
+or text, Debian packages (fetched into a cache), the Wikipedia leads that ship on PyPI, Jane
+Austen's novels and the Python standard library (`herd.data.corpora`).
 
 Trade-off: a reader is split into `units()` (the list of files, computed once in the parent
 process) and `read(unit)` (a generator run in a worker). The executor assigns units to shards
@@ -170,7 +171,7 @@ class FolderReader(Reader):
 
     type: ClassVar[str] = "folder"
     root: str = ""
-    glob: str = "**/*.html"
+    glob: str | list[str] = "**/*.html"  # several patterns: their files in this order
     name: str = "folder"
     format: str = "html"  # or "text"
     url_template: str = "file://{abspath}"
@@ -187,9 +188,13 @@ class FolderReader(Reader):
     def units(self) -> list[str]:
         if self.format not in ("html", "text"):
             raise ValueError(f"folder reader {self.name}: format must be 'html' or 'text', not {self.format!r}")
-        files = sorted(p for p in self._root().glob(self.glob) if p.is_file())
-        if not files:
-            raise FileNotFoundError(f"folder reader {self.name}: nothing matches {self.glob!r} under {self._root()}")
+        root = self._root()
+        files: list[Path] = []
+        for pattern in [self.glob] if isinstance(self.glob, str) else self.glob:
+            hits = sorted(p for p in root.glob(pattern) if p.is_file() and p not in files)
+            if not hits:
+                raise FileNotFoundError(f"folder reader {self.name}: nothing matches {pattern!r} under {root}")
+            files += hits
         files = files[:: max(1, self.every)]
         if self.limit is not None:
             files = files[: self.limit]
@@ -320,6 +325,34 @@ class PythonStdlibReader(Reader):
                 yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text"})
 
 
+@dataclass
+class AustenReader(Reader):
+    """Jane Austen's six novels, one document per chapter (`herd.data.corpora.austen_chapters`,
+    from the Debian package `r-cran-janeaustenr`, fetched into herd's cache on first use);
+    `limit` keeps the first chapters in novel order, `data_dir` reads an unpacked copy elsewhere."""
+
+    type: ClassVar[str] = "austen"
+    name: str = "austen"
+    limit: int | None = None
+    data_dir: str | None = None
+    parts: int = 4
+
+    def units(self) -> list[str]:
+        return [str(k) for k in range(self.parts)]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        from herd.data.corpora import AUSTEN_TITLES, austen_chapters
+
+        data_dir = os.path.expanduser(self.data_dir) if self.data_dir else None
+        for i, d in enumerate(austen_chapters(data_dir)):
+            if self.limit is not None and i >= self.limit:
+                return
+            if i % self.parts == int(unit):
+                novel = d.id.split("/")[1]
+                yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text",
+                                                               "title": AUSTEN_TITLES.get(novel, novel)})
+
+
 READERS: dict[str, type[Reader]] = {
     r.type: r for r in (WarcReader, JsonlReader, ParquetReader, FolderReader, DebianReader, WikipediaReader,
-                       PythonStdlibReader)}
+                       PythonStdlibReader, AustenReader)}

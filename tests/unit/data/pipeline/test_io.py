@@ -185,3 +185,16 @@ def test_wikipedia_topics_come_with_each_lead():
     docs = [d for u in r.units() for d in r.read(u)]
     assert len(docs) == 50 and not maths & {d.id for d in docs}
     assert all(d.metadata["topic"] == raw[d.id.split("/", 1)[1]].get("topic", "") for d in docs)
+
+
+def test_folder_reader_globs_in_the_order_given(tmp_path):
+    for loc in ("de-DE", "en-US", "fr-FR"):
+        (tmp_path / loc).mkdir()
+        for name in ("b.html", "a.html"):
+            (tmp_path / loc / name).write_text(PAGE)
+    r = FolderReader(root=str(tmp_path), glob=["fr-FR/*.html", "en-US/*.html", "*/a.html"])
+    assert [u.split("/")[-2] + "/" + u.split("/")[-1] for u in r.units()] == [
+        "fr-FR/a.html", "fr-FR/b.html", "en-US/a.html", "en-US/b.html", "de-DE/a.html"]
+    with pytest.raises(FileNotFoundError, match="it-IT"):
+        FolderReader(root=str(tmp_path), glob=["en-US/*.html", "it-IT/*.html"]).units()
+
