@@ -187,6 +187,16 @@ def test_wikipedia_topics_come_with_each_lead():
     assert all(d.metadata["topic"] == raw[d.id.split("/", 1)[1]].get("topic", "") for d in docs)
 
 
+def test_langid_where_passes_other_documents_unlabelled():
+    stats = StepStats(name="langid", type="langid")
+    docs = [Document(id=k, text=v, metadata={"source": "web"}) for k, v in SHORT.items()]
+    docs.append(Document(id="code", text="for i in range(10):\n    print(i)", metadata={"source": "code"}))
+    out = list(LangId(languages=["en"], where={"source": ["web"]})(docs, stats))
+    stats.check()
+    assert [d.id for d in out] == ["en", "code"] and "language" not in out[1].metadata
+    assert stats.dropped == {"language_not_kept": 3} and stats.counters["not_applied"] == 1
+
+
 def test_folder_reader_globs_in_the_order_given(tmp_path):
     for loc in ("de-DE", "en-US", "fr-FR"):
         (tmp_path / loc).mkdir()
