@@ -13,11 +13,13 @@ so the pipeline's WARC reader is exercised on real pages with their real URLs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -103,7 +105,13 @@ def write_warc(docs: Iterable[Document], path: Path, *, source_files: list[str] 
             payload = doc.text.encode("utf-8")
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                                   ("Content-Length", str(len(payload)))], protocol="HTTP/1.1")
-            warc_headers = {"WARC-Date": doc.timestamp} if doc.timestamp else None
+            # A record id derived from what the record holds (warcio's default is a random uuid), so
+            # rewriting the same pages gives the same ids, and steps that sample by id (the mix)
+            # choose the same pages in every fresh run.
+            key = f"{doc.url}\n{doc.timestamp or ''}\n{hashlib.sha256(payload).hexdigest()}"
+            warc_headers = {"WARC-Record-ID": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>"}
+            if doc.timestamp:
+                warc_headers["WARC-Date"] = doc.timestamp
             rec = w.create_warc_record(doc.url, "response", payload=io.BytesIO(payload), http_headers=headers,
                                        warc_headers_dict=warc_headers)
             w.write_record(rec)

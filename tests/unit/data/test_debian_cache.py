@@ -59,3 +59,21 @@ def test_cache_locations_follow_herd_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("HERD_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert debian_cache_dir() == tmp_path / "x" / "herd" / "debian"
+
+
+def test_warc_record_ids_depend_only_on_the_record(tmp_path):
+    from herd.data.debian import write_warc
+    from herd.data.document import Document
+    from herd.data.steps.readers import WarcReader
+
+    pages = [Document(id="1", text="<p>one</p>", url="https://ex.org/1", timestamp="2024-01-01T00:00:00Z"),
+             Document(id="2", text="<p>two</p>", url="https://ex.org/2"),
+             Document(id="3", text="<p>one, again</p>", url="https://ex.org/1", timestamp="2024-01-01T00:00:00Z")]
+
+    def ids(path):
+        write_warc(pages, path)
+        return [d.id for d in WarcReader(paths=[str(path)]).read(str(path))]
+
+    first = ids(tmp_path / "a.warc.gz")
+    assert first == ids(tmp_path / "b.warc.gz") and len(set(first)) == 3
+    assert all(i.startswith("urn:uuid:") for i in first)
