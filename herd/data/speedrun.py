@@ -55,9 +55,10 @@ class Curated:
         for s in self.steps:
             if s.type == "read":
                 continue
-            why = ", ".join(f"{r} {n:,}" for r, n in s.dropped.most_common()) or "-"
-            if s.counters.get("lines_removed"):
-                why += f" (and {s.counters['lines_removed']:,} lines)"
+            reasons = [f"{r} {n:,}" for r, n in s.dropped.most_common()]
+            if s.counters.get("lines_removed"):  # line dedup changes documents rather than dropping them
+                reasons.append(f"{s.counters['lines_removed']:,} repeated lines cut from {s.modified:,} documents")
+            why = ", ".join(reasons) or "-"
             lines.append(f"{s.name:<18}{s.docs_in:>8,}{s.num_dropped:>9,}{s.docs_out:>8,}{s.modified:>9,}  {why}")
         lines.append("per source: " + ", ".join(f"{n} {self.read.get(n, 0):,} -> {self.kept.get(n, 0):,}"
                                                 for n in self.sources))
