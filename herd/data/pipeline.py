@@ -72,8 +72,8 @@ def _build(registry: dict[str, type], entry: dict[str, Any], *, what: str) -> An
         raise ValueError(f"{what}: unknown or missing type {kind!r}; choose one of {', '.join(sorted(registry))}")
     cls = registry[kind]
     if "where" in entry and not getattr(cls, "supports_where", True):
-        raise ValueError(f"{what} {kind!r}: `where` applies to filters, modifiers and classifiers only; "
-                         "a dedup, extraction, language-ID or mix step sees every document")
+        raise ValueError(f"{what} {kind!r}: `where` applies to filters, modifiers, classifiers, language ID and "
+                         "line dedup only; a document-level dedup, extraction or mix step sees every document")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     if not getattr(cls, "supports_where", True):
         names.discard("where")

