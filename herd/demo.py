@@ -2,10 +2,13 @@
 
 1. checks: the Llama 3 tokenizer reproduces Meta's test vector, the 3.1 chat format and its SFT
    mask, and an HF -> Meta (2 files) -> HF conversion that keeps the logits bit-identical;
-2. data: English Wikipedia leads, Jane Austen's novels and a little of Python's standard
-   library, each split into train / validation by a hash of the document id;
+2. data: Debian handbook web pages (a WARC with their real URLs, four locales), English
+   Wikipedia leads, Jane Austen's novels and a little of Python's standard library through the
+   curation pipeline (herd.data.speedrun: extraction, language ID, URL / exact / MinHash / line
+   dedup, quality filters, the mix), each source split into train / validation by a hash of the
+   document id;
 3. a 4,096-token BPE vocabulary trained on the training split, and token shards per source;
-4. pretraining a 3.2M-parameter Llama 3 (configs/demo.toml), a context-extension stage, and an
+4. pretraining a 3.1M-parameter Llama 3 (configs/demo.toml), a context-extension stage, and an
    annealing stage on a prose-only mix whose last checkpoints are averaged;
 5. validation loss against the unigram entropy of the data, and samples from a few prompts;
 6. long context: needle-in-a-haystack accuracy and short-context loss of the model before and
@@ -31,15 +34,14 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from herd.data.corpora import Doc, austen_chapters, python_stdlib_sources, wikipedia_leads
 from herd.data.loader import PackedLoader
 from herd.data.shards import read_meta, tokenize_to_shards
+from herd.data.speedrun import curate
 from herd.data.split import select_split
 from herd.generate import SamplingParams, generate
 from herd.model import ModelArgs, build_model
@@ -51,14 +53,9 @@ from herd.train.export import export_checkpoint
 
 GOLDEN = ("This is a test sentence.", [128000, 2028, 374, 264, 1296, 11914, 13, 128001])
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
-VAL_FRACTION = 0.02
+VAL_FRACTION = 0.02  # of each source's documents, by a hash of the id
+QUICK_VAL_FRACTION = 0.1  # --quick reads ~40 Austen chapters: 2% would often hold out none
 BASE_VOCAB = 3840  # + 256 special tokens = the model's 4,096
-STDLIB_FILES = 40  # "a little Python": the first 40 standard-library modules, ~0.6M characters
-SOURCES: dict[str, Callable[[], Iterator[Doc]]] = {
-    "wiki": lambda: wikipedia_leads("en"),
-    "austen": lambda: austen_chapters(),
-    "code": lambda: python_stdlib_sources(limit=STDLIB_FILES),
-}
 PROMPTS = ["The history of the city", "Elizabeth looked at him and said", "In the nineteenth century,",
            "The most important"]
 
@@ -121,19 +118,26 @@ def checks(out_dir: Path, report: dict) -> Tokenizer:
 # ---- 2-3. data, tokenizer, shards ----------------------------------------------------------------
 
 
-def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict) -> dict[str, dict[str, Path]]:
-    _rule("2. data: Wikipedia (en) leads, Jane Austen, a little Python")
+def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict, *, quick: bool = False) -> dict[str, dict[str, Path]]:
+    _rule("2. data: web pages, Wikipedia (en) leads, Jane Austen, a little Python, through the curation pipeline")
     t0 = time.perf_counter()
+    curated = curate(out_dir, quick=quick, log=lambda m: print(m, flush=True))
+    sources = curated.sources
+    val_fraction = QUICK_VAL_FRACTION if quick else VAL_FRACTION
+    report["curation"] = dict(read=curated.read, kept=curated.kept, reused=curated.reused,
+                              seconds=round(curated.seconds, 1), output_dir=str(curated.output_dir),
+                              steps=[dict(step=st.name, docs_in=st.docs_in, removed=st.num_dropped,
+                                          why=dict(st.dropped)) for st in curated.steps if st.type != "read"])
     stats = {}
-    for name, docs in SOURCES.items():
+    for name, docs in sources.items():
         n_docs = n_chars = n_val = 0
         for d in docs():
             n_docs += 1
             n_chars += len(d.text)
-        n_val = sum(1 for _ in select_split(docs(), "val", val_fraction=VAL_FRACTION))
+        n_val = sum(1 for _ in select_split(docs(), "val", val_fraction=val_fraction))
         stats[name] = dict(docs=n_docs, characters=n_chars, val_docs=n_val)
         print(f"{name:>8}: {n_docs:>6,} documents, {n_chars:>10,} characters ({n_val} held out for validation)")
-    report["data"] = dict(sources=stats, seconds=round(time.perf_counter() - t0, 1))
+    report["data"] = dict(sources=stats, val_fraction=val_fraction, seconds=round(time.perf_counter() - t0, 1))
 
     _rule(f"3. tokenizer ({BASE_VOCAB:,} BPE tokens + 256 special) and token shards")
     tok_path = out_dir / "tokenizer.model"
@@ -141,11 +145,11 @@ def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict) -> dict[str, di
     if tok_path.is_file():
         print(f"reusing {tok_path}")
     else:
-        texts = (d.text for name in SOURCES for d in select_split(SOURCES[name](), "train", val_fraction=VAL_FRACTION))
+        texts = (d.text for name in sources for d in select_split(sources[name](), "train", val_fraction=val_fraction))
         trained = train_tokenizer(texts, tok_path, vocab_size=BASE_VOCAB)
         print(f"trained on {trained.num_chars:,} characters of the training split -> {tok_path}")
     tok = Tokenizer.from_file(tok_path)
-    held_out = [d.text for d in itertools.islice(select_split(SOURCES["wiki"](), "val", val_fraction=VAL_FRACTION), 100)]
+    held_out = [d.text for d in itertools.islice(select_split(sources["wiki"](), "val", val_fraction=val_fraction), 100)]
     n_bytes = sum(len(t.encode()) for t in held_out)
     ours = sum(map(len, tok.encode_batch(held_out, bos=False, eos=False)))
     theirs = sum(map(len, llama3.encode_batch(held_out, bos=False, eos=False)))
@@ -155,14 +159,14 @@ def prepare_data(out_dir: Path, llama3: Tokenizer, report: dict) -> dict[str, di
 
     t0 = time.perf_counter()
     dirs: dict[str, dict[str, Path]] = {}
-    for name in SOURCES:
+    for name in sources:
         dirs[name] = {}
         for split in ("train", "val"):
             path = out_dir / "shards" / name / split
             if (path / "meta.json").is_file():
                 info = read_meta(path)
             else:
-                info = tokenize_to_shards(select_split(SOURCES[name](), split, val_fraction=VAL_FRACTION), path,
+                info = tokenize_to_shards(select_split(sources[name](), split, val_fraction=val_fraction), path,
                                           tokenizer_path=tok_path, num_workers=min(2, os.cpu_count() or 1),
                                           source=f"{name} ({split})")
             dirs[name][split] = path
@@ -192,7 +196,7 @@ def demo_config(out_dir: Path, dirs: dict[str, dict[str, Path]], *, quick: bool 
     paths = lambda *names: ",".join(str(dirs[n]["train"]) for n in names)  # noqa: E731
     overrides = [
         "--job.out_dir", str(out_dir / "train"),
-        "--data.train", paths("wiki", "austen", "code"),
+        "--data.train", paths("wiki", "austen", "code", "web"),
         "--data.val", f"{dirs['wiki']['val']},{dirs['austen']['val']}",
         "--data.tokenizer", str(out_dir / "tokenizer.model"),
         "--stages.anneal.train", paths("wiki", "austen"),
@@ -219,7 +223,7 @@ def train(cfg, report: dict):
 def unigram_report(cfg, model, dirs: dict[str, dict[str, Path]]) -> dict:
     """Validation loss of `model` and of a unigram model (training-token frequencies) on the same targets."""
     counts = np.zeros(cfg.model.args().vocab_size, dtype=np.float64)
-    for name in SOURCES:
+    for name in dirs:
         info = read_meta(dirs[name]["train"])
         for shard in info.shards:
             tokens = np.fromfile(info.path / shard.file, dtype="<u4")
@@ -306,10 +310,24 @@ def posttrain(final_dir: Path, out_dir: Path, report: dict, *, quick: bool) -> N
                                              log=lambda m: print(m, flush=True))
 
 
+def _check_mode(out_dir: Path, quick: bool) -> None:
+    """Outputs are reused when complete, so a --quick run and a full run must not share a directory."""
+    mark = out_dir / "demo-mode.json"
+    if mark.is_file():
+        was = json.loads(mark.read_text()).get("quick")
+        if was != quick:
+            raise ValueError(f"{out_dir} holds a {'--quick' if was else 'full'} demo run, whose tokenizer, shards and "
+                             f"checkpoints this {'--quick' if quick else 'full'} run would reuse; pass another --out "
+                             f"or delete {out_dir}")
+    else:
+        mark.write_text(json.dumps({"quick": quick}) + "\n")
+
+
 def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
     """The whole speedrun; prints as it goes, returns the report it also writes to out_dir/demo.json."""
     t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_mode(out_dir, quick)
     report: dict = {"quick": quick}
     timings: list[tuple[str, float]] = []
 
@@ -320,7 +338,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
         return value
 
     llama3 = timed("checks", checks, out_dir, report)
-    dirs = timed("data + tokenizer + shards", prepare_data, out_dir, llama3, report)
+    dirs = timed("data + tokenizer + shards", prepare_data, out_dir, llama3, report, quick=quick)
     cfg = demo_config(out_dir, dirs, quick=quick)
     result = timed("training (3 stages)", train, cfg, report)
 

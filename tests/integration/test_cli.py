@@ -103,9 +103,16 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     report = run_demo(out_dir=tmp_path, quick=True)
     out = capsys.readouterr().out
     assert report["golden_ok"] and report["round_trip"]["logits_identical"]
-    # The held-out split never enters training: document counts add up, and validation has docs.
+    # The data went through the curation pipeline, every source came out, and every step's
+    # documents add up; the held-out split of each prose source is non-empty and not everything.
+    cur = report["curation"]
+    assert set(cur["kept"]) == {"web", "wiki", "austen", "code"} and all(cur["kept"].values())
+    for st in cur["steps"]:
+        assert st["removed"] == sum(st["why"].values())
+    assert any(st["step"].startswith("langid") and st["removed"] > 0 for st in cur["steps"])  # fr/de/es pages
     for name, st in report["data"]["sources"].items():
-        if name != "code":
+        assert st["docs"] == cur["kept"][name]
+        if name in ("wiki", "austen"):  # the validation sources
             assert 0 < st["val_docs"] < st["docs"]
     # Three stages ran in order, the loss fell, the last checkpoints were averaged.
     stages = report["train"]["stages"]
@@ -123,6 +130,8 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     pt = report["posttrain"]
     assert pt["sft_steps"] == 6 and pt["dpo_steps"] == 3
     assert (tmp_path / "posttrain" / "dpo").is_dir()
+    with pytest.raises(ValueError, match="quick"):  # a full run must not reuse a quick run's outputs
+        run_demo(out_dir=tmp_path, quick=False)
     for title in ("1. checks", "4. training", "6. long context", "7. post-training", "what each stage did"):
         assert title in out
     on_disk = json.loads((tmp_path / "demo.json").read_text())
