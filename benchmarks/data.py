@@ -44,7 +44,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The herd beside this file (a checkout or worktree), not whichever one the venv has installed.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from data_pipeline import pages  # noqa: E402  (the same real pages as the per-step benchmark)
 
 from herd.data.document import Document  # noqa: E402
