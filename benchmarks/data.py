@@ -21,8 +21,10 @@ off since datatrove has no such step), the Gopher/C4 defaults (equal in both), F
 paper's 0.1 duplicate-line-character threshold and no newline/word-ratio rule (herd's defaults;
 datatrove's code defaults are 0.01 and 0.3). What stays different is each framework's own way:
 datatrove splits words and sentences with spaCy's blank English tokenizer and hashes shingles
-with xxhash + numpy permutations, herd splits on whitespace and uses rensa; so kept counts differ
-a little, and the script prints them with the reasons.
+with xxhash + numpy permutations, herd splits on whitespace and uses rensa. Because spaCy is both
+most of datatrove's time and the main cause of different kept counts (it makes punctuation marks
+words), datatrove also runs a second time with a whitespace `WordTokenizer` (herd's words):
+"datatrove_ws". The script prints the kept counts and every drop reason of each.
 
 Rounds alternate which framework runs first, so load from other jobs on a shared machine hits
 both; the figures are medians over rounds. Ends with one JSON line.

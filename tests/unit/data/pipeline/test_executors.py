@@ -44,7 +44,6 @@ def _files(root) -> dict[str, bytes]:
                                                                                                  "pipeline.json")}
 
 
-@pytest.mark.slow
 def test_ray_executor_gives_the_local_executors_bytes_and_resumes(tmp_path, rng, random_words):
     pytest.importorskip("ray")
     _inputs(tmp_path, rng, random_words)
