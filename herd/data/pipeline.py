@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -371,6 +372,10 @@ class _LocalExecutor:
 
 def _ray_task(run: _Run, k: int, shard: int, cwd: str) -> None:
     # Relative paths in the pipeline file (inputs, output_dir, models) mean the driver's cwd.
+    if not os.path.isdir(cwd):
+        raise FileNotFoundError(f"Ray worker on {platform.node()}: the driver's working directory {cwd} does not "
+                                "exist here; run from (and keep the pipeline's files on) a file system that every "
+                                "node mounts at the same path")
     os.chdir(cwd)
     _worker_init()
     run.run_task(k, shard)
