@@ -390,7 +390,8 @@ class _RayExecutor:
         except ImportError:
             raise ImportError("[pipeline] executor = \"ray\" needs Ray: pip install 'herd[ray]'") from None
         self.ray = ray
-        # A cluster this call starts is stopped at the end; one the caller started (or an address) is left alone.
+        # A connection opened here (to a local cluster it starts, or to `address`) is closed at the end,
+        # which stops only that local cluster; a Ray session the caller already opened is used as it is.
         self.owned = not ray.is_initialized()
         if self.owned:
             if address is None:
