@@ -12,12 +12,25 @@ that crashed resumes where it stopped; changing the pipeline file makes resuming
 rather than a silent mix of two configurations. The price is one compressed write and read of
 the surviving text per global step.
 
+Executors only decide where a task (stage, shard) runs; the steps never know. `local` (the
+default) forks `workers` processes on this machine, which inherit the run, so nothing is pickled.
+`ray` submits the same tasks as Ray remote tasks (one CPU each) to the cluster at `address`, or
+to a local Ray cluster of `num_cpus` CPUs (default: `workers`) started for the run and stopped
+after it; the run (config, steps, shard layout) is pickled once into Ray's object store. Tasks
+read and write the same files either way, so the outputs are byte-identical, and resuming works
+the same (a shard whose stats file exists is skipped, whichever executor wrote it). With a
+remote cluster, `output_dir` and the inputs must be on storage that every node sees at the same
+path (a shared file system); Ray does not move these files.
+
 Pipeline file:
 
     [pipeline]
     output_dir = "runs/data"     # everything a run writes; relative paths are from the cwd
     workers = 2                  # processes (1: run in this process)
     shards = 8                   # fixed for the life of a run (default: 4 x workers)
+    executor = "local"           # or "ray" (pip install 'herd[ray]'), with optionally:
+    # address = "auto"           #   an existing Ray cluster (ray.init(address=...)); omitted: a local one
+    # num_cpus = 8               #   CPUs of that local cluster (default: workers); not with address
 
     [[input]]                    # any reader of herd.data.steps.readers.READERS
     type = "warc"
@@ -41,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -105,6 +119,9 @@ class PipelineConfig:
     shards: int | None = None
     train: list[TrainSpec] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    executor: str = "local"          # or "ray"
+    address: str | None = None       # ray: ray.init(address=...); None starts a local cluster
+    num_cpus: int | None = None      # ray: CPUs of the local cluster (default: workers)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
@@ -113,7 +130,7 @@ class PipelineConfig:
         if set(d) - top:
             raise ValueError(f"pipeline file: unknown section(s) {sorted(set(d) - top)}; valid: {sorted(top)}")
         p = dict(d.get("pipeline", {}))
-        known = {"output_dir", "workers", "shards", "name"}
+        known = {"output_dir", "workers", "shards", "name", "executor", "address", "num_cpus"}
         if set(p) - known:
             raise ValueError(f"[pipeline]: unknown key(s) {sorted(set(p) - known)}; valid: {sorted(known)}")
         if "output_dir" not in p:
@@ -146,8 +163,19 @@ class PipelineConfig:
         workers = int(p.get("workers", 1))
         if workers < 1:
             raise ValueError(f"[pipeline] workers must be >= 1, got {workers}")
+        executor = p.get("executor", "local")
+        if executor not in EXECUTORS:
+            raise ValueError(f"[pipeline] executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+        if executor != "ray" and ("address" in p or "num_cpus" in p):
+            raise ValueError("[pipeline] address and num_cpus are Ray options: set executor = \"ray\" or remove them")
+        if "address" in p and "num_cpus" in p:
+            raise ValueError("[pipeline] num_cpus sizes the local Ray cluster started when no address is given; "
+                             "an existing cluster at `address` has its own CPUs: remove one of the two")
+        if p.get("num_cpus") is not None and int(p["num_cpus"]) < 1:
+            raise ValueError(f"[pipeline] num_cpus must be >= 1, got {p['num_cpus']}")
         return cls(inputs=inputs, steps=steps, outputs=outputs, output_dir=Path(p["output_dir"]).expanduser(),
-                   workers=workers, shards=p.get("shards"), train=train, raw=d)
+                   workers=workers, shards=p.get("shards"), train=train, raw=d, executor=executor,
+                   address=p.get("address"), num_cpus=p.get("num_cpus"))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
@@ -317,6 +345,81 @@ def _task(k: int, shard: int) -> None:
     _CURRENT.run_task(k, shard)
 
 
+class _LocalExecutor:
+    """Forked processes on this machine (or this process when workers == 1)."""
+
+    def __init__(self, run: _Run, workers: int) -> None:
+        global _CURRENT
+        _CURRENT = run
+        self.run = run
+        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init)
+                     if workers > 1 else None)
+
+    def run_stage(self, k: int, shards: list[int]) -> None:
+        if self.pool is None:
+            for s in shards:
+                self.run.run_task(k, s)
+        else:
+            for f in [self.pool.submit(_task, k, s) for s in shards]:
+                f.result()
+
+    def close(self) -> None:
+        global _CURRENT
+        if self.pool is not None:
+            self.pool.shutdown()
+        _CURRENT = None
+
+
+def _ray_task(run: _Run, k: int, shard: int, cwd: str) -> None:
+    # Relative paths in the pipeline file (inputs, output_dir, models) mean the driver's cwd.
+    if not os.path.isdir(cwd):
+        raise FileNotFoundError(f"Ray worker on {platform.node()}: the driver's working directory {cwd} does not "
+                                "exist here; run from (and keep the pipeline's files on) a file system that every "
+                                "node mounts at the same path")
+    os.chdir(cwd)
+    _worker_init()
+    run.run_task(k, shard)
+
+
+class _RayExecutor:
+    """Ray remote tasks, one CPU each; the run is pickled once into the object store."""
+
+    def __init__(self, run: _Run, *, address: str | None, num_cpus: int | None, workers: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("[pipeline] executor = \"ray\" needs Ray: pip install 'herd[ray]'") from None
+        self.ray = ray
+        # A connection opened here (to a local cluster it starts, or to `address`) is closed at the end,
+        # which stops only that local cluster; a Ray session the caller already opened is used as it is.
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            if address is None:
+                ray.init(num_cpus=num_cpus or workers, include_dashboard=False, log_to_driver=True)
+            else:
+                ray.init(address=address)
+        self.ref = ray.put(run)
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+
+    def run_stage(self, k: int, shards: list[int]) -> None:
+        cwd = os.getcwd()
+        refs = [self.remote.remote(self.ref, k, s, cwd) for s in shards]
+        try:
+            self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
+            # Re-raise what the step raised (as the local executor does), not Ray's wrapper.
+            if isinstance(getattr(e, "cause", None), BaseException):
+                raise e.cause from None
+            raise
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+EXECUTORS = ("local", "ray")
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 
@@ -416,6 +519,13 @@ def _merge_stats(paths: list[Path]) -> list[StepStats]:
     return list(merged.values())
 
 
+def _identity(raw: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline file less the keys that only say where tasks run: a run may resume on
+    another executor or worker count (the shard layout is fixed in work/layout.json)."""
+    p = {k: v for k, v in raw.get("pipeline", {}).items() if k not in ("workers", "executor", "address", "num_cpus")}
+    return {**raw, "pipeline": p}
+
+
 def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool = False,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunReport:
     """Runs (or resumes) the pipeline; returns the merged statistics and writes report.json and
@@ -427,7 +537,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         shutil.rmtree(out / "work")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "pipeline.json"
-    if not fresh and config_path.exists() and json.loads(config_path.read_text()) != cfg.raw:
+    if not fresh and config_path.exists() and _identity(json.loads(config_path.read_text())) != _identity(cfg.raw):
         raise ValueError(f"{out} holds a run of a different pipeline file; rerun with --fresh to start over, "
                          "or choose another output_dir")
     _atomic_json(config_path, cfg.raw)
@@ -444,25 +554,19 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         run.num_shards = max(1, min(len(run.units), cfg.shards or 4 * workers))
         layout_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_json(layout_path, {"units": run.units, "num_shards": run.num_shards})
-    log(f"{len(run.units)} input files in {run.num_shards} shards, {len(run.stages)} stage(s), {workers} worker(s)")
+    log(f"{len(run.units)} input files in {run.num_shards} shards, {len(run.stages)} stage(s), "
+        f"{f'{workers} worker(s)' if cfg.executor == 'local' else 'Ray executor'}")
 
     plans: dict[str, Any] = {}
-    global _CURRENT
-    _CURRENT = run
-    pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init)
-            if workers > 1 else None)
+    executor = (_RayExecutor(run, address=cfg.address, num_cpus=cfg.num_cpus, workers=workers)
+                if cfg.executor == "ray" else _LocalExecutor(run, workers))
     try:
         for stage in run.stages:
             sdir = run.stage_dir(stage.index)
             sdir.mkdir(parents=True, exist_ok=True)
             todo = [s for s in range(run.num_shards) if not (sdir / f"shard_{s:05d}.stats.json").exists()]
             ts = time.perf_counter()
-            if pool is None:
-                for s in todo:
-                    run.run_task(stage.index, s)
-            else:
-                for f in [pool.submit(_task, stage.index, s) for s in todo]:
-                    f.result()
+            executor.run_stage(stage.index, todo)
             names = [st.name for st in stage.steps] + ([stage.barrier.name + " (collect)"] if stage.barrier else [])
             log(f"stage {stage.index}: {len(todo)} shard(s) run, {run.num_shards - len(todo)} reused "
                 f"({time.perf_counter() - ts:.1f}s) [{', '.join(names)}]")
@@ -477,9 +581,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
                 plans[stage.barrier.name] = json.loads(done.read_text())
                 log(f"plan {stage.barrier.name}: {plans[stage.barrier.name]}")
     finally:
-        if pool is not None:
-            pool.shutdown()
-        _CURRENT = None
+        executor.close()
 
     last = run.stage_dir(run.stages[-1].index)
     stats = _merge_stats([run.stage_dir(st.index) / f"shard_{s:05d}.stats.json"

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import filterfalse
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,7 +59,8 @@ class _Words:
         self.ws = ws
         # Python's str hash: salted per process, which is fine for counts within one document.
         self.h = np.fromiter(map(hash, ws), dtype=np.int64, count=len(ws)).view(np.uint64)
-        self.cum = np.concatenate([[0], np.cumsum([len(w) for w in ws])]).astype(np.int64)
+        self.cum = np.zeros(len(ws) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, ws), dtype=np.int64, count=len(ws)), out=self.cum[1:])
 
     def ngrams(self, n: int) -> np.ndarray:
         """(len(ws) - n + 1,) hashes of the word n-grams starting at each position."""
@@ -97,20 +99,24 @@ def dup_ngram_chars(ws: list[str] | _Words, n: int) -> int:
     _, first = np.unique(h, return_index=True)
     if len(first) == len(h):  # no n-gram occurs twice: nothing to scan (the common case)
         return 0
-    # Before the first position whose n-gram occurred earlier the scan only records n-grams.
+    # Only a position whose n-gram occurred earlier can be "seen"; the first occurrences between
+    # two such positions are just recorded, in bulk. Same scan, a Python step per repeat only.
     is_first = np.zeros(len(h), dtype=bool)
     is_first[first] = True
-    start = int(np.argmin(is_first))
     hs = h.tolist()
-    seen: set[int] = set(hs[:start])
-    chars, i = 0, start
-    while i < len(hs):
-        if hs[i] in seen:
-            chars += w.chars(i, n)
-            i += n
-        else:
-            seen.add(hs[i])
-            i += 1
+    cum = w.cum.tolist()
+    seen: set[int] = set()
+    chars = i = 0
+    for j in np.flatnonzero(~is_first).tolist():
+        if j < i:  # inside a repeat that was skipped over
+            continue
+        seen.update(hs[i:j])
+        if hs[j] in seen:
+            chars += cum[j + n] - cum[j]
+            i = j + n
+        else:  # its earlier occurrence was skipped, so it was never recorded
+            seen.add(hs[j])
+            i = j + 1
     return chars
 
 
@@ -205,6 +211,7 @@ class RepeatedLines(Modifier):
 
 PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…–—“”‘’«»¿¡·•")
 STOP_WORDS_EN = ("the", "be", "to", "of", "and", "that", "have", "with")
+_PUNCT_SET = frozenset(PUNCTUATION)
 
 
 @dataclass
@@ -225,7 +232,8 @@ class GopherQuality(Filter):
     def filter(self, doc: Document) -> tuple[bool, str | None]:
         text = doc.text
         ws = words(text)
-        content = [w for w in ws if any(ch not in PUNCTUATION for ch in w)]
+        # C-level loops (set.issuperset, map) instead of a generator per word: same result, ~5x faster.
+        content = list(filterfalse(_PUNCT_SET.issuperset, ws))
         if len(content) < self.min_words:
             return False, "gopher_too_few_words"
         if len(content) > self.max_words:
@@ -245,10 +253,11 @@ class GopherQuality(Filter):
                 return False, "gopher_bullet_lines"
             if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > self.max_ellipsis_lines_frac:
                 return False, "gopher_ellipsis_lines"
-        if sum(any(ch.isalpha() for ch in w) for w in ws) / len(ws) < self.min_alpha_words_frac:
+        alpha = {w for w in set(ws) if w.isalpha() or any(map(str.isalpha, w))}  # each distinct word once
+        if sum(map(alpha.__contains__, ws)) / len(ws) < self.min_alpha_words_frac:
             return False, "gopher_alpha_words"
         stop = set(self.stop_words)
-        if len(stop & {w.lower() for w in ws}) < self.min_stop_words:
+        if len(stop & set(map(str.lower, ws))) < self.min_stop_words:
             return False, "gopher_stop_words"
         return True, None
 

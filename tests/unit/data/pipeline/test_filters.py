@@ -60,6 +60,31 @@ def test_dup_ngram_scan_skips_n_words_after_a_repeat():
     assert top_ngram_chars("a b c d".split(), 2) == 0  # nothing repeats
 
 
+def test_dup_ngram_scan_equals_the_plain_word_by_word_scan():
+    # The scan jumps between repeated positions; the plain scan (Gopher's description, one step
+    # per word) must give the same mass on texts with many overlapping and skipped repeats.
+    import random
+
+    def plain(ws, n):
+        seen, chars, i = set(), 0, 0
+        while i < len(ws) - n + 1:
+            gram = tuple(ws[i:i + n])
+            if gram in seen:
+                chars += sum(map(len, gram))
+                i += n
+            else:
+                seen.add(gram)
+                i += 1
+        return chars
+
+    rng = random.Random(0)
+    for _ in range(300):
+        vocab = ["a" * rng.randint(1, 4) + str(k) for k in range(rng.randint(1, 8))]
+        ws = [rng.choice(vocab) for _ in range(rng.randint(0, 120))]
+        for n in range(1, 11):
+            assert dup_ngram_chars(ws, n) == plain(ws, n), (ws, n)
+
+
 def test_gopher_repetition_reasons_and_thresholds():
     text = "one two three four five one two three four five"
     s = GopherRepetition().signals(text)
