@@ -224,7 +224,8 @@ def run_prune(cfg: PruneConfig, *, log: Callable[[str], None] | None = print) ->
         topk = None
         if cfg.distill.top_k > 0:
             cache = Path(cfg.distill.cache_dir or cfg.output.dir) / "teacher_topk.safetensors"
-            path = cache_teacher_topk(teacher, rows[0], rows[2], k=cfg.distill.top_k, path=cache)
+            path = cache_teacher_topk(teacher, rows[0], rows[2], k=cfg.distill.top_k,
+                                      temperature=cfg.distill.temperature, path=cache)
             topk, teacher = load_teacher_topk(path), None
         result = train_distill(student, rows, cfg.optim, teacher=teacher, topk=topk,
                                temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, log=log,

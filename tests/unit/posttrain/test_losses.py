@@ -78,13 +78,68 @@ def test_kd_ignores_masked_positions_and_is_zero_for_identical_logits():
     assert a.item() == pytest.approx(b.item(), abs=1e-6)
 
 
-def test_topk_kd_with_full_support_equals_full_kd():
-    s, te = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+def _teacher_topk(teacher_logits, k, T):
+    """The teacher's top-k ids and their full-vocabulary log-probabilities at T (what the cache holds)."""
+    top = F.log_softmax(teacher_logits / T, dim=-1).topk(k, dim=-1)
+    return top.values, top.indices
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_topk_kd_with_full_support_equals_full_kd(T):
+    torch.manual_seed(0)
+    s, te = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11) * 3
     tgt = torch.randint(0, 11, (2, 5))
-    top = te.topk(11, dim=-1)
-    full = kd_loss(s, te, tgt, temperature=1.5, alpha=0.7)
-    k = kd_loss_topk(s, top.values, top.indices, tgt, temperature=1.5, alpha=0.7)
+    tgt[0, 2] = -100
+    full = kd_loss(s, te, tgt, temperature=T, alpha=0.7)
+    k = kd_loss_topk(s, *_teacher_topk(te, 11, T), tgt, temperature=T, alpha=0.7)
+    assert k.kl.item() == pytest.approx(full.kl.item(), abs=1e-5)
     assert k.loss.item() == pytest.approx(full.loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_kl_is_zero_when_the_student_is_the_teacher(k):
+    torch.manual_seed(1)
+    te = torch.randn(3, 4, 11) * 2
+    out = kd_loss_topk(te.clone(), *_teacher_topk(te, k, 2.0), torch.zeros(3, 4, dtype=torch.long),
+                       temperature=2.0, alpha=1.0)
+    assert out.kl.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_kl_is_a_lower_bound_of_the_full_kl():
+    torch.manual_seed(2)
+    for T in (1.0, 2.0):
+        for k in (1, 2, 5, 16, 31):
+            s, te = torch.randn(4, 6, 32) * 2, torch.randn(4, 6, 32) * 2
+            tgt = torch.zeros(4, 6, dtype=torch.long)
+            full = kd_loss(s, te, tgt, temperature=T, alpha=1.0).kl.item()
+            topk = kd_loss_topk(s, *_teacher_topk(te, k, T), tgt, temperature=T, alpha=1.0).kl.item()
+            assert 0 <= topk <= full + 1e-6
+
+
+def test_topk_kd_by_hand():
+    # V = 4, k = 2, T = 2: the partition is {id 0, id 1, ids 2 and 3}.
+    student, teacher, T = [0.0, 1.0, 0.5, 0.0], [2.0, 1.0, 0.0, -1.0], 2.0
+
+    def softmax(x):
+        e = [math.exp(v / T) for v in x]
+        return [v / sum(e) for v in e]
+
+    p, q = softmax(teacher), softmax(student)
+    p3, q3 = [p[0], p[1], p[2] + p[3]], [q[0], q[1], q[2] + q[3]]
+    kl = sum(a * math.log(a / b) for a, b in zip(p3, q3)) * T**2
+    ce = -math.log(softmax([2 * v for v in student])[1])  # CE at T = 1 with target id 1
+    out = kd_loss_topk(torch.tensor([student]), *_teacher_topk(torch.tensor([teacher]), 2, T), torch.tensor([1]),
+                       temperature=T, alpha=0.25)
+    assert out.kl.item() == pytest.approx(kl, abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.25 * kl + 0.75 * ce, abs=1e-6)
+
+
+def test_topk_kd_gradient_is_finite_and_checks_shapes():
+    s = torch.randn(2, 7, requires_grad=True)
+    kd_loss_topk(s, *_teacher_topk(torch.randn(2, 7), 3, 1.0), torch.tensor([0, 1]), alpha=1.0).loss.backward()
+    assert torch.isfinite(s.grad).all()
+    with pytest.raises(ValueError, match="vocabulary"):
+        kd_loss_topk(s, torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.long), torch.tensor([0, 1]))
 
 
 def test_fused_linear_cross_entropy_matches_the_plain_path():

@@ -5,6 +5,7 @@ from herd.model import load_model, save_model
 from herd.posttrain.config import OptimConfig
 from herd.posttrain.data import encode_dialog, pack_sft
 from herd.posttrain.distill import cache_teacher_topk, load_teacher_topk, train_distill
+from herd.posttrain.io import save_tensors
 from herd.posttrain.prune import activation_importance, ffn_rule_for, prune_model
 from herd.posttrain.soup import average_checkpoints, average_models
 from herd.tokenizer import Message
@@ -83,19 +84,38 @@ def test_ffn_rule_reproduces_any_width():
 def test_distillation_lowers_the_kl_and_topk_cache_round_trips(fmt, tiny_model, tmp_path):
     rows = _rows(fmt)
     teacher, student = tiny_model(seed=4), tiny_model(seed=5)
-    path = cache_teacher_topk(teacher, rows[0], rows[2], k=16, path=tmp_path / "topk.safetensors")
-    values, indices = load_teacher_topk(path)
-    assert values.shape == indices.shape == (*rows[0].shape, 16)
+    path = cache_teacher_topk(teacher, rows[0], rows[2], k=16, temperature=2.0, path=tmp_path / "topk.safetensors")
+    cached = load_teacher_topk(path)
+    assert cached.logprobs.shape == cached.indices.shape == (*rows[0].shape, 16) and cached.temperature == 2.0
     with torch.no_grad():
         full = teacher(rows[0], doc_ids=rows[2])
-    torch.testing.assert_close(values, full.topk(16, dim=-1).values)
+    top = torch.log_softmax(full / 2.0, dim=-1).topk(16, dim=-1)
+    torch.testing.assert_close(cached.logprobs, top.values)
+    assert torch.equal(cached.indices.long(), top.indices)
     cfg = OptimConfig(lr=1e-2, steps=30, batch_size=2)
     live = train_distill(student, rows, cfg, teacher=teacher, temperature=2.0, alpha=1.0, log=None)
     assert live.fit.metrics[-1]["kl"] < 0.5 * live.fit.metrics[0]["kl"]
-    cached = train_distill(tiny_model(seed=5), rows, cfg, topk=(values, indices), temperature=2.0, alpha=1.0, log=None)
-    assert cached.fit.metrics[-1]["kl"] < 0.5 * cached.fit.metrics[0]["kl"]
+    run = train_distill(tiny_model(seed=5), rows, cfg, topk=cached, temperature=2.0, alpha=1.0, log=None)
+    assert run.fit.metrics[-1]["kl"] < 0.5 * run.fit.metrics[0]["kl"]
+    # Same student and teacher at step 0: the top-k KL is a lower bound of the full one.
+    assert run.fit.metrics[0]["kl"] <= live.fit.metrics[0]["kl"] + 1e-5
     with pytest.raises(ValueError, match="exactly one"):
         train_distill(student, rows, cfg, log=None)
+
+
+def test_topk_cache_is_tied_to_its_temperature_and_format(fmt, tiny_model, tmp_path):
+    rows = _rows(fmt, n=2)
+    path = cache_teacher_topk(tiny_model(seed=4), rows[0], rows[2], k=4, temperature=2.0, path=tmp_path / "t.st")
+    cfg = OptimConfig(lr=1e-2, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="temperature 2.0, training asks for 1.0"):
+        train_distill(tiny_model(seed=5), rows, cfg, topk=load_teacher_topk(path), temperature=1.0, log=None)
+    # A cache from before the log-probabilities were stored (raw top-k logits, no temperature).
+    old = {"values": torch.zeros(1, 2, 4), "indices": torch.zeros(1, 2, 4, dtype=torch.int32)}
+    save_tensors(tmp_path / "old.st", old, metadata={"format": "herd-teacher-topk-v1", "k": "4"})
+    with pytest.raises(ValueError, match="delete it and rerun"):
+        load_teacher_topk(tmp_path / "old.st")
+    with pytest.raises(FileNotFoundError):
+        load_teacher_topk(tmp_path / "missing.st")
 
 
 def test_soup_is_the_weighted_mean(tiny_model, tmp_path):
