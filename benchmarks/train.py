@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="herd's blocks through torch.compile ([parallel] compile)")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             "optim": {"lr": 3e-4},
             "metrics": {"tensorboard": False, "plot": False, "progress": False},
             "stages": [{"name": "bench", "steps": 10**6, "ramp": [[0, B * S, S]]}],
+            **({"parallel": {"compile": True}} if opts.compile else {}),
         })
         trainer = Trainer(cfg, log=lambda msg: None)
         config = hf_config_from_args(args, dtype=torch.float32)
