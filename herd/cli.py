@@ -427,7 +427,10 @@ def cmd_scaling_sweep(opts) -> None:
     settings = SweepTraining(train=tuple(opts.train), val=tuple(opts.val), tokenizer=opts.tokenizer or "",
                              seq_len=opts.seq_len, batch_tokens=opts.batch_tokens, lr=opts.lr, device=opts.device,
                              task=opts.task)
-    ladder = model_ladder(vocab_size=opts.vocab_size, max_seq_len=opts.seq_len, depths=_ints(opts.depths))
+    if opts.aspect_ratio < 1:
+        raise ValueError(f"--aspect-ratio must be >= 1, got {opts.aspect_ratio}")
+    ladder = model_ladder(vocab_size=opts.vocab_size, max_seq_len=opts.seq_len, depths=_ints(opts.depths),
+                          aspect_ratio=opts.aspect_ratio)
     plan = plan_isoflop_sweep(_floats(opts.budgets), ladder, points_per_budget=opts.points_per_budget)
     print(f"{len(plan)} runs over {len({r.budget for r in plan})} budgets -> {opts.out}/points.jsonl", flush=True)
     outcome = run_scaling_sweep(
@@ -690,7 +693,9 @@ def _scaling_sweep_args(p):
     p.add_argument("--tokenizer", help="the shards' tokenizer.model (needed with --task)")
     p.add_argument("--vocab-size", type=int, required=True, help="the shards' vocabulary size")
     p.add_argument("--budgets", required=True, help="compute budgets in FLOPs, comma-separated, e.g. 1e12,3e12,1e13")
-    p.add_argument("--depths", default="1,2,3,4,5,6,7,8", help="model depths of the size ladder (width = 32 x depth)")
+    p.add_argument("--depths", default="1,2,3,4,5,6,7,8", help="model depths of the size ladder (width = aspect x depth)")
+    p.add_argument("--aspect-ratio", type=int, default=32,
+                   help="width per layer of the size rule (rounded to whole 16-wide heads); smaller reaches smaller N")
     p.add_argument("--points-per-budget", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-tokens", type=int, default=4096)

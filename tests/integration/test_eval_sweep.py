@@ -43,3 +43,15 @@ def test_sweep_trains_each_run_on_its_token_budget_and_scores_the_task(tmp_path)
         assert 0 < p.loss < 7.0  # below uniform over 512 tokens (ln 512 = 6.24) after any training at all
         assert p.task_nll > 0 and 0 <= p.task_acc <= 1
         assert (tmp_path / "sweep" / run.name / "checkpoints").is_dir()
+
+
+def test_sweep_cli_aspect_ratio_sets_the_ladder_width_and_is_validated(tmp_path, capsys):
+    from herd.cli import main
+    from herd.eval.scaling import shape_for_depth
+
+    # width = aspect x depth rounded to whole 16-wide heads: depth 3 at aspect 16 is 48 wide.
+    assert shape_for_depth(3, vocab_size=512, max_seq_len=64, aspect_ratio=16).dim == 48
+    args = ["scaling", "sweep", "--train", "x", "--val", "y", "--vocab-size", "512", "--budgets", "1e9",
+            "--out", str(tmp_path / "s")]
+    assert main(args + ["--aspect-ratio", "0"]) == 2
+    assert "--aspect-ratio must be >= 1" in capsys.readouterr().err
