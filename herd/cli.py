@@ -343,6 +343,56 @@ def cmd_data_run(opts) -> None:
     print(f"{report.seconds:.1f} s; report: {cfg.output_dir / 'report.json'}, {cfg.output_dir / 'report.html'}")
 
 
+# Built-in sources for `herd data train-classifier --example LABEL=SOURCE`.
+_CLASSIFIER_SOURCES = {
+    "wiki-en": {"type": "wikipedia", "languages": ["en"]}, "wiki-fr": {"type": "wikipedia", "languages": ["fr"]},
+    "wiki-es": {"type": "wikipedia", "languages": ["es"]}, "python-stdlib": {"type": "python_stdlib"},
+    "austen": {"type": "austen"},
+}
+
+
+def _classifier_input(source: str) -> dict:
+    """A reader entry for a built-in source name or a path (its suffix picks the reader)."""
+    if source in _CLASSIFIER_SOURCES:
+        return dict(_CLASSIFIER_SOURCES[source])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--example: {source} is neither a file nor a folder nor one of the built-in sources "
+                                f"({', '.join(_CLASSIFIER_SOURCES)})")
+    name = path.name.lower()
+    if path.is_dir():
+        return {"type": "folder", "root": str(path), "glob": ["**/*.html", "**/*.htm"]}
+    if name.endswith((".warc", ".warc.gz")):
+        return {"type": "warc", "paths": [str(path)]}
+    if name.endswith(".parquet"):
+        return {"type": "parquet", "paths": [str(path)]}
+    if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")):
+        return {"type": "jsonl", "paths": [str(path)]}
+    raise ValueError(f"--example: cannot tell how to read {source}; use .jsonl[.gz|.zst] with a \"text\" field, "
+                     ".parquet, .warc[.gz] or a folder of HTML pages")
+
+
+def cmd_data_train_classifier(opts) -> None:
+    from herd.data.pipeline import TrainSpec, train_classifier
+
+    examples = []
+    for item in opts.example:
+        label, sep, source = item.partition("=")
+        if not sep or not label or not source:
+            raise ValueError(f"--example takes LABEL=SOURCE (e.g. good=refs.jsonl), got {item!r}")
+        examples.append({"label": label, "input": _classifier_input(source), "limit": opts.limit})
+    if len({e["label"] for e in examples}) < 2:
+        raise ValueError("a classifier needs at least two labels: give --example for each (e.g. hq=... and web=...)")
+    options = {"epoch": opts.epochs} if opts.kind == "fasttext" else {"epochs": opts.epochs}
+    spec = TrainSpec(model=opts.out, examples=examples, kind=opts.kind, chunk_chars=opts.chunk_chars,
+                     options=options)
+    info = train_classifier(spec, Path(opts.out), log=lambda m: None)
+    print(f"trained {opts.kind} classifier on {sum(info['examples_per_label'].values()):,} examples "
+          f"({', '.join(f'{k} {v:,}' for k, v in info['examples_per_label'].items())}) in {info['seconds']} s")
+    print(f"held-out accuracy {info['accuracy']:.3f} on {info['valid']:,} examples -> {opts.out} "
+          f"(use it in a pipeline: [[step]] type = \"classify\", model = \"{opts.out}\")")
+
+
 def _report_out(opts, report) -> None:
     print(report.table())
     if opts.out:
@@ -625,6 +675,17 @@ def _data_run_args(p):
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
 
 
+def _data_train_classifier_args(p):
+    p.add_argument("--example", action="append", required=True, metavar="LABEL=SOURCE",
+                   help="labelled examples: a JSONL / Parquet / WARC file, a folder of HTML, or one of "
+                        + ", ".join(_CLASSIFIER_SOURCES) + " (repeat, at least two labels)")
+    p.add_argument("--out", required=True, help="model file to write (.bin for fastText, .pt for the transformer)")
+    p.add_argument("--kind", choices=["fasttext", "transformer"], default="fasttext")
+    p.add_argument("--limit", type=int, help="examples per --example at most (long documents count per chunk)")
+    p.add_argument("--chunk-chars", type=int, default=2000, help="long documents are cut into pieces of this size")
+    p.add_argument("--epochs", type=int, default=10)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(float(x)) for x in text.split(",") if x.strip()]
@@ -786,6 +847,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
               _posttrain_args),
     "tokenizer train": (cmd_tokenizer_train, "train a small BPE vocabulary (tiktoken rank file)", _tokenizer_train_args),
     "data tokenize": (cmd_data_tokenize, "tokenize sources into train/val token shards", _data_tokenize_args),
+    "data train-classifier": (cmd_data_train_classifier, "train a fastText or tiny-transformer quality/domain "
+                              "classifier from labelled sources", _data_train_classifier_args),
     "data run": (cmd_data_run, "run a data-curation pipeline file (extract, dedup, filter, mix, shards)", _data_run_args),
     "eval mc": (cmd_eval_mc, "multiple-choice accuracy (acc, acc_norm) on JSONL tasks", _eval_mc_args),
     "eval needle": (cmd_eval_needle, "needle-in-a-haystack accuracy by context length and depth", _eval_needle_args),

@@ -453,9 +453,27 @@ def _examples(spec: TrainSpec) -> list[tuple[str, str]]:
     return rows
 
 
-def train_classifiers(cfg: PipelineConfig, *, log: Callable[[str], None]) -> dict[str, Any]:
+def train_classifier(spec: TrainSpec, path: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one classifier from its labelled sources into `path` (atomically, with `path.json`
+    beside it: held-out accuracy, labels, examples per label, seconds) and return that info."""
     from herd.data.steps import classifiers
 
+    if spec.kind not in ("fasttext", "transformer"):
+        raise ValueError(f"classifier kind must be 'fasttext' or 'transformer', not {spec.kind!r}")
+    t0 = time.perf_counter()
+    rows = _examples(spec)
+    fn = classifiers.train_fasttext if spec.kind == "fasttext" else classifiers.train_transformer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = fn(rows, path, **spec.options)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["examples_per_label"] = dict(Counter(lab for _, lab in rows))
+    _atomic_json(path.with_name(path.name + ".json"), info)
+    log(f"trained {spec.kind} classifier {path}: {info}")
+    return info
+
+
+def train_classifiers(cfg: PipelineConfig, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """The pipeline file's [[train]] classifiers; one that exists already (model and info) is kept."""
     results = {}
     for spec in cfg.train:
         path = Path(spec.model).expanduser()
@@ -464,17 +482,7 @@ def train_classifiers(cfg: PipelineConfig, *, log: Callable[[str], None]) -> dic
         if path.is_file() and info_path.is_file():
             results[str(path)] = json.loads(info_path.read_text())
             continue
-        if spec.kind not in ("fasttext", "transformer"):
-            raise ValueError(f"[[train]] kind must be 'fasttext' or 'transformer', not {spec.kind!r}")
-        t0 = time.perf_counter()
-        rows = _examples(spec)
-        fn = classifiers.train_fasttext if spec.kind == "fasttext" else classifiers.train_transformer
-        info = fn(rows, path, **spec.options)
-        info["seconds"] = round(time.perf_counter() - t0, 1)
-        info["examples_per_label"] = dict(Counter(lab for _, lab in rows))
-        _atomic_json(info_path, info)
-        log(f"trained {spec.kind} classifier {path}: {info}")
-        results[str(path)] = info
+        results[str(path)] = train_classifier(spec, path, log=log)
     return results
 
 

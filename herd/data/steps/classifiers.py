@@ -226,7 +226,7 @@ def load_scorer(path: str | Path) -> Any:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"classifier model {p} not found; train it first (a [[train]] block in the "
-                                "pipeline file, or herd.data.steps.classifiers.train_fasttext)")
+                                "pipeline file, or `herd data train-classifier`)")
     return _TransformerScorer(p) if p.suffix == ".pt" else _FastTextScorer(p)
 
 

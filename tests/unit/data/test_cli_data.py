@@ -36,3 +36,43 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "unknown source 'wiki-xx'" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--sources", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_classifier_command_learns_a_separable_labelling(tmp_path, capsys):
+    """Prose about animals vs. Python-like code: a fastText classifier trained through the CLI must
+    separate held-out examples of both, and the pipeline's classify step must load the file."""
+    import random
+
+    from herd.data.steps.classifiers import load_scorer
+
+    rng = random.Random(0)
+    animals = "llama alpaca camel grass hay valley river herd wool mountain farmer sleeps eats walks".split()
+    code = "def return import self None for in range if else lambda yield class print len".split()
+
+    def write(path, words, n):
+        with open(path, "w") as f:
+            for i in range(n):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(60, 120)))
+                f.write(json.dumps({"id": f"{path.stem}-{i}", "text": text}) + "\n")
+        return path
+
+    prose, src = write(tmp_path / "prose.jsonl", animals, 150), write(tmp_path / "code.jsonl", code, 150)
+    out = tmp_path / "models" / "domain.bin"
+    assert main(["data", "train-classifier", "--example", f"prose={prose}", "--example", f"code={src}",
+                 "--out", str(out), "--epochs", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy 1.000" in printed and out.is_file()
+    info = json.loads(out.with_name("domain.bin.json").read_text())
+    assert info["examples_per_label"] == {"prose": 150, "code": 150}
+    [p_prose, p_code] = load_scorer(out).probs(["the llama eats hay by the river while the herd sleeps",
+                                                 "def f(self): return [len(x) for x in range(3) if x else None]"])
+    assert p_prose["prose"] > 0.9 and p_code["code"] > 0.9
+
+    # User errors: one label only, an unreadable source, a malformed --example.
+    assert main(["data", "train-classifier", "--example", f"prose={prose}", "--out", str(out)]) == 2
+    assert "at least two labels" in capsys.readouterr().err
+    assert main(["data", "train-classifier", "--example", "a=nowhere.jsonl", "--example", f"b={src}",
+                 "--out", str(out)]) == 2
+    assert "neither a file nor a folder" in capsys.readouterr().err
+    assert main(["data", "train-classifier", "--example", str(prose), "--example", f"b={src}", "--out", str(out)]) == 2
+    assert "LABEL=SOURCE" in capsys.readouterr().err
