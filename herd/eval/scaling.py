@@ -444,6 +444,10 @@ def plot_isoflops(fit: ScalingFit, path: str | os.PathLike[str], *, predict: Pre
         ax3.scatter([actual.budget], [actual.loss], marker="x", s=80, color="C2", zorder=5, label="measured")
     ax2.legend(fontsize=7)
     ax3.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="compute-optimal loss L*", title="loss floor")
+    from matplotlib.ticker import NullFormatter
+
+    for ax in (ax2, ax3):  # budgets within a decade or two: minor-tick labels would overprint each other
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax3.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -586,6 +590,8 @@ def trainer_train_fn(settings: SweepTraining, *, log: Callable[[str], None] | No
         trainer = Trainer(config_from_dict(settings.config(run, out_dir=out_dir)), log=log)
         result = trainer.fit()
         loss = result.stages[-1].val_loss
+        if loss is None:  # a run finished earlier and resumed: nothing trained, so measure its weights now
+            loss = trainer.evaluate()
         if loss is None:
             raise ValueError("the sweep needs validation shards (val=...) to measure each run's loss")
         point = SweepPoint(name=run.name, budget=run.budget, n_params=run.n_params, loss=float(loss),

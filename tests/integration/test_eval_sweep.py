@@ -43,6 +43,9 @@ def test_sweep_trains_each_run_on_its_token_budget_and_scores_the_task(tmp_path)
         assert 0 < p.loss < 7.0  # below uniform over 512 tokens (ln 512 = 6.24) after any training at all
         assert p.task_nll > 0 and 0 <= p.task_acc <= 1
         assert (tmp_path / "sweep" / run.name / "checkpoints").is_dir()
+    # A run trained earlier (e.g. the held-out check of a rerun sweep) is measured, not retrained.
+    again = trainer_train_fn(settings, log=lambda m: None)(plan[0], out_dir=tmp_path / "sweep" / plan[0].name)
+    assert again.loss == pytest.approx(points[0].loss, abs=1e-6) and again.tokens == points[0].tokens
 
 
 def test_sweep_cli_aspect_ratio_sets_the_ladder_width_and_is_validated(tmp_path, capsys):
