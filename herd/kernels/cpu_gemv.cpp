@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -595,28 +596,40 @@ at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
                     t->size(1) == n_groups,
                 "linear_int4_a8 takes float16 scales and mins of shape (out_features, in_features / group_size)");
   }
-  at::Tensor xsum = x.view({M, n_groups, group_size}).sum(-1).contiguous();  // (M, K / G), exact x
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));           // K % 32 == 0: no padding
-  at::Tensor xd = at::empty({M, K / kBlock}, x.options());
-  at::Tensor qsum = at::empty({M, K / kBlock}, x.options().dtype(at::kInt));
-  at::Tensor xq_in_order = at::empty({M, K}, x.options().dtype(at::kChar));
-  quantize_activations(x.data_ptr<float>(), M, K, xq_in_order.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                       qsum.data_ptr<int32_t>());
-  const bool pairs = group_size % (2 * kBlock) == 0;
-  permute_for_int4(xq_in_order.data_ptr<int8_t>(), M, K, pairs, xq.data_ptr<int8_t>());
-  // Pairs scale vector half h by its unit's d: (M, units) -> (M, units / 2, [d_u x4, d_u+1 x4]).
-  at::Tensor xd2 = pairs ? xd.view({M, K / kBlock, 1}).expand({M, K / kBlock, 4}).contiguous() : xd;
-  // Centring the codes on 7.5: sum_k q_k x_k = sum_k (q_k - 7.5) x_k + 7.5 (sum x)_g, and the kernel's
-  // sum_u d_u (q . xq)_u estimates the first term once 7.5 * sum_u d_u (sum xq)_u is taken off.
-  // Per group: corr_g = 7.5 * ((sum x)_g - sum_u d_u (sum xq)_u), shared by every output row.
-  at::Tensor xcorr = (xsum - (xd * qsum.to(at::kFloat)).view({M, n_groups, group_size / kBlock}).sum(-1)) * 7.5;
-  xcorr = xcorr.contiguous();
+  // Per-call preparation, shared by every output row (O(M K), plain loops: ATen ops here cost
+  // more than the quantization itself at decode sizes).
+  const int64_t nu = K / kBlock, upg = group_size / kBlock;
+  const bool pairs = upg % 2 == 0;
+  std::vector<int8_t> xq_in_order(M * K), xq_v(M * K);
+  std::vector<float> xd_v(M * nu), xd2_v(pairs ? M * nu * 4 : 0), xsum_v(M * n_groups), xcorr_v(M * n_groups);
+  std::vector<int32_t> qsum(M * nu);
+  const float* xp = x.data_ptr<float>();
+  quantize_activations(xp, M, K, xq_in_order.data(), xd_v.data(), qsum.data());
+  permute_for_int4(xq_in_order.data(), M, K, pairs, xq_v.data());
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      // Centring the codes on 7.5: sum_k q_k x_k = sum_k (q_k - 7.5) x_k + 7.5 (sum x)_g, and the
+      // kernel's sum_u d_u (q . xq)_u estimates the first term once 7.5 sum_u d_u (sum xq)_u is taken
+      // off: corr_g = 7.5 ((sum x)_g - sum_u d_u (sum xq)_u), the same for every output row.
+      __m256 vx = _mm256_setzero_ps();  // eight lanes: a sequential fp32 sum would take 4 cycles per input
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 8)
+        vx = _mm256_add_ps(vx, _mm256_loadu_ps(xp + m * K + k));
+      const float sx = hsum(vx);
+      float sq = 0.f;
+      for (int64_t u = g * upg; u < (g + 1) * upg; ++u) sq += xd_v[m * nu + u] * float(qsum[m * nu + u]);
+      xsum_v[m * n_groups + g] = sx;
+      xcorr_v[m * n_groups + g] = 7.5f * (sx - sq);
+    }
+  }
+  // Pairs scale vector half h by its unit's d: per pair [d_u x4, d_u+1 x4].
+  for (int64_t i = 0; i < (pairs ? M * nu : 0); ++i)
+    for (int j = 0; j < 4; ++j) xd2_v[i * 4 + j] = xd_v[i];
   at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* qp = xq.data_ptr<int8_t>();
-  const float* dp = xd.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  const float* xc = xcorr.data_ptr<float>();
-  const float* d2 = xd2.data_ptr<float>();
+  const int8_t* qp = xq_v.data();
+  const float* dp = xd_v.data();
+  const float* xs = xsum_v.data();
+  const float* xc = xcorr_v.data();
+  const float* d2 = pairs ? xd2_v.data() : dp;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = minv.data_ptr<at::Half>();
