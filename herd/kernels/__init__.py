@@ -13,8 +13,11 @@ The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most 4 rows, see c
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
     linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
     dequantize_int4(w, scale, min, G) -> (N, K) f32   (prefill: one pass, then MKL's GEMM)
+    linear_int8_a8, linear_int4_a8: same arguments as linear_int8 / linear_int4; x is quantized
+        to int8 per block of 32 inputs inside the op and multiplied in integers (an opt-in mode,
+        herd.quant's activations="int8"; its error bound is in cpu_gemv.cpp)
 
-Numerics: fp32 products accumulated in fp32, in a different order than MKL's, so results equal
+Numerics (all but the *_a8 ops): fp32 products accumulated in fp32, in a different order than MKL's, so results equal
 `F.linear` on the dequantized weight to fp32 reassociation error (relative ~1e-6 of sum |w x|).
 
 Environment: HERD_CPU_KERNELS=0 disables them (logged); HERD_KERNEL_CACHE sets the build
@@ -96,6 +99,7 @@ def _build() -> SimpleNamespace:
          is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
     return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
+                           linear_int8_a8=ops.linear_int8_a8, linear_int4_a8=ops.linear_int4_a8,
                            dequantize_int4=ops.dequantize_int4)
 
 

@@ -68,6 +68,7 @@ def save_quantized(
         "scheme": schemes[0] if len(schemes) == 1 else "mixed",
         "group_size": first.group_size if isinstance(first, Int4Linear) else None,
         "activation_scale_ub": first.activation_scale_ub if isinstance(first, Fp8Linear) else None,
+        "activations": getattr(first, "activations", "float"),
         "modules": {name: _scheme_of(m) for name, m in quantized.items()},
         "model_args": dataclasses.asdict(model.args),
     }
@@ -124,9 +125,11 @@ def read_quant_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _shell(scheme: str, in_features: int, out_features: int, cfg: dict[str, Any]) -> torch.nn.Module:
     if scheme == "int8":
-        return Int8Linear(in_features, out_features, device="meta")
+        # "activations" is absent from files written before the int8-activation mode: exact.
+        return Int8Linear(in_features, out_features, activations=cfg.get("activations", "float"), device="meta")
     if scheme == "int4":
-        return Int4Linear(in_features, out_features, group_size=int(cfg["group_size"]), device="meta")
+        return Int4Linear(in_features, out_features, group_size=int(cfg["group_size"]),
+                          activations=cfg.get("activations", "float"), device="meta")
     if scheme == "fp8":
         return Fp8Linear(in_features, out_features, activation_scale_ub=float(cfg["activation_scale_ub"]),
                          device="meta")

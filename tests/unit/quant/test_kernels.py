@@ -168,3 +168,99 @@ def test_cpu_kernel_linear_keeps_autograd_on_the_aten_path(ops):
     x = torch.randn(1, 32, requires_grad=True)
     lin(x).sum().backward()  # the custom op has no backward; training must not reach it
     assert x.grad is not None and lin.weight.grad is not None
+
+
+# ---- int8 activations (the opt-in "a8" kernels) ---------------------------------------------
+#
+# Definition: each activation row is quantized per block of 32 inputs (the last block may be
+# shorter) to xq = round_half_even(x * (127 / amax)), d = amax / 127, and the weights are
+# multiplied by d * xq; int4 codes are centred on 7.5 with the exact fp32 group sums of x making
+# up the difference (cpu_gemv.cpp). Two checks: the kernel equals a float64 emulation of that
+# definition to fp32 rounding, and it is within the activation-rounding bound of the exact result:
+#     |y - x @ w.T| <= sum_k d_b(k) / 2 * |w_k - c_k|,  c = 0 (int8), c = m_g + 7.5 s_g (int4).
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> dequantized activations d * xq (M, K) float64, and d per input (M, K)."""
+    M, K = x.shape
+    nb = -(-K // 32)
+    xp = torch.zeros(M, nb * 32)
+    xp[:, :K] = x
+    blocks = xp.view(M, nb, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # fp32, as the kernel
+    xq = torch.round(blocks * inv).clamp(-127, 127)
+    d = (amax / 127.0).double().expand(M, nb, 32)
+    return (xq.double() * d).reshape(M, -1)[:, :K], d.reshape(M, -1)[:, :K]
+
+
+A8_SHAPES = [(1, 8), (5, 17), (37, 100), (64, 224), (300, 2048), (4, 4096), (9, 33)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N, K", A8_SHAPES)
+def test_int8_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K):
+    g = torch.Generator().manual_seed(7 * N + K + M)
+    x, w = torch.randn(M, K, generator=g) * 3, torch.randn(N, K, generator=g)
+    x[0, : min(K, 32)] = 0  # an all-zero block: d = 0 must not divide
+    q, scale = quantize_int8(w)
+    y = ops.linear_int8_a8(x, q, scale).double()
+    wd = q.double() * scale.double()[:, None]
+    xh, d = _quantize_activations(x)
+    emulated = xh @ wd.T
+    mag = xh.abs() @ wd.abs().T
+    assert ((y - emulated).abs() <= (K // 32 + 16) * U * mag + 1e-30).all()
+    exact = x.double() @ wd.T
+    bound = (d / 2) @ wd.abs().T  # (M, N)
+    err = (y - exact).abs()
+    assert (err <= bound + (K // 32 + 16) * U * mag + 1e-30).all()
+    if K >= 64:  # random rounding errors cancel: far below the worst case
+        assert err.mean() < 0.2 * bound.mean()
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N, K, G", [(5, 32, 32), (37, 96, 32), (64, 224, 32), (300, 2048, 64), (8, 4096, 128),
+                                     (3, 512, 256), (7, 192, 64), (6, 192, 96)])
+def test_int4_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K, G):
+    g = torch.Generator().manual_seed(11 * N + K + G + M)
+    x, w = torch.randn(M, K, generator=g) * 3, torch.randn(N, K, generator=g)
+    x[-1, :32] = 0
+    packed, scales, mins = quantize_int4(w, G)
+    y = ops.linear_int4_a8(x, packed, scales, mins, G).double()
+    q = unpack_int4(packed).double().view(N, -1, G)  # (N, groups, G)
+    s, m = scales.double()[..., None], mins.double()[..., None]
+    xh, d = _quantize_activations(x)
+    xs = x.double().view(M, -1, G).sum(-1)  # (M, groups)
+    # The definition: sum_g s_g (q - 7.5) . xh_g + (m_g + 7.5 s_g) (sum x)_g.
+    centred = ((q - 7.5) * s).view(N, K)
+    emulated = xh @ centred.T + xs @ (m + 7.5 * s).squeeze(-1).T
+    mag = xh.abs() @ centred.abs().T + x.double().abs().view(M, -1, G).sum(-1) @ (m.abs() + 7.5 * s).squeeze(-1).T
+    assert ((y - emulated).abs() <= (K // 32 + 64) * U * mag + 1e-30).all()
+    wd = (q * s + m).view(N, K)
+    err = (y - x.double() @ wd.T).abs()
+    bound = (d / 2) @ centred.abs().T
+    assert (err <= bound + (K // 32 + 64) * U * mag + 1e-30).all()
+    if K >= 64:
+        assert err.mean() < 0.2 * bound.mean()
+
+
+def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
+    from herd.quant import QuantConfig
+
+    with pytest.raises(ValueError, match="activations"):
+        QuantConfig("int8", activations="int4")
+    with pytest.raises(ValueError, match="fp8"):
+        QuantConfig("fp8", activations="int8")
+    lin = torch.nn.Linear(96, 40, bias=False)
+    mods = [Int8Linear.from_linear(lin, activations="int8"), Int4Linear.from_linear(lin, group_size=32,
+                                                                                   activations="int8")]
+    assert Int8Linear.from_linear(lin).activations == "float"  # exact unless asked
+    calls = []
+    for name in ("linear_int8_a8", "linear_int4_a8"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    x = torch.randn(1, 96)
+    with torch.inference_mode():
+        for mod in mods:
+            torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=0.05, atol=0.05)
+    assert calls == ["linear_int8_a8", "linear_int4_a8"]

@@ -196,3 +196,15 @@ def test_fp8_scaled_mm_matches_the_cpu_emulation():
     ref = mod(x.float()).bfloat16()  # CPU emulation
     gpu = mod.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(gpu, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_int8_activation_mode_survives_save_and_load(tmp_path, tokens, scheme):
+    model = build_model(ARGS, seed=3).eval()
+    quantize(model, QuantConfig(scheme, group_size=CONFIGS["int4"].group_size, activations="int8"))
+    out = save_quantized(model, tmp_path / "q")
+    assert json.loads((out / "quant_config.json").read_text())["activations"] == "int8"
+    loaded = load_quantized(out).eval()
+    assert {m.activations for m in loaded.modules() if hasattr(m, "activations")} == {"int8"}
+    with torch.inference_mode():
+        assert torch.equal(model(tokens[:, :1]), loaded(tokens[:, :1]))  # one row: the a8 decode kernel
