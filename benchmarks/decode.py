@@ -116,10 +116,11 @@ def matmul_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def quantized_copy(args: ModelArgs, scheme: str, group_size: int, share_embedding: torch.nn.Parameter):
+def quantized_copy(args: ModelArgs, scheme: str, group_size: int, share_embedding: torch.nn.Parameter,
+                   activations: str = "float"):
     """The benchmark's weights (seed 0), quantized; the float embedding is shared, not copied."""
     model = build_model(args, seed=0).eval()
-    quantize(model, QuantConfig(scheme, group_size=group_size))
+    quantize(model, QuantConfig(scheme, group_size=group_size, activations=activations))
     model.tok_embeddings.weight = share_embedding  # identical values; saves 1 GB per copy
     gc.collect()
     return model
@@ -282,6 +283,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    ap.add_argument("--activations", choices=("float", "int8", "both"), default="both",
+                    help="herd int8/int4 decode with exact fp32 activations, int8-quantized ones, or both")
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp F32/Q8_0/Q4_0 (installs it if missing)")
     ap.add_argument("--gguf-dir", default="runs/bench-gguf", help="where converted GGUF files are cached")
     opts = ap.parse_args()
@@ -302,11 +305,13 @@ def main() -> None:
     fp32 = build_model(args, seed=0).eval()
     kernel_layers = apply_cpu_kernels(fp32)
     print(f"herd fp32: {kernel_layers} linear layers on herd's GEMV kernel")
-    engines: dict[str, dict] = {
-        "herd_fp32": {"model": fp32},
-        "herd_int8": {"model": quantized_copy(args, "int8", opts.group_size, fp32.tok_embeddings.weight)},
-        "herd_int4": {"model": quantized_copy(args, "int4", opts.group_size, fp32.tok_embeddings.weight)},
-    }
+    engines: dict[str, dict] = {"herd_fp32": {"model": fp32}}
+    modes = ["float", "int8"] if opts.activations == "both" else [opts.activations]
+    for scheme in ("int8", "int4"):
+        for mode in modes:  # herd_int8 / herd_int8_a8: exact fp32 activations / int8-quantized activations
+            name = f"herd_{scheme}" + ("_a8" if mode == "int8" else "")
+            engines[name] = {"model": quantized_copy(args, scheme, opts.group_size, fp32.tok_embeddings.weight,
+                                                     activations=mode)}
     for e in engines.values():
         e["bytes"] = matmul_bytes(e["model"])
     hf_model = build_hf(args)
@@ -316,7 +321,7 @@ def main() -> None:
 
     with torch.inference_mode():
         ref_logits = fp32(prompt)[0]  # (S, V)
-        for name in ("herd_int8", "herd_int4"):
+        for name in [n for n in engines if n.startswith(("herd_int8", "herd_int4"))]:
             engines[name]["kl"], engines[name]["top1"] = divergence(ref_logits, engines[name]["model"](prompt)[0])
 
     def herd_runner(model):
@@ -327,7 +332,7 @@ def main() -> None:
             hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)
 
-    for name in ("herd_fp32", "herd_int8", "herd_int4"):
+    for name in [n for n in engines if n.startswith("herd_")]:
         engines[name]["run"] = herd_runner(engines[name]["model"])
     engines["hf_fp32"]["run"] = run_hf
 
@@ -403,10 +408,12 @@ def main() -> None:
             figures[f"kl_{name}_vs_fp32"] = float(f"{e['kl']:.3e}")
             figures[f"top1_{name}_vs_fp32"] = round(e["top1"], 4)
     if opts.llamacpp:
-        figures["decode_int8_over_llamacpp_q8_0"] = round(engines["herd_int8"]["decode"]
-                                                          / engines["llamacpp_q8_0"]["decode"], 3)
-        figures["decode_int4_over_llamacpp_q4_0"] = round(engines["herd_int4"]["decode"]
-                                                          / engines["llamacpp_q4_0"]["decode"], 3)
+        for suffix in ("", "_a8"):
+            if f"herd_int8{suffix}" in engines:
+                figures[f"decode_int8{suffix}_over_llamacpp_q8_0"] = round(
+                    engines[f"herd_int8{suffix}"]["decode"] / engines["llamacpp_q8_0"]["decode"], 3)
+                figures[f"decode_int4{suffix}_over_llamacpp_q4_0"] = round(
+                    engines[f"herd_int4{suffix}"]["decode"] / engines["llamacpp_q4_0"]["decode"], 3)
         figures["decode_fp32_over_llamacpp_f32"] = round(herd["decode"] / engines["llamacpp_f32"]["decode"], 3)
     print(json.dumps(figures))
 

@@ -208,7 +208,7 @@ def cmd_plan(opts) -> None:
 def cmd_quantize(opts) -> None:
     from herd.quant import QuantConfig, quantize_checkpoint
 
-    config = QuantConfig(opts.scheme, group_size=opts.group_size)
+    config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations)
     report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite)
     print(f"quantized {len(report.modules)} linear layers to {report.scheme}: "
           f"{report.bytes_before / 2**20:,.1f} MiB -> {report.bytes_after / 2**20:,.1f} MiB; wrote {opts.out}")
@@ -610,6 +610,9 @@ def _quantize_args(p):
     p.add_argument("--scheme", choices=("int8", "int4", "fp8"), required=True,
                    help="int8: per-channel; int4: asymmetric groups; fp8: the paper's FFN-only row-wise rule")
     p.add_argument("--group-size", type=int, default=64, help="int4 inputs per scale/min pair (default 64)")
+    p.add_argument("--activations", choices=("float", "int8"), default="float",
+                   help="CPU decode with int8/int4 weights: float keeps activations exact; int8 quantizes them "
+                        "per block of 32 for integer dot products (faster, a small bounded error)")
     p.add_argument("--overwrite", action="store_true")
 
 
