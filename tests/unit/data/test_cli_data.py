@@ -64,9 +64,12 @@ def test_train_classifier_command_learns_a_separable_labelling(tmp_path, capsys)
     assert "held-out accuracy 1.000" in printed and out.is_file()
     info = json.loads(out.with_name("domain.bin.json").read_text())
     assert info["examples_per_label"] == {"prose": 150, "code": 150}
-    [p_prose, p_code] = load_scorer(out).probs(["the llama eats hay by the river while the herd sleeps",
-                                                 "def f(self): return [len(x) for x in range(3) if x else None]"])
-    assert p_prose["prose"] > 0.9 and p_code["code"] > 0.9
+    # Fresh documents from the same two sources, never seen in training, are told apart.
+    fresh = {label: [" ".join(rng.choice(words) for _ in range(80)) for _ in range(10)]
+             for label, words in (("prose", animals), ("code", code))}
+    scorer = load_scorer(out)
+    for label, texts in fresh.items():
+        assert all(p[label] > 0.9 for p in scorer.probs(texts)), label
 
     # User errors: one label only, an unreadable source, a malformed --example.
     assert main(["data", "train-classifier", "--example", f"prose={prose}", "--out", str(out)]) == 2
