@@ -260,19 +260,27 @@ void i4_range(const float* x, const float* xsum, int64_t K, int64_t G, const uin
   for (; n < end; ++n) i4_rows<M, 1>(x, xsum, K, G, w, s, mn, n, y, N);
 }
 
-at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
-                       int64_t group_size) {
-  TORCH_CHECK(w.scalar_type() == at::kByte, "linear_int4 takes a uint8 packed weight");
+// Shapes and dtypes both int4 kernels take; returns in_features.
+int64_t check_int4_args(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                        const at::Tensor& minv, int64_t group_size) {
+  TORCH_CHECK(w.scalar_type() == at::kByte, name, " takes a uint8 packed weight");
   TORCH_CHECK(group_size >= 32 && group_size % 32 == 0, "group_size must be a positive multiple of 32");
   const int64_t K = w.size(1) * 2;
   check_inputs(x, w, K);
   TORCH_CHECK(K % group_size == 0, "in_features ", K, " is not a multiple of group_size ", group_size);
-  const int64_t M = x.size(0), N = w.size(0), n_groups = K / group_size;
+  const int64_t N = w.size(0), n_groups = K / group_size;
   for (const at::Tensor* t : {&scale, &minv}) {
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                     t->size(1) == n_groups,
-                "linear_int4 takes float16 scales and mins of shape (out_features, in_features / group_size)");
+                name, " takes float16 scales and mins of shape (out_features, in_features / group_size)");
   }
+  return K;
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
+                       int64_t group_size) {
+  const int64_t K = check_int4_args("linear_int4", x, w, scale, minv, group_size);
+  const int64_t M = x.size(0), N = w.size(0), n_groups = K / group_size;
   // Group sums of x are shared by every output row: (M, K) -> (M, K / G), summed in fp32.
   at::Tensor xsum = x.view({M, n_groups, group_size}).sum(-1).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
@@ -588,17 +596,8 @@ void i4a8_range(const int8_t* xq, const float* xd, const float* xd2, const float
 
 at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
                           int64_t group_size) {
-  TORCH_CHECK(w.scalar_type() == at::kByte, "linear_int4_a8 takes a uint8 packed weight");
-  TORCH_CHECK(group_size >= 32 && group_size % 32 == 0, "group_size must be a positive multiple of 32");
-  const int64_t K = w.size(1) * 2;
-  check_inputs(x, w, K);
-  TORCH_CHECK(K % group_size == 0, "in_features ", K, " is not a multiple of group_size ", group_size);
+  const int64_t K = check_int4_args("linear_int4_a8", x, w, scale, minv, group_size);
   const int64_t M = x.size(0), N = w.size(0), n_groups = K / group_size;
-  for (const at::Tensor* t : {&scale, &minv}) {
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                    t->size(1) == n_groups,
-                "linear_int4_a8 takes float16 scales and mins of shape (out_features, in_features / group_size)");
-  }
   // Per-call preparation, shared by every output row (O(M K), plain loops: ATen ops here cost
   // more than the quantization itself at decode sizes).
   const int64_t nu = K / kBlock, upg = group_size / kBlock;

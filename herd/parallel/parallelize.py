@@ -219,12 +219,7 @@ class ParallelModel:
         # dp_replicate * dp_shard * cp ranks, so scaling by that count makes the result the
         # gradient of (global token sum / global token count).
         self._scale = (d.dp * d.cp) / max(num_targets, 1)
-        if self.cp is not None:
-            shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
-            inputs, targets, pos, doc_ids = shard.inputs, shard.targets, shard.pos, None
-        else:
-            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
-            pos = pos.expand(B, -1)
+        inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         local_sum = torch.zeros((), device=inputs.device)
         with self._loss_context():
             if self.schedule is not None:
@@ -259,17 +254,22 @@ class ParallelModel:
         return x[r * B // dp:(r + 1) * B // dp]
 
     @torch.no_grad()
-    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> float:
-        """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
-        B, S = inputs.shape
-        d, m = self.dims, self.meshes
-        self._scale = 1.0
+    def _local_batch(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None):
+        """This rank's part of the batch and its RoPE positions: the zig-zag chunks under context
+        parallelism (whose shard carries the positions and the document structure), else the
+        whole rows with positions restarting per document."""
         if self.cp is not None:
             shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
-            inputs, targets, pos, doc_ids = shard.inputs, shard.targets, shard.pos, None
-        else:
-            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
-            pos = pos.expand(B, -1)
+            return shard.inputs, shard.targets, shard.pos, None
+        B, S = inputs.shape
+        pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
+        return inputs, targets, pos.expand(B, -1), doc_ids
+
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> float:
+        """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
+        d, m = self.dims, self.meshes
+        self._scale = 1.0
+        inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         total = torch.zeros((), device=inputs.device)
         with self._loss_context():
             if self.schedule is not None:
