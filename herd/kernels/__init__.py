@@ -42,7 +42,7 @@ log = logging.getLogger("herd.kernels")
 
 MAX_ROWS = 4  # the kernels' M limit; larger inputs belong to MKL's GEMM
 _SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": namespace or None, "reason": why not
@@ -95,12 +95,13 @@ def _build() -> SimpleNamespace:
     built = any(build_dir.glob(f"{name}*.so"))
     if not built:
         log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
-    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build_dir),
+    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
          is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
     return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
                            linear_int8_a8=ops.linear_int8_a8, linear_int4_a8=ops.linear_int4_a8,
-                           dequantize_int4=ops.dequantize_int4)
+                           dequantize_int4=ops.dequantize_int4,
+                           parallel_threads=ops.parallel_threads)
 
 
 def cpu_kernels() -> SimpleNamespace | None:

@@ -4,7 +4,8 @@
 // from memory. These kernels do nothing clever with the arithmetic: they read each weight row
 // once, in order, with independent FMA chains so the loads never wait on the adder, and split
 // the rows across threads with ATen's parallel_for (the same OpenMP pool as the rest of torch,
-// so torch.set_num_threads applies and no second runtime competes for the cores).
+// so torch.set_num_threads applies and no second runtime competes for the cores; the build needs
+// -fopenmp for that, see parallel_threads).
 //
 // Three weight formats, all with fp32 activations and fp32 accumulation:
 //   f32:  W float32 (N, K).
@@ -25,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -692,6 +694,17 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   return out;
 }
 
+// How many threads the kernels' parallel regions really run on. ATen's parallel_for is a header
+// template around `#pragma omp parallel`, so an extension built without -fopenmp silently runs it
+// on one thread (herd's kernels did, until this check): the tests compare this with torch's count.
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t(1) << (at::get_thread_num() % 64), std::memory_order_relaxed);
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(herd_cpu, m) {
@@ -701,6 +714,7 @@ TORCH_LIBRARY(herd_cpu, m) {
   m.def("linear_int8_a8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("linear_int4_a8(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("parallel_threads() -> int");
 }
 
 TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
@@ -711,3 +725,5 @@ TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
   m.impl("linear_int4_a8", &linear_int4_a8);
   m.impl("dequantize_int4", &dequantize_int4);
 }
+
+TORCH_LIBRARY_IMPL(herd_cpu, CompositeExplicitAutograd, m) { m.impl("parallel_threads", &parallel_threads); }

@@ -264,3 +264,36 @@ def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
         for mod in mods:
             torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=0.05, atol=0.05)
     assert calls == ["linear_int8_a8", "linear_int4_a8"]
+
+
+def test_kernels_run_on_torchs_threads(ops):
+    """The parallel regions use torch.set_num_threads' count, and splitting rows changes no bit.
+
+    ATen's parallel_for is a header template over `#pragma omp parallel`: built without -fopenmp
+    it runs on one thread without a warning, which is how these kernels first shipped (decode at
+    half speed on 2 cores). Each output row is one thread's dot product, so 1 and 2 threads agree
+    exactly.
+    """
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 512, generator=g)
+    w = torch.randn(4096, 512, generator=g)
+    q8, s8 = quantize_int8(w)
+    q4 = quantize_int4(w, 64)
+    calls = {
+        "f32": lambda: ops.linear_f32(x, w),
+        "int8": lambda: ops.linear_int8(x, q8, s8),
+        "int8_a8": lambda: ops.linear_int8_a8(x, q8, s8),
+        "int4": lambda: ops.linear_int4(x, *q4, 64),
+        "int4_a8": lambda: ops.linear_int4_a8(x, *q4, 64),
+    }
+    try:
+        torch.set_num_threads(1)
+        assert ops.parallel_threads() == 1
+        one = {k: f() for k, f in calls.items()}
+        torch.set_num_threads(2)
+        assert ops.parallel_threads() == 2, "the extension was built without OpenMP: rebuild with -fopenmp"
+        for k, f in calls.items():
+            assert torch.equal(f(), one[k]), k
+    finally:
+        torch.set_num_threads(before)
