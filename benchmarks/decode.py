@@ -6,10 +6,15 @@ same process.
 
 * memory read bandwidth: best of a streaming sum and a large fp32 GEMV over 1 GiB
 * fp32 matmul peak: best of large square fp32 matmuls
-* decode tok/s: (time of generating 1 + N tokens - time of generating 1 token) / N, greedy,
-  batch 1. herd and HF through their generate APIs (what users call); llama.cpp through
-  llama-cpp-python's `eval` (prefill, then one token at a time, greedy on its logits)
-* prefill tok/s: prompt length / time of generating 1 token
+* decode tok/s: N / (time between the first and the last of 1 + N generated tokens), greedy,
+  batch 1, from a timestamp taken as each token becomes available. herd through
+  `generate_tokens` (the streaming generator under `generate`), HF through `model.generate`
+  with a streamer, llama.cpp through llama-cpp-python's `eval` (prefill, then one token at a
+  time, greedy on its logits). Timing the decode steps themselves matters: the earlier
+  "time(1 + N tokens) - time(1 token)" took the difference of two runs that each include the
+  prefill, and for the quantized engines (prefill 5-8 s, decode ~1 s) the prefill's run-to-run
+  noise swamped the decode time.
+* prefill tok/s: prompt length / time to the first generated token
 
 Roofline fractions: decode reads every matmul weight once per token (all layers plus the output
 head, in whatever format the engine stores them; the embedding lookup reads one row), so its
@@ -22,8 +27,11 @@ Q4_0 on the *same* weights as herd, converted to GGUF with the `gguf` package (c
 compiles llama.cpp from source, which takes 20+ minutes on 2 cores.
 
 Quality cost: a random model has no meaningful perplexity, so each quantized engine is
-compared with herd fp32 on the prompt's next-token distributions: mean KL(fp32 || quantized)
-and how often the argmax agrees. (`herd eval perplexity` measures the perplexity change on
+compared with herd fp32 on next-token distributions: mean KL(fp32 || quantized) and how often
+the argmax agrees, twice: over the prompt's positions as prefill computes them, and over N
+positions computed by decode steps (the prompt, then herd fp32's greedy continuation fed one
+token at a time). They differ for herd's `activations="int8"` mode, which quantizes activations
+only in the decode kernels (at most 4 rows); prefill stays exact. (`herd eval perplexity` measures the perplexity change on
 real text for trained checkpoints.)
 
     python benchmarks/decode.py                 # Llama-3.2-1B-shaped random model
@@ -51,7 +59,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from herd.generate import SamplingParams, generate
+from herd.generate import KVCache, SamplingParams, generate
+from herd.generate.generate import decode_step, generate_tokens, prefill
 from herd.model import ModelArgs, build_model
 from herd.model.rope import precompute_freqs_cis
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize
@@ -253,17 +262,32 @@ def llamacpp_models(model, gguf_dir: Path, n_ctx: int, threads: int) -> dict[str
     return out
 
 
-def llamacpp_runner(llm, prompt: list[int]) -> Callable[[int], None]:
+def llamacpp_runner(llm, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
+    """run(n) -> (start, a timestamp as each of the n greedy tokens becomes available)."""
     import numpy as np
 
-    def run(n: int) -> None:
+    def run(n: int) -> tuple[float, list[float]]:
         llm.reset()
+        t0 = time.perf_counter()
         llm.eval(prompt)  # prefill; its last row of logits gives the first new token
+        stamps = [time.perf_counter()]
         for _ in range(n - 1):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             llm.eval([tok])
+            stamps.append(time.perf_counter())
+        return t0, stamps
 
     return run
+
+
+def llamacpp_decode_logits(llm, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """(len(continuation), V) logits, each from a one-token `eval` after the prompt's prefill."""
+    llm.reset()
+    llm.eval(prompt)
+    for tok in continuation:
+        llm.eval([tok])
+    S = len(prompt)
+    return torch.from_numpy(llm.scores[S : S + len(continuation)].copy()).float()
 
 
 # ---- quality ---------------------------------------------------------------------------------
@@ -273,6 +297,47 @@ def divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, f
     """Mean KL(ref || other) over positions, and the share of positions whose argmax agrees."""
     kl = F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     return float(kl.mean()), float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+
+
+def herd_decode_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """(len(continuation), V) logits, each from a one-token decode step after the prompt's prefill.
+
+    These go through the decode path (the small-M kernels and, with activations="int8", their
+    activation quantization), where logits from one forward pass over the sequence would not.
+    """
+    S = len(prompt)
+    cache = KVCache(model.args, batch_size=1, max_seq_len=S + len(continuation),
+                    dtype=model.tok_embeddings.weight.dtype)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([prompt]), cache)
+        rows = [decode_step(model, torch.tensor([tok]), torch.tensor([S + i]), cache)[0]
+                for i, tok in enumerate(continuation)]
+    return torch.stack(rows)
+
+
+def herd_runner(model, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
+    """run(n) -> (start, a timestamp as each of the n greedy tokens becomes available)."""
+    greedy = SamplingParams(temperature=0.0)
+
+    def run(n: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        stamps = [time.perf_counter() for _ in generate_tokens(model, [prompt], max_new_tokens=n, sampling=greedy)]
+        return t0, stamps
+
+    return run
+
+
+class _Stamps:
+    """An HF streamer that only records when each token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def main() -> None:
@@ -317,64 +382,77 @@ def main() -> None:
     hf_model = build_hf(args)
     engines["hf_fp32"] = {"model": hf_model, "bytes": engines["herd_fp32"]["bytes"]}
     prompt = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(2))
-    greedy = SamplingParams(temperature=0.0)
+    prompt_ids = prompt[0].tolist()
+    n = 1 + opts.new_tokens
 
+    # Quality: prefill positions (one forward pass) and decode positions (one-token steps over
+    # herd fp32's greedy continuation), each against herd fp32 on the same positions.
+    continuation = generate(fp32, [prompt_ids], max_new_tokens=opts.new_tokens,
+                            sampling=SamplingParams(temperature=0.0))[0].tokens
     with torch.inference_mode():
-        ref_logits = fp32(prompt)[0]  # (S, V)
+        ref_full = fp32(torch.tensor([prompt_ids + continuation]))[0]  # (S + N, V)
+    ref_prefill, ref_decode = ref_full[: opts.prompt_len], ref_full[opts.prompt_len:]
+    del ref_full
+    with torch.inference_mode():
         for name in [n for n in engines if n.startswith(("herd_int8", "herd_int4"))]:
-            engines[name]["kl"], engines[name]["top1"] = divergence(ref_logits, engines[name]["model"](prompt)[0])
-
-    def herd_runner(model):
-        return lambda n: generate(model, prompt.tolist(), max_new_tokens=n, sampling=greedy)
-
-    def run_hf(n: int) -> None:
-        with torch.inference_mode():
-            hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+            model = engines[name]["model"]
+            engines[name]["kl"], engines[name]["top1"] = divergence(ref_prefill, model(prompt)[0])
+            engines[name]["kl_decode"], engines[name]["top1_decode"] = divergence(
+                ref_decode, herd_decode_logits(model, prompt_ids, continuation))
 
     for name in [n for n in engines if n.startswith("herd_")]:
-        engines[name]["run"] = herd_runner(engines[name]["model"])
+        engines[name]["run"] = herd_runner(engines[name]["model"], prompt_ids)
+
+    def run_hf(k: int) -> tuple[float, list[float]]:
+        stamps = _Stamps()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False, pad_token_id=0, streamer=stamps)
+        return t0, stamps.times[1:]  # the first put is the prompt
+
     engines["hf_fp32"]["run"] = run_hf
 
     if opts.llamacpp:
         n_ctx = opts.prompt_len + opts.new_tokens + 8
         for qtype, (llm, nbytes) in llamacpp_models(fp32, Path(opts.gguf_dir), n_ctx, threads).items():
             name = f"llamacpp_{qtype.lower()}"
-            engines[name] = {"run": llamacpp_runner(llm, prompt[0].tolist()), "bytes": nbytes}
+            engines[name] = {"run": llamacpp_runner(llm, prompt_ids), "bytes": nbytes}
             llm.reset()
-            llm.eval(prompt[0].tolist())
+            llm.eval(prompt_ids)
             logits = torch.from_numpy(llm.scores[: opts.prompt_len].copy()).float()
-            engines[name]["kl"], engines[name]["top1"] = divergence(ref_logits, logits)
-    del ref_logits
+            engines[name]["kl"], engines[name]["top1"] = divergence(ref_prefill, logits)
+            engines[name]["kl_decode"], engines[name]["top1_decode"] = divergence(
+                ref_decode, llamacpp_decode_logits(llm, prompt_ids, continuation))
+    del ref_prefill, ref_decode
 
     for e in engines.values():
         e["run"](2)  # warm up (first calls allocate, pick kernels, fault in mmap'd weights)
-        e["t1"], e["tn"] = [], []
-    n = 1 + opts.new_tokens
+        e["prefill_s"], e["decode_s"] = [], []
     for _ in range(opts.reps):
-        for e in engines.values():
-            t = time.perf_counter(); e["run"](1); e["t1"].append(time.perf_counter() - t)  # noqa: E702
-            t = time.perf_counter(); e["run"](n); e["tn"].append(time.perf_counter() - t)  # noqa: E702
+        for name, e in engines.items():
+            t0, stamps = e["run"](n)
+            if len(stamps) != n:
+                raise SystemExit(f"{name}: asked for {n} tokens, got {len(stamps)}")
+            e["prefill_s"].append(stamps[0] - t0)
+            e["decode_s"].append(stamps[-1] - stamps[0])
 
     S, L, H, D = opts.prompt_len, args.n_layers, args.n_heads, args.head_dim
     prefill_flops = 2 * args.num_params(embeddings=False) * S + 2 * args.vocab_size * args.dim \
         + 2 * 2 * L * H * D * S * (S + 1) / 2  # causal QK^T and PV
     prefill_bound = S / (prefill_flops / (peak * 1e9))  # tok/s, fp32 compute
     for name, e in engines.items():
-        t1, tn = statistics.median(e["t1"]), statistics.median(e["tn"])
-        if tn <= t1:
-            raise SystemExit(f"{name}: generating {n} tokens was not slower than 1 ({tn:.3f} s vs {t1:.3f} s); "
-                             "the machine is too noisy, raise --new-tokens or --reps")
-        e["prefill"], e["decode"] = S / t1, opts.new_tokens / (tn - t1)
+        e["prefill"] = S / statistics.median(e["prefill_s"])
+        e["decode"] = opts.new_tokens / statistics.median(e["decode_s"])
         e["bound"] = bw * 1e9 / e["bytes"]  # decode tok/s if weights streamed at full bandwidth
 
     print(f"{'':16}{'weights MB':>11}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode bound':>14}"
-          f"{'fraction':>10}{'KL vs fp32':>12}{'top-1 agree':>13}")
+          f"{'fraction':>10}{'KL prefill':>12}{'KL decode':>11}{'top-1 prefill':>15}{'top-1 decode':>14}")
     for name, e in engines.items():
-        kl = f"{e['kl']:.2e}" if "kl" in e else "-"
-        top1 = f"{e['top1']:.3f}" if "top1" in e else "-"
+        kl, kld = (f"{e[k]:.2e}" if k in e else "-" for k in ("kl", "kl_decode"))
+        top1, top1d = (f"{e[k]:.3f}" if k in e else "-" for k in ("top1", "top1_decode"))
         print(f"{name:16}{e['bytes'] / 1e6:11.0f}{e['prefill']:15.1f}{e['decode']:14.2f}{e['bound']:14.2f}"
-              f"{e['decode'] / e['bound']:10.3f}{kl:>12}{top1:>13}")
+              f"{e['decode'] / e['bound']:10.3f}{kl:>12}{kld:>11}{top1:>15}{top1d:>14}")
     print(f"{'fp32 prefill bound':16}{'':11}{prefill_bound:15.1f}")
 
     herd, hf = engines["herd_fp32"], engines["hf_fp32"]
@@ -407,6 +485,8 @@ def main() -> None:
         if "kl" in e:
             figures[f"kl_{name}_vs_fp32"] = float(f"{e['kl']:.3e}")
             figures[f"top1_{name}_vs_fp32"] = round(e["top1"], 4)
+            figures[f"kl_decode_{name}_vs_fp32"] = float(f"{e['kl_decode']:.3e}")
+            figures[f"top1_decode_{name}_vs_fp32"] = round(e["top1_decode"], 4)
     if opts.llamacpp:
         for suffix in ("", "_a8"):
             if f"herd_int8{suffix}" in engines:
