@@ -7,7 +7,7 @@ loudly) and a dependency on a C++ compiler and ninja. When either is missing, or
 AVX2/FMA/F16C, `cpu_kernels()` returns None and says why once, loudly; callers then use plain
 PyTorch ops, which compute the same values more slowly.
 
-The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most 4 rows, see cpu_gemv.cpp):
+The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most MAX_ROWS = 16 rows, see cpu_gemv.cpp):
 
     linear_f32(x (M, K), w (N, K) f32) -> (M, N)
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
@@ -40,7 +40,7 @@ import torch
 
 log = logging.getLogger("herd.kernels")
 
-MAX_ROWS = 4  # the kernels' M limit; larger inputs belong to MKL's GEMM
+MAX_ROWS = 16  # the kernels' M limit (batched decode); larger inputs belong to MKL's GEMM
 _SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 

@@ -1,4 +1,5 @@
-// Small-M matmuls for CPU decoding: y (M, N) = x (M, K) @ W (N, K)^T with M <= 4.
+// Small-M matmuls for CPU decoding: y (M, N) = x (M, K) @ W (N, K)^T with M <= 16 (batched
+// decode; the register kernels take 4 activation rows at a time, see row_groups).
 //
 // Decode at batch 1 is a matrix-vector product per layer, bound by how fast the weights stream
 // from memory. These kernels do nothing clever with the arithmetic: they read each weight row
@@ -34,7 +35,8 @@
 
 namespace {
 
-constexpr int64_t kMaxM = 4;
+constexpr int64_t kMaxM = 16;  // rows per call (the ops' limit)
+constexpr int64_t kGroupM = 4;  // rows per register kernel pass
 // Weight rows are contiguous, so one row per pass is a single sequential stream that the hardware
 // prefetcher follows across rows; several rows per pass start that many short streams every few
 // rows (at K = 2048 an int8 row is only 32 cache lines, an int4 row 16). A software prefetch 2 KiB
@@ -58,12 +60,26 @@ inline int64_t grain_rows(int64_t K, int64_t bytes_per_weight_x2) {
   return std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(row_bytes, 1));
 }
 
+// Weight rows [b, e) against all M activation rows, kGroupM at a time: group(m0, mg, b0, e0)
+// computes y rows m0 .. m0 + mg - 1 for weight rows b0 .. e0 - 1. Up to kGroupM rows this is one
+// call over the whole range. Beyond it (a batch of decode rows) the weight rows go in blocks of
+// ~128 KiB, which stay in L2 while each group passes over them: the weights still stream from
+// memory once per call instead of once per group.
+template <typename Group>
+void row_groups(int64_t M, int64_t b, int64_t e, int64_t row_bytes, const Group& group) {
+  const int64_t block = M <= kGroupM ? e - b : std::max<int64_t>(4, (128 * 1024) / std::max<int64_t>(row_bytes, 1));
+  for (int64_t b0 = b; b0 < e; b0 += block) {
+    const int64_t e0 = std::min(e, b0 + block);
+    for (int64_t m0 = 0; m0 < M; m0 += kGroupM) group(m0, std::min(kGroupM, M - m0), b0, e0);
+  }
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "herd kernels run on CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "herd kernels take float32 activations, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous 2-D matrix");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "herd kernels handle 1..4 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "herd kernels handle 1..", kMaxM, " rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) == K_w, "x has ", x.size(1), " columns but the weight expects ", K_w);
 }
 
@@ -117,12 +133,16 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(K, 8), [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: f32_range<1>(xp, K, wp, b, e, yp, N); break;
-      case 2: f32_range<2>(xp, K, wp, b, e, yp, N); break;
-      case 3: f32_range<3>(xp, K, wp, b, e, yp, N); break;
-      default: f32_range<4>(xp, K, wp, b, e, yp, N); break;
-    }
+    row_groups(M, b, e, K * 4, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
+      const float* xg = xp + m0 * K;
+      float* yg = yp + m0 * N;
+      switch (mg) {
+        case 1: f32_range<1>(xg, K, wp, b0, e0, yg, N); break;
+        case 2: f32_range<2>(xg, K, wp, b0, e0, yg, N); break;
+        case 3: f32_range<3>(xg, K, wp, b0, e0, yg, N); break;
+        default: f32_range<4>(xg, K, wp, b0, e0, yg, N); break;
+      }
+    });
   });
   return y;
 }
@@ -181,12 +201,16 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(K, 2), [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: i8_range<1>(xp, K, wp, sp, b, e, yp, N); break;
-      case 2: i8_range<2>(xp, K, wp, sp, b, e, yp, N); break;
-      case 3: i8_range<3>(xp, K, wp, sp, b, e, yp, N); break;
-      default: i8_range<4>(xp, K, wp, sp, b, e, yp, N); break;
-    }
+    row_groups(M, b, e, K, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
+      const float* xg = xp + m0 * K;
+      float* yg = yp + m0 * N;
+      switch (mg) {
+        case 1: i8_range<1>(xg, K, wp, sp, b0, e0, yg, N); break;
+        case 2: i8_range<2>(xg, K, wp, sp, b0, e0, yg, N); break;
+        case 3: i8_range<3>(xg, K, wp, sp, b0, e0, yg, N); break;
+        default: i8_range<4>(xg, K, wp, sp, b0, e0, yg, N); break;
+      }
+    });
   });
   return y;
 }
@@ -293,12 +317,17 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Half* mp = minv.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: i4_range<1>(xp, xs, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      case 2: i4_range<2>(xp, xs, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      case 3: i4_range<3>(xp, xs, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      default: i4_range<4>(xp, xs, K, group_size, wp, sp, mp, b, e, yp, N); break;
-    }
+    row_groups(M, b, e, K / 2, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
+      const float* xg = xp + m0 * K;
+      const float* xsg = xs + m0 * n_groups;
+      float* yg = yp + m0 * N;
+      switch (mg) {
+        case 1: i4_range<1>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
+        case 2: i4_range<2>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
+        case 3: i4_range<3>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
+        default: i4_range<4>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
+      }
+    });
   });
   return y;
 }
@@ -479,12 +508,17 @@ at::Tensor linear_int8_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(K, 2), [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: i8a8_range<1>(qp, dp, K, wp, sp, b, e, yp, N); break;
-      case 2: i8a8_range<2>(qp, dp, K, wp, sp, b, e, yp, N); break;
-      case 3: i8a8_range<3>(qp, dp, K, wp, sp, b, e, yp, N); break;
-      default: i8a8_range<4>(qp, dp, K, wp, sp, b, e, yp, N); break;
-    }
+    row_groups(M, b, e, K, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
+      const int8_t* qg = qp + m0 * nb * kBlock;
+      const float* dg = dp + m0 * nb;
+      float* yg = yp + m0 * N;
+      switch (mg) {
+        case 1: i8a8_range<1>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
+        case 2: i8a8_range<2>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
+        case 3: i8a8_range<3>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
+        default: i8a8_range<4>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
+      }
+    });
   });
   return y;
 }
@@ -639,16 +673,24 @@ at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const at::Half* mp = minv.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    switch (M) {
-      case 1: pairs ? i4a8_range<1, true>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N)
-                    : i4a8_range<1, false>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      case 2: pairs ? i4a8_range<2, true>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N)
-                    : i4a8_range<2, false>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      case 3: pairs ? i4a8_range<3, true>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N)
-                    : i4a8_range<3, false>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N); break;
-      default: pairs ? i4a8_range<4, true>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N)
-                    : i4a8_range<4, false>(qp, dp, d2, xs, xc, K, group_size, wp, sp, mp, b, e, yp, N); break;
-    }
+    row_groups(M, b, e, K / 2, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
+      const int8_t* qg = qp + m0 * K;
+      const float* dg = dp + m0 * nu;
+      const float* d2g = pairs ? d2 + m0 * nu * 4 : dg;
+      const float* xsg = xs + m0 * n_groups;
+      const float* xcg = xc + m0 * n_groups;
+      float* yg = yp + m0 * N;
+#define HERD_I4A8(MG)                                                                                   \
+  (pairs ? i4a8_range<MG, true>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N)         \
+         : i4a8_range<MG, false>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N))
+      switch (mg) {
+        case 1: HERD_I4A8(1); break;
+        case 2: HERD_I4A8(2); break;
+        case 3: HERD_I4A8(3); break;
+        default: HERD_I4A8(4); break;
+      }
+#undef HERD_I4A8
+    });
   });
   return y;
 }

@@ -3,9 +3,10 @@
 Each module stores its weight in the quantized format as buffers (so `state_dict()` holds
 exactly what is saved) and chooses a matmul per call:
 
-* CPU, fp32 activations, at most 4 rows (decode): herd's AVX2 kernels (`herd.kernels`). With
-  `activations="int8"` (int8 and int4 only) the kernel quantizes the activation row to int8 per
-  block of 32 inputs and multiplies in integers, 1.5-3x faster per core; the result then differs
+* CPU, fp32 activations, at most 16 rows (decode and batched decode): herd's AVX2 kernels
+  (`herd.kernels`). With `activations="int8"` (int8 and int4 only) the kernel quantizes the
+  activation rows to int8 per block of 32 inputs and multiplies in integers, 1.5-3x faster per
+  core; the result then differs
   from the exact one by the activation rounding (bounded in cpu_gemv.cpp, tested). Prefill and
   the other paths stay exact.
 * CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
@@ -299,7 +300,7 @@ class Fp8Linear(nn.Module):
 
 
 class CpuKernelLinear(nn.Linear):
-    """An fp32 `nn.Linear` whose decode-sized calls (<= 4 rows on CPU) use herd's GEMV kernel.
+    """An fp32 `nn.Linear` whose decode-sized calls (<= 16 rows on CPU) use herd's GEMV kernel.
 
     MKL's sgemv reaches ~14-16 GB/s inside the model where a plain stream reaches ~20; larger
     inputs (prefill) still go to MKL's GEMM, which is compute-bound and hard to beat.

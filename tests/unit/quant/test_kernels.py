@@ -60,7 +60,11 @@ def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, extra_rou
 SHAPES = [(1, 8), (5, 17), (37, 100), (64, 224), (300, 2048), (4, 4096)]
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+# 1-4 rows: one register pass; 7 and 16: groups of 4 over L2-sized blocks of weight rows.
+ROWS = [1, 2, 3, 4, 7, 16]
+
+
+@pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N, K", SHAPES)
 def test_f32_equals_linear(ops, M, N, K):
     g = torch.Generator().manual_seed(N * 1000 + K + M)
@@ -68,7 +72,7 @@ def test_f32_equals_linear(ops, M, N, K):
     _check_close(ops.linear_f32(x, w), x, w)
 
 
-@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("M", [1, 4, 13])
 @pytest.mark.parametrize("N, K", SHAPES)
 def test_int8_equals_dequantized_matmul(ops, M, N, K):
     g = torch.Generator().manual_seed(N + K + M)
@@ -80,7 +84,7 @@ def test_int8_equals_dequantized_matmul(ops, M, N, K):
     _check_close(y, x, q.double() * scale.double()[:, None], extra_roundings=2)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N, K, G", [(5, 32, 32), (37, 96, 32), (64, 224, 32), (300, 2048, 64), (8, 4096, 128),
                                      (3, 512, 256)])
 def test_int4_equals_dequantized_matmul(ops, M, N, K, G):
@@ -126,8 +130,8 @@ def test_int4_quantization_error_is_at_most_half_a_step():
 
 def test_kernels_reject_bad_inputs(ops):
     w = torch.randn(8, 32)
-    with pytest.raises(RuntimeError, match="1..4 rows"):
-        ops.linear_f32(torch.randn(5, 32), w)
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        ops.linear_f32(torch.randn(17, 32), w)
     with pytest.raises(RuntimeError, match="float32 activations"):
         ops.linear_f32(torch.randn(1, 32, dtype=torch.float64), w)
     with pytest.raises(RuntimeError, match="columns"):
@@ -144,11 +148,11 @@ def test_modules_take_the_kernel_for_decode_and_the_reference_for_prefill(ops, m
     for name in ("linear_int8", "linear_int4"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
-    x = torch.randn(2, 3, 96)
+    x = torch.randn(2, 9, 96)
     with torch.inference_mode():
         for mod in mods:
             ref = F.linear(x, mod.dequantize())
-            big = mod(x)  # 6 rows: dequantize + F.linear
+            big = mod(x)  # 18 rows (> MAX_ROWS): dequantize + F.linear
             small = mod(x[:1, :2])  # 2 rows: the kernel
             torch.testing.assert_close(big, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(small, ref[:1, :2], rtol=1e-5, atol=1e-5)
@@ -197,7 +201,7 @@ def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 A8_SHAPES = [(1, 8), (5, 17), (37, 100), (64, 224), (300, 2048), (4, 4096), (9, 33)]
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N, K", A8_SHAPES)
 def test_int8_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K):
     g = torch.Generator().manual_seed(7 * N + K + M)
@@ -218,7 +222,7 @@ def test_int8_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K)
         assert err.mean() < 0.2 * bound.mean()
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N, K, G", [(5, 32, 32), (37, 96, 32), (64, 224, 32), (300, 2048, 64), (8, 4096, 128),
                                      (3, 512, 256), (7, 192, 64), (6, 192, 96)])
 def test_int4_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K, G):
