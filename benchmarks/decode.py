@@ -31,8 +31,8 @@ compared with herd fp32 on next-token distributions: mean KL(fp32 || quantized) 
 the argmax agrees, twice: over the prompt's positions as prefill computes them, and over N
 positions computed by decode steps (the prompt, then herd fp32's greedy continuation fed one
 token at a time). They differ for herd's `activations="int8"` mode, which quantizes activations
-only in the decode kernels (at most 4 rows); prefill stays exact. (`herd eval perplexity` measures the perplexity change on
-real text for trained checkpoints.)
+only in the decode kernels (at most 16 rows); prefill stays exact. (`herd eval perplexity`
+measures the perplexity change on real text for trained checkpoints.)
 
     python benchmarks/decode.py                 # Llama-3.2-1B-shaped random model
     python benchmarks/decode.py --llamacpp      # ... and llama.cpp F32 / Q8_0 / Q4_0
