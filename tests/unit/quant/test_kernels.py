@@ -141,22 +141,25 @@ def test_kernels_reject_bad_inputs(ops):
         ops.linear_int4(torch.randn(1, 32), packed, scales.float(), mins, 32)
 
 
-def test_modules_take_the_kernel_for_decode_and_the_reference_for_prefill(ops, monkeypatch):
+def test_modules_take_the_kernel_up_to_128_rows_and_the_reference_beyond(ops, monkeypatch):
+    from herd.quant.linear import INT4_KERNEL_ROWS, INT8_KERNEL_ROWS
+
     lin = torch.nn.Linear(96, 40, bias=False)
-    mods = [Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group_size=32)]
+    mods = [(Int8Linear.from_linear(lin), INT8_KERNEL_ROWS), (Int4Linear.from_linear(lin, group_size=32),
+                                                              INT4_KERNEL_ROWS)]
     calls = []
     for name in ("linear_int8", "linear_int4"):
         real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
-    x = torch.randn(2, 9, 96)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append((_n, a[0].shape[0])) or _real(*a))
+    x = torch.randn(max(INT8_KERNEL_ROWS, INT4_KERNEL_ROWS) + 2, 96)
     with torch.inference_mode():
-        for mod in mods:
+        for mod, limit in mods:
             ref = F.linear(x, mod.dequantize())
-            big = mod(x)  # 18 rows (> MAX_ROWS): dequantize + F.linear
-            small = mod(x[:1, :2])  # 2 rows: the kernel
-            torch.testing.assert_close(big, ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(small, ref[:1, :2], rtol=1e-5, atol=1e-5)
-    assert calls == ["linear_int8", "linear_int4"]
+            for rows, chunks in ((2, [2]), (40, [16, 16, 8]), (limit, [16] * (limit // 16)), (limit + 2, [])):
+                calls.clear()
+                y = mod(x[:rows].view(2, rows // 2, 96))  # leading dims are flattened into rows
+                torch.testing.assert_close(y.view(rows, -1), ref[:rows], rtol=1e-5, atol=1e-5)
+                assert [m for _, m in calls] == chunks, (type(mod).__name__, rows)
 
 
 def test_int8_bf16_activations_use_atens_packed_kernel():
@@ -260,7 +263,7 @@ def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
                                                                                    activations="int8")]
     assert Int8Linear.from_linear(lin).activations == "float"  # exact unless asked
     calls = []
-    for name in ("linear_int8_a8", "linear_int4_a8"):
+    for name in ("linear_int8_a8", "linear_int4_a8", "linear_int8", "linear_int4"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     x = torch.randn(1, 96)
@@ -268,6 +271,13 @@ def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
         for mod in mods:
             torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=0.05, atol=0.05)
     assert calls == ["linear_int8_a8", "linear_int4_a8"]
+    # More than 16 rows (a prompt) takes the exact kernels: activation rounding is a decode-only cost.
+    calls.clear()
+    x = torch.randn(20, 96)
+    with torch.inference_mode():
+        for mod in mods:
+            torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=1e-5, atol=1e-5)
+    assert calls == ["linear_int8", "linear_int8", "linear_int4", "linear_int4"]
 
 
 def test_kernels_run_on_torchs_threads(ops):
