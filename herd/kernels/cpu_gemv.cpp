@@ -1,5 +1,5 @@
 // Small-M matmuls for CPU decoding: y (M, N) = x (M, K) @ W (N, K)^T with M <= 16 (batched
-// decode; the register kernels take 4 activation rows at a time, see row_groups).
+// decode; the register kernels take 4 activation rows at a time, see for_row_groups).
 //
 // Decode at batch 1 is a matrix-vector product per layer, bound by how fast the weights stream
 // from memory. These kernels do nothing clever with the arithmetic: they read each weight row
@@ -27,6 +27,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -60,18 +61,32 @@ inline int64_t grain_rows(int64_t K, int64_t bytes_per_weight_x2) {
   return std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(row_bytes, 1));
 }
 
-// Weight rows [b, e) against all M activation rows, kGroupM at a time: group(m0, mg, b0, e0)
-// computes y rows m0 .. m0 + mg - 1 for weight rows b0 .. e0 - 1. Up to kGroupM rows this is one
-// call over the whole range. Beyond it (a batch of decode rows) the weight rows go in blocks of
-// ~128 KiB, which stay in L2 while each group passes over them: the weights still stream from
-// memory once per call instead of once per group.
+// y = x W^T over all N weight rows and M activation rows: the rows of W are split across threads
+// (ATen's parallel_for), and each thread's rows meet the activations kGroupM at a time through
+// group(MG, m0, b0, e0), which computes y rows m0 .. m0 + MG - 1 for weight rows b0 .. e0 - 1 with
+// MG a compile-time constant (std::integral_constant 1..4) for the register kernels' templates.
+// Up to kGroupM rows that is one call over the thread's whole range. Beyond it (a batch of decode
+// rows) the weight rows go in blocks of ~128 KiB, which stay in L2 while each group passes over
+// them: the weights still stream from memory once per call instead of once per group.
+// bytes_per_weight_x2: twice the bytes per stored weight (8 fp32, 2 int8, 1 int4).
 template <typename Group>
-void row_groups(int64_t M, int64_t b, int64_t e, int64_t row_bytes, const Group& group) {
-  const int64_t block = M <= kGroupM ? e - b : std::max<int64_t>(4, (128 * 1024) / std::max<int64_t>(row_bytes, 1));
-  for (int64_t b0 = b; b0 < e; b0 += block) {
-    const int64_t e0 = std::min(e, b0 + block);
-    for (int64_t m0 = 0; m0 < M; m0 += kGroupM) group(m0, std::min(kGroupM, M - m0), b0, e0);
-  }
+void for_row_groups(int64_t M, int64_t N, int64_t K, int64_t bytes_per_weight_x2, const Group& group) {
+  const int64_t row_bytes = std::max<int64_t>(1, K * bytes_per_weight_x2 / 2);
+  const int64_t block = std::max<int64_t>(4, (128 * 1024) / row_bytes);
+  at::parallel_for(0, N, grain_rows(K, bytes_per_weight_x2), [&](int64_t b, int64_t e) {
+    const int64_t step = M <= kGroupM ? e - b : block;
+    for (int64_t b0 = b; b0 < e; b0 += step) {
+      const int64_t e0 = std::min(e, b0 + step);
+      for (int64_t m0 = 0; m0 < M; m0 += kGroupM) {
+        switch (std::min(kGroupM, M - m0)) {
+          case 1: group(std::integral_constant<int, 1>{}, m0, b0, e0); break;
+          case 2: group(std::integral_constant<int, 2>{}, m0, b0, e0); break;
+          case 3: group(std::integral_constant<int, 3>{}, m0, b0, e0); break;
+          default: group(std::integral_constant<int, 4>{}, m0, b0, e0); break;
+        }
+      }
+    }
+  });
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
@@ -132,17 +147,8 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 8), [&](int64_t b, int64_t e) {
-    row_groups(M, b, e, K * 4, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
-      const float* xg = xp + m0 * K;
-      float* yg = yp + m0 * N;
-      switch (mg) {
-        case 1: f32_range<1>(xg, K, wp, b0, e0, yg, N); break;
-        case 2: f32_range<2>(xg, K, wp, b0, e0, yg, N); break;
-        case 3: f32_range<3>(xg, K, wp, b0, e0, yg, N); break;
-        default: f32_range<4>(xg, K, wp, b0, e0, yg, N); break;
-      }
-    });
+  for_row_groups(M, N, K, 8, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
+    f32_range<MG>(xp + m0 * K, K, wp, b0, e0, yp + m0 * N, N);
   });
   return y;
 }
@@ -200,17 +206,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 2), [&](int64_t b, int64_t e) {
-    row_groups(M, b, e, K, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
-      const float* xg = xp + m0 * K;
-      float* yg = yp + m0 * N;
-      switch (mg) {
-        case 1: i8_range<1>(xg, K, wp, sp, b0, e0, yg, N); break;
-        case 2: i8_range<2>(xg, K, wp, sp, b0, e0, yg, N); break;
-        case 3: i8_range<3>(xg, K, wp, sp, b0, e0, yg, N); break;
-        default: i8_range<4>(xg, K, wp, sp, b0, e0, yg, N); break;
-      }
-    });
+  for_row_groups(M, N, K, 2, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
+    i8_range<MG>(xp + m0 * K, K, wp, sp, b0, e0, yp + m0 * N, N);
   });
   return y;
 }
@@ -316,18 +313,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = minv.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    row_groups(M, b, e, K / 2, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
-      const float* xg = xp + m0 * K;
-      const float* xsg = xs + m0 * n_groups;
-      float* yg = yp + m0 * N;
-      switch (mg) {
-        case 1: i4_range<1>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
-        case 2: i4_range<2>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
-        case 3: i4_range<3>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
-        default: i4_range<4>(xg, xsg, K, group_size, wp, sp, mp, b0, e0, yg, N); break;
-      }
-    });
+  for_row_groups(M, N, K, 1, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
+    i4_range<MG>(xp + m0 * K, xs + m0 * n_groups, K, group_size, wp, sp, mp, b0, e0, yp + m0 * N, N);
   });
   return y;
 }
@@ -507,18 +494,8 @@ at::Tensor linear_int8_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 2), [&](int64_t b, int64_t e) {
-    row_groups(M, b, e, K, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
-      const int8_t* qg = qp + m0 * nb * kBlock;
-      const float* dg = dp + m0 * nb;
-      float* yg = yp + m0 * N;
-      switch (mg) {
-        case 1: i8a8_range<1>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
-        case 2: i8a8_range<2>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
-        case 3: i8a8_range<3>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
-        default: i8a8_range<4>(qg, dg, K, wp, sp, b0, e0, yg, N); break;
-      }
-    });
+  for_row_groups(M, N, K, 2, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
+    i8a8_range<MG>(qp + m0 * nb * kBlock, dp + m0 * nb, K, wp, sp, b0, e0, yp + m0 * N, N);
   });
   return y;
 }
@@ -672,25 +649,15 @@ at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = minv.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    row_groups(M, b, e, K / 2, [&](int64_t m0, int64_t mg, int64_t b0, int64_t e0) {
-      const int8_t* qg = qp + m0 * K;
-      const float* dg = dp + m0 * nu;
-      const float* d2g = pairs ? d2 + m0 * nu * 4 : dg;
-      const float* xsg = xs + m0 * n_groups;
-      const float* xcg = xc + m0 * n_groups;
-      float* yg = yp + m0 * N;
-#define HERD_I4A8(MG)                                                                                   \
-  (pairs ? i4a8_range<MG, true>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N)         \
-         : i4a8_range<MG, false>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N))
-      switch (mg) {
-        case 1: HERD_I4A8(1); break;
-        case 2: HERD_I4A8(2); break;
-        case 3: HERD_I4A8(3); break;
-        default: HERD_I4A8(4); break;
-      }
-#undef HERD_I4A8
-    });
+  for_row_groups(M, N, K, 1, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
+    const int8_t* qg = qp + m0 * K;
+    const float* dg = dp + m0 * nu;
+    const float* d2g = pairs ? d2 + m0 * nu * 4 : dg;
+    const float* xsg = xs + m0 * n_groups;
+    const float* xcg = xc + m0 * n_groups;
+    float* yg = yp + m0 * N;
+    if (pairs) i4a8_range<MG, true>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N);
+    else i4a8_range<MG, false>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N);
   });
   return y;
 }
