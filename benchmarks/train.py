@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from herd.model import ModelArgs
-    from herd.model.formats import hf_config_from_args, to_hf_state_dict
+    from herd.model.keymap import hf_config_from_args, to_hf_state_dict
     from herd.train.config import config_from_dict
     from herd.train.metrics import measure_matmul_peak
     from herd.train.trainer import Trainer

@@ -5,7 +5,7 @@ done in fp32 complex arithmetic, and the result is cast back to the activation d
 That single rounding is what makes bf16 outputs equal Meta's reference; HF's layout
 (rotate_half on permuted q/k rows, with cos/sin already rounded to bf16) differs in the last
 bit for about a sixth of the elements. HF checkpoints are un-permuted on load instead
-(`formats.py`), so one RoPE serves both.
+(`keymap.py`), so one RoPE serves both.
 
 The table is complex64, which `module.to(torch.bfloat16)` leaves alone (it only casts
 floating tensors to a floating dtype), so the angles can never be silently rounded.

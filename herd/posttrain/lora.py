@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model import Transformer
-from herd.model.formats import hf_key, herd_key, permute_from_hf, permute_to_hf
+from herd.model.keymap import hf_key, herd_key, permute_from_hf, permute_to_hf
 from herd.posttrain.io import atomic_dir, save_tensors
 from herd.posttrain.nf4 import NF4Weight, nf4_linear
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from herd.model import PRESETS, ModelArgs, RopeScaling, build_model, convert, describe, load_model, save_model
 from herd.model import formats as F
+from herd.model import keymap as K
 from herd.model.rope import apply_rotary_emb, precompute_freqs_cis
 
 DEBUG = PRESETS["debug"]
@@ -61,13 +62,13 @@ def _edit_json(path: Path, edit) -> None:
 def test_permutation_matches_the_index_statement(n_heads, hd):
     cols = 3
     meta = torch.arange(n_heads * hd * cols, dtype=torch.float32).reshape(n_heads * hd, cols)
-    hf = F.permute_to_hf(meta, n_heads)
+    hf = K.permute_to_hf(meta, n_heads)
     for h in range(n_heads):
         for j in range(hd // 2):
             assert torch.equal(hf[h * hd + j], meta[h * hd + 2 * j])
             assert torch.equal(hf[h * hd + j + hd // 2], meta[h * hd + 2 * j + 1])
-    assert torch.equal(F.permute_from_hf(hf, n_heads), meta)
-    assert torch.equal(F.permute_to_hf(F.permute_from_hf(meta, n_heads), n_heads), meta)
+    assert torch.equal(K.permute_from_hf(hf, n_heads), meta)
+    assert torch.equal(K.permute_to_hf(K.permute_from_hf(meta, n_heads), n_heads), meta)
 
 
 def test_permutation_turns_interleaved_rope_into_rotate_half():
@@ -87,8 +88,8 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
     def rotate_half(t):
         return torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], dim=-1)
 
-    q_hf = (x @ F.permute_to_hf(wq, n_heads).T).view(1, S, n_heads, hd)
-    k_hf = (x @ F.permute_to_hf(wk, n_heads).T).view(1, S, n_heads, hd)
+    q_hf = (x @ K.permute_to_hf(wq, n_heads).T).view(1, S, n_heads, hd)
+    k_hf = (x @ K.permute_to_hf(wk, n_heads).T).view(1, S, n_heads, hd)
     q_hf, k_hf = q_hf * cos + rotate_half(q_hf) * sin, k_hf * cos + rotate_half(k_hf) * sin
     scores_meta = torch.einsum("bshd,bthd->bhst", q_meta, k_meta)
     scores_hf = torch.einsum("bshd,bthd->bhst", q_hf, k_hf)
@@ -101,9 +102,9 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
 
 def test_key_map_round_trips_every_parameter():
     for key in _model(TIED).state_dict():
-        assert F.herd_key(F.hf_key(key)) == key
-    assert F.herd_key("model.layers.3.self_attn.q_proj.weight") == "layers.3.attention.wq.weight"
-    assert F.herd_key("model.layers.0.self_attn.q_proj.bias") is None
+        assert K.herd_key(K.hf_key(key)) == key
+    assert K.herd_key("model.layers.3.self_attn.q_proj.weight") == "layers.3.attention.wq.weight"
+    assert K.herd_key("model.layers.0.self_attn.q_proj.bias") is None
 
 
 # ---- configs -------------------------------------------------------------------------------
@@ -124,37 +125,37 @@ HF_32_1B = {**HF_31_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_att
 
 
 def test_hf_configs_of_published_models_give_the_presets():
-    assert F.args_from_hf_config(HF_31_8B) == PRESETS["llama3.1-8b"]
-    assert F.args_from_hf_config(HF_32_1B) == PRESETS["llama3.2-1b"]
+    assert K.args_from_hf_config(HF_31_8B) == PRESETS["llama3.1-8b"]
+    assert K.args_from_hf_config(HF_32_1B) == PRESETS["llama3.2-1b"]
     llama3 = {**HF_31_8B, "rope_scaling": None, "max_position_embeddings": 8192}
-    assert F.args_from_hf_config(llama3) == PRESETS["llama3-8b"]
+    assert K.args_from_hf_config(llama3) == PRESETS["llama3-8b"]
 
 
 def test_transformers_5_rope_parameters_form():
     v5 = {k: v for k, v in HF_31_8B.items() if k not in ("rope_scaling", "rope_theta")}
     v5["rope_parameters"] = {**HF_31_8B["rope_scaling"], "rope_theta": 500000.0}
-    assert F.args_from_hf_config(v5) == PRESETS["llama3.1-8b"]
+    assert K.args_from_hf_config(v5) == PRESETS["llama3.1-8b"]
     default = {**v5, "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}}
-    args = F.args_from_hf_config(default)
+    args = K.args_from_hf_config(default)
     assert args.rope_scaling is None and args.rope_theta == 1234.0
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_hf_config_round_trip_for_every_preset(name):
-    cfg = json.loads(json.dumps(F.hf_config_from_args(PRESETS[name])))
-    assert F.args_from_hf_config(cfg) == PRESETS[name]
+    cfg = json.loads(json.dumps(K.hf_config_from_args(PRESETS[name])))
+    assert K.args_from_hf_config(cfg) == PRESETS[name]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_meta_params_round_trip_for_every_preset(name):
-    params = json.loads(json.dumps(F.meta_params_from_args(PRESETS[name])))
-    assert F.args_from_meta_params(params) == PRESETS[name]
-    assert F.args_from_meta_params({"model": params}) == PRESETS[name]
+    params = json.loads(json.dumps(K.meta_params_from_args(PRESETS[name])))
+    assert K.args_from_meta_params(params) == PRESETS[name]
+    assert K.args_from_meta_params({"model": params}) == PRESETS[name]
 
 
 def test_hf_config_is_accepted_by_transformers():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(**F.hf_config_from_args(TIED))
+    cfg = transformers.LlamaConfig(**K.hf_config_from_args(TIED))
     assert cfg.head_dim == 32 and cfg.tie_word_embeddings and cfg.intermediate_size == TIED.ffn_hidden_dim
     rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
     assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
@@ -165,23 +166,23 @@ def test_any_intermediate_size_is_reproduced_exactly(dim):
     for hidden in [2, 96, 97, 224, 1000, 3 * dim, 14336]:
         base = dict(hidden_size=dim, intermediate_size=hidden, num_hidden_layers=1, num_attention_heads=4,
                     vocab_size=8)
-        assert F.args_from_hf_config(base).ffn_hidden_dim == hidden
+        assert K.args_from_hf_config(base).ffn_hidden_dim == hidden
 
 
 def test_meta_params_of_published_models():
     base = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
             "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
-    assert F.args_from_meta_params(base) == PRESETS["llama3-8b"]
-    assert F.args_from_meta_params({**base, "use_scaled_rope": True}) == PRESETS["llama3.1-8b"]
+    assert K.args_from_meta_params(base) == PRESETS["llama3-8b"]
+    assert K.args_from_meta_params({**base, "use_scaled_rope": True}) == PRESETS["llama3.1-8b"]
     one_b = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
              "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
-    args = F.args_from_meta_params(one_b)
+    args = K.args_from_meta_params(one_b)
     assert args.rope_scaling.factor == 32.0  # not Meta's hard-coded 8 (llama-models#166)
     assert args == PRESETS["llama3.2-1b"].replace(tie_embeddings=False)  # ties come from the weights
 
 
 def test_meta_params_herd_keys_do_not_collide_with_metas_loader():
-    params = F.meta_params_from_args(PRESETS["llama3.1-8b"])
+    params = K.meta_params_from_args(PRESETS["llama3.1-8b"])
     # Meta's Llama3.build calls ModelArgs(max_seq_len=..., **params): a top-level max_seq_len would
     # be a duplicate keyword. Everything herd adds lives under "herd".
     assert "max_seq_len" not in params and set(params["herd"]) >= {"rope_scaling", "max_seq_len", "tie_embeddings"}
@@ -213,7 +214,7 @@ def test_hf_files_hold_hf_names_and_permuted_rows(tmp_path):
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert "lm_head.weight" not in tensors  # tied: HF stores the embedding once
     wk = model.layers["1"].attention.wk.weight
-    assert torch.equal(tensors["model.layers.1.self_attn.k_proj.weight"], F.permute_to_hf(wk, TIED.n_kv_heads))
+    assert torch.equal(tensors["model.layers.1.self_attn.k_proj.weight"], K.permute_to_hf(wk, TIED.n_kv_heads))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["head_dim"] == 32 and config["tie_word_embeddings"] is True
     assert config["torch_dtype"] == "float32" and config["model_type"] == "llama"
@@ -475,7 +476,7 @@ def test_error_hf_config_fields(edit, fragment):
     config = json.loads(json.dumps(HF_31_8B))
     edit(config)
     with pytest.raises(ValueError, match=fragment):
-        F.args_from_hf_config(config)
+        K.args_from_hf_config(config)
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -485,9 +486,9 @@ def test_error_hf_config_fields(edit, fragment):
     ({"use_scaled_rope": False, "herd": {"rope_scaling": {"factor": 8.0}}}, "use_scaled_rope disagrees"),
 ])
 def test_error_meta_params_fields(extra, fragment):
-    params = {**F.meta_params_from_args(DEBUG), **extra}
+    params = {**K.meta_params_from_args(DEBUG), **extra}
     with pytest.raises(ValueError, match=fragment):
-        F.args_from_meta_params(params)
+        K.args_from_meta_params(params)
 
 
 def test_error_meta_split_needs_divisible_heads(tmp_path):
