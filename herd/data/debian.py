@@ -24,13 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from herd.data.document import Document
-
-
-def herd_cache_dir() -> Path:
-    """Where herd keeps fetched data: $HERD_CACHE, else $XDG_CACHE_HOME/herd, else ~/.cache/herd."""
-    if os.environ.get("HERD_CACHE"):
-        return Path(os.environ["HERD_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
+from herd.io import herd_cache_dir
 
 
 def debian_cache_dir() -> Path:

@@ -1,0 +1,52 @@
+"""The bottom layer every package may import: herd's cache folder and atomic file writes.
+
+A write goes to a temporary file in the destination's own folder and is renamed over the
+destination (`os.replace`, atomic on POSIX), so a crash leaves either the old file or the
+new one, never half of one, and a reader never sees a partial file. The temporary file lives
+beside the destination because a rename across file systems is a copy, not atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def herd_cache_dir() -> Path:
+    """Where herd keeps fetched data and models: $HERD_CACHE, else $XDG_CACHE_HOME/herd, else ~/.cache/herd."""
+    if os.environ.get("HERD_CACHE"):
+        return Path(os.environ["HERD_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file and a rename; creates missing parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_text(data: Any) -> str:
+    """herd's JSON layout: two-space indent, non-ASCII kept as is, a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    return atomic_write_text(path, json_text(data))
