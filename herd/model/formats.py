@@ -379,7 +379,7 @@ def save_model(
     hf: config.json, generation_config.json and model.safetensors, or numbered shards plus
         model.safetensors.index.json when the weights exceed `shard_size` bytes.
     meta: params.json and consolidated.00.pth .. consolidated.{num_shards-1}.pth, split the way
-        Meta's model-parallel files are.
+        Meta's model-parallel files are (KV heads copied when num_shards > n_kv_heads, see meta.py).
     """
     return _save(model, Path(path), format=format, shard_size=shard_size, num_shards=num_shards,
                  overwrite=overwrite, token_ids=None, side_files=())

@@ -14,6 +14,8 @@ Conventions where the formats disagree (see shared/research/llama3-reference.md 
   itself and `**params` would then raise a duplicate-keyword TypeError.
 * config.json has no `multiple_of`/`ffn_dim_multiplier`, only the resulting
   `intermediate_size`; `_ffn_params_for` recovers a pair that reproduces it exactly.
+* Llama 1/2 params.json says `vocab_size: -1` (the reader passes the embedding's rows) and has no
+  `rope_theta` (10000 then, as their code hard-codes; never Llama 3's 500000).
 """
 
 from __future__ import annotations

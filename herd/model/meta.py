@@ -303,4 +303,5 @@ def write_meta(tmp: Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, num_s
         torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
 
 
-__all__ = ["check_not_fp8", "merge_shards", "meta_args", "read_meta", "split_meta", "torch_load", "write_meta"]
+__all__ = ["check_not_fp8", "merge_shards", "meta_args", "meta_params", "read_meta", "split_meta", "torch_load",
+           "write_meta"]
