@@ -1,7 +1,8 @@
-"""Model hyperparameters, the named Llama 3 presets, and exact parameter / FLOP counts.
+"""Model hyperparameters, the named Llama 1 / 2 / 3 presets, and exact parameter / FLOP counts.
 
 Presets are data: one dict of plain `ModelArgs` values, checked against Meta's published
-`params.json` files and HF `config.json` files (see `shared/research/llama3-reference.md` §1).
+`params.json` files and HF `config.json` files (see `shared/research/llama3-reference.md` §1;
+Llama 1/2 from their own params.json and config.json).
 The FFN width is not stored; it is derived with Meta's rule from `multiple_of` and
 `ffn_dim_multiplier`, so a preset can never disagree with the checkpoint it describes.
 """
@@ -171,6 +172,37 @@ PRESETS: dict[str, ModelArgs] = {
     "llama3.2-3b": ModelArgs(
         dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0,
         rope_scaling=_LLAMA32_SCALING, max_seq_len=131072, tie_embeddings=True,
+    ),
+    # Llama 1 and 2: SentencePiece vocabulary of 32,000, RoPE theta 10,000, no scaling, untied.
+    # Shapes from Meta's params.json files (Llama 1 norm_eps 1e-6, Llama 2 1e-5) and the HF
+    # config.json intermediate sizes 11008 / 13824 / 17920 / 22016 / 28672.
+    "llama1-7b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0,
+        max_seq_len=2048,
+    ),
+    "llama1-13b": ModelArgs(
+        dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0,
+        max_seq_len=2048,
+    ),
+    "llama1-33b": ModelArgs(
+        dim=6656, n_layers=60, n_heads=52, vocab_size=32000, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0,
+        max_seq_len=2048,
+    ),
+    "llama1-65b": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, vocab_size=32000, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0,
+        max_seq_len=2048,
+    ),
+    "llama2-7b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5, rope_theta=10000.0,
+        max_seq_len=4096,
+    ),
+    "llama2-13b": ModelArgs(
+        dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-5, rope_theta=10000.0,
+        max_seq_len=4096,
+    ),
+    "llama2-70b": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
     ),
     # Tiny but structurally complete: GQA (n_rep=2), 3.1 scaling, odd-ish FFN rounding.
     # Runs a forward pass in milliseconds on CPU; the tests use it.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -37,48 +36,28 @@ from herd.model.args import ModelArgs
 from herd.model.keymap import (
     HF_CONFIG,
     _dtype_name,
-    _equal,
     _permute_qk,
     _rename_from_hf,
     args_from_hf_config,
-    args_from_meta_params,
     hf_config_from_args,
     hf_key,
-    meta_params_from_args,
     permute_from_hf,
     to_hf_state_dict,
 )
 from herd.model.llama import Transformer
+from herd.model.meta import META_PARAMS, meta_args, read_meta, torch_load, write_meta
 
 Format = Literal["hf", "meta"]
 
 HF_GENERATION_CONFIG = "generation_config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-META_PARAMS = "params.json"
 _META_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Files that are not weights but make a converted directory usable (tokenizers).
 _SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes; HF's default max_shard_size ("5GB")
 
-# Llama 2's Meta files carry a precomputed `rope.freqs`; it holds no weights and is recomputed.
-_IGNORED_META_KEYS = ("rope.freqs",)
-
-# Dimension along which Meta's model-parallel files split each weight (fairscale Column/Row
-# ParallelLinear and VocabParallelEmbedding); None means replicated in every file.
-_MP_SPLIT_DIM: dict[str, int | None] = {
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0,
-    "wo": 1, "w2": 1,
-    "attention_norm": None, "ffn_norm": None, "norm": None,
-}
-
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _module_name(key: str) -> str:
-    """"layers.0.attention.wq.weight" -> "wq"; "norm.weight" -> "norm"."""
-    parts = key.split(".")
-    return parts[-2] if len(parts) >= 2 else key
 
 
 # ---- detection -----------------------------------------------------------------------------
@@ -191,81 +170,13 @@ def _read_hf(loc: _Located, args: ModelArgs) -> dict[str, torch.Tensor]:
     return _permute_qk(sd, args, permute_from_hf)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only: the unpickler accepts tensors and plain containers only, never code.
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: it contains Python objects other than tensors, and unpickling them "
-            "could run code. Re-save it as a plain state dict of tensors."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} must hold a flat dict of tensors (a state dict)")
-    for key in _IGNORED_META_KEYS:
-        sd.pop(key, None)
-    return sd
-
-
-def _merge_meta_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
-    """Concatenate Meta model-parallel files into one state dict (see `_MP_SPLIT_DIM`)."""
-    if len(shards) == 1:
-        return shards[0]
-    keys = set(shards[0])
-    for sd, path in zip(shards[1:], files[1:]):
-        if set(sd) != keys:
-            diff = sorted(set(sd) ^ keys)
-            raise ValueError(f"{path} and {files[0]} hold different keys: {', '.join(diff[:5])}")
-    merged: dict[str, torch.Tensor] = {}
-    for key in shards[0]:
-        pieces = [sd[key] for sd in shards]
-        shapes = {tuple(p.shape) for p in pieces}
-        if len(shapes) != 1:
-            listing = ", ".join(f"{f.name}: {tuple(p.shape)}" for f, p in zip(files, pieces))
-            raise ValueError(
-                f"model-parallel shards disagree on the shape of {key!r} ({listing}); the files are from "
-                "different checkpoints"
-            )
-        split = _MP_SPLIT_DIM.get(_module_name(key))
-        merged[key] = pieces[0] if split is None else torch.cat(pieces, dim=split)
-    return merged
-
-
-def _meta_is_tied(shards: list[dict[str, torch.Tensor]], hint: bool | None) -> bool:
-    if hint is not None:  # herd wrote it
-        return bool(hint)
-    # Meta's 3.2 1B/3B files store output.weight as a copy of the embedding; equality is the tie.
-    return all(_equal(sd.get("output.weight"), sd.get("tok_embeddings.weight")) for sd in shards)
-
-
 def _meta_args(loc: _Located, shards: list[dict[str, torch.Tensor]]) -> ModelArgs:
-    params = _read_json(loc.config_file)
-    try:
-        args = args_from_meta_params(params)
-    except ValueError as e:
-        raise ValueError(f"{loc.config_file}: {e}") from e
-    herd = params.get("model", params).get("herd") or {}
-    tied = _meta_is_tied(shards, herd.get("tie_embeddings"))
-    return args.replace(tie_embeddings=tied)
+    return meta_args(_read_json(loc.config_file), shards, loc.weight_files, config_file=loc.config_file)[0]
 
 
 def _read_meta(loc: _Located) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    shards = [_torch_load(p) for p in loc.weight_files]
-    args = _meta_args(loc, shards)
-    sd = _merge_meta_shards(shards, list(loc.weight_files))
-    _check_vocab(sd.get("tok_embeddings.weight"), args, loc.config_file)
-    if args.tie_embeddings:
-        head, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
-        if head is not None and emb is not None and not _equal(head, emb):
-            raise ValueError(
-                f"{loc.config_file} says tie_embeddings but output.weight differs from tok_embeddings.weight; "
-                "set herd.tie_embeddings to false"
-            )
-        if emb is not None:
-            sd["output.weight"] = emb  # one tensor, not two equal copies
-    return args, sd
+    # Meta's layouts (any model-parallel degree, replicated KV heads, Llama 1/2) live in meta.py.
+    return read_meta(_read_json(loc.config_file), loc.weight_files, config_file=loc.config_file)
 
 
 def _check_vocab(emb: torch.Tensor | None, args: ModelArgs, config_file: Path) -> None:
@@ -450,30 +361,8 @@ def _write_hf(
     _write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _split_meta(sd: dict[str, torch.Tensor], args: ModelArgs, num_shards: int) -> list[dict[str, torch.Tensor]]:
-    if num_shards == 1:
-        # Meta stores a tied 3.2 output as its own copy; torch.save would otherwise save one
-        # storage under two names, which Meta's strict loader accepts but other tools may not.
-        return [{k: v.clone() if k == "output.weight" and args.tie_embeddings else v for k, v in sd.items()}]
-    for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("vocab_size", args.vocab_size),
-                    ("FFN hidden size", args.ffn_hidden_dim)):
-        if n % num_shards != 0:
-            # Meta duplicates KV heads when MP > n_kv_heads (405B mp16); herd does not write that layout.
-            raise ValueError(f"cannot split into {num_shards} model-parallel files: {what} ({n}) is not divisible")
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    for key, t in sd.items():
-        split = _MP_SPLIT_DIM[_module_name(key)]
-        # clone: a chunk is a view, and torch.save writes a view's whole underlying storage.
-        pieces = [t] * num_shards if split is None else list(t.chunk(num_shards, dim=split))
-        for shard, piece in zip(shards, pieces):
-            shard[key] = piece.clone()
-    return shards
-
-
 def _write_meta(tmp: Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, num_shards: int) -> None:
-    _write_json(tmp / META_PARAMS, meta_params_from_args(args))
-    for i, shard in enumerate(_split_meta(sd, args, num_shards)):
-        torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+    write_meta(tmp, args, sd, num_shards=num_shards)
 
 
 def save_model(
@@ -490,7 +379,7 @@ def save_model(
     hf: config.json, generation_config.json and model.safetensors, or numbered shards plus
         model.safetensors.index.json when the weights exceed `shard_size` bytes.
     meta: params.json and consolidated.00.pth .. consolidated.{num_shards-1}.pth, split the way
-        Meta's model-parallel files are.
+        Meta's model-parallel files are (KV heads copied when num_shards > n_kv_heads, see meta.py).
     """
     return _save(model, Path(path), format=format, shard_size=shard_size, num_shards=num_shards,
                  overwrite=overwrite, token_ids=None, side_files=())
@@ -595,7 +484,7 @@ def describe(path: str | os.PathLike) -> CheckpointInfo:
             except safetensors.SafetensorError as e:
                 raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     else:
-        shards = [_torch_load(p) for p in loc.weight_files]  # mmap: only the tie check touches data
+        shards = [torch_load(p) for p in loc.weight_files]  # mmap: only the tie / KV-copy checks read data
         args = _meta_args(loc, shards)
         emb = shards[0].get("tok_embeddings.weight")
         dtype = _dtype_name(emb.dtype) if emb is not None else None

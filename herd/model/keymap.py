@@ -14,6 +14,8 @@ Conventions where the formats disagree (see shared/research/llama3-reference.md 
   itself and `**params` would then raise a duplicate-keyword TypeError.
 * config.json has no `multiple_of`/`ffn_dim_multiplier`, only the resulting
   `intermediate_size`; `_ffn_params_for` recovers a pair that reproduces it exactly.
+* Llama 1/2 params.json says `vocab_size: -1` (the reader passes the embedding's rows) and has no
+  `rope_theta` (10000 then, as their code hard-codes; never Llama 3's 500000).
 """
 
 from __future__ import annotations
@@ -323,24 +325,58 @@ _META_KEYS = {
     "rope_theta", "use_scaled_rope", "max_batch_size", "max_seq_len",
     "vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers",
 }
-_HERD_KEYS = {"rope_scaling", "max_seq_len", "tie_embeddings", "head_dim"}
+# n_kv_heads: the true count when herd wrote copies of each KV head (more files than KV heads).
+_HERD_KEYS = {"rope_scaling", "max_seq_len", "tie_embeddings", "head_dim", "n_kv_heads"}
+# Llama 1 and 2 params.json have no rope_theta; their code hard-codes 10000 (as HF's converter
+# assumes). Llama 3 files always state 500000, so a missing key never means Llama 3.
+_DEFAULT_META_THETA = 10000.0
+_CODE_LLAMA_THETA = 1e6
 
 
 def _is_llama32_small(dim: int, n_layers: int) -> bool:
     return (dim, n_layers) in ((2048, 16), (3072, 28))
 
 
-def args_from_meta_params(params: Mapping[str, Any]) -> ModelArgs:
+def _quantized_params_error(params: Mapping[str, Any]) -> str:
+    quant = params.get("quantization_args") or {}
+    scheme = quant.get("scheme") if isinstance(quant, Mapping) else None
+    if scheme is not None and "fp8" in str(scheme).lower():
+        return ("params.json describes Meta's FP8 checkpoint (quantization_args scheme "
+                f"{scheme!r}); herd does not read it. Download the bf16 release of the same model and run "
+                "`herd quantize --scheme fp8` on it")
+    what = f"scheme {scheme!r}" if scheme is not None else "quantization_args"
+    lora = " with a QLoRA adaptor (lora_args)" if params.get("lora_args") else ""
+    return (f"params.json describes one of Meta's quantized checkpoints ({what}{lora}: int4 weights with int8 "
+            "activations, as in the Llama 3.2 QLoRA / SpinQuant releases); herd does not read that layout. "
+            "Download the bf16 release of the same model and run `herd quantize --scheme int4` (or int8) on it")
+
+
+def _default_meta_context(params: Mapping[str, Any], use_scaled: bool) -> int:
+    """Published context length when params.json does not say (it never does in Meta's files)."""
+    if use_scaled:
+        return 131072  # Llama 3.1 / 3.2
+    theta = params.get("rope_theta")
+    if theta is None:
+        # Llama 1 (norm_eps 1e-6) or Llama 2 (1e-5); llama.cpp's converter tells them apart the same way.
+        return 2048 if float(params.get("norm_eps", 1e-5)) < 1e-5 else 4096
+    if float(theta) == _CODE_LLAMA_THETA:
+        return 16384  # Code Llama, as HF's converter and llama.cpp set it
+    return 8192  # Llama 3
+
+
+def args_from_meta_params(params: Mapping[str, Any], *, vocab_size: int | None = None) -> ModelArgs:
     """ModelArgs for a Meta params.json dict (optionally nested under "model").
 
-    Values herd wrote under "herd" (exact rope scaling, context length, ties, head_dim) win;
-    otherwise the scaling factor and context length follow the published models.
+    Values herd wrote under "herd" (exact rope scaling, context length, ties, head_dim, true KV
+    head count) win; otherwise the scaling factor and context length follow the published models.
+    Llama 1/2 files say `vocab_size: -1` (the tokenizer decides): then `vocab_size` is used,
+    which the checkpoint reader takes from the embedding's rows.
     """
     params = params.get("model", params)
     herd = params.get("herd") or {}
     unknown = sorted(set(params) - _META_KEYS - {"herd"})
     if "quantization_args" in unknown or "lora_args" in unknown:
-        raise ValueError("params.json describes a quantized / LoRA checkpoint; herd loads only bf16/fp16/fp32 weights")
+        raise ValueError(_quantized_params_error(params))
     if unknown:
         raise ValueError(
             f"params.json has keys herd does not know: {', '.join(unknown)}; remove them if they do not "
@@ -351,9 +387,17 @@ def args_from_meta_params(params: Mapping[str, Any]) -> ModelArgs:
     unknown_herd = sorted(set(herd) - _HERD_KEYS)
     if unknown_herd:
         raise ValueError(f"params.json 'herd' section has unknown keys: {', '.join(unknown_herd)}")
-    missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if params.get(k) in (None, -1)]
+    missing = [k for k in ("dim", "n_layers", "n_heads") if params.get(k) in (None, -1)]
     if missing:
         raise ValueError(f"params.json is missing {', '.join(missing)}")
+    vocab = params.get("vocab_size")
+    if vocab in (None, -1):
+        if vocab_size is None:
+            raise ValueError(
+                "params.json has vocab_size -1 (Llama 1/2 leave it to the tokenizer); pass vocab_size, the "
+                "number of rows of tok_embeddings.weight"
+            )
+        vocab = vocab_size
 
     dim, n_layers = int(params["dim"]), int(params["n_layers"])
     use_scaled = bool(params.get("use_scaled_rope", False))
@@ -367,20 +411,19 @@ def args_from_meta_params(params: Mapping[str, Any]) -> ModelArgs:
         scaling = RopeScaling(factor=32.0 if _is_llama32_small(dim, n_layers) else 8.0)
     else:
         scaling = None
-    # Published context lengths: 8192 for Llama 3, 131072 for the scaled 3.1 / 3.2 models.
-    default_len = params.get("max_seq_len") or (131072 if use_scaled else 8192)
+    default_len = params.get("max_seq_len") or _default_meta_context(params, use_scaled)
     n_heads = int(params["n_heads"])
     head_dim = herd.get("head_dim")
     return ModelArgs(
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-        vocab_size=int(params["vocab_size"]),
+        n_kv_heads=int(herd.get("n_kv_heads") or params.get("n_kv_heads") or n_heads),
+        vocab_size=int(vocab),
         multiple_of=int(params.get("multiple_of", 256)),
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 500000.0)),
+        rope_theta=float(params.get("rope_theta", _DEFAULT_META_THETA)),
         rope_scaling=scaling,
         max_seq_len=int(herd.get("max_seq_len", default_len)),
         tie_embeddings=bool(herd.get("tie_embeddings", False)),

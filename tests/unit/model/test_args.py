@@ -12,10 +12,19 @@ EXPECTED_PARAMS = {
     "llama3.1-405b": 405_853_388_800,
     "llama3.2-1b": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
+    # Llama 1 / 2: the HF model cards and index total_size / 2 (7B 6.74B, 13B 13.0B, 30B 32.5B, ...).
+    "llama1-7b": 6_738_415_616,
+    "llama1-13b": 13_015_864_320,
+    "llama1-33b": 32_528_943_616,
+    "llama1-65b": 65_285_660_672,
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
 }
 # FFN widths from the released config.json files.
 EXPECTED_FFN = {"llama3-8b": 14336, "llama3-70b": 28672, "llama3.1-405b": 53248, "llama3.2-1b": 8192,
-                "llama3.2-3b": 8192}
+                "llama3.2-3b": 8192, "llama1-7b": 11008, "llama1-13b": 13824, "llama1-33b": 17920,
+                "llama1-65b": 22016, "llama2-7b": 11008, "llama2-13b": 13824, "llama2-70b": 28672}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
@@ -41,7 +50,13 @@ def test_preset_shapes_match_released_configs():
     assert ModelArgs.from_name("llama3-8b").rope_scaling is None
     for name in EXPECTED_PARAMS:
         a = ModelArgs.from_name(name)
-        assert a.vocab_size == 128256 and a.rope_theta == 500000.0 and a.n_kv_heads == 8
+        if name.startswith("llama3"):
+            assert a.vocab_size == 128256 and a.rope_theta == 500000.0 and a.n_kv_heads == 8
+        else:  # Llama 1/2: SentencePiece vocabulary, theta 10000, GQA only for Llama 2 70B
+            assert a.vocab_size == 32000 and a.rope_theta == 10000.0 and a.rope_scaling is None
+            assert a.n_kv_heads == (8 if name == "llama2-70b" else a.n_heads)
+            assert (a.norm_eps, a.max_seq_len) == ((1e-6, 2048) if name.startswith("llama1") else (1e-5, 4096))
+    assert ModelArgs.from_name("llama1-33b").head_dim == 128  # 6656 / 52
 
 
 def test_unknown_preset_lists_valid_names():

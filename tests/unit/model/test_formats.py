@@ -131,6 +131,29 @@ def test_hf_configs_of_published_models_give_the_presets():
     assert K.args_from_hf_config(llama3) == PRESETS["llama3-8b"]
 
 
+# config.json of meta-llama/Llama-2-7b-hf and -70b-hf (transformers 4.31: no rope_theta, no head_dim).
+HF_LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+    "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000,
+}
+HF_LLAMA2_70B = {**HF_LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                 "num_hidden_layers": 80, "num_key_value_heads": 8}
+
+
+def test_hf_llama2_configs_give_the_presets():
+    # Missing keys take transformers' LlamaConfig defaults (theta 10000), never Llama 3's.
+    assert K.args_from_hf_config(HF_LLAMA2_7B) == PRESETS["llama2-7b"]
+    assert K.args_from_hf_config(HF_LLAMA2_70B) == PRESETS["llama2-70b"]
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaConfig(**HF_LLAMA2_7B)
+    rope = getattr(reference, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(reference, "rope_theta", None))
+    assert K.args_from_hf_config(HF_LLAMA2_7B).rope_theta == theta == 10000.0
+
+
 def test_transformers_5_rope_parameters_form():
     v5 = {k: v for k, v in HF_31_8B.items() if k not in ("rope_scaling", "rope_theta")}
     v5["rope_parameters"] = {**HF_31_8B["rope_scaling"], "rope_theta": 500000.0}
@@ -492,8 +515,8 @@ def test_error_meta_params_fields(extra, fragment):
 
 
 def test_error_meta_split_needs_divisible_heads(tmp_path):
-    with pytest.raises(ValueError, match=r"n_kv_heads \(2\) is not divisible"):
-        save_model(_model(DEBUG), tmp_path / "meta", format="meta", num_shards=4)
+    with pytest.raises(ValueError, match=r"n_heads \(4\) is not divisible"):
+        save_model(_model(DEBUG), tmp_path / "meta", format="meta", num_shards=3)
     assert not (tmp_path / "meta").exists()
 
 
