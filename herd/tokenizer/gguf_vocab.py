@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, Tokenizer
 
 LLAMA3_N_BASE = 128_000
 LLAMA3_BOS = "<|begin_of_text|>"
+# Special tokens every Llama 3 release puts at the same offsets after the base tokens (3.0 and
+# 3.1 name other slots differently).
+LLAMA3_ANCHORS = {0: LLAMA3_BOS, 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")
 
 # llama.cpp's token types (llama_token_type in gguf / llama-vocab).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -69,6 +74,7 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _GGUF_MAGIC = b"GGUF"
+_FIRST_READ = 1 << 22  # bytes; Llama 3's metadata is about 6 MB, SmolLM2's 1.5 MB
 
 
 def read_gguf_metadata(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict[str, Any]:
@@ -76,47 +82,44 @@ def read_gguf_metadata(path: str | os.PathLike[str], *, prefixes: tuple[str, ...
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    data = path.read_bytes() if path.stat().st_size < (1 << 20) else _metadata_bytes(path)
-    if data[:4] != _GGUF_MAGIC:
-        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    version = struct.unpack_from("<I", data, 4)[0]
-    if version not in (2, 3):
-        hint = " (a big-endian file?)" if struct.unpack_from(">I", data, 4)[0] in (2, 3) else ""
-        raise ValueError(f"{path}: GGUF version {version} is not supported{hint}; herd reads little-endian v2/v3")
-    _, n_kv = struct.unpack_from("<QQ", data, 8)
-    reader = _Reader(data, 24, path)
-    out: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = reader.string()
-        vtype = reader.scalar("<I")
-        value = reader.value(vtype)
-        if key.startswith(prefixes):
-            out[key] = value
-    return out
-
-
-def _metadata_bytes(path: Path) -> bytes:
-    # The key/value section sits before the tensor data; read growing prefixes until it parses.
-    size = 1 << 22
+    # The key/value section sits before the tensor data: parse a prefix of the file, and a
+    # longer one if the metadata runs past it.
+    size = _FIRST_READ
     with path.open("rb") as f:
         while True:
             f.seek(0)
             data = f.read(size)
             try:
-                if data[:4] == _GGUF_MAGIC:
-                    reader = _Reader(data, 24, path)
-                    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
-                        reader.string()
-                        reader.value(reader.scalar("<I"))
-                return data
+                return _parse_metadata(data, path, prefixes)
             except _Truncated:
                 if len(data) < size:  # the whole file is read and still too short
                     raise ValueError(f"{path}: truncated GGUF metadata; re-download the file") from None
                 size *= 4
 
 
+def _parse_metadata(data: bytes, path: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    if data[:4] != _GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    reader = _Reader(data, 4, path)
+    version = reader.scalar("<I")
+    if version not in (2, 3):
+        hint = " (a big-endian file?)" if struct.unpack_from(">I", data, 4)[0] in (2, 3) else ""
+        raise ValueError(f"{path}: GGUF version {version} is not supported{hint}; herd reads little-endian v2/v3")
+    reader.scalar("<Q")  # tensor count
+    out: dict[str, Any] = {}
+    for _ in range(reader.scalar("<Q")):
+        key = reader.string()
+        value = reader.value(reader.scalar("<I"))
+        if key.startswith(prefixes):
+            out[key] = value
+    return out
+
+
 class _Truncated(Exception):
     pass
+
+
+_U64 = struct.Struct("<Q")
 
 
 class _Reader:
@@ -132,13 +135,24 @@ class _Reader:
         return value
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > len(self.data):
+        return self.strings(1)[0]
+
+    def strings(self, n: int) -> list[str]:
+        # The hot loop of a vocabulary (hundreds of thousands of strings): locals only.
+        data, pos, end = self.data, self.pos, len(self.data)
+        unpack, out = _U64.unpack_from, []
+        for _ in range(n):
+            if pos + 8 > end:
+                raise _Truncated
+            (length,) = unpack(data, pos)
+            pos += 8
+            # llama.cpp vocabularies may hold bytes that are not UTF-8 (rare); keep them lossless.
+            out.append(data[pos : pos + length].decode("utf-8", errors="surrogateescape"))
+            pos += length
+        if pos > end:
             raise _Truncated
-        raw = self.data[self.pos : self.pos + n]
-        self.pos += n
-        # llama.cpp vocabularies hold byte strings that need not be UTF-8 (rare); keep them lossless.
-        return raw.decode("utf-8", errors="surrogateescape")
+        self.pos = pos
+        return out
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
@@ -156,6 +170,8 @@ class _Reader:
                 values = list(struct.unpack_from(f"<{n}{fmt[1]}", self.data, self.pos))
                 self.pos += n * size
                 return values
+            if itype == _STRING:
+                return self.strings(n)
             return [self.value(itype) for _ in range(n)]
         raise ValueError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}; is the file damaged?")
 
@@ -207,7 +223,7 @@ class GGUFVocab:
         stops = tuple(dict.fromkeys(i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None))
         pre = meta.get("tokenizer.ggml.pre")
         # llama.cpp's defaults when the flags are absent: SentencePiece and Llama 3 add BOS.
-        default_bos = model == "llama" or pre in ("llama3", "llama-v3", "llama-bpe")
+        default_bos = model == "llama" or pre in LLAMA3_PRE
         add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
         return cls(
             model=model, pre=pre, tokens=tokens, token_types=list(types),
@@ -231,8 +247,9 @@ def gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
 def tokenizer_from_vocab(vocab: GGUFVocab, *, name: str = "GGUF") -> Tokenizer | HFTokenizer:
     if vocab.eos_id is None:
         raise ValueError(f"{name} declares no tokenizer.ggml.eos_token_id; generation would never stop")
-    if vocab.model == "gpt2" and is_llama3_layout(vocab.tokens):
-        tok = llama3_from_byte_level({t: i for i, t in enumerate(vocab.tokens[:LLAMA3_N_BASE])})
+    n_base = vocab.tokens.index(LLAMA3_BOS) if LLAMA3_BOS in vocab.tokens else None
+    if vocab.model == "gpt2" and vocab.pre in LLAMA3_PRE and llama3_layout_base(_at(vocab.tokens), n_base, len(vocab.tokens)):
+        tok = llama3_from_byte_level({t: i for i, t in enumerate(vocab.tokens[:n_base])}, n_base)
         tok.stop_tokens = tuple(dict.fromkeys(tok.stop_tokens + vocab.stop_ids))
         return tok
     tokenizers = import_optional("tokenizers", "a GGUF vocabulary")
@@ -258,41 +275,53 @@ def tokenizer_from_vocab(vocab: GGUFVocab, *, name: str = "GGUF") -> Tokenizer |
     )
 
 
-def is_llama3_layout(tokens: list[str]) -> bool:
-    return len(tokens) >= LLAMA3_N_BASE + NUM_SPECIAL_TOKENS and tokens[LLAMA3_N_BASE] == LLAMA3_BOS
+def llama3_layout_base(token_at: Callable[[int], str | None], n_base: int | None, n_total: int) -> int | None:
+    """`n_base` when the vocabulary has Llama 3's layout (byte-level tokens 0..n_base-1, then its 256
+    special tokens, <|begin_of_text|> first), else None. Meta's vocabularies have 128,000 base
+    tokens; the small ones herd trains (train_bpe.py) have the same layout with fewer."""
+    if n_base is None or n_total < n_base + NUM_SPECIAL_TOKENS:
+        return None
+    return n_base if all(token_at(n_base + k) == name for k, name in LLAMA3_ANCHORS.items()) else None
 
 
-def llama3_from_byte_level(base_vocab: dict[str, int]) -> Tokenizer:
-    """herd's Llama 3 Tokenizer from a byte-level BPE vocabulary's first 128,000 tokens (rank = id).
+def llama3_from_byte_level(base_vocab: Mapping[str, int], n_base: int = LLAMA3_N_BASE) -> Tokenizer:
+    """herd's Llama 3 Tokenizer from a byte-level BPE vocabulary's base tokens (rank = id).
 
     Tokens after the 256 Llama 3 special tokens (3.2 Vision's <|image|> at 128256) are not part of
-    the text tokenizer and are dropped.
+    the text tokenizer and are dropped; a model whose embedding has them fails the size check.
     """
     table = gpt2_byte_decoder()
     ranks: dict[bytes, int] = {}
     for text, i in base_vocab.items():
-        if i >= LLAMA3_N_BASE:
+        if i >= n_base:
             continue
         try:
             ranks[bytes(table[c] for c in text)] = i
         except KeyError:
             raise ValueError(
-                f"token {i} ({text!r}) is not byte-level BPE text; this is not a Llama 3 vocabulary"
+                f"token {i} ({text!r}) is not byte-level BPE text; this is not a Llama 3-style vocabulary"
             ) from None
-    if len(ranks) != LLAMA3_N_BASE:
-        raise ValueError(f"a Llama 3 vocabulary has {LLAMA3_N_BASE} base tokens, this one {len(ranks)}")
-    return Tokenizer(ranks, name="llama3")
+    if len(ranks) != n_base:
+        raise ValueError(f"expected {n_base} distinct base tokens before <|begin_of_text|>, found {len(ranks)}")
+    return Tokenizer(ranks, name="llama3" if n_base == LLAMA3_N_BASE else f"bpe{n_base}")
+
+
+def _at(tokens: Sequence[str]) -> Callable[[int], str | None]:
+    return lambda i: tokens[i] if 0 <= i < len(tokens) else None
 
 
 def _byte_level_bpe(tokenizers: Any, vocab: GGUFVocab, name: str) -> Any:
-    if vocab.pre not in PRE_TOKENIZERS:
+    # Files written before llama.cpp recorded the pre type get its "default" (llama.cpp warns
+    # that quality suffers; the ids still equal what llama.cpp gave the model).
+    pre = "default" if vocab.pre is None else vocab.pre
+    if pre not in PRE_TOKENIZERS:
         raise ValueError(
             f"{name}: pre-tokenizer {vocab.pre!r} (tokenizer.ggml.pre) is not supported; herd knows "
             f"{', '.join(sorted(PRE_TOKENIZERS))}. Use the model's tokenizer.json instead (pass --tokenizer)"
         )
     if not vocab.merges:
         raise ValueError(f"{name}: a byte-level BPE vocabulary needs tokenizer.ggml.merges, and this file has none")
-    regexes, ignore_merges = PRE_TOKENIZERS[vocab.pre]
+    regexes, ignore_merges = PRE_TOKENIZERS[pre]
     merges = []
     for line in vocab.merges:
         parts = line.split(" ")

@@ -19,11 +19,19 @@ vocabulary must match exactly, as before.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 from herd.tokenizer.base import TokenizerLike
 from herd.tokenizer.chat import ChatFormat
-from herd.tokenizer.gguf_vocab import LLAMA3_BOS, LLAMA3_N_BASE, gguf_tokenizer, llama3_from_byte_level, read_gguf_metadata
+from herd.tokenizer.gguf_vocab import (
+    LLAMA3_BOS,
+    gguf_tokenizer,
+    llama3_from_byte_level,
+    llama3_layout_base,
+    read_gguf_metadata,
+)
 from herd.tokenizer.hf import (
     HFTokenizer,
     chat_template_from_config,
@@ -35,7 +43,7 @@ from herd.tokenizer.hf import (
 )
 from herd.tokenizer.spm import SentencePieceTokenizer, is_sentencepiece_model
 from herd.tokenizer.template import ChatTemplate
-from herd.tokenizer.tokenizer import Tokenizer, llama3_tokenizer_path
+from herd.tokenizer.tokenizer import PAT_STR, Tokenizer, llama3_tokenizer_path
 
 LLAMA3_VOCAB = 128_256
 # The names HF passes to templates (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
@@ -127,10 +135,25 @@ def _model_kind(path: Path) -> str | None:
 
 def _from_tokenizer_json(file: Path) -> TokenizerLike:
     engine = read_tokenizer_json(file)
-    if engine.token_to_id(LLAMA3_BOS) == LLAMA3_N_BASE and engine.get_vocab_size(with_added_tokens=False) == LLAMA3_N_BASE:
-        # Llama 3 in HF's layout: back to tiktoken ranks (rank = id) and herd's exact tokenizer.
-        return llama3_from_byte_level(engine.get_vocab(with_added_tokens=False))
+    n_base = engine.get_vocab_size(with_added_tokens=False)
+    bos = engine.token_to_id(LLAMA3_BOS)
+    if bos == n_base and _splits_like_llama3(engine) and llama3_layout_base(
+        engine.id_to_token, bos, engine.get_vocab_size(with_added_tokens=True)
+    ):
+        # Llama 3 (or a herd-trained vocabulary) in HF's layout: back to tiktoken ranks
+        # (rank = id) and herd's exact tokenizer.
+        return llama3_from_byte_level(engine.get_vocab(with_added_tokens=False), n_base)
     return HFTokenizer.from_pretrained(file, engine=engine)
+
+
+def _splits_like_llama3(engine: Any) -> bool:
+    # HF's Llama 3 tokenizer.json: Split(Llama 3 regex, isolated), then ByteLevel without a regex.
+    pre = engine.pre_tokenizer
+    if pre is None:
+        return False
+    state = json.loads(pre.__getstate__())
+    parts = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    return any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == PAT_STR for p in parts)
 
 
 def read_chat_template(path: str | os.PathLike[str]) -> str | None:

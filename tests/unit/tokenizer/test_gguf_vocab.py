@@ -211,3 +211,30 @@ def test_a_llama3_vocabulary_becomes_herd_s_tiktoken_tokenizer(llama3, tmp_path)
     text = "Hello world! 2024 東京 😀 <|eot_id|>"
     assert tok.encode(text, bos=True, eos=False) == llama3.encode(text, bos=True, eos=False)
     assert set(tok.stop_tokens) == {128001, 128008, 128009}
+
+
+def test_a_herd_trained_vocabulary_comes_back_as_the_same_tiktoken_tokenizer(corpus, tmp_path):
+    # herd's small vocabularies have Llama 3's layout with fewer base tokens.
+    from herd.tokenizer.base import gpt2_byte_decoder
+    from herd.tokenizer.tokenizer import SPECIAL_TOKEN_NAMES
+    from herd.tokenizer.train_bpe import train_bpe
+
+    ranks = train_bpe(corpus, vocab_size=400)
+    reference = Tokenizer(ranks)
+    char_of = {b: c for c, b in gpt2_byte_decoder().items()}
+    tokens = [""] * len(ranks)
+    for token, rank in ranks.items():
+        tokens[rank] = "".join(char_of[b] for b in token)
+    tokens += SPECIAL_TOKEN_NAMES
+
+    def build(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("llama-bpe")
+        writer.add_token_list(tokens)
+        writer.add_eos_token_id(reference.eos_id)
+
+    _write(tmp_path / "small.gguf", build)
+    tok = load_tokenizer(tmp_path / "small.gguf", vocab_size=reference.n_words)
+    assert isinstance(tok, Tokenizer)
+    assert tok._model._mergeable_ranks == reference._model._mergeable_ranks
+    assert tok.special_tokens == reference.special_tokens
