@@ -187,7 +187,10 @@ class TableTokenizer:
         """`encode` for many strings; plain text goes through the engine's own batch call."""
         allowed = [self._allowed(s, allowed_special, disallowed_special) for s in texts]
         if any(allowed):
-            encoded = [self._encode_spans(s, a, plain_spans=())[0] if a else self._plain_ids(s) for s, a in zip(texts, allowed, strict=True)]
+            encoded = [
+                self._encode_spans(s, a, plain_spans=())[0] if a else self._plain_ids(s)
+                for s, a in zip(texts, allowed, strict=True)
+            ]
         else:
             encoded = self._plain_batch(list(texts), num_threads)
         return [self._wrap(ids, bos=bos, eos=eos) for ids in encoded]
@@ -211,11 +214,15 @@ class TableTokenizer:
                     )
         return allowed
 
-    def _encode_spans(self, text: str, allowed: frozenset[str] | str, *, plain_spans: Sequence[Span]) -> tuple[list[int], list[Span]]:
+    def _encode_spans(
+        self, text: str, allowed: frozenset[str] | str, *, plain_spans: Sequence[Span]
+    ) -> tuple[list[int], list[Span]]:
         matches = list(self._special_re.finditer(text)) if allowed and self._special_re is not None else []
         keep = [
-            m for m in matches
-            if (allowed == "all" or m.group() in allowed) and not any(m.start() < e and s < m.end() for s, e in plain_spans)
+            m
+            for m in matches
+            if (allowed == "all" or m.group() in allowed)
+            and not any(m.start() < e and s < m.end() for s, e in plain_spans)
         ]
         if len(keep) == len(matches):
             # Every special-token text is to be recognised (or there is none): the engine's own

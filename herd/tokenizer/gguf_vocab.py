@@ -38,7 +38,13 @@ LLAMA3_N_BASE = 128_000
 LLAMA3_BOS = "<|begin_of_text|>"
 # Special tokens every Llama 3 release puts at the same offsets after the base tokens (3.0 and
 # 3.1 name other slots differently).
-LLAMA3_ANCHORS = {0: LLAMA3_BOS, 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+LLAMA3_ANCHORS = {
+    0: LLAMA3_BOS,
+    1: "<|end_of_text|>",
+    6: "<|start_header_id|>",
+    7: "<|end_header_id|>",
+    9: "<|eot_id|>",
+}
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")
 
 # llama.cpp's token types (llama_token_type in gguf / llama-vocab).
@@ -49,7 +55,9 @@ _LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # tokenizer.ggml.pre -> (regexes applied in turn, ignore_merges), from llama.cpp's llama-vocab.cpp.
 # llama.cpp writes the contractions of the Llama 3 / Qwen2 patterns as '[sS] etc.; (?i:) is the same.
@@ -77,7 +85,9 @@ _GGUF_MAGIC = b"GGUF"
 _FIRST_READ = 1 << 22  # bytes; Llama 3's metadata is about 6 MB, SmolLM2's 1.5 MB
 
 
-def read_gguf_metadata(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict[str, Any]:
+def read_gguf_metadata(
+    path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = ("tokenizer.", "general.")
+) -> dict[str, Any]:
     """The key/value metadata of a GGUF file whose keys start with one of `prefixes`."""
     path = Path(path)
     if not path.is_file():
@@ -220,16 +230,26 @@ class GGUFVocab:
             return int(value)
 
         eos = token_id("eos_token_id")
-        stops = tuple(dict.fromkeys(i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None))
+        stops = tuple(
+            dict.fromkeys(i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None)
+        )
         pre = meta.get("tokenizer.ggml.pre")
         # llama.cpp's defaults when the flags are absent: SentencePiece and Llama 3 add BOS.
         default_bos = model == "llama" or pre in LLAMA3_PRE
         add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
         return cls(
-            model=model, pre=pre, tokens=tokens, token_types=list(types),
-            scores=meta.get("tokenizer.ggml.scores"), merges=meta.get("tokenizer.ggml.merges"),
-            bos_id=token_id("bos_token_id"), eos_id=eos, unk_id=token_id("unknown_token_id"),
-            pad_id=token_id("padding_token_id"), stop_ids=stops, add_bos=bool(add_bos),
+            model=model,
+            pre=pre,
+            tokens=tokens,
+            token_types=list(types),
+            scores=meta.get("tokenizer.ggml.scores"),
+            merges=meta.get("tokenizer.ggml.merges"),
+            bos_id=token_id("bos_token_id"),
+            eos_id=eos,
+            unk_id=token_id("unknown_token_id"),
+            pad_id=token_id("padding_token_id"),
+            stop_ids=stops,
+            add_bos=bool(add_bos),
             add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama")),
             chat_template=meta.get("tokenizer.chat_template"),
         )
@@ -248,7 +268,11 @@ def tokenizer_from_vocab(vocab: GGUFVocab, *, name: str = "GGUF") -> Tokenizer |
     if vocab.eos_id is None:
         raise ValueError(f"{name} declares no tokenizer.ggml.eos_token_id; generation would never stop")
     n_base = vocab.tokens.index(LLAMA3_BOS) if LLAMA3_BOS in vocab.tokens else None
-    if vocab.model == "gpt2" and vocab.pre in LLAMA3_PRE and llama3_layout_base(_at(vocab.tokens), n_base, len(vocab.tokens)):
+    if (
+        vocab.model == "gpt2"
+        and vocab.pre in LLAMA3_PRE
+        and llama3_layout_base(_at(vocab.tokens), n_base, len(vocab.tokens))
+    ):
         tok = llama3_from_byte_level({t: i for i, t in enumerate(vocab.tokens[:n_base])}, n_base)
         tok.stop_tokens = tuple(dict.fromkeys(tok.stop_tokens + vocab.stop_ids))
         return tok
@@ -270,8 +294,13 @@ def tokenizer_from_vocab(vocab: GGUFVocab, *, name: str = "GGUF") -> Tokenizer |
     if tok.get_vocab_size(with_added_tokens=True) != len(vocab.tokens):
         raise ValueError(f"{name}: the vocabulary has duplicate tokens; herd needs one id per token text")
     return HFTokenizer(
-        tok, bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id, stop_tokens=vocab.stop_ids,
-        add_bos=vocab.add_bos, name=name,
+        tok,
+        bos_id=vocab.bos_id,
+        eos_id=vocab.eos_id,
+        pad_id=vocab.pad_id,
+        stop_tokens=vocab.stop_ids,
+        add_bos=vocab.add_bos,
+        name=name,
     )
 
 
@@ -329,7 +358,9 @@ def _byte_level_bpe(tokenizers: Any, vocab: GGUFVocab, name: str) -> Any:
             raise ValueError(f"{name}: merge {line!r} is not 'left right'")
         merges.append((parts[0], parts[1]))
     model = tokenizers.models.BPE(
-        {t: i for i, t in enumerate(vocab.tokens)}, merges, ignore_merges=ignore_merges,
+        {t: i for i, t in enumerate(vocab.tokens)},
+        merges,
+        ignore_merges=ignore_merges,
     )
     tok = tokenizers.Tokenizer(model)
     pre = tokenizers.pre_tokenizers
@@ -343,13 +374,17 @@ def _byte_level_bpe(tokenizers: Any, vocab: GGUFVocab, name: str) -> Any:
 
 def _sentencepiece_bpe(tokenizers: Any, vocab: GGUFVocab, name: str) -> Any:
     if vocab.scores is None or len(vocab.scores) != len(vocab.tokens):
-        raise ValueError(f"{name}: a SentencePiece ('llama') vocabulary needs one tokenizer.ggml.scores entry per token")
+        raise ValueError(
+            f"{name}: a SentencePiece ('llama') vocabulary needs one tokenizer.ggml.scores entry per token"
+        )
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     mergeable = [i for i, k in enumerate(vocab.token_types) if k in (NORMAL, USER_DEFINED)]
     model = tokenizers.models.BPE(
-        ids, sentencepiece_merges(vocab.tokens, vocab.scores, mergeable),
+        ids,
+        sentencepiece_merges(vocab.tokens, vocab.scores, mergeable),
         unk_token=None if vocab.unk_id is None else vocab.tokens[vocab.unk_id],
-        fuse_unk=True, byte_fallback=True,
+        fuse_unk=True,
+        byte_fallback=True,
     )
     tok = tokenizers.Tokenizer(model)
     norm, dec = tokenizers.normalizers, tokenizers.decoders

@@ -178,8 +178,13 @@ class HFTokenizer(TableTokenizer):
         if not isinstance(add_bos, bool):
             add_bos = bos_id is not None and _post_processor_starts_with(tok, bos_id)
         return cls(
-            tok, bos_id=bos_id, eos_id=eos_id, pad_id=token_id("pad_token"), stop_tokens=declared,
-            add_bos=add_bos, name=str(file),
+            tok,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=token_id("pad_token"),
+            stop_tokens=declared,
+            add_bos=add_bos,
+            name=str(file),
         )
 
     def _plain_ids(self, text: str) -> list[int]:
@@ -221,10 +226,15 @@ def _token_bytes_table(tok: Any, added_ids: set[int], name: str) -> tuple[list[b
             "(ByteLevel) and SentencePiece-style (Metaspace / ByteFallback) vocabularies"
         )
     spaces = "Metaspace" in kinds or any(
-        d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "▁" and d.get("content") == " " for d in chain
+        d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "▁" and d.get("content") == " "
+        for d in chain
     )
     strips = any(
-        (d.get("type") == "Metaspace" and (d.get("prepend_scheme", "always") != "never") and d.get("add_prefix_space", True))
+        (
+            d.get("type") == "Metaspace"
+            and (d.get("prepend_scheme", "always") != "never")
+            and d.get("add_prefix_space", True)
+        )
         or (d.get("type") == "Strip" and d.get("content") == " " and d.get("start", 0) >= 1)
         for d in chain
     )

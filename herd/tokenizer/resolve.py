@@ -50,7 +50,9 @@ LLAMA3_VOCAB = 128_256
 TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def load_tokenizer(path: str | os.PathLike[str], explicit: str | os.PathLike[str] | None = None, *, vocab_size: int) -> TokenizerLike:
+def load_tokenizer(
+    path: str | os.PathLike[str], explicit: str | os.PathLike[str] | None = None, *, vocab_size: int
+) -> TokenizerLike:
     """The tokenizer for the checkpoint at `path` (a directory or a .gguf file), or `explicit` when given.
 
     `explicit` may be a directory, a .gguf file, a tokenizer.json, or a tokenizer.model of either
@@ -137,8 +139,10 @@ def _from_tokenizer_json(file: Path) -> TokenizerLike:
     engine = read_tokenizer_json(file)
     n_base = engine.get_vocab_size(with_added_tokens=False)
     bos = engine.token_to_id(LLAMA3_BOS)
-    if bos == n_base and _splits_like_llama3(engine) and llama3_layout_base(
-        engine.id_to_token, bos, engine.get_vocab_size(with_added_tokens=True)
+    if (
+        bos == n_base
+        and _splits_like_llama3(engine)
+        and llama3_layout_base(engine.id_to_token, bos, engine.get_vocab_size(with_added_tokens=True))
     ):
         # Llama 3 (or a herd-trained vocabulary) in HF's layout: back to tiktoken ranks
         # (rank = id) and herd's exact tokenizer.

@@ -77,7 +77,9 @@ class SentencePieceTokenizer(TableTokenizer):
             raise FileNotFoundError(f"SentencePiece model {str(path)!r} does not exist")
         data = path.read_bytes()
         if not is_sentencepiece_model(data):
-            raise ValueError(f"{path} is not a SentencePiece model (Llama 3's tiktoken tokenizer.model is read by Tokenizer)")
+            raise ValueError(
+                f"{path} is not a SentencePiece model (Llama 3's tiktoken tokenizer.model is read by Tokenizer)"
+            )
         return cls(data, name=str(path), stop_tokens=stop_tokens)
 
     def _piece_bytes(self, i: int) -> bytes:

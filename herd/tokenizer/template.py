@@ -50,7 +50,9 @@ class TemplateTokenizer(TokenizerLike, Protocol):
 class ChatTemplate:
     """Encode dialogs with a checkpoint's chat template and decode replies; the surface of `ChatFormat`."""
 
-    def __init__(self, template: str, tokenizer: TemplateTokenizer, *, variables: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, template: str, tokenizer: TemplateTokenizer, *, variables: Mapping[str, Any] | None = None
+    ) -> None:
         jinja2 = import_optional("jinja2", "rendering a chat template")
         if not hasattr(tokenizer, "encode_template_text"):
             raise ValueError(
@@ -62,13 +64,19 @@ class ChatTemplate:
         try:
             self._compiled = self._environment.from_string(template)
         except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"the chat template does not parse (line {e.lineno}: {e.message}); fix or replace it") from e
+            raise ValueError(
+                f"the chat template does not parse (line {e.lineno}: {e.message}); fix or replace it"
+            ) from e
         self.has_generation_blocks = bool(_GENERATION_TAG.search(template))
         names = {i: text for text, i in tokenizer.special_tokens.items()}
         # HF passes the tokenizer's named special tokens; `variables` (a checkpoint's declared
         # names, or anything else the template reads) overrides them.
         self.variables: dict[str, Any] = {}
-        for key, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+        for key, i in (
+            ("bos_token", tokenizer.bos_id),
+            ("eos_token", tokenizer.eos_id),
+            ("pad_token", tokenizer.pad_id),
+        ):
             if i is not None:
                 self.variables[key] = names.get(i) or tokenizer.decode_single_token_bytes(i).decode("utf-8", "replace")
         self.variables.update(variables or {})
@@ -77,8 +85,13 @@ class ChatTemplate:
         self._jinja_error = jinja2.TemplateError
         self._lock = threading.Lock()
 
-    def render(self, messages: Sequence[Message | Mapping[str, Any]], *, add_generation_prompt: bool = True,
-               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    def render(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         """The template's text for `messages` (what HF's apply_chat_template(tokenize=False) returns)."""
         return self._render([message_dict(m) for m in messages], add_generation_prompt, tools)[0]
 
@@ -96,7 +109,9 @@ class ChatTemplate:
         """
         dicts = [message_dict(m) for m in messages]
         text, generated = self._render(dicts, add_generation_prompt, tools, track=self.has_generation_blocks)
-        ids, spans = self.tokenizer.encode_template_text(text, plain_spans=self._message_specials(dicts, text, add_generation_prompt, tools))
+        ids, spans = self.tokenizer.encode_template_text(
+            text, plain_spans=self._message_specials(dicts, text, add_generation_prompt, tools)
+        )
         mask = [False] * len(ids)
         if self.has_generation_blocks:
             for a, b in generated:
@@ -137,11 +152,20 @@ class ChatTemplate:
 
     # -- rendering ------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                tools: Sequence[Mapping[str, Any]] | None, *, track: bool = False) -> tuple[str, list[Span]]:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None,
+        *,
+        track: bool = False,
+    ) -> tuple[str, list[Span]]:
         variables = {
-            **self.variables, "messages": messages, "tools": None if tools is None else list(tools),
-            "documents": None, "add_generation_prompt": add_generation_prompt,
+            **self.variables,
+            "messages": messages,
+            "tools": None if tools is None else list(tools),
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
         }
         try:
             if not track:
@@ -156,8 +180,13 @@ class ChatTemplate:
         except self._jinja_error as e:
             raise ValueError(f"the chat template refused this dialog: {e}") from e
 
-    def _message_specials(self, messages: list[dict[str, Any]], text: str, add_generation_prompt: bool,
-                          tools: Sequence[Mapping[str, Any]] | None) -> list[Span]:
+    def _message_specials(
+        self,
+        messages: list[dict[str, Any]],
+        text: str,
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None,
+    ) -> list[Span]:
         """Where special-token text in `text` came from the messages (module docstring)."""
         regex = self._special_re
         if regex is None or not any(regex.search(t) for m in messages for t in _message_texts(m)):
@@ -172,7 +201,9 @@ class ChatTemplate:
             )
         return [m.span() for m in regex.finditer(text) if defused[m.start() : m.end()] != m.group()]
 
-    def _assistant_spans(self, messages: list[dict[str, Any]], text: str, tools: Sequence[Mapping[str, Any]] | None) -> list[Span]:
+    def _assistant_spans(
+        self, messages: list[dict[str, Any]], text: str, tools: Sequence[Mapping[str, Any]] | None
+    ) -> list[Span]:
         spans = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
@@ -226,11 +257,17 @@ def message_dict(message: Message | Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"a chat message needs a 'role', got keys {sorted(message)}")
         return dict(message)
     if message.context is not None:
-        raise ValueError("RAG context is a Llama 3.1 ChatFormat field; put the text in the message content for a chat template")
+        raise ValueError(
+            "RAG context is a Llama 3.1 ChatFormat field; put the text in the message content for a chat template"
+        )
     out: dict[str, Any] = {"role": "tool" if message.role == "ipython" else message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = [
-            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}, **({"id": c.call_id} if c.call_id else {})}
+            {
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+                **({"id": c.call_id} if c.call_id else {}),
+            }
             for c in message.tool_calls
         ]
     return out
@@ -252,7 +289,8 @@ def _map_texts(message: dict[str, Any], fn: Any) -> dict[str, Any]:
         out["content"] = fn(content)
     elif isinstance(content, list):
         out["content"] = [
-            {**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p for p in content
+            {**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+            for p in content
         ]
     return out
 
@@ -317,8 +355,9 @@ def _environment(jinja2: Any) -> tuple[Any, Any]:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         # jinja2's own tojson escapes <, >, & and ' for HTML; templates expect plain JSON.
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 

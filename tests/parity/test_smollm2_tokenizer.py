@@ -150,7 +150,9 @@ def test_chat_template_ids_equal_apply_chat_template(herd_chat, smollm2_hf, dial
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
     assert ours.tokens == theirs
-    rendered = smollm2_hf.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    rendered = smollm2_hf.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
     assert herd_chat.render(messages, add_generation_prompt=add_generation_prompt) == rendered
 
 
@@ -177,7 +179,9 @@ def test_user_cannot_close_the_turn_by_typing_im_end(herd_chat, smollm2_hf):
     # Only the template's own markers are special: system, user, assistant headers and two ends.
     assert ours.count(1) == 3 and ours.count(2) == 2
     # transformers makes them special (its ids differ exactly there).
-    theirs = smollm2_hf.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    theirs = smollm2_hf.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert theirs.count(2) == 3
 
 

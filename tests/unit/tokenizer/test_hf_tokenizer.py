@@ -63,7 +63,9 @@ def test_special_tokens_plain_allowed_and_disallowed(tok, hf):
     assert everything == hf(text, add_special_tokens=False)["input_ids"]
     only_end = tok.encode(text, bos=False, eos=False, allowed_special={"<|im_end|>"})
     assert im_end in only_end and im_start not in only_end
-    assert only_end == tok.encode("a<|im_start|>b", bos=False, eos=False) + [im_end] + tok.encode("c", bos=False, eos=False)
+    assert only_end == tok.encode("a<|im_start|>b", bos=False, eos=False) + [im_end] + tok.encode(
+        "c", bos=False, eos=False
+    )
     with pytest.raises(ValueError, match="disallowed_special"):
         tok.encode(text, bos=False, eos=False, allowed_special={"<|im_end|>"}, disallowed_special="all")
     with pytest.raises(ValueError, match="unknown special tokens"):

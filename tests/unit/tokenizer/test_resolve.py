@@ -26,7 +26,9 @@ LLAMA30_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-LLAMA31_TEMPLATE = LLAMA30_TEMPLATE.replace("{% set loop_messages", "{{ 'Cutting Knowledge Date: December 2023' }}{% set loop_messages")
+LLAMA31_TEMPLATE = LLAMA30_TEMPLATE.replace(
+    "{% set loop_messages", "{{ 'Cutting Knowledge Date: December 2023' }}{% set loop_messages"
+)
 
 
 @pytest.fixture
@@ -50,13 +52,18 @@ def test_chat_format_30_equals_hf_rendering_meta_s_30_template(llama3):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(llama3_tokenizer_path().parent)
-    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi 😀"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Paris?"}]
+    messages = [
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "Hi 😀"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Paris?"},
+    ]
     from herd.tokenizer import Message
 
     ours = ChatFormat(llama3, version="3.0").encode_dialog_prompt([Message(**m) for m in messages]).tokens
-    theirs = hf.apply_chat_template(messages, chat_template=LLAMA30_TEMPLATE, add_generation_prompt=True,
-                                    tokenize=True, return_dict=False)
+    theirs = hf.apply_chat_template(
+        messages, chat_template=LLAMA30_TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert ours == theirs
 
 

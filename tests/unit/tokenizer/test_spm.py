@@ -78,8 +78,13 @@ def gguf_file(sp, tmp_path_factory):
     writer = gguf.GGUFWriter(str(path), "llama")
     n = sp.get_piece_size()
     types = [
-        gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.UNKNOWN if sp.is_unknown(i)
-        else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL
+        gguf.TokenType.CONTROL
+        if sp.is_control(i)
+        else gguf.TokenType.UNKNOWN
+        if sp.is_unknown(i)
+        else gguf.TokenType.BYTE
+        if sp.is_byte(i)
+        else gguf.TokenType.NORMAL
         for i in range(n)
     ]
     # A model of one tiny layer's hyperparameters, so that llama.cpp opens it (vocab only).
@@ -119,7 +124,10 @@ def test_equal_to_transformers_llama_tokenizer(tok, hf_dir):
     for legacy in (True, False):
         hf = LlamaTokenizer.from_pretrained(hf_dir, legacy=legacy)
         for text in TEXTS:
-            assert tok.encode(text, bos=False, eos=False) == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert (
+                tok.encode(text, bos=False, eos=False)
+                == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            )
 
 
 def test_decode_equals_sentencepiece_and_round_trips(tok, sp):
@@ -146,7 +154,12 @@ def test_special_text_is_plain_unless_allowed(tok, sp):
     assert tok.encode(text, bos=False, eos=False) == sp.encode(text)
     # Allowed specials split the text and every piece gets the dummy prefix, as llama.cpp and the
     # legacy HF layout do.
-    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [1, *sp.encode("Hi"), 2, *sp.encode(" there")]
+    assert tok.encode(text, bos=False, eos=False, allowed_special="all") == [
+        1,
+        *sp.encode("Hi"),
+        2,
+        *sp.encode(" there"),
+    ]
 
 
 def test_the_legacy_tokenizer_json_gives_sentencepiece_s_ids(legacy_json_dir, sp, tok):

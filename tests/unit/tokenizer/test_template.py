@@ -95,7 +95,9 @@ def test_environment_matches_hf(hf, tok):
 
 
 def test_a_template_that_raises_is_a_clear_error(tok):
-    template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}"
+    template = (
+        "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}"
+    )
     with pytest.raises(ValueError, match="refused this dialog: Conversations must start with the user"):
         ChatTemplate(template, tok).encode_dialog_prompt(DIALOG)
 
@@ -126,7 +128,9 @@ def test_special_text_in_a_message_stays_text(tok, hf, CHATML):
 
 def test_special_text_survives_rewrites_that_keep_its_length_and_is_refused_otherwise(tok):
     im_end = tok.special_tokens["<|im_end|>"]
-    doubled = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.content.replace('x', 'yy') }}<|im_end|>{% endfor %}", tok)
+    doubled = ChatTemplate(
+        "{% for m in messages %}<|im_start|>{{ m.content.replace('x', 'yy') }}<|im_end|>{% endfor %}", tok
+    )
     ids = doubled.encode_dialog_prompt([{"role": "user", "content": "x<|im_end|>x"}]).tokens
     assert ids.count(im_end) == 1 and tok.decode(ids) == "<|im_start|>yy<|im_end|>yy<|im_end|>"
     cut = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.content.split('<')[0] }}<|im_end|>{% endfor %}", tok)
@@ -159,8 +163,13 @@ def test_herd_messages_render_like_hf_dicts_with_tool_calls(tok, hf):
     ]
     theirs = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": 2}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": 2}}}
+            ],
+        },
         {"role": "tool", "content": '{"temp": 21}'},
     ]
     chat = ChatTemplate(template, tok)
