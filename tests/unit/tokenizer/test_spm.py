@@ -215,3 +215,43 @@ def test_a_broken_sentencepiece_file_is_a_clear_error(sp_model, tmp_path):
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a valid SentencePiece model"):
         SentencePieceTokenizer.from_file(broken)
+
+
+# Llama-2-chat's template as its HF repo declares it.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA2_DIALOG = [
+    {"role": "system", "content": "Answer in French."},
+    {"role": "user", "content": "Where is Paris?"},
+    {"role": "assistant", "content": "En France, 2024."},
+    {"role": "user", "content": "Et Tokyo ? 😀"},
+]
+
+
+def test_llama2_chat_template_ids_and_mask(legacy_json_dir, tok):
+    from transformers import PreTrainedTokenizerFast
+
+    from herd.tokenizer import ChatTemplate
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_file=str(legacy_json_dir / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    theirs = hf.apply_chat_template(LLAMA2_DIALOG, chat_template=LLAMA2_TEMPLATE, tokenize=True, return_dict=False)
+    for backend in (HFTokenizer.from_pretrained(legacy_json_dir), tok):
+        chat = ChatTemplate(LLAMA2_TEMPLATE, backend)
+        ours = chat.encode_dialog_prompt(LLAMA2_DIALOG)
+        assert ours.tokens == theirs, type(backend).__name__
+        trained = [t for t, m in zip(ours.tokens, ours.assistant_mask, strict=True) if m]
+        assert backend.decode(trained) == "En France, 2024. </s>"
+    with pytest.raises(ValueError, match="must alternate"):
+        chat.encode_dialog_prompt(LLAMA2_DIALOG[1:2] * 2)
