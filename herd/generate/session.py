@@ -14,35 +14,13 @@ from pathlib import Path
 from herd.generate.generate import stream_text
 from herd.generate.sampling import SamplingParams
 from herd.model.llama import Transformer
-from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from herd.tokenizer import ChatFormat, Message, Tokenizer, TokenizerLike
+from herd.tokenizer.resolve import load_tokenizer
 
-LLAMA3_VOCAB = 128256
 
-
-def resolve_tokenizer(model_dir: str | Path, explicit: str | Path | None, *, vocab_size: int) -> Tokenizer:
-    """The tokenizer for a checkpoint: `explicit`, else tokenizer.model beside the weights (or in
-    original/, where HF repos keep Meta's files), else the Llama 3 tokenizer when the vocabulary
-    size says the model uses it."""
-    if explicit is not None:
-        tok = Tokenizer.from_file(explicit)
-    else:
-        model_dir = Path(model_dir)
-        found = [p for p in (model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model") if p.is_file()]
-        if found:
-            tok = Tokenizer.from_file(found[0])
-        elif vocab_size == LLAMA3_VOCAB:
-            tok = Tokenizer.from_file(llama3_tokenizer_path())
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer.model in {model_dir} (or its original/ folder) and the model's vocabulary "
-                f"({vocab_size}) is not Llama 3's; pass --tokenizer PATH"
-            )
-    if tok.n_words != vocab_size:
-        raise ValueError(
-            f"tokenizer has {tok.n_words} tokens but the model's vocabulary is {vocab_size}; "
-            "pass the tokenizer the model was trained with (--tokenizer PATH)"
-        )
-    return tok
+def resolve_tokenizer(model_dir: str | Path, explicit: str | Path | None, *, vocab_size: int) -> TokenizerLike:
+    """The tokenizer for a checkpoint; see herd.tokenizer.resolve.load_tokenizer (kept for callers)."""
+    return load_tokenizer(model_dir, explicit, vocab_size=vocab_size)
 
 
 class ChatSession:

@@ -27,9 +27,12 @@ import os
 import re
 from collections.abc import Iterable, Sequence, Set
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import tiktoken
+
+if TYPE_CHECKING:
+    from herd.tokenizer.base import TokenizerLike
 
 # Identical in llama3, llama-models and HF's TikTokenConverter: contractions case-insensitively,
 # letters with at most one leading non-letter, digits in groups of at most three.
@@ -146,6 +149,11 @@ def load_rank_file(path: str | os.PathLike[str]) -> dict[bytes, int]:
 
 class Tokenizer:
     """Llama 3 byte-level BPE tokenizer (Meta's reference behaviour, tiktoken engine)."""
+
+    # Members of herd.tokenizer.base.TokenizerLike: Llama 3 text starts with <|begin_of_text|>,
+    # and byte-level BPE decodes every byte as written.
+    add_bos: bool = True
+    decode_strips_first_space: bool = False
 
     def __init__(self, mergeable_ranks: dict[bytes, int], *, name: str = "llama3") -> None:
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
@@ -281,21 +289,33 @@ class StreamDecoder:
     A token can end in the middle of a multi-byte character (emoji and CJK often span two
     tokens), so bytes are held until they complete a character. Invalid bytes become U+FFFD
     exactly where `Tokenizer.decode` would put them, so the concatenated output of `feed` and
-    `flush` always equals `decode` of all the ids.
+    `flush` always equals `decode` of all the ids. Any `TokenizerLike` works; for a
+    SentencePiece-style vocabulary the one leading space `decode` drops is dropped here too.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: TokenizerLike) -> None:
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # getattr: minimal stand-ins (tests, eval adapters) carry only the decode methods.
+        self._strip_first_space = getattr(tokenizer, "decode_strips_first_space", False)
+        self._at_start = True
 
     def feed(self, token_id: int) -> str:
         """Add one token; return the text it completed (possibly empty)."""
-        return self._utf8.decode(self._tokenizer.decode_single_token_bytes(token_id))
+        return self._emit(self._utf8.decode(self._tokenizer.decode_single_token_bytes(token_id)))
 
     def flush(self) -> str:
         """End of stream: return what is still held (U+FFFD for an incomplete character) and reset."""
-        text = self._utf8.decode(b"", final=True)
+        text = self._emit(self._utf8.decode(b"", final=True))
         self._utf8.reset()
+        self._at_start = True
+        return text
+
+    def _emit(self, text: str) -> str:
+        if self._at_start and text:
+            self._at_start = False
+            if self._strip_first_space and text[0] == " ":
+                text = text[1:]
         return text
 
 
