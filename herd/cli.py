@@ -29,19 +29,11 @@ def _dtype(name: str | None):
 
 
 def _load(opts):
-    from herd.generate.session import resolve_tokenizer
-    from herd.model.formats import load_model
+    """The checkpoint at opts.path (directory or .gguf) with its tokenizer and chat format."""
+    from herd.generate.loading import load_for_inference
 
-    # CPU default fp32: bf16 matmuls are very slow on CPUs without AVX-512 BF16.
-    dtype = _dtype(opts.dtype) if opts.dtype else (None if opts.device != "cpu" else _dtype("fp32"))
-    from herd.quant import apply_cpu_kernels, is_quantized_checkpoint, load_quantized
-
-    load = load_quantized if is_quantized_checkpoint(opts.path) else load_model
-    model = load(opts.path, dtype=dtype, device=opts.device, max_seq_len=opts.max_seq_len).eval()
-    if opts.device == "cpu":
-        apply_cpu_kernels(model)  # fp32 decode GEMVs through herd's kernel (MKL's sgemv is slower)
-    tokenizer = resolve_tokenizer(opts.path, opts.tokenizer, vocab_size=model.args.vocab_size)
-    return model, tokenizer
+    return load_for_inference(opts.path, tokenizer=opts.tokenizer, dtype=_dtype(opts.dtype), device=opts.device,
+                              max_seq_len=opts.max_seq_len)
 
 
 def _sampling(opts):
@@ -88,18 +80,19 @@ def cmd_info(opts) -> None:
 
 def cmd_generate(opts) -> None:
     from herd.generate import stream_text
-    from herd.tokenizer import ChatFormat, Message
+    from herd.tokenizer import Message
 
-    model, tok = _load(opts)
+    lm = _load(opts)
+    model, tok = lm.model, lm.tokenizer
     if opts.chat:
-        messages = ([Message(role="system", content=opts.system)] if opts.system else []) + [
-            Message(role="user", content=p) for p in opts.prompt[:1]]
-        prompts = [ChatFormat(tok, version="3.1").encode_dialog_prompt(messages).tokens]
         if len(opts.prompt) > 1:
             raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
+        messages = ([Message(role="system", content=opts.system)] if opts.system else []) + [
+            Message(role="user", content=opts.prompt[0])]
+        prompts = [lm.chat.encode_dialog_prompt(messages).tokens]
     else:
-        prompts = [tok.encode(p, bos=True, eos=False) for p in opts.prompt]
-    stop = tok.stop_tokens if not opts.ignore_eos else ()
+        prompts = [lm.encode_text(p) for p in opts.prompt]
+    stop = lm.stop_tokens if not opts.ignore_eos else ()
     events = stream_text(model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=_sampling(opts),
                          stop_tokens=stop, logprobs=opts.logprobs)
     if len(prompts) == 1:  # stream a single prompt as it is produced
@@ -127,8 +120,9 @@ def cmd_generate(opts) -> None:
 def cmd_chat(opts) -> None:
     from herd.generate.session import ChatSession
 
-    model, tok = _load(opts)
-    session = ChatSession(model, tok, system=opts.system, sampling=_sampling(opts), max_new_tokens=opts.max_new_tokens)
+    lm = _load(opts)
+    session = ChatSession(lm.model, lm.tokenizer, chat=lm.chat, system=opts.system, sampling=_sampling(opts),
+                          max_new_tokens=opts.max_new_tokens)
     print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -403,7 +397,8 @@ def cmd_eval_mc(opts) -> None:
     from herd.eval.multiple_choice import evaluate_mc, load_mc_jsonl
     from herd.eval.results import EvalReport
 
-    model, tok = _load(opts)
+    lm = _load(opts)
+    model, tok = lm.model, lm.tokenizer
     pool = load_mc_jsonl(opts.shots_file) if opts.shots_file else None
     tasks = []
     for path in opts.task:
@@ -418,7 +413,8 @@ def cmd_eval_needle(opts) -> None:
     from herd.eval.needle import evaluate_needle, plot_needle_heatmap
     from herd.eval.results import EvalReport
 
-    model, tok = _load(opts)
+    lm = _load(opts)
+    model, tok = lm.model, lm.tokenizer
     res = evaluate_needle(model, tok, lengths=_ints(opts.lengths), depths=_floats(opts.depths), trials=opts.trials,
                           method=opts.method, filler=opts.filler, seed=opts.seed, batch_size=opts.batch_size)
     print(f"needle retrieval accuracy ({opts.method}, {opts.trials} trials per cell, filler {opts.filler}):")
@@ -434,7 +430,8 @@ def cmd_eval_lm_eval(opts) -> None:
     from herd.eval.lm_eval_adapter import run_lm_eval
     from herd.eval.results import EvalReport
 
-    model, tok = _load(opts)
+    lm = _load(opts)
+    model, tok = lm.model, lm.tokenizer
     tasks = run_lm_eval(model, tok, opts.tasks.split(","), num_fewshot=opts.num_fewshot, limit=opts.limit,
                         batch_size=opts.batch_size, include_path=opts.include_path)
     _report_out(opts, EvalReport(model=str(opts.path), tasks=tasks))
@@ -502,7 +499,8 @@ def cmd_serve(opts) -> None:
     from herd.serve.engine import Engine
     from herd.serve.server import serve
 
-    model, tok = _load(opts)
+    lm = _load(opts)
+    model, tok = lm.model, lm.tokenizer
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
     context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
@@ -511,7 +509,12 @@ def cmd_serve(opts) -> None:
     name = opts.model_name or Path(opts.path).resolve().name
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
           f"tokens, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
-    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key)
+    try:
+        chat = lm.chat
+    except ValueError as e:  # a base model without a template still serves /v1/completions
+        chat = None
+        print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
+    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat)
 
 
 # ---- argument definitions --------------------------------------------------------------------

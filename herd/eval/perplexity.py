@@ -73,8 +73,10 @@ def perplexity(
     if isinstance(tokens, str):
         if tokenizer is None:
             raise ValueError("perplexity of a text needs tokenizer=...; or pass token ids")
-        num_bytes = len(tokens.encode("utf-8"))
-        tokens = tokenizer.encode(tokens, bos=True, eos=False)
+        bos = getattr(tokenizer, "add_bos", True)
+        text, tokens = tokens, tokenizer.encode(tokens, bos=bos, eos=False)
+        # Bytes of the scored text: all of it after a BOS, else all but the unscored first token's.
+        num_bytes = len((text if bos else tokenizer.decode(tokens[1:])).encode("utf-8"))
     ids = torch.as_tensor(tokens, dtype=torch.long).flatten()
     stride = seq_len if stride is None else stride
     if seq_len < 2 or seq_len > model.args.max_seq_len:
@@ -131,27 +133,27 @@ def compare_schemes(
     with `schemes`. max_tokens truncates the encoded text (bits per byte then counts the bytes
     of the kept tokens). Each scheme quantizes a fresh fp32 load, so rows do not interact.
     """
-    from herd.generate.session import resolve_tokenizer
-    from herd.model.formats import load_model
-    from herd.quant import QuantConfig, is_quantized_checkpoint, load_quantized, quantize
+    from herd.generate.loading import load_for_inference
+    from herd.quant import QuantConfig, is_quantized_checkpoint, quantize
 
     quantized = is_quantized_checkpoint(path)
     if quantized and schemes:
         raise ValueError(f"{path} is already quantized; compare schemes on the float checkpoint it came from")
     configs = [QuantConfig(s, group_size=group_size) for s in schemes]  # validate before the slow part
+    loaded = load_for_inference(path, tokenizer=tokenizer_path, dtype=None if quantized else torch.float32,
+                                cpu_kernels=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
 
     def load() -> Transformer:
-        model = load_quantized(path) if quantized else load_model(path, dtype=torch.float32)
-        return model.eval()
+        return load_for_inference(path, dtype=torch.float32, cpu_kernels=False).model
 
-    model = load()
-    tokenizer = resolve_tokenizer(path, tokenizer_path, vocab_size=model.args.vocab_size)
-    ids = tokenizer.encode(text, bos=True, eos=False)
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos, eos=False)
     if max_tokens is not None:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         ids = ids[:max_tokens]
-    num_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))  # ids[0] is BOS: no text
+    # The first token is never scored (BOS, or the text's first token when the tokenizer adds no BOS).
+    num_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))
     seq_len = min(seq_len, model.args.max_seq_len)
 
     rows: list[SchemeResult] = []

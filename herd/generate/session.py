@@ -14,7 +14,7 @@ from pathlib import Path
 from herd.generate.generate import stream_text
 from herd.generate.sampling import SamplingParams
 from herd.model.llama import Transformer
-from herd.tokenizer import ChatFormat, Message, Tokenizer, TokenizerLike
+from herd.tokenizer import ChatFormat, ChatTemplate, Message, Tokenizer, TokenizerLike
 from herd.tokenizer.resolve import load_tokenizer
 
 
@@ -29,13 +29,16 @@ class ChatSession:
         model: Transformer,
         tokenizer: Tokenizer,
         *,
+        chat: ChatFormat | ChatTemplate | None = None,
         version: str = "3.1",
         system: str | None = None,
         sampling: SamplingParams = SamplingParams(),
         max_new_tokens: int = 512,
     ):
+        """chat: the checkpoint's chat format (`LoadedModel.chat`); None means Meta's Llama 3
+        ChatFormat of `version` on this tokenizer."""
         self.model, self.tokenizer = model, tokenizer
-        self.format = ChatFormat(tokenizer, version=version)
+        self.format = chat if chat is not None else ChatFormat(tokenizer, version=version)
         self.system, self.sampling, self.max_new_tokens = system, sampling, max_new_tokens
         self.history: list[Message] = []
         self.last_reply: Message | None = None

@@ -219,13 +219,14 @@ def chat_rows(fmt: ChatFormat, path: str, *, seq_len: int, all_tokens: bool = Tr
 
 def run_distill(cfg: DistillConfig, *, log: Callable[[str], None] | None = print) -> dict:
     """`herd distill`: student model.path learns from distill.teacher on chat JSONL data."""
-    student, tok = load_for_training(cfg.model)
+    loaded = load_for_training(cfg.model)
+    student = loaded.model
     if not cfg.distill.teacher:
         raise ValueError("distill.teacher is empty: give the teacher checkpoint directory")
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a chat JSONL file")
     teacher = load_model(cfg.distill.teacher, dtype=student.tok_embeddings.weight.dtype, device=cfg.model.device)
-    rows = chat_rows(ChatFormat(tok, version="3.1"), cfg.data.train, seq_len=cfg.data.seq_len)
+    rows = chat_rows(loaded.chat, cfg.data.train, seq_len=cfg.data.seq_len)
     topk = None
     if cfg.distill.top_k > 0:
         cache = Path(cfg.distill.cache_dir or cfg.output.dir) / "teacher_topk.safetensors"

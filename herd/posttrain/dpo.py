@@ -38,13 +38,16 @@ from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, rea
 from herd.posttrain.io import write_json
 from herd.posttrain.lora import apply_lora, lora_disabled
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
-from herd.tokenizer import ChatFormat, Message, Tokenizer
+from herd.tokenizer import ChatFormat, Message, Tokenizer, TokenizerLike
 
 
-def formatting_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """Header and termination tokens, masked out of the DPO log-probabilities."""
+def formatting_ids(tokenizer: TokenizerLike) -> frozenset[int]:
+    """Header and termination tokens, masked out of the DPO log-probabilities: Llama 3's header and
+    end tokens, or for other vocabularies every special token (ChatML's <|im_start|>, <|im_end|>...)."""
     t = tokenizer
-    return frozenset({t.bos_id, t.start_header_id, t.end_header_id, t.eot_id, t.eom_id, t.eos_id})
+    if isinstance(t, Tokenizer):
+        return frozenset({t.bos_id, t.start_header_id, t.end_header_id, t.eot_id, t.eom_id, t.eos_id})
+    return frozenset({*t.special_tokens.values(), t.bos_id, t.eos_id, *t.stop_tokens})
 
 
 @dataclass
@@ -301,8 +304,8 @@ def run_dpo(cfg: DPOConfig, *, log: Callable[[str], None] | None = print) -> dic
     from herd.model import load_model
     from herd.posttrain.sft import save_trained
 
-    policy, tok = load_for_training(cfg.model)
-    fmt = ChatFormat(tok, version="3.1")
+    loaded = load_for_training(cfg.model)
+    policy, fmt = loaded.model, loaded.chat
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a preference JSONL file")
     pairs = read_preference_jsonl(cfg.data.train)

@@ -114,14 +114,13 @@ def fit(
 
 
 def load_for_training(cfg: ModelConfig):
-    """(model, tokenizer) for a ModelConfig: the checkpoint in the requested dtype, in train mode."""
-    from herd.generate.session import resolve_tokenizer
-    from herd.model import load_model
+    """The checkpoint of a ModelConfig in the requested dtype, in train mode, with its tokenizer and
+    chat format (`LoadedModel`: `.model`, `.tokenizer`, `.chat`)."""
+    from herd.generate.loading import load_for_inference
 
     if not cfg.path:
-        raise ValueError("model.path is empty: give the checkpoint directory to start from")
+        raise ValueError("model.path is empty: give the checkpoint directory (or .gguf file) to start from")
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
-    model = load_model(cfg.path, dtype=_DTYPES[cfg.dtype], device=cfg.device)
-    tok = resolve_tokenizer(cfg.path, cfg.tokenizer or None, vocab_size=model.args.vocab_size)
-    return model.train(), tok
+    return load_for_inference(cfg.path, tokenizer=cfg.tokenizer or None, dtype=_DTYPES[cfg.dtype], device=cfg.device,
+                              train=True)

@@ -37,7 +37,6 @@ from herd.posttrain.config import PruneConfig
 from herd.posttrain.distill import cache_teacher_topk, chat_rows, load_teacher_topk, train_distill
 from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
 from herd.posttrain.loop import load_for_training
-from herd.tokenizer import ChatFormat
 
 
 @dataclass
@@ -204,10 +203,11 @@ def prune_model(
 
 def run_prune(cfg: PruneConfig, *, log: Callable[[str], None] | None = print) -> dict:
     """`herd prune`: score on calibration data, prune, optionally distil from the unpruned model, save."""
-    model, tok = load_for_training(cfg.model)
+    loaded = load_for_training(cfg.model)
+    model = loaded.model
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a chat JSONL file for calibration (and distillation)")
-    rows = chat_rows(ChatFormat(tok, version="3.1"), cfg.data.train, seq_len=cfg.data.seq_len)
+    rows = chat_rows(loaded.chat, cfg.data.train, seq_len=cfg.data.seq_len)
     n_cal = min(cfg.prune.calibration_batches, rows[0].shape[0])
     imp = activation_importance(model, rows[0][:n_cal], rows[2][:n_cal])
     p = cfg.prune

@@ -106,9 +106,10 @@ def run_rejection(cfg: RejectionConfig, *, log: Callable[[str], None] | None = p
     rs = cfg.rs
     if not rs.prompts or not rs.reward_model:
         raise ValueError("rs.prompts (chat JSONL) and rs.reward_model (a `herd rm` output directory) are required")
-    policy, tok = load_for_training(cfg.model)
+    loaded = load_for_training(cfg.model)
+    policy = loaded.model
     reward = load_reward_model(rs.reward_model, dtype=policy.tok_embeddings.weight.dtype, device=cfg.model.device)
-    fmt = ChatFormat(tok, version="3.1")
+    fmt = loaded.chat
     prompts = prompts_from_dialogs(read_chat_jsonl(rs.prompts, require_assistant=False))
     sampling = SamplingParams(temperature=rs.temperature, top_p=rs.top_p, seed=rs.seed)
     with torch.no_grad():

@@ -209,8 +209,8 @@ def load_reward_model(path: str | os.PathLike, *, dtype: torch.dtype | None = No
 
 def run_reward(cfg: RewardConfig, *, log: Callable[[str], None] | None = print) -> dict:
     """`herd rm`: train a reward model on preference JSONL; report held-out pair accuracy."""
-    backbone, tok = load_for_training(cfg.model)
-    fmt = ChatFormat(tok, version="3.1")
+    loaded = load_for_training(cfg.model)
+    backbone, fmt = loaded.model, loaded.chat
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a preference JSONL file")
     pairs = read_preference_jsonl(cfg.data.train)

@@ -179,8 +179,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = print) -> SFT
     """`herd sft`: read the chat JSONL, finetune, write the model (and adapters) to output.dir."""
     import random
 
-    model, tok = load_for_training(cfg.model)
-    fmt = ChatFormat(tok, version="3.1")
+    loaded = load_for_training(cfg.model)
+    model, fmt = loaded.model, loaded.chat
     if not cfg.data.train:
         raise ValueError("data.train is empty: give a chat JSONL file")
     dialogs = read_chat_jsonl(cfg.data.train)

@@ -31,7 +31,7 @@ from typing import Any
 
 from herd.generate import SamplingParams
 from herd.serve.engine import MAX_TOP_LOGPROBS, Choice
-from herd.tokenizer import ChatFormat, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
+from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
 
 MAX_STOP_STRINGS = 16
 
@@ -285,9 +285,19 @@ def tools_system_prompt(tools: Sequence[dict], instructions: str = "") -> str:
     return llama31_system_prompt(text)
 
 
-def chat_prompt(fmt: ChatFormat, request: ChatRequest) -> list[int]:
-    """Token ids of the dialog with an open assistant header; tools are folded into the system turn."""
+def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest) -> list[int]:
+    """Token ids of the dialog with an open assistant header. Llama 3's format folds tools into the
+    system turn; a checkpoint's own template receives them as its `tools` variable."""
+    if fmt is None:
+        raise APIError(400, "this model declares no chat template and its vocabulary is not Llama 3's, so it has "
+                       "no chat format; use /v1/completions with a plain prompt", param="messages")
     messages = list(request.messages)
+    if isinstance(fmt, ChatTemplate):
+        try:
+            return fmt.encode_dialog_prompt(messages, tools=request.tools or None).tokens
+        except ValueError as e:
+            raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
+                           param="messages") from e
     if request.tools:
         system = ""
         if messages and messages[0].role == "system":
@@ -302,7 +312,7 @@ def chat_prompt(fmt: ChatFormat, request: ChatRequest) -> list[int]:
 
 def completion_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=True, eos=False)
+        return tokenizer.encode(prompt, bos=tokenizer.add_bos, eos=False)
     if any(not 0 <= t < tokenizer.n_words for t in prompt):
         raise APIError(400, f"prompt token ids must be in 0..{tokenizer.n_words - 1}", param="prompt")
     return prompt
@@ -405,7 +415,7 @@ def completion_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0, of
 # ---- tool calls out ----------------------------------------------------------------------------------------
 
 
-def parse_tool_calls(fmt: ChatFormat, choice: Choice) -> list[dict[str, Any]]:
+def parse_tool_calls(fmt: ChatFormat | ChatTemplate, choice: Choice) -> list[dict[str, Any]]:
     """OpenAI `tool_calls` for a finished reply, or [] when it is plain text."""
     ids = choice.tokens + ([choice.stop_token] if choice.stop_token is not None else [])
     message = fmt.decode_assistant_message(ids)
@@ -419,7 +429,7 @@ def parse_tool_calls(fmt: ChatFormat, choice: Choice) -> list[dict[str, Any]]:
 def may_be_tool_call(tokenizer: Tokenizer, tokens: Sequence[int], special_ids: frozenset[int]) -> bool:
     """Whether a reply that starts with `tokens` could still turn out to be a tool call, so that a
     stream must hold its text back: it starts with <|python_tag|>, '{', '[' or '<' (after spaces)."""
-    if tokens and tokens[0] == tokenizer.python_tag_id:
+    if tokens and tokens[0] == getattr(tokenizer, "python_tag_id", None):
         return True
     text = tokenizer.decode([t for t in tokens if t not in special_ids]).lstrip()
     return not text or text[0] in "{[<"

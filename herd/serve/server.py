@@ -54,7 +54,7 @@ from herd.serve.protocol import (
     parse_tool_calls,
     usage,
 )
-from herd.tokenizer import ChatFormat, Tokenizer
+from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,10 @@ def _sse(obj: Any) -> str:
 
 class _State:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None,
-                 chat_version: str):
+                 chat: ChatFormat | ChatTemplate | str | None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.fmt = ChatFormat(tokenizer, version=chat_version)
+        # A str is a Llama 3 ChatFormat version; None: the model declares no chat format (completions only).
+        self.fmt = ChatFormat(tokenizer, version=chat) if isinstance(chat, str) else chat
         self.special_ids = frozenset(tokenizer.special_tokens.values())
         self.created = now()
         self.responses: Counter[int] = Counter()
@@ -238,9 +239,9 @@ def _endpoint(state: _State, fn: Callable[[HTTPRequest], Any]) -> Callable[[HTTP
 
 
 def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
-              chat_version: str = "3.1") -> Starlette:
+              chat: ChatFormat | ChatTemplate | str | None = "3.1") -> Starlette:
     """The ASGI app. The engine must be started (or stepped) by the caller, who also stops it."""
-    state = _State(engine, tokenizer, model_name=model_name, api_key=api_key, chat_version=chat_version)
+    state = _State(engine, tokenizer, model_name=model_name, api_key=api_key, chat=chat)
 
     async def health(request: HTTPRequest) -> Response:
         if not engine.running:
@@ -361,7 +362,7 @@ async def _chat_stream(state: _State, jobs: _Jobs, params: CommonParams) -> Asyn
             if out.mode == "undecided":
                 out.held += piece
                 if may_be_tool_call(state.tokenizer, c.tokens, state.special_ids):
-                    if out.held.strip() or c.tokens[0] == state.tokenizer.python_tag_id:
+                    if out.held.strip() or c.tokens[0] == getattr(state.tokenizer, "python_tag_id", None):
                         out.mode = "tool"
                     continue
                 out.mode, piece, out.held = "text", out.held, ""
@@ -500,11 +501,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    chat_version: str = "3.1",
+    chat: ChatFormat | ChatTemplate | str | None = "3.1",
     log_level: str = "info",
 ) -> None:
     """Start the engine and serve until interrupted (Ctrl-C); the engine is stopped on the way out."""
-    app = build_app(engine, tokenizer, model_name=model_name, api_key=api_key, chat_version=chat_version)
+    app = build_app(engine, tokenizer, model_name=model_name, api_key=api_key, chat=chat)
     engine.start()
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "tokenizer": set(),
     "kernels": set(),  # compiled CPU ops; used by quant (quantized linears) and generate (decode)
-    "generate": {"model", "tokenizer", "kernels"},
+    "generate": {"model", "tokenizer", "kernels", "quant"},  # quant: loading.py opens quantized dirs
     "quant": {"model", "kernels"},
     "parallel": {"model"},
     "data": {"tokenizer"},
