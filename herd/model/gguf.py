@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +40,12 @@ import numpy as np
 import torch
 
 from herd.model.args import ModelArgs, RopeScaling
-from herd.model.formats import CheckpointInfo, _expected_shapes, _materialize, _model_state
+from herd.model.formats import (
+    CheckpointInfo,
+    _expected_shapes,
+    _materialize,
+    _model_state,
+)
 from herd.model.keymap import _ffn_params_for
 from herd.model.llama import Transformer
 from herd.model.rope import rope_frequencies
@@ -534,8 +539,8 @@ def write_gguf(
     T = gguf.GGUFValueType
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
+    # A fresh name beside dst (not mkstemp, whose 0600 mode would stick to the final file).
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_type("model")
@@ -578,7 +583,7 @@ def write_gguf(
         w.close()
         os.replace(tmp, dst)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return dst
 
