@@ -22,8 +22,9 @@ bound is bandwidth / those bytes. Prefill is compute bound: (prefill FLOPs) / ma
 
 Engines: herd fp32 with its AVX2 GEMV kernel (`apply_cpu_kernels`), herd int8 and int4
 (`quantize`, group 64), HF transformers fp32, and with --llamacpp llama.cpp at F32, Q8_0 and
-Q4_0 on the *same* weights as herd, converted to GGUF with the `gguf` package (cached in
---gguf-dir). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
+Q4_0 on the *same* weights as herd, written by `herd.model.gguf.write_gguf` (cached in
+--gguf-dir; its Q4_0 keeps the tied embedding / output head at Q8_0, as llama.cpp's own 4-bit
+mixes keep that tensor at 6-8 bits). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
 compiles llama.cpp from source, which takes 20+ minutes on 2 cores.
 
 Quality cost: a random model has no meaningful perplexity, so each quantized engine is

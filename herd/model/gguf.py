@@ -177,8 +177,7 @@ def _torch_shape(tensor) -> tuple[int, ...]:
 
 
 def _f32(value: float) -> float:
-    """The shortest decimal that rounds to the same float32: GGUF stores float32, herd keeps
-    what the writer meant (1e-05, not 9.999999747378752e-06)."""
+    # GGUF stores float32; keep what the writer meant (1e-05, not 9.999999747378752e-06).
     return float(str(np.float32(value)))
 
 
@@ -204,11 +203,13 @@ def _args_from_metadata(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int,
             f"{source} is a mixture-of-experts model ({ARCH}.expert_count = {get('expert_count')}, e.g. Mixtral); "
             "herd implements dense Llama models only"
         )
-    scaling_type = get("rope.scaling.type", "none")
-    if scaling_type not in ("none", "linear") or (scaling_type == "linear" and get("rope.scaling.factor", 1.0) != 1.0):
+    # llama.cpp applies a linear position scale whenever a factor is present (type or not).
+    scaling_type = get("rope.scaling.type", "linear")
+    linear = get("rope.scale_linear", None) or get("rope.scaling.factor", None)
+    if scaling_type not in ("none", "linear") or linear not in (None, 0.0, 1.0):
         raise ValueError(
-            f"{source} uses {scaling_type!r} RoPE scaling (factor {get('rope.scaling.factor', None)}); herd implements "
-            "Llama 3.1's scaling only (the rope_freqs.weight tensor)"
+            f"{source} uses {scaling_type!r} RoPE scaling (factor {linear}); herd implements Llama 3.1's "
+            "scaling only (the rope_freqs.weight tensor)"
         )
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", dim // n_heads))  # llama.cpp's default
@@ -272,7 +273,7 @@ def _rope_scaling_from_divisors(divisors: np.ndarray, *, head_dim: int, theta: f
         return None
     freqs = rope_frequencies(head_dim, theta, None)
     target = freqs / d
-    factor = _f32(float(d.max()))
+    factor = float(f"{float(d.max()):.6g}")  # 8.000001 from float32 division is the 8 it was meant as
     tol = 1e-6 * factor
     unit, full = (d - 1).abs() <= 1e-6, (d - factor).abs() <= tol
     band = ~(unit | full)
@@ -345,16 +346,11 @@ def _dequantize(tensor, source: Path) -> torch.Tensor:
             f"{source}: tensor {tensor.name} has type {kind.name}, which the installed gguf package cannot "
             "dequantize; upgrade gguf, or re-quantize the file (e.g. Q8_0 or Q4_K_M)"
         ) from e
-    if values.dtype != np.float32:  # integer types "dequantize" to themselves; they are not weights
-        raise ValueError(f"{source}: tensor {tensor.name} has type {kind.name}; weights must be float or quantized")
     return torch.from_numpy(values)
 
 
 def _scan(path: str | os.PathLike, *, writable: bool, summarize_arrays: bool = False):
-    """Open, read the metadata and shapes, derive ModelArgs and check every shape.
-
-    Of the tensor data only the small rope_freqs is read.
-    """
+    """Open, read metadata and shapes, derive ModelArgs, check shapes; of the data only rope_freqs is read."""
     source = Path(path)
     reader = _open(source, writable=writable)
     meta = _metadata(reader, summarize_arrays=summarize_arrays)
@@ -424,16 +420,8 @@ def describe_gguf(path: str | os.PathLike) -> CheckpointInfo:
     meta, tensors, args = _scan(source, writable=False, summarize_arrays=True)
     counts = Counter(t.tensor_type.name for t in tensors.values())
     summary = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return CheckpointInfo(
-        path=source,
-        format="gguf",
-        args=args,
-        config=meta,
-        files=(source.name,),
-        dtype=summary,
-        num_params=args.num_params(),
-        bytes_on_disk=source.stat().st_size,
-    )
+    return CheckpointInfo(path=source, format="gguf", args=args, config=meta, files=(source.name,), dtype=summary,
+                          num_params=args.num_params(), bytes_on_disk=source.stat().st_size)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -536,57 +524,67 @@ def write_gguf(
     args, sd = _model_state(model)
     tokenizer = _check_tokenizer_metadata(tokenizer_metadata or {}, args.vocab_size)
     gguf = _gguf()
-    T = gguf.GGUFValueType
+    Q = gguf.GGMLQuantizationType
+    tensors: dict[str, tuple[Any, torch.Tensor]] = {}  # GGUF name -> (GGML type, float tensor), file order
+    if args.rope_scaling is not None:
+        # llama.cpp divides each pair's angle by its entry: unscaled / scaled frequency.
+        unscaled = rope_frequencies(args.head_dim, args.rope_theta, None)
+        tensors[_ROPE_FREQS] = (Q.F32, unscaled / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling))
+    for key, t in sd.items():
+        if not (key == "output.weight" and args.tie_embeddings):  # llama.cpp reuses token_embd then
+            tensors[gguf_name(key)] = (Q[_tensor_type(key, t, args, qtype)], t)
+
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name beside dst (not mkstemp, whose 0600 mode would stick to the final file).
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")
+    w = gguf.GGUFWriter(tmp, ARCH)
     try:
-        w = gguf.GGUFWriter(tmp, ARCH)
-        w.add_type("model")
-        if name is not None:
-            w.add_name(name)
-        w.add_file_type(_FILE_TYPES[qtype])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(args.max_seq_len)
-        w.add_embedding_length(args.dim)
-        w.add_block_count(args.n_layers)
-        w.add_feed_forward_length(args.ffn_hidden_dim)
-        w.add_head_count(args.n_heads)
-        w.add_head_count_kv(args.n_kv_heads)
-        w.add_key_length(args.head_dim)
-        w.add_value_length(args.head_dim)
-        w.add_rope_dimension_count(args.head_dim)
-        w.add_rope_freq_base(args.rope_theta)
-        w.add_layer_norm_rms_eps(args.norm_eps)
-        w.add_vocab_size(args.vocab_size)
-        kinds = {"str": (T.STRING, None), "bool": (T.BOOL, None), "id": (T.UINT32, None),
-                 "str[]": (T.ARRAY, T.STRING), "int32[]": (T.ARRAY, T.INT32), "float32[]": (T.ARRAY, T.FLOAT32)}
-        for key, value, kind in tokenizer:
-            vtype, sub = kinds[kind]
-            w.add_key_value(key, value, vtype, sub_type=sub)
-        if args.rope_scaling is not None:
-            # llama.cpp divides each pair's angle by its entry: unscaled / scaled frequency.
-            unscaled = rope_frequencies(args.head_dim, args.rope_theta, None)
-            scaled = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
-            w.add_tensor(_ROPE_FREQS, (unscaled / scaled).numpy())
-        for key, t in sd.items():
-            if key == "output.weight" and args.tie_embeddings:
-                continue  # llama.cpp reuses token_embd when output.weight is absent
-            kind = _tensor_type(key, t, args, qtype)
-            x = t.detach().float().contiguous().numpy()
-            qt = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(gguf_name(key), gguf.quants.quantize(x, qt), raw_dtype=qt)
+        _add_metadata(w, args, qtype=qtype, tokenizer=tokenizer, name=name)
+        # Declare every tensor first, then quantize and write one at a time, so memory holds
+        # one tensor's blocks rather than the whole file's (what GGUFWriter.add_tensor would do).
+        for gname, (kind, t) in tensors.items():
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), t.numel() // block * size, raw_dtype=kind)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for kind, t in tensors.values():
+            w.write_tensor_data(gguf.quants.quantize(t.detach().float().contiguous().numpy(), kind))
         w.close()
         os.replace(tmp, dst)
     except BaseException:
+        w.close()
         tmp.unlink(missing_ok=True)
         raise
     return dst
 
+
+def _add_metadata(w, args: ModelArgs, *, qtype: str, tokenizer: list[tuple[str, Any, str]], name: str | None) -> None:
+    gguf = _gguf()
+    T = gguf.GGUFValueType
+    w.add_type("model")
+    if name is not None:
+        w.add_name(name)
+    w.add_file_type(_FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_key_length(args.head_dim)
+    w.add_value_length(args.head_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_vocab_size(args.vocab_size)
+    kinds = {"str": (T.STRING, None), "bool": (T.BOOL, None), "id": (T.UINT32, None),
+             "str[]": (T.ARRAY, T.STRING), "int32[]": (T.ARRAY, T.INT32), "float32[]": (T.ARRAY, T.FLOAT32)}
+    for key, value, kind in tokenizer:
+        vtype, sub = kinds[kind]
+        w.add_key_value(key, value, vtype, sub_type=sub)
 
 __all__ = [
     "GGUFCheckpoint",

@@ -484,13 +484,14 @@ def test_valid_raw_file_loads(tmp_path):
     (dict(kv={"feed_forward_length": 96}), r"blk.0.ffn_gate.weight has shape \(64, 32\)"),
     (dict(kv={"vocab_size": 17}), "vocab_size = 17"),
     (dict(kv={"rope.scaling.type": "yarn"}), "'yarn' RoPE scaling"),
+    (dict(kv={"rope.scaling.factor": 4.0}), r"'linear' RoPE scaling \(factor 4.0\)"),
     (dict(kv={"rope.dimension_count": 8}), "rotary dimensions"),
     (dict(drop=("blk.0.ffn_up.weight",)), "lacks 1 tensor"),
     (dict(drop=("attention.layer_norm_rms_epsilon",)), "no llama.attention.layer_norm_rms_epsilon"),
     (dict(tensors={"blk.0.ffn_gate_inp.weight": np.zeros((4, 32), np.float32)}), "does not have"),
     (dict(tensors={"blk.0.attn_q.weight": np.zeros((32, 32), np.int32)}), "type I32"),
     (dict(tensors={"rope_freqs.weight": np.array([1, 5, 2, 9, 1, 1, 1, 1], np.float32)}), "RoPE scaling rule"),
-], ids=["arch", "moe", "ffn-shape", "vocab", "yarn", "partial-rotary", "missing", "no-eps", "unknown", "int",
+], ids=["arch", "moe", "ffn-shape", "vocab", "yarn", "linear", "partial-rotary", "missing", "no-eps", "unknown", "int",
         "rope-freqs"])
 def test_bad_files_get_clear_errors(tmp_path, kwargs, match):
     path = _write_raw(tmp_path / "m.gguf", **kwargs)
