@@ -22,8 +22,9 @@ bound is bandwidth / those bytes. Prefill is compute bound: (prefill FLOPs) / ma
 
 Engines: herd fp32 with its AVX2 GEMV kernel (`apply_cpu_kernels`), herd int8 and int4
 (`quantize`, group 64), HF transformers fp32, and with --llamacpp llama.cpp at F32, Q8_0 and
-Q4_0 on the *same* weights as herd, converted to GGUF with the `gguf` package (cached in
---gguf-dir). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
+Q4_0 on the *same* weights as herd, written by `herd.model.gguf.write_gguf` (cached in
+--gguf-dir; its Q4_0 keeps the tied embedding / output head at Q8_0, as llama.cpp's own 4-bit
+mixes keep that tensor at 6-8 bits). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
 compiles llama.cpp from source, which takes 20+ minutes on 2 cores.
 
 Quality cost: a random model has no meaningful perplexity, so each quantized engine is
@@ -48,7 +49,6 @@ import gc
 import hashlib
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from herd.generate import KVCache, SamplingParams, generate
 from herd.generate.generate import decode_step, generate_tokens, prefill
 from herd.model import ModelArgs, build_model
-from herd.model.rope import precompute_freqs_cis
+from herd.model.gguf import write_gguf
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize
 from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
 
@@ -149,89 +149,25 @@ def ensure_llamacpp() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
 
 
-def _llama3_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, token types and merges of the Llama 3 tokenizer, from the HF tokenizer.json that
-    ships with herd's demo extra; llama.cpp refuses a GGUF without a vocabulary."""
-    import gguf
-
+def _llama3_vocab(vocab_size: int) -> dict:
+    """GGUF tokenizer metadata of the Llama 3 tokenizer, from the HF tokenizer.json that ships with
+    herd's demo extra; llama.cpp refuses a GGUF without a vocabulary. (Until herd.tokenizer builds
+    this metadata itself.)"""
     from herd.tokenizer import llama3_tokenizer_path
 
     data = json.loads((Path(llama3_tokenizer_path()).parent / "tokenizer.json").read_text())
     tokens = [""] * vocab_size
-    types = [gguf.TokenType.NORMAL] * vocab_size
+    types = [1] * vocab_size  # llama.cpp's token types: 1 normal, 3 control
     for piece, i in data["model"]["vocab"].items():
         tokens[i] = piece
     for added in data["added_tokens"]:
         if added["id"] < vocab_size:
             tokens[added["id"]] = added["content"]
-            types[added["id"]] = gguf.TokenType.CONTROL
+            types[added["id"]] = 3
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    return tokens, [int(t) for t in types], merges
-
-
-def write_gguf(model, path: Path, qtype: str) -> None:
-    """The herd model's weights as a llama.cpp GGUF file; 2-D matmul weights in `qtype`.
-
-    herd's q/k rows are already in Meta's interleaved-pair order, which is what llama.cpp's
-    LLaMA RoPE expects (its HF converter undoes HF's permutation to get there). The 3.1 RoPE
-    scaling becomes `rope_freqs`, the per-frequency divisors llama.cpp applies.
-    """
-    import gguf
-    import numpy as np
-
-    a = model.args
-    assert a.tie_embeddings, "the benchmark model is the tied 3.2-1B shape"
-    qt = getattr(gguf.GGMLQuantizationType, qtype)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(a.max_seq_len)
-    w.add_embedding_length(a.dim)
-    w.add_block_count(a.n_layers)
-    w.add_feed_forward_length(a.ffn_hidden_dim)
-    w.add_head_count(a.n_heads)
-    w.add_head_count_kv(a.n_kv_heads)
-    w.add_rope_dimension_count(a.head_dim)
-    w.add_key_length(a.head_dim)
-    w.add_value_length(a.head_dim)
-    w.add_rope_freq_base(a.rope_theta)
-    w.add_layer_norm_rms_eps(a.norm_eps)
-    w.add_vocab_size(a.vocab_size)
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
-    tokens, types, merges = _llama3_vocab(a.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(128000)
-    w.add_eos_token_id(128001)
-
-    # Scaled frequencies / unscaled ones, per pair: llama.cpp divides each angle by this factor.
-    unscaled = precompute_freqs_cis(a.head_dim, 2, a.rope_theta, None).angle()[1]
-    scaled = precompute_freqs_cis(a.head_dim, 2, a.rope_theta, a.rope_scaling).angle()[1]
-    w.add_tensor("rope_freqs.weight", (unscaled / scaled).float().numpy())
-
-    def add(name: str, t: torch.Tensor) -> None:
-        x = t.detach().float().contiguous().numpy()
-        if x.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
-        else:
-            w.add_tensor(name, x.astype(np.float32))
-
-    add("token_embd.weight", model.tok_embeddings.weight)  # tied: also the output head
-    add("output_norm.weight", model.norm.weight)
-    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-             "feed_forward.w3": "ffn_up"}
-    for i, layer in model.layers.items():
-        add(f"blk.{i}.attn_norm.weight", layer.attention_norm.weight)
-        add(f"blk.{i}.ffn_norm.weight", layer.ffn_norm.weight)
-        for src, dst in names.items():
-            add(f"blk.{i}.{dst}.weight", layer.get_submodule(src).weight)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": 128000, "tokenizer.ggml.eos_token_id": 128001}
 
 
 def gguf_matmul_bytes(path: Path) -> int:
@@ -246,16 +182,13 @@ def llamacpp_models(model, gguf_dir: Path, n_ctx: int, threads: int) -> dict[str
     from llama_cpp import Llama
 
     a = model.args
-    tag = hashlib.sha256(repr((a, "seed0")).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(repr((a, "seed0", "herd.model.gguf")).encode()).hexdigest()[:10]
     out = {}
     for qtype in LLAMACPP_TYPES:
         path = gguf_dir / f"bench-{tag}-{qtype}.gguf"
-        if not path.is_file():
-            gguf_dir.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():  # herd's GGUF writer; at Q4_0 the tied embedding / output head is Q8_0
             print(f"writing {path} ...", flush=True)
-            tmp = path.with_suffix(".tmp")
-            write_gguf(model, tmp, qtype)
-            os.replace(tmp, path)
+            write_gguf(model, path, qtype=qtype, tokenizer_metadata=_llama3_vocab(a.vocab_size))
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                     logits_all=True, verbose=False)
         out[qtype] = (llm, gguf_matmul_bytes(path))

@@ -60,7 +60,8 @@ def cmd_info(opts) -> None:
         f"high {a.rope_scaling.high_freq_factor:g}, original {a.rope_scaling.original_max_seq_len})")
     rows = [
         ("path", str(info.path)),
-        ("format", {"hf": "Hugging Face safetensors", "meta": "Meta consolidated.*.pth"}[info.format]),
+        ("format", {"hf": "Hugging Face safetensors", "meta": "Meta consolidated.*.pth",
+                    "gguf": "GGUF (llama.cpp)"}[info.format]),
         ("files", ", ".join(info.files)),
         ("dtype", info.dtype),
         ("parameters", f"{info.num_params:,} ({info.num_params / 1e9:.3f} B)"),

@@ -230,11 +230,15 @@ def load_model(
     device: torch.device | str = "cpu",
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Load an HF (safetensors) or Meta (consolidated.NN.pth) checkpoint directory.
+    """Load an HF (safetensors) or Meta (consolidated.NN.pth) checkpoint directory, or a .gguf file.
 
-    dtype=None keeps the checkpoint's dtype (that of the embedding). max_seq_len overrides the
-    length the RoPE table covers (131072 for 3.1/3.2, which costs ~64 MiB for head_dim 128).
+    dtype=None keeps the checkpoint's dtype (that of the embedding; float32 for a quantized GGUF).
+    max_seq_len overrides the length the RoPE table covers (131072 for 3.1/3.2, which costs ~64 MiB
+    for head_dim 128).
     """
+    if Path(path).is_file():  # a single file can only be GGUF; gguf.py checks its magic
+        from herd.model.gguf import load_gguf
+        return load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
     loc = _locate(path)
     if loc.format == "hf":
         config = _read_json(loc.config_file)
@@ -455,17 +459,20 @@ class CheckpointInfo:
     """What `herd info PATH` prints; read from headers and configs without loading the weights."""
 
     path: Path
-    format: Format
+    format: Literal["hf", "meta", "gguf"]
     args: ModelArgs
-    config: dict[str, Any]  # config.json or params.json as stored
+    config: dict[str, Any]  # config.json or params.json as stored; a GGUF's metadata (long arrays summarized)
     files: tuple[str, ...]  # weight files, relative to path
-    dtype: str  # dtype of the token embedding, e.g. "bfloat16"
+    dtype: str  # dtype of the token embedding, e.g. "bfloat16"; GGUF: tensor types, "Q4_1 (210), F32 (61)"
     num_params: int  # unique parameters (a tied output head counted once)
     bytes_on_disk: int  # weight files + config (+ index)
 
 
 def describe(path: str | os.PathLike) -> CheckpointInfo:
-    """Format, config, dtype and size of a checkpoint directory."""
+    """Format, config, dtype and size of a checkpoint directory or a .gguf file."""
+    if Path(path).is_file():
+        from herd.model.gguf import describe_gguf
+        return describe_gguf(path)
     loc = _locate(path)
     config = _read_json(loc.config_file)
     if loc.format == "hf":

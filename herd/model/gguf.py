@@ -1,0 +1,599 @@
+"""GGUF files (llama.cpp's format) of architecture `llama`: read into herd, written from herd.
+
+Design trade-off: reading dequantizes every tensor to float with the `gguf` package (llama.cpp's
+own Python code), so a GGUF file becomes the one float `Transformer` like any other checkpoint
+and shares its checks. A 4-bit file therefore grows about eight times once loaded; F32, F16
+and BF16 tensors stay views of the memory-mapped file. Reusing quantized blocks without loss
+belongs to `herd.quant`, which `model/` may not import, so this module only hands out the raw
+blocks (`gguf_raw_tensors`).
+
+Facts the code relies on (llama.cpp's `convert_hf_to_gguf.py`, class LlamaModel, and
+transformers' GGUF loader `modeling_gguf_pytorch_utils.py`):
+* q/k rows: the converter undoes HF's rotate_half permutation, so GGUF stores Meta's
+  interleaved pairs, which is herd's own order; nothing is permuted either way (transformers
+  re-applies HF's permutation when it reads a GGUF).
+* Llama 3.1 RoPE scaling is not in the metadata: the converter writes `rope_freqs.weight`, one
+  divisor per frequency pair (1 for short wavelengths, `factor` for long ones, a blend between)
+  and llama.cpp divides the rotation angles by it. herd recovers a `RopeScaling` from those
+  divisors and keeps it only if it reproduces them. (transformers ignores the tensor.)
+* A tied output head is a missing `output.weight`; llama.cpp then reuses `token_embd`.
+* Writing follows the converter at F32 / F16 / Q8_0 (every matrix, embedding included, in the
+  file's type; norms and `rope_freqs` in F32) and `llama-quantize` at Q4_0, which keeps the
+  output head (the embedding when tied) at more bits: Q6_K there, Q8_0 here because the `gguf`
+  package cannot write K-quants (Q8_0 is also llama.cpp's own fallback for that tensor).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from herd.model.args import ModelArgs, RopeScaling
+from herd.model.formats import (
+    CheckpointInfo,
+    _expected_shapes,
+    _materialize,
+    _model_state,
+)
+from herd.model.keymap import _ffn_params_for
+from herd.model.llama import Transformer
+from herd.model.rope import rope_frequencies
+
+ARCH = "llama"
+_MAGIC = b"GGUF"
+_ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_ORIGINAL_CONTEXT = 8192  # what llama.cpp's converter assumes when computing rope_freqs
+
+# GGUF tensor name -> herd/Meta name; "{}" is the block (layer) index.
+_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+}
+_NAMES_INV = {herd: g for g, herd in _NAMES.items()}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.")
+_HERD_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _rename(name: str, pattern: re.Pattern[str], prefix: str, table: Mapping[str, str]) -> str | None:
+    m = pattern.match(name)
+    template = f"{prefix}.{{}}.{name[m.end():]}" if m else name
+    out = table.get(template)
+    return None if out is None else (out.format(m.group(1)) if m else out)
+
+
+def herd_name(gguf_name: str) -> str | None:
+    """herd/Meta parameter name of a GGUF tensor name, or None for a tensor herd does not know."""
+    return _rename(gguf_name, _GGUF_BLOCK, "blk", _NAMES)
+
+
+def gguf_name(herd_key: str) -> str:
+    """GGUF tensor name of a herd/Meta parameter name."""
+    out = _rename(herd_key, _HERD_LAYER, "layers", _NAMES_INV)
+    if out is None:
+        raise ValueError(f"{herd_key!r} is not a Llama parameter name (expected e.g. 'layers.0.attention.wq.weight')")
+    return out
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF files need the `gguf` package (llama.cpp's own): pip install 'herd[models]'") from e
+    return gguf
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    """A GGUF file read into herd's terms.
+
+    state_dict: herd/Meta names, float tensors (quantized types dequantized to float32; F32,
+        F16 and BF16 as stored, sharing the file's memory map). A tied head has no entry.
+    tensor_types: herd name -> GGML type name as stored ("Q4_1", "F32", ...).
+    metadata: the file's key-value fields as plain Python values (header fields left out).
+    """
+
+    path: Path
+    args: ModelArgs
+    state_dict: dict[str, torch.Tensor]
+    tensor_types: dict[str, str]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's blocks exactly as stored, for lossless requantization.
+
+    type: GGML type name; shape: (rows, cols) in torch order, counted in elements;
+    data: uint8 array of the raw bytes, one row of blocks per tensor row (read-only memory map).
+    """
+
+    type: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+def _open(path: str | os.PathLike, *, writable: bool = False):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the .gguf file itself")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _MAGIC:
+        raise ValueError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}); herd loads .gguf files and "
+            "HF or Meta checkpoint directories"
+        )
+    gguf = _gguf()
+    try:
+        # "c" (copy-on-write) gives writable arrays, so torch can share them without a copy or a
+        # warning, while the file itself is never modified.
+        return gguf.GGUFReader(path, "c" if writable else "r")
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+
+
+def _metadata(reader, *, summarize_arrays: bool = False) -> dict[str, Any]:
+    gguf = _gguf()
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # version and counts: the container, not the model
+            continue
+        if summarize_arrays and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > 16:
+            out[key] = f"<{len(field.data)} x {field.types[-1].name.lower()}>"
+        else:
+            out[key] = field.contents()
+    return out
+
+
+def _torch_shape(tensor) -> tuple[int, ...]:
+    # GGUF lists dimensions innermost first; torch lists them outermost first.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _f32(value: float) -> float:
+    # GGUF stores float32; keep what the writer meant (1e-05, not 9.999999747378752e-06).
+    return float(str(np.float32(value)))
+
+
+def _args_from_metadata(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                        divisors: np.ndarray | None, source: Path) -> ModelArgs:
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise ValueError(
+            f"{source} has architecture {arch!r}; herd reads only {ARCH!r} GGUF files (Llama 1/2/3 and models "
+            "built the same way)"
+        )
+
+    def get(key: str, default: Any = ...) -> Any:
+        value = meta.get(f"{ARCH}.{key}", default)
+        if value is ...:
+            raise ValueError(f"{source} has no {ARCH}.{key} in its metadata; the file is incomplete")
+        if isinstance(value, list):
+            raise ValueError(f"{source}: {ARCH}.{key} has one value per layer; herd needs the same value in every layer")
+        return value
+
+    if get("expert_count", 0):
+        raise ValueError(
+            f"{source} is a mixture-of-experts model ({ARCH}.expert_count = {get('expert_count')}, e.g. Mixtral); "
+            "herd implements dense Llama models only"
+        )
+    # llama.cpp applies a linear position scale whenever a factor is present (type or not).
+    scaling_type = get("rope.scaling.type", "linear")
+    linear = get("rope.scale_linear", None) or get("rope.scaling.factor", None)
+    if scaling_type not in ("none", "linear") or linear not in (None, 0.0, 1.0):
+        raise ValueError(
+            f"{source} uses {scaling_type!r} RoPE scaling (factor {linear}); herd implements Llama 3.1's "
+            "scaling only (the rope_freqs.weight tensor)"
+        )
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", dim // n_heads))  # llama.cpp's default
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if int(get(key, head_dim)) != head_dim:
+            raise ValueError(
+                f"{source}: {ARCH}.{key} = {get(key)} differs from the key length {head_dim}; herd needs equal "
+                "key, value and rotary dimensions"
+            )
+    emb = shapes.get("token_embd.weight")
+    if emb is None or len(emb) != 2:
+        raise ValueError(f"{source} has no 2-D token_embd.weight tensor")
+    vocab_size = int(get("vocab_size", emb[0]))
+    if vocab_size != emb[0]:
+        raise ValueError(f"{source}: {ARCH}.vocab_size = {vocab_size} but token_embd.weight has {emb[0]} rows")
+    theta = _f32(get("rope.freq_base", 10000.0))  # llama.cpp's default when the key is absent
+    context = int(get("context_length"))
+    try:
+        multiple_of, multiplier = _ffn_params_for(dim, int(get("feed_forward_length")))
+        scaling = None
+        if divisors is not None:
+            scaling = _rope_scaling_from_divisors(divisors, head_dim=head_dim, theta=theta, source=source,
+                                                  original=get("rope.scaling.original_context_length", None))
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            vocab_size=vocab_size,
+            multiple_of=multiple_of,
+            ffn_dim_multiplier=multiplier,
+            norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=context,
+            tie_embeddings="output.weight" not in shapes,
+            head_dim_override=head_dim if head_dim * n_heads != dim else None,
+        )
+    except ValueError as e:
+        if str(e).startswith(str(source)):
+            raise
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _rope_scaling_from_divisors(divisors: np.ndarray, *, head_dim: int, theta: float, source: Path,
+                                original: int | None) -> RopeScaling | None:
+    """The `RopeScaling` whose frequencies equal llama.cpp's (unscaled / divisor), or an error.
+
+    The rule only sees original_max_seq_len / {low, high}_freq_factor, so one of the three is
+    free. Llama 3.1/3.2 use low 1 and high 4: try those first and solve for the context length
+    (from the blended pairs, or any length that sorts the unblended ones right), then, with the
+    context length fixed, fit low and high to the blended pairs.
+    """
+    d = torch.from_numpy(np.asarray(divisors, dtype=np.float32).copy())
+    if d.shape != (head_dim // 2,) or not torch.isfinite(d).all() or (d <= 0).any():
+        raise ValueError(
+            f"{source}: {_ROPE_FREQS} has shape {tuple(d.shape)} (needs ({head_dim // 2},) positive finite values, "
+            "one per rotary pair)"
+        )
+    if torch.allclose(d, torch.ones_like(d), rtol=0, atol=1e-6):
+        return None
+    freqs = rope_frequencies(head_dim, theta, None)
+    target = freqs / d
+    factor = float(f"{float(d.max()):.6g}")  # 8.000001 from float32 division is the 8 it was meant as
+    tol = 1e-6 * factor
+    unit, full = (d - 1).abs() <= 1e-6, (d - factor).abs() <= tol
+    band = ~(unit | full)
+    smooth = (1 / d[band].double() - 1 / factor) / (1 - 1 / factor)  # 0 at the long end, 1 at the short end
+    f = freqs.double()
+    default = int(original or _LLAMA3_ORIGINAL_CONTEXT)
+
+    def fits(scaling: RopeScaling) -> bool:
+        return torch.allclose(rope_frequencies(head_dim, theta, scaling), target, rtol=1e-5, atol=0)
+
+    candidates: list[tuple[float, float, int]] = []
+    if band.any():  # x = original * f / (2 pi) = low + smooth * (high - low), with low 1, high 4
+        estimates = 2 * math.pi * (1 + 3 * smooth) / f[band]
+        candidates.append((1.0, 4.0, round(float(estimates.median()))))
+    else:  # any length with x > 4 on the unscaled pairs and x < 1 on the scaled ones fits
+        lo = float(8 * math.pi / f[unit].min()) if unit.any() else 0.0
+        hi = float(2 * math.pi / f[full].max()) if full.any() else math.inf
+        choices = [default] + [2 ** k for k in range(64)] + [math.floor(lo) + 1]
+        candidates += [(1.0, 4.0, c) for c in choices if lo < c < hi][:1]
+    if int(band.sum()) >= 2:  # general low / high at the given (or converter's) context length
+        x = f[band] * default / (2 * math.pi)
+        slope, low = np.polyfit(smooth.numpy(), x.numpy(), 1)
+        candidates.append((float(f"{low:.6g}"), float(f"{low + slope:.6g}"), default))
+    for low, high, orig in candidates:
+        try:
+            scaling = RopeScaling(factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_seq_len=orig)
+        except ValueError:
+            continue
+        if fits(scaling):
+            return scaling
+    raise ValueError(
+        f"{source}: {_ROPE_FREQS} does not follow Llama 3.1's RoPE scaling rule (divisor 1 for short "
+        "wavelengths, one constant factor for long ones, a linear blend in between), so herd cannot "
+        f"reproduce it; divisors: {[round(float(v), 4) for v in d]}"
+    )
+
+
+def _check_shapes(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
+    expected = {gguf_name(k): tuple(s) for k, s in _expected_shapes(args).items()
+                if not (k == "output.weight" and args.tie_embeddings)}
+    unknown = sorted(n for n in shapes if n not in expected and n != _ROPE_FREQS)
+    if unknown:
+        raise ValueError(
+            f"{source} holds tensors a Llama model does not have: {', '.join(unknown[:5])}; it is not a plain "
+            "Llama model, or its llama.block_count is wrong"
+        )
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} tensor(s) of a Llama model: {', '.join(missing[:5])}")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"{source}: {name} has shape {shapes[name]} but the metadata (llama.embedding_length, "
+                f"feed_forward_length, attention.head_count*, vocab_size) implies {shape}"
+            )
+
+
+def _dequantize(tensor, source: Path) -> torch.Tensor:
+    gguf = _gguf()
+    kind = tensor.tensor_type
+    Q = gguf.GGMLQuantizationType
+    if kind in (Q.F32, Q.F16):  # already (rows, cols) of the right dtype: share the memory map
+        return torch.from_numpy(tensor.data)
+    if kind == Q.BF16:  # stored as bytes; reinterpret pairs of them as bfloat16
+        return torch.from_numpy(tensor.data).view(torch.bfloat16)
+    try:
+        values = gguf.quants.dequantize(tensor.data, kind)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{source}: tensor {tensor.name} has type {kind.name}, which the installed gguf package cannot "
+            "dequantize; upgrade gguf, or re-quantize the file (e.g. Q8_0 or Q4_K_M)"
+        ) from e
+    return torch.from_numpy(values)
+
+
+def _scan(path: str | os.PathLike, *, writable: bool, summarize_arrays: bool = False):
+    """Open, read metadata and shapes, derive ModelArgs, check shapes; of the data only rope_freqs is read."""
+    source = Path(path)
+    reader = _open(source, writable=writable)
+    meta = _metadata(reader, summarize_arrays=summarize_arrays)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: _torch_shape(t) for name, t in tensors.items()}
+    divisors = None
+    if _ROPE_FREQS in tensors:
+        freqs = tensors[_ROPE_FREQS]
+        divisors = np.array(_gguf().quants.dequantize(freqs.data, freqs.tensor_type), dtype=np.float32).reshape(-1)
+    args = _args_from_metadata(meta, shapes, divisors, source)
+    _check_shapes(args, shapes, source)
+    return meta, tensors, args
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read a llama-architecture GGUF file: ModelArgs from its metadata, weights dequantized to float."""
+    source = Path(path)
+    meta, tensors, args = _scan(source, writable=True)
+    sd: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for name, t in tensors.items():
+        key = herd_name(name)
+        if key is None:  # rope_freqs: already folded into args.rope_scaling
+            continue
+        sd[key] = _dequantize(t, source)
+        types[key] = t.tensor_type.name
+    return GGUFCheckpoint(path=source, args=args, state_dict=sd, tensor_types=types, metadata=meta)
+
+
+def gguf_raw_tensors(path: str | os.PathLike) -> dict[str, RawTensor]:
+    """Every weight's stored blocks, keyed by herd name, without dequantizing.
+
+    GGUF's q/k rows are already in herd's (Meta's) order, so no rows need permuting. A tied
+    head has no `output.weight` entry. The arrays are read-only views of the memory-mapped file.
+    """
+    source = Path(path)
+    _, tensors, _ = _scan(source, writable=False)
+    out: dict[str, RawTensor] = {}
+    for name, t in tensors.items():
+        key = herd_name(name)
+        if key is not None:
+            data = t.data if t.data.dtype == np.uint8 else t.data.view(np.uint8)
+            out[key] = RawTensor(type=t.tensor_type.name, shape=_torch_shape(t), data=data)
+    return out
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_seq_len: int | None = None,
+) -> Transformer:
+    """A herd Transformer from a GGUF file (what `load_model` does for a .gguf path).
+
+    dtype=None keeps the embedding's stored float type: float32 for F32 and for every quantized
+    type (they are dequantized to float32), float16 / bfloat16 for F16 / BF16.
+    """
+    ckpt = read_gguf(path)
+    args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
+    return _materialize(args, ckpt.state_dict, dtype=dtype, device=device, source=ckpt.path)
+
+
+def describe_gguf(path: str | os.PathLike) -> CheckpointInfo:
+    """What `herd info file.gguf` prints: args, tensor types, size; no tensor is dequantized."""
+    source = Path(path)
+    meta, tensors, args = _scan(source, writable=False, summarize_arrays=True)
+    counts = Counter(t.tensor_type.name for t in tensors.values())
+    summary = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return CheckpointInfo(path=source, format="gguf", args=args, config=meta, files=(source.name,), dtype=summary,
+                          num_params=args.num_params(), bytes_on_disk=source.stat().st_size)
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+# qtype -> general.file_type (llama.cpp's LlamaFileType numbers)
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}
+
+# The tokenizer keys a writer accepts and their GGUF value types. llama.cpp reads each with
+# one exact type (token_type must be an int32 array, ids uint32, flags bool), so nothing is
+# inferred from the Python value.
+_TOKENIZER_KEYS: dict[str, str] = {
+    "tokenizer.ggml.model": "str",
+    "tokenizer.ggml.pre": "str",
+    "tokenizer.ggml.tokens": "str[]",
+    "tokenizer.ggml.token_type": "int32[]",
+    "tokenizer.ggml.scores": "float32[]",
+    "tokenizer.ggml.merges": "str[]",
+    "tokenizer.ggml.bos_token_id": "id",
+    "tokenizer.ggml.eos_token_id": "id",
+    "tokenizer.ggml.eot_token_id": "id",
+    "tokenizer.ggml.eom_token_id": "id",
+    "tokenizer.ggml.padding_token_id": "id",
+    "tokenizer.ggml.unknown_token_id": "id",
+    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_eos_token": "bool",
+    "tokenizer.ggml.add_space_prefix": "bool",
+    "tokenizer.chat_template": "str",
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _check_tokenizer_metadata(meta: Mapping[str, Any], vocab_size: int) -> list[tuple[str, Any, str]]:
+    """Validated (key, value, kind) triples; ValueError naming the first bad entry."""
+    unknown = sorted(set(meta) - set(_TOKENIZER_KEYS))
+    if unknown:
+        raise ValueError(f"tokenizer_metadata has unknown keys {', '.join(unknown)}; allowed: {', '.join(_TOKENIZER_KEYS)}")
+    out = []
+    for key, value in meta.items():
+        kind = _TOKENIZER_KEYS[key]
+        if kind.endswith("[]"):
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"tokenizer_metadata[{key!r}] must be a non-empty list, got {type(value).__name__}")
+            item_ok = {"str[]": lambda v: isinstance(v, str),
+                       "int32[]": lambda v: _is_int(v) and -2**31 <= v < 2**31,
+                       "float32[]": lambda v: isinstance(v, Real) and not isinstance(v, bool)}[kind]
+            bad = [i for i, v in enumerate(value) if not item_ok(v)]
+            if bad:
+                raise ValueError(f"tokenizer_metadata[{key!r}] must hold {kind[:-2]} values only; entry {bad[0]} "
+                                 f"is {value[bad[0]]!r}")
+            if key != "tokenizer.ggml.merges" and len(value) != vocab_size:
+                raise ValueError(
+                    f"tokenizer_metadata[{key!r}] has {len(value)} entries but the model's vocabulary has {vocab_size} "
+                    "tokens; llama.cpp needs one entry per embedding row"
+                )
+            value = list(value)
+        elif kind == "id":
+            if not _is_int(value) or not 0 <= value < vocab_size:
+                raise ValueError(f"tokenizer_metadata[{key!r}] must be a token id in [0, {vocab_size}), got {value!r}")
+            value = int(value)
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"tokenizer_metadata[{key!r}] must be True or False, got {value!r}")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"tokenizer_metadata[{key!r}] must be a string, got {type(value).__name__}")
+        out.append((key, value, kind))
+    return out
+
+
+def _tensor_type(key: str, t: torch.Tensor, args: ModelArgs, qtype: str) -> str:
+    if t.dim() == 1:
+        return "F32"  # llama.cpp's norm code handles F32 only
+    is_head = key == "output.weight" or (key == "tok_embeddings.weight" and args.tie_embeddings)
+    want = "Q8_0" if qtype == "Q4_0" and is_head else qtype
+    if want in ("Q4_0", "Q8_0") and t.shape[-1] % 32 != 0:
+        want = "F16"  # rows must be whole 32-value blocks; the converter falls back the same way
+    return want
+
+
+def write_gguf(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    qtype: str = "F32",
+    tokenizer_metadata: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write `model` as a llama.cpp GGUF file at `path`, atomically (temp file + rename).
+
+    qtype: "F32", "F16", "Q8_0" or "Q4_0" for the 2-D weights; norms stay F32. At Q4_0 the
+    output head (the embedding when tied) is Q8_0, as llama-quantize keeps it at 6+ bits; a
+    matrix whose rows are not whole 32-value blocks falls back to F16.
+    tokenizer_metadata: `tokenizer.ggml.*` / `tokenizer.chat_template` keys with plain Python
+    values (see `_TOKENIZER_KEYS`). llama.cpp refuses a file without a vocabulary; herd reads
+    one either way.
+    """
+    if qtype not in _FILE_TYPES:
+        raise ValueError(f"qtype must be one of {', '.join(_FILE_TYPES)}, got {qtype!r}")
+    args, sd = _model_state(model)
+    tokenizer = _check_tokenizer_metadata(tokenizer_metadata or {}, args.vocab_size)
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    tensors: dict[str, tuple[Any, torch.Tensor]] = {}  # GGUF name -> (GGML type, float tensor), file order
+    if args.rope_scaling is not None:
+        # llama.cpp divides each pair's angle by its entry: unscaled / scaled frequency.
+        unscaled = rope_frequencies(args.head_dim, args.rope_theta, None)
+        tensors[_ROPE_FREQS] = (Q.F32, unscaled / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling))
+    for key, t in sd.items():
+        if not (key == "output.weight" and args.tie_embeddings):  # llama.cpp reuses token_embd then
+            tensors[gguf_name(key)] = (Q[_tensor_type(key, t, args, qtype)], t)
+
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name beside dst (not mkstemp, whose 0600 mode would stick to the final file).
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _add_metadata(w, args, qtype=qtype, tokenizer=tokenizer, name=name)
+        # Declare every tensor first, then quantize and write one at a time, so memory holds
+        # one tensor's blocks rather than the whole file's (what GGUFWriter.add_tensor would do).
+        for gname, (kind, t) in tensors.items():
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), t.numel() // block * size, raw_dtype=kind)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for kind, t in tensors.values():
+            w.write_tensor_data(gguf.quants.quantize(t.detach().float().contiguous().numpy(), kind))
+        w.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _add_metadata(w, args: ModelArgs, *, qtype: str, tokenizer: list[tuple[str, Any, str]], name: str | None) -> None:
+    gguf = _gguf()
+    T = gguf.GGUFValueType
+    w.add_type("model")
+    if name is not None:
+        w.add_name(name)
+    w.add_file_type(_FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_key_length(args.head_dim)
+    w.add_value_length(args.head_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_vocab_size(args.vocab_size)
+    kinds = {"str": (T.STRING, None), "bool": (T.BOOL, None), "id": (T.UINT32, None),
+             "str[]": (T.ARRAY, T.STRING), "int32[]": (T.ARRAY, T.INT32), "float32[]": (T.ARRAY, T.FLOAT32)}
+    for key, value, kind in tokenizer:
+        vtype, sub = kinds[kind]
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+__all__ = [
+    "GGUFCheckpoint",
+    "RawTensor",
+    "describe_gguf",
+    "gguf_name",
+    "gguf_raw_tensors",
+    "herd_name",
+    "load_gguf",
+    "read_gguf",
+    "write_gguf",
+]
