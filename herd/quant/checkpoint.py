@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.model.args import ModelArgs
 from herd.io import write_files
+from herd.model.args import ModelArgs
 from herd.model.formats import HF_GENERATION_CONFIG, TOKENIZER_FILES, load_model
 from herd.model.llama import Transformer
 from herd.quant.apply import QUANTIZED_TYPES, QuantConfig, QuantReport, quantize

@@ -25,6 +25,7 @@ in both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, Tokenizer, load_rank_file
+from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, Tokenizer
 
 Layout = Literal["hf", "meta"]
 
@@ -146,14 +147,15 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
 # Llama 3.1 template: that one adds a "Cutting Knowledge Date / Today Date" block to every system
 # prompt and renders `tools` itself; Meta's ChatFormat adds nothing (herd's
 # `llama31_system_prompt` writes that block when asked). Rendered and tokenized by HF it gives
-# herd's ids for system, user, assistant and tool/ipython turns, a user turn's RAG `context`,
-# assistant `stop_reason: "end_of_message"` (<|eom_id|>), builtin tool calls (brave_search,
-# wolfram_alpha, photogen, code_interpreter) and one custom call in herd's default JSON form,
-# with or without the generation prompt. Not covered: the function_tag and python_list tool
-# formats; non-ASCII tool-call arguments (written raw here, as \\u escapes by herd, because
-# llama.cpp's renderer has no tojson(ensure_ascii=...)); a content that starts with a line break
-# (HF's BPE joins it to the header's "\n\n", herd encodes the pieces apart); and special-token
-# text typed inside content, which HF reads as the special token and herd as plain text.
+# herd's ids for system, user, assistant and tool/ipython turns, assistant
+# `stop_reason: "end_of_message"` (<|eom_id|>), builtin tool calls (brave_search, wolfram_alpha,
+# photogen, code_interpreter) and one custom call in herd's default JSON form, with or without
+# the generation prompt. Not covered: the function_tag and python_list tool formats; non-ASCII
+# tool-call arguments (written raw here, as \\u escapes by herd, because llama.cpp's renderer has
+# no tojson(ensure_ascii=...)); special-token text typed inside content, which HF reads as the
+# special token and herd as plain text; and joins where HF's one-pass BPE merges across pieces
+# herd encodes apart: a content that starts with a line break (joined to the header's "\n\n"),
+# and a user turn's RAG `context` after a content ending in punctuation or whitespace.
 # Tool definitions go in the system message as herd's format expects; passing `tools` is refused.
 LLAMA31_CHAT_TEMPLATE = (
     "{%- if tools is defined and tools -%}"
@@ -312,14 +314,8 @@ def tokenizer_files(
     if has_hf_files:
         files.update({n: (path / n).read_bytes() for n in HF_TOKENIZER_FILES if (path / n).is_file()})
     elif rank_file is not None and layout == "hf":
-        tok = Tokenizer.from_file(rank_file)
-        config = tokenizer_config(tok, model_max_length=model_max_length or 131072)
-        special_map = {k: config[k] for k in ("bos_token", "eos_token", "pad_token")}
-        files.update({
-            "tokenizer.json": hf_tokenizer_json(tok).encode("utf-8"),
-            "tokenizer_config.json": _json_bytes(config),
-            "special_tokens_map.json": _json_bytes(special_map),
-        })
+        max_length = 131072 if model_max_length is None else model_max_length
+        files.update(_generated_hf_files(rank_file, max_length))
     if rank_file is not None:
         files[ORIGINAL_RANK_FILE if layout == "hf" else RANK_FILE] = rank_file.read_bytes()
     elif path.is_file() or (path / RANK_FILE).is_file():
@@ -331,6 +327,26 @@ def tokenizer_files(
             "tokenizer.model (tiktoken ranks at the root or in original/, or SentencePiece at the root)"
         )
     return files
+
+
+def _generated_hf_files(rank_file: Path, model_max_length: int) -> dict[str, bytes]:
+    # Cached on the file's contents: one run exports the same vocabulary many times (every
+    # post-training stage), and the Llama 3 tokenizer.json takes seconds to build.
+    key = (hashlib.sha256(rank_file.read_bytes()).hexdigest(), model_max_length)
+    if key not in _HF_FILES_CACHE:
+        tok = Tokenizer.from_file(rank_file)
+        config = tokenizer_config(tok, model_max_length=model_max_length)
+        special_map = {k: config[k] for k in ("bos_token", "eos_token", "pad_token")}
+        _HF_FILES_CACHE.clear()  # one vocabulary at a time: the Llama 3 files are 8 MB
+        _HF_FILES_CACHE[key] = {
+            "tokenizer.json": hf_tokenizer_json(tok).encode("utf-8"),
+            "tokenizer_config.json": _json_bytes(config),
+            "special_tokens_map.json": _json_bytes(special_map),
+        }
+    return dict(_HF_FILES_CACHE[key])
+
+
+_HF_FILES_CACHE: dict[tuple[str, int], dict[str, bytes]] = {}
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
