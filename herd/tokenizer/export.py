@@ -309,6 +309,11 @@ def tokenizer_files(
         raise ValueError(f"layout must be 'hf' or 'meta', got {layout!r}")
     path = _check_source(source)
     rank_file = _rank_file_in(path)
+    if path.is_file() and rank_file is None and path.suffix != ".model":
+        raise ValueError(
+            f"{path} is neither a tiktoken rank file nor a SentencePiece .model file; to copy HF tokenizer "
+            "files (tokenizer.json, ...) pass the directory that holds them"
+        )
     has_hf_files = path.is_dir() and any((path / n).is_file() for n in HF_TOKENIZER_FILES)
     files: dict[str, bytes] = {}
     if has_hf_files:

@@ -160,6 +160,9 @@ def test_tokenizer_files_refuse_clearly(tmp_path, small):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="gguf_tokenizer_metadata"):
         tokenizer_files(tmp_path / "m.gguf")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="pass the directory"):
+        tokenizer_files(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="layout must be"):
         tokenizer_files(small, layout="gguf")
     with pytest.raises(ValueError, match="model_max_length"):
