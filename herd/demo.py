@@ -346,7 +346,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     final_dir = Path(result.stages[-1].averaged)
     model = load_model(final_dir).eval()
-    tok = Tokenizer.from_file(final_dir / "tokenizer.model")
+    tok = Tokenizer.from_file(final_dir / "original" / "tokenizer.model")
     ev = unigram_report(cfg, model, dirs)
     report["eval"] = ev
     print(f"validation loss of the final (averaged) model: {ev['val_loss']:.3f} nats/token over {ev['val_tokens']:,} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,14 @@ def json_text(data: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return atomic_write_text(path, json_text(data))
+
+
+def write_files(root: str | os.PathLike[str], files: Mapping[str, bytes]) -> None:
+    """Write each relative path -> bytes under `root` (meant for a directory not yet renamed into place)."""
+    root = Path(root)
+    for rel, data in files.items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise ValueError(f"file name {rel!r} must be a relative path inside the directory, without '..'")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)

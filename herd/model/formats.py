@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from herd.io import write_files
 from herd.model.args import ModelArgs
 from herd.model.keymap import (
     HF_CONFIG,
@@ -53,8 +54,9 @@ HF_GENERATION_CONFIG = "generation_config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 _META_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
-# Files that are not weights but make a converted directory usable (tokenizers).
-_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files that are not weights but make a directory usable (tokenizers), copied as they are.
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes; HF's default max_shard_size ("5GB")
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -332,15 +334,16 @@ def _model_state(model: Transformer) -> tuple[ModelArgs, dict[str, torch.Tensor]
 
 
 def _write_hf(
-    tmp: Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, shard_size: int, token_ids: tuple[Any, Any] | None
+    tmp: Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, shard_size: int, generation: Mapping[str, Any] | None
 ) -> None:
     dtype = sd["tok_embeddings.weight"].dtype
-    bos, eos = token_ids if token_ids is not None else (None, None)
-    config = hf_config_from_args(args, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
+    gen = dict(generation) if generation is not None else {"_from_model_config": True}
+    # config.json declares the same stop ids: some loaders read only it.
+    config = hf_config_from_args(args, dtype=dtype, bos_token_id=gen.get("bos_token_id"),
+                                 eos_token_id=gen.get("eos_token_id"))
     _write_json(tmp / HF_CONFIG, config)
-    generation = {"_from_model_config": True}
-    generation.update({k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None})
-    _write_json(tmp / HF_GENERATION_CONFIG, generation)
+    gen.update({k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None})
+    _write_json(tmp / HF_GENERATION_CONFIG, gen)
 
     tensors = {k: v.contiguous() for k, v in to_hf_state_dict(sd, args).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -377,6 +380,8 @@ def save_model(
     shard_size: int = DEFAULT_SHARD_SIZE,
     num_shards: int = 1,
     overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as an HF or Meta checkpoint directory at `path`, atomically.
 
@@ -384,9 +389,12 @@ def save_model(
         model.safetensors.index.json when the weights exceed `shard_size` bytes.
     meta: params.json and consolidated.00.pth .. consolidated.{num_shards-1}.pth, split the way
         Meta's model-parallel files are (KV heads copied when num_shards > n_kv_heads, see meta.py).
+    extra_files: relative path -> bytes written inside the directory before it appears (the
+        tokenizer files from herd.tokenizer.export.tokenizer_files).
+    generation_config: generation_config.json (hf); its bos/eos ids go into config.json too.
     """
     return _save(model, Path(path), format=format, shard_size=shard_size, num_shards=num_shards,
-                 overwrite=overwrite, token_ids=None, side_files=())
+                 overwrite=overwrite, generation=generation_config, extra_files=extra_files or {})
 
 
 def _save(
@@ -397,8 +405,8 @@ def _save(
     shard_size: int,
     num_shards: int,
     overwrite: bool,
-    token_ids: tuple[Any, Any] | None,
-    side_files: Iterable[Path],
+    generation: Mapping[str, Any] | None,
+    extra_files: Mapping[str, bytes],
 ) -> Path:
     if format not in ("hf", "meta"):
         raise ValueError(f"format must be 'hf' or 'meta', got {format!r}")
@@ -410,11 +418,10 @@ def _save(
 
     def write(tmp: Path) -> None:
         if format == "hf":
-            _write_hf(tmp, args, sd, shard_size=shard_size, token_ids=token_ids)
+            _write_hf(tmp, args, sd, shard_size=shard_size, generation=generation)
         else:
             _write_meta(tmp, args, sd, num_shards=num_shards)
-        for f in side_files:
-            shutil.copy2(f, tmp / f.name)
+        write_files(tmp, extra_files)
 
     _atomic_dir(dst, write, overwrite=overwrite)
     return dst
@@ -428,24 +435,26 @@ def convert(
     shard_size: int = DEFAULT_SHARD_SIZE,
     num_shards: int = 1,
     overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Convert a checkpoint directory to `to` format (`herd convert SRC DST --to hf|meta`).
 
-    Weights keep their dtype. Tokenizer files beside the weights are copied; for an HF source
-    its token ids (and generation_config.json when writing HF) carry over, since ModelArgs
-    does not hold them.
+    Weights keep their dtype. Tokenizer files beside the weights are copied unless
+    `extra_files` gives the files to write; an HF source's token ids and generation_config.json
+    carry over (ModelArgs does not hold them) unless `generation_config` replaces them.
     """
     loc = _locate(src)
     model = load_model(loc.root)
-    token_ids = None
-    side = [loc.root / n for n in _SIDE_FILES if (loc.root / n).is_file()]
-    if loc.format == "hf":
+    if extra_files is None:
+        extra_files = {n: (loc.root / n).read_bytes() for n in TOKENIZER_FILES if (loc.root / n).is_file()}
+    if generation_config is None and loc.format == "hf":
         config = _read_json(loc.config_file)
-        token_ids = (config.get("bos_token_id"), config.get("eos_token_id"))
-        if to == "hf" and (loc.root / HF_GENERATION_CONFIG).is_file():
-            side.append(loc.root / HF_GENERATION_CONFIG)
+        generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
+        if (loc.root / HF_GENERATION_CONFIG).is_file():
+            generation_config.update(_read_json(loc.root / HF_GENERATION_CONFIG))
     return _save(model, Path(dst), format=to, shard_size=shard_size, num_shards=num_shards,
-                 overwrite=overwrite, token_ids=token_ids, side_files=side)
+                 overwrite=overwrite, generation=generation_config, extra_files=extra_files)
 
 
 # ---- describe ------------------------------------------------------------------------------

@@ -315,6 +315,9 @@ def hf_config_from_args(
         "torch_dtype": _dtype_name(dtype),
         "bos_token_id": default_bos if bos_token_id is None else bos_token_id,
         "eos_token_id": default_eos if eos_token_id is None else eos_token_id,
+        # The 4.x form this dict follows. Without a version, transformers 5 takes any local
+        # directory for one of Mistral's with a broken regex and warns on every tokenizer load.
+        "transformers_version": "4.46.0",
     }
 
 

@@ -1,8 +1,9 @@
 """Atomic writes for post-training outputs: a reader sees the old file or directory, or the new one.
 
 `herd.model.save_model` already writes checkpoints atomically; these helpers cover what sits
-around them (adapters, reward heads, JSON reports) and the tokenizer copy that makes an output
-directory usable by `herd generate` / `herd chat` directly.
+around them (adapters, reward heads, JSON reports). A saved model carries the tokenizer files
+herd.tokenizer.export writes, so an output directory is usable by `herd generate` / `herd chat`,
+transformers and vLLM directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from herd.model import Transformer, save_model
+from herd.tokenizer.export import generation_config_of, tokenizer_files
 
 
 def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
@@ -71,22 +73,13 @@ def tokenizer_file(model_dir: str | os.PathLike) -> Path | None:
 def save_checkpoint(
     model: Transformer, path: str | os.PathLike, *, format: str = "hf", tokenizer: str | os.PathLike | None = None
 ) -> Path:
-    """save_model, then copy the tokenizer file in, so the directory is complete on its own.
-
-    The copy is done by writing into a staging directory that is renamed into place, so the
-    directory never exists without its tokenizer.
-    """
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        save_model(model, tmp / "ckpt", format=format)  # type: ignore[arg-type]
-        for f in (tmp / "ckpt").iterdir():
-            os.rename(f, tmp / f.name)
-        (tmp / "ckpt").rmdir()
-        if tokenizer is not None:
-            shutil.copy2(tokenizer, tmp / "tokenizer.model")
-
-    return atomic_dir(path, write)
+    """save_model with the tokenizer files of `format` made from `tokenizer` (a rank file or a
+    checkpoint directory), so the directory is complete on its own from the moment it appears."""
+    files = {} if tokenizer is None else tokenizer_files(tokenizer, layout=format,  # type: ignore[arg-type]
+                                                          model_max_length=model.args.max_seq_len)
+    generation = None if tokenizer is None else generation_config_of(tokenizer)
+    return save_model(model, path, format=format, overwrite=True, extra_files=files,  # type: ignore[arg-type]
+                      generation_config=generation)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,

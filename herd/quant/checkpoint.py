@@ -3,7 +3,7 @@
 A directory holds `quant_config.json` (format tag, scheme, group size, the activation bound,
 which modules are quantized and with what, and the exact `ModelArgs`) and `model.safetensors`
 (herd/Meta parameter names; a quantized module contributes `weight` plus `scale` or `scales`
-and `mins`), plus the tokenizer files of the source checkpoint.
+and `mins`), plus the tokenizer files (and generation_config.json) of the source checkpoint.
 
 Trade-off: herd's own layout rather than an HF `quantization_config` one. No other loader can
 run these formats anyway, and a directory that HF or `herd.load_model` half-recognised would
@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from herd.io import write_files
 from herd.model.args import ModelArgs
-from herd.model.formats import load_model
+from herd.model.formats import HF_GENERATION_CONFIG, TOKENIZER_FILES, load_model
 from herd.model.llama import Transformer
 from herd.quant.apply import QUANTIZED_TYPES, QuantConfig, QuantReport, quantize
 from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
@@ -35,7 +37,6 @@ from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_TAG = "herd-quant-v1"
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _scheme_of(module: torch.nn.Module) -> str:
@@ -48,11 +49,13 @@ def save_quantized(
     *,
     overwrite: bool = False,
     copy_from: str | os.PathLike | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a quantized `model` to directory `path`, atomically (a temp dir renamed into place).
 
-    copy_from: a checkpoint directory whose tokenizer files (also `original/tokenizer.model`)
-    are copied beside the weights, so the CLI finds the tokenizer.
+    copy_from: a checkpoint directory whose tokenizer files and generation_config.json are
+    copied as they are (same relative paths), so herd finds the tokenizer and its stop ids.
+    extra_files: relative path -> bytes to write as well (they win over copied files).
     """
     dst = Path(path)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
@@ -77,12 +80,12 @@ def save_quantized(
     if "output.weight" in state and model.output.weight is model.tok_embeddings.weight:
         del state["output.weight"]
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    sources = []
+    files: dict[str, bytes] = {}
     if copy_from is not None:
         src = Path(copy_from)
-        sources = [src / n for n in _TOKENIZER_FILES if (src / n).is_file()]
-        if not (src / "tokenizer.model").is_file() and (src / "original" / "tokenizer.model").is_file():
-            sources.append(src / "original" / "tokenizer.model")
+        names = (*TOKENIZER_FILES, HF_GENERATION_CONFIG)
+        files = {n: (src / n).read_bytes() for n in names if (src / n).is_file()}
+    files.update(extra_files or {})
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
@@ -91,8 +94,7 @@ def save_quantized(
         with open(tmp / QUANT_CONFIG, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        for s in sources:
-            shutil.copy2(s, tmp / s.name)
+        write_files(tmp, files)
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.rename(tmp, dst)

@@ -2,20 +2,20 @@
 
 The weights go through herd.model.formats.save_model, so an export loads in `herd generate` and
 in transformers exactly as a converted Meta/HF checkpoint does. The run's tokenizer.model (the
-trainer copies it into the run directory at start) is placed beside the weights, where
-`herd generate` looks for it. The directory appears atomically: written under a temporary
-name, tokenizer included, then renamed.
+trainer copies it into the run directory at start) becomes the tokenizer files of the target
+layout (herd.tokenizer.export): for HF, tokenizer.json, tokenizer_config.json with the 3.1 chat
+template and original/tokenizer.model; for Meta, the root tokenizer.model. config.json and
+generation_config.json declare every stop id. The directory appears atomically: written under a
+temporary name, tokenizer included, then renamed.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from herd.model import ModelArgs, Transformer, build_model, save_model
+from herd.tokenizer.export import generation_config_of, tokenizer_files
 from herd.train.checkpoint import COMPLETE, Checkpointer, SavedCheckpoint, load_model_weights, verify
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -45,22 +45,13 @@ def model_args_of(ckpt: SavedCheckpoint) -> ModelArgs:
 
 def save_inference_model(model: Transformer, dst: str | Path, *, format: Literal["hf", "meta"],
                          tokenizer: str | Path | None, overwrite: bool = False) -> Path:
-    """save_model plus tokenizer.model beside the weights, appearing at `dst` in one rename."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite or choose another path")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        inner = save_model(model, staging / "model", format=format)
-        if tokenizer is not None:
-            shutil.copy2(tokenizer, inner / TOKENIZER_FILE)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(inner, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dst
+    """save_model plus the tokenizer files of `format` made from `tokenizer` (a rank file or a
+    checkpoint directory), appearing at `dst` in one rename."""
+    files = {} if tokenizer is None else tokenizer_files(tokenizer, layout=format,
+                                                          model_max_length=model.args.max_seq_len)
+    generation = None if tokenizer is None else generation_config_of(tokenizer)
+    return save_model(model, dst, format=format, overwrite=overwrite, extra_files=files,
+                      generation_config=generation)
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, *, format: Literal["hf", "meta"] = "hf",

@@ -120,7 +120,7 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
-    assert (tmp_path / "train" / "anneal-averaged" / "tokenizer.model").is_file()
+    assert (tmp_path / "train" / "anneal-averaged" / "original" / "tokenizer.model").is_file()
     assert (tmp_path / "train" / "loss.png").stat().st_size > 0
     # Evaluation against the unigram baseline, then the long-context and post-training stages.
     ev = report["eval"]

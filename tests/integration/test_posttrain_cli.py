@@ -55,7 +55,7 @@ def _common(work: Path, name: str, *, steps: int = 3) -> list[str]:
 def test_sft_full_and_qlora(work, capsys):
     out = _run(capsys, "sft", str(CONFIGS / "posttrain_sft.toml"), *_common(work, "sft"),
                "--data.train", str(work / "chat.jsonl"), "--data.seq_len", "64")
-    assert "final loss" in out and (work / "sft" / "model" / "tokenizer.model").is_file()
+    assert "final loss" in out and (work / "sft" / "model" / "original" / "tokenizer.model").is_file()
     assert json.loads((work / "sft" / "sft_metrics.json").read_text())["steps"] == 3
     load_model(work / "sft" / "model")
     _run(capsys, "sft", str(CONFIGS / "posttrain_sft.toml"), *_common(work, "qlora"),

@@ -36,6 +36,6 @@ def test_demo_stage_runs_and_reports(tmp_path):
     assert 0.0 <= report["held_out_reward_accuracy_dpo"] <= 1.0
     assert json.loads((tmp_path / "out" / "posttrain_demo.json").read_text())["sft_steps"] == 3
     for name in ("chat_train.jsonl", "chat_heldout.jsonl", "pairs_train.jsonl", "pairs_heldout.jsonl",
-                 "sft/tokenizer.model", "dpo/config.json"):
+                 "sft/original/tokenizer.model", "sft/tokenizer.json", "dpo/config.json"):
         assert (tmp_path / "out" / name).is_file(), name
     assert any("Held-out preference accuracy" in line for line in lines)

@@ -146,7 +146,7 @@ def test_annealing_averages_its_last_checkpoints(staged_run):
         models.append(m.state_dict())
     for k, v in avg.state_dict().items():
         torch.testing.assert_close(v, torch.stack([m[k] for m in models]).mean(0), rtol=0, atol=1e-6)
-    assert (out / "anneal-averaged" / "tokenizer.model").is_file()
+    assert (out / "anneal-averaged" / "original" / "tokenizer.model").is_file()
     assert ann.averaged_val_loss is not None
 
 
@@ -181,7 +181,9 @@ def test_export_hf_matches_transformers_and_meta_loads(staged_run, tmp_path, cap
     tokens = torch.tensor([[BOS, *b"the llama eats grass"]])
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "hf" / "tokenizer.model").is_file() and (tmp_path / "meta" / "tokenizer.model").is_file()
+    # HF keeps the tiktoken file in original/ (a root tokenizer.model reads as SentencePiece elsewhere).
+    assert (tmp_path / "hf" / "original" / "tokenizer.model").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert (tmp_path / "meta" / "tokenizer.model").is_file()
     meta_model = herd.load_model(tmp_path / "meta")
     pre = build_model(meta_model.args, init=False)
     load_model_weights(out / "checkpoints" / "step-00000040", pre)
