@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import xxhash
 
 from herd.data.document import Document
 from herd.data.steps.base import Filter, GlobalStep, Modifier, StepStats, matches, words
