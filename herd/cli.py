@@ -174,10 +174,11 @@ def cmd_tokenize(opts) -> None:
 
 
 def cmd_convert(opts) -> None:
-    from herd.model.formats import convert
+    from herd.train.export import convert_checkpoint
 
-    out = convert(opts.src, opts.dst, to=opts.to, num_shards=opts.num_shards, overwrite=opts.overwrite)
-    print(f"wrote {opts.to} checkpoint to {out}")
+    out = convert_checkpoint(opts.src, opts.dst, to=opts.to, qtype=opts.qtype, num_shards=opts.num_shards,
+                             overwrite=opts.overwrite)
+    print(f"wrote {opts.to if opts.to != 'gguf' else 'GGUF ' + opts.qtype} checkpoint to {out}")
 
 
 def cmd_demo(opts) -> None:
@@ -561,9 +562,10 @@ def _tokenize_args(p):
 
 
 def _convert_args(p):
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--to", choices=("hf", "meta"), required=True)
+    p.add_argument("src", help="checkpoint directory (HF, Meta) or .gguf file")
+    p.add_argument("dst", help="directory to write (hf, meta) or .gguf file (gguf)")
+    p.add_argument("--to", choices=("hf", "meta", "gguf"), required=True)
+    p.add_argument("--qtype", choices=("F32", "F16", "Q8_0", "Q4_0"), default="F16", help="GGUF weight type")
     p.add_argument("--num-shards", type=int, default=1, help="Meta model-parallel files to split into")
     p.add_argument("--overwrite", action="store_true")
 
@@ -832,7 +834,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable]] = {
     "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
     "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _model_args),
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
-    "convert": (cmd_convert, "convert a checkpoint between HF and Meta formats", _convert_args),
+    "convert": (cmd_convert, "convert a checkpoint between HF, Meta and GGUF formats", _convert_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
     "plan": (cmd_plan, "size a parallel training layout: memory per GPU, step FLOPs, traffic", _plan_args),
     "quantize": (cmd_quantize, "quantize a checkpoint to int8, int4 or FP8 (with scales, safetensors)",
@@ -891,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.command = opts.command_name
     try:
         COMMANDS[opts.command][0](opts)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"herd {opts.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

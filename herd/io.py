@@ -23,6 +23,28 @@ def herd_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once (done once per process).
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
+def give_default_mode(path: str | os.PathLike[str]) -> None:
+    """The mode a plain open()/mkdir() would have given `path` (0666/0777 less the umask).
+
+    tempfile's mkstemp/mkdtemp create 0600 files and 0700 folders, and a rename keeps the mode:
+    without this a checkpoint written atomically would be unreadable to other users and tools.
+    """
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename; creates missing parent folders."""
     path = Path(path)
@@ -33,6 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.io import write_files
+from herd.io import give_default_mode, write_files
 from herd.model.args import ModelArgs
 from herd.model.keymap import (
     HF_CONFIG,
@@ -296,6 +296,7 @@ def _atomic_dir(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
             raise FileExistsError(f"{dst} already exists; pass overwrite=True or choose another path")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         write(tmp)
         if dst.exists():

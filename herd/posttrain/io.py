@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from herd.io import give_default_mode
 from herd.model import Transformer, save_model
 from herd.tokenizer.export import generation_config_of, tokenizer_files
 
@@ -30,6 +31,7 @@ def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwri
         raise FileExistsError(f"{dst} already exists; choose another output directory or allow overwriting")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         write(tmp)
         if dst.exists():

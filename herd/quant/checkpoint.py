@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.io import write_files
+from herd.io import give_default_mode, write_files
 from herd.model.args import ModelArgs
 from herd.model.formats import HF_GENERATION_CONFIG, TOKENIZER_FILES, load_model
 from herd.model.llama import Transformer
@@ -89,6 +89,7 @@ def save_quantized(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "herd_quant": config["scheme"]})
         with open(tmp / QUANT_CONFIG, "w") as f:

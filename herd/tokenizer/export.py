@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
 from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, Tokenizer
 
 Layout = Literal["hf", "meta"]
@@ -494,6 +495,18 @@ def _pre_type(pre: Any, *, clean_up_spaces: bool, where: Path) -> str:
             pattern = split.get("pattern", {}).get("Regex")
             if split.get("behavior") == "Isolated" and not split.get("invert") and pattern in _SPLIT_PRE_TYPES:
                 return _SPLIT_PRE_TYPES[pattern]
+        splits = parts[:-1]
+        if splits and not regex and all(k == "Split" and p.get("behavior") == "Isolated" and not p.get("invert")
+                                        for k, p in zip(kinds, splits)):
+            # The chain herd itself builds from a GGUF vocabulary (gguf_vocab.PRE_TOKENIZERS): one
+            # isolated Split per llama.cpp regex, in order; names sharing a chain are told apart
+            # by the decode clean-up as above, else the canonical one is taken.
+            chain = tuple(p.get("pattern", {}).get("Regex") for p in splits)
+            names = [name for name, (regexes, _) in PRE_TOKENIZERS.items() if regexes == chain]
+            if "smollm" in names:
+                return "starcoder" if clean_up_spaces else "smollm"
+            if names:
+                return next((n for n in ("gpt-2", "llama-bpe", "qwen2", "default") if n in names), names[0])
     raise ValueError(
         f"{where}: the pre-tokenizer {json.dumps(pre)[:300]} is not one herd can name for llama.cpp "
         "(known: Llama 3's split regex = llama-bpe, Qwen2's = qwen2, digits + GPT-2 = smollm/starcoder, "

@@ -187,6 +187,10 @@ class HFTokenizer(TableTokenizer):
             name=str(file),
         )
 
+    def to_tokenizer_json(self) -> str:
+        """The engine as an HF `tokenizer.json` (special tokens recognised, as HF loads it)."""
+        return self._special.to_str()
+
     def _plain_ids(self, text: str) -> list[int]:
         return self._plain.encode(text, add_special_tokens=False).ids
 

@@ -72,3 +72,53 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, format: Literal["hf",
     model = build_model(model_args_of(ckpt), init=False)
     load_model_weights(ckpt.path, model)
     return save_inference_model(model, dst, format=format, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: Literal["hf", "meta", "gguf"],
+                       qtype: str = "F16", num_shards: int = 1, overwrite: bool = False) -> Path:
+    """`herd convert`: any checkpoint (HF or Meta directory, .gguf file) to an HF or Meta directory or
+    a GGUF file, with the tokenizer files (or GGUF tokenizer metadata and chat template) the target
+    needs to work in transformers, vLLM and llama.cpp.
+
+    qtype: the GGUF weight type ("F32", "F16", "Q8_0", "Q4_0"); ignored for directories, whose
+    weights keep the source's dtype (a quantized GGUF source is dequantized to fp32).
+    """
+    from herd.model import load_model
+    from herd.model.formats import convert
+    from herd.model.gguf import write_gguf
+    from herd.tokenizer import load_tokenizer, read_chat_template
+    from herd.tokenizer.export import gguf_tokenizer_metadata
+    from herd.tokenizer.files import files_for_tokenizer
+
+    if to not in ("hf", "meta", "gguf"):
+        raise ValueError(f"to must be 'hf', 'meta' or 'gguf', got {to!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; pass a checkpoint directory or a .gguf file")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) or choose another path")
+    model = load_model(src)
+    tokenizer = load_tokenizer(src, vocab_size=model.args.vocab_size)
+    if to == "gguf":
+        # A GGUF source keeps its own tokenizer keys; a directory's tokenizer.json / rank file, or
+        # the bundled Llama 3 file a tokenizer-less 128K checkpoint resolves to, is converted.
+        source = src if src.suffix == ".gguf" or _has_tokenizer_files(src) else tokenizer
+        meta = gguf_tokenizer_metadata(source, vocab_size=model.args.vocab_size)
+        template = read_chat_template(src)
+        if template is not None and "tokenizer.chat_template" not in meta:
+            meta["tokenizer.chat_template"] = template
+        return write_gguf(model, dst, qtype=qtype, tokenizer_metadata=meta, name=src.stem)
+    if src.is_dir() and _has_tokenizer_files(src):
+        files = tokenizer_files(src, layout=to, model_max_length=model.args.max_seq_len)
+        generation = generation_config_of(src)
+        return convert(src, dst, to=to, num_shards=num_shards, overwrite=overwrite, extra_files=files,
+                       generation_config=generation)
+    files, generation = files_for_tokenizer(tokenizer, layout=to, chat_template=read_chat_template(src),
+                                            model_max_length=model.args.max_seq_len)
+    return save_model(model, dst, format=to, num_shards=num_shards, overwrite=overwrite, extra_files=files,
+                      generation_config=generation)
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+    return directory.is_dir() and any((directory / n).is_file() for n in names)
