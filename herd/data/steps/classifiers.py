@@ -49,10 +49,12 @@ def fasttext_line(text: str, *, max_chars: int = 4000) -> str:
 # posix_memalign'ed AlignedVector that nothing zeroes, and DenseMatrix::uniform fills only `thread`
 # tenths of the input matrix (a tenth with one thread). The other nine tenths, most word-n-gram
 # buckets among them, start as whatever malloc hands back. In a fresh process the 512 MB matrix
-# (2M buckets x dim 64) gets new, zeroed pages, so training passed alone; late in the test suite it
-# was sometimes carved from a free heap region that earlier tensors had left behind, and their NaN or
-# huge leftovers ended training with "Encountered NaN" whatever the learning rate. The small matrix
-# of a word_ngrams=1 model (nwords x dim) came from recycled memory every time.
+# (2M buckets x dim 64) gets new, zeroed pages, so training passed alone. In the test suite a CPU
+# Trainer had run first, and herd.train.trainer.keep_freed_memory_in_the_heap sets glibc's mmap and
+# trim thresholds to 1 GiB for the whole process: the matrix was then carved from heap memory that
+# earlier tensors had used, and when they had left NaN or huge values there, training ended with
+# "Encountered NaN" whatever the learning rate. The small matrix of a word_ngrams=1 model
+# (nwords x dim) came from recycled memory every time, in any process.
 # The child starts with a clean heap, and glibc's perturb tunable makes every block its malloc
 # returns zero-filled (the fill byte is perturb ^ 0xff), large or small. Zeros are what a fresh
 # process always gave the big matrix, so the models are bit-identical to the good runs before. Cost:

@@ -40,26 +40,24 @@ def test_word_unigrams_train_without_reading_recycled_heap_memory(tmp_path):
 
 
 _MB = 1 << 20
-_DIM = 16  # keeps the test quick: a 128 MB input matrix, still far above glibc's largest mmap threshold (32 MB)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+_DIM = 16  # keeps the test quick: a 128 MB input matrix
 # fastText's two big allocations, in order: the dictionary's word -> id table (MAX_VOCAB_SIZE int32)
 # and the input matrix, (nwords + 2M n-gram buckets) x dim fp32.
 _WORD_TABLE_BYTES = 30_000_000 * 4
 _INPUT_MATRIX_BYTES = (2_000_000 + 30) * _DIM * 4
 
 
-def _nan_hole(total: int, chunk: int) -> np.ndarray:
-    """Leaves ~`total` bytes of NaN as free memory inside glibc's main heap, as a test that builds
-    and frees many mid-sized tensors does; returns the allocation that keeps the hole from being
-    trimmed (free it to give the memory back)."""
-    # Freeing an mmap-served block raises glibc's dynamic mmap threshold to its size, so the
-    # blocks below come from the brk heap, where freed memory is recycled rather than unmapped.
-    del_me = np.empty(chunk // 4 + 1024, np.float32)
-    del del_me
-    blocks = [np.full(chunk // 4 - 1024, np.nan, np.float32) for _ in range(total // chunk)]
-    blocks.sort(key=lambda block: block.ctypes.data)
-    pin = blocks.pop()  # the highest block: live, above the others, so they cannot merge into the top
-    del blocks
-    return pin
+def _leave_nan_in_the_heap(nbytes: int) -> None:
+    """The suite's state: herd's CPU Trainer (`keep_freed_memory_in_the_heap`) sets glibc's mmap
+    and trim thresholds to 1 GiB for the whole process, so blocks below that come from the brk heap
+    and stay there when freed. A tensor freed afterwards leaves its bytes where the next large
+    malloc, fastText's, is carved from."""
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    stale = np.full(nbytes // 4, np.nan, np.float32)
+    del stale
 
 
 def _malloc_lands_on_nan(first: int, then: int) -> bool:
@@ -77,16 +75,13 @@ def _malloc_lands_on_nan(first: int, then: int) -> bool:
 
 
 def _stale_heap_scenario(folder: Path) -> None:
-    """Trains the same model twice, the second time with NaN lying free where fastText allocates."""
+    """Trains the same model twice, the second time with NaN lying in freed memory where fastText allocates."""
     rows = examples()
     train_fasttext(rows, folder / "clean.bin", epoch=5, dim=_DIM)
-    pin = _nan_hole(320 * _MB, 8 * _MB)
-    try:
-        # Without this the test would prove nothing: fastText's allocations must be able to land there.
-        assert _malloc_lands_on_nan(_WORD_TABLE_BYTES, _INPUT_MATRIX_BYTES), "the NaN region is not where malloc looks"
-        info = train_fasttext(rows, folder / "dirty.bin", epoch=5, dim=_DIM)
-    finally:
-        del pin
+    _leave_nan_in_the_heap(320 * _MB)
+    # Without this the test would prove nothing: fastText's allocations must be able to land there.
+    assert _malloc_lands_on_nan(_WORD_TABLE_BYTES, _INPUT_MATRIX_BYTES), "the NaN is not where malloc looks"
+    info = train_fasttext(rows, folder / "dirty.bin", epoch=5, dim=_DIM)
     # Same data, same seed: the same model, bit for bit, whatever the caller's memory held.
     assert info["accuracy"] == 1.0
     assert filecmp.cmp(folder / "clean.bin", folder / "dirty.bin", shallow=False), "the model depends on the heap"
@@ -94,11 +89,12 @@ def _stale_heap_scenario(folder: Path) -> None:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="builds the stale-memory state with glibc's malloc")
 def test_training_does_not_depend_on_the_callers_heap(tmp_path):
-    """The suite flake: after tensor-heavy tests, the input matrix of a word-bigram model (512 MB at
-    dim 64) was carved out of a free region of the test process's heap instead of fresh (zero) pages.
+    """The suite flake: once a CPU Trainer had run in the test process, the input matrix of a
+    word-bigram model (512 MB at dim 64) was carved out of memory that earlier tensors had used,
+    instead of fresh (zeroed) pages, and sometimes held NaN or huge values.
 
-    The scenario runs in a fresh interpreter, whose heap layout is known, so that the NaN region
-    reliably lies where fastText's allocations go (and none of it is left in pytest's heap)."""
+    The scenario runs in a fresh interpreter, whose heap is known, so that the NaN reliably lies
+    where fastText's allocations go, and so that the malloc settings do not leak into pytest's."""
     import herd
 
     env = dict(os.environ, PYTHONPATH=str(Path(herd.__file__).resolve().parents[1]))  # the herd under test
