@@ -20,7 +20,8 @@ mix and the annealing set).
 
 from __future__ import annotations
 
-import logging
+import json
+import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,8 +34,6 @@ import numpy as np
 from herd.data.document import Document
 from herd.data.steps.base import Step, StepStats, matches
 
-log = logging.getLogger(__name__)
-
 _WS = re.compile(r"\s+")
 
 
@@ -45,17 +44,41 @@ def fasttext_line(text: str, *, max_chars: int = 4000) -> str:
 
 # ---- fastText --------------------------------------------------------------------------------------
 
-_NAN_RETRIES = 2  # halvings of the learning rate after a diverged (NaN) fastText run
+# Why fastText trains in a child process. The fastText build herd depends on (fasttext-numpy2-wheel,
+# fastText's main branch since b733943) reads memory it never wrote: its matrices are now a
+# posix_memalign'ed AlignedVector that nothing zeroes, and DenseMatrix::uniform fills only `thread`
+# tenths of the input matrix (a tenth with one thread). The other nine tenths, most word-n-gram
+# buckets among them, start as whatever malloc hands back. In a fresh process the 512 MB matrix
+# (2M buckets x dim 64) gets new, zeroed pages, so training passed alone. In the test suite a CPU
+# Trainer had run first, and herd.train.trainer.keep_freed_memory_in_the_heap sets glibc's mmap and
+# trim thresholds to 1 GiB for the whole process: the matrix was then carved from heap memory that
+# earlier tensors had used, and when they had left NaN or huge values there, training ended with
+# "Encountered NaN" whatever the learning rate. The small matrix of a word_ngrams=1 model
+# (nwords x dim) came from recycled memory every time, in any process.
+# The child starts with a clean heap, and glibc's perturb tunable makes every block its malloc
+# returns zero-filled (the fill byte is perturb ^ 0xff), large or small. Zeros are what a fresh
+# process always gave the big matrix, so the models are bit-identical to the good runs before. Cost:
+# ~0.3 s to start the interpreter, and the whole matrix is written once (resident, as fastText
+# 0.9.2's zero-initialised std::vector was). Other C libraries ignore the tunable; there only the
+# clean heap protects the matrix.
+_FASTTEXT_CHILD = Path(__file__).with_name("fasttext_child.py")
+_ZERO_FILLING_MALLOC = "glibc.malloc.perturb=255"
 
 
 def train_fasttext(examples: Sequence[tuple[str, str]], out_path: str | Path, *, epoch: int = 10, dim: int = 64,
                    word_ngrams: int = 2, lr: float = 0.5, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """Trains a supervised fastText model on (text, label) pairs; holds out 10% to report accuracy.
-    Writes atomically; returns {"train": n, "valid": n, "accuracy": a, "labels": [...]}."""
+    Writes atomically; returns {"train": n, "valid": n, "accuracy": a, "labels": [...]}.
+
+    Training runs in a separate interpreter (`fasttext_child.py`), so that its result depends only
+    on the data and the arguments, not on this process's memory (see the comment above)."""
+    import importlib.util
+    import subprocess
+    import sys
     import tempfile
 
-    import fasttext
-
+    if importlib.util.find_spec("fasttext") is None:
+        raise ImportError("fastText classifiers need the fasttext-numpy2-wheel package: pip install 'herd[data]'")
     rows = list(examples)
     random.Random(seed).shuffle(rows)
     n_valid = max(1, len(rows) // 10)
@@ -64,33 +87,29 @@ def train_fasttext(examples: Sequence[tuple[str, str]], out_path: str | Path, *,
         raise ValueError("a classifier needs examples of at least two labels")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-        for text, lab in train:
-            f.write(f"__label__{lab} {fasttext_line(text)}\n")
-        train_file = f.name
-    try:
-        # fastText stops with "Encountered NaN" when a run diverges; it happened once in ~10 suite
-        # runs on the same data at lr 0.5 (not reproduced in isolation). Halving the rate and
-        # retrying is the usual remedy; the rate that trained is reported.
-        for attempt in range(_NAN_RETRIES + 1):
-            try:
-                model = fasttext.train_supervised(train_file, epoch=epoch, dim=dim, wordNgrams=word_ngrams, lr=lr,
-                                                  seed=seed, thread=threads, verbose=0)
-                break
-            except RuntimeError as e:
-                if "NaN" not in str(e) or attempt == _NAN_RETRIES:
-                    raise
-                log.warning("fastText training diverged (NaN) at lr %g; retrying at lr %g", lr, lr / 2)
-                lr /= 2
-    finally:
-        Path(train_file).unlink()
     tmp = out_path.with_name(out_path.name + ".tmp")
-    model.save_model(str(tmp))
+    with tempfile.TemporaryDirectory(prefix="herd-fasttext-") as work:
+        train_file, result = Path(work) / "train.txt", Path(work) / "result.json"
+        with open(train_file, "w", encoding="utf-8") as f:
+            f.writelines(f"__label__{lab} {fasttext_line(text)}\n" for text, lab in train)
+        job = {"train_file": str(train_file), "model": str(tmp), "result": str(result),
+               "valid": [fasttext_line(text) for text, _ in valid],
+               "params": {"epoch": epoch, "dim": dim, "wordNgrams": word_ngrams, "lr": lr, "seed": seed,
+                          "thread": threads, "verbose": 0}}
+        env = dict(os.environ)
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), _ZERO_FILLING_MALLOC]))
+        # -P keeps the script's folder off sys.path: the child imports fastText, none of herd's modules.
+        done = subprocess.run([sys.executable, "-P", str(_FASTTEXT_CHILD)], input=json.dumps(job), text=True,
+                              capture_output=True, env=env, check=False)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"fastText training failed (exit code {done.returncode}):\n{done.stderr.strip()}")
+        out = json.loads(result.read_text(encoding="utf-8"))
     tmp.replace(out_path)
-    pred = [model.predict(fasttext_line(t))[0][0].removeprefix("__label__") for t, _ in valid]
+    pred = [p.removeprefix("__label__") for p in out["predicted"]]
     acc = float(np.mean([p == lab for p, (_, lab) in zip(pred, valid)]))
-    return {"train": len(train), "valid": len(valid), "accuracy": round(acc, 4), "lr": lr,
-            "labels": sorted(lab.removeprefix("__label__") for lab in model.get_labels())}
+    return {"train": len(train), "valid": len(valid), "accuracy": round(acc, 4),
+            "labels": sorted(lab.removeprefix("__label__") for lab in out["labels"])}
 
 
 # ---- tiny transformer (plain torch.nn) -------------------------------------------------------------

@@ -156,27 +156,6 @@ def test_fasttext_classifier_trains_and_scores(tmp_path, rng, random_words, run_
     assert stats["quality"].dropped == {"cooking_score_below_threshold": 10}
 
 
-def test_fasttext_training_retries_a_diverged_run_at_half_the_rate(tmp_path, rng, monkeypatch):
-    import fasttext
-
-    real, rates = fasttext.train_supervised, []
-
-    def diverge_once(*args, **kwargs):
-        rates.append(kwargs["lr"])
-        if len(rates) == 1:
-            raise RuntimeError("Encountered NaN.")  # what fastText raises when a run diverges
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fasttext, "train_supervised", diverge_once)
-    info = train_fasttext(labelled(rng, 50), tmp_path / "m.bin", epoch=5, lr=0.8)
-    assert rates == [0.8, 0.4] and info["lr"] == 0.4 and info["accuracy"] >= 0.9
-    # Other errors, and divergence that persists, still surface.
-    monkeypatch.setattr(fasttext, "train_supervised", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("NaN")))
-    with pytest.raises(RuntimeError, match="NaN"):
-        train_fasttext(labelled(rng, 50), tmp_path / "m2.bin", epoch=5)
-    assert not (tmp_path / "m2.bin").exists()
-
-
 def test_tiny_transformer_classifier_trains_and_loads(tmp_path, rng):
     info = train_transformer(labelled(rng, 40), tmp_path / "m.pt", epochs=4, max_len=32)
     assert info["accuracy"] >= 0.9 and info["parameters"] < 1_000_000
