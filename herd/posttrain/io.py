@@ -21,7 +21,7 @@ import torch
 
 from herd.io import give_default_mode
 from herd.model import Transformer, save_model
-from herd.tokenizer.export import generation_config_of, tokenizer_files
+from herd.tokenizer.files import checkpoint_tokenizer_files
 
 
 def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
@@ -64,22 +64,25 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> Path:
 
 
 def tokenizer_file(model_dir: str | os.PathLike) -> Path | None:
-    """tokenizer.model beside the weights (or in original/, as HF repos keep it), if present."""
+    """Where a checkpoint's tokenizer comes from: a .gguf file itself, else the directory when it
+    holds tokenizer files (tokenizer.json, tokenizer.model, original/tokenizer.model), else None."""
     model_dir = Path(model_dir)
-    for p in (model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        return model_dir
+    names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+    return model_dir if model_dir.is_dir() and any((model_dir / n).is_file() for n in names) else None
 
 
 def save_checkpoint(
     model: Transformer, path: str | os.PathLike, *, format: str = "hf", tokenizer: str | os.PathLike | None = None
 ) -> Path:
-    """save_model with the tokenizer files of `format` made from `tokenizer` (a rank file or a
-    checkpoint directory), so the directory is complete on its own from the moment it appears."""
-    files = {} if tokenizer is None else tokenizer_files(tokenizer, layout=format,  # type: ignore[arg-type]
-                                                          model_max_length=model.args.max_seq_len)
-    generation = None if tokenizer is None else generation_config_of(tokenizer)
+    """save_model with the tokenizer files of `format` made from `tokenizer` (a rank file, a
+    checkpoint directory or a .gguf file), so the directory is complete on its own from the moment
+    it appears."""
+    files, generation = {}, None
+    if tokenizer is not None:
+        files, generation = checkpoint_tokenizer_files(tokenizer, layout=format,
+                                                       model_max_length=model.args.max_seq_len)
     return save_model(model, path, format=format, overwrite=True, extra_files=files,  # type: ignore[arg-type]
                       generation_config=generation)
 

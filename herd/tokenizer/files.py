@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from herd.tokenizer.base import TokenizerLike
@@ -19,10 +21,14 @@ from herd.tokenizer.export import (
     ORIGINAL_RANK_FILE,
     RANK_FILE,
     generation_config,
+    generation_config_of,
     hf_tokenizer_json,
     tokenizer_config,
+    tokenizer_files,
 )
+from herd.tokenizer.gguf_vocab import gguf_tokenizer
 from herd.tokenizer.hf import HFTokenizer
+from herd.tokenizer.resolve import read_chat_template
 from herd.tokenizer.tokenizer import Tokenizer
 
 
@@ -83,3 +89,17 @@ def files_for_tokenizer(
         "special_tokens_map.json": _json_bytes(special),
     }
     return files, gen
+
+
+def checkpoint_tokenizer_files(
+    source: str | os.PathLike[str], *, layout: str, model_max_length: int
+) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+    """(files, generation config) for a `layout` directory whose tokenizer comes from `source`:
+    a checkpoint directory or tokenizer file (`export.tokenizer_files`: copied, or generated from a
+    rank file), or a `.gguf` file (generated from the vocabulary it declares, with its template)."""
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return files_for_tokenizer(gguf_tokenizer(path), layout=layout, chat_template=read_chat_template(path),
+                                   model_max_length=model_max_length)
+    files = tokenizer_files(path, layout=layout, model_max_length=model_max_length)  # type: ignore[arg-type]
+    return files, generation_config_of(path)

@@ -84,11 +84,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: Literal["hf", "m
     weights keep the source's dtype (a quantized GGUF source is dequantized to fp32).
     """
     from herd.model import load_model
-    from herd.model.formats import convert
     from herd.model.gguf import write_gguf
     from herd.tokenizer import load_tokenizer, read_chat_template
     from herd.tokenizer.export import gguf_tokenizer_metadata
-    from herd.tokenizer.files import files_for_tokenizer
+    from herd.tokenizer.files import checkpoint_tokenizer_files, files_for_tokenizer
 
     if to not in ("hf", "meta", "gguf"):
         raise ValueError(f"to must be 'hf', 'meta' or 'gguf', got {to!r}")
@@ -108,13 +107,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: Literal["hf", "m
         if template is not None and "tokenizer.chat_template" not in meta:
             meta["tokenizer.chat_template"] = template
         return write_gguf(model, dst, qtype=qtype, tokenizer_metadata=meta, name=src.stem)
-    if src.is_dir() and _has_tokenizer_files(src):
-        files = tokenizer_files(src, layout=to, model_max_length=model.args.max_seq_len)
-        generation = generation_config_of(src)
-        return convert(src, dst, to=to, num_shards=num_shards, overwrite=overwrite, extra_files=files,
-                       generation_config=generation)
-    files, generation = files_for_tokenizer(tokenizer, layout=to, chat_template=read_chat_template(src),
-                                            model_max_length=model.args.max_seq_len)
+    if src.suffix == ".gguf" or _has_tokenizer_files(src):
+        files, generation = checkpoint_tokenizer_files(src, layout=to, model_max_length=model.args.max_seq_len)
+    else:  # e.g. a 128K-vocabulary checkpoint without tokenizer files: the one load_tokenizer found
+        files, generation = files_for_tokenizer(tokenizer, layout=to, chat_template=read_chat_template(src),
+                                                model_max_length=model.args.max_seq_len)
     return save_model(model, dst, format=to, num_shards=num_shards, overwrite=overwrite, extra_files=files,
                       generation_config=generation)
 
