@@ -208,9 +208,9 @@ def cmd_plan(opts) -> None:
 def cmd_quantize(opts) -> None:
     from herd.quant import QuantConfig, quantize_checkpoint
 
-    config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations)
+    config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations, head=opts.head)
     report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite)
-    print(f"quantized {len(report.modules)} linear layers to {report.scheme}: "
+    print(f"quantized {len(report.modules)} linear layers to {report.scheme} (output head: {report.head}): "
           f"{report.bytes_before / 2**20:,.1f} MiB -> {report.bytes_after / 2**20:,.1f} MiB; wrote {opts.out}")
 
 
@@ -613,6 +613,8 @@ def _quantize_args(p):
     p.add_argument("--activations", choices=("float", "int8"), default="float",
                    help="CPU decode with int8/int4 weights: float keeps activations exact; int8 quantizes them "
                         "per block of 32 for integer dot products (faster, a small bounded error)")
+    p.add_argument("--head", choices=("int8", "same", "float"), help="output head: int8 (default for int8/int4), "
+                   "same (the scheme's own format), float; fp8 never quantizes it")
     p.add_argument("--overwrite", action="store_true")
 
 

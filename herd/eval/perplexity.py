@@ -123,6 +123,7 @@ def compare_schemes(
     stride: int | None = None,
     max_tokens: int | None = None,
     group_size: int = 64,
+    head: str | None = None,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> list[SchemeResult]:
     """Perplexity of the checkpoint at `path`, then of each scheme applied to it, on `text`.
@@ -138,7 +139,8 @@ def compare_schemes(
     quantized = is_quantized_checkpoint(path)
     if quantized and schemes:
         raise ValueError(f"{path} is already quantized; compare schemes on the float checkpoint it came from")
-    configs = [QuantConfig(s, group_size=group_size) for s in schemes]  # validate before the slow part
+    # Validate before the slow part. head None: each scheme's default (int8 head for int8/int4, float for fp8).
+    configs = [QuantConfig(s, group_size=group_size, head=head) for s in schemes]
 
     def load() -> Transformer:
         model = load_quantized(path) if quantized else load_model(path, dtype=torch.float32)
