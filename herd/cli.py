@@ -609,7 +609,7 @@ def _quantize_args(p):
     p.add_argument("out", help="directory to write (quant_config.json + model.safetensors + tokenizer)")
     p.add_argument("--scheme", choices=("int8", "int4", "fp8"), required=True,
                    help="int8: per-channel; int4: asymmetric groups; fp8: the paper's FFN-only row-wise rule")
-    p.add_argument("--group-size", type=int, default=64, help="int4 inputs per scale/min pair (default 64)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 inputs per scale/min pair (default 32)")
     p.add_argument("--activations", choices=("float", "int8"), default="float",
                    help="CPU decode with int8/int4 weights: float keeps activations exact; int8 quantizes them "
                         "per block of 32 for integer dot products (faster, a small bounded error)")
@@ -626,7 +626,7 @@ def _eval_perplexity_args(p):
     p.add_argument("--val-fraction", type=float, default=0.01, help="the document split's held-out share (0.01)")
     p.add_argument("--schemes", nargs="*", default=[], choices=("int8", "int4", "fp8"),
                    help="also score the model quantized with each scheme and report the change")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size for --schemes")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size for --schemes")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, help="window step (default: seq-len, disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")

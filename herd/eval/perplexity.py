@@ -122,7 +122,7 @@ def compare_schemes(
     seq_len: int,
     stride: int | None = None,
     max_tokens: int | None = None,
-    group_size: int = 64,
+    group_size: int = 32,
     head: str | None = None,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> list[SchemeResult]:

@@ -234,5 +234,5 @@ def quantized_model_from_gguf(path: str | os.PathLike, config: QuantConfig | Non
     from herd.model.gguf import gguf_raw_tensors, read_gguf
 
     config = config or QuantConfig("int4", group_size=GROUP)
-    args, state_dict = read_gguf(path)
-    return quantized_model_from_raw(args, state_dict, gguf_raw_tensors(path), config)
+    ckpt = read_gguf(path)
+    return quantized_model_from_raw(ckpt.args, ckpt.state_dict, gguf_raw_tensors(path), config)

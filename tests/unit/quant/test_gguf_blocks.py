@@ -162,14 +162,6 @@ def test_real_q4_1_tensors_map_bit_for_bit(smol_raw):
     assert checked == 14  # 7 linear layers in each of the two blocks
 
 
-@pytest.fixture(scope="module")
-def smol_float(smollm2_hf):
-    from herd.model.keymap import args_from_hf_config, from_hf_state_dict
-
-    args = args_from_hf_config(smollm2_hf.model.config.to_dict())
-    return args, from_hf_state_dict(smollm2_hf.model.state_dict(), args)
-
-
 def test_real_model_from_blocks_equals_transformers(smol_raw, smol_float, smollm2_hf):
     """Every Q4_1 tensor mapped exactly and a float head: the model *is* the file's weights, so its
     logits equal transformers' reading of the same file. This also shows that GGUF's q/k rows are
@@ -197,3 +189,13 @@ def test_real_model_from_blocks_equals_transformers(smol_raw, smol_float, smollm
     with torch.inference_mode():
         top = default.model(ids).argmax(-1)
     assert float((top == ref.argmax(-1)).float().mean()) >= 0.9
+
+
+def test_quantized_model_from_gguf_reads_the_file_through_herd_model_gguf(smollm2_gguf):
+    pytest.importorskip("herd.model.gguf", reason="herd.model.gguf (GGUF reading) is not in this tree yet")
+    from herd.quant.gguf_blocks import quantized_model_from_gguf
+
+    built = quantized_model_from_gguf(smollm2_gguf)
+    assert len(built.exact) == 210 and built.requantized == {"output": "Q8_0"}
+    assert built.dequantized == {"tok_embeddings": "Q8_0"}
+    assert {built.model.get_submodule(n).group_size for n in built.exact} == {32}
