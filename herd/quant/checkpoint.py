@@ -219,8 +219,18 @@ def load_quantized(
 def quantize_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, overwrite: bool = False
 ) -> QuantReport:
-    """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer."""
-    model = load_model(src)
-    report = quantize(model, config)
+    """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer.
+
+    A .gguf SRC keeps its Q4_0 / Q4_1 blocks exactly (int4 at group 32) and applies `config` to
+    the rest (`quantized_model_from_gguf`), instead of rounding the file's 4-bit weights again.
+    """
+    if Path(src).suffix.lower() == ".gguf":
+        from herd.quant.gguf_blocks import quantized_model_from_gguf
+
+        built = quantized_model_from_gguf(src, config)
+        model, report = built.model, built.report
+    else:
+        model = load_model(src)
+        report = quantize(model, config)
     save_quantized(model, dst, overwrite=overwrite, copy_from=src)
     return report

@@ -93,3 +93,11 @@ def test_eval_perplexity_reports_each_scheme(ckpt, tmp_path, capsys):
     assert rows["int8"]["delta_perplexity"] != 0 and abs(rows["int8"]["delta_perplexity"]) < 0.05
     assert main(["eval", "perplexity", str(ckpt), "--text", str(text_file), "--seq-len", "64"]) == 0
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_compare_schemes_passes_the_head_choice(ckpt):
+    from herd.eval.perplexity import compare_schemes
+
+    rows = {head: compare_schemes(ckpt, TEXT, schemes=["int4"], head=head, seq_len=64)[1].result.perplexity
+            for head in (None, "same", "float")}
+    assert len(set(rows.values())) == 3  # int8, int4 and float heads score differently

@@ -191,11 +191,16 @@ def test_real_model_from_blocks_equals_transformers(smol_raw, smol_float, smollm
     assert float((top == ref.argmax(-1)).float().mean()) >= 0.9
 
 
-def test_quantized_model_from_gguf_reads_the_file_through_herd_model_gguf(smollm2_gguf):
+def test_herd_quantize_of_a_gguf_file_keeps_its_blocks(smollm2_gguf, smol_raw, tmp_path):
     pytest.importorskip("herd.model.gguf", reason="herd.model.gguf (GGUF reading) is not in this tree yet")
-    from herd.quant.gguf_blocks import quantized_model_from_gguf
+    from herd.quant import QuantConfig, load_quantized, quantize_checkpoint
 
-    built = quantized_model_from_gguf(smollm2_gguf)
-    assert len(built.exact) == 210 and built.requantized == {"output": "Q8_0"}
-    assert built.dequantized == {"tok_embeddings": "Q8_0"}
-    assert {built.model.get_submodule(n).group_size for n in built.exact} == {32}
+    report = quantize_checkpoint(smollm2_gguf, tmp_path / "q", QuantConfig("int4"))
+    assert len(report.modules) == 211 and report.head == "int8" and report.bytes_after < report.bytes_before / 5
+    loaded = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.output, Int8Linear)
+    for name in ["layers.0.attention.wq", "layers.29.feed_forward.w2"]:
+        t, mod = smol_raw[f"{name}.weight"], loaded.get_submodule(name)
+        ref = q4_to_int4(t.type, t.data, t.shape)
+        assert mod.group_size == 32
+        assert torch.equal(mod.weight, ref.weight) and torch.equal(mod.scales, ref.scales), name
