@@ -204,9 +204,9 @@ def cmd_plan(opts) -> None:
 def cmd_quantize(opts) -> None:
     from herd.quant import QuantConfig, quantize_checkpoint
 
-    config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations)
+    config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations, head=opts.head)
     report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite)
-    print(f"quantized {len(report.modules)} linear layers to {report.scheme}: "
+    print(f"quantized {len(report.modules)} linear layers to {report.scheme} (output head: {report.head}): "
           f"{report.bytes_before / 2**20:,.1f} MiB -> {report.bytes_after / 2**20:,.1f} MiB; wrote {opts.out}")
 
 
@@ -615,10 +615,12 @@ def _quantize_args(p):
     p.add_argument("out", help="directory to write (quant_config.json + model.safetensors + tokenizer)")
     p.add_argument("--scheme", choices=("int8", "int4", "fp8"), required=True,
                    help="int8: per-channel; int4: asymmetric groups; fp8: the paper's FFN-only row-wise rule")
-    p.add_argument("--group-size", type=int, default=64, help="int4 inputs per scale/min pair (default 64)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 inputs per scale/min pair (default 32)")
     p.add_argument("--activations", choices=("float", "int8"), default="float",
                    help="CPU decode with int8/int4 weights: float keeps activations exact; int8 quantizes them "
                         "per block of 32 for integer dot products (faster, a small bounded error)")
+    p.add_argument("--head", choices=("int8", "same", "float"), help="output head: int8 (default for int8/int4), "
+                   "same (the scheme's own format), float; fp8 never quantizes it")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -630,7 +632,7 @@ def _eval_perplexity_args(p):
     p.add_argument("--val-fraction", type=float, default=0.01, help="the document split's held-out share (0.01)")
     p.add_argument("--schemes", nargs="*", default=[], choices=("int8", "int4", "fp8"),
                    help="also score the model quantized with each scheme and report the change")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size for --schemes")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size for --schemes")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, help="window step (default: seq-len, disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")

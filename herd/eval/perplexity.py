@@ -124,7 +124,8 @@ def compare_schemes(
     seq_len: int,
     stride: int | None = None,
     max_tokens: int | None = None,
-    group_size: int = 64,
+    group_size: int = 32,
+    head: str | None = None,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> list[SchemeResult]:
     """Perplexity of the checkpoint at `path`, then of each scheme applied to it, on `text`.
@@ -139,7 +140,8 @@ def compare_schemes(
     quantized = is_quantized_checkpoint(path)
     if quantized and schemes:
         raise ValueError(f"{path} is already quantized; compare schemes on the float checkpoint it came from")
-    configs = [QuantConfig(s, group_size=group_size) for s in schemes]  # validate before the slow part
+    # Validate before the slow part. head None: each scheme's default (int8 head for int8/int4, float for fp8).
+    configs = [QuantConfig(s, group_size=group_size, head=head) for s in schemes]
     loaded = load_for_inference(path, tokenizer=tokenizer_path, dtype=None if quantized else torch.float32,
                                 cpu_kernels=False)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -1,7 +1,8 @@
 """Quantized checkpoints: one safetensors file of codes and scales, and a JSON file saying how.
 
-A directory holds `quant_config.json` (format tag, scheme, group size, the activation bound,
-which modules are quantized and with what, and the exact `ModelArgs`) and `model.safetensors`
+A directory holds `quant_config.json` (format tag, scheme of the blocks, the head's format,
+group size, the activation bound, which modules are quantized and with what, and the exact
+`ModelArgs`) and `model.safetensors`
 (herd/Meta parameter names; a quantized module contributes `weight` plus `scale` or `scales`
 and `mins`), plus the tokenizer files (and generation_config.json) of the source checkpoint.
 
@@ -64,17 +65,23 @@ def save_quantized(
                          "or save float models with herd.save_model")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) or choose another path")
-    schemes = sorted({_scheme_of(m) for m in quantized.values()})
+    # The head has its own format (QuantConfig.head): "scheme" names the blocks' one.
+    body = sorted({_scheme_of(m) for name, m in quantized.items() if name != "output"})
     first = next(iter(quantized.values()))
+    int4 = {name: m.group_size for name, m in quantized.items() if isinstance(m, Int4Linear)}
+    fp8 = [m for m in quantized.values() if isinstance(m, Fp8Linear)]
     config: dict[str, Any] = {
         "format": FORMAT_TAG,
-        "scheme": schemes[0] if len(schemes) == 1 else "mixed",
-        "group_size": first.group_size if isinstance(first, Int4Linear) else None,
-        "activation_scale_ub": first.activation_scale_ub if isinstance(first, Fp8Linear) else None,
+        "scheme": body[0] if len(body) == 1 else "mixed",
+        "head": _scheme_of(quantized["output"]) if "output" in quantized else "float",
+        "group_size": max(set(int4.values()), key=list(int4.values()).count) if int4 else None,
+        "activation_scale_ub": fp8[0].activation_scale_ub if fp8 else None,
         "activations": getattr(first, "activations", "float"),
         "modules": {name: _scheme_of(m) for name, m in quantized.items()},
         "model_args": dataclasses.asdict(model.args),
     }
+    if len(set(int4.values())) > 1:  # e.g. GGUF Q4 blocks at 32 beside the recipe's 64
+        config["group_sizes"] = int4
     state = model.state_dict()
     # safetensors refuses two names for one storage: a tied, unquantized head is re-tied on load.
     if "output.weight" in state and model.output.weight is model.tok_embeddings.weight:
@@ -126,12 +133,13 @@ def read_quant_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _shell(scheme: str, in_features: int, out_features: int, cfg: dict[str, Any]) -> torch.nn.Module:
+def _shell(name: str, scheme: str, in_features: int, out_features: int, cfg: dict[str, Any]) -> torch.nn.Module:
     if scheme == "int8":
         # "activations" is absent from files written before the int8-activation mode: exact.
         return Int8Linear(in_features, out_features, activations=cfg.get("activations", "float"), device="meta")
     if scheme == "int4":
-        return Int4Linear(in_features, out_features, group_size=int(cfg["group_size"]),
+        group_size = cfg.get("group_sizes", {}).get(name, cfg["group_size"])
+        return Int4Linear(in_features, out_features, group_size=int(group_size),
                           activations=cfg.get("activations", "float"), device="meta")
     if scheme == "fp8":
         return Fp8Linear(in_features, out_features, activation_scale_ub=float(cfg["activation_scale_ub"]),
@@ -168,6 +176,11 @@ def load_quantized(
     except safetensors.SafetensorError as e:
         raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
+    # "head" is absent from files written before QuantConfig.head: "modules" alone says it all.
+    head = cfg.get("head", cfg["modules"].get("output", "float"))
+    if head != cfg["modules"].get("output", "float"):
+        raise ValueError(f"{root / QUANT_CONFIG}: head {head!r} disagrees with modules['output'] "
+                         f"({cfg['modules'].get('output')!r}); the file was edited by hand, re-run herd quantize")
     with torch.device("meta"):
         model = Transformer(args)
     for name, scheme in cfg["modules"].items():
@@ -175,7 +188,7 @@ def load_quantized(
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{QUANT_CONFIG} names module {name!r}, which this model does not have") from None
-        new = _shell(scheme, linear.in_features, linear.out_features, cfg)
+        new = _shell(name, scheme, linear.in_features, linear.out_features, cfg)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     expected = model.state_dict()
@@ -209,8 +222,18 @@ def load_quantized(
 def quantize_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, overwrite: bool = False
 ) -> QuantReport:
-    """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer."""
-    model = load_model(src)
-    report = quantize(model, config)
+    """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer.
+
+    A .gguf SRC keeps its Q4_0 / Q4_1 blocks exactly (int4 at group 32) and applies `config` to
+    the rest (`quantized_model_from_gguf`), instead of rounding the file's 4-bit weights again.
+    """
+    if Path(src).suffix.lower() == ".gguf":
+        from herd.quant.gguf_blocks import quantized_model_from_gguf
+
+        built = quantized_model_from_gguf(src, config)
+        model, report = built.model, built.report
+    else:
+        model = load_model(src)
+        report = quantize(model, config)
     save_quantized(model, dst, overwrite=overwrite, copy_from=src)
     return report

@@ -84,11 +84,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """
     N, K = q.shape
     assert K % _INT4_UNIT == 0
-    v = q.to(torch.int64).view(N, K // 32, 8, 4)  # (N, unit, i, l): input 4*i + l
-    shifts = (4 * torch.arange(8, dtype=torch.int64, device=q.device)).view(1, 1, 8, 1)
-    words = (v << shifts).sum(dim=2)  # (N, unit, 4), each < 2**32; disjoint bits, so sum == or
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.view(torch.uint8).view(N, K // 2)
+    # Little-endian word l holds nibbles i = 0..7 in bytes c = i // 2, so byte 4l + c of a unit
+    # holds inputs 8c + l (low nibble) and 8c + 4 + l (high nibble).
+    v = q.to(torch.uint8).view(N, K // 32, 4, 2, 4)  # (N, unit, c, nibble, l): input 8c + 4*nibble + l
+    b = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # (N, unit, c, l)
+    return b.transpose(2, 3).reshape(N, K // 2)  # (N, unit, l, c) -> byte 4l + c
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

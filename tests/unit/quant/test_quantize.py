@@ -67,13 +67,45 @@ def test_quantized_logits_within_documented_tolerance(base, tokens, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_int_schemes_quantize_every_linear_including_the_head(base, scheme):
+def test_int_schemes_quantize_every_linear_and_the_head_to_int8_by_default(base, scheme):
     model = copy.deepcopy(base)
     report = quantize(model, CONFIGS[scheme])
     kind = Int8Linear if scheme == "int8" else Int4Linear
     assert not any(type(m) is nn.Linear for m in model.modules())
-    assert isinstance(model.output, kind) and len(report.modules) == 7 * ARGS.n_layers + 1
+    assert all(isinstance(model.get_submodule(name), kind) for name in report.modules if name != "output")
+    assert type(model.output) is Int8Linear and report.head == "int8" and len(report.modules) == 7 * ARGS.n_layers + 1
     assert torch.equal(model.tok_embeddings.weight, base.tok_embeddings.weight)
+
+
+@pytest.mark.parametrize("args", [ARGS, TIED], ids=["untied", "tied"])
+def test_head_option_same_and_float(tokens, args):
+    base = build_model(args, seed=4).eval()
+    same, flt, default = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    assert quantize(same, QuantConfig("int4", group_size=32, head="same")).head == "int4"
+    assert type(same.output) is Int4Linear
+    report = quantize(flt, QuantConfig("int4", group_size=32, head="float"))
+    assert report.head == "float" and "output" not in report.modules and len(report.modules) == 7 * args.n_layers
+    assert type(flt.output) is nn.Linear and torch.equal(flt.output.weight, base.output.weight)
+    if args.tie_embeddings:
+        assert flt.output.weight is flt.tok_embeddings.weight  # a float head stays tied
+    quantize(default, QuantConfig("int4", group_size=32))
+    # The three differ only in the head: the blocks' codes are the same.
+    for name in [n for n in report.modules]:
+        assert torch.equal(same.get_submodule(name).weight, default.get_submodule(name).weight)
+    with torch.inference_mode():
+        ref, h4, h8, hf = base(tokens), same(tokens), default(tokens), flt(tokens)
+    # A finer head can only help: an int8 head's error is a small part of the int4 head's.
+    assert _kl(ref, hf) <= _kl(ref, h8) < _kl(ref, h4)
+    assert float((h8 - hf).abs().max()) < 0.25 * float((h4 - hf).abs().max())
+
+
+def test_head_option_errors():
+    with pytest.raises(ValueError, match="head must be one of"):
+        QuantConfig("int4", head="int4")
+    with pytest.raises(ValueError, match="never quantizes the output head"):
+        QuantConfig("fp8", head="int8")
+    assert QuantConfig("fp8", head="float").head_scheme is None and QuantConfig("fp8").head_scheme is None
+    assert QuantConfig("int8", head="same").head_scheme == QuantConfig("int8").head_scheme == "int8"
 
 
 def test_fp8_layer_selection_rule(base):
@@ -146,6 +178,7 @@ def test_safetensors_round_trip_is_exact(tmp_path, tokens, args, scheme):
     cfg = json.loads((out / "quant_config.json").read_text())
     assert cfg["scheme"] == scheme and set(cfg["modules"]) == set(modules_to_quantize(build_model(args, init=False),
                                                                                          scheme))
+    assert cfg["head"] == ("float" if scheme == "fp8" else "int8") == cfg["modules"].get("output", "float")
     loaded = load_quantized(out).eval()
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -153,6 +186,8 @@ def test_safetensors_round_trip_is_exact(tmp_path, tokens, args, scheme):
         assert a[key].dtype == b[key].dtype and torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), key
     if scheme == "fp8" and args.tie_embeddings:
         assert loaded.output.weight is loaded.tok_embeddings.weight  # the float head stays tied
+    if scheme != "fp8":
+        assert type(loaded.output) is Int8Linear
     with torch.inference_mode():
         assert torch.equal(model(tokens), loaded(tokens))
 
@@ -208,3 +243,43 @@ def test_int8_activation_mode_survives_save_and_load(tmp_path, tokens, scheme):
     assert {m.activations for m in loaded.modules() if hasattr(m, "activations")} == {"int8"}
     with torch.inference_mode():
         assert torch.equal(model(tokens[:, :1]), loaded(tokens[:, :1]))  # one row: the a8 decode kernel
+
+
+@pytest.mark.parametrize("head", ["same", "float"])
+def test_head_choice_survives_save_and_load(tmp_path, tokens, head):
+    model = build_model(TIED, seed=5).eval()
+    quantize(model, QuantConfig("int4", group_size=32, head=head))
+    out = save_quantized(model, tmp_path / "q")
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg["scheme"] == "int4" and cfg["head"] == ("int4" if head == "same" else "float")
+    loaded = load_quantized(out).eval()
+    assert type(loaded.output) is (Int4Linear if head == "same" else nn.Linear)
+    if head == "float":
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), loaded(tokens))
+
+    # A file written before QuantConfig.head has no "head" key: "modules" alone decides.
+    del cfg["head"]
+    (out / "quant_config.json").write_text(json.dumps(cfg))
+    assert type(load_quantized(out).output) is type(loaded.output)
+    cfg["head"] = "int8"  # contradicts modules: refused, never guessed
+    (out / "quant_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="disagrees with modules"):
+        load_quantized(out)
+
+
+def test_int4_modules_with_different_group_sizes_round_trip(tmp_path, tokens):
+    # GGUF Q4 blocks arrive at group 32 beside layers quantized by the recipe at 64.
+    model = build_model(ARGS, seed=6).eval()
+    wq = model.layers["1"].attention.wq
+    assert wq.in_features == 64
+    quantize(model, QuantConfig("int4", group_size=32))
+    model.layers["1"].attention.wq = Int4Linear.from_linear(wq, group_size=64)
+    out = save_quantized(model, tmp_path / "q")
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg["group_size"] == 32 and cfg["group_sizes"]["layers.1.attention.wq"] == 64
+    loaded = load_quantized(out).eval()
+    assert loaded.layers["1"].attention.wq.group_size == 64 and loaded.layers["0"].attention.wq.group_size == 32
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), loaded(tokens))
