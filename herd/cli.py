@@ -204,8 +204,11 @@ def cmd_plan(opts) -> None:
 def cmd_quantize(opts) -> None:
     from herd.quant import QuantConfig, quantize_checkpoint
 
+    from herd.tokenizer.files import gguf_tokenizer_files
+
     config = QuantConfig(opts.scheme, group_size=opts.group_size, activations=opts.activations, head=opts.head)
-    report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite)
+    extra = gguf_tokenizer_files(opts.path) if opts.path.endswith(".gguf") else None  # a directory's are copied
+    report = quantize_checkpoint(opts.path, opts.out, config, overwrite=opts.overwrite, extra_files=extra)
     print(f"quantized {len(report.modules)} linear layers to {report.scheme} (output head: {report.head}): "
           f"{report.bytes_before / 2**20:,.1f} MiB -> {report.bytes_after / 2**20:,.1f} MiB; wrote {opts.out}")
 

@@ -38,11 +38,17 @@ _UMASK: int | None = None
 def give_default_mode(path: str | os.PathLike[str]) -> None:
     """The mode a plain open()/mkdir() would have given `path` (0666/0777 less the umask).
 
-    tempfile's mkstemp/mkdtemp create 0600 files and 0700 folders, and a rename keeps the mode:
-    without this a checkpoint written atomically would be unreadable to other users and tools.
+    tempfile's mkstemp/mkdtemp create 0600 files and 0700 folders (and so does safetensors'
+    writer), and a rename keeps the mode: without this a checkpoint written atomically would be
+    unreadable to other users and tools. A folder is done with everything in it; call this on the
+    temporary folder once it is complete, just before renaming it into place.
     """
     path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    mask = _umask()
+    if path.is_dir():
+        for sub in path.rglob("*"):
+            os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

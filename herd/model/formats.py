@@ -296,9 +296,9 @@ def _atomic_dir(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
             raise FileExistsError(f"{dst} already exists; pass overwrite=True or choose another path")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         write(tmp)
+        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dst, old)

@@ -31,9 +31,9 @@ def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwri
         raise FileExistsError(f"{dst} already exists; choose another output directory or allow overwriting")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         write(tmp)
+        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dst, old)

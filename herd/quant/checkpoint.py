@@ -96,13 +96,13 @@ def save_quantized(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    give_default_mode(tmp)  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "herd_quant": config["scheme"]})
         with open(tmp / QUANT_CONFIG, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
         write_files(tmp, files)
+        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.rename(tmp, dst)
@@ -220,12 +220,15 @@ def load_quantized(
 
 
 def quantize_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, overwrite: bool = False
+    src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig, *, overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> QuantReport:
     """`herd quantize SRC DST`: load a float checkpoint, quantize it, save it with its tokenizer.
 
     A .gguf SRC keeps its Q4_0 / Q4_1 blocks exactly (int4 at group 32) and applies `config` to
     the rest (`quantized_model_from_gguf`), instead of rounding the file's 4-bit weights again.
+    A directory's tokenizer files are copied; `extra_files` (relative path -> bytes) adds files
+    such as the tokenizer of a GGUF source, which this package cannot write itself.
     """
     if Path(src).suffix.lower() == ".gguf":
         from herd.quant.gguf_blocks import quantized_model_from_gguf
@@ -235,5 +238,6 @@ def quantize_checkpoint(
     else:
         model = load_model(src)
         report = quantize(model, config)
-    save_quantized(model, dst, overwrite=overwrite, copy_from=src)
+    save_quantized(model, dst, overwrite=overwrite, copy_from=src if Path(src).is_dir() else None,
+                   extra_files=extra_files)
     return report

@@ -26,7 +26,7 @@ from herd.tokenizer.export import (
     tokenizer_config,
     tokenizer_files,
 )
-from herd.tokenizer.gguf_vocab import gguf_tokenizer
+from herd.tokenizer.gguf_vocab import gguf_tokenizer, read_gguf_metadata
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.resolve import read_chat_template
 from herd.tokenizer.tokenizer import Tokenizer
@@ -103,3 +103,13 @@ def checkpoint_tokenizer_files(
                                    model_max_length=model_max_length)
     files = tokenizer_files(path, layout=layout, model_max_length=model_max_length)  # type: ignore[arg-type]
     return files, generation_config_of(path)
+
+
+def gguf_tokenizer_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """HF tokenizer files plus generation_config.json for a directory made from the GGUF at `path`
+    (e.g. `herd quantize file.gguf out`), with the file's own context length as model_max_length."""
+    context = read_gguf_metadata(path, prefixes=("llama.context_length",)).get("llama.context_length", 131072)
+    files, generation = checkpoint_tokenizer_files(path, layout="hf", model_max_length=int(context))
+    if generation is not None:
+        files["generation_config.json"] = _json_bytes(generation)
+    return files

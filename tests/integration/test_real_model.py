@@ -55,10 +55,11 @@ def hf_copy(smollm2_gguf, tmp_path_factory):
 def test_gguf_to_hf_loads_in_transformers(hf_copy, smol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mode = stat.S_IMODE(os.stat(hf_copy).st_mode)
     umask = os.umask(0)
     os.umask(umask)
-    assert mode == 0o777 & ~umask, oct(mode)
+    for path in [hf_copy, *hf_copy.iterdir()]:  # not mkdtemp's 0700 / safetensors' 0600
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(os.stat(path).st_mode) == want, (path.name, oct(os.stat(path).st_mode))
     tok = AutoTokenizer.from_pretrained(hf_copy)
     dialog = [{"role": "user", "content": QUESTION}]
     ids = tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]

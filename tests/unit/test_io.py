@@ -1,0 +1,57 @@
+"""herd.io: atomic writes leave nothing half-written, and published files get the usual modes."""
+
+import os
+import stat
+import tempfile
+
+import pytest
+
+from herd.io import atomic_write_bytes, atomic_write_json, give_default_mode, write_files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_write_gets_the_mode_open_would_give(tmp_path):
+    path = atomic_write_bytes(tmp_path / "a" / "b.bin", b"xyz")
+    assert path.read_bytes() == b"xyz"
+    assert _mode(path) == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert [p.name for p in path.parent.iterdir()] == ["b.bin"]  # no temporary file left
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = atomic_write_json(tmp_path / "c.json", {"v": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(path, {"v": 2})
+    assert path.read_text() == '{\n  "v": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_give_default_mode_covers_a_whole_temporary_folder(tmp_path):
+    folder = tempfile.mkdtemp(dir=tmp_path)  # 0700
+    write_files(folder, {"x.json": b"{}", "sub/y.bin": b"1"})
+    fd, private = tempfile.mkstemp(dir=folder)  # 0600, as safetensors writes
+    os.close(fd)
+    give_default_mode(folder)
+    mask = _umask()
+    assert _mode(folder) == 0o777 & ~mask
+    assert _mode(os.path.join(folder, "sub")) == 0o777 & ~mask
+    for f in ("x.json", "sub/y.bin", private):
+        assert _mode(os.path.join(folder, f)) == 0o666 & ~mask
+
+
+def test_write_files_refuses_paths_outside_the_folder(tmp_path):
+    with pytest.raises(ValueError):
+        write_files(tmp_path, {"../escape.txt": b"no"})
