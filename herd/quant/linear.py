@@ -8,7 +8,7 @@ exactly what is saved) and chooses a matmul per call:
   (short prompts too). With `activations="int8"` (int8 and int4 only) a call of at most 16 rows
   quantizes the activation rows to int8 per block of 32 inputs and multiplies in integers,
   1.5-3x faster per core; the result then differs from the exact one by the activation
-  rounding (bounded in cpu_gemv.cpp, tested). Longer calls (prompts) and the other paths stay
+  rounding (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the other paths stay
   exact.
 * CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
 * Anything else (long prompts, GPU, no compiler): dequantize to the activation dtype and `F.linear`.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.kernels import MAX_ROWS, cpu_kernels
+from herd.kernels import KIND_F32, KIND_INT4, KIND_INT8, MAX_ROWS, KernelWeight, cpu_kernels
 
 # ---- int8, per output channel, symmetric ----------------------------------------------------
 
@@ -78,7 +78,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout (see cpu_gemv.cpp).
+    """Codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout (see gemv_kernels.h).
 
     Per 32 inputs, four little-endian int32 words; nibble i of word l holds input 4*i + l.
     """
@@ -206,6 +206,9 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scale, dtype)
 
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(KIND_INT8, (self.weight, self.scale), 0, self.activations == "int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if _use_kernel(x2, self.weight, INT8_KERNEL_ROWS) and (ops := cpu_kernels()) is not None:
@@ -253,6 +256,10 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int4(self.weight, self.scales, self.mins, self.group_size, dtype)
+
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(KIND_INT4, (self.weight, self.scales, self.mins), self.group_size,
+                            self.activations == "int8")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
@@ -328,6 +335,9 @@ class CpuKernelLinear(nn.Linear):
     MKL's sgemv reaches ~14-16 GB/s inside the model where a plain stream reaches ~20; larger
     inputs (prefill) still go to MKL's GEMM, which is compute-bound and hard to beat.
     """
+
+    def kernel_weight(self) -> KernelWeight | None:
+        return KernelWeight(KIND_F32, (self.weight,)) if self.bias is None and self.weight.dtype == torch.float32 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

@@ -182,7 +182,7 @@ def test_cpu_kernel_linear_keeps_autograd_on_the_aten_path(ops):
 # Definition: each activation row is quantized per block of 32 inputs (the last block may be
 # shorter) to xq = round_half_even(x * (127 / amax)), d = amax / 127, and the weights are
 # multiplied by d * xq; int4 codes are centred on 7.5 with the exact fp32 group sums of x making
-# up the difference (cpu_gemv.cpp). Two checks: the kernel equals a float64 emulation of that
+# up the difference (gemv_kernels.h). Two checks: the kernel equals a float64 emulation of that
 # definition to fp32 rounding, and it is within the activation-rounding bound of the exact result:
 #     |y - x @ w.T| <= sum_k d_b(k) / 2 * |w_k - c_k|,  c = 0 (int8), c = m_g + 7.5 s_g (int4).
 
