@@ -13,7 +13,9 @@ register kernels are in gemv_kernels.h, how they are called in gemv.h):
     linear_f32(x (M, K), w (N, K) f32) -> (M, N)                       cpu_gemv.cpp
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
     linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
-    dequantize_int4(w, scale, min, G) -> (N, K) f32   (prefill: one pass, then MKL's GEMM)
+    dequantize_int4(w, scale, min, G) -> (N, K) f32   (long prompts: one pass, then MKL's GEMM)
+    matmul_int8(x (M, K), w, scale), matmul_int4(x, w, scale, min, G) -> (M, N): any M (prompts),
+        exact; tiles of the weight dequantized to fp32 in cache, then register-blocked FMAs (gemv.h)
     linear_int8_a8, linear_int4_a8: same arguments as linear_int8 / linear_int4; x is quantized
         to int8 per block of 32 inputs inside the op and multiplied in integers (an opt-in mode,
         herd.quant's activations="int8"; its error bound is in gemv_kernels.h)
@@ -125,7 +127,8 @@ def _build() -> SimpleNamespace:
     _register_fakes()
     return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
                            linear_int8_a8=ops.linear_int8_a8, linear_int4_a8=ops.linear_int4_a8,
-                           dequantize_int4=ops.dequantize_int4, decode_block=ops.decode_block,
+                           dequantize_int4=ops.dequantize_int4, matmul_int8=ops.matmul_int8,
+                           matmul_int4=ops.matmul_int4, decode_block=ops.decode_block,
                            parallel_threads=ops.parallel_threads)
 
 
@@ -136,7 +139,8 @@ def _register_fakes() -> None:
     def linear(x, w, *_):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    for name in ("linear_f32", "linear_int8", "linear_int8_a8", "linear_int4", "linear_int4_a8"):
+    for name in ("linear_f32", "linear_int8", "linear_int8_a8", "linear_int4", "linear_int4_a8", "matmul_int8",
+                 "matmul_int4"):
         register_fake(f"herd_cpu::{name}")(linear)
     register_fake("herd_cpu::dequantize_int4")(lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))
     register_fake("herd_cpu::decode_block")(lambda x, *_: torch.empty_like(x))

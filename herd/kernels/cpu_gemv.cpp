@@ -53,41 +53,33 @@ at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
 
 // ---- dequantization for prefill ------------------------------------------------------------
 
-// Prefill (many rows) multiplies by the fp32 weight with MKL's GEMM; these write that weight in
-// one pass, where the same in ATen ops takes several full-size temporaries.
+// Prefill: any number of rows, exact (gemv.h's gemm: tiles dequantized to fp32 in cache).
+at::Tensor run_gemm(const at::Tensor& x, const Weight& w, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              name, " takes contiguous float32 (M, K) activations");
+  TORCH_CHECK(x.size(1) == w.K, "x has ", x.size(1), " columns but the weight expects ", w.K);
+  TORCH_CHECK(w.K % 8 == 0, name, " needs in_features divisible by 8, got ", w.K);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  if (x.size(0) > 0) gemm(w, x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return run_gemm(x, weight_from(Kind::I8, {w, scale}, 0, "matmul_int8"), "matmul_int8");
+}
+
+at::Tensor matmul_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
+                       int64_t group_size) {
+  return run_gemm(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "matmul_int4"), "matmul_int4");
+}
+
+// The fp32 weight of an int4 layer in one pass (where ATen ops take several full-size temporaries).
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv, int64_t group_size) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-              "dequantize_int4 takes a contiguous uint8 (N, K/2) weight");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  TORCH_CHECK(group_size >= 32 && group_size % 32 == 0 && K % group_size == 0, "bad group_size ", group_size);
-  const int64_t n_groups = K / group_size;
-  for (const at::Tensor* t : {&scale, &minv}) {
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * n_groups,
-                "dequantize_int4 takes float16 scales and mins of shape (N, K / group_size)");
-  }
-  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = minv.data_ptr<at::Half>();
+  const Weight wt = weight_from(Kind::I4, {w, scale, minv}, group_size, "dequantize_int4");
+  at::Tensor out = at::empty({wt.N, wt.K}, w.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    const __m256i mask = _mm256_set1_epi32(0xF);
-    const __m256i sh0 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const __m256i sh8 = _mm256_set1_epi32(8);
-    for (int64_t n = b; n < e; ++n) {
-      for (int64_t u = 0; u < K / 32; ++u) {
-        const int64_t g = n * n_groups + (u * 32) / group_size;
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(sp[g].x));
-        const __m256 m = _mm256_set1_ps(_cvtsh_ss(mp[g].x));
-        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wp + n * (K / 2) + u * 16)));
-        __m256i sh = sh0;
-        for (int j = 0; j < 4; ++j) {
-          const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(packed, sh), mask));
-          _mm256_storeu_ps(op + n * K + u * 32 + j * 8, _mm256_fmadd_ps(q, s, m));
-          sh = _mm256_add_epi32(sh, sh8);
-        }
-      }
-    }
+  at::parallel_for(0, wt.N, grain_rows(wt.K, 1), [&](int64_t b, int64_t e) {
+    dequantize_rows(wt, b, e - b, op + b * wt.K);
   });
   return out;
 }
@@ -112,6 +104,8 @@ TORCH_LIBRARY(herd_cpu, m) {
   m.def("linear_int8_a8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("linear_int4_a8(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("matmul_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("matmul_int4(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("parallel_threads() -> int");
 }
 
@@ -122,6 +116,8 @@ TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
   m.impl("linear_int8_a8", &linear_int8_a8);
   m.impl("linear_int4_a8", &linear_int4_a8);
   m.impl("dequantize_int4", &dequantize_int4);
+  m.impl("matmul_int8", &matmul_int8);
+  m.impl("matmul_int4", &matmul_int4);
 }
 
 TORCH_LIBRARY_IMPL(herd_cpu, CompositeExplicitAutograd, m) { m.impl("parallel_threads", &parallel_threads); }

@@ -10,7 +10,8 @@
 // once, in order, with independent FMA chains so the loads never wait on the adder, and split
 // the rows across threads with ATen's parallel_for (the same OpenMP pool as the rest of torch,
 // so torch.set_num_threads applies and no second runtime competes for the cores; the build needs
-// -fopenmp for that, see parallel_threads in cpu_gemv.cpp).
+// -fopenmp for that, see parallel_threads in cpu_gemv.cpp). This file needs no ATen (fp16 values
+// are their uint16_t bits), so the kernels also build in a plain C++ microbenchmark.
 //
 // Three weight formats, all with fp32 activations and fp32 accumulation:
 //   f32:  W float32 (N, K).
@@ -26,10 +27,6 @@
 // This file holds the register kernels only; gemv.h is how they are called.
 
 #pragma once
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
 #include <immintrin.h>
 
@@ -50,7 +47,6 @@ constexpr int64_t kGroupM = 4;  // rows per register kernel pass
 // ahead helps further. The x loads one row per pass no longer shares are L1 hits. Measured with
 // benchmarks/gemv.py (weights from DRAM, one core): +10-60% for the K = 2048 shapes.
 constexpr int64_t kPrefetchBytes = 2048;
-constexpr int kRowsExactI8 = 1;  // the fp32-activation int8 kernel, M = 1
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -69,31 +65,50 @@ inline int64_t grain_rows(int64_t K, int64_t bytes_per_weight_x2) {
 
 // ---- fp32 ---------------------------------------------------------------------------------
 
-// R weight rows at a time against M activation rows; two accumulators per pair keep 2*R*M
-// independent FMA chains (8 for M=1) in flight to cover the FMA latency.
+// R weight rows at a time (rows_per_pass). A accumulators per (activation row, weight
+// row) pair keep A * R * M independent FMA chains in flight to cover the FMA latency (4 cycles):
+// at M = R = 1 two chains left the int8 kernel waiting on its adds.
+template <int M, int R>
+constexpr int chains() { return M * R == 1 ? 4 : 2; }
+
+// Weight rows per pass. One row per pass is one sequential stream; several rows start that many
+// streams thousands of bytes apart, which this machine's prefetchers followed poorly: fp32 at
+// K = 576 streamed 12 GB/s from DRAM with 4 rows per pass and 22-24 with one (a streaming sum
+// reaches ~22), and 2 activation rows 21 GB/s with one weight row per pass, 9 with two. From 3
+// activation rows on the kernels are compute-bound and two weight rows share the x loads.
+template <int M>
+constexpr int rows_per_pass() { return M <= 2 ? 1 : 2; }
+
 template <int M, int R>
 void f32_rows(const float* x, int64_t K, const float* w, int64_t n0, float* y, int64_t N) {
-  __m256 acc[M][R][2];
+  constexpr int A = chains<M, R>();
+  __m256 acc[M][R][A];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < A; ++j) acc[m][r][j] = _mm256_setzero_ps();
   const float* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (; k + 8 * A <= K; k += 8 * A) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m256 w0 = _mm256_loadu_ps(wr[r] + k);
-      const __m256 w1 = _mm256_loadu_ps(wr[r] + k + 8);
 #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r][1]);
+      for (int j = 0; j < A; ++j) {
+        const __m256 wv = _mm256_loadu_ps(wr[r] + k + 8 * j);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) acc[m][r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][r][j]);
       }
     }
   }
+  for (; k + 8 <= K; k += 8)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[r] + k), _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
   for (int m = 0; m < M; ++m) {
     for (int r = 0; r < R; ++r) {
-      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
+      __m256 t = acc[m][r][0];
+      for (int j = 1; j < A; ++j) t = _mm256_add_ps(t, acc[m][r][j]);
+      float s = hsum(t);
       for (int64_t kk = k; kk < K; ++kk) s += wr[r][kk] * x[m * K + kk];
       y[m * N + n0 + r] = s;
     }
@@ -102,7 +117,7 @@ void f32_rows(const float* x, int64_t K, const float* w, int64_t n0, float* y, i
 
 template <int M>
 void f32_range(const float* x, int64_t K, const float* w, int64_t begin, int64_t end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? 4 : 2;
+  constexpr int R = rows_per_pass<M>();
   int64_t n = begin;
   for (; n + R <= end; n += R) f32_rows<M, R>(x, K, w, n, y, N);
   for (; n < end; ++n) f32_rows<M, 1>(x, K, w, n, y, N);
@@ -112,29 +127,38 @@ void f32_range(const float* x, int64_t K, const float* w, int64_t begin, int64_t
 
 template <int M, int R>
 void i8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, float* y, int64_t N) {
-  __m256 acc[M][R][2];
+  constexpr int A = chains<M, R>();
+  __m256 acc[M][R][A];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < A; ++j) acc[m][r][j] = _mm256_setzero_ps();
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
+  // 8 int8 -> 8 int32 -> 8 float; exact, so the only rounding is the FMA's.
+  auto load8 = [](const int8_t* p) __attribute__((always_inline)) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  };
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (; k + 8 * A <= K; k += 8 * A) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      // 8 int8 -> 8 int32 -> 8 float; exact, so the only rounding is the FMA's.
       _mm_prefetch((const char*)(wr[r] + k + kPrefetchBytes), _MM_HINT_T0);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr[r] + k))));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr[r] + k + 8))));
 #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r][1]);
+      for (int j = 0; j < A; ++j) {
+        const __m256 wv = load8(wr[r] + k + 8 * j);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) acc[m][r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][r][j]);
       }
     }
   }
+  for (; k + 8 <= K; k += 8)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(load8(wr[r] + k), _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
   for (int m = 0; m < M; ++m) {
     for (int r = 0; r < R; ++r) {
-      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
+      __m256 t = acc[m][r][0];
+      for (int j = 1; j < A; ++j) t = _mm256_add_ps(t, acc[m][r][j]);
+      float s = hsum(t);
       for (int64_t kk = k; kk < K; ++kk) s += float(wr[r][kk]) * x[m * K + kk];
       y[m * N + n0 + r] = s * scale[n0 + r];
     }
@@ -144,7 +168,7 @@ void i8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int
 template <int M>
 void i8_range(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t begin, int64_t end, float* y,
               int64_t N) {
-  constexpr int R = M == 1 ? kRowsExactI8 : 2;
+  constexpr int R = rows_per_pass<M>();
   int64_t n = begin;
   for (; n + R <= end; n += R) i8_rows<M, R>(x, K, w, scale, n, y, N);
   for (; n < end; ++n) i8_rows<M, 1>(x, K, w, scale, n, y, N);
@@ -155,8 +179,8 @@ void i8_range(const float* x, int64_t K, const int8_t* w, const float* scale, in
 // R weight rows at a time. Per 32-input unit: one 16-byte load per row, four shift+mask+convert
 // steps, and four FMAs per (row, activation row) into four separate group accumulators.
 template <int M, int R>
-void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const at::Half* scale,
-             const at::Half* minv, int64_t n0, float* y, int64_t N) {
+void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const uint16_t* scale,
+             const uint16_t* minv, int64_t n0, float* y, int64_t N) {
   const int64_t units_per_group = G / 32, n_groups = K / G;
   const __m256i mask = _mm256_set1_epi32(0xF);
   const __m256i sh0 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
@@ -169,8 +193,8 @@ void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint
       macc[m][r] = 0.f;
     }
   const uint8_t* wr[R];
-  const at::Half* sr[R];
-  const at::Half* mr[R];
+  const uint16_t* sr[R];
+  const uint16_t* mr[R];
   for (int r = 0; r < R; ++r) {
     wr[r] = w + (n0 + r) * (K / 2);
     sr[r] = scale + (n0 + r) * n_groups;
@@ -197,8 +221,8 @@ void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = _cvtsh_ss(sr[r][g].x);  // F16C: one instruction, not c10's bit twiddling
-      const float mn = _cvtsh_ss(mr[r][g].x);
+      const float s = _cvtsh_ss(sr[r][g]);  // F16C: one instruction, not c10's bit twiddling
+      const float mn = _cvtsh_ss(mr[r][g]);
       const __m256 sv = _mm256_set1_ps(s);
       for (int m = 0; m < M; ++m) {
         const __m256 part = _mm256_add_ps(_mm256_add_ps(gacc[m][r][0], gacc[m][r][1]),
@@ -213,8 +237,8 @@ void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint
 }
 
 template <int M>
-void i4_range(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const at::Half* s,
-              const at::Half* mn, int64_t begin, int64_t end, float* y, int64_t N) {
+void i4_range(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const uint16_t* s,
+              const uint16_t* mn, int64_t begin, int64_t end, float* y, int64_t N) {
   constexpr int R = M == 1 ? 2 : 1;
   int64_t n = begin;
   for (; n + R <= end; n += R) i4_rows<M, R>(x, xsum, K, G, w, s, mn, n, y, N);
@@ -374,7 +398,7 @@ void i8a8_rows(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, co
 template <int M>
 void i8a8_range(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* scale, int64_t begin,
                 int64_t end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? kRowsI8 : (M == 2 ? 2 : 1);
+  constexpr int R = kRowsI8;  // one stream per pass at every M (see rows_per_pass)
   constexpr int U = R == 1 ? kUnrollI8 : 1;
   int64_t n = begin;
   for (; n + R <= end; n += R) i8a8_rows<M, R, U>(xq, xd, K, w, scale, n, y, N);
@@ -390,7 +414,7 @@ void i8a8_range(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, c
 template <int M, int R, bool Pair>
 void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float* xsum, const float* xcorr, int64_t K,
                int64_t G,
-               const uint8_t* w, const at::Half* scale, const at::Half* minv, int64_t n0, float* y, int64_t N) {
+               const uint8_t* w, const uint16_t* scale, const uint16_t* minv, int64_t n0, float* y, int64_t N) {
   const int64_t units_per_group = G / kBlock, n_groups = K / G, nu = K / kBlock;
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -398,7 +422,7 @@ void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float*
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
   const uint8_t* wr[R];
-  const at::Half* sr[R];
+  const uint16_t* sr[R];
   for (int r = 0; r < R; ++r) {
     wr[r] = w + (n0 + r) * (K / 2);
     sr[r] = scale + (n0 + r) * n_groups;
@@ -453,12 +477,12 @@ void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float*
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 sv = _mm256_set1_ps(_cvtsh_ss(sr[r][g].x));
+      const __m256 sv = _mm256_set1_ps(_cvtsh_ss(sr[r][g]));
       for (int m = 0; m < M; ++m) acc[m][r][g & 1] = _mm256_fmadd_ps(gacc[m][r], sv, acc[m][r][g & 1]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    const at::Half* mr = minv + (n0 + r) * n_groups;
+    const uint16_t* mr = minv + (n0 + r) * n_groups;
     for (int m = 0; m < M; ++m) {
       // sum_g m_g * (sum x)_g + s_g * corr_g, eight groups at a time (F16C converts the halves).
       __m256 mv = _mm256_setzero_ps();
@@ -471,18 +495,64 @@ void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float*
       }
       float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + hsum(mv);
       for (; g < n_groups; ++g)
-        s += _cvtsh_ss(mr[g].x) * xsum[m * n_groups + g] + _cvtsh_ss(sr[r][g].x) * xcorr[m * n_groups + g];
+        s += _cvtsh_ss(mr[g]) * xsum[m * n_groups + g] + _cvtsh_ss(sr[r][g]) * xcorr[m * n_groups + g];
       y[m * N + n0 + r] = s;
     }
   }
 }
 
+// The M = 1, paired-unit case (decode at batch 1, even units per group): one weight row per call,
+// the group's scale folded into the two units' activation scales (one multiply instead of a
+// second accumulator and FMA per group), and the row's scales converted from fp16 eight at a
+// time. 20-40% faster than i4a8_rows<1, 1, true> at K = 576..1536 with the weights in L2.
+inline void i4a8_row(const int8_t* xq, const float* xd2, const float* xsum, const float* xcorr, int64_t K, int64_t G,
+                     const uint8_t* wr, const uint16_t* sr, const uint16_t* mr, float* y) {
+  const int64_t ng = K / G, pairs_per_group = G / (2 * kBlock);
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv = _mm256_setzero_ps();
+  auto group = [&](int64_t g, float s, __m256& a) __attribute__((always_inline)) {
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int64_t u = 2 * g * pairs_per_group; u < 2 * (g + 1) * pairs_per_group; u += 2) {
+      _mm_prefetch((const char*)(wr + u * 16 + kPrefetchBytes), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(wr + u * 16));
+      const __m256i lo = _mm256_and_si256(v, nib);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq + u * kBlock))),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + (u + 1) * kBlock))));
+      const __m256 dv = _mm256_mul_ps(_mm256_loadu_ps(xd2 + u * 4), sv);
+      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dv, a);
+    }
+  };
+  alignas(32) float sf[8];
+  int64_t g = 0;
+  for (; g + 8 <= ng; g += 8) {
+    // sum_g m_g * (sum x)_g + s_g * corr_g for these eight groups, alongside (see i4a8_rows).
+    const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sr + g)));
+    _mm256_store_ps(sf, s8);
+    mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + g))), _mm256_loadu_ps(xsum + g), mv);
+    mv = _mm256_fmadd_ps(s8, _mm256_loadu_ps(xcorr + g), mv);
+    for (int j = 0; j < 8; ++j) group(g + j, sf[j], acc[j & 1]);
+  }
+  float tail = 0.f;
+  for (; g < ng; ++g) {
+    const float s = _cvtsh_ss(sr[g]);
+    group(g, s, acc[g & 1]);
+    tail += _cvtsh_ss(mr[g]) * xsum[g] + s * xcorr[g];
+  }
+  *y = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), mv)) + tail;
+}
+
 template <int M, bool Pair>
 void i4a8_range(const int8_t* xq, const float* xd, const float* xd2, const float* xsum, const float* xcorr, int64_t K,
                 int64_t G,
-                const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t begin, int64_t end, float* y,
+                const uint8_t* w, const uint16_t* s, const uint16_t* mn, int64_t begin, int64_t end, float* y,
                 int64_t N) {
-  constexpr int R = M == 1 ? kRowsI4 : (M == 2 ? 2 : 1);
+  if constexpr (M == 1 && Pair) {
+    for (int64_t n = begin; n < end; ++n) i4a8_row(xq, xd2, xsum, xcorr, K, G, w + n * (K / 2), s + n * (K / G), mn + n * (K / G), y + n);
+    return;
+  }
+  constexpr int R = kRowsI4;
   int64_t n = begin;
   for (; n + R <= end; n += R) i4a8_rows<M, R, Pair>(xq, xd, xd2, xsum, xcorr, K, G, w, s, mn, n, y, N);
   for (; n < end; ++n) i4a8_rows<M, 1, Pair>(xq, xd, xd2, xsum, xcorr, K, G, w, s, mn, n, y, N);
