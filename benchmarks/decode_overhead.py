@@ -7,9 +7,13 @@ barely moves:
 
 * CPU time per decode token at one thread (`time.thread_time` around herd's steps; llama.cpp's
   `process_time` inside its own process, `benchmarks/llamacpp_worker.py` with threads=1),
-  median over repetitions, for herd's default eager path and its fused decode
-  (`herd.generate.fast_decode`), and for llama.cpp at F32 / Q8_0 / Q4_0 on the same weights;
+  median over repetitions, for herd's eager path ("eager") and its fused decode with the
+  weights in huge pages ("fused", `herd.generate.fast_decode.apply_fast_decode`), and for
+  llama.cpp at F32 / Q8_0 / Q4_0 on the same weights, interleaved repetition by repetition;
+  "*_speed_vs_llamacpp" is llama.cpp's time / herd's, per repetition, median (> 1: herd faster);
 * the same for a prefill of the prompt, per prompt token;
+* "gemv_floor_ms": the GEMV kernels alone per token (every linear's op called in model order,
+  minus the cost of a call), and "non_gemv_share" = 1 - floor / decode time: the overhead;
 * `torch.profiler` self-CPU time split into the GEMV kernels (`herd_cpu::linear_*`), the fused
   block op, and everything else, plus the op dispatches per token.
 
@@ -103,6 +107,40 @@ def herd_cpu_per_token(model, prompt: list[int], n: int, step) -> tuple[float, f
     return (t1 - t0) / S, (t2 - t1) / n
 
 
+def gemv_floor_ms(model, reps: int = 5) -> float:
+    """CPU ms per token of the decode GEMVs alone: every linear's kernel op called directly, in model
+    order (so the weights stream from memory as in decode), minus the measured cost of an op call.
+    What a step costs beyond this is the overhead: the small ops, the Python, the dispatch."""
+    from herd.kernels import KIND_F32, cpu_kernels
+    from herd.generate.fast_decode import kernel_weight
+
+    ops = cpu_kernels()
+    calls = []
+    for mod in model.modules():
+        kw = kernel_weight(mod) if isinstance(mod, torch.nn.Module) and hasattr(mod, "weight") else None
+        if kw is None:
+            continue
+        x = torch.randn(1, kw.tensors[0].shape[1] * (2 if kw.kind == 2 else 1))
+        if kw.kind == KIND_F32:
+            calls.append((ops.linear_f32, (x, *kw.tensors)))
+        elif kw.kind == 1:
+            calls.append((ops.linear_int8_a8 if kw.int8_activations else ops.linear_int8, (x, *kw.tensors)))
+        else:
+            calls.append((ops.linear_int4_a8 if kw.int8_activations else ops.linear_int4, (x, *kw.tensors, kw.group_size)))
+    tiny = (torch.randn(1, 8), torch.randn(1, 8))
+    best = call = 1e9
+    for _ in range(reps):
+        t = time.thread_time()
+        for fn, a in calls:
+            fn(*a)
+        best = min(best, time.thread_time() - t)
+        t = time.thread_time()
+        for _ in calls:
+            ops.linear_f32(*tiny)
+        call = min(call, time.thread_time() - t)
+    return 1e3 * (best - call)
+
+
 def profile_decode(model, prompt: list[int], n: int, step) -> dict:
     """Self-CPU shares of one thread's decode steps: GEMV kernels, fused block, the rest."""
     from torch.profiler import ProfilerActivity, profile
@@ -154,14 +192,15 @@ def main() -> None:
     ap.add_argument("--engines", default="fp32,int8,int8_a8,int4_a8")
     opts = ap.parse_args()
     torch.set_num_threads(1)
-    from herd.generate.fast_decode import apply_fast_decode, remove_fast_decode
+    from herd.generate.fast_decode import apply_fast_decode
     from herd.model.zoo import smollm2_path
 
     fp32 = load_model(opts.hf).eval()
     prompt = [1] + [(i * 7919) % 49000 + 100 for i in range(36)]  # 37 tokens
     result: dict = {"threads": 1, "prompt_tokens": len(prompt), "decode_tokens": opts.tokens}
     for name in opts.engines.split(","):
-        model = herd_engine(fp32, name)
+        models = {"eager": herd_engine(fp32, name), "fused": herd_engine(fp32, name)}
+        apply_fast_decode(models["fused"])  # with the weights in huge pages
         lc = None
         if not opts.no_llamacpp:
             from llamacpp_client import LlamaCppProcess
@@ -175,8 +214,7 @@ def main() -> None:
         rows: dict[str, dict[str, list[float]]] = {}
         # Interleaved repetition by repetition, so a busy spell slows every engine alike.
         for rep in range(opts.reps + 1):
-            for path_name in ("eager", "fused"):
-                (apply_fast_decode if path_name == "fused" else remove_fast_decode)(model)
+            for path_name, model in models.items():
                 p, d = herd_cpu_per_token(model, prompt, opts.tokens if rep else 4, decode_step)
                 if rep:
                     r = rows.setdefault(path_name, {"prefill": [], "decode": []})
@@ -199,12 +237,14 @@ def main() -> None:
                 for k in ("prefill", "decode"):
                     ratios = [b / a for a, b in zip(r[k], rows["llamacpp"][k])]
                     out[path_name][f"{k}_speed_vs_llamacpp"] = round(statistics.median(ratios), 3)
-        for path_name in ("eager", "fused"):
-            (apply_fast_decode if path_name == "fused" else remove_fast_decode)(model)
+        for path_name, model in models.items():
             out[path_name].update(profile_decode(model, prompt, 16, decode_step))
+            floor = gemv_floor_ms(model)
+            out[path_name]["gemv_floor_ms"] = round(floor, 3)
+            out[path_name]["non_gemv_share"] = round(1 - floor / out[path_name]["decode_ms_per_tok"], 3)
         result[name] = out
         print(name, json.dumps(out), flush=True)
-        del model
+        del models
     print(json.dumps(result))
 
 

@@ -137,11 +137,13 @@ def test_other_calls_take_the_eager_block(model):
 def test_swap_keeps_parameters_and_state_dict(model):
     m = copy.deepcopy(model)
     before = m.state_dict()
-    apply_fast_decode(m)
+    apply_fast_decode(m, huge_pages=False)
     after = m.state_dict()
     assert list(after) == list(before)
-    assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
+    assert all(after[k].data_ptr() == before[k].data_ptr() for k in before), "nothing is copied"
+    values = {k: v.clone() for k, v in after.items()}
     assert apply_fast_decode(m) == 0, "already fused blocks are left alone"
+    assert all(torch.equal(m.state_dict()[k], values[k]) for k in values), "huge pages move, never change, weights"
     assert remove_fast_decode(m) == m.args.n_layers
     assert all(type(b) is TransformerBlock for b in m.layers.values())
     assert list(m.state_dict()) == list(before)
@@ -190,3 +192,45 @@ def test_without_kernels_nothing_is_swapped_and_fused_blocks_fall_back(model, mo
     assert apply_fast_decode(plain) == 0
     assert all(type(b) is TransformerBlock for b in plain.layers.values())
     assert [r.tokens for r in generate(fused, RAGGED, max_new_tokens=6, sampling=GREEDY)] == [r.tokens for r in want]
+
+
+def test_huge_pages_keep_values_ties_and_saving(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from herd.kernels.hugepages import huge_pages_available, move_to_huge_pages
+
+    if not huge_pages_available():
+        pytest.skip("no transparent huge pages here")
+    m = copy.deepcopy(model)
+    m.output.weight = m.tok_embeddings.weight  # a tied pair must stay one tensor
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        want = m(tokens)
+    untouched = m.layers["0"].attention_norm.weight.data_ptr()  # 256 bytes: below min_bytes
+    moved = move_to_huge_pages(m, min_bytes=1024)
+    tied = m.tok_embeddings.weight.numel() * 4
+    big = sum(v.numel() * v.element_size() for v in before.values() if v.numel() * v.element_size() >= 1024)
+    assert big - tied <= moved < big - tied + 64 * len(before)  # each tensor once, cache-line aligned
+    assert m.layers["0"].attention_norm.weight.data_ptr() == untouched
+    assert m.output.weight is m.tok_embeddings.weight
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], before[k]) for k in before)
+    # The arena is one mapping marked for huge pages ("hg" in its smaps flags).
+    addr = m.layers["0"].feed_forward.w1.weight.data_ptr()
+    smaps = open("/proc/self/smaps").read().split("\n")
+    for i, line in enumerate(smaps):
+        lo, _, hi = line.partition(" ")[0].partition("-")
+        if hi and all(c in "0123456789abcdef" for c in lo + hi) and int(lo, 16) <= addr < int(hi, 16):
+            flags = next(s for s in smaps[i + 1 :] if s.startswith("VmFlags"))
+            assert " hg" in flags
+            break
+    else:
+        pytest.fail("the weight's mapping is not in /proc/self/smaps")
+    # Each tensor has its own storage: safetensors saves them (it refuses shared storage).
+    untied = {k: v for k, v in sd.items() if k != "output.weight"}
+    save_file(untied, tmp_path / "m.safetensors")
+    loaded = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded[k], before[k]) for k in untied)
+    with torch.inference_mode():
+        assert torch.equal(m(tokens), want)
