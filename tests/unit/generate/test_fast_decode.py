@@ -76,6 +76,19 @@ def test_fused_decode_equals_eager(model, name, prompts):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["fp32", "int4"])
+def test_fused_decode_batch_16_ragged(model, name):
+    # The kernels' row limit: 16 rows per GEMV, positions 1..31 apart, rows of one step at
+    # different positions (some past others' prompt ends).
+    g = torch.Generator().manual_seed(16)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 32, (16,), generator=g)]
+    fed = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(3)]
+    m = _variant(model, name)
+    want = _decode_logits(m, prompts, fed)
+    apply_fast_decode(m)
+    torch.testing.assert_close(_decode_logits(m, prompts, fed), want, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_fused_int8_activations_keep_the_a8_error(model, scheme):
     # With int8 activations a rounding boundary can fall on either side of a 1-ulp difference in
