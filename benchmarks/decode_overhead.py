@@ -114,22 +114,22 @@ def gemv_floor_ms(model, reps: int = 5) -> float:
     """CPU ms per token of the decode GEMVs alone: every linear's kernel op called directly, in model
     order (so the weights stream from memory as in decode), minus the measured cost of an op call.
     What a step costs beyond this is the overhead: the small ops, the Python, the dispatch."""
-    from herd.kernels import KIND_F32, cpu_kernels
-    from herd.generate.fast_decode import kernel_weight
+    from herd.kernels import cpu_kernels
+    from herd.quant.linear import Int4Linear, Int8Linear
 
     ops = cpu_kernels()
     calls = []
-    for mod in model.modules():
-        kw = kernel_weight(mod) if isinstance(mod, torch.nn.Module) and hasattr(mod, "weight") else None
-        if kw is None:
-            continue
-        x = torch.randn(1, kw.tensors[0].shape[1] * (2 if kw.kind == 2 else 1))
-        if kw.kind == KIND_F32:
-            calls.append((ops.linear_f32, (x, *kw.tensors)))
-        elif kw.kind == 1:
-            calls.append((ops.linear_int8_a8 if kw.int8_activations else ops.linear_int8, (x, *kw.tensors)))
-        else:
-            calls.append((ops.linear_int4_a8 if kw.int8_activations else ops.linear_int4, (x, *kw.tensors, kw.group_size)))
+    for mod in model.modules():  # duck-typed on the quant modules, so it also runs on older herd
+        a8 = getattr(mod, "activations", "float") == "int8"
+        if isinstance(mod, Int8Linear):
+            x = torch.randn(1, mod.in_features)
+            calls.append((ops.linear_int8_a8 if a8 else ops.linear_int8, (x, mod.weight, mod.scale)))
+        elif isinstance(mod, Int4Linear):
+            x = torch.randn(1, mod.in_features)
+            calls.append((ops.linear_int4_a8 if a8 else ops.linear_int4,
+                          (x, mod.weight, mod.scales, mod.mins, mod.group_size)))
+        elif isinstance(mod, torch.nn.Linear):
+            calls.append((ops.linear_f32, (torch.randn(1, mod.in_features), mod.weight)))
     tiny = (torch.randn(1, 8), torch.randn(1, 8))
     best = call = 1e9
     for _ in range(reps):
@@ -194,20 +194,23 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--engines", default="fp32,int8,int8_a8,int4_a8")
     ap.add_argument("--threads", type=int, default=1, help="> 1: wall-clock times (noisy on a shared machine)")
+    ap.add_argument("--paths", default="eager,fused", help="eager: the plain model; fused: apply_fast_decode")
     opts = ap.parse_args()
     global CLOCK
     torch.set_num_threads(opts.threads)
     if opts.threads > 1:
         CLOCK = time.perf_counter
-    from herd.generate.fast_decode import apply_fast_decode
     from herd.model.zoo import smollm2_path
 
     fp32 = load_model(opts.hf).eval()
     prompt = [1] + [(i * 7919) % 49000 + 100 for i in range(36)]  # 37 tokens
     result: dict = {"threads": opts.threads, "clock": CLOCK.__name__, "prompt_tokens": len(prompt), "decode_tokens": opts.tokens}
     for name in opts.engines.split(","):
-        models = {"eager": herd_engine(fp32, name), "fused": herd_engine(fp32, name)}
-        apply_fast_decode(models["fused"])  # with the weights in huge pages
+        models = {path: herd_engine(fp32, name) for path in opts.paths.split(",")}
+        if "fused" in models:
+            from herd.generate.fast_decode import apply_fast_decode
+
+            apply_fast_decode(models["fused"])  # with the weights in huge pages
         lc = None
         if not opts.no_llamacpp:
             from llamacpp_client import LlamaCppProcess

@@ -503,44 +503,54 @@ void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float*
 
 // The M = 1, paired-unit case (decode at batch 1, even units per group): one weight row per call,
 // the group's scale folded into the two units' activation scales (one multiply instead of a
-// second accumulator and FMA per group), and the row's scales converted from fp16 eight at a
-// time. 20-40% faster than i4a8_rows<1, 1, true> at K = 576..1536 with the weights in L2.
+// second accumulator and FMA per group), the row's scales converted from fp16 eight at a time.
+// PPG: pairs of units per group as a compile-time constant (1 for G = 64, 2 for G = 128; 0: read
+// from G), which removes the inner loop: with the weights in DRAM (huge pages, one core) 16 GB/s
+// with the loop, 18.5 without.
+template <int PPG>
 inline void i4a8_row(const int8_t* xq, const float* xd2, const float* xsum, const float* xcorr, int64_t K, int64_t G,
                      const uint8_t* wr, const uint16_t* sr, const uint16_t* mr, float* y) {
-  const int64_t ng = K / G, pairs_per_group = G / (2 * kBlock);
+  const int64_t ng = K / G, ppg = PPG > 0 ? PPG : G / (2 * kBlock);
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv = _mm256_setzero_ps();
-  auto group = [&](int64_t g, float s, __m256& a) __attribute__((always_inline)) {
-    const __m256 sv = _mm256_set1_ps(s);
-    for (int64_t u = 2 * g * pairs_per_group; u < 2 * (g + 1) * pairs_per_group; u += 2) {
-      _mm_prefetch((const char*)(wr + u * 16 + kPrefetchBytes), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(wr + u * 16));
-      const __m256i lo = _mm256_and_si256(v, nib);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-      const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq + u * kBlock))),
-                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + (u + 1) * kBlock))));
-      const __m256 dv = _mm256_mul_ps(_mm256_loadu_ps(xd2 + u * 4), sv);
-      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dv, a);
-    }
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mv = _mm256_setzero_ps();
+  auto pair = [&](int64_t u, __m256 sv, __m256& a) __attribute__((always_inline)) {
+    _mm_prefetch((const char*)(wr + u * 16 + kPrefetchBytes), _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(wr + u * 16));
+    const __m256i lo = _mm256_and_si256(v, nib);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq + u * kBlock))),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + (u + 1) * kBlock))));
+    const __m256 dv = _mm256_mul_ps(_mm256_loadu_ps(xd2 + u * 4), sv);
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dv, a);
   };
-  alignas(32) float sf[8];
   int64_t g = 0;
   for (; g + 8 <= ng; g += 8) {
     // sum_g m_g * (sum x)_g + s_g * corr_g for these eight groups, alongside (see i4a8_rows).
     const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sr + g)));
-    _mm256_store_ps(sf, s8);
     mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + g))), _mm256_loadu_ps(xsum + g), mv);
     mv = _mm256_fmadd_ps(s8, _mm256_loadu_ps(xcorr + g), mv);
-    for (int j = 0; j < 8; ++j) group(g + j, sf[j], acc[j & 1]);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256 sv = _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(j));  // s_{g+j} in every lane
+#pragma GCC unroll 4
+      for (int64_t p = 0; p < ppg; ++p) pair(2 * ((g + j) * ppg + p), sv, (j & 1) ? acc1 : acc0);
+    }
   }
   float tail = 0.f;
   for (; g < ng; ++g) {
     const float s = _cvtsh_ss(sr[g]);
-    group(g, s, acc[g & 1]);
+    for (int64_t p = 0; p < ppg; ++p) pair(2 * (g * ppg + p), _mm256_set1_ps(s), (g & 1) ? acc1 : acc0);
     tail += _cvtsh_ss(mr[g]) * xsum[g] + s * xcorr[g];
   }
-  *y = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), mv)) + tail;
+  *y = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), mv)) + tail;
+}
+
+template <int PPG>
+void i4a8_row_range(const int8_t* xq, const float* xd2, const float* xsum, const float* xcorr, int64_t K, int64_t G,
+                    const uint8_t* w, const uint16_t* s, const uint16_t* mn, int64_t begin, int64_t end, float* y) {
+  for (int64_t n = begin; n < end; ++n)
+    i4a8_row<PPG>(xq, xd2, xsum, xcorr, K, G, w + n * (K / 2), s + n * (K / G), mn + n * (K / G), y + n);
 }
 
 template <int M, bool Pair>
@@ -549,7 +559,11 @@ void i4a8_range(const int8_t* xq, const float* xd, const float* xd2, const float
                 const uint8_t* w, const uint16_t* s, const uint16_t* mn, int64_t begin, int64_t end, float* y,
                 int64_t N) {
   if constexpr (M == 1 && Pair) {
-    for (int64_t n = begin; n < end; ++n) i4a8_row(xq, xd2, xsum, xcorr, K, G, w + n * (K / 2), s + n * (K / G), mn + n * (K / G), y + n);
+    switch (G) {
+      case 64: i4a8_row_range<1>(xq, xd2, xsum, xcorr, K, G, w, s, mn, begin, end, y); break;
+      case 128: i4a8_row_range<2>(xq, xd2, xsum, xcorr, K, G, w, s, mn, begin, end, y); break;
+      default: i4a8_row_range<0>(xq, xd2, xsum, xcorr, K, G, w, s, mn, begin, end, y); break;
+    }
     return;
   }
   constexpr int R = kRowsI4;
