@@ -40,10 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # this checkout's herd, not an installed one
 
-from herd.generate import KVCache  # noqa: E402
-from herd.generate.generate import decode_step, prefill  # noqa: E402
-from herd.model import load_model  # noqa: E402
-from herd.quant import QuantConfig, apply_cpu_kernels, quantize  # noqa: E402
+from herd.generate import KVCache
+from herd.generate.generate import decode_step, prefill
+from herd.model import load_model
+from herd.quant import QuantConfig, apply_cpu_kernels, quantize
 
 GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
               "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",

@@ -26,9 +26,22 @@ import torch
 from torch import nn
 
 from herd.generate.kv_cache import KVCache
-from herd.kernels import KIND_F32, MAX_ROWS, KernelWeight, cpu_kernels, unavailable_reason
+from herd.kernels import (
+    KIND_F32,
+    MAX_ROWS,
+    KernelWeight,
+    cpu_kernels,
+    unavailable_reason,
+)
 from herd.kernels.hugepages import move_to_huge_pages
-from herd.model.llama import Attention, AttentionMask, FeedForward, RMSNorm, Transformer, TransformerBlock
+from herd.model.llama import (
+    Attention,
+    AttentionMask,
+    FeedForward,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+)
 
 log = logging.getLogger("herd.generate")
 

@@ -5,11 +5,11 @@ exactly what is saved) and chooses a matmul per call:
 
 * CPU, fp32 activations, at most 16 rows (decode and batched decode): herd's AVX2 GEMV kernels
   (`herd.kernels`); from 17 to 512 rows (prompts) their tiled matmul, exact, which dequantizes
-  the weight a cache-sized tile at a time. With `activations="int8"` (int8 and int4 only) a call of at most 16 rows
-  quantizes the activation rows to int8 per block of 32 inputs and multiplies in integers,
-  1.5-3x faster per core; the result then differs from the exact one by the activation
-  rounding (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the other paths stay
-  exact.
+  the weight a cache-sized tile at a time. With `activations="int8"` (int8 and int4 only) a
+  call of at most 16 rows quantizes the activation rows to int8 per block of 32 inputs and
+  multiplies in integers, 1.5-3x faster per core; the result then differs from the exact one by
+  the activation rounding (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the
+  other paths stay exact.
 * CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
 * Anything else (long prompts, GPU, no compiler): dequantize to the activation dtype and `F.linear`.
   This is also the reference every fast path is tested against.
@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.kernels import KIND_F32, KIND_INT4, KIND_INT8, MAX_ROWS, KernelWeight, cpu_kernels
+from herd.kernels import (
+    KIND_F32,
+    KIND_INT4,
+    KIND_INT8,
+    MAX_ROWS,
+    KernelWeight,
+    cpu_kernels,
+)
 
 # ---- int8, per output channel, symmetric ----------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,11 @@ import torch
 import herd.kernels
 from herd.generate import GREEDY, KVCache, decode_step, generate, pad_prompts, prefill
 from herd.generate.compiled import CompiledDecoder
-from herd.generate.fast_decode import FusedDecodeBlock, apply_fast_decode, remove_fast_decode
+from herd.generate.fast_decode import (
+    FusedDecodeBlock,
+    apply_fast_decode,
+    remove_fast_decode,
+)
 from herd.kernels import cpu_kernels, unavailable_reason
 from herd.model import load_model
 from herd.model.llama import TransformerBlock
@@ -231,7 +236,7 @@ def test_huge_pages_keep_values_ties_and_saving(model, tmp_path):
     assert all(torch.equal(sd[k], before[k]) for k in before)
     # The arena is one mapping marked for huge pages ("hg" in its smaps flags).
     addr = m.layers["0"].feed_forward.w1.weight.data_ptr()
-    smaps = open("/proc/self/smaps").read().split("\n")
+    smaps = Path("/proc/self/smaps").read_text().split("\n")
     for i, line in enumerate(smaps):
         lo, _, hi = line.partition(" ")[0].partition("-")
         if hi and all(c in "0123456789abcdef" for c in lo + hi) and int(lo, 16) <= addr < int(hi, 16):
