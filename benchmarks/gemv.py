@@ -11,7 +11,7 @@ from DRAM, as decode does (see _Rotating). Run it pinned to one core:
 
 Kernels: `f32` (herd), `torch_f32` (F.linear, MKL's sgemv), `int8` / `int4` (fp32 activations,
 exact to fp32 rounding), `int8_a8` / `int4_a8` (activations quantized to int8 per block of 32,
-integer dot products; see herd/kernels/cpu_gemv.cpp). The last line is one JSON object.
+integer dot products; see herd/kernels/gemv_kernels.h). The last line is one JSON object.
 """
 
 from __future__ import annotations

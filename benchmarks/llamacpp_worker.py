@@ -11,7 +11,9 @@ Protocol: one JSON object per line each way. Start-up prints {"ready": true, ...
 
   {"cmd": "run", "prompt": [ids], "n": N}
       greedy: prefill the prompt, then N-1 one-token decode steps. Returns "prefill_s" (start
-      to the first token's logits) and "stamps" (seconds since start, one per token).
+      to the first token's logits), "stamps" (seconds since start, one per token) and
+      "cpu_stamps" (the same in this process's CPU time: with threads=1 a measure that other
+      load on a shared machine barely moves).
   {"cmd": "logits", "prompt": [ids], "continuation": [ids], "out": "file.npy"}
       saves (len(prompt) + len(continuation), V) float32 logits: the prompt's rows from one
       prefill, the continuation's from one-token decode steps (the decode path).
@@ -49,14 +51,15 @@ class Worker:
     def run(self, prompt: list[int], n: int) -> dict:
         llm = self.llm
         llm.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(prompt)  # the prompt's last row of logits gives the first new token
-        stamps = [time.perf_counter() - t0]
+        stamps, cpu = [time.perf_counter() - t0], [time.process_time() - c0]
         for _ in range(n - 1):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             llm.eval([tok])
             stamps.append(time.perf_counter() - t0)
-        return {"prefill_s": stamps[0], "stamps": stamps}
+            cpu.append(time.process_time() - c0)
+        return {"prefill_s": stamps[0], "stamps": stamps, "cpu_stamps": cpu}
 
     def logits(self, prompt: list[int], continuation: list[int], out: str) -> dict:
         llm = self.llm

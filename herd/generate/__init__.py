@@ -1,5 +1,7 @@
 """Inference: explicit KV cache, sampling and the generation loop."""
 
+from herd.generate.compiled import CompiledDecoder, static_decode_step
+from herd.generate.fast_decode import apply_fast_decode, remove_fast_decode
 from herd.generate.generate import (
     GenerationResult,
     StepEvent,
@@ -11,7 +13,6 @@ from herd.generate.generate import (
     prefill,
     stream_text,
 )
-from herd.generate.compiled import CompiledDecoder, static_decode_step
 from herd.generate.kv_cache import KVCache
 from herd.generate.sampling import GREEDY, SamplingParams, sample, truncated_probs
 from herd.generate.speculative import SpeculativeResult, speculative_generate
@@ -25,11 +26,13 @@ __all__ = [
     "SpeculativeResult",
     "StepEvent",
     "TextEvent",
+    "apply_fast_decode",
     "decode_step",
     "generate",
     "generate_tokens",
     "pad_prompts",
     "prefill",
+    "remove_fast_decode",
     "sample",
     "speculative_generate",
     "static_decode_step",

@@ -7,15 +7,20 @@ loudly) and a dependency on a C++ compiler and ninja. When either is missing, or
 AVX2/FMA/F16C, `cpu_kernels()` returns None and says why once, loudly; callers then use plain
 PyTorch ops, which compute the same values more slowly.
 
-The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most MAX_ROWS = 16 rows, see cpu_gemv.cpp):
+The ops (namespace `herd_cpu`, CPU only, fp32 activations, at most MAX_ROWS = 16 rows; the
+register kernels are in gemv_kernels.h, how they are called in gemv.h):
 
-    linear_f32(x (M, K), w (N, K) f32) -> (M, N)
+    linear_f32(x (M, K), w (N, K) f32) -> (M, N)                       cpu_gemv.cpp
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
     linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
-    dequantize_int4(w, scale, min, G) -> (N, K) f32   (prefill: one pass, then MKL's GEMM)
+    dequantize_int4(w, scale, min, G) -> (N, K) f32   (long prompts: one pass, then MKL's GEMM)
+    matmul_int8(x (M, K), w, scale), matmul_int4(x, w, scale, min, G) -> (M, N): any M (prompts),
+        exact; tiles of the weight dequantized to fp32 in cache, then register-blocked FMAs (gemv.h)
     linear_int8_a8, linear_int4_a8: same arguments as linear_int8 / linear_int4; x is quantized
         to int8 per block of 32 inputs inside the op and multiplied in integers (an opt-in mode,
-        herd.quant's activations="int8"; its error bound is in cpu_gemv.cpp)
+        herd.quant's activations="int8"; its error bound is in gemv_kernels.h)
+    decode_block(x, pos, rope, k_cache, v_cache, norms, weights, ...) -> x'   decode_block.cpp
+        one transformer block for one token per row, GEMVs and all (herd.generate.fast_decode)
 
 Numerics (all but the *_a8 ops): fp32 products accumulated in fp32, in a different order than MKL's, so results equal
 `F.linear` on the dequantized weight to fp32 reassociation error (relative ~1e-6 of sum |w x|).
@@ -34,14 +39,34 @@ import subprocess
 import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 log = logging.getLogger("herd.kernels")
 
 MAX_ROWS = 16  # the kernels' M limit (batched decode); larger inputs belong to MKL's GEMM
-_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+
+# Weight formats as the ops number them (gemv.h's Kind).
+KIND_F32, KIND_INT8, KIND_INT4 = 0, 1, 2
+
+
+class KernelWeight(NamedTuple):
+    """One linear layer's stored weight as the kernels take it (gemv.h's `weight_from`).
+
+    tensors: f32 (w,); int8 (w, scale); int4 (packed w, scales, mins).
+    int8_activations: decode quantizes this layer's input rows to int8 (the *_a8 kernels).
+    Modules that can run on the kernels expose it as `kernel_weight()`; the fused decode block
+    (herd.generate.fast_decode) reads it without knowing the module types.
+    """
+
+    kind: int
+    tensors: tuple[torch.Tensor, ...]
+    group_size: int = 0
+    int8_activations: bool = False
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "cpu_gemv.cpp", _HERE / "decode_block.cpp"]
+_HEADERS = [_HERE / "gemv.h", _HERE / "gemv_kernels.h"]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -55,7 +80,8 @@ def cache_dir() -> Path:
 
 
 def _build_name() -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    text = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
+    digest = hashlib.sha256(text + " ".join(_FLAGS).encode()).hexdigest()[:12]
     torch_tag = torch.__version__.replace("+", "_").replace(".", "_")
     return f"herd_cpu_{torch_tag}_{digest}"
 
@@ -95,13 +121,29 @@ def _build() -> SimpleNamespace:
     built = any(build_dir.glob(f"{name}*.so"))
     if not built:
         log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
-    load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+    load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
          is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
+    _register_fakes()
     return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
                            linear_int8_a8=ops.linear_int8_a8, linear_int4_a8=ops.linear_int4_a8,
-                           dequantize_int4=ops.dequantize_int4,
+                           dequantize_int4=ops.dequantize_int4, matmul_int8=ops.matmul_int8,
+                           matmul_int4=ops.matmul_int4, decode_block=ops.decode_block,
                            parallel_threads=ops.parallel_threads)
+
+
+def _register_fakes() -> None:
+    """Output shapes of the ops for torch.compile's tracing, which then keeps them as opaque calls."""
+    from torch.library import register_fake
+
+    def linear(x, w, *_):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    for name in ("linear_f32", "linear_int8", "linear_int8_a8", "linear_int4", "linear_int4_a8", "matmul_int8",
+                 "matmul_int4"):
+        register_fake(f"herd_cpu::{name}")(linear)
+    register_fake("herd_cpu::dequantize_int4")(lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))
+    register_fake("herd_cpu::decode_block")(lambda x, *_: torch.empty_like(x))
 
 
 def cpu_kernels() -> SimpleNamespace | None:
@@ -133,4 +175,5 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")
 
 
-__all__ = ["MAX_ROWS", "cache_dir", "cpu_kernels", "unavailable_reason"]
+__all__ = ["KIND_F32", "KIND_INT4", "KIND_INT8", "MAX_ROWS", "KernelWeight", "cache_dir", "cpu_kernels",
+           "unavailable_reason"]

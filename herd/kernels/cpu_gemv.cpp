@@ -1,704 +1,85 @@
-// Small-M matmuls for CPU decoding: y (M, N) = x (M, K) @ W (N, K)^T with M <= 16 (batched
-// decode; the register kernels take 4 activation rows at a time, see for_row_groups).
-//
-// Decode at batch 1 is a matrix-vector product per layer, bound by how fast the weights stream
-// from memory. These kernels do nothing clever with the arithmetic: they read each weight row
-// once, in order, with independent FMA chains so the loads never wait on the adder, and split
-// the rows across threads with ATen's parallel_for (the same OpenMP pool as the rest of torch,
-// so torch.set_num_threads applies and no second runtime competes for the cores; the build needs
-// -fopenmp for that, see parallel_threads).
-//
-// Three weight formats, all with fp32 activations and fp32 accumulation:
-//   f32:  W float32 (N, K).
-//   int8: W int8 (N, K), one fp32 scale per output row:  w = q * scale[n].
-//   int4: W packed (N, K/2) bytes, fp16 scale and min per group of G inputs:  w = q * s + m,
-//         q in [0, 15]. Each run of 32 inputs is 16 bytes = four little-endian int32 words;
-//         nibble i (bits 4i..4i+3) of word l holds input 4*i + l. One 128-bit load broadcast to
-//         both halves of a 256-bit register and shifted by (8j, 8j, 8j, 8j, 8j+4, ...) gives
-//         inputs 8j .. 8j+7 in order, so x is read contiguously.
-// The int4 sum is regrouped as  sum_g s_g * (q . x)_g + m_g * (sum x)_g : the scale multiplies
-// a whole group's partial sum, and the min only needs the group sums of x, computed once.
+// The one-matmul ops of herd's CPU kernels: y (M, N) = x (M, K) @ W (N, K)^T for M <= 16 rows
+// (decode and batched decode), in three weight formats with fp32 or int8-quantized activations.
+// The kernels and their numerics are described in gemv_kernels.h; the calling convention in gemv.h.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
+#include "gemv.h"
+
 #include <torch/library.h>
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <type_traits>
 #include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
 
 namespace {
 
-constexpr int64_t kMaxM = 16;  // rows per call (the ops' limit)
-constexpr int64_t kGroupM = 4;  // rows per register kernel pass
-// Weight rows are contiguous, so one row per pass is a single sequential stream that the hardware
-// prefetcher follows across rows; several rows per pass start that many short streams every few
-// rows (at K = 2048 an int8 row is only 32 cache lines, an int4 row 16). A software prefetch 2 KiB
-// ahead helps further. The x loads one row per pass no longer shares are L1 hits. Measured with
-// benchmarks/gemv.py (weights from DRAM, one core): +10-60% for the K = 2048 shapes.
-constexpr int64_t kPrefetchBytes = 2048;
-constexpr int kRowsExactI8 = 1;  // the fp32-activation int8 kernel, M = 1
+using namespace herd_kernels;
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-// Rows per thread chunk: enough weight bytes per chunk that the fork/join is noise.
-inline int64_t grain_rows(int64_t K, int64_t bytes_per_weight_x2) {
-  const int64_t row_bytes = K * bytes_per_weight_x2 / 2;
-  return std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(row_bytes, 1));
-}
-
-// y = x W^T over all N weight rows and M activation rows: the rows of W are split across threads
-// (ATen's parallel_for), and each thread's rows meet the activations kGroupM at a time through
-// group(MG, m0, b0, e0), which computes y rows m0 .. m0 + MG - 1 for weight rows b0 .. e0 - 1 with
-// MG a compile-time constant (std::integral_constant 1..4) for the register kernels' templates.
-// Up to kGroupM rows that is one call over the thread's whole range. Beyond it (a batch of decode
-// rows) the weight rows go in blocks of ~128 KiB, which stay in L2 while each group passes over
-// them: the weights still stream from memory once per call instead of once per group.
-// bytes_per_weight_x2: twice the bytes per stored weight (8 fp32, 2 int8, 1 int4).
-template <typename Group>
-void for_row_groups(int64_t M, int64_t N, int64_t K, int64_t bytes_per_weight_x2, const Group& group) {
-  const int64_t row_bytes = std::max<int64_t>(1, K * bytes_per_weight_x2 / 2);
-  const int64_t block = std::max<int64_t>(4, (128 * 1024) / row_bytes);
-  at::parallel_for(0, N, grain_rows(K, bytes_per_weight_x2), [&](int64_t b, int64_t e) {
-    const int64_t step = M <= kGroupM ? e - b : block;
-    for (int64_t b0 = b; b0 < e; b0 += step) {
-      const int64_t e0 = std::min(e, b0 + step);
-      for (int64_t m0 = 0; m0 < M; m0 += kGroupM) {
-        switch (std::min(kGroupM, M - m0)) {
-          case 1: group(std::integral_constant<int, 1>{}, m0, b0, e0); break;
-          case 2: group(std::integral_constant<int, 2>{}, m0, b0, e0); break;
-          case 3: group(std::integral_constant<int, 3>{}, m0, b0, e0); break;
-          default: group(std::integral_constant<int, 4>{}, m0, b0, e0); break;
-        }
-      }
-    }
-  });
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "herd kernels run on CPU tensors");
+void check_x(const at::Tensor& x, const Weight& w) {
+  TORCH_CHECK(x.device().is_cpu(), "herd kernels run on CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "herd kernels take float32 activations, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous 2-D matrix");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "herd kernels handle 1..", kMaxM, " rows, got ", x.size(0));
-  TORCH_CHECK(x.size(1) == K_w, "x has ", x.size(1), " columns but the weight expects ", K_w);
+  TORCH_CHECK(x.size(1) == w.K, "x has ", x.size(1), " columns but the weight expects ", w.K);
 }
 
-// ---- fp32 ---------------------------------------------------------------------------------
-
-// R weight rows at a time against M activation rows; two accumulators per pair keep 2*R*M
-// independent FMA chains (8 for M=1) in flight to cover the FMA latency.
-template <int M, int R>
-void f32_rows(const float* x, int64_t K, const float* w, int64_t n0, float* y, int64_t N) {
-  __m256 acc[M][R][2];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
-  const float* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 w0 = _mm256_loadu_ps(wr[r] + k);
-      const __m256 w1 = _mm256_loadu_ps(wr[r] + k + 8);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r][1]);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
-      for (int64_t kk = k; kk < K; ++kk) s += wr[r][kk] * x[m * K + kk];
-      y[m * N + n0 + r] = s;
-    }
-  }
-}
-
-template <int M>
-void f32_range(const float* x, int64_t K, const float* w, int64_t begin, int64_t end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? 4 : 2;
-  int64_t n = begin;
-  for (; n + R <= end; n += R) f32_rows<M, R>(x, K, w, n, y, N);
-  for (; n < end; ++n) f32_rows<M, 1>(x, K, w, n, y, N);
+at::Tensor run(const at::Tensor& x, const Weight& w, bool a8) {
+  check_x(x, w);
+  Acts a;
+  prepare_acts(a, x.data_ptr<float>(), x.size(0), w.K, w.kind, w.G, a8);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  gemv(w, a, y.data_ptr<float>());
+  return y;
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat, "linear_f32 takes a float32 weight");
-  check_inputs(x, w, w.size(1));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_row_groups(M, N, K, 8, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
-    f32_range<MG>(xp + m0 * K, K, wp, b0, e0, yp + m0 * N, N);
-  });
-  return y;
-}
-
-// ---- int8 ---------------------------------------------------------------------------------
-
-template <int M, int R>
-void i8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, float* y, int64_t N) {
-  __m256 acc[M][R][2];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
-  const int8_t* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      // 8 int8 -> 8 int32 -> 8 float; exact, so the only rounding is the FMA's.
-      _mm_prefetch((const char*)(wr[r] + k + kPrefetchBytes), _MM_HINT_T0);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr[r] + k))));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr[r] + k + 8))));
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r][1]);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
-      for (int64_t kk = k; kk < K; ++kk) s += float(wr[r][kk]) * x[m * K + kk];
-      y[m * N + n0 + r] = s * scale[n0 + r];
-    }
-  }
-}
-
-template <int M>
-void i8_range(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t begin, int64_t end, float* y,
-              int64_t N) {
-  constexpr int R = M == 1 ? kRowsExactI8 : 2;
-  int64_t n = begin;
-  for (; n + R <= end; n += R) i8_rows<M, R>(x, K, w, scale, n, y, N);
-  for (; n < end; ++n) i8_rows<M, 1>(x, K, w, scale, n, y, N);
+  return run(x, weight_from(Kind::F32, {w}, 0, "linear_f32"), false);
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "linear_int8 takes an int8 weight");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
-              "linear_int8 takes one float32 scale per output row");
-  check_inputs(x, w, w.size(1));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_row_groups(M, N, K, 2, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
-    i8_range<MG>(xp + m0 * K, K, wp, sp, b0, e0, yp + m0 * N, N);
-  });
-  return y;
-}
-
-// ---- int4 ---------------------------------------------------------------------------------
-
-// R weight rows at a time. Per 32-input unit: one 16-byte load per row, four shift+mask+convert
-// steps, and four FMAs per (row, activation row) into four separate group accumulators.
-template <int M, int R>
-void i4_rows(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const at::Half* scale,
-             const at::Half* minv, int64_t n0, float* y, int64_t N) {
-  const int64_t units_per_group = G / 32, n_groups = K / G;
-  const __m256i mask = _mm256_set1_epi32(0xF);
-  const __m256i sh0 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const __m256i sh8 = _mm256_set1_epi32(8);
-  __m256 acc[M][R];
-  float macc[M][R];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) {
-      acc[m][r] = _mm256_setzero_ps();
-      macc[m][r] = 0.f;
-    }
-  const uint8_t* wr[R];
-  const at::Half* sr[R];
-  const at::Half* mr[R];
-  for (int r = 0; r < R; ++r) {
-    wr[r] = w + (n0 + r) * (K / 2);
-    sr[r] = scale + (n0 + r) * n_groups;
-    mr[r] = minv + (n0 + r) * n_groups;
-  }
-  for (int64_t g = 0; g < n_groups; ++g) {
-    __m256 gacc[M][R][4];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < 4; ++j) gacc[m][r][j] = _mm256_setzero_ps();
-    for (int64_t u = g * units_per_group; u < (g + 1) * units_per_group; ++u) {
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wr[r] + u * 16)));
-        __m256i sh = sh0;
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(packed, sh), mask));
-          sh = _mm256_add_epi32(sh, sh8);
-#pragma GCC unroll 4
-          for (int m = 0; m < M; ++m)
-            gacc[m][r][j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + m * K + u * 32 + j * 8), gacc[m][r][j]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float s = _cvtsh_ss(sr[r][g].x);  // F16C: one instruction, not c10's bit twiddling
-      const float mn = _cvtsh_ss(mr[r][g].x);
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int m = 0; m < M; ++m) {
-        const __m256 part = _mm256_add_ps(_mm256_add_ps(gacc[m][r][0], gacc[m][r][1]),
-                                          _mm256_add_ps(gacc[m][r][2], gacc[m][r][3]));
-        acc[m][r] = _mm256_fmadd_ps(part, sv, acc[m][r]);
-        macc[m][r] += mn * xsum[m * n_groups + g];
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = hsum(acc[m][r]) + macc[m][r];
-}
-
-template <int M>
-void i4_range(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w, const at::Half* s,
-              const at::Half* mn, int64_t begin, int64_t end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? 2 : 1;
-  int64_t n = begin;
-  for (; n + R <= end; n += R) i4_rows<M, R>(x, xsum, K, G, w, s, mn, n, y, N);
-  for (; n < end; ++n) i4_rows<M, 1>(x, xsum, K, G, w, s, mn, n, y, N);
-}
-
-// Shapes and dtypes both int4 kernels take; returns in_features.
-int64_t check_int4_args(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                        const at::Tensor& minv, int64_t group_size) {
-  TORCH_CHECK(w.scalar_type() == at::kByte, name, " takes a uint8 packed weight");
-  TORCH_CHECK(group_size >= 32 && group_size % 32 == 0, "group_size must be a positive multiple of 32");
-  const int64_t K = w.size(1) * 2;
-  check_inputs(x, w, K);
-  TORCH_CHECK(K % group_size == 0, "in_features ", K, " is not a multiple of group_size ", group_size);
-  const int64_t N = w.size(0), n_groups = K / group_size;
-  for (const at::Tensor* t : {&scale, &minv}) {
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                    t->size(1) == n_groups,
-                name, " takes float16 scales and mins of shape (out_features, in_features / group_size)");
-  }
-  return K;
+  return run(x, weight_from(Kind::I8, {w, scale}, 0, "linear_int8"), false);
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
                        int64_t group_size) {
-  const int64_t K = check_int4_args("linear_int4", x, w, scale, minv, group_size);
-  const int64_t M = x.size(0), N = w.size(0), n_groups = K / group_size;
-  // Group sums of x are shared by every output row: (M, K) -> (M, K / G), summed in fp32.
-  at::Tensor xsum = x.view({M, n_groups, group_size}).sum(-1).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = minv.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  for_row_groups(M, N, K, 1, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
-    i4_range<MG>(xp + m0 * K, xs + m0 * n_groups, K, group_size, wp, sp, mp, b0, e0, yp + m0 * N, N);
-  });
-  return y;
-}
-
-// ---- int8 activations (the "a8" kernels) ---------------------------------------------------
-//
-// An explicit, opt-in mode (herd.quant's `activations="int8"`): the activation rows are quantized
-// once per call to int8, symmetric, one fp32 scale d = amax / 127 per block of 32 inputs (llama.cpp's
-// Q8_0 for activations), and the weights meet them in integer dot products: AVX2's maddubs
-// (u8 x s8 -> pairs summed to s16) and madd (s16 pairs -> s32). That is 6 vector ops per 32 weights
-// instead of ~16 with fp32 conversion (int4: ~5 per 32 weights, two units per 32-byte load), which
-// takes the kernels from compute-bound to near the memory stream. Integer products and sums are
-// exact; the only new error is the activation rounding, at most d/2 per input, so
-//   |y - y_exact| <= sum_k d_b(k) / 2 * |w_k - c_k|   (+ fp32 rounding of the per-block sums)
-// with c = 0 for int8 and c = m_g + 7.5 s_g for int4 (the codes are centred, see i4a8_rows).
-// tests/unit/quant/test_kernels.py checks this bound and the definition itself.
-//
-// Saturation cannot happen: |xq| <= 127, int8 |w| <= 127 (so maddubs pairs <= 2 * 127 * 127 < 2^15),
-// int4 q <= 15; each 32-input block sums to < 2^21 in int32.
-
-constexpr int64_t kBlock = 32;
-// One weight row per pass with a prefetch (see kPrefetchBytes); these measured best.
-constexpr int kRowsI8 = 1, kUnrollI8 = 4;  // int8: 4 blocks (4 accumulators) per step
-constexpr int kRowsI4 = 1;
-
-// The int4 kernel unpacks weights in nibble order, not input order; the quantized activations are
-// permuted once per call to match, which keeps the stored weight layout (and checkpoints) unchanged.
-// In pack_int4's layout, byte 4l + c of a 32-input unit holds inputs 8c + l (low nibble) and
-// 8c + 4 + l (high nibble). Units are unpacked in pairs (one 32-byte load, two units): the "low"
-// vector holds unit u's low nibbles then unit u+1's, the "high" vector their high nibbles. A single
-// unit (group sizes that are an odd number of units) is the same with one unit per vector half.
-// kInt4Order.pair[p] is the input (0..63) that position p of a pair's 64 activation bytes holds;
-// kInt4Order.single[p] the input (0..31) for position p of a single unit's 32.
-struct Int4Order {
-  int8_t single[kBlock];
-  int8_t pair[2 * kBlock];
-  constexpr Int4Order() : single(), pair() {
-    for (int p = 0; p < 16; ++p) {
-      const int lo = 8 * (p % 4) + p / 4, hi = lo + 4;  // inputs in byte p's low and high nibble
-      single[p] = int8_t(lo);
-      single[16 + p] = int8_t(hi);
-      pair[p] = int8_t(lo);
-      pair[16 + p] = int8_t(32 + lo);
-      pair[32 + p] = int8_t(hi);
-      pair[48 + p] = int8_t(32 + hi);
-    }
-  }
-};
-constexpr Int4Order kInt4Order;
-
-// (M, K) codes in input order -> the kernel's order: pairs of units, or single units.
-void permute_for_int4(const int8_t* q, int64_t M, int64_t K, bool pairs, int8_t* out) {
-  const int64_t span = pairs ? 2 * kBlock : kBlock;
-  const int8_t* src = pairs ? kInt4Order.pair : kInt4Order.single;
-  for (int64_t i = 0; i < M * K; i += span)
-    for (int64_t p = 0; p < span; ++p) out[i + p] = q[i + src[p]];
-}
-
-// x (M, K) fp32 -> q (M, nb * 32) int8, zero padded, and d (M, nb) fp32, nb = ceil(K / 32).
-// When qsum is given, it gets each block's sum of codes (M, nb).
-void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum) {
-  const int64_t nb = (K + kBlock - 1) / kBlock;
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes packs' lane interleave
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + m * K + b * kBlock;
-      const int64_t len = std::min<int64_t>(kBlock, K - b * kBlock);
-      alignas(32) int8_t tmp[kBlock] = {};
-      float amax = 0.f;
-      if (len == kBlock) {
-        __m256 v[4];
-        __m256 mx = _mm256_setzero_ps();
-        for (int j = 0; j < 4; ++j) {
-          v[j] = _mm256_loadu_ps(xb + 8 * j);
-          mx = _mm256_max_ps(mx, _mm256_and_ps(v[j], abs_mask));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        __m256i i[4];  // cvtps rounds half to even (the default MXCSR mode), like torch.round
-        for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
-        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-        _mm256_store_si256((__m256i*)tmp, _mm256_permutevar8x32_epi32(packed, order));
-      } else {  // the partial last block of an int8 row (int4 rows are whole units)
-        for (int64_t k = 0; k < len; ++k) amax = std::max(amax, std::fabs(xb[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int64_t k = 0; k < len; ++k)
-          tmp[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(xb[k] * inv))));
-      }
-      std::memcpy(q + m * nb * kBlock + b * kBlock, tmp, kBlock);
-      if (qsum != nullptr) {
-        int32_t t = 0;
-        for (int k = 0; k < kBlock; ++k) t += tmp[k];
-        qsum[m * nb + b] = t;
-      }
-      d[m * nb + b] = amax / 127.f;
-    }
-  }
-}
-
-// R weight rows per pass share the activation loads; U blocks per step, each with its own
-// accumulator, keep U * R * M FMA chains in flight.
-template <int M, int R, int U>
-void i8a8_rows(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* scale, int64_t n0,
-               float* y, int64_t N) {
-  const int64_t nb = (K + kBlock - 1) / kBlock, full = K / kBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[M][R][U];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < U; ++j) acc[m][r][j] = _mm256_setzero_ps();
-  const int8_t* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
-  auto step = [&](int64_t b, int j) __attribute__((always_inline)) {
-    __m256i xv[M];
-    __m256 dv[M];
-    for (int m = 0; m < M; ++m) {
-      xv[m] = _mm256_loadu_si256((const __m256i*)(xq + m * nb * kBlock + b * kBlock));
-      dv[m] = _mm256_broadcast_ss(xd + m * nb + b);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch((const char*)(wr[r] + b * kBlock + kPrefetchBytes), _MM_HINT_T0);
-      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[r] + b * kBlock));
-      const __m256i aw = _mm256_abs_epi8(wv);  // maddubs wants one unsigned operand: |w| * (x sign w)
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv)), ones);
-        acc[m][r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[m], acc[m][r][j]);
-      }
-    }
-  };
-  int64_t b = 0;
-  for (; b + U <= full; b += U) {
-#pragma GCC unroll 4
-    for (int j = 0; j < U; ++j) step(b + j, j);
-  }
-  for (; b < full; ++b) step(b, 0);
-  for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < R; ++r) {
-      for (int j = 1; j < U; ++j) acc[m][r][0] = _mm256_add_ps(acc[m][r][0], acc[m][r][j]);
-      float s = hsum(acc[m][r][0]);
-      if (full < nb) {  // a partial last block: K % 32 inputs, scalar
-        int32_t t = 0;
-        for (int64_t k = full * kBlock; k < K; ++k) t += int32_t(wr[r][k]) * int32_t(xq[m * nb * kBlock + k]);
-        s += float(t) * xd[m * nb + full];
-      }
-      y[m * N + n0 + r] = s * scale[n0 + r];
-    }
-  }
-}
-
-template <int M>
-void i8a8_range(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* scale, int64_t begin,
-                int64_t end, float* y, int64_t N) {
-  constexpr int R = M == 1 ? kRowsI8 : (M == 2 ? 2 : 1);
-  constexpr int U = R == 1 ? kUnrollI8 : 1;
-  int64_t n = begin;
-  for (; n + R <= end; n += R) i8a8_rows<M, R, U>(xq, xd, K, w, scale, n, y, N);
-  for (; n < end; ++n) i8a8_rows<M, 1, U>(xq, xd, K, w, scale, n, y, N);
+  return run(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "linear_int4"), false);
 }
 
 at::Tensor linear_int8_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "linear_int8_a8 takes an int8 weight");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
-              "linear_int8_a8 takes one float32 scale per output row");
-  check_inputs(x, w, w.size(1));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = (K + kBlock - 1) / kBlock;
-  at::Tensor xq = at::empty({M, nb * kBlock}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, nb}, x.options());
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), nullptr);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* qp = xq.data_ptr<int8_t>();
-  const float* dp = xd.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_row_groups(M, N, K, 2, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
-    i8a8_range<MG>(qp + m0 * nb * kBlock, dp + m0 * nb, K, wp, sp, b0, e0, yp + m0 * N, N);
-  });
-  return y;
-}
-
-// int4 weights: a unit of 32 inputs is one 16-byte load broadcast to both halves, the high half
-// shifted right by 4, masked to nibbles: 32 unsigned bytes in Int4Order, straight into maddubs.
-// Per group: sum_u d_u (q . xq)_u, times the group's scale. The min term uses the exact fp32 group
-// sums of x (as in the fp32 kernel), and the codes are centred on 7.5 through a per-call
-// correction (see linear_int4_a8), so the activation rounding error is weighted by |q - 7.5| <= 7.5
-// rather than by q <= 15.
-template <int M, int R, bool Pair>
-void i4a8_rows(const int8_t* xq, const float* xd, const float* xd2, const float* xsum, const float* xcorr, int64_t K,
-               int64_t G,
-               const uint8_t* w, const at::Half* scale, const at::Half* minv, int64_t n0, float* y, int64_t N) {
-  const int64_t units_per_group = G / kBlock, n_groups = K / G, nu = K / kBlock;
-  const __m256i nib = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[M][R][2];  // two chains, alternating groups, so the scale FMAs overlap
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
-  const uint8_t* wr[R];
-  const at::Half* sr[R];
-  for (int r = 0; r < R; ++r) {
-    wr[r] = w + (n0 + r) * (K / 2);
-    sr[r] = scale + (n0 + r) * n_groups;
-  }
-  for (int64_t g = 0; g < n_groups; ++g) {
-    __m256 gacc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) gacc[m][r] = _mm256_setzero_ps();
-    if constexpr (Pair) {
-      // Two units per step: one 32-byte load, mask and shift, two maddubs added in 16 bits (each
-      // pair sum <= 2 * 15 * 127, so two fit), one madd; vector half h then holds unit u + h, which
-      // dv2 scales by d_{u+h}.
-      for (int64_t u = g * units_per_group; u < (g + 1) * units_per_group; u += 2) {
-        __m256i xlo[M], xhi[M];
-        __m256 dv[M];
-        for (int m = 0; m < M; ++m) {
-          xlo[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + u * kBlock));
-          xhi[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + u * kBlock + kBlock));
-          dv[m] = _mm256_loadu_ps(xd2 + (m * nu + u) * 4);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          _mm_prefetch((const char*)(wr[r] + u * 16 + kPrefetchBytes), _MM_HINT_T0);
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + u * 16));
-          const __m256i lo = _mm256_and_si256(v, nib);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-#pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) {
-            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
-            gacc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), dv[m], gacc[m][r]);
-          }
-        }
-      }
-    } else {
-      for (int64_t u = g * units_per_group; u < (g + 1) * units_per_group; ++u) {
-        __m256i xv[M];
-        __m256 dv[M];
-        for (int m = 0; m < M; ++m) {
-          xv[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + u * kBlock));
-          dv[m] = _mm256_broadcast_ss(xd + m * nu + u);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wr[r] + u * 16)));
-          const __m256i q = _mm256_and_si256(_mm256_blend_epi32(packed, _mm256_srli_epi16(packed, 4), 0xF0), nib);
-#pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) {
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones);
-            gacc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[m], gacc[m][r]);
-          }
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 sv = _mm256_set1_ps(_cvtsh_ss(sr[r][g].x));
-      for (int m = 0; m < M; ++m) acc[m][r][g & 1] = _mm256_fmadd_ps(gacc[m][r], sv, acc[m][r][g & 1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const at::Half* mr = minv + (n0 + r) * n_groups;
-    for (int m = 0; m < M; ++m) {
-      // sum_g m_g * (sum x)_g + s_g * corr_g, eight groups at a time (F16C converts the halves).
-      __m256 mv = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + 8 <= n_groups; g += 8) {
-        mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mr + g))),
-                             _mm256_loadu_ps(xsum + m * n_groups + g), mv);
-        mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sr[r] + g))),
-                             _mm256_loadu_ps(xcorr + m * n_groups + g), mv);
-      }
-      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + hsum(mv);
-      for (; g < n_groups; ++g)
-        s += _cvtsh_ss(mr[g].x) * xsum[m * n_groups + g] + _cvtsh_ss(sr[r][g].x) * xcorr[m * n_groups + g];
-      y[m * N + n0 + r] = s;
-    }
-  }
-}
-
-template <int M, bool Pair>
-void i4a8_range(const int8_t* xq, const float* xd, const float* xd2, const float* xsum, const float* xcorr, int64_t K,
-                int64_t G,
-                const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t begin, int64_t end, float* y,
-                int64_t N) {
-  constexpr int R = M == 1 ? kRowsI4 : (M == 2 ? 2 : 1);
-  int64_t n = begin;
-  for (; n + R <= end; n += R) i4a8_rows<M, R, Pair>(xq, xd, xd2, xsum, xcorr, K, G, w, s, mn, n, y, N);
-  for (; n < end; ++n) i4a8_rows<M, 1, Pair>(xq, xd, xd2, xsum, xcorr, K, G, w, s, mn, n, y, N);
+  return run(x, weight_from(Kind::I8, {w, scale}, 0, "linear_int8_a8"), true);
 }
 
 at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
                           int64_t group_size) {
-  const int64_t K = check_int4_args("linear_int4_a8", x, w, scale, minv, group_size);
-  const int64_t M = x.size(0), N = w.size(0), n_groups = K / group_size;
-  // Per-call preparation, shared by every output row (O(M K), plain loops: ATen ops here cost
-  // more than the quantization itself at decode sizes).
-  const int64_t nu = K / kBlock, upg = group_size / kBlock;
-  const bool pairs = upg % 2 == 0;
-  std::vector<int8_t> xq_in_order(M * K), xq_v(M * K);
-  std::vector<float> xd_v(M * nu), xd2_v(pairs ? M * nu * 4 : 0), xsum_v(M * n_groups), xcorr_v(M * n_groups);
-  std::vector<int32_t> qsum(M * nu);
-  const float* xp = x.data_ptr<float>();
-  quantize_activations(xp, M, K, xq_in_order.data(), xd_v.data(), qsum.data());
-  permute_for_int4(xq_in_order.data(), M, K, pairs, xq_v.data());
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < n_groups; ++g) {
-      // Centring the codes on 7.5: sum_k q_k x_k = sum_k (q_k - 7.5) x_k + 7.5 (sum x)_g, and the
-      // kernel's sum_u d_u (q . xq)_u estimates the first term once 7.5 sum_u d_u (sum xq)_u is taken
-      // off: corr_g = 7.5 ((sum x)_g - sum_u d_u (sum xq)_u), the same for every output row.
-      __m256 vx = _mm256_setzero_ps();  // eight lanes: a sequential fp32 sum would take 4 cycles per input
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 8)
-        vx = _mm256_add_ps(vx, _mm256_loadu_ps(xp + m * K + k));
-      const float sx = hsum(vx);
-      float sq = 0.f;
-      for (int64_t u = g * upg; u < (g + 1) * upg; ++u) sq += xd_v[m * nu + u] * float(qsum[m * nu + u]);
-      xsum_v[m * n_groups + g] = sx;
-      xcorr_v[m * n_groups + g] = 7.5f * (sx - sq);
-    }
-  }
-  // Pairs scale vector half h by its unit's d: per pair [d_u x4, d_u+1 x4].
-  for (int64_t i = 0; i < (pairs ? M * nu : 0); ++i)
-    for (int j = 0; j < 4; ++j) xd2_v[i * 4 + j] = xd_v[i];
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* qp = xq_v.data();
-  const float* dp = xd_v.data();
-  const float* xs = xsum_v.data();
-  const float* xc = xcorr_v.data();
-  const float* d2 = pairs ? xd2_v.data() : dp;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = minv.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  for_row_groups(M, N, K, 1, [&](auto MG, int64_t m0, int64_t b0, int64_t e0) {
-    const int8_t* qg = qp + m0 * K;
-    const float* dg = dp + m0 * nu;
-    const float* d2g = pairs ? d2 + m0 * nu * 4 : dg;
-    const float* xsg = xs + m0 * n_groups;
-    const float* xcg = xc + m0 * n_groups;
-    float* yg = yp + m0 * N;
-    if (pairs) i4a8_range<MG, true>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N);
-    else i4a8_range<MG, false>(qg, dg, d2g, xsg, xcg, K, group_size, wp, sp, mp, b0, e0, yg, N);
-  });
-  return y;
+  return run(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "linear_int4_a8"), true);
 }
 
 // ---- dequantization for prefill ------------------------------------------------------------
 
-// Prefill (many rows) multiplies by the fp32 weight with MKL's GEMM; these write that weight in
-// one pass, where the same in ATen ops takes several full-size temporaries.
+// Prefill: any number of rows, exact (gemv.h's gemm: tiles dequantized to fp32 in cache).
+at::Tensor run_gemm(const at::Tensor& x, const Weight& w, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              name, " takes contiguous float32 (M, K) activations");
+  TORCH_CHECK(x.size(1) == w.K, "x has ", x.size(1), " columns but the weight expects ", w.K);
+  TORCH_CHECK(w.K % 8 == 0, name, " needs in_features divisible by 8, got ", w.K);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  if (x.size(0) > 0) gemm(w, x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return run_gemm(x, weight_from(Kind::I8, {w, scale}, 0, "matmul_int8"), "matmul_int8");
+}
+
+at::Tensor matmul_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
+                       int64_t group_size) {
+  return run_gemm(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "matmul_int4"), "matmul_int4");
+}
+
+// The fp32 weight of an int4 layer in one pass (where ATen ops take several full-size temporaries).
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv, int64_t group_size) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-              "dequantize_int4 takes a contiguous uint8 (N, K/2) weight");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  TORCH_CHECK(group_size >= 32 && group_size % 32 == 0 && K % group_size == 0, "bad group_size ", group_size);
-  const int64_t n_groups = K / group_size;
-  for (const at::Tensor* t : {&scale, &minv}) {
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * n_groups,
-                "dequantize_int4 takes float16 scales and mins of shape (N, K / group_size)");
-  }
-  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = minv.data_ptr<at::Half>();
+  const Weight wt = weight_from(Kind::I4, {w, scale, minv}, group_size, "dequantize_int4");
+  at::Tensor out = at::empty({wt.N, wt.K}, w.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K, 1), [&](int64_t b, int64_t e) {
-    const __m256i mask = _mm256_set1_epi32(0xF);
-    const __m256i sh0 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const __m256i sh8 = _mm256_set1_epi32(8);
-    for (int64_t n = b; n < e; ++n) {
-      for (int64_t u = 0; u < K / 32; ++u) {
-        const int64_t g = n * n_groups + (u * 32) / group_size;
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(sp[g].x));
-        const __m256 m = _mm256_set1_ps(_cvtsh_ss(mp[g].x));
-        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wp + n * (K / 2) + u * 16)));
-        __m256i sh = sh0;
-        for (int j = 0; j < 4; ++j) {
-          const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(packed, sh), mask));
-          _mm256_storeu_ps(op + n * K + u * 32 + j * 8, _mm256_fmadd_ps(q, s, m));
-          sh = _mm256_add_epi32(sh, sh8);
-        }
-      }
-    }
+  at::parallel_for(0, wt.N, grain_rows(wt.K, 1), [&](int64_t b, int64_t e) {
+    dequantize_rows(wt, b, e - b, op + b * wt.K);
   });
   return out;
 }
@@ -723,6 +104,8 @@ TORCH_LIBRARY(herd_cpu, m) {
   m.def("linear_int8_a8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("linear_int4_a8(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("matmul_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("matmul_int4(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("parallel_threads() -> int");
 }
 
@@ -733,6 +116,8 @@ TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
   m.impl("linear_int8_a8", &linear_int8_a8);
   m.impl("linear_int4_a8", &linear_int4_a8);
   m.impl("dequantize_int4", &dequantize_int4);
+  m.impl("matmul_int8", &matmul_int8);
+  m.impl("matmul_int4", &matmul_int4);
 }
 
 TORCH_LIBRARY_IMPL(herd_cpu, CompositeExplicitAutograd, m) { m.impl("parallel_threads", &parallel_threads); }

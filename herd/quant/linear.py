@@ -3,13 +3,13 @@
 Each module stores its weight in the quantized format as buffers (so `state_dict()` holds
 exactly what is saved) and chooses a matmul per call:
 
-* CPU, fp32 activations, at most 16 rows (decode and batched decode): herd's AVX2 kernels
-  (`herd.kernels`); int8 and int4 weights take them in chunks of 16 up to 128 and 64 rows
-  (short prompts too). With `activations="int8"` (int8 and int4 only) a call of at most 16 rows
-  quantizes the activation rows to int8 per block of 32 inputs and multiplies in integers,
-  1.5-3x faster per core; the result then differs from the exact one by the activation
-  rounding (bounded in cpu_gemv.cpp, tested). Longer calls (prompts) and the other paths stay
-  exact.
+* CPU, fp32 activations, at most 16 rows (decode and batched decode): herd's AVX2 GEMV kernels
+  (`herd.kernels`); from 17 to 512 rows (prompts) their tiled matmul, exact, which dequantizes
+  the weight a cache-sized tile at a time. With `activations="int8"` (int8 and int4 only) a
+  call of at most 16 rows quantizes the activation rows to int8 per block of 32 inputs and
+  multiplies in integers, 1.5-3x faster per core; the result then differs from the exact one by
+  the activation rounding (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the
+  other paths stay exact.
 * CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
 * Anything else (long prompts, GPU, no compiler): dequantize to the activation dtype and `F.linear`.
   This is also the reference every fast path is tested against.
@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.kernels import MAX_ROWS, cpu_kernels
+from herd.kernels import (
+    KIND_F32,
+    KIND_INT4,
+    KIND_INT8,
+    MAX_ROWS,
+    KernelWeight,
+    cpu_kernels,
+)
 
 # ---- int8, per output channel, symmetric ----------------------------------------------------
 
@@ -78,7 +85,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout (see cpu_gemv.cpp).
+    """Codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout (see gemv_kernels.h).
 
     Per 32 inputs, four little-endian int32 words; nibble i of word l holds input 4*i + l.
     """
@@ -151,13 +158,14 @@ def _check_activations(activations: str) -> str:
     return activations
 
 
-# Quantized weights take the kernels in chunks of MAX_ROWS rows up to these many rows: each chunk
-# streams the (small) quantized weight once, where the alternative dequantizes the whole weight to
-# fp32 for MKL on every call. Prefill of the 1B shape, 2 threads, against dequantize + F.linear:
-# int8 2.3x faster at 128 rows; int4 (its exact kernel converts every nibble to fp32) 2.3x at 32
-# rows, 1.3x at 64, 0.6x at 128. Batched decode gains the same way.
-INT8_KERNEL_ROWS = 128
-INT4_KERNEL_ROWS = 64
+# Quantized weights take herd's kernels up to these many rows: the GEMV kernels up to MAX_ROWS
+# (decode, batched decode), the tiled matmul beyond (prompts: tiles of the weight dequantized to
+# fp32 in cache, gemv.h). Above the limit the whole weight is dequantized once for MKL's GEMM.
+# One core, 37-row prompt, against dequantize + F.linear: 576x1536 1.0-1.4x; 8192x2048 (1B's w1)
+# int8 6x, int4 3.8x, and still 1.3x / 1.2x at 512 rows, where MKL's blocking starts to win.
+# The earlier 16-row chunks through the GEMV kernels were 1.5-2x slower than the tiled matmul.
+INT8_KERNEL_ROWS = 512
+INT4_KERNEL_ROWS = 512
 
 
 def _use_kernel(x2: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
@@ -166,17 +174,20 @@ def _use_kernel(x2: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS
     return x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= max_rows and not needs_grad
 
 
-def _quant_kernel(x2: torch.Tensor, exact, a8, activations: str, *weights) -> torch.Tensor:
-    """x2 (M, K) through a quantized kernel, MAX_ROWS rows per call.
+def _quant_kernel(x2: torch.Tensor, exact, a8, matmul, activations: str, *weights) -> torch.Tensor:
+    """x2 (M, K) through a quantized kernel: a GEMV kernel up to MAX_ROWS rows, else the tiled matmul.
 
     The int8-activation kernel serves calls of at most MAX_ROWS rows (decode and batched decode);
-    longer inputs (prompts) take the exact kernel, so the activation rounding stays a decode-only
-    cost. Rows are independent in every kernel, so chunking changes no result.
+    longer inputs (prompts) take an exact kernel, so the activation rounding stays a decode-only
+    cost. The matmul needs in_features % 8 == 0; other shapes go MAX_ROWS rows at a time through
+    the exact GEMV kernel (rows are independent, so chunking changes no result).
     """
     x2 = x2.contiguous()
-    M = x2.shape[0]
+    M, K = x2.shape
     if M <= MAX_ROWS:
         return (a8 if activations == "int8" else exact)(x2, *weights)
+    if K % 8 == 0:
+        return matmul(x2, *weights)
     return torch.cat([exact(x2[i : i + MAX_ROWS], *weights) for i in range(0, M, MAX_ROWS)])
 
 
@@ -206,10 +217,14 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scale, dtype)
 
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(KIND_INT8, (self.weight, self.scale), 0, self.activations == "int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if _use_kernel(x2, self.weight, INT8_KERNEL_ROWS) and (ops := cpu_kernels()) is not None:
-            y = _quant_kernel(x2, ops.linear_int8, ops.linear_int8_a8, self.activations, self.weight, self.scale)
+            y = _quant_kernel(x2, ops.linear_int8, ops.linear_int8_a8, ops.matmul_int8, self.activations, self.weight,
+                              self.scale)
         elif x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x2.dtype))
         else:
@@ -254,11 +269,15 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int4(self.weight, self.scales, self.mins, self.group_size, dtype)
 
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(KIND_INT4, (self.weight, self.scales, self.mins), self.group_size,
+                            self.activations == "int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
         if _use_kernel(x2, self.weight, INT4_KERNEL_ROWS) and (ops := cpu_kernels()) is not None:
-            y = _quant_kernel(x2, ops.linear_int4, ops.linear_int4_a8, self.activations, self.weight, self.scales,
-                              self.mins, self.group_size)
+            y = _quant_kernel(x2, ops.linear_int4, ops.linear_int4_a8, ops.matmul_int4, self.activations, self.weight,
+                              self.scales, self.mins, self.group_size)
         elif x2.device.type == "cpu" and (ops := cpu_kernels()) is not None:
             w = ops.dequantize_int4(self.weight, self.scales, self.mins, self.group_size)  # one pass, fp32
             y = F.linear(x2, w.to(x2.dtype))
@@ -328,6 +347,9 @@ class CpuKernelLinear(nn.Linear):
     MKL's sgemv reaches ~14-16 GB/s inside the model where a plain stream reaches ~20; larger
     inputs (prefill) still go to MKL's GEMM, which is compute-bound and hard to beat.
     """
+
+    def kernel_weight(self) -> KernelWeight | None:
+        return KernelWeight(KIND_F32, (self.weight,)) if self.bias is None and self.weight.dtype == torch.float32 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

@@ -141,25 +141,44 @@ def test_kernels_reject_bad_inputs(ops):
         ops.linear_int4(torch.randn(1, 32), packed, scales.float(), mins, 32)
 
 
-def test_modules_take_the_kernel_up_to_128_rows_and_the_reference_beyond(ops, monkeypatch):
+def test_modules_take_the_gemv_kernel_then_the_tiled_matmul_then_the_reference(ops, monkeypatch):
     from herd.quant.linear import INT4_KERNEL_ROWS, INT8_KERNEL_ROWS
 
     lin = torch.nn.Linear(96, 40, bias=False)
     mods = [(Int8Linear.from_linear(lin), INT8_KERNEL_ROWS), (Int4Linear.from_linear(lin, group_size=32),
                                                               INT4_KERNEL_ROWS)]
     calls = []
-    for name in ("linear_int8", "linear_int4"):
+    for name in ("linear_int8", "linear_int4", "matmul_int8", "matmul_int4"):
         real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append((_n, a[0].shape[0])) or _real(*a))
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append((_n[:6], a[0].shape[0])) or _real(*a))
     x = torch.randn(max(INT8_KERNEL_ROWS, INT4_KERNEL_ROWS) + 2, 96)
     with torch.inference_mode():
         for mod, limit in mods:
             ref = F.linear(x, mod.dequantize())
-            for rows, chunks in ((2, [2]), (40, [16, 16, 8]), (limit, [16] * (limit // 16)), (limit + 2, [])):
+            for rows, want in ((2, [("linear", 2)]), (16, [("linear", 16)]), (18, [("matmul", 18)]),
+                               (limit, [("matmul", limit)]), (limit + 2, [])):
                 calls.clear()
                 y = mod(x[:rows].view(2, rows // 2, 96))  # leading dims are flattened into rows
                 torch.testing.assert_close(y.view(rows, -1), ref[:rows], rtol=1e-5, atol=1e-5)
-                assert [m for _, m in calls] == chunks, (type(mod).__name__, rows)
+                assert calls == want, (type(mod).__name__, rows)
+
+
+@pytest.mark.parametrize("M, K, N", [(17, 8, 5), (37, 576, 100), (5, 96, 7), (64, 2048, 33), (3, 32, 1)])
+def test_tiled_matmul_equals_the_dequantized_reference(ops, M, K, N):
+    # Every block shape of the 4 x 3 register tiling and its remainders (M % 4, N % 3, tile edges).
+    g = torch.Generator().manual_seed(M * N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    # The weights are dequantized with one fp32 rounding each (int8 q * s, int4 fma(q, s, m)): one
+    # more rounding per term than the float64 references here.
+    q8, s8 = quantize_int8(w)
+    _check_close(ops.matmul_int8(x, q8, s8), x, q8.double() * s8.double()[:, None], extra_roundings=1)
+    if K % 32 == 0:
+        packed, scales, mins = quantize_int4(w, 32)
+        codes = unpack_int4(packed).double().view(N, K // 32, 32)
+        w64 = (codes * scales.double()[..., None] + mins.double()[..., None]).view(N, K)
+        _check_close(ops.matmul_int4(x, packed, scales, mins, 32), x, w64, extra_roundings=1)
+    with pytest.raises(RuntimeError, match="divisible by 8"):
+        ops.matmul_int8(torch.randn(3, 12), *quantize_int8(torch.randn(4, 12)))
 
 
 def test_int8_bf16_activations_use_atens_packed_kernel():
@@ -182,7 +201,7 @@ def test_cpu_kernel_linear_keeps_autograd_on_the_aten_path(ops):
 # Definition: each activation row is quantized per block of 32 inputs (the last block may be
 # shorter) to xq = round_half_even(x * (127 / amax)), d = amax / 127, and the weights are
 # multiplied by d * xq; int4 codes are centred on 7.5 with the exact fp32 group sums of x making
-# up the difference (cpu_gemv.cpp). Two checks: the kernel equals a float64 emulation of that
+# up the difference (gemv_kernels.h). Two checks: the kernel equals a float64 emulation of that
 # definition to fp32 rounding, and it is within the activation-rounding bound of the exact result:
 #     |y - x @ w.T| <= sum_k d_b(k) / 2 * |w_k - c_k|,  c = 0 (int8), c = m_g + 7.5 s_g (int4).
 
@@ -263,7 +282,7 @@ def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
                                                                                    activations="int8")]
     assert Int8Linear.from_linear(lin).activations == "float"  # exact unless asked
     calls = []
-    for name in ("linear_int8_a8", "linear_int4_a8", "linear_int8", "linear_int4"):
+    for name in ("linear_int8_a8", "linear_int4_a8", "linear_int8", "linear_int4", "matmul_int8", "matmul_int4"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     x = torch.randn(1, 96)
@@ -271,13 +290,13 @@ def test_a8_mode_is_explicit_and_reaches_the_a8_kernels(ops, monkeypatch):
         for mod in mods:
             torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=0.05, atol=0.05)
     assert calls == ["linear_int8_a8", "linear_int4_a8"]
-    # More than 16 rows (a prompt) takes the exact kernels: activation rounding is a decode-only cost.
+    # More than 16 rows (a prompt) takes the exact matmul: activation rounding is a decode-only cost.
     calls.clear()
     x = torch.randn(20, 96)
     with torch.inference_mode():
         for mod in mods:
             torch.testing.assert_close(mod(x), F.linear(x, mod.dequantize()), rtol=1e-5, atol=1e-5)
-    assert calls == ["linear_int8", "linear_int8", "linear_int4", "linear_int4"]
+    assert calls == ["matmul_int8", "matmul_int4"]
 
 
 def test_kernels_run_on_torchs_threads(ops):

@@ -1,0 +1,199 @@
+"""Decode steps as one fused C++ op per transformer block, swapped in from outside the model.
+
+Trade-off: on a small model a decode step is mostly per-op overhead, not matmul. SmolLM2-135M
+runs 30 blocks of seven small GEMVs and ~40 other ATen ops (RMSNorm is eight, RoPE goes through
+complex views, the cache write, SDPA, transposes, residual adds), a few microseconds each; at one
+thread that was a third of the step. `FusedDecodeBlock` replaces that with one call per block
+into `herd_cpu::decode_block` (herd/kernels/decode_block.cpp), which runs the block's math in
+plain loops around the kernels' GEMVs. The price is a second implementation of the block, kept
+honest by tests against the eager block and HF transformers. It is taken only where it computes
+exactly what the eager block would (to fp32 reassociation): one token per row (decode), a herd
+`KVCache` in fp32, CPU fp32 activations, no autograd, the model's own Attention / FeedForward /
+RMSNorm modules with no hooks, and weights in one kernel format (`kernel_weight()`). Everything
+else, prefill included, runs the eager block unchanged, so the swap is always safe to apply.
+
+    apply_fast_decode(model)   # after quantize() / apply_cpu_kernels(); returns blocks swapped
+    remove_fast_decode(model)  # back to plain TransformerBlocks (same parameters)
+
+The parameters are shared, not copied: `state_dict()` is unchanged and nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from herd.generate.kv_cache import KVCache
+from herd.kernels import (
+    KIND_F32,
+    MAX_ROWS,
+    KernelWeight,
+    cpu_kernels,
+    unavailable_reason,
+)
+from herd.kernels.hugepages import move_to_huge_pages
+from herd.model.llama import (
+    Attention,
+    AttentionMask,
+    FeedForward,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+)
+
+log = logging.getLogger("herd.generate")
+
+
+def kernel_weight(module: nn.Module) -> KernelWeight | None:
+    """How the kernels read `module`'s weight, or None when they cannot (a bias, a LoRA wrapper...)."""
+    if type(module) is nn.Linear:  # exactly: a subclass may compute something else
+        ok = module.bias is None and module.weight.dtype == torch.float32
+        return KernelWeight(KIND_F32, (module.weight,)) if ok else None
+    fn = getattr(module, "kernel_weight", None)
+    return fn() if fn is not None else None
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _block_operands(block: TransformerBlock) -> tuple[int, list[torch.Tensor], int, bool] | None:
+    """(kind, the seven weights' tensors, group size, int8 activations), or None when not fusable."""
+    att, ffn = block.attention, block.feed_forward
+    if not (_plain(att, Attention) and _plain(ffn, FeedForward) and _plain(block.attention_norm, RMSNorm)
+            and _plain(block.ffn_norm, RMSNorm)) or "attend" in att.__dict__:  # context parallel's seam
+        return None
+    if block.attention_norm.eps != block.ffn_norm.eps:
+        return None
+    tensors: list[torch.Tensor] = []
+    first = None
+    for lin in (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3):
+        kw = kernel_weight(lin)
+        if kw is None or lin._forward_hooks or lin._forward_pre_hooks:
+            return None
+        if first is None:
+            first = kw
+        elif (kw.kind, kw.group_size, kw.int8_activations) != (first.kind, first.group_size, first.int8_activations):
+            return None  # mixed formats in one block: the eager path handles them
+        tensors.extend(kw.tensors)
+    if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        return None
+    return first.kind, tensors, first.group_size, first.int8_activations
+
+
+def _state(block: TransformerBlock) -> list:
+    """Every object the fused call depends on: submodules, the linears' tensors, and hook dicts'
+    emptiness. Comparing it by identity is ~10x cheaper than rebuilding the operands each call."""
+    mods = block._modules
+    att, ffn = mods["attention"], mods["feed_forward"]
+    state = [att, ffn, mods["attention_norm"], mods["ffn_norm"], att.__dict__.get("attend")]
+    for lin in (*att._modules.values(), *ffn._modules.values()):
+        state += (lin, *lin._parameters.values(), *lin._buffers.values(), lin.__dict__.get("activations"))
+    for m in (att, ffn, *att._modules.values(), *ffn._modules.values()):
+        state.append(bool(m._forward_hooks or m._forward_pre_hooks))
+    return state
+
+
+class FusedDecodeBlock(TransformerBlock):
+    """A `TransformerBlock` whose decode steps run as one `herd_cpu::decode_block` call.
+
+    It holds the original block's submodules (same names, same parameters); any call the fused
+    op does not cover goes to `TransformerBlock.forward`. The operands are read from the
+    submodules once and reused until any of them changes (a module swap, new weight tensors, a
+    hook); weights updated in place need nothing, since the op reads their memory at each call.
+    """
+
+    def __init__(self, block: TransformerBlock):
+        nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+        self._plan: tuple[list, tuple | None] | None = None  # (_state, _block_operands) at the last check
+
+    def _operands(self) -> tuple[int, list[torch.Tensor], int, bool] | None:
+        state = _state(self)
+        plan = self._plan
+        if plan is None or len(plan[0]) != len(state) or any(a is not b for a, b in zip(plan[0], state)):
+            plan = self._plan = (state, _block_operands(self))
+        return plan[1]
+
+    def forward(self, x, freqs_cis, mask: AttentionMask, cache):
+        ops = cpu_kernels()
+        B, S, _ = x.shape
+        fusable = (
+            ops is not None and S == 1 and B <= MAX_ROWS and type(cache) is KVCache and x.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not _global_hooks()
+        )
+        operands = self._operands() if fusable else None
+        layer = self.attention.layer_id
+        if operands is None or cache.k[layer].dtype != torch.float32:
+            return super().forward(x, freqs_cis, mask, cache)
+        kind, tensors, group_size, a8 = operands
+        pos, rope = _step_inputs(mask, freqs_cis)
+        return ops.decode_block(
+            x.contiguous(), pos, rope, cache.k[layer], cache.v[layer], self.attention_norm.weight, self.ffn_norm.weight,
+            tensors, kind, group_size, a8, self.attention_norm.eps, self.attention.n_heads, mask.kv_len,
+        )  # (B, 1, dim)
+
+
+_last_step: list = [None, None, None, None]  # mask, freqs_cis -> pos (B,), rope (B, D/2, 2): shared by all blocks
+
+
+def _step_inputs(mask: AttentionMask, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's position and RoPE inputs, computed by the first block of a step and reused by the rest."""
+    last = _last_step
+    if last[0] is not mask or last[1] is not freqs_cis:
+        # Strong references: the cached objects cannot be freed and their ids reused.
+        last[:] = [mask, freqs_cis, mask.pos.reshape(-1), torch.view_as_real(freqs_cis).contiguous()]
+    return last[2], last[3]
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def _rebuild(cls: type, block: TransformerBlock) -> TransformerBlock:
+    if cls is FusedDecodeBlock:
+        return FusedDecodeBlock(block)
+    plain = TransformerBlock.__new__(TransformerBlock)
+    nn.Module.__init__(plain)
+    plain.attention, plain.feed_forward = block.attention, block.feed_forward
+    plain.attention_norm, plain.ffn_norm = block.attention_norm, block.ffn_norm
+    plain.train(block.training)
+    return plain
+
+
+def apply_fast_decode(model: Transformer, *, huge_pages: bool = True) -> int:
+    """Swap each plain `TransformerBlock` of `model` for a `FusedDecodeBlock`; returns how many.
+
+    0 when the CPU kernels are unavailable (the reason is logged). Blocks with hooks or of
+    another class (wrapped for checkpointing, say) are left alone. Apply it after `quantize` or
+    `apply_cpu_kernels`; later module swaps are seen too (formats are read at every call).
+    huge_pages: also move the model's CPU weights into transparent huge pages
+    (`herd.kernels.hugepages`), which speeds up decode's weight stream by 10-30%.
+    """
+    if cpu_kernels() is None:
+        log.warning("apply_fast_decode: decode keeps the eager blocks (%s)", unavailable_reason())
+        return 0
+    if huge_pages:
+        move_to_huge_pages(model)
+    swapped = 0
+    for name, block in list(model.layers.items()):
+        if type(block) is TransformerBlock and not block._forward_hooks and not block._forward_pre_hooks:
+            fused = _rebuild(FusedDecodeBlock, block)
+            fused.train(block.training)
+            model.layers[name] = fused
+            swapped += 1
+    return swapped
+
+
+def remove_fast_decode(model: Transformer) -> int:
+    """Undo `apply_fast_decode`: plain `TransformerBlock`s over the same submodules; returns how many."""
+    restored = 0
+    for name, block in list(model.layers.items()):
+        if type(block) is FusedDecodeBlock:
+            model.layers[name] = _rebuild(TransformerBlock, block)
+            restored += 1
+    return restored
