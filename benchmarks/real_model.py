@@ -50,6 +50,7 @@ from llamacpp_client import LlamaCppProcess  # noqa: E402
 
 from herd.eval.perplexity import held_out_wiki_text, perplexity  # noqa: E402
 from herd.generate import SamplingParams, generate_tokens  # noqa: E402
+from herd.generate.fast_decode import apply_fast_decode  # noqa: E402
 from herd.generate.loading import load_for_inference  # noqa: E402
 from herd.model.zoo import smollm2_path  # noqa: E402
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize  # noqa: E402
@@ -181,6 +182,7 @@ def main() -> None:
         if scheme is not None:
             quantize(model, QuantConfig(scheme, activations=activations))
         apply_cpu_kernels(model)
+        apply_fast_decode(model)  # as herd generate / chat / serve run on CPU
         engines[name] = {"model": model, "run": herd_runner(model, prompt)}
         res = perplexity(model, ppl_ids, seq_len=opts.seq_len)
         engines[name]["nll"], engines[name]["tokens"] = res.nll * res.num_tokens, res.num_tokens

@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from herd.eval.perplexity import held_out_wiki_text, perplexity
 from herd.generate import SamplingParams, generate
+from herd.generate.fast_decode import apply_fast_decode
 from herd.generate.loading import LoadedModel, load_for_inference
 from herd.model.zoo import smollm2_path
 from herd.posttrain.config import ChatDataConfig, LoRAConfig, ModelConfig, OptimConfig, OutputConfig, SFTConfig
@@ -132,6 +131,7 @@ def run_real_model_demo(
     report["quantization"] = _quality(base, config, log)
 
     apply_cpu_kernels(base.model)
+    apply_fast_decode(base.model)
     before_identity = _answers(base, IDENTITY_HELD_OUT, config.max_new_tokens)
     before_general = _answers(base, GENERAL_HELD_OUT, config.max_new_tokens)
     distilled = _answers(base, GENERAL_TRAIN, config.max_new_tokens)
