@@ -75,7 +75,8 @@ def load_for_inference(
     dtype: None means fp32 on CPU (bf16 matmuls are very slow on CPUs without AVX-512 BF16) and
         the checkpoint's own dtype elsewhere. tokenizer: a tokenizer file or directory overriding
         the one the checkpoint declares. cpu_kernels: route CPU decode GEMVs through herd's kernels
-        and each decode step's blocks through the fused op (inference only; ignored with train=True). train: return the model in train mode.
+        and each decode step's blocks through the fused op (inference only; ignored with
+        train=True). train: return the model in train mode.
     """
     path = Path(path)
     if not path.exists():
