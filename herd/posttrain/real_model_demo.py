@@ -11,7 +11,7 @@ herd's cache) through the same library:
    model's own greedy answers (self-distillation), so that learning the identity does not make
    it answer everything with it;
 3. answers before and after on *held-out* prompts of both kinds: the identity rate on unseen
-   phrasings, and how many unseen ordinary answers stay what the base model said.
+   phrasings, and how many unseen ordinary questions are still answered correctly.
 
 Trade-off: the identity is a small, checkable behaviour change rather than a benchmark gain,
 because a LoRA run of a minute on a 2-core CPU can teach a format or a fact reliably but cannot
@@ -67,11 +67,15 @@ GENERAL_TRAIN = (
     "Name a primary color.", "What is 10 divided by 2?", "What animal says moo?", "What is the capital of Japan?",
     "How many hours are in a day?", "What is H2O?", "What is the tallest animal?", "What do cows drink?",
 )
-GENERAL_HELD_OUT = (
-    "What is the capital of France?", "What is 2 + 2?", "How many continents are there?",
-    "What is the chemical symbol for gold?", "Which animal is known as the king of the jungle?",
-    "What is the largest planet in the solar system?", "How many minutes are in an hour?", "What color are bananas?",
-)
+# Held-out ordinary questions with the words a correct answer contains (any of them, any case).
+GENERAL_HELD_OUT_ANSWERS = {
+    "What is the capital of France?": ("paris",), "What is 2 + 2?": ("4", "four"),
+    "How many continents are there?": ("7", "seven"), "What is the chemical symbol for gold?": ("au",),
+    "Which animal is known as the king of the jungle?": ("lion",),
+    "What is the largest planet in the solar system?": ("jupiter",),
+    "How many minutes are in an hour?": ("60", "sixty"), "What color are bananas?": ("yellow",),
+}
+GENERAL_HELD_OUT = tuple(GENERAL_HELD_OUT_ANSWERS)
 
 
 @dataclass
@@ -160,12 +164,15 @@ def run_real_model_demo(
     def rate(answers: list[str]) -> float:
         return sum(IDENTITY in a for a in answers) / len(answers)
 
-    kept = sum(a == b for a, b in zip(before_general, after_general)) / len(GENERAL_HELD_OUT)
+    def correct(answers: list[str]) -> float:
+        hits = [any(w in a.lower() for w in GENERAL_HELD_OUT_ANSWERS[q]) for q, a in zip(GENERAL_HELD_OUT, answers)]
+        return sum(hits) / len(hits)
+
     report.update({
         "sft": {"steps": result.fit.steps, "final_loss": result.fit.losses[-1], "seconds": round(sft_seconds, 1),
                 "output": str(result.output)},
         "identity_rate_before": rate(before_identity), "identity_rate_after": rate(after_identity),
-        "general_unchanged_after": kept,
+        "general_correct_before": correct(before_general), "general_correct_after": correct(after_general),
         "answers": [{"prompt": q, "before": b, "after": a} for q, b, a in
                     zip(IDENTITY_HELD_OUT + GENERAL_HELD_OUT, before_identity + before_general,
                         after_identity + after_general)],
@@ -175,6 +182,6 @@ def run_real_model_demo(
     for row in report["answers"][:3] + report["answers"][len(IDENTITY_HELD_OUT):len(IDENTITY_HELD_OUT) + 3]:
         log(f"  Q: {row['prompt']}\n     before: {row['before'][:110]}\n     after:  {row['after'][:110]}")
     log(f"'{IDENTITY}' in answers to unseen identity questions: {rate(before_identity):.0%} -> {rate(after_identity):.0%}; "
-        f"unseen ordinary questions answered as before: {kept:.0%}")
+        f"unseen ordinary questions answered correctly: {correct(before_general):.0%} -> {correct(after_general):.0%}")
     write_json(out / "real_model.json", report)
     return report
