@@ -20,12 +20,15 @@ Roofline fractions: decode reads every matmul weight once per token (all layers 
 head, in whatever format the engine stores them; the embedding lookup reads one row), so its
 bound is bandwidth / those bytes. Prefill is compute bound: (prefill FLOPs) / matmul peak.
 
-Engines: herd fp32 with its AVX2 GEMV kernel (`apply_cpu_kernels`), herd int8 and int4
-(`quantize`, group 64), HF transformers fp32, and with --llamacpp llama.cpp at F32, Q8_0 and
-Q4_0 on the *same* weights as herd, written by `herd.model.gguf.write_gguf` (cached in
---gguf-dir; its Q4_0 keeps the tied embedding / output head at Q8_0, as llama.cpp's own 4-bit
-mixes keep that tensor at 6-8 bits). --llamacpp pip-installs llama-cpp-python and gguf when missing: llama-cpp-python
-compiles llama.cpp from source, which takes 20+ minutes on 2 cores.
+Engines: herd fp32 with its AVX2 GEMV kernel and fused decode block (`apply_cpu_kernels`,
+`apply_fast_decode`, as `herd generate` runs on CPU), herd int8 and int4 (`quantize`'s default
+recipe: int4 groups of 32, output head int8), HF transformers fp32, and with --llamacpp llama.cpp
+at F32, Q8_0 and Q4_0 on the *same* weights as herd, written by `herd.model.gguf.write_gguf`
+(cached in --gguf-dir; its Q4_0 keeps the tied embedding / output head at Q8_0, as llama.cpp's
+own 4-bit mixes keep that tensor at 6-8 bits). llama.cpp runs in a process of its own without
+torch (benchmarks/llamacpp_worker.py), as its users run it; --llamacpp-in-process loads it into
+this process instead, as earlier versions of this script did, to compare the two. llama-cpp-python
+comes with herd's `llamacpp` extra (it compiles llama.cpp from source, ~6 minutes on 2 cores).
 
 Quality cost: a random model has no meaningful perplexity, so each quantized engine is
 compared with herd fp32 on next-token distributions: mean KL(fp32 || quantized) and how often
@@ -50,7 +53,6 @@ import hashlib
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -59,12 +61,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from herd.generate import KVCache, SamplingParams, generate
-from herd.generate.generate import decode_step, generate_tokens, prefill
-from herd.model import ModelArgs, build_model
-from herd.model.gguf import write_gguf
-from herd.quant import QuantConfig, apply_cpu_kernels, quantize
-from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear
+sys.path.insert(0, str(Path(__file__).parent))
+from llamacpp_client import LlamaCppProcess  # noqa: E402
+
+from herd.generate import KVCache, SamplingParams, generate  # noqa: E402
+from herd.generate.fast_decode import apply_fast_decode  # noqa: E402
+from herd.generate.generate import decode_step, generate_tokens, prefill  # noqa: E402
+from herd.model import ModelArgs, build_model  # noqa: E402
+from herd.model.gguf import write_gguf  # noqa: E402
+from herd.quant import QuantConfig, apply_cpu_kernels, quantize  # noqa: E402
+from herd.quant.linear import Fp8Linear, Int4Linear, Int8Linear  # noqa: E402
 
 
 def best_time(fn, reps: int) -> float:
@@ -141,33 +147,17 @@ LLAMACPP_TYPES = ("F32", "Q8_0", "Q4_0")
 
 
 def ensure_llamacpp() -> None:
-    missing = [p for p, mod in (("llama-cpp-python", "llama_cpp"), ("gguf", "gguf"))
-               if importlib.util.find_spec(mod) is None]
-    if missing:
-        print(f"--llamacpp: installing {' '.join(missing)} with pip; llama-cpp-python compiles llama.cpp from "
-              "source (20+ minutes on 2 cores)", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit("--llamacpp needs llama-cpp-python: pip install 'herd[llamacpp]' (compiles llama.cpp, "
+                         "~6 minutes on 2 cores)")
 
 
 def _llama3_vocab(vocab_size: int) -> dict:
-    """GGUF tokenizer metadata of the Llama 3 tokenizer, from the HF tokenizer.json that ships with
-    herd's demo extra; llama.cpp refuses a GGUF without a vocabulary. (Until herd.tokenizer builds
-    this metadata itself.)"""
-    from herd.tokenizer import llama3_tokenizer_path
+    """GGUF tokenizer metadata of the Llama 3 tokenizer (llama.cpp refuses a GGUF without one)."""
+    from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+    from herd.tokenizer.export import gguf_tokenizer_metadata
 
-    data = json.loads((Path(llama3_tokenizer_path()).parent / "tokenizer.json").read_text())
-    tokens = [""] * vocab_size
-    types = [1] * vocab_size  # llama.cpp's token types: 1 normal, 3 control
-    for piece, i in data["model"]["vocab"].items():
-        tokens[i] = piece
-    for added in data["added_tokens"]:
-        if added["id"] < vocab_size:
-            tokens[added["id"]] = added["content"]
-            types[added["id"]] = 3
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": 128000, "tokenizer.ggml.eos_token_id": 128001}
+    return gguf_tokenizer_metadata(Tokenizer.from_file(llama3_tokenizer_path()), vocab_size=vocab_size)
 
 
 def gguf_matmul_bytes(path: Path) -> int:
@@ -178,9 +168,8 @@ def gguf_matmul_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2 or t.name == "token_embd.weight")
 
 
-def llamacpp_models(model, gguf_dir: Path, n_ctx: int, threads: int) -> dict[str, tuple]:
-    from llama_cpp import Llama
-
+def llamacpp_files(model, gguf_dir: Path) -> dict[str, Path]:
+    """The benchmark model as GGUF files at LLAMACPP_TYPES, written once and cached by shape."""
     a = model.args
     tag = hashlib.sha256(repr((a, "seed0", "herd.model.gguf")).encode()).hexdigest()[:10]
     out = {}
@@ -189,10 +178,15 @@ def llamacpp_models(model, gguf_dir: Path, n_ctx: int, threads: int) -> dict[str
         if not path.is_file():  # herd's GGUF writer; at Q4_0 the tied embedding / output head is Q8_0
             print(f"writing {path} ...", flush=True)
             write_gguf(model, path, qtype=qtype, tokenizer_metadata=_llama3_vocab(a.vocab_size))
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                    logits_all=True, verbose=False)
-        out[qtype] = (llm, gguf_matmul_bytes(path))
+        out[qtype] = path
     return out
+
+
+def llamacpp_in_process(path: Path, n_ctx: int, threads: int):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                 logits_all=True, verbose=False)
 
 
 def llamacpp_runner(llm, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
@@ -280,10 +274,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    ap.add_argument("--group-size", type=int, default=32, help="int4 group size (herd quantize's default)")
     ap.add_argument("--activations", choices=("float", "int8", "both"), default="both",
                     help="herd int8/int4 decode with exact fp32 activations, int8-quantized ones, or both")
-    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp F32/Q8_0/Q4_0 (installs it if missing)")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp F32/Q8_0/Q4_0, each in its own process")
+    ap.add_argument("--llamacpp-in-process", action="store_true",
+                    help="with --llamacpp: load llama.cpp into this (torch) process instead")
     ap.add_argument("--gguf-dir", default="runs/bench-gguf", help="where converted GGUF files are cached")
     opts = ap.parse_args()
     if opts.threads:
@@ -312,6 +308,7 @@ def main() -> None:
                                                      activations=mode)}
     for e in engines.values():
         e["bytes"] = matmul_bytes(e["model"])
+        apply_fast_decode(e["model"])  # each decode step's block as one fused op, as the CLI does on CPU
     hf_model = build_hf(args)
     engines["hf_fp32"] = {"model": hf_model, "bytes": engines["herd_fp32"]["bytes"]}
     prompt = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(2))
@@ -346,29 +343,43 @@ def main() -> None:
 
     engines["hf_fp32"]["run"] = run_hf
 
+    workers = []
     if opts.llamacpp:
         n_ctx = opts.prompt_len + opts.new_tokens + 8
-        for qtype, (llm, nbytes) in llamacpp_models(fp32, Path(opts.gguf_dir), n_ctx, threads).items():
+        for qtype, path in llamacpp_files(fp32, Path(opts.gguf_dir)).items():
             name = f"llamacpp_{qtype.lower()}"
-            engines[name] = {"run": llamacpp_runner(llm, prompt_ids), "bytes": nbytes}
-            llm.reset()
-            llm.eval(prompt_ids)
-            logits = torch.from_numpy(llm.scores[: opts.prompt_len].copy()).float()
-            engines[name]["kl"], engines[name]["top1"] = divergence(ref_prefill, logits)
-            engines[name]["kl_decode"], engines[name]["top1_decode"] = divergence(
-                ref_decode, llamacpp_decode_logits(llm, prompt_ids, continuation))
+            if opts.llamacpp_in_process:
+                llm = llamacpp_in_process(path, n_ctx, threads)
+                engines[name] = {"run": llamacpp_runner(llm, prompt_ids)}
+                llm.reset()
+                llm.eval(prompt_ids)
+                prefill_logits = torch.from_numpy(llm.scores[: opts.prompt_len].copy()).float()
+                decode_logits = llamacpp_decode_logits(llm, prompt_ids, continuation)
+            else:
+                worker = LlamaCppProcess(path, threads=threads, n_ctx=n_ctx)
+                workers.append(worker)
+                engines[name] = {"run": lambda k, w=worker: w.run(prompt_ids, k)}
+                rows = torch.from_numpy(worker.logits(prompt_ids, continuation)).float()
+                prefill_logits, decode_logits = rows[: opts.prompt_len], rows[opts.prompt_len:]
+            engines[name]["bytes"] = gguf_matmul_bytes(path)
+            engines[name]["kl"], engines[name]["top1"] = divergence(ref_prefill, prefill_logits)
+            engines[name]["kl_decode"], engines[name]["top1_decode"] = divergence(ref_decode, decode_logits)
     del ref_prefill, ref_decode
 
     for e in engines.values():
         e["run"](2)  # warm up (first calls allocate, pick kernels, fault in mmap'd weights)
         e["prefill_s"], e["decode_s"] = [], []
-    for _ in range(opts.reps):
-        for name, e in engines.items():
-            t0, stamps = e["run"](n)
-            if len(stamps) != n:
-                raise SystemExit(f"{name}: asked for {n} tokens, got {len(stamps)}")
-            e["prefill_s"].append(stamps[0] - t0)
-            e["decode_s"].append(stamps[-1] - stamps[0])
+    try:
+        for _ in range(opts.reps):
+            for name, e in engines.items():
+                t0, stamps = e["run"](n)
+                if len(stamps) != n:
+                    raise SystemExit(f"{name}: asked for {n} tokens, got {len(stamps)}")
+                e["prefill_s"].append(stamps[0] - t0)
+                e["decode_s"].append(stamps[-1] - stamps[0])
+    finally:
+        for w in workers:
+            w.close()
 
     S, L, H, D = opts.prompt_len, args.n_layers, args.n_heads, args.head_dim
     prefill_flops = 2 * args.num_params(embeddings=False) * S + 2 * args.vocab_size * args.dim \
