@@ -151,9 +151,9 @@ def cmd_chat(opts) -> None:
 
 
 def cmd_tokenize(opts) -> None:
-    from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+    from herd.tokenizer import llama3_tokenizer_path, tokenizer_from_path
 
-    tok = Tokenizer.from_file(opts.tokenizer or llama3_tokenizer_path())
+    tok = tokenizer_from_path(opts.tokenizer or llama3_tokenizer_path())
     if opts.decode is not None:
         ids = [int(t) for t in opts.decode.replace(",", " ").split()]
         print(tok.decode(ids))
@@ -526,8 +526,8 @@ def cmd_serve(opts) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
-    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("path", help="checkpoint: HF or Meta directory, .gguf file, or herd quantize output")
+    p.add_argument("--tokenizer", help="tokenizer file or folder; default: the one the checkpoint declares")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
     p.add_argument("--max-seq-len", type=int, help="shorten the context (RoPE table and cache) to this many tokens")
@@ -555,7 +555,7 @@ def _generate_args(p):
 def _tokenize_args(p):
     p.add_argument("text", nargs="?", help="text to encode (default: stdin)")
     p.add_argument("--file", help="encode this UTF-8 file")
-    p.add_argument("--tokenizer", help="tiktoken rank file (default: the Llama 3 tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model, .gguf or checkpoint folder (default: Llama 3's)")
     p.add_argument("--bos", action="store_true")
     p.add_argument("--eos", action="store_true")
     p.add_argument("--allow-special", action="store_true", help="parse <|...|> special-token text")
@@ -574,8 +574,8 @@ def _convert_args(p):
 
 
 def _serve_args(p):
-    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
-    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("path", help="checkpoint: HF or Meta directory, .gguf file, or herd quantize output")
+    p.add_argument("--tokenizer", help="tokenizer file or folder; default: the one the checkpoint declares")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
     p.add_argument("--max-seq-len", type=int, help="context per slot (default: the model's, at most 8192)")
@@ -614,7 +614,7 @@ def _plan_args(p):
 
 
 def _quantize_args(p):
-    p.add_argument("path", help="float checkpoint directory (HF or Meta)")
+    p.add_argument("path", help="float checkpoint: HF or Meta directory, or .gguf file (its Q4_0/Q4_1 blocks are kept)")
     p.add_argument("out", help="directory to write (quant_config.json + model.safetensors + tokenizer)")
     p.add_argument("--scheme", choices=("int8", "int4", "fp8"), required=True,
                    help="int8: per-channel; int4: asymmetric groups; fp8: the paper's FFN-only row-wise rule")
@@ -628,7 +628,7 @@ def _quantize_args(p):
 
 
 def _eval_perplexity_args(p):
-    p.add_argument("path", help="checkpoint directory (float, or quantized by herd quantize)")
+    p.add_argument("path", help="checkpoint: HF or Meta directory, .gguf file, or herd quantize output")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
     src.add_argument("--wiki", choices=("en", "fr", "es"), help="held-out Wikipedia lead paragraphs (embedded)")
@@ -639,7 +639,7 @@ def _eval_perplexity_args(p):
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, help="window step (default: seq-len, disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
-    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("--tokenizer", help="tokenizer file or folder; default: the one the checkpoint declares")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -715,8 +715,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _eval_model_args(p):
-    p.add_argument("path", help="checkpoint directory (HF safetensors or Meta consolidated.*.pth)")
-    p.add_argument("--tokenizer", help="tiktoken rank file; default: tokenizer.model beside the weights")
+    p.add_argument("path", help="checkpoint: HF or Meta directory, .gguf file, or herd quantize output")
+    p.add_argument("--tokenizer", help="tokenizer file or folder; default: the one the checkpoint declares")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, the checkpoint's dtype elsewhere")
     p.add_argument("--max-seq-len", type=int, help="set the context (RoPE table) to this many tokens")

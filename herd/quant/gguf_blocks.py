@@ -231,6 +231,10 @@ def quantized_model_from_raw(
     emb = raw.get("tok_embeddings.weight")
     if emb is not None and type_name(emb.type) not in FLOAT_TYPES:
         dequantized["tok_embeddings"] = type_name(emb.type)  # a lookup reads one row: float costs no speed
+    if exact and config.scheme != "int4":
+        log.warning("kept %d Q4_0/Q4_1 GGUF tensors as int4 at group 32, exactly as stored (as %s they would only "
+                    "gain error or bytes); %s applies to the other linear layers", len(exact), config.scheme,
+                    config.scheme)
     if requantized or dequantized:
         log.warning("GGUF tensors not mapped exactly: requantized by the %s recipe %s; dequantized to float %s",
                     config.scheme, requantized, dequantized)
