@@ -78,7 +78,7 @@ def load_for_inference(
         and each decode step's blocks through the fused op (inference only; ignored with
         train=True). train: return the model in train mode.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint directory "
                                 "(HF, Meta or herd quantize output) or a .gguf file")

@@ -83,9 +83,9 @@ class RealModelDemoConfig:
     ppl_tokens: int = 2048  # held-out Wikipedia tokens scored at each precision
     seq_len: int = 512  # perplexity window
     max_new_tokens: int = 40
-    sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, steps=24, batch_size=4, warmup_steps=3))
+    sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, steps=16, batch_size=4, warmup_steps=2))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=8, alpha=16.0))
-    sft_seq_len: int = 256  # packed row length
+    sft_seq_len: int = 128  # packed row length
     schemes: tuple[str, ...] = ("int8", "int4")
 
 
@@ -126,6 +126,9 @@ def run_real_model_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     path = Path(gguf) if gguf is not None else smollm2_path()
+    link = out / path.name  # the README's commands use runs/demo/smollm2/<file>.gguf
+    if not link.exists():
+        link.symlink_to(path.resolve())
     base = load_for_inference(path, cpu_kernels=False)
     log(f"{path.name}: {base.model.args.num_params():,} parameters, vocabulary {base.model.args.vocab_size:,}, "
         f"chat template from the GGUF metadata")

@@ -130,9 +130,17 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     pt = report["posttrain"]
     assert pt["sft_steps"] == 6 and pt["dpo_steps"] == 3
     assert (tmp_path / "posttrain" / "dpo").is_dir()
+    # The real model: three precisions scored on the same held-out tokens, a LoRA SFT saved with the
+    # GGUF's tokenizer and chat template, answers before and after.
+    rm = report["real_model"]
+    assert [r["scheme"] for r in rm["quantization"]] == ["fp32", "int8", "int4"]
+    assert all(1 < r["perplexity"] < 1000 for r in rm["quantization"])
+    assert rm["sft"]["steps"] == 3 and (tmp_path / "smollm2" / "sft" / "model" / "tokenizer.json").is_file()
+    assert len(rm["answers"]) == 16 and rm["identity_rate_before"] == 0.0
     with pytest.raises(ValueError, match="quick"):  # a full run must not reuse a quick run's outputs
         run_demo(out_dir=tmp_path, quick=False)
-    for title in ("1. checks", "4. training", "6. long context", "7. post-training", "what each stage did"):
+    for title in ("1. checks", "4. training", "6. long context", "7. post-training", "8. a real model",
+                  "what each stage did"):
         assert title in out
     on_disk = json.loads((tmp_path / "demo.json").read_text())
     assert on_disk["quick"] is True and set(on_disk["timings"]) >= {"checks", "training (3 stages)"}
