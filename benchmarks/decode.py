@@ -62,11 +62,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from engines import herd_runner, hf_runner, time_engines  # noqa: E402
 from llamacpp_client import LlamaCppProcess  # noqa: E402
 
 from herd.generate import KVCache, SamplingParams, generate  # noqa: E402
 from herd.generate.fast_decode import apply_fast_decode  # noqa: E402
-from herd.generate.generate import decode_step, generate_tokens, prefill  # noqa: E402
+from herd.generate.generate import decode_step, prefill  # noqa: E402
 from herd.model import ModelArgs, build_model  # noqa: E402
 from herd.model.gguf import write_gguf  # noqa: E402
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize  # noqa: E402
@@ -242,31 +243,6 @@ def herd_decode_logits(model, prompt: list[int], continuation: list[int]) -> tor
     return torch.stack(rows)
 
 
-def herd_runner(model, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
-    """run(n) -> (start, a timestamp as each of the n greedy tokens becomes available)."""
-    greedy = SamplingParams(temperature=0.0)
-
-    def run(n: int) -> tuple[float, list[float]]:
-        t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in generate_tokens(model, [prompt], max_new_tokens=n, sampling=greedy)]
-        return t0, stamps
-
-    return run
-
-
-class _Stamps:
-    """An HF streamer that only records when each token arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (default: the 1B's 16)")
@@ -333,15 +309,7 @@ def main() -> None:
     for name in [n for n in engines if n.startswith("herd_")]:
         engines[name]["run"] = herd_runner(engines[name]["model"], prompt_ids)
 
-    def run_hf(k: int) -> tuple[float, list[float]]:
-        stamps = _Stamps()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0, streamer=stamps)
-        return t0, stamps.times[1:]  # the first put is the prompt
-
-    engines["hf_fp32"]["run"] = run_hf
+    engines["hf_fp32"]["run"] = hf_runner(hf_model, prompt)
 
     workers = []
     if opts.llamacpp:
@@ -366,17 +334,8 @@ def main() -> None:
             engines[name]["kl_decode"], engines[name]["top1_decode"] = divergence(ref_decode, decode_logits)
     del ref_prefill, ref_decode
 
-    for e in engines.values():
-        e["run"](2)  # warm up (first calls allocate, pick kernels, fault in mmap'd weights)
-        e["prefill_s"], e["decode_s"] = [], []
     try:
-        for _ in range(opts.reps):
-            for name, e in engines.items():
-                t0, stamps = e["run"](n)
-                if len(stamps) != n:
-                    raise SystemExit(f"{name}: asked for {n} tokens, got {len(stamps)}")
-                e["prefill_s"].append(stamps[0] - t0)
-                e["decode_s"].append(stamps[-1] - stamps[0])
+        time_engines(engines, n=n, reps=opts.reps)
     finally:
         for w in workers:
             w.close()

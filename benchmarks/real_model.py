@@ -18,8 +18,8 @@ machines are noisy):
 * perplexity on the same held-out Wikipedia tokens for every engine (herd's document split, the
   tokens SmolLM2's tokenizer gives; windows of --seq-len, disjoint), so quantization quality is
   compared on real text;
-* herd's per-token overhead: the share of a decode step spent outside its matmul kernels
-  (torch.profiler, fp32 engine).
+* herd's per-token overhead: the share of a decode step spent outside its kernels (the fused
+  block op and the GEMVs: Python, embedding lookup, sampling; torch.profiler, fp32 engine).
 
 Targets (issue 13): decode int8 >= 1.0x llama.cpp Q8_0, fp32 >= 1.0x F32, int4 >= 1.0x Q4_0;
 quantized prefill >= 0.8x llama.cpp at the same width; perplexity int8 within 0.5% of fp32 and
@@ -34,22 +34,19 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from engines import herd_runner, hf_runner, time_engines  # noqa: E402
 from llamacpp_client import LlamaCppProcess  # noqa: E402
 
 from herd.eval.perplexity import held_out_wiki_text, perplexity  # noqa: E402
-from herd.generate import SamplingParams, generate_tokens  # noqa: E402
 from herd.generate.fast_decode import apply_fast_decode  # noqa: E402
 from herd.generate.loading import load_for_inference  # noqa: E402
 from herd.model.zoo import smollm2_path  # noqa: E402
@@ -59,45 +56,6 @@ from herd.train.export import convert_checkpoint  # noqa: E402
 
 LLAMACPP_TYPES = ("F32", "Q8_0", "Q4_0")
 QUESTION = "What is the capital of France?"
-
-
-def herd_runner(model, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
-    """run(n) -> (start, a timestamp as each of the n greedy tokens becomes available)."""
-    greedy = SamplingParams(temperature=0.0)
-
-    def run(n: int) -> tuple[float, list[float]]:
-        t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in generate_tokens(model, [prompt], max_new_tokens=n, sampling=greedy)]
-        return t0, stamps
-
-    return run
-
-
-class _Stamps:
-    """An HF streamer that records when each token arrives (its first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def hf_runner(model, prompt: list[int]) -> Callable[[int], tuple[float, list[float]]]:
-    ids = torch.tensor([prompt])
-
-    def run(n: int) -> tuple[float, list[float]]:
-        stamps = _Stamps()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0, streamer=stamps)
-        return t0, stamps.times[1:]
-
-    return run
 
 
 def windows(ids: list[int], seq_len: int) -> list[tuple[list[int], int]]:
@@ -126,7 +84,8 @@ def hf_nll(model, wins: list[tuple[list[int], int]]) -> tuple[float, int]:
 
 
 def overhead_share(model, prompt: list[int], steps: int = 16) -> float:
-    """Share of herd's decode-step CPU time outside the matmul kernels (torch.profiler self time)."""
+    """Share of herd's decode-step CPU time spent outside its kernels (the fused block op, the GEMVs):
+    Python, the embedding lookup, sampling, small ops (torch.profiler self time)."""
     from torch.profiler import ProfilerActivity, profile
 
     run = herd_runner(model, prompt)
@@ -207,19 +166,8 @@ def main() -> None:
         engines[name] = {"run": lambda k, w=worker: w.run(prompt, k)}
         engines[name]["nll"], engines[name]["tokens"] = worker.nll(wins)
 
-    n = 1 + opts.new_tokens
     try:
-        for e in engines.values():
-            e["run"](2)  # warm up: first calls allocate, pick kernels, fault in mapped weights
-            e["prefill_s"], e["decode_s"] = [], []
-        for _ in range(opts.reps):
-            for name, e in engines.items():
-                t0, stamps = e["run"](n)
-                if len(stamps) != n:
-                    raise SystemExit(f"{name}: asked for {n} tokens, got {len(stamps)}")
-                e["prefill_s"].append(stamps[0] - t0)
-                e["decode_s"].append(stamps[-1] - stamps[0])
-                gc.collect()
+        time_engines(engines, n=1 + opts.new_tokens, reps=opts.reps)
     finally:
         for w in workers:
             w.close()
@@ -230,7 +178,7 @@ def main() -> None:
         e["prefill"] = len(prompt) / statistics.median(e["prefill_s"])
         e["ppl"] = math.exp(e["nll"] / e["tokens"])
         print(f"{name:18}{e['decode']:13.1f}{e['prefill']:15.1f}{e['ppl']:12.4f}")
-    print(f"herd fp32 decode step outside the matmul kernels: {overhead:.1%}")
+    print(f"herd fp32 decode step outside herd's kernels (Python, embedding, sampling): {overhead:.1%}")
 
     figures: dict[str, object] = {
         "model": "SmolLM2-135M-Instruct", "threads": opts.threads, "reps": opts.reps, "prompt_len": len(prompt),

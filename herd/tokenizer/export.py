@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
+from herd.tokenizer.hf import load_json
 from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, Tokenizer
 
 Layout = Literal["hf", "meta"]
@@ -373,7 +374,7 @@ def generation_config_of(source: str | os.PathLike[str]) -> dict[str, Any] | Non
     if path.is_dir():
         for name in ("config.json", GENERATION_CONFIG):  # the generation config wins
             if (path / name).is_file():
-                data = _read_json(path / name)
+                data = load_json(path / name)
                 keys = data if name == GENERATION_CONFIG else ("bos_token_id", "eos_token_id")
                 config.update({k: data[k] for k in keys if data.get(k) is not None})
     rank_file = _rank_file_in(path)
@@ -383,16 +384,6 @@ def generation_config_of(source: str | os.PathLike[str]) -> dict[str, Any] | Non
         declared = declared if isinstance(declared, list) else [declared]
         config.update(generation_config([*declared, *stop_token_ids(tok)], config.get("bos_token_id", tok.bos_id)))
     return config or None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 # ---- GGUF tokenizer metadata -----------------------------------------------------------------
@@ -521,11 +512,11 @@ def _token_name(value: Any) -> str | None:
 
 def _tokenizer_json_metadata(directory: Path) -> dict[str, Any]:
     where = directory / "tokenizer.json"
-    data = _read_json(where)
+    data = load_json(where)
     model = data.get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: GGUF export supports byte-level BPE vocabularies; this model is {model.get('type')!r}")
-    config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    config = load_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
     pre = _pre_type(data.get("pre_tokenizer"), clean_up_spaces=bool(config.get("clean_up_tokenization_spaces")),
                     where=where)
     ids: dict[str, int] = dict(model["vocab"])
