@@ -1,11 +1,9 @@
 """A GGUF file's vocabulary (`tokenizer.ggml.*`) as a herd tokenizer, tokenizing as llama.cpp does.
 
-Trade-off: the metadata is read by a small parser of GGUF's key/value section here rather than
-by `gguf.GGUFReader`. The reader builds a numpy view per array element, which costs about 10 s
-for SmolLM2's 98k strings on a loaded 2-core machine and would cost half a minute for Llama 3's
-400k; walking the same bytes with `struct` takes a fraction of a second. Only the header and the
-key/value pairs are read (never the tensors), little-endian files only; the tests check the
-result against `gguf.GGUFReader`.
+The metadata comes from `herd.gguf_header`, the bottom layer's plain-Python reader of the GGUF
+header, which `herd.model` shares: `gguf.GGUFReader` builds a numpy view per string and takes
+seconds for a vocabulary; the header reader takes hundredths of a second and never touches the
+tensors.
 
 Two vocabulary models are built (llama.cpp's names):
 * `gpt2`: byte-level BPE. llama.cpp splits text with a list of regexes chosen by
@@ -24,12 +22,11 @@ A Llama 3 vocabulary (`<|begin_of_text|>` at 128000) is turned back into tiktoke
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from herd.gguf_header import read_gguf_header
 from herd.tokenizer.base import gpt2_byte_decoder, import_optional
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, Tokenizer
@@ -79,111 +76,11 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
     "stablelm2": ((_QWEN2,), False),
 }
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_GGUF_MAGIC = b"GGUF"
-_FIRST_READ = 1 << 22  # bytes; Llama 3's metadata is about 6 MB, SmolLM2's 1.5 MB
-
-
 def read_gguf_metadata(
     path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = ("tokenizer.", "general.")
 ) -> dict[str, Any]:
     """The key/value metadata of a GGUF file whose keys start with one of `prefixes`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    # The key/value section sits before the tensor data: parse a prefix of the file, and a
-    # longer one if the metadata runs past it.
-    size = _FIRST_READ
-    with path.open("rb") as f:
-        while True:
-            f.seek(0)
-            data = f.read(size)
-            try:
-                return _parse_metadata(data, path, prefixes)
-            except _Truncated:
-                if len(data) < size:  # the whole file is read and still too short
-                    raise ValueError(f"{path}: truncated GGUF metadata; re-download the file") from None
-                size *= 4
-
-
-def _parse_metadata(data: bytes, path: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    if data[:4] != _GGUF_MAGIC:
-        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    reader = _Reader(data, 4, path)
-    version = reader.scalar("<I")
-    if version not in (2, 3):
-        hint = " (a big-endian file?)" if struct.unpack_from(">I", data, 4)[0] in (2, 3) else ""
-        raise ValueError(f"{path}: GGUF version {version} is not supported{hint}; herd reads little-endian v2/v3")
-    reader.scalar("<Q")  # tensor count
-    out: dict[str, Any] = {}
-    for _ in range(reader.scalar("<Q")):
-        key = reader.string()
-        value = reader.value(reader.scalar("<I"))
-        if key.startswith(prefixes):
-            out[key] = value
-    return out
-
-
-class _Truncated(Exception):
-    pass
-
-
-_U64 = struct.Struct("<Q")
-
-
-class _Reader:
-    def __init__(self, data: bytes, pos: int, path: Path) -> None:
-        self.data, self.pos, self.path = data, pos, path
-
-    def scalar(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.data):
-            raise _Truncated
-        (value,) = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        return self.strings(1)[0]
-
-    def strings(self, n: int) -> list[str]:
-        # The hot loop of a vocabulary (hundreds of thousands of strings): locals only.
-        data, pos, end = self.data, self.pos, len(self.data)
-        unpack, out = _U64.unpack_from, []
-        for _ in range(n):
-            if pos + 8 > end:
-                raise _Truncated
-            (length,) = unpack(data, pos)
-            pos += 8
-            # llama.cpp vocabularies may hold bytes that are not UTF-8 (rare); keep them lossless.
-            out.append(data[pos : pos + length].decode("utf-8", errors="surrogateescape"))
-            pos += length
-        if pos > end:
-            raise _Truncated
-        self.pos = pos
-        return out
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            itype = self.scalar("<I")
-            n = self.scalar("<Q")
-            if itype in _SCALARS:
-                fmt = _SCALARS[itype]
-                size = struct.calcsize(fmt)
-                if self.pos + n * size > len(self.data):
-                    raise _Truncated
-                values = list(struct.unpack_from(f"<{n}{fmt[1]}", self.data, self.pos))
-                self.pos += n * size
-                return values
-            if itype == _STRING:
-                return self.strings(n)
-            return [self.value(itype) for _ in range(n)]
-        raise ValueError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}; is the file damaged?")
+    return read_gguf_header(path, prefixes=prefixes).metadata
 
 
 @dataclass(frozen=True)

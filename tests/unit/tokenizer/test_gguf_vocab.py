@@ -64,10 +64,10 @@ def test_metadata_equals_gguf_reader(tmp_path):
     assert "other.ignored" not in ours
 
 
-def test_metadata_of_a_large_file_is_read_from_growing_prefixes(tmp_path, monkeypatch):
+def test_metadata_of_a_file_with_tensor_data(tmp_path):
+    # The header reader maps the file; the 1.2 MB of tensor data after the header is never parsed.
     path = tmp_path / "large.gguf"
     _write(path, _every_type, tensor=np.zeros(300_000, dtype=np.float32))
-    monkeypatch.setattr(gv, "_FIRST_READ", 64)  # forces several rounds of the prefix reader
     assert gv.read_gguf_metadata(path) == _reference(path)
 
 
