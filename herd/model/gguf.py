@@ -7,6 +7,11 @@ and BF16 tensors stay views of the memory-mapped file. Reusing quantized blocks 
 belongs to `herd.quant`, which `model/` may not import, so this module only hands out the raw
 blocks (`gguf_raw_tensors`).
 
+The header comes from `herd.gguf_header`, not `gguf.GGUFReader`, whose numpy view per vocabulary
+string costs seconds (2.5 s for SmolLM2); each tensor is a view of one memory map, shaped from the
+`gguf` package's block table as GGUFReader shapes it, so `gguf.quants.dequantize` sees the same
+arrays. `describe_gguf` reads no tensor data but `rope_freqs`.
+
 Facts the code relies on (llama.cpp's `convert_hf_to_gguf.py`, class LlamaModel, and
 transformers' GGUF loader `modeling_gguf_pytorch_utils.py`):
 * q/k rows: the converter undoes HF's rotate_half permutation, so GGUF stores Meta's
@@ -39,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from herd.gguf_header import GGUFHeader, read_gguf_header
 from herd.model.args import ModelArgs, RopeScaling
 from herd.model.formats import (
     CheckpointInfo,
@@ -136,7 +142,18 @@ class RawTensor:
     data: np.ndarray
 
 
-def _open(path: str | os.PathLike, *, writable: bool = False):
+@dataclass(frozen=True)
+class _Tensor:
+    """Where one tensor's bytes lie in the file; nothing of them is read."""
+
+    name: str
+    type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order (GGUF lists dimensions innermost first), counted in values
+    offset: int  # absolute byte position in the file
+    nbytes: int
+
+
+def _open(path: str | os.PathLike) -> GGUFHeader:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -149,31 +166,59 @@ def _open(path: str | os.PathLike, *, writable: bool = False):
             f"{path} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}); herd loads .gguf files and "
             "HF or Meta checkpoint directories"
         )
-    gguf = _gguf()
-    try:
-        # "c" (copy-on-write) gives writable arrays, so torch can share them without a copy or a
-        # warning, while the file itself is never modified.
-        return gguf.GGUFReader(path, "c" if writable else "r")
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+    return read_gguf_header(path)
 
 
-def _metadata(reader, *, summarize_arrays: bool = False) -> dict[str, Any]:
+def _locate(header: GGUFHeader, source: Path) -> dict[str, _Tensor]:
+    """Every tensor's type, torch shape and byte range, checked against the file's size."""
     gguf = _gguf()
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):  # version and counts: the container, not the model
-            continue
-        if summarize_arrays and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > 16:
-            out[key] = f"<{len(field.data)} x {field.types[-1].name.lower()}>"
-        else:
-            out[key] = field.contents()
+    out: dict[str, _Tensor] = {}
+    for info in header.tensors:
+        try:
+            kind = gguf.GGMLQuantizationType(info.type)
+        except ValueError:
+            raise ValueError(
+                f"{source}: tensor {info.name} has GGML type {info.type}, which the installed gguf package does not "
+                "know; upgrade gguf, or re-quantize the file (e.g. Q8_0 or Q4_K_M)"
+            ) from None
+        block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        dims = info.dims or (1,)  # a 0-d tensor holds one value
+        nbytes = math.prod(dims) // block * block_bytes
+        bad = f"{source} is not a readable GGUF file (truncated or corrupt?): tensor {info.name}"
+        if dims[0] % block:
+            raise ValueError(f"{bad} has rows of {dims[0]} values, not whole {kind.name} blocks of {block}")
+        if info.offset + nbytes > header.file_size:
+            raise ValueError(f"{bad} ends at byte {info.offset + nbytes} but the file has {header.file_size} bytes")
+        out[info.name] = _Tensor(info.name, kind, tuple(reversed(dims)), info.offset, nbytes)
     return out
 
 
-def _torch_shape(tensor) -> tuple[int, ...]:
-    # GGUF lists dimensions innermost first; torch lists them outermost first.
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+def _array(raw: np.ndarray, t: _Tensor) -> np.ndarray:
+    """A tensor's bytes (uint8, exactly `t.nbytes`) as GGUFReader shapes them and `gguf.quants.dequantize`
+    takes them: F32 / F16 as float arrays in torch order, every other type as uint8 rows of blocks."""
+    Q = _gguf().GGMLQuantizationType
+    if t.type == Q.F32:
+        return raw.view(np.float32).reshape(t.shape)
+    if t.type == Q.F16:
+        return raw.view(np.float16).reshape(t.shape)
+    block, block_bytes = _gguf().GGML_QUANT_SIZES[t.type]
+    return raw.reshape(*t.shape[:-1], t.shape[-1] // block * block_bytes)  # (rows..., bytes per row)
+
+
+def _weights(source: Path, tensors: Mapping[str, _Tensor], *, writable: bool) -> list[tuple[str, _Tensor, np.ndarray]]:
+    """(herd name, tensor, view of one memory map) per weight; rope_freqs (in args.rope_scaling) has no herd name."""
+    # "c" (copy-on-write) gives writable arrays, so torch can share them without a copy or a
+    # warning, while the file itself is never modified.
+    mm = np.memmap(source, dtype=np.uint8, mode="c" if writable else "r")
+    return [(key, t, _array(mm[t.offset : t.offset + t.nbytes], t))
+            for name, t in tensors.items() if (key := herd_name(name)) is not None]
+
+
+def _metadata(header: GGUFHeader, *, summarize_arrays: bool = False) -> dict[str, Any]:
+    if not summarize_arrays:
+        return dict(header.metadata)
+    return {key: f"<{len(v)} x {header.types[key][-1]}>" if isinstance(v, list) and len(v) > 16 else v
+            for key, v in header.metadata.items()}
 
 
 def _f32(value: float) -> float:
@@ -331,35 +376,35 @@ def _check_shapes(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source
             )
 
 
-def _dequantize(tensor, source: Path) -> torch.Tensor:
+def _dequantize(t: _Tensor, data: np.ndarray, source: Path) -> torch.Tensor:
     gguf = _gguf()
-    kind = tensor.tensor_type
     Q = gguf.GGMLQuantizationType
-    if kind in (Q.F32, Q.F16):  # already (rows, cols) of the right dtype: share the memory map
-        return torch.from_numpy(tensor.data)
-    if kind == Q.BF16:  # stored as bytes; reinterpret pairs of them as bfloat16
-        return torch.from_numpy(tensor.data).view(torch.bfloat16)
+    if t.type in (Q.F32, Q.F16):  # already (rows, cols) of the right dtype: share the memory map
+        return torch.from_numpy(data)
+    if t.type == Q.BF16:  # stored as bytes; reinterpret pairs of them as bfloat16
+        return torch.from_numpy(data).view(torch.bfloat16)
     try:
-        values = gguf.quants.dequantize(tensor.data, kind)
+        values = gguf.quants.dequantize(data, t.type)
     except NotImplementedError as e:
         raise ValueError(
-            f"{source}: tensor {tensor.name} has type {kind.name}, which the installed gguf package cannot "
+            f"{source}: tensor {t.name} has type {t.type.name}, which the installed gguf package cannot "
             "dequantize; upgrade gguf, or re-quantize the file (e.g. Q8_0 or Q4_K_M)"
         ) from e
     return torch.from_numpy(values)
 
 
-def _scan(path: str | os.PathLike, *, writable: bool, summarize_arrays: bool = False):
-    """Open, read metadata and shapes, derive ModelArgs, check shapes; of the data only rope_freqs is read."""
+def _scan(path: str | os.PathLike, *, summarize_arrays: bool = False):
+    """Read the header, derive ModelArgs, check shapes; of the tensor data only rope_freqs is read."""
     source = Path(path)
-    reader = _open(source, writable=writable)
-    meta = _metadata(reader, summarize_arrays=summarize_arrays)
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {name: _torch_shape(t) for name, t in tensors.items()}
+    header = _open(source)
+    meta = _metadata(header, summarize_arrays=summarize_arrays)
+    tensors = _locate(header, source)
+    shapes = {name: t.shape for name, t in tensors.items()}
     divisors = None
     if _ROPE_FREQS in tensors:
         freqs = tensors[_ROPE_FREQS]
-        divisors = np.array(_gguf().quants.dequantize(freqs.data, freqs.tensor_type), dtype=np.float32).reshape(-1)
+        raw = np.fromfile(source, dtype=np.uint8, count=freqs.nbytes, offset=freqs.offset)
+        divisors = np.array(_gguf().quants.dequantize(_array(raw, freqs), freqs.type), dtype=np.float32).reshape(-1)
     args = _args_from_metadata(meta, shapes, divisors, source)
     _check_shapes(args, shapes, source)
     return meta, tensors, args
@@ -368,15 +413,12 @@ def _scan(path: str | os.PathLike, *, writable: bool, summarize_arrays: bool = F
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a llama-architecture GGUF file: ModelArgs from its metadata, weights dequantized to float."""
     source = Path(path)
-    meta, tensors, args = _scan(source, writable=True)
+    meta, tensors, args = _scan(source)
     sd: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
-    for name, t in tensors.items():
-        key = herd_name(name)
-        if key is None:  # rope_freqs: already folded into args.rope_scaling
-            continue
-        sd[key] = _dequantize(t, source)
-        types[key] = t.tensor_type.name
+    for key, t, data in _weights(source, tensors, writable=True):
+        sd[key] = _dequantize(t, data, source)
+        types[key] = t.type.name
     return GGUFCheckpoint(path=source, args=args, state_dict=sd, tensor_types=types, metadata=meta)
 
 
@@ -387,14 +429,9 @@ def gguf_raw_tensors(path: str | os.PathLike) -> dict[str, RawTensor]:
     head has no `output.weight` entry. The arrays are read-only views of the memory-mapped file.
     """
     source = Path(path)
-    _, tensors, _ = _scan(source, writable=False)
-    out: dict[str, RawTensor] = {}
-    for name, t in tensors.items():
-        key = herd_name(name)
-        if key is not None:
-            data = t.data if t.data.dtype == np.uint8 else t.data.view(np.uint8)
-            out[key] = RawTensor(type=t.tensor_type.name, shape=_torch_shape(t), data=data)
-    return out
+    _, tensors, _ = _scan(source)
+    return {key: RawTensor(type=t.type.name, shape=t.shape, data=data.view(np.uint8))
+            for key, t, data in _weights(source, tensors, writable=False)}
 
 
 def load_gguf(
@@ -417,8 +454,8 @@ def load_gguf(
 def describe_gguf(path: str | os.PathLike) -> CheckpointInfo:
     """What `herd info file.gguf` prints: args, tensor types, size; no tensor is dequantized."""
     source = Path(path)
-    meta, tensors, args = _scan(source, writable=False, summarize_arrays=True)
-    counts = Counter(t.tensor_type.name for t in tensors.values())
+    meta, tensors, args = _scan(source, summarize_arrays=True)
+    counts = Counter(t.type.name for t in tensors.values())
     summary = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return CheckpointInfo(path=source, format="gguf", args=args, config=meta, files=(source.name,), dtype=summary,
                           num_params=args.num_params(), bytes_on_disk=source.stat().st_size)
