@@ -208,8 +208,10 @@ def _array(raw: np.ndarray, t: _Tensor) -> np.ndarray:
 def _weights(source: Path, tensors: Mapping[str, _Tensor], *, writable: bool) -> list[tuple[str, _Tensor, np.ndarray]]:
     """(herd name, tensor, view of one memory map) per weight; rope_freqs (in args.rope_scaling) has no herd name."""
     # "c" (copy-on-write) gives writable arrays, so torch can share them without a copy or a
-    # warning, while the file itself is never modified.
-    mm = np.memmap(source, dtype=np.uint8, mode="c" if writable else "r")
+    # warning, while the file itself is never modified. Plain ndarray views of the map (it stays
+    # alive through .base): gguf's dequantizer slices each tensor thousands of times, and np.memmap's
+    # bookkeeping per slice costs a quarter of a second on SmolLM2.
+    mm = np.memmap(source, dtype=np.uint8, mode="c" if writable else "r").view(np.ndarray)
     return [(key, t, _array(mm[t.offset : t.offset + t.nbytes], t))
             for name, t in tensors.items() if (key := herd_name(name)) is not None]
 
