@@ -13,8 +13,8 @@ same order), because the converter lives in `transformers` and herd's export mus
 The chat template is herd's (Meta's reference) 3.1 format, not HF's official 3.1 template; see
 `LLAMA31_CHAT_TEMPLATE` for exactly what it reproduces.
 
-`tokenizers` (tokenizer.json) and `gguf` (reading a GGUF source) are imported where used: they are
-in the `models` extra.
+`tokenizers` (tokenizer.json) is imported where used: it is in the `models` extra. A GGUF
+source's keys come from `herd.gguf_header` (plain Python, no `gguf` package needed).
 
 Layouts: an HF directory never has a tiktoken file at its root, since llama.cpp's converter and
 transformers read a root `tokenizer.model` as SentencePiece; it goes to `original/tokenizer.model`,
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS
+from herd.tokenizer.gguf_vocab import PRE_TOKENIZERS, read_gguf_metadata
 from herd.tokenizer.hf import load_json
 from herd.tokenizer.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, Tokenizer
 
@@ -567,12 +567,7 @@ def _prepends(post: Any, token: str | None) -> bool:
 
 
 def _gguf_source_metadata(path: Path, *, vocab_size: int | None) -> dict[str, Any]:
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"reading a GGUF file needs llama.cpp's gguf package: `{_MISSING_EXTRA}`") from None
-    reader = gguf.GGUFReader(str(path))
-    meta = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    meta = read_gguf_metadata(path, prefixes=("tokenizer.",))
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path} has no tokenizer.ggml.tokens; it carries no vocabulary to copy")
     return _pad_vocab(meta, vocab_size)
