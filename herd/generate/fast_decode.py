@@ -28,6 +28,7 @@ from torch import nn
 from herd.generate.kv_cache import KVCache
 from herd.kernels import (
     KIND_F32,
+    KIND_INT4_TILES,
     MAX_ROWS,
     KernelWeight,
     cpu_kernels,
@@ -83,6 +84,16 @@ def _block_operands(block: TransformerBlock) -> tuple[int, list[torch.Tensor], i
     return first.kind, tensors, first.group_size, first.int8_activations
 
 
+def _written(operands: tuple | None) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, version) for the row-layout tensors int4 tiles were built from: the op reads the
+    tiles, a copy, so an in-place write into these (load_state_dict) must rebuild them (~1 us per
+    block to check; weights of the other formats are read where they are, and need nothing)."""
+    if operands is None or operands[0] != KIND_INT4_TILES:
+        return []
+    sources = [t for i, t in enumerate(operands[1]) if i % 4 != 3]  # (w, scales, mins, tiles) per weight
+    return [(t, t._version) for t in sources if not t.is_inference()]
+
+
 def _state(block: TransformerBlock) -> list:
     """Every object the fused call depends on: submodules, the linears' tensors, and hook dicts'
     emptiness. Comparing it by identity is ~10x cheaper than rebuilding the operands each call."""
@@ -102,20 +113,24 @@ class FusedDecodeBlock(TransformerBlock):
     It holds the original block's submodules (same names, same parameters); any call the fused
     op does not cover goes to `TransformerBlock.forward`. The operands are read from the
     submodules once and reused until any of them changes (a module swap, new weight tensors, a
-    hook); weights updated in place need nothing, since the op reads their memory at each call.
+    hook); weights updated in place need nothing, since the op reads their memory at each call
+    (int4 tiles, a repacked copy, are rebuilt: see `_written`).
     """
 
     def __init__(self, block: TransformerBlock):
         nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        self._plan: tuple[list, tuple | None] | None = None  # (_state, _block_operands) at the last check
+        # (_state, _block_operands, _written) at the last check
+        self._plan: tuple[list, tuple | None, list] | None = None
 
     def _operands(self) -> tuple[int, list[torch.Tensor], int, bool] | None:
         state = _state(self)
         plan = self._plan
-        if plan is None or len(plan[0]) != len(state) or any(a is not b for a, b in zip(plan[0], state)):
-            plan = self._plan = (state, _block_operands(self))
+        if (plan is None or len(plan[0]) != len(state) or any(a is not b for a, b in zip(plan[0], state))
+                or any(t._version != v for t, v in plan[2])):
+            operands = _block_operands(self)  # int4 tiles are rebuilt here when their source changed
+            plan = self._plan = (_state(self), operands, _written(operands))
         return plan[1]
 
     def forward(self, x, freqs_cis, mask: AttentionMask, cache):

@@ -136,9 +136,9 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& pos, const at::Te
                         const at::Tensor& v_cache, const at::Tensor& attention_norm, const at::Tensor& ffn_norm,
                         at::TensorList weights, int64_t kind_id, int64_t group_size, bool a8, double eps,
                         int64_t n_heads, int64_t kv_len) {
-  TORCH_CHECK(kind_id >= 0 && kind_id <= 2, "decode_block: kind must be 0 (f32), 1 (int8) or 2 (int4)");
+  TORCH_CHECK(kind_id >= 0 && kind_id <= 3, "decode_block: kind must be 0 (f32), 1 (int8), 2 (int4) or 3 (int4 tiles)");
   const Kind kind = Kind(kind_id);
-  const size_t per = kind == Kind::F32 ? 1 : kind == Kind::I8 ? 2 : 3;
+  const size_t per = tensors_per_weight(kind);
   TORCH_CHECK(weights.size() == N_WEIGHTS * per, "decode_block: expected ", N_WEIGHTS * per, " weight tensors, got ",
               weights.size());
   Weight w[N_WEIGHTS];
