@@ -89,9 +89,9 @@ def main() -> None:
         print(f"{k:10} median {med[k]:7.1f} tok/s   reps {', '.join(f'{x:.1f}' for x in v)}")
     out = {f"decode_{k}_tok_s": round(v, 1) for k, v in med.items()}
     if "q4_0" in med:
-        for k in med:
+        for k, v in med.items():
             if k != "q4_0":
-                out[f"{k}_over_q4_0"] = round(med[k] / med["q4_0"], 3)
+                out[f"{k}_over_q4_0"] = round(v / med["q4_0"], 3)
     print(json.dumps(out))
 
 

@@ -26,8 +26,7 @@ void a8_tiles(const int8_t* xq, const float* xd, const float* xsum, const float*
     __m256 yacc[M], macc[M];
     for (int m = 0; m < M; ++m) yacc[m] = macc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g, blk += gb) {
-      _mm_prefetch((const char*)(blk + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch((const char*)(blk + kPrefetchBytes + 64), _MM_HINT_T0);
+      for (int64_t o = 0; o < gb; o += 64) _mm_prefetch((const char*)(blk + kPrefetchBytes + o), _MM_HINT_T0);
       const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));  // 8 rows' scales
       const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16)));  // and mins
       __m256 gs[M];  // per row: sum_u d_u (q . xq)_u + corr_g
@@ -101,8 +100,7 @@ void f32_tiles(const float* x, const float* xsum, int64_t K, int64_t G, const ui
     __m256 yacc[M], macc[M];
     for (int m = 0; m < M; ++m) yacc[m] = macc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g, blk += gb) {
-      _mm_prefetch((const char*)(blk + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch((const char*)(blk + kPrefetchBytes + 64), _MM_HINT_T0);
+      for (int64_t o = 0; o < gb; o += 64) _mm_prefetch((const char*)(blk + kPrefetchBytes + o), _MM_HINT_T0);
       const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));
       const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16)));
       __m256 f0[M], f1[M];
