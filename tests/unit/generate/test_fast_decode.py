@@ -125,7 +125,7 @@ def test_fused_decode_reads_int4_tiles_and_follows_new_weights(model, isa):
         m = _variant(model, "int4_tiles")
         apply_fast_decode(m)
         torch.testing.assert_close(_decode_logits(m, RAGGED, FED), want, rtol=1e-5, atol=2e-5)
-        assert all(b._operands()[0] == herd.kernels.KIND_INT4_TILES for b in m.layers.values())
+        assert all(b._operands().kind == herd.kernels.KIND_INT4_TILES for b in m.layers.values())
         # New weights written in place (load_state_dict copies into the row-layout buffers): the
         # fused blocks must not keep decoding with tiles of the old ones.
         other = copy.deepcopy(model)
@@ -136,9 +136,9 @@ def test_fused_decode_reads_int4_tiles_and_follows_new_weights(model, isa):
         want = _decode_logits(other, RAGGED, FED)
         m.load_state_dict(other.state_dict())
         for block in m.layers.values():  # before any eager call (a prompt) could rebuild them
-            _, tensors, G, _ = block._operands()
-            for i in range(0, len(tensors), 4):
-                assert torch.equal(tensors[i + 3], ops.repack_int4(*tensors[i : i + 3], G))
+            op = block._operands()
+            for i in range(0, len(op.tensors), 4):
+                assert torch.equal(op.tensors[i + 3], ops.repack_int4(*op.tensors[i : i + 3], op.group_size))
         torch.testing.assert_close(_decode_logits(m, RAGGED, FED), want, rtol=1e-5, atol=2e-5)
     finally:
         ops.set_max_isa(before)
