@@ -67,7 +67,7 @@ class _Operands(NamedTuple):
     lookups cost ~0.5 us each, several per call)."""
 
     kind: int
-    tensors: list[torch.Tensor]  # the seven weights' kernel tensors, in the op's order
+    tensors: list[torch.Tensor]  # the seven weights' kernel tensors, in the op's order (int4 tiles: tiles only)
     group_size: int
     a8: bool
     layer: int
@@ -75,6 +75,7 @@ class _Operands(NamedTuple):
     ffn_norm: torch.Tensor
     eps: float
     n_heads: int
+    sources: list[torch.Tensor]  # int4 tiles: the row-layout tensors they were built from
 
 
 def _block_operands(block: TransformerBlock) -> _Operands | None:
@@ -86,6 +87,7 @@ def _block_operands(block: TransformerBlock) -> _Operands | None:
     if block.attention_norm.eps != block.ffn_norm.eps:
         return None
     tensors: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     first = None
     for lin in (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3):
         kw = kernel_weight(lin)
@@ -95,20 +97,24 @@ def _block_operands(block: TransformerBlock) -> _Operands | None:
             first = kw
         elif (kw.kind, kw.group_size, kw.int8_activations) != (first.kind, first.group_size, first.int8_activations):
             return None  # mixed formats in one block: the eager path handles them
-        tensors.extend(kw.tensors)
+        if kw.kind == KIND_INT4_TILES:  # the op takes the tiles alone (the shapes follow from the model's)
+            tensors.append(kw.tensors[3])
+            sources.extend(kw.tensors[:3])
+        else:
+            tensors.extend(kw.tensors)
     if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
         return None
     return _Operands(first.kind, tensors, first.group_size, first.int8_activations, att.layer_id,
-                     block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, att.n_heads)
+                     block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, att.n_heads, sources)
 
 
 def _written(operands: _Operands | None) -> tuple[list[torch.Tensor], list[int]]:
     """The row-layout tensors int4 tiles were built from, and their versions: the op reads the
     tiles, a copy, so an in-place write into these (load_state_dict) must rebuild them (~0.5 us
     per block to check; weights of the other formats are read where they are, and need nothing)."""
-    if operands is None or operands.kind != KIND_INT4_TILES:
+    if operands is None:
         return [], []
-    sources = [t for i, t in enumerate(operands.tensors) if i % 4 != 3 and not t.is_inference()]  # (w, s, m, tiles)
+    sources = [t for t in operands.sources if not t.is_inference()]
     return sources, list(map(_version, sources))
 
 

@@ -340,4 +340,22 @@ inline Weight weight_from(Kind kind, at::TensorList t, int64_t G, const char* na
   return out;
 }
 
+// Int4 tiles alone (the decode block, which knows the shapes): n_tiles(N) x (K / G) group blocks.
+// The row-layout pointers stay null, so the weight serves the GEMV kernels only.
+inline Weight weight_from_tiles(const at::Tensor& tiles, int64_t N, int64_t K, int64_t G, const char* name) {
+  TORCH_CHECK(G >= kBlock && G % kBlock == 0 && K > 0 && K % G == 0, name, ": in_features ", K,
+              " is not a multiple of group_size ", G);
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.device().is_cpu() && tiles.dim() == 2 &&
+                  tiles.size(0) == n_tiles(N) && tiles.size(1) == (K / G) * tile_group_bytes(G),
+              name, ": int4 tiles of shape (", n_tiles(N), ", ", (K / G) * tile_group_bytes(G), ") expected for a ", N,
+              " x ", K, " weight at group size ", G, ", got ", tiles.sizes());
+  Weight out;
+  out.kind = Kind::I4T;
+  out.N = N;
+  out.K = K;
+  out.G = G;
+  out.tiles = tiles.data_ptr<uint8_t>();
+  return out;
+}
+
 }  // namespace herd_kernels

@@ -137,8 +137,9 @@ def test_fused_decode_reads_int4_tiles_and_follows_new_weights(model, isa):
         m.load_state_dict(other.state_dict())
         for block in m.layers.values():  # before any eager call (a prompt) could rebuild them
             op = block._operands()
-            for i in range(0, len(op.tensors), 4):
-                assert torch.equal(op.tensors[i + 3], ops.repack_int4(*op.tensors[i : i + 3], op.group_size))
+            att, ffn = block.attention, block.feed_forward
+            for tiles, lin in zip(op.tensors, (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3), strict=True):
+                assert torch.equal(tiles, ops.repack_int4(lin.weight, lin.scales, lin.mins, op.group_size))
         torch.testing.assert_close(_decode_logits(m, RAGGED, FED), want, rtol=1e-5, atol=2e-5)
     finally:
         ops.set_max_isa(before)
