@@ -315,6 +315,16 @@ class Int4Linear(nn.Module):
             self.repack()
         return self.tiles
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .float() / .cuda() reach `tiles` too, but only the CPU kernels read them: they are
+        # kept if the row layout came through unchanged, else rebuilt from it (or dropped off CPU).
+        tiles, self.tiles = self.tiles, None
+        super()._apply(fn, recurse)
+        if tiles is not None:
+            self.tiles = tiles
+            self.current_tiles()
+        return self
+
     def kernel_weight(self) -> KernelWeight:
         tiles = self.current_tiles()
         if tiles is not None:

@@ -450,3 +450,27 @@ def test_int4_tiles_follow_writes_to_the_row_layout(ops):
         assert a.tiles is not tiles
         a.mins = b.mins.clone()
         torch.testing.assert_close(a(x), F.linear(x, a.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_tiles_follow_module_moves(ops):
+    lin = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), group_size=32)
+    assert lin.repack()
+    tiles = lin.tiles
+    lin.to("cpu")  # nothing moves: the same tiles
+    assert lin.tiles is tiles
+    lin.to(torch.float64)  # scales and mins become float64, which no kernel takes: no tiles
+    assert lin.tiles is None and lin.kernel_weight().tensors[1].dtype == torch.float64
+
+
+def test_isa_environment_variable_forces_avx2(ops):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import herd
+
+    code = "from herd.kernels import cpu_kernels; print(cpu_kernels().tiles_isa())"
+    env = {**os.environ, "HERD_CPU_ISA": "avx2"}
+    root = Path(herd.__file__).parents[1]  # this checkout's herd, whatever the working directory
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
