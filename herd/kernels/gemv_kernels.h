@@ -23,6 +23,8 @@
 //         inputs 8j .. 8j+7 in order, so x is read contiguously.
 // The int4 sum is regrouped as  sum_g s_g * (q . x)_g + m_g * (sum x)_g : the scale multiplies
 // a whole group's partial sum, and the min only needs the group sums of x, computed once.
+// This row layout is the checkpoint's; decode reads a repacked copy in tiles of 8 rows when the
+// module has one (int4_tiles.h), and the row kernels here serve the rest.
 //
 // This file holds the register kernels only; gemv.h is how they are called.
 
