@@ -84,11 +84,13 @@ void a8_tiles(const int8_t* xq, const float* xd, const float* xsum, const float*
   }
 }
 
-// The same for fp32 activations x (M, K): per group, sum_k q_k x_k in fp32 for each of the 8 rows
-// (two chains), times the rows' scales, plus the mins times the group sums of x.
+// The same for fp32 activations x (M, K): per group, sum_k q_k x_k in fp32 for each of the 8 rows,
+// times the rows' scales, plus the mins times the group sums of x. C chains of FMAs per activation
+// row: at M = 1 two left the FMA units waiting on their 4-cycle latency (4 chains: 7% faster).
 template <int M, int UPG>
 void f32_tiles(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* tiles, int64_t t0, int64_t t1,
                float* y, int64_t N) {
+  constexpr int C = M == 1 ? 4 : 2;
   const int64_t ng = K / G, upg = UPG > 0 ? UPG : G / kBlock, gb = tile_group_bytes(G);
 #if HERD_TILES_AVX512
   const __m256 lut_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), lut_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
@@ -103,8 +105,9 @@ void f32_tiles(const float* x, const float* xsum, int64_t K, int64_t G, const ui
       for (int64_t o = 0; o < gb; o += 64) _mm_prefetch((const char*)(blk + kPrefetchBytes + o), _MM_HINT_T0);
       const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));
       const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16)));
-      __m256 f0[M], f1[M];
-      for (int m = 0; m < M; ++m) f0[m] = f1[m] = _mm256_setzero_ps();
+      __m256 f[M][C];
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < C; ++i) f[m][i] = _mm256_setzero_ps();
       for (int64_t uu = 0; uu < upg; ++uu) {
         const int64_t k0 = (g * upg + uu) * kBlock;
         const uint8_t* c = blk + 32 + 128 * uu;
@@ -123,14 +126,16 @@ void f32_tiles(const float* x, const float* xsum, int64_t K, int64_t G, const ui
             const int64_t k = k0 + (n & 1) * 16 + 4 * j + n / 2;
 #pragma GCC unroll 4
             for (int m = 0; m < M; ++m) {
-              __m256& f = (n & 1) ? f1[m] : f0[m];
-              f = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + m * K + k), f);
+              __m256& a = f[m][(8 * j + n) % C];
+              a = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + m * K + k), a);
             }
           }
         }
       }
       for (int m = 0; m < M; ++m) {
-        yacc[m] = _mm256_fmadd_ps(_mm256_add_ps(f0[m], f1[m]), sv, yacc[m]);
+        __m256 sum = f[m][0];
+        for (int i = 1; i < C; ++i) sum = _mm256_add_ps(sum, f[m][i]);
+        yacc[m] = _mm256_fmadd_ps(sum, sv, yacc[m]);
         macc[m] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xsum + m * ng + g), macc[m]);
       }
     }
