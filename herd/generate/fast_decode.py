@@ -152,7 +152,7 @@ class FusedDecodeBlock(TransformerBlock):
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
         # (_state, _block_operands, *_written) at the last check
-        self._plan: tuple[list, tuple | None, list, list] | None = None
+        self._plan: tuple[list, _Operands | None, list, list] | None = None
 
     def _operands(self) -> _Operands | None:
         state = _state(self)

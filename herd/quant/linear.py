@@ -4,12 +4,12 @@ Each module stores its weight in the quantized format as buffers (so `state_dict
 exactly what is saved) and chooses a matmul per call:
 
 * CPU, fp32 activations, at most 16 rows (decode and batched decode): herd's AVX2 GEMV kernels
-  (`herd.kernels`; int4 through its tiled copy once repacked, see `Int4Linear`); from 17 to 512 rows (prompts) their tiled matmul, exact, which dequantizes
-  the weight a cache-sized tile at a time. With `activations="int8"` (int8 and int4 only) a
-  call of at most 16 rows quantizes the activation rows to int8 per block of 32 inputs and
-  multiplies in integers, 1.5-3x faster per core; the result then differs from the exact one by
-  the activation rounding (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the
-  other paths stay exact.
+  (`herd.kernels`; int4 reads its repacked copy once `repack()` made one, see `Int4Linear`); from
+  17 to 512 rows (prompts) their tiled matmul, exact, which dequantizes the weight a cache-sized
+  tile at a time. With `activations="int8"` (int8 and int4 only) a call of at most 16 rows
+  quantizes the activation rows to int8 per block of 32 inputs and multiplies in integers,
+  1.5-3x faster per core; the result then differs from the exact one by the activation rounding
+  (bounded in gemv_kernels.h, tested). Longer calls (prompts) and the other paths stay exact.
 * CPU int8 with bf16/fp16 activations: ATen's `_weight_int8pack_mm` (fast only for those).
 * Anything else (long prompts, GPU, no compiler): dequantize to the activation dtype and `F.linear`.
   This is also the reference every fast path is tested against.
@@ -239,7 +239,7 @@ class Int8Linear(nn.Module):
                 f"activations={self.activations}")
 
 
-def tensor_versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
+def _tensor_versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
     """The tensors' version counters (bumped by every in-place write), or None where one has none:
     inference tensors keep no counter, and can only be written inside inference mode, which nothing
     in herd does to weights."""
@@ -256,7 +256,7 @@ class Int4Linear(nn.Module):
     instead: ~2-3x faster per token at group 32. It is a non-persistent buffer: `state_dict()` and
     every reader of `weight` / `scales` / `mins` see the row layout, unchanged. The price is memory:
     the tiles take the int4 weights' bytes again (the row layout stays resident, for prompts'
-    tiled matmul, `dequantize()` and saving), e.g. +66 MB on SmolLM2-135M, +0.7 GB on a 1B model.
+    tiled matmul, `dequantize()` and saving), e.g. +66 MB on SmolLM2-135M, +0.6 GB on Llama 3.2 1B.
     Replacing or writing the row-layout tensors in place (load_state_dict) after a repack rebuilds
     the tiles at the next kernel call, so they never go stale.
     """
@@ -301,7 +301,7 @@ class Int4Linear(nn.Module):
             s.dtype == m.dtype == torch.float16)
         with torch.no_grad():
             self.tiles = ops.repack_int4(w, s, m, self.group_size) if ok else None
-        self._tiles_of = (w, s, m, tensor_versions(w, s, m)) if ok else ()
+        self._tiles_of = (w, s, m, _tensor_versions(w, s, m)) if ok else ()
         return ok
 
     def current_tiles(self) -> torch.Tensor | None:
