@@ -21,6 +21,8 @@ The parameters are shared, not copied: `state_dict()` is unchanged and nothing i
 from __future__ import annotations
 
 import logging
+import operator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from torch import nn
 from herd.generate.kv_cache import KVCache
 from herd.kernels import (
     KIND_F32,
+    KIND_INT4_TILES,
     MAX_ROWS,
     KernelWeight,
     cpu_kernels,
@@ -59,8 +62,24 @@ def _plain(module: nn.Module, cls: type) -> bool:
     return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
 
 
-def _block_operands(block: TransformerBlock) -> tuple[int, list[torch.Tensor], int, bool] | None:
-    """(kind, the seven weights' tensors, group size, int8 activations), or None when not fusable."""
+class _Operands(NamedTuple):
+    """What `herd_cpu::decode_block` takes from the block, read once per plan (module attribute
+    lookups cost ~0.5 us each, several per call)."""
+
+    kind: int
+    tensors: list[torch.Tensor]  # the seven weights' kernel tensors, in the op's order (int4 tiles: tiles only)
+    group_size: int
+    a8: bool
+    layer: int
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    eps: float
+    n_heads: int
+    sources: list[torch.Tensor]  # int4 tiles: the row-layout tensors they were built from
+
+
+def _block_operands(block: TransformerBlock) -> _Operands | None:
+    """The op's operands for this block, or None when it is not fusable."""
     att, ffn = block.attention, block.feed_forward
     if not (_plain(att, Attention) and _plain(ffn, FeedForward) and _plain(block.attention_norm, RMSNorm)
             and _plain(block.ffn_norm, RMSNorm)) or "attend" in att.__dict__:  # context parallel's seam
@@ -68,6 +87,7 @@ def _block_operands(block: TransformerBlock) -> tuple[int, list[torch.Tensor], i
     if block.attention_norm.eps != block.ffn_norm.eps:
         return None
     tensors: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     first = None
     for lin in (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3):
         kw = kernel_weight(lin)
@@ -77,18 +97,39 @@ def _block_operands(block: TransformerBlock) -> tuple[int, list[torch.Tensor], i
             first = kw
         elif (kw.kind, kw.group_size, kw.int8_activations) != (first.kind, first.group_size, first.int8_activations):
             return None  # mixed formats in one block: the eager path handles them
-        tensors.extend(kw.tensors)
+        if kw.kind == KIND_INT4_TILES:  # the op takes the tiles alone (the shapes follow from the model's)
+            tensors.append(kw.tensors[3])
+            sources.extend(kw.tensors[:3])
+        else:
+            tensors.extend(kw.tensors)
     if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
         return None
-    return first.kind, tensors, first.group_size, first.int8_activations
+    return _Operands(first.kind, tensors, first.group_size, first.int8_activations, att.layer_id,
+                     block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, att.n_heads, sources)
+
+
+def _written(operands: _Operands | None) -> tuple[list[torch.Tensor], list[int]]:
+    """The row-layout tensors int4 tiles were built from, and their versions: the op reads the
+    tiles, a copy, so an in-place write into these (load_state_dict) must rebuild them (~0.5 us
+    per block to check; weights of the other formats are read where they are, and need nothing)."""
+    if operands is None:
+        return [], []
+    sources = [t for t in operands.sources if not t.is_inference()]
+    return sources, list(map(_version, sources))
+
+
+_version = operator.attrgetter("_version")
 
 
 def _state(block: TransformerBlock) -> list:
-    """Every object the fused call depends on: submodules, the linears' tensors, and hook dicts'
-    emptiness. Comparing it by identity is ~10x cheaper than rebuilding the operands each call."""
+    """Every object the fused call depends on: submodules, their tensors and the attributes the op
+    reads, and hook dicts' emptiness. Comparing it by identity is ~10x cheaper than rebuilding the
+    operands each call."""
     mods = block._modules
-    att, ffn = mods["attention"], mods["feed_forward"]
-    state = [att, ffn, mods["attention_norm"], mods["ffn_norm"], att.__dict__.get("attend")]
+    att, ffn, an, fn = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
+    a = att.__dict__
+    state = [att, ffn, an, fn, a.get("attend"), a.get("layer_id"), a.get("n_heads"), an.__dict__.get("eps"),
+             fn.__dict__.get("eps"), *an._parameters.values(), *fn._parameters.values()]
     for lin in (*att._modules.values(), *ffn._modules.values()):
         state += (lin, *lin._parameters.values(), *lin._buffers.values(), lin.__dict__.get("activations"))
     for m in (att, ffn, *att._modules.values(), *ffn._modules.values()):
@@ -102,20 +143,25 @@ class FusedDecodeBlock(TransformerBlock):
     It holds the original block's submodules (same names, same parameters); any call the fused
     op does not cover goes to `TransformerBlock.forward`. The operands are read from the
     submodules once and reused until any of them changes (a module swap, new weight tensors, a
-    hook); weights updated in place need nothing, since the op reads their memory at each call.
+    hook); weights updated in place need nothing, since the op reads their memory at each call
+    (int4 tiles, a repacked copy, are rebuilt: see `_written`).
     """
 
     def __init__(self, block: TransformerBlock):
         nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        self._plan: tuple[list, tuple | None] | None = None  # (_state, _block_operands) at the last check
+        # (_state, _block_operands, *_written) at the last check
+        self._plan: tuple[list, _Operands | None, list, list] | None = None
 
-    def _operands(self) -> tuple[int, list[torch.Tensor], int, bool] | None:
+    def _operands(self) -> _Operands | None:
         state = _state(self)
         plan = self._plan
-        if plan is None or len(plan[0]) != len(state) or any(a is not b for a, b in zip(plan[0], state)):
-            plan = self._plan = (state, _block_operands(self))
+        # map() keeps the comparisons in C: a generator per element cost more than the rest here.
+        if (plan is None or len(plan[0]) != len(state) or any(map(operator.is_not, plan[0], state))
+                or list(map(_version, plan[2])) != plan[3]):
+            operands = _block_operands(self)  # int4 tiles are rebuilt here when their source changed
+            plan = self._plan = (_state(self), operands, *_written(operands))
         return plan[1]
 
     def forward(self, x, freqs_cis, mask: AttentionMask, cache):
@@ -125,15 +171,13 @@ class FusedDecodeBlock(TransformerBlock):
             ops is not None and S == 1 and B <= MAX_ROWS and type(cache) is KVCache and x.dtype == torch.float32
             and x.device.type == "cpu" and not torch.is_grad_enabled() and not _global_hooks()
         )
-        operands = self._operands() if fusable else None
-        layer = self.attention.layer_id
-        if operands is None or cache.k[layer].dtype != torch.float32:
+        op = self._operands() if fusable else None
+        if op is None or cache.k[op.layer].dtype != torch.float32:
             return super().forward(x, freqs_cis, mask, cache)
-        kind, tensors, group_size, a8 = operands
         pos, rope = _step_inputs(mask, freqs_cis)
         return ops.decode_block(
-            x.contiguous(), pos, rope, cache.k[layer], cache.v[layer], self.attention_norm.weight, self.ffn_norm.weight,
-            tensors, kind, group_size, a8, self.attention_norm.eps, self.attention.n_heads, mask.kv_len,
+            x.contiguous(), pos, rope, cache.k[op.layer], cache.v[op.layer], op.attention_norm, op.ffn_norm, op.tensors,
+            op.kind, op.group_size, op.a8, op.eps, op.n_heads, mask.kv_len,
         )  # (B, 1, dim)
 
 

@@ -12,7 +12,9 @@ register kernels are in gemv_kernels.h, how they are called in gemv.h):
 
     linear_f32(x (M, K), w (N, K) f32) -> (M, N)                       cpu_gemv.cpp
     linear_int8(x, w (N, K) int8, scale (N,) f32) -> (M, N)           w = q * scale
-    linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G) -> (M, N)   w = q * s + m
+    linear_int4(x, w (N, K/2) uint8, scale, min (N, K/G) f16, G, tiles=None) -> (M, N)   w = q * s + m
+    repack_int4(w, scale, min, G) -> tiles uint8: the same weight in tiles of 8 rows (int4_tiles.h),
+        which linear_int4(_a8) and decode_block read when given (decode at memory speed)
     dequantize_int4(w, scale, min, G) -> (N, K) f32   (long prompts: one pass, then MKL's GEMM)
     matmul_int8(x (M, K), w, scale), matmul_int4(x, w, scale, min, G) -> (M, N): any M (prompts),
         exact; tiles of the weight dequantized to fp32 in cache, then register-blocked FMAs (gemv.h)
@@ -25,8 +27,12 @@ register kernels are in gemv_kernels.h, how they are called in gemv.h):
 Numerics (all but the *_a8 ops): fp32 products accumulated in fp32, in a different order than MKL's, so results equal
 `F.linear` on the dequantized weight to fp32 reassociation error (relative ~1e-6 of sum |w x|).
 
+Instruction sets: built for AVX2 + FMA + F16C; the int4 tile kernels also have an AVX-512 (F, VL, BW,
+VNNI) copy chosen at run time where the CPU has it. `tiles_isa()` says which runs (0 AVX2, 1 AVX-512),
+`set_max_isa(0)` forces AVX2 (tests), as does HERD_CPU_ISA=avx2 for the whole process.
+
 Environment: HERD_CPU_KERNELS=0 disables them (logged); HERD_KERNEL_CACHE sets the build
-directory (default ~/.cache/herd/kernels).
+directory (default ~/.cache/herd/kernels); HERD_CPU_ISA=avx2 (above).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ log = logging.getLogger("herd.kernels")
 MAX_ROWS = 16  # the kernels' M limit (batched decode); larger inputs belong to MKL's GEMM
 
 # Weight formats as the ops number them (gemv.h's Kind).
-KIND_F32, KIND_INT8, KIND_INT4 = 0, 1, 2
+KIND_F32, KIND_INT8, KIND_INT4, KIND_INT4_TILES = 0, 1, 2, 3
 
 
 class KernelWeight(NamedTuple):
@@ -66,7 +72,7 @@ class KernelWeight(NamedTuple):
     int8_activations: bool = False
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "cpu_gemv.cpp", _HERE / "decode_block.cpp"]
-_HEADERS = [_HERE / "gemv.h", _HERE / "gemv_kernels.h"]
+_HEADERS = [_HERE / "gemv.h", _HERE / "gemv_kernels.h", _HERE / "int4_tiles.h", _HERE / "int4_tiles_body.h"]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -129,6 +135,7 @@ def _build() -> SimpleNamespace:
                            linear_int8_a8=ops.linear_int8_a8, linear_int4_a8=ops.linear_int4_a8,
                            dequantize_int4=ops.dequantize_int4, matmul_int8=ops.matmul_int8,
                            matmul_int4=ops.matmul_int4, decode_block=ops.decode_block,
+                           repack_int4=ops.repack_int4, tiles_isa=ops.tiles_isa, set_max_isa=ops.set_max_isa,
                            parallel_threads=ops.parallel_threads)
 
 
@@ -144,6 +151,7 @@ def _register_fakes() -> None:
         register_fake(f"herd_cpu::{name}")(linear)
     register_fake("herd_cpu::dequantize_int4")(lambda w, *_: w.new_empty(w.shape[0], 2 * w.shape[1], dtype=torch.float32))
     register_fake("herd_cpu::decode_block")(lambda x, *_: torch.empty_like(x))
+    register_fake("herd_cpu::repack_int4")(lambda w, s, m, g: w.new_empty(-(-w.shape[0] // 8), (s.shape[1]) * (32 + 4 * g)))
 
 
 def cpu_kernels() -> SimpleNamespace | None:
@@ -175,5 +183,5 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")
 
 
-__all__ = ["KIND_F32", "KIND_INT4", "KIND_INT8", "MAX_ROWS", "KernelWeight", "cache_dir", "cpu_kernels",
+__all__ = ["KIND_F32", "KIND_INT4", "KIND_INT4_TILES", "KIND_INT8", "MAX_ROWS", "KernelWeight", "cache_dir", "cpu_kernels",
            "unavailable_reason"]

@@ -37,9 +37,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return run(x, weight_from(Kind::I8, {w, scale}, 0, "linear_int8"), false);
 }
 
+// int4 with `tiles` (repack_int4 of the same tensors) reads the tiles; the results are the same
+// sums in another order (int4_tiles.h).
+Weight int4_weight(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv, int64_t group_size,
+                   const std::optional<at::Tensor>& tiles, const char* name) {
+  if (tiles.has_value()) return weight_from(Kind::I4T, {w, scale, minv, *tiles}, group_size, name);
+  return weight_from(Kind::I4, {w, scale, minv}, group_size, name);
+}
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
-                       int64_t group_size) {
-  return run(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "linear_int4"), false);
+                       int64_t group_size, const std::optional<at::Tensor>& tiles) {
+  return run(x, int4_weight(w, scale, minv, group_size, tiles, "linear_int4"), false);
 }
 
 at::Tensor linear_int8_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
@@ -47,8 +55,30 @@ at::Tensor linear_int8_a8(const at::Tensor& x, const at::Tensor& w, const at::Te
 }
 
 at::Tensor linear_int4_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv,
-                          int64_t group_size) {
-  return run(x, weight_from(Kind::I4, {w, scale, minv}, group_size, "linear_int4_a8"), true);
+                          int64_t group_size, const std::optional<at::Tensor>& tiles) {
+  return run(x, int4_weight(w, scale, minv, group_size, tiles, "linear_int4_a8"), true);
+}
+
+// The tiles of an int4 weight (int4_tiles.h): (n_tiles(N), K / G * tile_group_bytes(G)) uint8.
+at::Tensor repack_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& minv, int64_t group_size) {
+  const Weight wt = weight_from(Kind::I4, {w, scale, minv}, group_size, "repack_int4");
+  const int64_t bytes = (wt.K / wt.G) * tile_group_bytes(wt.G);
+  at::Tensor out = at::empty({n_tiles(wt.N), bytes}, w.options());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n_tiles(wt.N), 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) repack_tile(wt.i4, wt.s16, wt.m16, wt.N, wt.K, wt.G, t, op + t * bytes);
+  });
+  return out;
+}
+
+// The instruction set the int4 tile kernels run with now: 0 AVX2, 1 AVX-512 (F, VL, BW, VNNI).
+int64_t tiles_isa_op() { return int64_t(tiles_isa()); }
+
+// Caps it (0: AVX2 even where AVX-512 is there, for tests; 1: the best the CPU has); returns the
+// previous cap. Process-wide.
+int64_t set_max_isa(int64_t isa) {
+  TORCH_CHECK(isa == 0 || isa == 1, "set_max_isa takes 0 (AVX2) or 1 (AVX-512)");
+  return max_isa().exchange(int(isa));
 }
 
 // ---- dequantization for prefill ------------------------------------------------------------
@@ -100,9 +130,12 @@ int64_t parallel_threads() {
 TORCH_LIBRARY(herd_cpu, m) {
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size, Tensor? tiles=None) -> Tensor");
   m.def("linear_int8_a8(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("linear_int4_a8(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("linear_int4_a8(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size, Tensor? tiles=None) -> Tensor");
+  m.def("repack_int4(Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
+  m.def("tiles_isa() -> int");
+  m.def("set_max_isa(int isa) -> int");
   m.def("dequantize_int4(Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
   m.def("matmul_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("matmul_int4(Tensor x, Tensor w, Tensor scale, Tensor minv, int group_size) -> Tensor");
@@ -116,8 +149,13 @@ TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
   m.impl("linear_int8_a8", &linear_int8_a8);
   m.impl("linear_int4_a8", &linear_int4_a8);
   m.impl("dequantize_int4", &dequantize_int4);
+  m.impl("repack_int4", &repack_int4);
   m.impl("matmul_int8", &matmul_int8);
   m.impl("matmul_int4", &matmul_int4);
 }
 
-TORCH_LIBRARY_IMPL(herd_cpu, CompositeExplicitAutograd, m) { m.impl("parallel_threads", &parallel_threads); }
+TORCH_LIBRARY_IMPL(herd_cpu, CompositeExplicitAutograd, m) {
+  m.impl("parallel_threads", &parallel_threads);
+  m.impl("tiles_isa", &tiles_isa_op);
+  m.impl("set_max_isa", &set_max_isa);
+}

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "gemv_kernels.h"
+#include "int4_tiles.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +18,9 @@ namespace herd_kernels {
 
 // ---- the calling convention ----------------------------------------------------------------
 
-enum class Kind : int64_t { F32 = 0, I8 = 1, I4 = 2 };  // the Python side passes these numbers
+// The Python side passes these numbers. I4T: int4 repacked into tiles of 8 rows (int4_tiles.h),
+// passed with its row-layout tensors, which give the shapes (and feed the prompt matmul).
+enum class Kind : int64_t { F32 = 0, I8 = 1, I4 = 2, I4T = 3 };
 
 // One stored weight matrix (N, K), row-major; only the pointers of its kind are set.
 struct Weight {
@@ -29,8 +32,11 @@ struct Weight {
   const uint8_t* i4 = nullptr;
   const uint16_t* s16 = nullptr;  // int4 scales (N, K / G), fp16 bits
   const uint16_t* m16 = nullptr;  // int4 mins (N, K / G), fp16 bits
+  const uint8_t* tiles = nullptr;  // I4T: the tiles (n_tiles(N), K / G group blocks)
   // Twice the bytes per stored weight (8 fp32, 2 int8, 1 int4): sizes the thread chunks.
   int64_t bytes_x2() const { return kind == Kind::F32 ? 8 : kind == Kind::I8 ? 2 : 1; }
+  // Rows the threads split in: a tile's 8 rows are computed together.
+  int64_t unit() const { return kind == Kind::I4T ? kTileRows : 1; }
 };
 
 // Activation rows x (M, K) prepared for one kind of weight (int4: one group size), once for every
@@ -52,6 +58,7 @@ inline void prepare_acts(Acts& a, const float* x, int64_t M, int64_t K, Kind kin
   a.G = G;
   a.kind = kind;
   a.a8 = a8 && kind != Kind::F32;
+  const bool tiled = kind == Kind::I4T;
   if (kind == Kind::I8 && a.a8) {
     const int64_t nb = (K + kBlock - 1) / kBlock;
     a.xq.resize(M * nb * kBlock);
@@ -59,7 +66,7 @@ inline void prepare_acts(Acts& a, const float* x, int64_t M, int64_t K, Kind kin
     quantize_activations(x, M, K, a.xq.data(), a.xd.data(), nullptr);
     return;
   }
-  if (kind != Kind::I4) return;
+  if (kind != Kind::I4 && !tiled) return;
   const int64_t n_groups = K / G;
   a.xsum.resize(M * n_groups);
   for (int64_t m = 0; m < M; ++m) {
@@ -73,14 +80,18 @@ inline void prepare_acts(Acts& a, const float* x, int64_t M, int64_t K, Kind kin
   // Per-call preparation for the integer int4 kernel, shared by every output row (O(M K), plain
   // loops: ATen ops here cost more than the quantization itself at decode sizes).
   const int64_t nu = K / kBlock, upg = G / kBlock;
-  a.pairs = upg % 2 == 0;
-  std::vector<int8_t> in_order(M * K);
+  a.pairs = !tiled && upg % 2 == 0;
   std::vector<int32_t> qsum(M * nu);
   a.xq.resize(M * K);
   a.xd.resize(M * nu);
   a.xcorr.resize(M * n_groups);
-  quantize_activations(x, M, K, in_order.data(), a.xd.data(), qsum.data());
-  permute_for_int4(in_order.data(), M, K, a.pairs, a.xq.data());
+  if (tiled) {  // the tiles read the codes in input order
+    quantize_activations(x, M, K, a.xq.data(), a.xd.data(), qsum.data());
+  } else {
+    std::vector<int8_t> in_order(M * K);
+    quantize_activations(x, M, K, in_order.data(), a.xd.data(), qsum.data());
+    permute_for_int4(in_order.data(), M, K, a.pairs, a.xq.data());
+  }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < n_groups; ++g) {
       // Centring the codes on 7.5: sum_k q_k x_k = sum_k (q_k - 7.5) x_k + 7.5 (sum x)_g, and the
@@ -99,7 +110,8 @@ inline void prepare_acts(Acts& a, const float* x, int64_t M, int64_t K, Kind kin
   }
 }
 
-// y rows m0 .. m0 + MG - 1 (row stride w.N) for weight rows b .. e - 1.
+// y rows m0 .. m0 + MG - 1 (row stride w.N) for weight rows b .. e - 1 (tiled weights: b a
+// multiple of 8, e one too or N).
 template <int MG>
 void rows_group(const Weight& w, const Acts& a, int64_t m0, int64_t b, int64_t e, float* y) {
   const int64_t K = w.K, N = w.N;
@@ -110,6 +122,13 @@ void rows_group(const Weight& w, const Acts& a, int64_t m0, int64_t b, int64_t e
     const int64_t nb = (K + kBlock - 1) / kBlock;
     if (a.a8) i8a8_range<MG>(a.xq.data() + m0 * nb * kBlock, a.xd.data() + m0 * nb, K, w.i8, w.scale, b, e, yg, N);
     else i8_range<MG>(a.x + m0 * K, K, w.i8, w.scale, b, e, yg, N);
+  } else if (w.kind == Kind::I4T) {
+    const int64_t ng = K / w.G, nu = K / kBlock, t0 = b / kTileRows, t1 = (e + kTileRows - 1) / kTileRows;
+    const float* xs = a.xsum.data() + m0 * ng;
+    const Isa isa = tiles_isa();
+    if (a.a8) a8_tiles<MG>(isa, a.xq.data() + m0 * K, a.xd.data() + m0 * nu, xs, a.xcorr.data() + m0 * ng, K, w.G, w.tiles,
+                           t0, t1, yg, N);
+    else f32_tiles<MG>(isa, a.x + m0 * K, xs, K, w.G, w.tiles, t0, t1, yg, N);
   } else {
     const int64_t ng = K / w.G, nu = K / kBlock;
     const float* xs = a.xsum.data() + m0 * ng;
@@ -132,7 +151,8 @@ void rows_group(const Weight& w, const Acts& a, int64_t m0, int64_t b, int64_t e
 inline void gemv_rows(const Weight& w, const Acts& a, int64_t b, int64_t e, float* y) {
   const int64_t M = a.M;
   const int64_t row_bytes = std::max<int64_t>(1, w.K * w.bytes_x2() / 2);
-  const int64_t step = M <= kGroupM ? e - b : std::max<int64_t>(4, (128 * 1024) / row_bytes);
+  const int64_t unit = w.unit();
+  const int64_t step = M <= kGroupM ? e - b : std::max<int64_t>(8, (128 * 1024) / row_bytes) / unit * unit;
   for (int64_t b0 = b; b0 < e; b0 += step) {
     const int64_t e0 = std::min(e, b0 + step);
     for (int64_t m0 = 0; m0 < M; m0 += kGroupM) {
@@ -149,15 +169,18 @@ inline void gemv_rows(const Weight& w, const Acts& a, int64_t b, int64_t e, floa
 // y_i (M, N_i) = x W_i^T for n weights that read the same prepared activations, as one parallel
 // region over their stacked rows: q, k and v (or gate and up) are split across the threads
 // together, so a small matrix (k, v) does not run on one thread while the others wait.
+// The threads split units of rows (one row, or a tile of 8), weights one after another.
 inline void gemv_multi(int n, const Weight* ws, float* const* ys, const Acts& a) {
   int64_t total = 0;
-  for (int i = 0; i < n; ++i) total += ws[i].N;
-  at::parallel_for(0, total, grain_rows(ws[0].K, ws[0].bytes_x2()), [&](int64_t b, int64_t e) {
+  for (int i = 0; i < n; ++i) total += (ws[i].N + ws[i].unit() - 1) / ws[i].unit();
+  const int64_t grain = std::max<int64_t>(1, grain_rows(ws[0].K, ws[0].bytes_x2()) / ws[0].unit());
+  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
     int64_t offset = 0;
     for (int i = 0; i < n; ++i) {
-      const int64_t lo = std::max(b, offset), hi = std::min(e, offset + ws[i].N);
-      if (lo < hi) gemv_rows(ws[i], a, lo - offset, hi - offset, ys[i]);
-      offset += ws[i].N;
+      const int64_t unit = ws[i].unit(), units = (ws[i].N + unit - 1) / unit;
+      const int64_t lo = std::max(b, offset), hi = std::min(e, offset + units);
+      if (lo < hi) gemv_rows(ws[i], a, (lo - offset) * unit, std::min(ws[i].N, (hi - offset) * unit), ys[i]);
+      offset += units;
     }
   });
 }
@@ -269,8 +292,13 @@ inline void gemm(const Weight& w, const float* x, int64_t M, float* y) {
 //   f32  [w (N, K) float32]
 //   int8 [w (N, K) int8, scale (N,) float32]
 //   int4 [w (N, K / 2) uint8, scales (N, K / G) float16, mins (N, K / G) float16]
+//   int4 tiles [the int4 tensors, tiles uint8 (n_tiles(N), K / G * tile_group_bytes(G))]
+inline size_t tensors_per_weight(Kind kind) {
+  return kind == Kind::F32 ? 1 : kind == Kind::I8 ? 2 : kind == Kind::I4 ? 3 : 4;
+}
+
 inline Weight weight_from(Kind kind, at::TensorList t, int64_t G, const char* name) {
-  const size_t want = kind == Kind::F32 ? 1 : kind == Kind::I8 ? 2 : 3;
+  const size_t want = tensors_per_weight(kind);
   TORCH_CHECK(t.size() == want, name, ": expected ", want, " tensors for this weight format, got ", t.size());
   const at::Tensor& w = t[0];
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), name, ": the weight must be a contiguous 2-D CPU tensor");
@@ -302,7 +330,31 @@ inline Weight weight_from(Kind kind, at::TensorList t, int64_t G, const char* na
     out.i4 = w.data_ptr<uint8_t>();
     out.s16 = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::Half>());
     out.m16 = reinterpret_cast<const uint16_t*>(t[2].data_ptr<at::Half>());
+    if (kind == Kind::I4T) {
+      TORCH_CHECK(t[3].scalar_type() == at::kByte && t[3].is_contiguous() && t[3].device().is_cpu() &&
+                      t[3].numel() == n_tiles(out.N) * (out.K / G) * tile_group_bytes(G),
+                  name, ": the int4 tiles do not match this weight (repack_int4 of the same tensors and group size)");
+      out.tiles = t[3].data_ptr<uint8_t>();
+    }
   }
+  return out;
+}
+
+// Int4 tiles alone (the decode block, which knows the shapes): n_tiles(N) x (K / G) group blocks.
+// The row-layout pointers stay null, so the weight serves the GEMV kernels only.
+inline Weight weight_from_tiles(const at::Tensor& tiles, int64_t N, int64_t K, int64_t G, const char* name) {
+  TORCH_CHECK(G >= kBlock && G % kBlock == 0 && K > 0 && K % G == 0, name, ": in_features ", K,
+              " is not a multiple of group_size ", G);
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.device().is_cpu() && tiles.dim() == 2 &&
+                  tiles.size(0) == n_tiles(N) && tiles.size(1) == (K / G) * tile_group_bytes(G),
+              name, ": int4 tiles of shape (", n_tiles(N), ", ", (K / G) * tile_group_bytes(G), ") expected for a ", N,
+              " x ", K, " weight at group size ", G, ", got ", tiles.sizes());
+  Weight out;
+  out.kind = Kind::I4T;
+  out.N = N;
+  out.K = K;
+  out.G = G;
+  out.tiles = tiles.data_ptr<uint8_t>();
   return out;
 }
 

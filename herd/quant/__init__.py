@@ -2,7 +2,8 @@
 
     report = quantize(model, QuantConfig("int8"))     # swaps nn.Linear modules in place
     save_quantized(model, "out"); model = load_quantized("out")
-    apply_cpu_kernels(model)                          # fp32 decode through herd's GEMV kernel
+    apply_cpu_kernels(model)                          # fp32 decode through herd's GEMV kernel,
+                                                      # int4 repacked for its decode kernels
 
 Schemes and their trade-offs:
 
@@ -17,6 +18,9 @@ Schemes and their trade-offs:
   tied head, whose Q8_0 weights lie on no 4-bit grid, group 64 matched Q4_0's weight error
   (relative RMS 0.112 vs 0.111) but cost more perplexity when only the head was quantized
   (+9.2% vs +7.6%), group 32 +6.1%; on the whole model group 64 lost to Q4_0 (+40% vs +25%).
+  That is the checkpoint format; for CPU decode `apply_cpu_kernels` adds an in-memory copy
+  in tiles of 8 interleaved rows (herd/kernels/int4_tiles.h, llama.cpp's REPACK idea), which
+  decode reads at memory speed where the row layout was compute-bound (2-3x per GEMV).
 * fp8: exactly the Llama 3 paper's section 6.2 and Meta's reference: e4m3 weights with one
   scale per output row, activations quantized per token with the abs-max clamped to 1200, only
   the feed-forward w1/w3/w2 of blocks 1..n-2. `torch._scaled_mm` on GPUs with FP8 tensor

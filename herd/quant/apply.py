@@ -168,20 +168,27 @@ def quantize(model: Transformer, config: QuantConfig) -> QuantReport:
 
 
 def apply_cpu_kernels(model: nn.Module) -> int:
-    """Route decode-sized fp32 matmuls of every plain CPU `nn.Linear` through herd's GEMV kernel.
+    """Route decode-sized fp32 matmuls of every plain CPU `nn.Linear` through herd's GEMV kernel,
+    and repack every CPU `Int4Linear` into the decode kernels' tiles (`Int4Linear.repack`).
 
-    Returns how many layers now use it: 0 when the kernels cannot be built (the reason is
-    logged once) or nothing qualifies. The parameters are shared, not copied, so tied weights
-    stay tied and `state_dict()` is unchanged. Quantized modules pick their kernels themselves.
+    Returns how many fp32 layers now use the kernel: 0 when the kernels cannot be built (the
+    reason is logged once) or nothing qualifies. The parameters are shared, not copied, so tied
+    weights stay tied and `state_dict()` is unchanged. Quantized modules pick their kernels
+    themselves; int4 ones read the tiles once repacked (the row layout stays for everything else).
     """
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear) and m.weight.device.type == "cpu"]
     targets = [
         name for name, m in model.named_modules()
         if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
     ]
-    if not targets or cpu_kernels() is None:
-        if targets:
-            log.warning("apply_cpu_kernels: leaving %d layers on MKL (%s)", len(targets), unavailable_reason())
+    if not (targets or int4) or cpu_kernels() is None:
+        if targets or int4:
+            log.warning("apply_cpu_kernels: leaving %d layers on MKL / ATen (%s)", len(targets) + len(int4),
+                        unavailable_reason())
         return 0
+    repacked = sum(m.repack() for m in int4)
+    if int4:
+        log.info("apply_cpu_kernels: %d of %d int4 layers repacked into the decode kernels' tiles", repacked, len(int4))
     for name in targets:
         old = model.get_submodule(name)
         new = CpuKernelLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")

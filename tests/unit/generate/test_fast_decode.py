@@ -50,6 +50,8 @@ def _variant(model, name: str):
         quantize(m, QuantConfig("int8", activations="int8" if name.endswith("a8") else "float"))
     else:
         quantize(m, QuantConfig("int4", group_size=32, activations="int8" if name.endswith("a8") else "float"))
+        if name.startswith("int4_tiles"):
+            apply_cpu_kernels(m)  # repacks the int4 weights into the decode kernels' tiles
     return m
 
 
@@ -68,7 +70,7 @@ def _decode_logits(model, prompts, fed_steps: list[list[int]], *, cache_rows: in
 FED = [[3, 4, 5], [250, 1, 77], [9, 9, 9], [100, 20, 30], [0, 255, 128]]
 
 
-@pytest.mark.parametrize("name", ["fp32_mkl", "fp32", "int8", "int4"])
+@pytest.mark.parametrize("name", ["fp32_mkl", "fp32", "int8", "int4", "int4_tiles"])
 @pytest.mark.parametrize("prompts", [RAGGED[1:2], RAGGED], ids=["batch1", "ragged3"])
 def test_fused_decode_equals_eager(model, name, prompts):
     m = _variant(model, name)
@@ -81,7 +83,7 @@ def test_fused_decode_equals_eager(model, name, prompts):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["fp32", "int4"])
+@pytest.mark.parametrize("name", ["fp32", "int4", "int4_tiles"])
 def test_fused_decode_batch_16_ragged(model, name):
     # The kernels' row limit: 16 rows per GEMV, positions 1..31 apart, rows of one step at
     # different positions (some past others' prompt ends).
@@ -94,7 +96,7 @@ def test_fused_decode_batch_16_ragged(model, name):
     torch.testing.assert_close(_decode_logits(m, prompts, fed), want, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4_tiles"])
 def test_fused_int8_activations_keep_the_a8_error(model, scheme):
     # With int8 activations a rounding boundary can fall on either side of a 1-ulp difference in
     # the normed input, so fused and eager differ by the activation rounding itself: both must be
@@ -109,6 +111,38 @@ def test_fused_int8_activations_keep_the_a8_error(model, scheme):
     assert 0 < eager_err < 0.1
     assert (got - want).abs().max() < 3 * eager_err
     assert (got - eager).abs().max() < 3 * eager_err
+
+
+@pytest.mark.parametrize("isa", [0, 1], ids=["avx2", "avx512"])
+def test_fused_decode_reads_int4_tiles_and_follows_new_weights(model, isa):
+    ops = cpu_kernels()
+    before = ops.set_max_isa(isa)
+    try:
+        if ops.tiles_isa() != isa:
+            pytest.skip("this CPU (or HERD_CPU_ISA) leaves the AVX-512 tile kernels out")
+        rows = _variant(model, "int4")
+        want = _decode_logits(rows, RAGGED, FED)
+        m = _variant(model, "int4_tiles")
+        apply_fast_decode(m)
+        torch.testing.assert_close(_decode_logits(m, RAGGED, FED), want, rtol=1e-5, atol=2e-5)
+        assert all(b._operands().kind == herd.kernels.KIND_INT4_TILES for b in m.layers.values())
+        # New weights written in place (load_state_dict copies into the row-layout buffers): the
+        # fused blocks must not keep decoding with tiles of the old ones.
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for block in other.layers.values():
+                block.feed_forward.w2.weight.mul_(-1.5)
+        other = _variant(other, "int4")
+        want = _decode_logits(other, RAGGED, FED)
+        m.load_state_dict(other.state_dict())
+        for block in m.layers.values():  # before any eager call (a prompt) could rebuild them
+            op = block._operands()
+            att, ffn = block.attention, block.feed_forward
+            for tiles, lin in zip(op.tensors, (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3), strict=True):
+                assert torch.equal(tiles, ops.repack_int4(lin.weight, lin.scales, lin.mins, op.group_size))
+        torch.testing.assert_close(_decode_logits(m, RAGGED, FED), want, rtol=1e-5, atol=2e-5)
+    finally:
+        ops.set_max_isa(before)
 
 
 def test_fused_decode_matches_transformers(tmp_path):
@@ -252,3 +286,4 @@ def test_huge_pages_keep_values_ties_and_saving(model, tmp_path):
     assert all(torch.equal(loaded[k], before[k]) for k in untied)
     with torch.inference_mode():
         assert torch.equal(m(tokens), want)
+

@@ -252,7 +252,13 @@ def test_int4_a8_is_its_definition_and_within_the_activation_bound(ops, M, N, K,
     x, w = torch.randn(M, K, generator=g) * 3, torch.randn(N, K, generator=g)
     x[-1, :32] = 0
     packed, scales, mins = quantize_int4(w, G)
-    y = ops.linear_int4_a8(x, packed, scales, mins, G).double()
+    _check_int4_a8(ops.linear_int4_a8(x, packed, scales, mins, G), x, packed, scales, mins, G)
+
+
+def _check_int4_a8(y: torch.Tensor, x: torch.Tensor, packed, scales, mins, G: int) -> None:
+    """y against the a8 definition (to fp32 rounding) and the activation-rounding bound."""
+    y = y.double()
+    (M, K), N = x.shape, packed.shape[0]
     q = unpack_int4(packed).double().view(N, -1, G)  # (N, groups, G)
     s, m = scales.double()[..., None], mins.double()[..., None]
     xh, d = _quantize_activations(x)
@@ -313,12 +319,15 @@ def test_kernels_run_on_torchs_threads(ops):
     w = torch.randn(4096, 512, generator=g)
     q8, s8 = quantize_int8(w)
     q4 = quantize_int4(w, 64)
+    tiles = ops.repack_int4(*q4, 64)
     calls = {
         "f32": lambda: ops.linear_f32(x, w),
         "int8": lambda: ops.linear_int8(x, q8, s8),
         "int8_a8": lambda: ops.linear_int8_a8(x, q8, s8),
         "int4": lambda: ops.linear_int4(x, *q4, 64),
         "int4_a8": lambda: ops.linear_int4_a8(x, *q4, 64),
+        "int4_tiles": lambda: ops.linear_int4(x, *q4, 64, tiles),
+        "int4_tiles_a8": lambda: ops.linear_int4_a8(x, *q4, 64, tiles),
     }
     try:
         torch.set_num_threads(1)
@@ -330,3 +339,138 @@ def test_kernels_run_on_torchs_threads(ops):
             assert torch.equal(f(), one[k]), k
     finally:
         torch.set_num_threads(before)
+
+
+# ---- int4 repacked into tiles of 8 rows (herd/kernels/int4_tiles.h) ----------------------------
+#
+# The tile kernels compute the row kernels' sums in another order, so they are held to the same
+# references: the float64 product for fp32 activations, the a8 definition and bound for int8
+# ones. Both instruction sets run here (AVX-512 where the CPU has F/VL/BW/VNNI).
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(ops, request):
+    want = {"avx2": 0, "avx512": 1}[request.param]
+    before = ops.set_max_isa(want)
+    try:
+        if ops.tiles_isa() != want:
+            pytest.skip("this CPU (or HERD_CPU_ISA) leaves the AVX-512 tile kernels out")
+        yield request.param
+    finally:
+        ops.set_max_isa(before)
+
+
+TILE_SHAPES = [(5, 32, 32), (13, 576, 32), (64, 224, 32), (37, 1536, 32), (300, 2048, 64), (9, 4096, 128),
+               (3, 512, 256), (7, 192, 64), (6, 192, 96)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("N, K, G", TILE_SHAPES)
+def test_int4_tiles_equal_the_references(ops, isa, M, N, K, G):
+    g = torch.Generator().manual_seed(13 * N + K + G + M)
+    x, w = torch.randn(M, K, generator=g) * 3, torch.randn(N, K, generator=g)
+    if K > 32:
+        x[-1, :32] = 0  # an all-zero block (a8: d = 0); not a whole row, which would leave no error to compare
+    packed, scales, mins = quantize_int4(w, G)
+    tiles = ops.repack_int4(packed, scales, mins, G)
+    assert tiles.shape == (-(-N // 8), K // G * (32 + 4 * G)) and tiles.dtype == torch.uint8
+    _check_close(ops.linear_int4(x, packed, scales, mins, G, tiles), x, dequantize_int4(packed, scales, mins, G))
+    _check_int4_a8(ops.linear_int4_a8(x, packed, scales, mins, G, tiles), x, packed, scales, mins, G)
+
+
+def _tiles_reference(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, G: int) -> torch.Tensor:
+    """int4_tiles.h's layout, built from its description: codes q (N, K) -> (tiles, bytes) uint8."""
+    N, K = q.shape
+    T = -(-N // 8)
+    qp = torch.zeros(T * 8, K, dtype=torch.uint8)
+    sp, mp = (torch.zeros(T * 8, K // G, dtype=torch.float16) for _ in range(2))
+    qp[:N], sp[:N], mp[:N] = q, scales, mins
+    out = []
+    for t in range(T):
+        rows = slice(8 * t, 8 * t + 8)
+        for g in range(K // G):
+            out += [sp[rows, g].contiguous().view(torch.uint8), mp[rows, g].contiguous().view(torch.uint8)]
+            for k0 in range(g * G, (g + 1) * G, 32):
+                c = qp[rows, k0 : k0 + 32].reshape(8, 2, 4, 4)  # (row r, half h, j, i): input 16 h + 4 j + i
+                out.append((c[:, 0] | (c[:, 1] << 4)).permute(1, 0, 2).reshape(-1))  # byte 32 j + 4 r + i
+    return torch.cat(out).view(T, -1)
+
+
+@pytest.mark.parametrize("N, K, G", [(3, 64, 32), (8, 32, 32), (17, 256, 64), (10, 192, 96)])
+def test_int4_repack_follows_the_documented_layout(ops, N, K, G):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N * K))
+    packed, scales, mins = quantize_int4(w, G)
+    ref = _tiles_reference(unpack_int4(packed), scales, mins, G)
+    assert torch.equal(ops.repack_int4(packed, scales, mins, G), ref)
+
+
+def test_int4_tiles_are_checked(ops):
+    packed, scales, mins = quantize_int4(torch.randn(16, 64), 32)
+    tiles = ops.repack_int4(packed, scales, mins, 32)
+    other = ops.repack_int4(*quantize_int4(torch.randn(24, 64), 32), 32)
+    with pytest.raises(RuntimeError, match="tiles do not match"):
+        ops.linear_int4(torch.randn(1, 64), packed, scales, mins, 32, other)  # another weight's
+    with pytest.raises(RuntimeError, match="tiles do not match"):
+        ops.linear_int4(torch.randn(1, 64), packed, scales, mins, 32, tiles[:1])
+
+
+def test_int4_linear_repack_keeps_state_dict_and_results(ops):
+    from herd.kernels import KIND_INT4, KIND_INT4_TILES
+
+    lin = torch.nn.Linear(192, 45, bias=False)
+    mods = [Int4Linear.from_linear(lin, group_size=32, activations=a) for a in ("float", "int8")]
+    xs = [torch.randn(M, 192, generator=torch.Generator().manual_seed(M)) for M in (1, 5, 16, 40)]
+    with torch.inference_mode():
+        for mod in mods:
+            before = {k: v.clone() for k, v in mod.state_dict().items()}
+            rows = [mod(x) for x in xs]
+            assert mod.kernel_weight().kind == KIND_INT4 and mod.tiles is None
+            assert mod.repack() and mod.kernel_weight().kind == KIND_INT4_TILES
+            sd = mod.state_dict()
+            assert list(sd) == list(before) == ["weight", "scales", "mins"]
+            assert all(torch.equal(sd[k], before[k]) for k in before)
+            for x, want in zip(xs, rows):
+                # a8 decode rows: the same codes and integer sums; prompts (40 rows): the same exact matmul
+                torch.testing.assert_close(mod(x), want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(mod(xs[-1]), rows[-1])
+
+
+def test_int4_tiles_follow_writes_to_the_row_layout(ops):
+    """load_state_dict (in place), buffer replacement and in-place writes all reach the tiles."""
+    a, b = (Int4Linear.from_linear(torch.nn.Linear(96, 24, bias=False), group_size=32) for _ in range(2))
+    x = torch.randn(1, 96)
+    with torch.inference_mode():
+        want_b = b(x)
+        assert a.repack()
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), want_b, rtol=1e-5, atol=1e-5)
+        tiles = a.tiles
+        a.scales.mul_(2)  # scales the group sums: y = 2 (q . x) s + (sum x) m
+        torch.testing.assert_close(a(x), F.linear(x, a.dequantize()), rtol=1e-5, atol=1e-5)
+        assert a.tiles is not tiles
+        a.mins = b.mins.clone()
+        torch.testing.assert_close(a(x), F.linear(x, a.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_tiles_follow_module_moves(ops):
+    lin = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), group_size=32)
+    assert lin.repack()
+    tiles = lin.tiles
+    lin.to("cpu")  # nothing moves: the same tiles
+    assert lin.tiles is tiles
+    lin.to(torch.float64)  # scales and mins become float64, which no kernel takes: no tiles
+    assert lin.tiles is None and lin.kernel_weight().tensors[1].dtype == torch.float64
+
+
+def test_isa_environment_variable_forces_avx2(ops):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import herd
+
+    code = "from herd.kernels import cpu_kernels; print(cpu_kernels().tiles_isa())"
+    env = {**os.environ, "HERD_CPU_ISA": "avx2"}
+    root = Path(herd.__file__).parents[1]  # this checkout's herd, whatever the working directory
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
