@@ -37,12 +37,16 @@ directory (default ~/.cache/herd/kernels); HERD_CPU_ISA=avx2 (above).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -124,11 +128,12 @@ def _build() -> SimpleNamespace:
     name = _build_name()
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    built = any(build_dir.glob(f"{name}*.so"))
-    if not built:
-        log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
-    load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
-         is_python_module=False, verbose=False)
+    with _build_lock(build_dir):
+        built = any(build_dir.glob(f"{name}*.so"))
+        if not built:
+            log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
+        load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
     _register_fakes()
     return SimpleNamespace(linear_f32=ops.linear_f32, linear_int8=ops.linear_int8, linear_int4=ops.linear_int4,
@@ -137,6 +142,37 @@ def _build() -> SimpleNamespace:
                            matmul_int4=ops.matmul_int4, decode_block=ops.decode_block,
                            repack_int4=ops.repack_int4, tiles_isa=ops.tiles_isa, set_max_isa=ops.set_max_isa,
                            parallel_threads=ops.parallel_threads)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path, timeout_s: float = 900.0) -> Iterator[None]:
+    """Hold an flock on `build_dir`/herd.lock while torch builds or loads the extension there.
+
+    torch's own guard is a `lock` file created with O_EXCL and removed when the build ends: a
+    process killed mid-build (Ctrl-C at the wrong moment, a job's time limit) leaves it behind, and
+    every later process then waits on it forever, silently. An flock is released by the kernel when
+    its holder dies, so while we hold ours no live herd process is building here, and a torch
+    `lock` file found now is stale: it is removed, with a warning.
+    """
+    with open(build_dir / "herd.lock", "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(f"another process has held the build lock {build_dir / 'herd.lock'} for "
+                                  f"{timeout_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("herd.kernels: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _register_fakes() -> None:

@@ -474,3 +474,29 @@ def test_isa_environment_variable_forces_avx2(ops):
     root = Path(herd.__file__).parents[1]  # this checkout's herd, whatever the working directory
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_a_build_killed_midway_does_not_hang_later_processes(ops, tmp_path):
+    # torch's cpp_extension guards a build with a `lock` file that only the builder removes: a
+    # process killed mid-compile left one behind, and every later process waited on it forever (a
+    # CI run hung 80 minutes in the first test that loaded the kernels). Copy the built extension
+    # into a fresh cache, plant such a stale `lock`, and load from a new process.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import herd
+    from herd.kernels import _build_name, cache_dir
+
+    name = _build_name()
+    shutil.copytree(cache_dir() / name, tmp_path / name, ignore=shutil.ignore_patterns("lock", "herd.lock"))
+    (tmp_path / name / "lock").touch()
+    code = "from herd.kernels import cpu_kernels; print(cpu_kernels() is not None)"
+    env = {**os.environ, "HERD_KERNEL_CACHE": str(tmp_path)}
+    root = Path(herd.__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+    assert "left by a build that was killed" in out.stderr
+    assert not (tmp_path / name / "lock").exists()
