@@ -13,7 +13,7 @@ import herd
 from herd.cli import main
 from herd.data.shards import ShardWriter
 from herd.model import ModelArgs, build_model
-from herd.train import Trainer, load_config
+from herd.train import Trainer
 from herd.train.checkpoint import load_model_weights
 from herd.train.config import config_from_dict
 

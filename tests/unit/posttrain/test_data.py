@@ -57,7 +57,7 @@ def test_malformed_chat_lines_name_the_line(tmp_path, bad, needle):
     path = _write(tmp_path / "chat.jsonl", [GOOD_CHAT, "", bad, GOOD_CHAT])
     with pytest.raises(ValueError) as err:
         read_chat_jsonl(path)
-    assert f"chat.jsonl:3:" in str(err.value) and needle in str(err.value)
+    assert "chat.jsonl:3:" in str(err.value) and needle in str(err.value)
 
 
 GOOD_PAIR = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})

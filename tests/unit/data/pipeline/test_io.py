@@ -12,7 +12,7 @@ from herd.data.steps.base import StepStats
 from herd.data.steps.extract import Extract, strip_markdown
 from herd.data.steps.langid import LangId
 from herd.data.steps.readers import FolderReader, JsonlReader, ParquetReader, WarcReader
-from herd.data.steps.writers import JsonlOutput, ParquetOutput, write_jsonl
+from herd.data.steps.writers import JsonlOutput, ParquetOutput
 
 PAGE = """<html><head><title>Energy</title><script>var x = "tracking";</script></head><body>
 <nav><a href="/">Home</a> | <a href="/about">About us</a> | <a href="/contact">Contact</a></nav>
