@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -70,10 +71,12 @@ from typing import Any
 
 from herd.data.document import Document
 from herd.data.steps import OUTPUTS, READERS, STEPS, GlobalStep, Output, Reader, Step, StepStats
+from herd.data.steps.damaged import Corrupt
 from herd.data.steps.readers import open_text
 from herd.data.steps.writers import write_jsonl
 
 FORMAT = "herd-pipeline-v1"
+_log = logging.getLogger("herd.data")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -268,10 +271,14 @@ class _Run:
             read = StepStats(name="read", type="read")
             counts: Counter = Counter()
 
+            def skipped(c: Corrupt) -> None:
+                read.add_corrupt(c.to_dict())
+                _log.warning("skipped a corrupt record: %s", c.message())
+
             def source() -> Iterator[Document]:
                 for i, unit in self.shard_units(shard):
                     reader = self.cfg.inputs[i]
-                    for doc in reader.read(unit):
+                    for doc in reader.read(unit, skipped):
                         counts[f"docs_{reader.name}"] += 1
                         read.docs_in += 1
                         read.docs_out += 1
@@ -500,7 +507,16 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "seconds": round(self.seconds, 2), "steps": [s.to_dict() for s in self.steps],
-                "plans": self.plans, "outputs": self.outputs, "classifiers": self.classifiers}
+                "plans": self.plans, "outputs": self.outputs, "classifiers": self.classifiers,
+                "skipped_corrupt": self.skipped_corrupt, "corrupt_examples": self.corrupt_examples}
+
+    @property
+    def skipped_corrupt(self) -> int:
+        return sum(s.skipped_corrupt for s in self.steps)
+
+    @property
+    def corrupt_examples(self) -> list[dict[str, str]]:
+        return [e for s in self.steps for e in s.corrupt_examples][: StepStats.MAX_EXAMPLES]
 
     def table(self) -> str:
         """The per-step table `herd data run` prints."""
@@ -509,6 +525,8 @@ class RunReport:
             why = ", ".join(f"{r} {n}" for r, n in s.dropped.most_common())
             if s.docs_added:
                 why = (why + ", " if why else "") + f"(+{s.docs_added} repeats)"
+            if s.skipped_corrupt:
+                why = (why + ", " if why else "") + f"skipped_corrupt {s.skipped_corrupt}"
             n_in = s.docs_in if s.type != "read" else s.docs_out
             lines.append(f"{s.name:<22}{n_in:>9,}{s.docs_out:>9,}{s.num_dropped:>9,}{s.modified:>9,}"
                          f"{s.chars_out / 1e6:>9.2f}{s.seconds:>8.1f}  {why}")
@@ -606,6 +624,11 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         log(f"output {o.name}: {outputs[o.name].get('docs', 0):,} docs -> {outputs[o.name]['path']}")
     report = RunReport(steps=stats, plans=plans, outputs=outputs, classifiers=classifiers,
                        seconds=time.perf_counter() - t0, output_dir=out)
+    if report.skipped_corrupt:
+        first = report.corrupt_examples[0]
+        log(f"warning: skipped {report.skipped_corrupt} corrupt record(s) or truncated file(s) in the inputs, "
+            f"first {first['file']}, {first['where']}: {first['problem']}; all are listed in report.json "
+            "(set strict = true in the [[input]] to stop at the first instead)")
     _atomic_json(out / "report.json", report.to_dict())
     from herd.data.report import write_html_report
 
