@@ -152,7 +152,9 @@ class _Run:
 
             def skipped(c: Corrupt) -> None:
                 read.add_corrupt(c.to_dict())
-                _log.warning("skipped a corrupt record: %s", c.message())
+                # One line per record up to the number of examples kept; the rest are only counted.
+                if read.skipped_corrupt <= StepStats.MAX_EXAMPLES:
+                    _log.warning("skipped a corrupt record: %s", c.message())
 
             def source() -> Iterator[Document]:
                 for i, unit in self.shard_units(shard):

@@ -263,29 +263,28 @@ class ParquetReader(JsonlReader):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        i = 0
         try:
             batches = iter(pq.ParquetFile(unit).iter_batches(batch_size=self.batch_size))
-            while True:
-                try:
-                    batch = next(batches, None)
-                except (pa.ArrowException, OSError) as e:
-                    self._corrupt(on_corrupt, Corrupt(unit, f"after row {i}", f"unreadable Parquet data ({e})"))
-                    return
-                if batch is None:
-                    return
-                for row in batch.to_pylist():
-                    i += 1
-                    try:
-                        doc = self._doc(row, f"{Path(unit).name}#{i - 1}")
-                    except ValueError as e:
-                        self._corrupt(on_corrupt, Corrupt(unit, f"row {i}", str(e)))
-                        continue
-                    yield doc
         except (pa.ArrowException, OSError) as e:  # not a Parquet file at all (bad footer or magic)
-            if i:
-                raise
             self._corrupt(on_corrupt, Corrupt(unit, "row 0", f"not a readable Parquet file ({e})"))
+            return
+        i = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"after row {i}", f"unreadable Parquet data ({e})"))
+                return
+            if batch is None:
+                return
+            for row in batch.to_pylist():
+                i += 1
+                try:
+                    doc = self._doc(row, f"{Path(unit).name}#{i - 1}")
+                except ValueError as e:
+                    self._corrupt(on_corrupt, Corrupt(unit, f"row {i}", str(e)))
+                    continue
+                yield doc
 
 
 @dataclass

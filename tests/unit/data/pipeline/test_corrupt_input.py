@@ -211,3 +211,21 @@ def test_pipeline_strict_input_stops_with_one_line(tmp_path, capsys):
     assert main(["data", "run", str(toml)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "a.jsonl, line 3: 'text' is a int, not a string" in err
+
+
+def test_parquet_bad_row_and_unreadable_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from herd.data.steps.readers import ParquetReader
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), path)  # row 2 has no text (null)
+    got, skipped = read_all(ParquetReader(), path)
+    assert got == ["a", "c"] and [c.where for c in skipped] == ["row 2"]
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    got, skipped = read_all(ParquetReader(), junk)
+    assert got == [] and [c.where for c in skipped] == ["row 0"] and "Parquet" in skipped[0].problem
+    with pytest.raises(ValueError, match=r"junk\.parquet, row 0: not a readable Parquet file"):
+        list(ParquetReader(strict=True).read(str(junk), skipped.append))
