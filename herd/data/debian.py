@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from herd.data.document import Document
-from herd.io import herd_cache_dir
+from herd.io import atomic_path, atomic_write_text, herd_cache_dir
 
 
 def debian_cache_dir() -> Path:
@@ -90,9 +89,8 @@ def write_warc(docs: Iterable[Document], path: Path, *, source_files: list[str] 
     wanted = "\n".join(source_files or [])
     if path.exists() and listing.exists() and listing.read_text() == wanted:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    listing.unlink(missing_ok=True)  # a crash while rewriting must not leave the old listing vouching for it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         w = WARCWriter(f, gzip=True)
         for doc in docs:
             assert doc.url, f"{doc.id}: a WARC record needs a URL"
@@ -109,6 +107,6 @@ def write_warc(docs: Iterable[Document], path: Path, *, source_files: list[str] 
             rec = w.create_warc_record(doc.url, "response", payload=io.BytesIO(payload), http_headers=headers,
                                        warc_headers_dict=warc_headers)
             w.write_record(rec)
-    os.replace(tmp, path)
-    listing.write_text(wanted)
+    # The listing goes last: it is what says that `path` is complete for these source files.
+    atomic_write_text(listing, wanted)
     return path

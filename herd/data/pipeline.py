@@ -12,15 +12,9 @@ that crashed resumes where it stopped; changing the pipeline file makes resuming
 rather than a silent mix of two configurations. The price is one compressed write and read of
 the surviving text per global step.
 
-Executors only decide where a task (stage, shard) runs; the steps never know. `local` (the
-default) forks `workers` processes on this machine, which inherit the run, so nothing is pickled.
-`ray` submits the same tasks as Ray remote tasks (one CPU each) to the cluster at `address`, or
-to a local Ray cluster of `num_cpus` CPUs (default: `workers`) started for the run and stopped
-after it; the run (config, steps, shard layout) is pickled once into Ray's object store. Tasks
-read and write the same files either way, so the outputs are byte-identical, and resuming works
-the same (a shard whose stats file exists is skipped, whichever executor wrote it). With a
-remote cluster, `output_dir` and the inputs must be on storage that every node sees at the same
-path (a shared file system); Ray does not move these files.
+Executors (`herd.data.executors`) only decide where a task (stage, shard) runs; the steps never
+know. The configuration's checks live in `herd.data.pipeline_config`, classifier training in
+`herd.data.classifier_training`.
 
 Pipeline file:
 
@@ -35,6 +29,8 @@ Pipeline file:
     [[input]]                    # any reader of herd.data.steps.readers.READERS
     type = "warc"
     paths = ["crawl/*.warc.gz"]
+    # strict = true              # warc/jsonl/parquet: stop at the first corrupt record or cut file;
+                                 # by default each is skipped, counted (skipped_corrupt) and listed in report.json
 
     [[train]]                    # optional: classifiers trained before the run if missing
     model = "models/domain.bin"  # relative to output_dir; .bin fastText, .pt tiny transformer
@@ -51,142 +47,34 @@ Pipeline file:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import platform
+import logging
 import shutil
 import sys
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from herd.data.classifier_training import train_classifier, train_classifiers
 from herd.data.document import Document
-from herd.data.steps import OUTPUTS, READERS, STEPS, GlobalStep, Output, Reader, Step, StepStats
+from herd.data.executors import EXECUTORS, LocalExecutor, RayExecutor
+from herd.data.pipeline_config import PipelineConfig, TrainSpec
+from herd.data.steps import GlobalStep, Step, StepStats
+from herd.data.steps.damaged import Corrupt
 from herd.data.steps.readers import open_text
 from herd.data.steps.writers import write_jsonl
+from herd.io import atomic_write_json
+
+# Re-exported: callers import the configuration and training from here, as before the split.
+__all__ = ["EXECUTORS", "PipelineConfig", "RunReport", "Stage", "TrainSpec", "plan_stages", "run_pipeline",
+           "train_classifier", "train_classifiers"]
 
 FORMAT = "herd-pipeline-v1"
-
-
-# ---- configuration -------------------------------------------------------------------------------
-
-
-def _build(registry: dict[str, type], entry: dict[str, Any], *, what: str) -> Any:
-    entry = dict(entry)
-    kind = entry.pop("type", None)
-    if kind not in registry:
-        raise ValueError(f"{what}: unknown or missing type {kind!r}; choose one of {', '.join(sorted(registry))}")
-    cls = registry[kind]
-    if "where" in entry and not getattr(cls, "supports_where", True):
-        raise ValueError(f"{what} {kind!r}: `where` applies to filters, modifiers, classifiers, language ID and "
-                         "line dedup only; a document-level dedup, extraction or mix step sees every document")
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    if not getattr(cls, "supports_where", True):
-        names.discard("where")
-    unknown = sorted(set(entry) - names)
-    if unknown:
-        raise ValueError(f"{what} {kind!r}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    entry.setdefault("name", kind)
-    return cls(**entry)
-
-
-@dataclass
-class TrainSpec:
-    """A classifier trained from labelled sources before the pipeline runs (skipped if it exists)."""
-
-    model: str
-    examples: list[dict[str, Any]]
-    kind: str = "fasttext"          # or "transformer"
-    chunk_chars: int = 2000         # long documents are cut into pieces of about this size
-    options: dict[str, Any] = field(default_factory=dict)  # passed to train_fasttext / train_transformer
-
-
-@dataclass
-class PipelineConfig:
-    inputs: list[Reader]
-    steps: list[Step]
-    outputs: list[Output]
-    output_dir: Path
-    workers: int = 1
-    shards: int | None = None
-    train: list[TrainSpec] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
-    executor: str = "local"          # or "ray"
-    address: str | None = None       # ray: ray.init(address=...); None starts a local cluster
-    num_cpus: int | None = None      # ray: CPUs of the local cluster (default: workers)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
-        d = dict(d)
-        top = {"pipeline", "input", "step", "output", "train"}
-        if set(d) - top:
-            raise ValueError(f"pipeline file: unknown section(s) {sorted(set(d) - top)}; valid: {sorted(top)}")
-        p = dict(d.get("pipeline", {}))
-        known = {"output_dir", "workers", "shards", "name", "executor", "address", "num_cpus"}
-        if set(p) - known:
-            raise ValueError(f"[pipeline]: unknown key(s) {sorted(set(p) - known)}; valid: {sorted(known)}")
-        if "output_dir" not in p:
-            raise ValueError("[pipeline] needs output_dir = \"...\" (where the run writes everything)")
-        inputs = [_build(READERS, e, what="[[input]]") for e in d.get("input", [])]
-        steps = [_build(STEPS, e, what="[[step]]") for e in d.get("step", [])]
-        outputs = [_build(OUTPUTS, e, what="[[output]]") for e in d.get("output", [])]
-        if not inputs:
-            raise ValueError("a pipeline needs at least one [[input]]")
-        if not outputs:
-            raise ValueError("a pipeline needs at least one [[output]] (jsonl, parquet or shards)")
-        for kind, items in (("step", steps), ("input", inputs), ("output", outputs)):
-            names = [x.name for x in items]
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                raise ValueError(f"[[{kind}]] names must be unique; give `name = ...` to the repeated {dup}")
-        train = []
-        for t in d.get("train", []):
-            try:
-                train.append(TrainSpec(**t))
-            except TypeError as e:
-                raise ValueError(f"[[train]]: {e}; keys: model, examples, kind, chunk_chars, options") from None
-        # A classify step naming a model that a [[train]] block writes reads it where training put it.
-        trained = {t.model for t in train}
-        out_dir = Path(p["output_dir"]).expanduser()
-        for step in steps:
-            model = getattr(step, "model", None)
-            if isinstance(model, str) and model in trained and not Path(model).expanduser().is_absolute():
-                step.model = str(out_dir / model)
-        workers = int(p.get("workers", 1))
-        if workers < 1:
-            raise ValueError(f"[pipeline] workers must be >= 1, got {workers}")
-        executor = p.get("executor", "local")
-        if executor not in EXECUTORS:
-            raise ValueError(f"[pipeline] executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
-        if executor != "ray" and ("address" in p or "num_cpus" in p):
-            raise ValueError("[pipeline] address and num_cpus are Ray options: set executor = \"ray\" or remove them")
-        if "address" in p and "num_cpus" in p:
-            raise ValueError("[pipeline] num_cpus sizes the local Ray cluster started when no address is given; "
-                             "an existing cluster at `address` has its own CPUs: remove one of the two")
-        if p.get("num_cpus") is not None and int(p["num_cpus"]) < 1:
-            raise ValueError(f"[pipeline] num_cpus must be >= 1, got {p['num_cpus']}")
-        return cls(inputs=inputs, steps=steps, outputs=outputs, output_dir=Path(p["output_dir"]).expanduser(),
-                   workers=workers, shards=p.get("shards"), train=train, raw=d, executor=executor,
-                   address=p.get("address"), num_cpus=p.get("num_cpus"))
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> PipelineConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"pipeline file {path} not found")
-        try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-        return cls.from_dict(d)
+_log = logging.getLogger("herd.data")
 
 
 # ---- stages --------------------------------------------------------------------------------------
@@ -237,12 +125,6 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             yield Document.from_dict(json.loads(line))
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 class _Run:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -268,10 +150,16 @@ class _Run:
             read = StepStats(name="read", type="read")
             counts: Counter = Counter()
 
+            def skipped(c: Corrupt) -> None:
+                read.add_corrupt(c.to_dict())
+                # One line per record up to the number of examples kept; the rest are only counted.
+                if read.skipped_corrupt <= StepStats.MAX_EXAMPLES:
+                    _log.warning("skipped a corrupt record: %s", c.message())
+
             def source() -> Iterator[Document]:
                 for i, unit in self.shard_units(shard):
                     reader = self.cfg.inputs[i]
-                    for doc in reader.read(unit):
+                    for doc in reader.read(unit, skipped):
                         counts[f"docs_{reader.name}"] += 1
                         read.docs_in += 1
                         read.docs_out += 1
@@ -315,7 +203,7 @@ class _Run:
                 st.check()
         if k == 0:
             stats[0].counters.update(counts)
-        _atomic_json(out_dir / f"shard_{shard:05d}.stats.json", [s.to_dict() for s in stats])
+        atomic_write_json(out_dir / f"shard_{shard:05d}.stats.json", [s.to_dict() for s in stats])
 
     @staticmethod
     def _count_read(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
@@ -325,165 +213,6 @@ class _Run:
             st.chars_out += len(doc.text)
             yield doc
 
-
-# The run being executed, inherited by forked workers so that steps (which may hold models, compiled
-# patterns or test callables) never need pickling; a task is just (stage, shard).
-_CURRENT: _Run | None = None
-
-
-def _worker_init() -> None:
-    # Parallelism comes from the worker processes: a torch model inside one (the tiny classifier)
-    # must not also spawn intra-op threads, or N workers x N threads thrash the cores.
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-    else:
-        os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def _task(k: int, shard: int) -> None:
-    assert _CURRENT is not None
-    _CURRENT.run_task(k, shard)
-
-
-class _LocalExecutor:
-    """Forked processes on this machine (or this process when workers == 1)."""
-
-    def __init__(self, run: _Run, workers: int) -> None:
-        global _CURRENT
-        _CURRENT = run
-        self.run = run
-        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init)
-                     if workers > 1 else None)
-
-    def run_stage(self, k: int, shards: list[int]) -> None:
-        if self.pool is None:
-            for s in shards:
-                self.run.run_task(k, s)
-        else:
-            for f in [self.pool.submit(_task, k, s) for s in shards]:
-                f.result()
-
-    def close(self) -> None:
-        global _CURRENT
-        if self.pool is not None:
-            self.pool.shutdown()
-        _CURRENT = None
-
-
-def _ray_task(run: _Run, k: int, shard: int, cwd: str) -> None:
-    # Relative paths in the pipeline file (inputs, output_dir, models) mean the driver's cwd.
-    if not os.path.isdir(cwd):
-        raise FileNotFoundError(f"Ray worker on {platform.node()}: the driver's working directory {cwd} does not "
-                                "exist here; run from (and keep the pipeline's files on) a file system that every "
-                                "node mounts at the same path")
-    os.chdir(cwd)
-    _worker_init()
-    run.run_task(k, shard)
-
-
-class _RayExecutor:
-    """Ray remote tasks, one CPU each; the run is pickled once into the object store."""
-
-    def __init__(self, run: _Run, *, address: str | None, num_cpus: int | None, workers: int) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise ImportError("[pipeline] executor = \"ray\" needs Ray: pip install 'herd[ray]'") from None
-        self.ray = ray
-        # A connection opened here (to a local cluster it starts, or to `address`) is closed at the end,
-        # which stops only that local cluster; a Ray session the caller already opened is used as it is.
-        self.owned = not ray.is_initialized()
-        if self.owned:
-            if address is None:
-                ray.init(num_cpus=num_cpus or workers, include_dashboard=False, log_to_driver=True)
-            else:
-                ray.init(address=address)
-        self.ref = ray.put(run)
-        self.remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-
-    def run_stage(self, k: int, shards: list[int]) -> None:
-        cwd = os.getcwd()
-        refs = [self.remote.remote(self.ref, k, s, cwd) for s in shards]
-        try:
-            self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as e:
-            # Re-raise what the step raised (as the local executor does), not Ray's wrapper.
-            if isinstance(getattr(e, "cause", None), BaseException):
-                raise e.cause from None
-            raise
-
-    def close(self) -> None:
-        if self.owned:
-            self.ray.shutdown()
-
-
-EXECUTORS = ("local", "ray")
-
-
-# ---- training ------------------------------------------------------------------------------------
-
-
-def _examples(spec: TrainSpec) -> list[tuple[str, str]]:
-    from herd.data.steps.extract import Extract
-
-    rows: list[tuple[str, str]] = []
-    for ex in spec.examples:
-        ex = dict(ex)
-        label, limit, inp = ex.pop("label", None), ex.pop("limit", None), ex.pop("input", None)
-        if label is None or inp is None or ex:
-            raise ValueError("[[train]] examples entries are {label = ..., input = {type = ...}, limit = N}"
-                             + (f"; unknown keys {sorted(ex)}" if ex else ""))
-        reader = _build(READERS, inp, what="[[train]] input")
-        docs = chain.from_iterable(reader.read(u) for u in reader.units())
-        docs = Extract(timeout_s=0)(docs, StepStats(name="extract", type="extract"))
-        n = 0
-        for doc in docs:
-            text = doc.text
-            for i in range(0, max(len(text), 1), spec.chunk_chars):
-                piece = text[i:i + spec.chunk_chars]
-                if len(piece.strip()) >= min(200, spec.chunk_chars // 4):
-                    rows.append((piece, label))
-                    n += 1
-                if limit is not None and n >= limit:
-                    break
-            if limit is not None and n >= limit:
-                break
-        if n == 0:
-            raise ValueError(f"[[train]] {spec.model}: the {label!r} input produced no examples")
-    return rows
-
-
-def train_classifier(spec: TrainSpec, path: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one classifier from its labelled sources into `path` (atomically, with `path.json`
-    beside it: held-out accuracy, labels, examples per label, seconds) and return that info."""
-    from herd.data.steps import classifiers
-
-    if spec.kind not in ("fasttext", "transformer"):
-        raise ValueError(f"classifier kind must be 'fasttext' or 'transformer', not {spec.kind!r}")
-    t0 = time.perf_counter()
-    rows = _examples(spec)
-    fn = classifiers.train_fasttext if spec.kind == "fasttext" else classifiers.train_transformer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = fn(rows, path, **spec.options)
-    info["seconds"] = round(time.perf_counter() - t0, 1)
-    info["examples_per_label"] = dict(Counter(lab for _, lab in rows))
-    _atomic_json(path.with_name(path.name + ".json"), info)
-    log(f"trained {spec.kind} classifier {path}: {info}")
-    return info
-
-
-def train_classifiers(cfg: PipelineConfig, *, log: Callable[[str], None]) -> dict[str, Any]:
-    """The pipeline file's [[train]] classifiers; one that exists already (model and info) is kept."""
-    results = {}
-    for spec in cfg.train:
-        path = Path(spec.model).expanduser()
-        path = path if path.is_absolute() else cfg.output_dir / path
-        info_path = path.with_name(path.name + ".json")
-        if path.is_file() and info_path.is_file():
-            results[str(path)] = json.loads(info_path.read_text())
-            continue
-        results[str(path)] = train_classifier(spec, path, log=log)
-    return results
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -500,7 +229,16 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "seconds": round(self.seconds, 2), "steps": [s.to_dict() for s in self.steps],
-                "plans": self.plans, "outputs": self.outputs, "classifiers": self.classifiers}
+                "plans": self.plans, "outputs": self.outputs, "classifiers": self.classifiers,
+                "skipped_corrupt": self.skipped_corrupt, "corrupt_examples": self.corrupt_examples}
+
+    @property
+    def skipped_corrupt(self) -> int:
+        return sum(s.skipped_corrupt for s in self.steps)
+
+    @property
+    def corrupt_examples(self) -> list[dict[str, str]]:
+        return [e for s in self.steps for e in s.corrupt_examples][: StepStats.MAX_EXAMPLES]
 
     def table(self) -> str:
         """The per-step table `herd data run` prints."""
@@ -509,6 +247,8 @@ class RunReport:
             why = ", ".join(f"{r} {n}" for r, n in s.dropped.most_common())
             if s.docs_added:
                 why = (why + ", " if why else "") + f"(+{s.docs_added} repeats)"
+            if s.skipped_corrupt:
+                why = (why + ", " if why else "") + f"skipped_corrupt {s.skipped_corrupt}"
             n_in = s.docs_in if s.type != "read" else s.docs_out
             lines.append(f"{s.name:<22}{n_in:>9,}{s.docs_out:>9,}{s.num_dropped:>9,}{s.modified:>9,}"
                          f"{s.chars_out / 1e6:>9.2f}{s.seconds:>8.1f}  {why}")
@@ -548,7 +288,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
     if not fresh and config_path.exists() and _identity(json.loads(config_path.read_text())) != _identity(cfg.raw):
         raise ValueError(f"{out} holds a run of a different pipeline file; rerun with --fresh to start over, "
                          "or choose another output_dir")
-    _atomic_json(config_path, cfg.raw)
+    atomic_write_json(config_path, cfg.raw)
     classifiers = train_classifiers(cfg, log=log)
 
     run = _Run(cfg)
@@ -561,13 +301,13 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         run.units = [(i, u) for i, r in enumerate(cfg.inputs) for u in r.units()]
         run.num_shards = max(1, min(len(run.units), cfg.shards or 4 * workers))
         layout_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_json(layout_path, {"units": run.units, "num_shards": run.num_shards})
+        atomic_write_json(layout_path, {"units": run.units, "num_shards": run.num_shards})
     log(f"{len(run.units)} input files in {run.num_shards} shards, {len(run.stages)} stage(s), "
         f"{f'{workers} worker(s)' if cfg.executor == 'local' else 'Ray executor'}")
 
     plans: dict[str, Any] = {}
-    executor = (_RayExecutor(run, address=cfg.address, num_cpus=cfg.num_cpus, workers=workers)
-                if cfg.executor == "ray" else _LocalExecutor(run, workers))
+    executor = (RayExecutor(run, address=cfg.address, num_cpus=cfg.num_cpus, workers=workers)
+                if cfg.executor == "ray" else LocalExecutor(run, workers))
     try:
         for stage in run.stages:
             sdir = run.stage_dir(stage.index)
@@ -585,7 +325,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
                     pdir.mkdir(parents=True, exist_ok=True)
                     sigs = [sdir / f"sig_{s:05d}.npz" for s in range(run.num_shards)]
                     summary = stage.barrier.plan(sigs, pdir)
-                    _atomic_json(done, summary)
+                    atomic_write_json(done, summary)
                 plans[stage.barrier.name] = json.loads(done.read_text())
                 log(f"plan {stage.barrier.name}: {plans[stage.barrier.name]}")
     finally:
@@ -606,7 +346,12 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
         log(f"output {o.name}: {outputs[o.name].get('docs', 0):,} docs -> {outputs[o.name]['path']}")
     report = RunReport(steps=stats, plans=plans, outputs=outputs, classifiers=classifiers,
                        seconds=time.perf_counter() - t0, output_dir=out)
-    _atomic_json(out / "report.json", report.to_dict())
+    if report.skipped_corrupt:
+        first = report.corrupt_examples[0]
+        log(f"warning: skipped {report.skipped_corrupt} corrupt record(s) or truncated file(s) in the inputs, "
+            f"first {first['file']}, {first['where']}: {first['problem']}; all are listed in report.json "
+            "(set strict = true in the [[input]] to stop at the first instead)")
+    atomic_write_json(out / "report.json", report.to_dict())
     from herd.data.report import write_html_report
 
     write_html_report(report.to_dict(), out / "report.html")

@@ -5,9 +5,10 @@ page opens anywhere, including from a CI artifact)."""
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any
+
+from herd.io import atomic_write_text
 
 
 def _bars(rows: list[tuple[str, float, str]], *, width: int = 520, color: str = "#4a78b5") -> str:
@@ -50,7 +51,4 @@ def write_html_report(report: dict[str, Any], path: Path) -> Path:
             "\n".join(f"{k}: {v}" for k, v in report["plans"].items())) + "</pre>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>herd data run</title></head>"
             "<body style='font-family:sans-serif;max-width:60em'>" + "".join(body) + "</body></html>")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)

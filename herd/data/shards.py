@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from herd.io import atomic_write_bytes
+
 FORMAT = "herd-shards-v1"
 META = "meta.json"
 PROGRESS = ".progress.json"
@@ -66,19 +68,12 @@ def _index_name(bin_name: str) -> str:
     return bin_name[: -len(".bin")] + ".idx.npy"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _remove_partial_files(out_dir: Path) -> None:
     """Delete shard files and temporaries of an unfinished run (only names this module writes)."""
     for p in out_dir.iterdir():
-        if _SHARD_FILE.match(p.name) or p.name in (PROGRESS, PROGRESS + ".tmp", META + ".tmp"):
+        # herd.io's temporaries are ".<name>.<random>.tmp"; "<name>.tmp" is what older versions left.
+        herd_io_tmp = p.name.startswith((f".{PROGRESS}.", f".{META}.")) and p.name.endswith(".tmp")
+        if _SHARD_FILE.match(p.name) or herd_io_tmp or p.name in (PROGRESS, PROGRESS + ".tmp", META + ".tmp"):
             p.unlink()
 
 
@@ -188,7 +183,7 @@ class ShardWriter:
             eos=self.eos, num_docs=sum(s.num_docs for s in self.shards),
             num_tokens=sum(s.num_tokens for s in self.shards), shards=tuple(self.shards), source=self.source,
         )
-        _write_atomic(self.out_dir / META, (json.dumps(info.to_meta(), indent=1) + "\n").encode())
+        atomic_write_bytes(self.out_dir / META, (json.dumps(info.to_meta(), indent=1) + "\n").encode())
         self._closed = True
         return info
 
@@ -404,7 +399,7 @@ def tokenize_to_shards(
         writer = ShardWriter(out_dir, **writer_kwargs)
 
     def save_progress() -> None:
-        _write_atomic(progress_path, json.dumps({"settings": settings, "shards": done}).encode())
+        atomic_write_bytes(progress_path, json.dumps({"settings": settings, "shards": done}).encode())
 
     docs_iter = iter(docs)
     n_docs = n_tokens = 0

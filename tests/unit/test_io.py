@@ -55,3 +55,30 @@ def test_give_default_mode_covers_a_whole_temporary_folder(tmp_path):
 def test_write_files_refuses_paths_outside_the_folder(tmp_path):
     with pytest.raises(ValueError):
         write_files(tmp_path, {"../escape.txt": b"no"})
+
+
+def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
+    from herd.io import atomic_path
+
+    dest = tmp_path / "sub" / "docs.jsonl.gz"
+    with atomic_path(dest) as tmp:
+        # The writer sees a temporary name in the same folder that keeps the compression suffix.
+        assert tmp.parent == dest.parent and tmp.name.endswith(".gz") and not dest.exists()
+        tmp.write_bytes(b"new")
+    assert dest.read_bytes() == b"new" and sorted(p.name for p in dest.parent.iterdir()) == ["docs.jsonl.gz"]
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+    try:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer crashed")
+    except RuntimeError:
+        pass
+    assert dest.read_bytes() == b"new" and sorted(p.name for p in dest.parent.iterdir()) == ["docs.jsonl.gz"]
+
+
+def _current_umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -41,6 +41,17 @@ class StepStats:
     # Free-form counts a step wants to report (lines removed per reason, languages seen, ...).
     counters: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    # Readers only: damaged records or file regions skipped (not documents, so outside the balance
+    # check), with the first few as {file, where, problem} for the report.
+    skipped_corrupt: int = 0
+    corrupt_examples: list[dict[str, str]] = field(default_factory=list)
+
+    MAX_EXAMPLES: ClassVar[int] = 20
+
+    def add_corrupt(self, example: dict[str, str]) -> None:
+        self.skipped_corrupt += 1
+        if len(self.corrupt_examples) < self.MAX_EXAMPLES:
+            self.corrupt_examples.append(example)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
@@ -60,6 +71,8 @@ class StepStats:
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.dropped.update(other.dropped)
         self.counters.update(other.counters)
+        self.skipped_corrupt += other.skipped_corrupt
+        self.corrupt_examples = (self.corrupt_examples + other.corrupt_examples)[: self.MAX_EXAMPLES]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -33,6 +33,7 @@ import numpy as np
 
 from herd.data.document import Document
 from herd.data.steps.base import Step, StepStats, matches
+from herd.io import atomic_path
 
 _WS = re.compile(r"\s+")
 
@@ -87,8 +88,7 @@ def train_fasttext(examples: Sequence[tuple[str, str]], out_path: str | Path, *,
         raise ValueError("a classifier needs examples of at least two labels")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tempfile.TemporaryDirectory(prefix="herd-fasttext-") as work:
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(prefix="herd-fasttext-") as work:
         train_file, result = Path(work) / "train.txt", Path(work) / "result.json"
         with open(train_file, "w", encoding="utf-8") as f:
             f.writelines(f"__label__{lab} {fasttext_line(text)}\n" for text, lab in train)
@@ -102,10 +102,8 @@ def train_fasttext(examples: Sequence[tuple[str, str]], out_path: str | Path, *,
         done = subprocess.run([sys.executable, "-P", str(_FASTTEXT_CHILD)], input=json.dumps(job), text=True,
                               capture_output=True, env=env, check=False)
         if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
             raise RuntimeError(f"fastText training failed (exit code {done.returncode}):\n{done.stderr.strip()}")
         out = json.loads(result.read_text(encoding="utf-8"))
-    tmp.replace(out_path)
     pred = [p.removeprefix("__label__") for p in out["predicted"]]
     acc = float(np.mean([p == lab for p, (_, lab) in zip(pred, valid)]))
     return {"train": len(train), "valid": len(valid), "accuracy": round(acc, 4),
@@ -209,10 +207,9 @@ def _train_transformer(train: list[tuple[str, str]], valid: list[tuple[str, str]
     acc = float(np.mean([labels[p] == lab for p, (_, lab) in zip(pred, valid)]))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save({"format": "herd-tiny-classifier-v1", "labels": labels, "config": cfg,
-                "state_dict": model.state_dict()}, tmp)
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        torch.save({"format": "herd-tiny-classifier-v1", "labels": labels, "config": cfg,
+                    "state_dict": model.state_dict()}, tmp)
     return {"train": len(train), "valid": len(valid), "accuracy": round(acc, 4), "labels": labels,
             "parameters": sum(p.numel() for p in model.parameters())}
 

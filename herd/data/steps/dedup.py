@@ -36,6 +36,7 @@ import xxhash
 
 from herd.data.document import Document, parse_timestamp
 from herd.data.steps.base import GlobalStep, Step, StepStats, matches
+from herd.io import atomic_path
 
 
 def h64(s: str) -> int:
@@ -92,9 +93,8 @@ def normalize_url(url: str, *, drop_query_prefixes: tuple[str, ...] = ("utm_",))
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # its name ends in .npz, so numpy adds no second suffix
+        np.savez(tmp, **arrays)
 
 
 def _load_all(sig_paths: list[Path], *names: str) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:

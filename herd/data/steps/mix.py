@@ -29,6 +29,7 @@ import xxhash
 
 from herd.data.document import Document
 from herd.data.steps.base import GlobalStep, StepStats
+from herd.io import atomic_write_text
 
 LLAMA3_MIX = {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
 
@@ -91,9 +92,7 @@ class Mix(GlobalStep):
         for doc in docs:
             chars[str(doc.metadata.get(self.field))] += len(doc.text)
             yield doc
-        tmp = sig_path.with_name(sig_path.name + ".tmp")
-        tmp.write_text(json.dumps(chars))
-        tmp.replace(sig_path)
+        atomic_write_text(sig_path, json.dumps(chars))
 
     def plan(self, sig_paths: list[Path], plan_dir: Path) -> dict[str, Any]:
         chars: Counter = Counter()

@@ -10,6 +10,13 @@ inputs split into several files to use several cores.
 
 HTML stays HTML here (`metadata["format"] = "html"`); the `extract` step turns it into text, so a
 reader never decides how boilerplate is removed.
+
+Damaged input (a line that is not JSON or not UTF-8, a record without text, a WARC record with a
+broken header, a compressed file cut short) is reported as a `Corrupt` to the `on_corrupt` sink
+`read` is given and skipped: a crawl of millions of files always has a few bad ones, and one of
+them must not cost the run. What came before the damage is kept; a WARC reader resynchronises on
+the next record boundary and keeps what comes after too. With `strict = true`, or without a sink,
+the first damage is an error naming the file, the line or byte offset and the problem.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from herd.data.document import Document
+from herd.data.steps.damaged import GZIP_MAGIC, Corrupt, CorruptSink, Damaged, byte_lines, next_boundary, tail_problem
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -59,12 +67,20 @@ def _mtime_iso(path: Path) -> str:
 class Reader:
     type: ClassVar[str] = ""
     name: str = ""
+    # Stop at the first damaged record instead of skipping and counting it (readers of user files).
+    strict: bool = False
 
     def units(self) -> list[str]:
         raise NotImplementedError
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         raise NotImplementedError
+
+    def _corrupt(self, on_corrupt: CorruptSink | None, c: Corrupt) -> None:
+        if self.strict or on_corrupt is None:
+            hint = "" if self.strict else "; the pipeline skips and counts such records unless strict = true"
+            raise ValueError(f"{self.type} reader {self.name}: {c.message()}{hint}")
+        on_corrupt(c)
 
 
 @dataclass
@@ -76,33 +92,91 @@ class WarcReader(Reader):
     name: str = "warc"
     # Only these MIME types become documents; everything else (images, robots.txt) is skipped.
     mime_types: list[str] = field(default_factory=lambda: ["text/html", "application/xhtml+xml"])
+    strict: bool = False
 
     def units(self) -> list[str]:
         return [str(p) for p in _expand(self.paths, what="warc reader")]
 
-    def read(self, unit: str) -> Iterator[Document]:
-        from fastwarc.warc import ArchiveIterator, WarcRecordType
-        from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
+        from fastwarc.warc import ArchiveIterator
 
         with open(unit, "rb") as f:
-            for i, rec in enumerate(ArchiveIterator(f, record_types=WarcRecordType.response, parse_http=True)):
-                http = rec.http_headers
-                if http is None or http.status_code != 200:
-                    continue
-                ctype = (http.get("Content-Type") or "").lower()
-                if not any(m in ctype for m in self.mime_types):
-                    continue
-                body = rec.reader.read()
-                # Declared charset first, content sniffing when it is missing or wrong.
-                charset = ctype.partition("charset=")[2].split(";")[0].strip() or None
+            gz = f.read(2) == GZIP_MAGIC[:2]
+            start = 0
+            held: Document | None = None  # a record's document waits until the stream is known to go past it
+            last: int | None = None        # start of the last record FastWARC returned since `start`
+            one_stream = False             # a gzip file that is one stream, not a member per record
+            in_damage = False              # still inside a damaged region already reported
+            while True:
+                f.seek(start)
+                current: int | None = None
                 try:
-                    html = body.decode(charset) if charset else bytes_to_str(body, detect_encoding(body))
-                except (LookupError, UnicodeDecodeError):
-                    html = bytes_to_str(body, detect_encoding(body))
-                rid = rec.headers.get("WARC-Record-ID") or f"{unit}#{i}"
-                yield Document(id=rid.strip("<>"), text=html, url=rec.headers.get("WARC-Target-URI"),
-                               timestamp=rec.headers.get("WARC-Date"),
-                               metadata={"format": "html", "source": self.name})
+                    for rec in ArchiveIterator(f):
+                        one_stream |= rec.stream_pos == last
+                        current = last = rec.stream_pos
+                        doc = self._doc(rec, unit)
+                        current, in_damage = None, False
+                        if held is not None:
+                            yield held
+                        held = doc
+                except OSError as e:  # FastWARC's "Invalid WARC header", "Gzip decompression error"
+                    if held is not None:  # the stream got past it: the damage is in what follows
+                        yield held
+                        held = None
+                    problem = f"unreadable WARC record ({e}); skipped to the next record"
+                    if current is not None:  # this record's header was read, its body was not
+                        self._corrupt(on_corrupt, Corrupt(unit, f"byte {current}", problem))
+                        resume = next_boundary(f, current + 1, gz)
+                    elif in_damage:  # a false start inside the region already reported
+                        resume = next_boundary(f, start + 1, gz)
+                    elif last is None:
+                        self._corrupt(on_corrupt, Corrupt(unit, f"byte {start}", problem))
+                        resume = next_boundary(f, start + 1, gz)
+                    elif gz and not one_stream:  # a member per record: the next member is the bad record
+                        bad = next_boundary(f, last + 1, gz)
+                        self._corrupt(on_corrupt, Corrupt(unit, f"byte {last + 1 if bad is None else bad}", problem))
+                        resume = None if bad is None else next_boundary(f, bad + 1, gz)
+                    else:  # plain WARC: the bad header need not start with "WARC/", so resume at the next that does
+                        self._corrupt(on_corrupt, Corrupt(unit, f"after the record at byte {last}", problem))
+                        resume = next_boundary(f, last + 1, gz)
+                    if resume is None or one_stream:  # no offsets to resynchronise on inside one gzip stream
+                        return
+                    start, last, in_damage = resume, None, True
+                    continue
+                break
+            # FastWARC ends quietly where a file is cut short (and returns the cut record, short):
+            # check that the last record is whole before its document goes out.
+            pos = last if last is not None else start
+            tail = tail_problem(f, pos, gz, one_stream=one_stream)
+            if held is not None and (tail is None or (tail[0] or 0) > pos):
+                yield held  # whole; any damage is after it
+            if tail is not None:
+                self._corrupt(on_corrupt, Corrupt(unit, "end of file" if tail[0] is None else f"byte {tail[0]}",
+                                                  tail[1]))
+
+    def _doc(self, rec: Any, unit: str) -> Document | None:
+        from fastwarc.warc import WarcRecordType
+        from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+        if rec.record_type != WarcRecordType.response:
+            return None
+        rec.parse_http()
+        http = rec.http_headers
+        if http is None or http.status_code != 200:
+            return None
+        ctype = (http.get("Content-Type") or "").lower()
+        if not any(m in ctype for m in self.mime_types):
+            return None
+        body = rec.reader.read()
+        # Declared charset first, content sniffing when it is missing or wrong.
+        charset = ctype.partition("charset=")[2].split(";")[0].strip() or None
+        try:
+            html = body.decode(charset) if charset else bytes_to_str(body, detect_encoding(body))
+        except (LookupError, UnicodeDecodeError):
+            html = bytes_to_str(body, detect_encoding(body))
+        rid = rec.headers.get("WARC-Record-ID") or f"{unit}@{rec.stream_pos}"
+        return Document(id=rid.strip("<>"), text=html, url=rec.headers.get("WARC-Target-URI"),
+                        timestamp=rec.headers.get("WARC-Date"), metadata={"format": "html", "source": self.name})
 
 
 @dataclass
@@ -118,16 +192,25 @@ class JsonlReader(Reader):
     url_key: str = "url"
     timestamp_key: str = "timestamp"
     format: str = "text"  # "html" when the text field holds raw HTML for the extract step
+    strict: bool = False
 
     def units(self) -> list[str]:
         return [str(p) for p in _expand(self.paths, what="jsonl reader")]
 
-    def _doc(self, row: dict[str, Any], default_id: str) -> Document:
+    def _doc(self, row: Any, default_id: str) -> Document:
+        """The document a row holds; ValueError (the problem, for a `Corrupt`) when it holds none."""
+        if not isinstance(row, dict):
+            raise ValueError(f"a JSON {type(row).__name__}, not an object")
         if self.text_key not in row:
-            raise ValueError(f"{default_id}: no {self.text_key!r} field; set text_key in the reader config")
+            raise ValueError(f"no {self.text_key!r} field (set text_key in the reader config if the text is "
+                             "under another name)")
+        if not isinstance(row[self.text_key], str):
+            raise ValueError(f"{self.text_key!r} is a {type(row[self.text_key]).__name__}, not a string")
         meta = row.pop("metadata", None) or {}
         if isinstance(meta, str):  # herd's Parquet output stores metadata as a JSON string
             meta = json.loads(meta)
+        if not isinstance(meta, dict):
+            raise ValueError(f"'metadata' is a {type(meta).__name__}, not an object")
         meta = dict(meta)
         text = row.pop(self.text_key)
         doc_id = str(row.pop(self.id_key, default_id))
@@ -138,11 +221,33 @@ class JsonlReader(Reader):
             meta["format"] = self.format
         return Document(id=doc_id, text=text, url=url, timestamp=ts, metadata=meta)
 
-    def read(self, unit: str) -> Iterator[Document]:
-        with open_text(unit) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    yield self._doc(json.loads(line), f"{Path(unit).name}#{i}")
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
+        i = 0
+        lines = byte_lines(unit)
+        while True:
+            try:
+                raw = next(lines, None)
+            except Damaged as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"after line {i}", e.problem))
+                return
+            if raw is None:
+                return
+            i += 1
+            if not raw.strip():
+                continue
+            try:
+                doc = self._doc(json.loads(raw.decode("utf-8")), f"{Path(unit).name}#{i - 1}")
+            except UnicodeDecodeError as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"line {i}", f"not UTF-8 (byte {raw[e.start]:#04x} at "
+                                                  f"offset {e.start} of the line)"))
+                continue
+            except json.JSONDecodeError as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"line {i}", f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
+            except ValueError as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"line {i}", str(e)))
+                continue
+            yield doc
 
 
 @dataclass
@@ -154,14 +259,32 @@ class ParquetReader(JsonlReader):
     def units(self) -> list[str]:
         return [str(p) for p in _expand(self.paths, what="parquet reader")]
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        try:
+            batches = iter(pq.ParquetFile(unit).iter_batches(batch_size=self.batch_size))
+        except (pa.ArrowException, OSError) as e:  # not a Parquet file at all (bad footer or magic)
+            self._corrupt(on_corrupt, Corrupt(unit, "row 0", f"not a readable Parquet file ({e})"))
+            return
         i = 0
-        for batch in pq.ParquetFile(unit).iter_batches(batch_size=self.batch_size):
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:
+                self._corrupt(on_corrupt, Corrupt(unit, f"after row {i}", f"unreadable Parquet data ({e})"))
+                return
+            if batch is None:
+                return
             for row in batch.to_pylist():
-                yield self._doc(row, f"{Path(unit).name}#{i}")
                 i += 1
+                try:
+                    doc = self._doc(row, f"{Path(unit).name}#{i - 1}")
+                except ValueError as e:
+                    self._corrupt(on_corrupt, Corrupt(unit, f"row {i}", str(e)))
+                    continue
+                yield doc
 
 
 @dataclass
@@ -200,7 +323,7 @@ class FolderReader(Reader):
             files = files[: self.limit]
         return [str(p) for p in files]
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         path = Path(unit)
         rel = path.relative_to(self._root())
         raw = path.read_bytes()
@@ -260,12 +383,11 @@ class DebianReader(FolderReader):
                 out.append(str(warc))
         return out
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         if not self.warc:
             yield from super().read(unit)
             return
-        for doc in WarcReader(paths=[unit], name=self.name).read(unit):
-            yield doc
+        yield from WarcReader(paths=[unit], name=self.name).read(unit, on_corrupt)
 
 
 @dataclass
@@ -286,7 +408,7 @@ class WikipediaReader(Reader):
             return list(self.languages)
         return [f"{lang}:{k}" for lang in self.languages for k in range(self.parts)]
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         from herd.data.corpora import wikipedia_leads
 
         lang, _, part = unit.partition(":")
@@ -317,7 +439,7 @@ class PythonStdlibReader(Reader):
     def units(self) -> list[str]:
         return [str(k) for k in range(self.parts)]
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         from herd.data.corpora import python_stdlib_sources
 
         for i, d in enumerate(python_stdlib_sources(limit=self.limit)):
@@ -340,7 +462,7 @@ class AustenReader(Reader):
     def units(self) -> list[str]:
         return [str(k) for k in range(self.parts)]
 
-    def read(self, unit: str) -> Iterator[Document]:
+    def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
         from herd.data.corpora import AUSTEN_TITLES, austen_chapters
 
         data_dir = os.path.expanduser(self.data_dir) if self.data_dir else None

@@ -4,7 +4,7 @@ metadata; `shards` tokenises into the token-shard format the trainer's loader re
 
 Each output may select documents (`where = {domain = ["code", "math"]}`, `min = {quality =
 0.8}`), which is how an annealing set (high-quality code and maths, Llama 3 §3.1.3) is written
-beside the main mix from the same pass. Files appear atomically (temporary name, then rename).
+beside the main mix from the same pass. Files appear atomically (`herd.io.atomic_path`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from herd.data.document import Document
+from herd.io import atomic_path
 
 
 def open_write_text(path: Path) -> io.TextIOBase:
@@ -36,16 +37,12 @@ def open_write_text(path: Path) -> io.TextIOBase:
 
 def write_jsonl(docs: Iterable[Document], path: str | Path) -> int:
     """Writes documents as JSONL (compression from the suffix) atomically; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp" + "".join(path.suffixes[-1:]))
     n = 0
-    with open_write_text(tmp) as f:
+    with atomic_path(path) as tmp, open_write_text(tmp) as f:
         for doc in docs:
             f.write(json.dumps(doc.to_dict(), ensure_ascii=False))
             f.write("\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -109,12 +106,10 @@ class ParquetOutput(Output):
 
         counts: Counter = Counter()
         path = _resolve(self.path or f"{self.name}.parquet", out_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         # metadata is stored as a JSON string: its keys differ between documents and steps.
         schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string()),
                             ("timestamp", pa.string()), ("metadata", pa.string())])
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as w:
             rows: list[dict[str, Any]] = []
             for doc in _selected(docs, self, counts):
                 d = doc.to_dict()
@@ -125,7 +120,6 @@ class ParquetOutput(Output):
                     rows.clear()
             if rows:
                 w.write_table(pa.Table.from_pylist(rows, schema=schema))
-        os.replace(tmp, path)
         return {"path": str(path), **counts}
 
 
