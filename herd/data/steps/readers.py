@@ -222,7 +222,7 @@ class JsonlReader(Reader):
         return Document(id=doc_id, text=text, url=url, timestamp=ts, metadata=meta)
 
     def read(self, unit: str, on_corrupt: CorruptSink | None = None) -> Iterator[Document]:
-        i = 0
+        i = good = keyless = 0
         lines = byte_lines(unit)
         while True:
             try:
@@ -231,12 +231,14 @@ class JsonlReader(Reader):
                 self._corrupt(on_corrupt, Corrupt(unit, f"after line {i}", e.problem))
                 return
             if raw is None:
-                return
+                break
             i += 1
             if not raw.strip():
                 continue
             try:
-                doc = self._doc(json.loads(raw.decode("utf-8")), f"{Path(unit).name}#{i - 1}")
+                row = json.loads(raw.decode("utf-8"))
+                keyless += isinstance(row, dict) and self.text_key not in row
+                doc = self._doc(row, f"{Path(unit).name}#{i - 1}")
             except UnicodeDecodeError as e:
                 self._corrupt(on_corrupt, Corrupt(unit, f"line {i}", f"not UTF-8 (byte {raw[e.start]:#04x} at "
                                                   f"offset {e.start} of the line)"))
@@ -247,7 +249,12 @@ class JsonlReader(Reader):
             except ValueError as e:
                 self._corrupt(on_corrupt, Corrupt(unit, f"line {i}", str(e)))
                 continue
+            good += 1
             yield doc
+        if good == 0 and keyless > 0:
+            # Not damage but a wrong config: skipping every record would hide it behind warnings.
+            raise ValueError(f"{unit}: none of its {keyless} JSON objects has a {self.text_key!r} field; set "
+                             "text_key in the reader config to the field that holds the text")
 
 
 @dataclass

@@ -132,6 +132,16 @@ def test_bad_jsonl_line_is_skipped_with_its_line_number(tmp_path, bad, problem):
     assert problem in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_wrong_text_key_is_a_config_error_not_a_file_of_corrupt_lines(tmp_path):
+    # One line without the field is damage; a file where no line has it means text_key is wrong.
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"content": "a"}\n{"content": "b"}\n')
+    skipped = []
+    with pytest.raises(ValueError, match=r"none of its 2 JSON objects has a 'text' field; set text_key"):
+        list(JsonlReader().read(str(path), skipped.append))
+    assert [d.text for d in JsonlReader(text_key="content").read(str(path), skipped.append)] == ["a", "b"]
+
+
 def test_truncated_jsonl_gz_keeps_the_lines_before_the_cut(tmp_path):
     lines = [json.dumps({"text": f"doc {i} " + "padding " * 50}) for i in range(200)]
     whole = gzip.compress("\n".join(lines).encode() + b"\n")
