@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from herd.model import Transformer, load_model
+from herd.model.loss import cross_entropy_sum
 from herd.posttrain.config import DistillConfig, OptimConfig
-from herd.posttrain.data import IGNORE, IndexBatches, read_chat_jsonl
+from herd.posttrain.data import IndexBatches, read_chat_jsonl
 from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file, write_json
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
+from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat
 
 
@@ -53,11 +55,10 @@ def _check(temperature: float, alpha: float) -> None:
 
 def _mix(kl_per_pos: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor, *, temperature: float,
          alpha: float) -> KDLoss:
-    valid = targets != IGNORE
+    valid = targets != IGNORE_INDEX
     n = valid.sum().clamp_min(1)
     kl = (kl_per_pos * valid).sum() / n * temperature**2
-    ce = F.cross_entropy(student_logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE,
-                         reduction="sum") / n
+    ce = cross_entropy_sum(student_logits, targets) / n
     return KDLoss(alpha * kl + (1 - alpha) * ce, kl, ce)
 
 

@@ -16,9 +16,9 @@ Design trade-offs:
   the same code path, and "the annealing stage starts from the pretrain checkpoint" is literal.
 * The model is built on the meta device and materialised afterwards, leaving one marked place
   (`build_training_model`) where issue 4's parallelism will be applied before any memory exists.
-* Gradients are token-weighted over the whole accumulated batch: each micro-batch's summed loss
-  is divided by the number of targets in the full batch before backward, so splitting a batch
-  into micro-batches changes nothing but memory.
+* The step itself (forward, loss, backward, clipping, the optimizer) is `herd.train.core`'s,
+  the same for every layout and for post-training: gradients are token-weighted over the whole
+  accumulated batch, so splitting a batch into micro-batches changes nothing but memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import json
-import math
 import pickle
 import random
 import shutil
@@ -49,8 +48,8 @@ from herd.train import checkpoint as ckpt_io
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
+from herd.train.core import TrainCore, cross_entropy_sum, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
-from herd.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
@@ -180,9 +179,6 @@ class Trainer:
         self.meshes = init_distributed(cfg.parallel, self.device)
         self.parallel: ParallelModel | None = None
         if self.meshes is not None or cfg.parallel != ParallelConfig():
-            if cfg.train.loss_chunks != 1:
-                raise ValueError("train.loss_chunks must be 1 with [parallel]: tensor parallelism computes the "
-                                 "head on vocabulary shards and pipeline stages compute it on the last stage")
             self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
                                                  seed=cfg.job.seed, init_fn=build_training_model)
             self.model = self.parallel.module
@@ -191,6 +187,11 @@ class Trainer:
         else:
             self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.core = TrainCore(self.model, self.optimizer, grad_clip=cfg.optim.grad_clip,
+                              loss=token_loss(cfg.train.loss_chunks), parallel=self.parallel, device=self.device,
+                              document_mask=cfg.train.document_mask, autocast=self._autocast,
+                              hint="restart from the last checkpoint with a lower optim.lr or longer "
+                                   "schedule.warmup_steps")
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          log=self.log)
         self.step = 0
@@ -248,63 +249,12 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are slow without AVX-512 BF16
 
-    def loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed next-token loss of one micro-batch (fp32)."""
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
-        doc_ids = batch.doc_ids.to(self.device, non_blocking=True) if self.cfg.train.document_mask else None
-        with self._autocast():
-            if self.cfg.train.loss_chunks == 1:
-                return cross_entropy_sum(self.model(inputs, doc_ids=doc_ids), targets)
-            hidden = self.model.hidden(inputs, doc_ids=doc_ids)  # (B, S, dim)
-            return chunked_cross_entropy_sum(hidden, self.model.output.weight, targets,
-                                             chunks=self.cfg.train.loss_chunks)
-
-    def _parallel_forward_backward(self, batch: Batch, num_targets: int) -> torch.Tensor:
-        """One micro-batch through herd.parallel; returns its summed loss over all ranks.
-
-        Every rank reads the whole global batch (the loader is the same on every rank, so a
-        checkpoint's data position is layout-independent) and keeps its data-parallel rows;
-        `num_targets` is already the global count.
-        """
-        pm = self.parallel
-        doc_ids = batch.doc_ids if self.cfg.train.document_mask else None
-        inputs, targets, doc_ids = (None if t is None else pm.dp_rows(t.to(self.device, non_blocking=True))
-                                    for t in (batch.inputs, batch.targets, doc_ids))
-        with self._autocast():
-            result = pm.forward_backward(inputs, targets, doc_ids=doc_ids, num_targets=num_targets)
-        return result.loss * num_targets
-
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule.lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        num_targets = sum(b.num_targets for b in micro_batches)
-        if num_targets == 0:
-            raise ValueError(f"step {self.step}: the batch has no target tokens (all -100); check the data")
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            if self.parallel is not None:
-                total += self._parallel_forward_backward(batch, num_targets)
-                continue
-            loss = self.loss_sum(batch)
-            (loss / num_targets).backward()  # gradients accumulate as the mean over the whole batch
-            total += loss.detach()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        if self.parallel is not None:  # the norm over every shard and pipeline stage
-            grad_norm = self.parallel.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = (total / num_targets).item()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss became {mean_loss} at step {self.step + 1}; restart from the last "
-                                     "checkpoint with a lower optim.lr or longer schedule.warmup_steps")
+        r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
         self.step += 1
-        tokens = sum(b.inputs.numel() for b in micro_batches)
-        self.tokens_seen += tokens
-        return StepResult(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens)
+        self.tokens_seen += r.tokens
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
