@@ -1,26 +1,28 @@
 """The optimisation loop every post-training stage shares: AdamW, warmup + cosine, clipping, logging.
 
-Each stage supplies only `loss_fn(step) -> StepLoss`; the loop does backward, clipping, the
-optimizer and scheduler step, timing and the log line. The parameter groups (no decay on norms
+Each stage supplies only its loss: `TokenSteps` (batches + a summed token loss, SFT) or
+`loss_fn(step) -> StepLoss` (DPO, reward model, distillation). The step itself (backward,
+clipping, the optimizer) is `herd.train.core`'s, the pretraining trainer's; the loop adds the
+schedule, timing and the log line. The parameter groups (no decay on norms
 and embeddings) and the warmup-cosine schedule are the pretraining trainer's own
 (`herd.train.optim`, `herd.train.schedule`), so both phases follow one rule.
 
 Trade-off: post-training runs are short (hundreds of steps) and single-process here, so this
-stays a plain loop without the trainer's DCP checkpoints, resume and gradient accumulation; a
-run that is cut off is rerun. Using `herd.train.Trainer` itself would need its data and loss to
-become pluggable (it reads token shards and computes next-token loss on every token).
+stays a plain loop without the trainer's DCP checkpoints and resume; a run that is cut off is
+rerun.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from herd.posttrain.config import ModelConfig, OptimConfig
+from herd.train.core import MicroBatch, StepLoss, TokenLoss, TrainCore
 from herd.train.optim import param_groups
 from herd.train.schedule import Schedule, StageSpan
 
@@ -28,12 +30,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class StepLoss:
-    """What one step's loss function returns: the scalar to minimise, tokens it covered, extra metrics."""
+class TokenSteps:
+    """A token loss for `fit`: `batches(step)` gives the step's micro-batches, `loss(model, batch)` the
+    summed loss of one, and the core divides by the step's target count (SFT's assistant tokens)."""
 
-    loss: torch.Tensor
-    tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    batches: Callable[[int], Sequence[MicroBatch]]
+    loss: TokenLoss
 
 
 @dataclass
@@ -67,7 +69,7 @@ def check_optim(cfg: OptimConfig) -> None:
 
 def fit(
     model: nn.Module,
-    loss_fn: Callable[[int], StepLoss],
+    loss_fn: Callable[[int], StepLoss] | TokenSteps,
     cfg: OptimConfig,
     *,
     log_every: int = 10,
@@ -75,30 +77,30 @@ def fit(
     name: str = "train",
     max_seconds: float | None = None,
 ) -> FitResult:
-    """Run cfg.steps optimizer steps of `loss_fn` over the trainable parameters of `model` (frozen
-    ones, e.g. a LoRA base, are left out); stops early once `max_seconds` have passed."""
+    """Run cfg.steps optimizer steps over the trainable parameters of `model` (frozen ones, e.g. a
+    LoRA base, are left out); stops early once `max_seconds` have passed.
+
+    loss_fn: `TokenSteps` for a loss summed over target tokens, else `loss_fn(step) -> StepLoss`
+    with the loss already normalised (DPO, reward model, distillation). Either way the step
+    itself is `herd.train.core.TrainCore`'s, the pretraining trainer's.
+    """
     check_optim(cfg)
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-    if not params:
+    if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    core = TrainCore(model, opt, grad_clip=cfg.grad_clip, hint=f"{name}: lower optim.lr",
+                     **({"loss": loss_fn.loss} if isinstance(loss_fn, TokenSteps) else {}))
     schedule = schedule_for(cfg, name)
     losses, metrics, tokens = [], [], 0
     start = time.perf_counter()
     for step in range(cfg.steps):
         lr = schedule.lr(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = loss_fn(step)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"{name}: loss is {out.loss.item()} at step {step}; lower optim.lr")
-        out.loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        if isinstance(loss_fn, TokenSteps):
+            out = core.step(loss_fn.batches(step), lr=lr, step=step)
+        else:
+            out = core.step_closure(lambda: loss_fn(step), lr=lr, step=step)
+        losses.append(out.loss)
         metrics.append(out.metrics)
         tokens += out.tokens
         elapsed = time.perf_counter() - start

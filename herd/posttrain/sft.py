@@ -37,7 +37,7 @@ from herd.posttrain.data import (
     read_chat_jsonl,
 )
 from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
-from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
+from herd.posttrain.loop import FitResult, TokenSteps, fit, load_for_training
 from herd.posttrain.lora import apply_lora, merge_lora, save_adapter
 from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat, ChatTokens, Message
@@ -164,12 +164,9 @@ def train_sft(
                    quantize_base=lora.quantize_base)
     model.train()
 
-    def step(_: int) -> StepLoss:
-        b = batches.next_batch()
-        loss = next_token_loss_sum(model, b) / max(b.num_targets, 1)
-        return StepLoss(loss, tokens=b.inputs.numel())
-
-    result = fit(model, step, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
+    # The loss is summed over assistant tokens and divided by their count by the training core.
+    steps = TokenSteps(batches=lambda _: [batches.next_batch()], loss=next_token_loss_sum)
+    result = fit(model, steps, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
     val = eval_loss(model, pack_sft(val_examples, seq_len=seq_len)) if val_examples else None
     per_row = float((targets != IGNORE_INDEX).sum()) / max(inputs.shape[0], 1)
     return SFTResult(result, len(examples), inputs.shape[0], per_row, val)

@@ -113,6 +113,8 @@ class TrainCore:
         self.model, self.optimizer, self.loss, self.parallel = model, optimizer, loss, parallel
         self.grad_clip, self.document_mask, self.autocast, self.hint = grad_clip, document_mask, autocast, hint
         self.params = [p for p in model.parameters() if p.requires_grad]  # frozen ones (a LoRA base) have no grad
+        if not self.params:
+            raise ValueError("no trainable parameters: everything is frozen")
         self.device = device if device is not None else self.params[0].device
 
     def set_lr(self, lr: float) -> None:
