@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from herd.train.config import parse_overrides  # the same --section.key VALUE syntax as herd train
+from herd.train.config import OptimConfig, parse_overrides  # the same --section.key VALUE syntax as herd train
 
 T = TypeVar("T")
 
@@ -31,7 +31,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class ModelConfig:
+class StartModelConfig:
+    """The checkpoint a post-training stage starts from (pretraining's `[model]` is a shape instead)."""
+
     path: str = ""  # checkpoint directory (HF or Meta), with tokenizer.model beside it
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # CPU: fp32 (bf16 matmuls are slow without AVX-512 BF16)
     device: str = "cpu"
@@ -39,15 +41,16 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class FinetuneOptimConfig(OptimConfig):
+    """Pretraining's AdamW settings plus what a post-training run keeps in the same section: its
+    length, batch size and warmup-cosine schedule (pretraining has [schedule] and [[stages]])."""
+
     lr: float = 1e-5  # the paper's SFT and DPO learning rate (§4.1); LoRA runs want ~1e-4
+    weight_decay: float = 0.0
     steps: int = 100
     batch_size: int = 8  # rows (SFT: packed rows; DPO/RM: pairs) per step
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
 
 
@@ -80,9 +83,9 @@ class ChatDataConfig:
 
 @dataclass
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -96,9 +99,9 @@ class PreferenceDataConfig:
 
 @dataclass
 class RewardConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -113,10 +116,10 @@ class DPOSection:
 
 @dataclass
 class DPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -135,7 +138,7 @@ class RejectionSection:
 
 @dataclass
 class RejectionConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     rs: RejectionSection = field(default_factory=RejectionSection)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -151,10 +154,10 @@ class DistillSection:
 
 @dataclass
 class DistillConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the student
+    model: StartModelConfig = field(default_factory=StartModelConfig)  # the student
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     distill: DistillSection = field(default_factory=DistillSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -169,11 +172,11 @@ class PruneSection:
 
 @dataclass
 class PruneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)  # calibration + distillation data
     prune: PruneSection = field(default_factory=PruneSection)
     distill: DistillSection = field(default_factory=DistillSection)  # teacher "" = the unpruned model
-    optim: OptimConfig = field(default_factory=OptimConfig)  # steps 0 = prune only
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)  # steps 0 = prune only
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

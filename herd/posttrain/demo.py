@@ -37,7 +37,7 @@ import torch
 from herd.generate import SamplingParams, generate
 from herd.generate.session import resolve_tokenizer
 from herd.model import Transformer, load_model
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import (
     Conversation,
     chatterbot_conversations,
@@ -64,10 +64,10 @@ SHOW_PROMPTS = (
 class DemoConfig:
     max_tokens: int = 96  # dialogs longer than this (in tokens) are left out
     seq_len: int = 256
-    sft: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+    sft: FinetuneOptimConfig = dataclasses.field(default_factory=lambda: FinetuneOptimConfig(
         lr=1e-3, steps=120, batch_size=8, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, seed=0))
     sft_seconds: float | None = None  # optional wall-clock cap on the SFT stage
-    dpo: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+    dpo: FinetuneOptimConfig = dataclasses.field(default_factory=lambda: FinetuneOptimConfig(
         lr=1e-4, steps=60, batch_size=8, warmup_steps=5, min_lr_ratio=0.1, seed=0))
     dpo_seconds: float | None = None
     beta: float = 0.1

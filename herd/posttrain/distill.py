@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from herd.model import Transformer, load_model
 from herd.model.loss import cross_entropy_sum
-from herd.posttrain.config import DistillConfig, OptimConfig
+from herd.posttrain.config import DistillConfig, FinetuneOptimConfig
 from herd.posttrain.data import IndexBatches, read_chat_jsonl
 from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file, write_json
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
@@ -162,7 +162,7 @@ class DistillResult:
 def train_distill(
     student: Transformer,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     teacher: Transformer | None = None,
     topk: TeacherTopK | None = None,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.model import Transformer
-from herd.posttrain.config import DPOConfig, LoRAConfig, OptimConfig
+from herd.posttrain.config import DPOConfig, LoRAConfig, FinetuneOptimConfig
 from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, read_preference_jsonl
 from herd.posttrain.io import write_json
 from herd.posttrain.lora import apply_lora, lora_disabled
@@ -240,7 +240,7 @@ class DPOResult:
 def train_dpo(
     policy: Transformer,
     pairs: Sequence[PairTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     beta: float = 0.1,
     nll_coef: float = 0.2,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.posttrain.config import ModelConfig, OptimConfig
+from herd.posttrain.config import StartModelConfig, FinetuneOptimConfig
 from herd.train.core import MicroBatch, StepLoss, TokenLoss, TrainCore
 from herd.train.optim import param_groups
 from herd.train.schedule import Schedule, StageSpan
@@ -51,14 +51,14 @@ class FitResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def schedule_for(cfg: OptimConfig, name: str = "posttrain") -> Schedule:
+def schedule_for(cfg: FinetuneOptimConfig, name: str = "posttrain") -> Schedule:
     """The trainer's warmup + cosine as one stage: cfg.lr after warmup, cfg.lr * min_lr_ratio at the last step."""
     return Schedule(peak_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
                     decay_steps=max(cfg.steps - cfg.warmup_steps - 1, 1),
                     spans=(StageSpan(0, name, 0, max(cfg.steps, 1), "cosine"),))
 
 
-def check_optim(cfg: OptimConfig) -> None:
+def check_optim(cfg: FinetuneOptimConfig) -> None:
     if cfg.lr <= 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
         raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {cfg}")
     if not 0 <= cfg.min_lr_ratio <= 1:
@@ -70,7 +70,7 @@ def check_optim(cfg: OptimConfig) -> None:
 def fit(
     model: nn.Module,
     loss_fn: Callable[[int], StepLoss] | TokenSteps,
-    cfg: OptimConfig,
+    cfg: FinetuneOptimConfig,
     *,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
@@ -88,7 +88,7 @@ def fit(
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
     core = TrainCore(model, opt, grad_clip=cfg.grad_clip, hint=f"{name}: lower optim.lr",
                      **({"loss": loss_fn.loss} if isinstance(loss_fn, TokenSteps) else {}))
     schedule = schedule_for(cfg, name)
@@ -115,8 +115,8 @@ def fit(
     return FitResult(len(losses), losses, metrics, time.perf_counter() - start, tokens)
 
 
-def load_for_training(cfg: ModelConfig):
-    """The checkpoint of a ModelConfig in the requested dtype, in train mode, with its tokenizer and
+def load_for_training(cfg: StartModelConfig):
+    """The checkpoint of a StartModelConfig in the requested dtype, in train mode, with its tokenizer and
     chat format (`LoadedModel`: `.model`, `.tokenizer`, `.chat`)."""
     from herd.generate.loading import load_for_inference
 

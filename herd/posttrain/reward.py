@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model import Transformer, load_model
-from herd.posttrain.config import OptimConfig, RewardConfig
+from herd.posttrain.config import FinetuneOptimConfig, RewardConfig
 from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, read_preference_jsonl
 from herd.posttrain.io import atomic_dir, save_checkpoint, save_tensors, tokenizer_file, write_json
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
@@ -151,7 +151,7 @@ class RewardResult:
 def train_reward_model(
     model: RewardModel,
     items: Sequence[RankedTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     val_items: Sequence[RankedTokens] = (),
     log: Callable[[str], None] | None = print,

@@ -28,7 +28,7 @@ from torch import nn
 
 from herd.model import Transformer
 from herd.model.loss import cross_entropy_sum
-from herd.posttrain.config import LoRAConfig, OptimConfig, SFTConfig
+from herd.posttrain.config import LoRAConfig, FinetuneOptimConfig, SFTConfig
 from herd.posttrain.data import (
     Batch,
     PackedBatches,
@@ -147,7 +147,7 @@ def eval_loss(model: Transformer, rows: tuple[torch.Tensor, torch.Tensor, torch.
 def train_sft(
     model: Transformer,
     examples: Sequence[ChatTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     seq_len: int,
     lora: LoRAConfig | None = None,

@@ -137,7 +137,8 @@ class TrainCore:
     def _micro_step(self, batch: MicroBatch, num_targets: int) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed loss (over all ranks), detached."""
         doc_ids = batch.doc_ids if self.document_mask else None
-        inputs, targets = batch.inputs.to(self.device, non_blocking=True), batch.targets.to(self.device, non_blocking=True)
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
         doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
         if self.parallel is not None:
             # Every rank reads the whole global batch (so a checkpoint's data position does not

@@ -9,7 +9,7 @@ import torch
 
 from herd.data.loader import Batch
 from herd.model import ModelArgs, build_model
-from herd.posttrain.config import OptimConfig as PostOptim
+from herd.posttrain.config import FinetuneOptimConfig as PostOptim
 from herd.posttrain.loop import TokenSteps, fit, schedule_for
 from herd.posttrain.sft import next_token_loss_sum
 from herd.targets import IGNORE_INDEX
