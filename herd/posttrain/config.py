@@ -7,22 +7,19 @@ errors that list the valid ones; values are parsed to the declared type of their
 Trade-off: each command's config is its own dataclass tree (SFTConfig, DPOConfig, ...) that
 reuses the shared sections (model, optim, lora, output) instead of one big job config with
 every section optional. A file can then only contain what its command reads, and a typo in a
-DPO config is caught even if the same key would be valid for distillation. Override parsing is
-`herd.train.config`'s; the TOML -> dataclass coercion is repeated here (about 60 lines) because
-the trainer's is private to its one Config tree.
+DPO config is caught even if the same key would be valid for distillation. Override parsing
+and the TOML -> dataclass coercion are `herd.train.config`'s: one loader, so every command
+reports unknown keys and wrong types with the same messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
-from herd.train.config import OptimConfig, parse_overrides  # the same --section.key VALUE syntax as herd train
+from herd.train.config import OptimConfig, build, parse_overrides, read_toml, set_field
 
 T = TypeVar("T")
 
@@ -185,101 +182,11 @@ class PruneConfig:
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read TOML `path` into `cls` (None: defaults), then apply `--section.key value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-    cfg = build(cls, data)
+    cfg = build(cls, read_toml(path))
     for key, text in parse_overrides(overrides):
-        _apply_override(cfg, key, text)
+        parts = key.split(".")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ValueError(f"--{key}: unknown section {parts[0]!r}; valid sections: {', '.join(sorted(sections))}")
+        set_field(getattr(cfg, parts[0]), parts[1], text, key)
     return cfg
-
-
-def build(cls: type[T], data: Any, prefix: str = "") -> T:
-    """A dataclass tree from a TOML-shaped dict; unknown keys and wrong types are ValueErrors."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        where = f"[{prefix}]" if prefix else "the top level"
-        raise ValueError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: "
-                         f"{', '.join(hints)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _apply_override(cfg: Any, key: str, text: str) -> None:
-    parts = key.split(".")
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    if len(parts) != 2 or parts[0] not in sections:
-        raise ValueError(f"--{key}: unknown section {parts[0]!r}; valid sections: {', '.join(sorted(sections))}")
-    target = getattr(cfg, parts[0])
-    hints = typing.get_type_hints(type(target))
-    if parts[1] not in hints:
-        raise ValueError(f"--{key}: unknown key {parts[1]!r}; valid keys: {', '.join(hints)}")
-    tp = hints[parts[1]]
-    setattr(target, parts[1], _coerce(_parse_text(text, tp), tp, key))
-
-
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _parse_text(text: str, tp: Any) -> Any:
-    base = _strip_optional(tp)
-    if base is str or typing.get_origin(base) is Literal:
-        return text
-    if typing.get_origin(base) is list and not text.lstrip().startswith("["):
-        return [x.strip() for x in text.split(",") if x.strip()]  # --lora.targets wq,wv
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # reported by _coerce as the wrong type
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    base = _strip_optional(tp)
-    if value is None and base is not tp:
-        return None
-    origin = typing.get_origin(base)
-    if origin is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(base)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"config field {key} has unsupported type {tp}")

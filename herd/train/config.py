@@ -20,10 +20,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from herd.model.args import PRESETS, ModelArgs, RopeScaling
 from herd.parallel import ParallelConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -273,24 +275,28 @@ def micro_batch_rows(micro_batch_tokens: int, seq_len: int, rows: int) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or start from the defaults with `path=None`), apply `--section.key value`
     overrides, validate. Every error is a ValueError naming the offending key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-    cfg = _build(Config, data, "")
+    cfg = build(Config, read_toml(path))
     for key, value in parse_overrides(overrides):
         apply_override(cfg, key, value)
     return cfg.validate()
 
 
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    """The TOML file at `path` as a dict ({} for None: every default)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a TOML-shaped dict (tests and the demo build configs in Python)."""
-    return _build(Config, data, "").validate()
+    return build(Config, data).validate()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -375,6 +381,11 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
             raise ValueError(f"--{key}: unknown section {section!r}; valid sections: {', '.join(sorted(sections))}, "
                              "stages")
         target, name = getattr(cfg, section), parts[1]
+    set_field(target, name, text, key)
+
+
+def set_field(target: Any, name: str, text: str, key: str) -> None:
+    """Set the dataclass field `name` of `target` from command-line `text` (override `--key`)."""
     hints = _hints(type(target))
     if name not in hints:
         raise ValueError(f"--{key}: unknown key {name!r}; valid keys: {', '.join(hints)}")
@@ -396,7 +407,9 @@ def _parse_text(text: str, tp: Any) -> Any:
         return text  # _coerce reports it as the wrong type
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """A dataclass tree from a TOML-shaped dict; unknown keys and wrong types are ValueErrors naming
+    the key. Every config of the project (training, post-training) is read through this."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
     hints = _hints(cls)
@@ -410,12 +423,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = build(tp, value, key)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
                 raise ValueError(f"{key}: expected a list of tables ([[{key}]]), got {type(value).__name__}")
             item = typing.get_args(tp)[0]
-            kwargs[name] = [_build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
+            kwargs[name] = [build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
                             for i, v in enumerate(value)]
         else:
             kwargs[name] = _coerce(value, tp, key)
