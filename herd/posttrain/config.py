@@ -50,6 +50,16 @@ class FinetuneOptimConfig(OptimConfig):
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     seed: int = 0
 
+    def validate(self) -> None:
+        if self.lr <= 0 or self.steps < 0 or self.batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {self}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
 
 @dataclass
 class LoRAConfig:
@@ -189,4 +199,20 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
         if len(parts) != 2 or parts[0] not in sections:
             raise ValueError(f"--{key}: unknown section {parts[0]!r}; valid sections: {', '.join(sorted(sections))}")
         set_field(getattr(cfg, parts[0]), parts[1], text, key)
+    validate(cfg)
     return cfg
+
+
+# Sizes that only make sense above zero, in whichever section they appear.
+_POSITIVE = ("seq_len", "max_len", "k", "max_new_tokens", "batch_size", "log_every", "calibration_batches")
+
+
+def validate(cfg: object) -> None:
+    """Range checks of a loaded config; raises ValueError naming the key."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        for name in _POSITIVE:
+            if hasattr(value, name) and getattr(value, name) <= 0:
+                raise ValueError(f"{section.name}.{name} must be a positive integer, got {getattr(value, name)}")
+        if isinstance(value, FinetuneOptimConfig):
+            value.validate()

@@ -59,12 +59,7 @@ def schedule_for(cfg: FinetuneOptimConfig, name: str = "posttrain") -> Schedule:
 
 
 def check_optim(cfg: FinetuneOptimConfig) -> None:
-    if cfg.lr <= 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
-        raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {cfg}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.betas}")
+    cfg.validate()  # also at config load; again here for configs built in Python
 
 
 def fit(

@@ -172,6 +172,14 @@ class Config:
         _positive(self.checkpoint.keep_last, "checkpoint.keep_last")
         _positive(self.metrics.log_every, "metrics.log_every")
         _positive(self.train.loss_chunks, "train.loss_chunks")
+        if self.train.micro_batch_tokens < 0:
+            raise ValueError(f"train.micro_batch_tokens must be >= 0 (0 = the whole batch in one forward), got "
+                             f"{self.train.micro_batch_tokens}")
+        _positive(self.metrics.val_batches, "metrics.val_batches")
+        _positive(self.metrics.val_batch_size, "metrics.val_batch_size")
+        for key in ("val_every", "val_seq_len"):
+            if getattr(self.metrics, key) < 0:
+                raise ValueError(f"metrics.{key} must be >= 0 (0 = the default), got {getattr(self.metrics, key)}")
         if self.optim.lr <= 0 or self.schedule.min_lr < 0 or self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"need 0 <= schedule.min_lr <= optim.lr and optim.lr > 0, got min_lr "
                              f"{self.schedule.min_lr} and lr {self.optim.lr}")

@@ -348,8 +348,25 @@ class Trainer:
         self.log(f"resumed from {latest.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return self.step
 
+    def check_vocab(self) -> None:
+        """Shards made with a larger vocabulary than the model's would stop the run deep in the
+        embedding with an IndexError; say what to change before any step instead."""
+        if self.loader_factory is not packed_loader:
+            return  # a custom loader owns its data and its checks
+        from herd.data.shards import read_meta
+
+        vocab = self.model.args.vocab_size
+        sources = {*self.cfg.data.train, *self.cfg.data.val, *(s for st in self.cfg.stages for s in st.train)}
+        for src in sorted(sources):
+            shards = read_meta(src).vocab_size
+            if shards > vocab:
+                raise ValueError(f"the token shards in {src} hold ids up to {shards - 1} (vocabulary of {shards}) but "
+                                 f"the model has model.vocab_size = {vocab}; set model.vocab_size = {shards} or "
+                                 "more, or tokenize the data with the model's tokenizer")
+
     def fit(self) -> TrainResult:
         t_start = time.perf_counter()
+        self.check_vocab()
         resumed_from = self._resume()
         spans = self.schedule.spans
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
