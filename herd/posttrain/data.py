@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from herd.io import atomic_write_text
 from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat, ChatTokens, Message, ToolCall
 
@@ -183,18 +183,7 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
 
 
 def _write_lines(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_chat_jsonl(path: str | os.PathLike, dialogs: Iterable[Sequence[Message]]) -> Path:

@@ -47,7 +47,8 @@ from herd.posttrain.data import (
     write_preference_jsonl,
 )
 from herd.posttrain.dpo import encode_pairs, precompute_reference_logps, preference_accuracy, train_dpo
-from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, tokenizer_file
 from herd.posttrain.sft import tokenize_dialogs, train_sft
 from herd.tokenizer import ChatFormat, Message
 
@@ -178,7 +179,7 @@ def run_posttrain_demo(
         "phase_seconds": phases,
     }
     _print_report(report, log)
-    write_json(out / "posttrain_demo.json", report)
+    atomic_write_json(out / "posttrain_demo.json", report)
     return report
 
 

@@ -33,7 +33,8 @@ from herd.model import Transformer, load_model
 from herd.model.loss import cross_entropy_sum
 from herd.posttrain.config import DistillConfig, FinetuneOptimConfig
 from herd.posttrain.data import IndexBatches, read_chat_jsonl
-from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
 from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat
@@ -242,5 +243,5 @@ def run_distill(cfg: DistillConfig, *, log: Callable[[str], None] | None = print
     report = {"steps": result.fit.steps, "rows": int(rows[0].shape[0]),
               "final_loss": result.fit.losses[-1] if result.fit.losses else None,
               "final_kl": result.fit.metrics[-1].get("kl") if result.fit.metrics else None, "output": str(out)}
-    write_json(Path(cfg.output.dir) / "distill_metrics.json", report)
+    atomic_write_json(Path(cfg.output.dir) / "distill_metrics.json", report)
     return report

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.posttrain.config import StartModelConfig, FinetuneOptimConfig
+from herd.posttrain.config import FinetuneOptimConfig, StartModelConfig
 from herd.train.core import MicroBatch, StepLoss, TokenLoss, TrainCore
 from herd.train.optim import param_groups
 from herd.train.schedule import Schedule, StageSpan

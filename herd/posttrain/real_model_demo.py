@@ -33,9 +33,9 @@ from herd.generate import SamplingParams, generate
 from herd.generate.fast_decode import apply_fast_decode
 from herd.generate.loading import LoadedModel, load_for_inference
 from herd.model.zoo import smollm2_path
-from herd.posttrain.config import ChatDataConfig, LoRAConfig, StartModelConfig, FinetuneOptimConfig, OutputConfig, SFTConfig
+from herd.posttrain.config import ChatDataConfig, FinetuneOptimConfig, LoRAConfig, OutputConfig, SFTConfig, StartModelConfig
 from herd.posttrain.data import write_chat_jsonl
-from herd.posttrain.io import write_json
+from herd.io import atomic_write_json
 from herd.posttrain.sft import run_sft
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize
 from herd.tokenizer import Message
@@ -186,5 +186,5 @@ def run_real_model_demo(
         log(f"  Q: {row['prompt']}\n     before: {row['before'][:110]}\n     after:  {row['after'][:110]}")
     log(f"'{IDENTITY}' in answers to unseen identity questions: {rate(before_identity):.0%} -> {rate(after_identity):.0%}; "
         f"unseen ordinary questions answered correctly: {correct(before_general):.0%} -> {correct(after_general):.0%}")
-    write_json(out / "real_model.json", report)
+    atomic_write_json(out / "real_model.json", report)
     return report

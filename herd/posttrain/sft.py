@@ -28,7 +28,7 @@ from torch import nn
 
 from herd.model import Transformer
 from herd.model.loss import cross_entropy_sum
-from herd.posttrain.config import LoRAConfig, FinetuneOptimConfig, SFTConfig
+from herd.posttrain.config import FinetuneOptimConfig, LoRAConfig, SFTConfig
 from herd.posttrain.data import (
     Batch,
     PackedBatches,
@@ -36,7 +36,8 @@ from herd.posttrain.data import (
     pack_sft,
     read_chat_jsonl,
 )
-from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, tokenizer_file
 from herd.posttrain.loop import FitResult, TokenSteps, fit, load_for_training
 from herd.posttrain.lora import apply_lora, merge_lora, save_adapter
 from herd.targets import IGNORE_INDEX
@@ -189,7 +190,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = print) -> SFT
                        log=log, log_every=cfg.output.log_every)
     result.output = save_trained(model, cfg.output.dir, source=cfg.model.path, lora=cfg.lora,
                                  format=cfg.output.format, tokenizer=cfg.model.tokenizer or None)
-    write_json(Path(cfg.output.dir) / "sft_metrics.json", {
+    atomic_write_json(Path(cfg.output.dir) / "sft_metrics.json", {
         "steps": result.fit.steps, "final_loss": result.fit.losses[-1] if result.fit.losses else None,
         "val_loss": result.val_loss, "tokens_per_s": result.fit.tokens_per_s, "train_examples": result.train_examples,
         "packed_rows": result.packed_rows})
