@@ -14,8 +14,8 @@ Design trade-offs:
   is saved and then loaded back. That is one redundant read per stage, and in exchange a run
   that crosses a stage boundary in one process and a run restarted exactly at the boundary take
   the same code path, and "the annealing stage starts from the pretrain checkpoint" is literal.
-* The model is built on the meta device and materialised afterwards, leaving one marked place
-  (`build_training_model`) where issue 4's parallelism will be applied before any memory exists.
+* The model is built on the meta device and materialised afterwards (`herd.model.build_model`);
+  parallel layouts transform the meta model first (`herd.parallel.build_parallel_model`).
 * The step itself (forward, loss, backward, clipping, the optimizer) is `herd.train.core`'s,
   the same for every layout and for post-training: gradients are token-weighted over the whole
   accumulated batch, so splitting a batch into micro-batches changes nothing but memory.
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from herd.model import ModelArgs, Transformer
+from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
@@ -106,19 +106,6 @@ def keep_freed_memory_in_the_heap() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def build_training_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
-    """Meta-device build -> (parallelize) -> materialise -> initialise. Parameters stay fp32:
-    on GPU the forward runs under bf16 autocast with fp32 master weights and fp32 gradients."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    # Parallel runs build through herd.parallel.build_parallel_model instead (Trainer.__init__),
-    # which transforms the meta model and calls this function only for the full initialisation.
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives the two names of a tied matrix separate storage
-    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
-    return model
-
-
 class _NoMetrics:
     """The metrics sink of ranks other than 0 in a distributed run."""
 
@@ -180,12 +167,13 @@ class Trainer:
         self.parallel: ParallelModel | None = None
         if self.meshes is not None or cfg.parallel != ParallelConfig():
             self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
-                                                 seed=cfg.job.seed, init_fn=build_training_model)
+                                                 seed=cfg.job.seed, init_fn=build_model)
             self.model = self.parallel.module
             if not is_rank0():
                 self.log = lambda msg: None
         else:
-            self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
+            # fp32 parameters: on GPU the forward runs under bf16 autocast with fp32 master weights.
+            self.model = build_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.core = TrainCore(self.model, self.optimizer, grad_clip=cfg.optim.grad_clip,
                               loss=token_loss(cfg.train.loss_chunks), parallel=self.parallel, device=self.device,
