@@ -336,6 +336,39 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(out)
 
 
+def describe_sections(cls: type = Config) -> str:
+    """Every section and key of a config class with its default and type: the text for `--help`.
+
+    Works for any config tree read by `build` (post-training's too). A key whose default is
+    None shows "unset" (TOML has no null: leave the key out to keep the default).
+    """
+    lines: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        many = typing.get_origin(tp) is list
+        section = typing.get_args(tp)[0] if many else tp
+        if not dataclasses.is_dataclass(section):
+            continue
+        lines.append(f"[[{f.name}]]" if many else f"[{f.name}]")
+        default, types_ = section(), _hints(section)
+        for g in dataclasses.fields(section):
+            value = getattr(default, g.name)
+            shown = "unset" if value is None else _toml_value(value)
+            lines.append(f"  {g.name} = {shown}  ({_type_name(types_[g.name])})")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    base = _strip_optional(tp)
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(base)))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(base)[0])}"
+    return getattr(base, "__name__", str(base))
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

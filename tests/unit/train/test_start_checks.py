@@ -55,3 +55,27 @@ def test_posttrain_sizes_are_checked_at_load(cls, override, needle):
     with pytest.raises(ValueError, match=needle):
         load_posttrain_config(cls, None, [override])
     load_posttrain_config(cls, None, [])  # the defaults pass
+
+
+def test_help_lists_every_key_with_a_default_that_parses_back():
+    import dataclasses
+    import tomllib
+
+    from herd.train.config import Config, StageConfig, build, describe_sections
+
+    cfg = build(Config, {})
+    listed, section = set(), None
+    for line in describe_sections().splitlines():
+        if not line.startswith("  "):
+            section = line.strip("[]")
+            continue
+        key, rest = line.strip().split(" = ", 1)
+        listed.add(f"{section}.{key}")
+        value = rest.rsplit("  (", 1)[0]
+        if section != "stages" and value != "unset":  # the printed default is TOML for the default
+            assert tomllib.loads(f"v = {value}")["v"] == getattr(getattr(cfg, section), key), (section, key)
+    expected = {f"stages.{g.name}" for g in dataclasses.fields(StageConfig)}
+    for f in dataclasses.fields(Config):
+        if f.name != "stages":
+            expected |= {f"{f.name}.{g.name}" for g in dataclasses.fields(getattr(cfg, f.name))}
+    assert listed == expected
