@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from herd.data.shards import TokenShards, open_shards
+from herd.targets import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 

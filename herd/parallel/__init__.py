@@ -12,10 +12,9 @@ from herd.parallel.parallelize import (
     StepLoss,
     build_parallel_model,
     parallelize,
-    sum_cross_entropy,
 )
 
 __all__ = [
     "MESH_DIMS", "Meshes", "ParallelConfig", "ParallelDims", "ParallelModel", "StepLoss", "build_parallel_model",
-    "parallelize", "sum_cross_entropy",
+    "parallelize",
 ]

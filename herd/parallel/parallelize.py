@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from herd.model.llama import Transformer, positions_from_doc_ids
+from herd.model.loss import cross_entropy_sum
 from herd.parallel.checkpointing import AC_MODES, apply_ac
 from herd.parallel.context import ContextParallel, apply_cp
 from herd.parallel.dims import Meshes, ParallelDims
@@ -39,8 +39,8 @@ from herd.parallel.float8 import FLOAT8_RECIPES, apply_float8
 from herd.parallel.fsdp import apply_fsdp
 from herd.parallel.pipeline import PP_SCHEDULES, build_schedule, check_pp, split_model, stages_per_rank
 from herd.parallel.tensor import apply_tp, check_tp
+from herd.targets import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,15 +84,18 @@ class ParallelConfig:
                             pp=self.pp, world_size=world_size)
 
 
-def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed (not averaged) token cross-entropy; -100 targets contribute nothing."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX)
-
-
 @dataclass
 class StepLoss:
-    loss: torch.Tensor  # mean cross-entropy over the global batch, the same value on every rank
-    num_targets: int  # target tokens in the global batch
+    """The loss of one step (or micro-batch): what every training loop reports.
+
+    The one such type of the project (herd.train.core and post-training use it too); it lives
+    here because herd.parallel sits below train in the dependency order.
+    """
+
+    loss: torch.Tensor  # mean loss over the step's targets (in a distributed step: the same value on every rank)
+    num_targets: int = 0  # target tokens it covered (global batch)
+    tokens: int = 0  # input tokens it read (throughput)
+    metrics: dict[str, float] = field(default_factory=dict)  # extra numbers to log (accuracy, KL, ...)
 
 
 class ParallelModel:
@@ -344,7 +347,7 @@ def parallelize(
     config: ParallelConfig,
     meshes: Meshes | None,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
 ) -> ParallelModel:
     """Transform a meta-device `model` for this rank (see the module docstring for the order).
 
@@ -404,7 +407,7 @@ def build_parallel_model(
     device: torch.device | str,
     seed: int,
     init_fn: Callable[..., nn.Module] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
 ) -> ParallelModel:
     """Meta-device build -> `parallelize` -> materialise and initialise: what a trainer calls.
 

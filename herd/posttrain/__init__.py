@@ -19,7 +19,7 @@ from herd.posttrain.prune import activation_importance, prune_model
 from herd.posttrain.rejection import rejection_sample
 from herd.posttrain.reward import RewardModel, bradley_terry_loss, ranking_loss, train_reward_model
 from herd.posttrain.sft import linear_cross_entropy, train_sft
-from herd.posttrain.soup import average_checkpoints, average_models
+from herd.posttrain.soup import average_model_dirs, average_models
 
 __all__ = [
     "NF4Weight",
@@ -27,7 +27,7 @@ __all__ = [
     "RewardModel",
     "activation_importance",
     "apply_lora",
-    "average_checkpoints",
+    "average_model_dirs",
     "average_models",
     "bradley_terry_loss",
     "dpo_loss",

@@ -7,22 +7,19 @@ errors that list the valid ones; values are parsed to the declared type of their
 Trade-off: each command's config is its own dataclass tree (SFTConfig, DPOConfig, ...) that
 reuses the shared sections (model, optim, lora, output) instead of one big job config with
 every section optional. A file can then only contain what its command reads, and a typo in a
-DPO config is caught even if the same key would be valid for distillation. Override parsing is
-`herd.train.config`'s; the TOML -> dataclass coercion is repeated here (about 60 lines) because
-the trainer's is private to its one Config tree.
+DPO config is caught even if the same key would be valid for distillation. Override parsing
+and the TOML -> dataclass coercion are `herd.train.config`'s: one loader, so every command
+reports unknown keys and wrong types with the same messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
-from herd.train.config import parse_overrides  # the same --section.key VALUE syntax as herd train
+from herd.train.config import OptimConfig, build, parse_overrides, read_toml, set_field
 
 T = TypeVar("T")
 
@@ -31,7 +28,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class ModelConfig:
+class StartModelConfig:
+    """The checkpoint a post-training stage starts from (pretraining's `[model]` is a shape instead)."""
+
     path: str = ""  # checkpoint directory (HF or Meta), with tokenizer.model beside it
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # CPU: fp32 (bf16 matmuls are slow without AVX-512 BF16)
     device: str = "cpu"
@@ -39,16 +38,27 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class FinetuneOptimConfig(OptimConfig):
+    """Pretraining's AdamW settings plus what a post-training run keeps in the same section: its
+    length, batch size and warmup-cosine schedule (pretraining has [schedule] and [[stages]])."""
+
     lr: float = 1e-5  # the paper's SFT and DPO learning rate (§4.1); LoRA runs want ~1e-4
+    weight_decay: float = 0.0
     steps: int = 100
     batch_size: int = 8  # rows (SFT: packed rows; DPO/RM: pairs) per step
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.steps < 0 or self.batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {self}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -80,9 +90,9 @@ class ChatDataConfig:
 
 @dataclass
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -96,9 +106,9 @@ class PreferenceDataConfig:
 
 @dataclass
 class RewardConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -113,10 +123,10 @@ class DPOSection:
 
 @dataclass
 class DPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -135,7 +145,7 @@ class RejectionSection:
 
 @dataclass
 class RejectionConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     rs: RejectionSection = field(default_factory=RejectionSection)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -151,10 +161,10 @@ class DistillSection:
 
 @dataclass
 class DistillConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the student
+    model: StartModelConfig = field(default_factory=StartModelConfig)  # the student
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     distill: DistillSection = field(default_factory=DistillSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -169,11 +179,11 @@ class PruneSection:
 
 @dataclass
 class PruneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StartModelConfig = field(default_factory=StartModelConfig)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)  # calibration + distillation data
     prune: PruneSection = field(default_factory=PruneSection)
     distill: DistillSection = field(default_factory=DistillSection)  # teacher "" = the unpruned model
-    optim: OptimConfig = field(default_factory=OptimConfig)  # steps 0 = prune only
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)  # steps 0 = prune only
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -182,101 +192,27 @@ class PruneConfig:
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read TOML `path` into `cls` (None: defaults), then apply `--section.key value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-    cfg = build(cls, data)
+    cfg = build(cls, read_toml(path))
     for key, text in parse_overrides(overrides):
-        _apply_override(cfg, key, text)
+        parts = key.split(".")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ValueError(f"--{key}: unknown section {parts[0]!r}; valid sections: {', '.join(sorted(sections))}")
+        set_field(getattr(cfg, parts[0]), parts[1], text, key)
+    validate(cfg)
     return cfg
 
 
-def build(cls: type[T], data: Any, prefix: str = "") -> T:
-    """A dataclass tree from a TOML-shaped dict; unknown keys and wrong types are ValueErrors."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        where = f"[{prefix}]" if prefix else "the top level"
-        raise ValueError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: "
-                         f"{', '.join(hints)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
+# Sizes that only make sense above zero, in whichever section they appear.
+_POSITIVE = ("seq_len", "max_len", "k", "max_new_tokens", "batch_size", "log_every", "calibration_batches")
 
 
-def _apply_override(cfg: Any, key: str, text: str) -> None:
-    parts = key.split(".")
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    if len(parts) != 2 or parts[0] not in sections:
-        raise ValueError(f"--{key}: unknown section {parts[0]!r}; valid sections: {', '.join(sorted(sections))}")
-    target = getattr(cfg, parts[0])
-    hints = typing.get_type_hints(type(target))
-    if parts[1] not in hints:
-        raise ValueError(f"--{key}: unknown key {parts[1]!r}; valid keys: {', '.join(hints)}")
-    tp = hints[parts[1]]
-    setattr(target, parts[1], _coerce(_parse_text(text, tp), tp, key))
-
-
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _parse_text(text: str, tp: Any) -> Any:
-    base = _strip_optional(tp)
-    if base is str or typing.get_origin(base) is Literal:
-        return text
-    if typing.get_origin(base) is list and not text.lstrip().startswith("["):
-        return [x.strip() for x in text.split(",") if x.strip()]  # --lora.targets wq,wv
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # reported by _coerce as the wrong type
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    base = _strip_optional(tp)
-    if value is None and base is not tp:
-        return None
-    origin = typing.get_origin(base)
-    if origin is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(base)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"config field {key} has unsupported type {tp}")
+def validate(cfg: object) -> None:
+    """Range checks of a loaded config; raises ValueError naming the key."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        for name in _POSITIVE:
+            if hasattr(value, name) and getattr(value, name) <= 0:
+                raise ValueError(f"{section.name}.{name} must be a positive integer, got {getattr(value, name)}")
+        if isinstance(value, FinetuneOptimConfig):
+            value.validate()

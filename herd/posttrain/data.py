@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,9 +34,10 @@ from typing import Any
 
 import torch
 
+from herd.io import atomic_write_text
+from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat, ChatTokens, Message, ToolCall
 
-IGNORE = -100
 _MESSAGE_KEYS = {"role", "content", "tool_calls", "stop_reason", "context"}
 
 
@@ -183,18 +183,7 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
 
 
 def _write_lines(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_chat_jsonl(path: str | os.PathLike, dialogs: Iterable[Sequence[Message]]) -> Path:
@@ -238,7 +227,7 @@ class _Piece:
 def _shift(enc: ChatTokens, all_tokens: bool) -> _Piece:
     # Target i is token i+1, trained only where the chat format marks token i+1 as assistant's.
     t, m = enc.tokens, enc.assistant_mask
-    return _Piece(t[:-1], [t[i + 1] if m[i + 1] or all_tokens else IGNORE for i in range(len(t) - 1)])
+    return _Piece(t[:-1], [t[i + 1] if m[i + 1] or all_tokens else IGNORE_INDEX for i in range(len(t) - 1)])
 
 
 def pack_sft(
@@ -272,7 +261,7 @@ def pack_sft(
             rows.append([i])
             free.append(seq_len - n)
     inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     doc_ids = torch.full((len(rows), seq_len), -1, dtype=torch.long)
     for r, members in enumerate(rows):
         pos = 0
@@ -332,7 +321,7 @@ class PackedBatches(IndexBatches):
     def next_batch(self) -> Batch:
         idx = self.next_indices()
         targets = self.targets[idx]
-        return Batch(self.inputs[idx], targets, self.doc_ids[idx], int((targets != IGNORE).sum()))
+        return Batch(self.inputs[idx], targets, self.doc_ids[idx], int((targets != IGNORE_INDEX).sum()))
 
 
 # ---- real chat data that installs with pip ------------------------------------------------------

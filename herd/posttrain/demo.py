@@ -37,7 +37,7 @@ import torch
 from herd.generate import SamplingParams, generate
 from herd.generate.session import resolve_tokenizer
 from herd.model import Transformer, load_model
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import (
     Conversation,
     chatterbot_conversations,
@@ -47,7 +47,8 @@ from herd.posttrain.data import (
     write_preference_jsonl,
 )
 from herd.posttrain.dpo import encode_pairs, precompute_reference_logps, preference_accuracy, train_dpo
-from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, tokenizer_file
 from herd.posttrain.sft import tokenize_dialogs, train_sft
 from herd.tokenizer import ChatFormat, Message
 
@@ -64,10 +65,10 @@ SHOW_PROMPTS = (
 class DemoConfig:
     max_tokens: int = 96  # dialogs longer than this (in tokens) are left out
     seq_len: int = 256
-    sft: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+    sft: FinetuneOptimConfig = dataclasses.field(default_factory=lambda: FinetuneOptimConfig(
         lr=1e-3, steps=120, batch_size=8, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, seed=0))
     sft_seconds: float | None = None  # optional wall-clock cap on the SFT stage
-    dpo: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+    dpo: FinetuneOptimConfig = dataclasses.field(default_factory=lambda: FinetuneOptimConfig(
         lr=1e-4, steps=60, batch_size=8, warmup_steps=5, min_lr_ratio=0.1, seed=0))
     dpo_seconds: float | None = None
     beta: float = 0.1
@@ -178,7 +179,7 @@ def run_posttrain_demo(
         "phase_seconds": phases,
     }
     _print_report(report, log)
-    write_json(out / "posttrain_demo.json", report)
+    atomic_write_json(out / "posttrain_demo.json", report)
     return report
 
 

@@ -30,10 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from herd.model import Transformer, load_model
-from herd.posttrain.config import DistillConfig, OptimConfig
-from herd.posttrain.data import IGNORE, IndexBatches, read_chat_jsonl
-from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file, write_json
+from herd.model.loss import cross_entropy_sum
+from herd.posttrain.config import DistillConfig, FinetuneOptimConfig
+from herd.posttrain.data import IndexBatches, read_chat_jsonl
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, save_tensors, tokenizer_file
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
+from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat
 
 
@@ -53,11 +56,10 @@ def _check(temperature: float, alpha: float) -> None:
 
 def _mix(kl_per_pos: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor, *, temperature: float,
          alpha: float) -> KDLoss:
-    valid = targets != IGNORE
+    valid = targets != IGNORE_INDEX
     n = valid.sum().clamp_min(1)
     kl = (kl_per_pos * valid).sum() / n * temperature**2
-    ce = F.cross_entropy(student_logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE,
-                         reduction="sum") / n
+    ce = cross_entropy_sum(student_logits, targets) / n
     return KDLoss(alpha * kl + (1 - alpha) * ce, kl, ce)
 
 
@@ -161,7 +163,7 @@ class DistillResult:
 def train_distill(
     student: Transformer,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     teacher: Transformer | None = None,
     topk: TeacherTopK | None = None,
@@ -241,5 +243,5 @@ def run_distill(cfg: DistillConfig, *, log: Callable[[str], None] | None = print
     report = {"steps": result.fit.steps, "rows": int(rows[0].shape[0]),
               "final_loss": result.fit.losses[-1] if result.fit.losses else None,
               "final_kl": result.fit.metrics[-1].get("kl") if result.fit.metrics else None, "output": str(out)}
-    write_json(Path(cfg.output.dir) / "distill_metrics.json", report)
+    atomic_write_json(Path(cfg.output.dir) / "distill_metrics.json", report)
     return report

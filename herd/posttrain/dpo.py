@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from herd.model import Transformer
-from herd.posttrain.config import DPOConfig, LoRAConfig, OptimConfig
+from herd.posttrain.config import DPOConfig, FinetuneOptimConfig, LoRAConfig
 from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, read_preference_jsonl
-from herd.posttrain.io import write_json
+from herd.io import atomic_write_json
 from herd.posttrain.lora import apply_lora, lora_disabled
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
 from herd.tokenizer import ChatFormat, Message, Tokenizer, TokenizerLike
@@ -240,7 +240,7 @@ class DPOResult:
 def train_dpo(
     policy: Transformer,
     pairs: Sequence[PairTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     beta: float = 0.1,
     nll_coef: float = 0.2,
@@ -336,5 +336,5 @@ def run_dpo(cfg: DPOConfig, *, log: Callable[[str], None] | None = print) -> dic
               "val_logprob_accuracy_before": before.logprob if before else None,
               "val_logprob_accuracy_after": after.logprob if after else None,
               "output": str(out)}
-    write_json(Path(cfg.output.dir) / "dpo_metrics.json", report)
+    atomic_write_json(Path(cfg.output.dir) / "dpo_metrics.json", report)
     return report

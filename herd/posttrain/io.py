@@ -8,14 +8,12 @@ transformers and vLLM directly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -45,22 +43,6 @@ def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwri
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any] | list) -> Path:
-    """JSON to `path` via a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def tokenizer_file(model_dir: str | os.PathLike) -> Path | None:

@@ -1,26 +1,28 @@
 """The optimisation loop every post-training stage shares: AdamW, warmup + cosine, clipping, logging.
 
-Each stage supplies only `loss_fn(step) -> StepLoss`; the loop does backward, clipping, the
-optimizer and scheduler step, timing and the log line. The parameter groups (no decay on norms
+Each stage supplies only its loss: `TokenSteps` (batches + a summed token loss, SFT) or
+`loss_fn(step) -> StepLoss` (DPO, reward model, distillation). The step itself (backward,
+clipping, the optimizer) is `herd.train.core`'s, the pretraining trainer's; the loop adds the
+schedule, timing and the log line. The parameter groups (no decay on norms
 and embeddings) and the warmup-cosine schedule are the pretraining trainer's own
 (`herd.train.optim`, `herd.train.schedule`), so both phases follow one rule.
 
 Trade-off: post-training runs are short (hundreds of steps) and single-process here, so this
-stays a plain loop without the trainer's DCP checkpoints, resume and gradient accumulation; a
-run that is cut off is rerun. Using `herd.train.Trainer` itself would need its data and loss to
-become pluggable (it reads token shards and computes next-token loss on every token).
+stays a plain loop without the trainer's DCP checkpoints and resume; a run that is cut off is
+rerun.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from herd.posttrain.config import ModelConfig, OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig, StartModelConfig
+from herd.train.core import MicroBatch, StepLoss, TokenLoss, TrainCore
 from herd.train.optim import param_groups
 from herd.train.schedule import Schedule, StageSpan
 
@@ -28,12 +30,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class StepLoss:
-    """What one step's loss function returns: the scalar to minimise, tokens it covered, extra metrics."""
+class TokenSteps:
+    """A token loss for `fit`: `batches(step)` gives the step's micro-batches, `loss(model, batch)` the
+    summed loss of one, and the core divides by the step's target count (SFT's assistant tokens)."""
 
-    loss: torch.Tensor
-    tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    batches: Callable[[int], Sequence[MicroBatch]]
+    loss: TokenLoss
 
 
 @dataclass
@@ -49,56 +51,51 @@ class FitResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def schedule_for(cfg: OptimConfig, name: str = "posttrain") -> Schedule:
+def schedule_for(cfg: FinetuneOptimConfig, name: str = "posttrain") -> Schedule:
     """The trainer's warmup + cosine as one stage: cfg.lr after warmup, cfg.lr * min_lr_ratio at the last step."""
     return Schedule(peak_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
                     decay_steps=max(cfg.steps - cfg.warmup_steps - 1, 1),
                     spans=(StageSpan(0, name, 0, max(cfg.steps, 1), "cosine"),))
 
 
-def check_optim(cfg: OptimConfig) -> None:
-    if cfg.lr <= 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
-        raise ValueError(f"optim needs lr > 0, steps >= 0, batch_size >= 1, warmup_steps >= 0; got {cfg}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.betas}")
+def check_optim(cfg: FinetuneOptimConfig) -> None:
+    cfg.validate()  # also at config load; again here for configs built in Python
 
 
 def fit(
     model: nn.Module,
-    loss_fn: Callable[[int], StepLoss],
-    cfg: OptimConfig,
+    loss_fn: Callable[[int], StepLoss] | TokenSteps,
+    cfg: FinetuneOptimConfig,
     *,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
     name: str = "train",
     max_seconds: float | None = None,
 ) -> FitResult:
-    """Run cfg.steps optimizer steps of `loss_fn` over the trainable parameters of `model` (frozen
-    ones, e.g. a LoRA base, are left out); stops early once `max_seconds` have passed."""
+    """Run cfg.steps optimizer steps over the trainable parameters of `model` (frozen ones, e.g. a
+    LoRA base, are left out); stops early once `max_seconds` have passed.
+
+    loss_fn: `TokenSteps` for a loss summed over target tokens, else `loss_fn(step) -> StepLoss`
+    with the loss already normalised (DPO, reward model, distillation). Either way the step
+    itself is `herd.train.core.TrainCore`'s, the pretraining trainer's.
+    """
     check_optim(cfg)
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-    if not params:
+    if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    core = TrainCore(model, opt, grad_clip=cfg.grad_clip, hint=f"{name}: lower optim.lr",
+                     **({"loss": loss_fn.loss} if isinstance(loss_fn, TokenSteps) else {}))
     schedule = schedule_for(cfg, name)
     losses, metrics, tokens = [], [], 0
     start = time.perf_counter()
     for step in range(cfg.steps):
         lr = schedule.lr(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = loss_fn(step)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"{name}: loss is {out.loss.item()} at step {step}; lower optim.lr")
-        out.loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        if isinstance(loss_fn, TokenSteps):
+            out = core.step(loss_fn.batches(step), lr=lr, step=step)
+        else:
+            out = core.step_closure(lambda: loss_fn(step), lr=lr, step=step)
+        losses.append(out.loss)
         metrics.append(out.metrics)
         tokens += out.tokens
         elapsed = time.perf_counter() - start
@@ -113,8 +110,8 @@ def fit(
     return FitResult(len(losses), losses, metrics, time.perf_counter() - start, tokens)
 
 
-def load_for_training(cfg: ModelConfig):
-    """The checkpoint of a ModelConfig in the requested dtype, in train mode, with its tokenizer and
+def load_for_training(cfg: StartModelConfig):
+    """The checkpoint of a StartModelConfig in the requested dtype, in train mode, with its tokenizer and
     chat format (`LoadedModel`: `.model`, `.tokenizer`, `.chat`)."""
     from herd.generate.loading import load_for_inference
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from herd.model import ModelArgs, Transformer, build_model, load_model
 from herd.posttrain.config import PruneConfig
 from herd.posttrain.distill import cache_teacher_topk, chat_rows, load_teacher_topk, train_distill
-from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, tokenizer_file
 from herd.posttrain.loop import load_for_training
 
 
@@ -234,5 +235,5 @@ def run_prune(cfg: PruneConfig, *, log: Callable[[str], None] | None = print) ->
     out = save_checkpoint(student, Path(cfg.output.dir) / "model", format=cfg.output.format,
                           tokenizer=cfg.model.tokenizer or tokenizer_file(cfg.model.path))
     report["output"] = str(out)
-    write_json(Path(cfg.output.dir) / "prune_metrics.json", report)
+    atomic_write_json(Path(cfg.output.dir) / "prune_metrics.json", report)
     return report

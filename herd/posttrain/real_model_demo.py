@@ -33,9 +33,9 @@ from herd.generate import SamplingParams, generate
 from herd.generate.fast_decode import apply_fast_decode
 from herd.generate.loading import LoadedModel, load_for_inference
 from herd.model.zoo import smollm2_path
-from herd.posttrain.config import ChatDataConfig, LoRAConfig, ModelConfig, OptimConfig, OutputConfig, SFTConfig
+from herd.posttrain.config import ChatDataConfig, FinetuneOptimConfig, LoRAConfig, OutputConfig, SFTConfig, StartModelConfig
 from herd.posttrain.data import write_chat_jsonl
-from herd.posttrain.io import write_json
+from herd.io import atomic_write_json
 from herd.posttrain.sft import run_sft
 from herd.quant import QuantConfig, apply_cpu_kernels, quantize
 from herd.tokenizer import Message
@@ -83,7 +83,7 @@ class RealModelDemoConfig:
     ppl_tokens: int = 2048  # held-out Wikipedia tokens scored at each precision
     seq_len: int = 512  # perplexity window
     max_new_tokens: int = 40
-    sft: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, steps=16, batch_size=4, warmup_steps=2))
+    sft: FinetuneOptimConfig = field(default_factory=lambda: FinetuneOptimConfig(lr=2e-3, steps=16, batch_size=4, warmup_steps=2))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=8, alpha=16.0))
     sft_seq_len: int = 128  # packed row length
     schemes: tuple[str, ...] = ("int8", "int4")
@@ -153,7 +153,7 @@ def run_real_model_demo(
         f"{len(GENERAL_TRAIN)} ordinary ones answered by the base model itself")
     t_sft = time.perf_counter()
     sft_cfg = SFTConfig(
-        model=ModelConfig(path=str(path)),
+        model=StartModelConfig(path=str(path)),
         data=ChatDataConfig(train=str(train_file), seq_len=config.sft_seq_len),
         optim=dataclasses.replace(config.sft), lora=dataclasses.replace(config.lora),
         output=OutputConfig(dir=str(out / "sft"), log_every=max(config.sft.steps // 4, 1)),
@@ -186,5 +186,5 @@ def run_real_model_demo(
         log(f"  Q: {row['prompt']}\n     before: {row['before'][:110]}\n     after:  {row['after'][:110]}")
     log(f"'{IDENTITY}' in answers to unseen identity questions: {rate(before_identity):.0%} -> {rate(after_identity):.0%}; "
         f"unseen ordinary questions answered correctly: {correct(before_general):.0%} -> {correct(after_general):.0%}")
-    write_json(out / "real_model.json", report)
+    atomic_write_json(out / "real_model.json", report)
     return report

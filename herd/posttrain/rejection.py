@@ -23,7 +23,7 @@ from herd.generate import SamplingParams, generate
 from herd.model import Transformer
 from herd.posttrain.config import RejectionConfig
 from herd.posttrain.data import read_chat_jsonl, write_chat_jsonl
-from herd.posttrain.io import write_json
+from herd.io import atomic_write_json
 from herd.posttrain.loop import load_for_training
 from herd.posttrain.reward import RewardModel, dialog_tokens, load_reward_model, score_dialogs
 from herd.tokenizer import ChatFormat, Message
@@ -123,6 +123,6 @@ def run_rejection(cfg: RejectionConfig, *, log: Callable[[str], None] | None = p
     report = {"prompts": len(samples), "kept": len(kept), "k": rs.k,
               "mean_reward_best": sum(best) / max(len(best), 1), "mean_reward_all": sum(mean_all) / max(len(mean_all), 1),
               "output": str(out / "rs.jsonl")}
-    write_json(out / "rs_metrics.json", report)
+    atomic_write_json(out / "rs_metrics.json", report)
     return report
 

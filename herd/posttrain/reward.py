@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model import Transformer, load_model
-from herd.posttrain.config import OptimConfig, RewardConfig
+from herd.posttrain.config import FinetuneOptimConfig, RewardConfig
 from herd.posttrain.data import IndexBatches, PreferencePair, encode_dialog, read_preference_jsonl
-from herd.posttrain.io import atomic_dir, save_checkpoint, save_tensors, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import atomic_dir, save_checkpoint, save_tensors, tokenizer_file
 from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
 from herd.tokenizer import ChatFormat, Message
 
@@ -151,7 +152,7 @@ class RewardResult:
 def train_reward_model(
     model: RewardModel,
     items: Sequence[RankedTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     val_items: Sequence[RankedTokens] = (),
     log: Callable[[str], None] | None = print,
@@ -226,7 +227,7 @@ def run_reward(cfg: RewardConfig, *, log: Callable[[str], None] | None = print) 
               "final_loss": result.fit.losses[-1] if result.fit.losses else None,
               "val_accuracy_before": result.val_accuracy_before, "val_accuracy": result.val_accuracy,
               "output": str(out)}
-    write_json(Path(cfg.output.dir) / "rm_metrics.json", report)
+    atomic_write_json(Path(cfg.output.dir) / "rm_metrics.json", report)
     return report
 
 

@@ -27,18 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model import Transformer
-from herd.posttrain.config import LoRAConfig, OptimConfig, SFTConfig
+from herd.model.loss import cross_entropy_sum
+from herd.posttrain.config import FinetuneOptimConfig, LoRAConfig, SFTConfig
 from herd.posttrain.data import (
-    IGNORE,
     Batch,
     PackedBatches,
     encode_dialog,
     pack_sft,
     read_chat_jsonl,
 )
-from herd.posttrain.io import save_checkpoint, tokenizer_file, write_json
+from herd.io import atomic_write_json
+from herd.posttrain.io import save_checkpoint, tokenizer_file
+from herd.posttrain.loop import FitResult, TokenSteps, fit, load_for_training
 from herd.posttrain.lora import apply_lora, merge_lora, save_adapter
-from herd.posttrain.loop import FitResult, StepLoss, fit, load_for_training
+from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat, ChatTokens, Message
 
 
@@ -54,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Only positions with a target touch the head: in SFT that skips the prompt tokens entirely.
-        rows = (targets != IGNORE).nonzero().squeeze(1)  # (n,)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
         hv, tv = h[rows], targets[rows]  # (n, D), (n,)
         grad_hv = torch.empty_like(hv) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -111,8 +113,7 @@ def next_token_loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     if type(model.output) is nn.Linear:
         return linear_cross_entropy(h, model.output.weight, batch.targets)
     # An adapter on the output head: its output is not a single matrix product, so use the plain path.
-    logits = model.output(h).float()
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return cross_entropy_sum(model.output(h), batch.targets)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def eval_loss(model: Transformer, rows: tuple[torch.Tensor, torch.Tensor, torch.
     for s in range(0, inputs.shape[0], batch_size):
         b = Batch(inputs[s : s + batch_size], targets[s : s + batch_size], doc_ids[s : s + batch_size], 0)
         total += next_token_loss_sum(model, b).item()
-        count += int((b.targets != IGNORE).sum())
+        count += int((b.targets != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
 
@@ -147,7 +148,7 @@ def eval_loss(model: Transformer, rows: tuple[torch.Tensor, torch.Tensor, torch.
 def train_sft(
     model: Transformer,
     examples: Sequence[ChatTokens],
-    optim: OptimConfig,
+    optim: FinetuneOptimConfig,
     *,
     seq_len: int,
     lora: LoRAConfig | None = None,
@@ -164,14 +165,11 @@ def train_sft(
                    quantize_base=lora.quantize_base)
     model.train()
 
-    def step(_: int) -> StepLoss:
-        b = batches.next_batch()
-        loss = next_token_loss_sum(model, b) / max(b.num_targets, 1)
-        return StepLoss(loss, tokens=b.inputs.numel())
-
-    result = fit(model, step, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
+    # The loss is summed over assistant tokens and divided by their count by the training core.
+    steps = TokenSteps(batches=lambda _: [batches.next_batch()], loss=next_token_loss_sum)
+    result = fit(model, steps, optim, log=log, log_every=log_every, name="sft", max_seconds=max_seconds)
     val = eval_loss(model, pack_sft(val_examples, seq_len=seq_len)) if val_examples else None
-    per_row = float((targets != IGNORE).sum()) / max(inputs.shape[0], 1)
+    per_row = float((targets != IGNORE_INDEX).sum()) / max(inputs.shape[0], 1)
     return SFTResult(result, len(examples), inputs.shape[0], per_row, val)
 
 
@@ -192,7 +190,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = print) -> SFT
                        log=log, log_every=cfg.output.log_every)
     result.output = save_trained(model, cfg.output.dir, source=cfg.model.path, lora=cfg.lora,
                                  format=cfg.output.format, tokenizer=cfg.model.tokenizer or None)
-    write_json(Path(cfg.output.dir) / "sft_metrics.json", {
+    atomic_write_json(Path(cfg.output.dir) / "sft_metrics.json", {
         "steps": result.fit.steps, "final_loss": result.fit.losses[-1] if result.fit.losses else None,
         "val_loss": result.val_loss, "tokens_per_s": result.fit.tokens_per_s, "train_examples": result.train_examples,
         "packed_rows": result.packed_rows})

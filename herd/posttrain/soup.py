@@ -5,9 +5,9 @@ post-training stage (§4.1.5, after Wortsman et al. 2022). Averaging only makes 
 checkpoints that share an architecture and, in practice, a starting point; the shapes are
 checked, the starting point cannot be and is the caller's responsibility.
 
-Trade-off: checkpoints are loaded one at a time and accumulated into an fp32 running sum, so
-memory is two models (the sum and the one being read), not N, at the cost of reading each file
-once in sequence.
+Trade-off: checkpoints are loaded one at a time and accumulated into a float64 running sum
+(`herd.train.average.WeightedMean`, the pretraining average's accumulator), so memory is one
+float64 model plus the one being read, not N, at the cost of reading each file once in sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from herd.model import Transformer, load_model
+from herd.train.average import WeightedMean
 
 
 @torch.no_grad()
@@ -31,28 +32,27 @@ def average_models(models: Sequence[Transformer], weights: Sequence[float] | Non
         if m.args != args:
             raise ValueError(f"model {i} has a different shape ({m.args}) from model 0 ({args}); only models of one "
                              "architecture can be averaged")
-    acc = {k: v.float() * ws[0] for k, v in models[0].state_dict().items()}
-    for w, m in zip(ws[1:], models[1:]):
-        for k, v in m.state_dict().items():
-            acc[k].add_(v.float(), alpha=w)
+    acc = WeightedMean()
+    for w, m in zip(ws, models):
+        acc.add(m.state_dict(), w)
     return _materialise(models[0], acc, in_place=False)
 
 
 @torch.no_grad()
-def average_checkpoints(paths: Sequence[str | os.PathLike], *, weights: Sequence[float] | None = None,
-                        dtype: torch.dtype | None = None) -> Transformer:
-    """Average checkpoint directories, holding at most two models in memory."""
+def average_model_dirs(paths: Sequence[str | os.PathLike], *, weights: Sequence[float] | None = None,
+                       dtype: torch.dtype | None = None) -> Transformer:
+    """Average model directories (HF or Meta; `herd.train.average_checkpoints` averages training checkpoints)."""
     if not paths:
         raise ValueError("nothing to average: pass at least one checkpoint directory")
     ws = _weights(len(paths), weights)
     first = load_model(paths[0], dtype=dtype)
-    acc = {k: v.float() * ws[0] for k, v in first.state_dict().items()}
+    acc = WeightedMean()
+    acc.add(first.state_dict(), ws[0])
     for w, path in zip(ws[1:], paths[1:]):
         m = load_model(path, dtype=dtype)
         if m.args != first.args:
             raise ValueError(f"{path} has a different shape from {paths[0]}; only one architecture can be averaged")
-        for k, v in m.state_dict().items():
-            acc[k].add_(v.float(), alpha=w)
+        acc.add(m.state_dict(), w)
         del m
     return _materialise(first, acc, in_place=True)  # `first` is ours: no third copy
 
@@ -66,12 +66,12 @@ def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
     return [w / total for w in weights]
 
 
-def _materialise(template: Transformer, acc: dict[str, torch.Tensor], *, in_place: bool) -> Transformer:
+def _materialise(template: Transformer, acc: WeightedMean, *, in_place: bool) -> Transformer:
     import copy
 
     out = template if in_place else copy.deepcopy(template)
     sd = out.state_dict()
-    for k, v in acc.items():
+    for k, v in acc.mean().items():
         sd[k].copy_(v.to(sd[k].dtype))
     out.tie_weights()
     return out

@@ -20,10 +20,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from herd.model.args import PRESETS, ModelArgs, RopeScaling
 from herd.parallel import ParallelConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -170,6 +172,14 @@ class Config:
         _positive(self.checkpoint.keep_last, "checkpoint.keep_last")
         _positive(self.metrics.log_every, "metrics.log_every")
         _positive(self.train.loss_chunks, "train.loss_chunks")
+        if self.train.micro_batch_tokens < 0:
+            raise ValueError(f"train.micro_batch_tokens must be >= 0 (0 = the whole batch in one forward), got "
+                             f"{self.train.micro_batch_tokens}")
+        _positive(self.metrics.val_batches, "metrics.val_batches")
+        _positive(self.metrics.val_batch_size, "metrics.val_batch_size")
+        for key in ("val_every", "val_seq_len"):
+            if getattr(self.metrics, key) < 0:
+                raise ValueError(f"metrics.{key} must be >= 0 (0 = the default), got {getattr(self.metrics, key)}")
         if self.optim.lr <= 0 or self.schedule.min_lr < 0 or self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"need 0 <= schedule.min_lr <= optim.lr and optim.lr > 0, got min_lr "
                              f"{self.schedule.min_lr} and lr {self.optim.lr}")
@@ -273,24 +283,28 @@ def micro_batch_rows(micro_batch_tokens: int, seq_len: int, rows: int) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or start from the defaults with `path=None`), apply `--section.key value`
     overrides, validate. Every error is a ValueError naming the offending key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-    cfg = _build(Config, data, "")
+    cfg = build(Config, read_toml(path))
     for key, value in parse_overrides(overrides):
         apply_override(cfg, key, value)
     return cfg.validate()
 
 
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    """The TOML file at `path` as a dict ({} for None: every default)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a TOML-shaped dict (tests and the demo build configs in Python)."""
-    return _build(Config, data, "").validate()
+    return build(Config, data).validate()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -320,6 +334,39 @@ def to_toml(cfg: Config) -> str:
         out += [f"{k} = {_toml_value(v)}" for k, v in stage.items()]
         out.append("")
     return "\n".join(out)
+
+
+def describe_sections(cls: type = Config) -> str:
+    """Every section and key of a config class with its default and type: the text for `--help`.
+
+    Works for any config tree read by `build` (post-training's too). A key whose default is
+    None shows "unset" (TOML has no null: leave the key out to keep the default).
+    """
+    lines: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        many = typing.get_origin(tp) is list
+        section = typing.get_args(tp)[0] if many else tp
+        if not dataclasses.is_dataclass(section):
+            continue
+        lines.append(f"[[{f.name}]]" if many else f"[{f.name}]")
+        default, types_ = section(), _hints(section)
+        for g in dataclasses.fields(section):
+            value = getattr(default, g.name)
+            shown = "unset" if value is None else _toml_value(value)
+            lines.append(f"  {g.name} = {shown}  ({_type_name(types_[g.name])})")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    base = _strip_optional(tp)
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(base)))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(base)[0])}"
+    return getattr(base, "__name__", str(base))
 
 
 def _toml_value(v: Any) -> str:
@@ -375,6 +422,11 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
             raise ValueError(f"--{key}: unknown section {section!r}; valid sections: {', '.join(sorted(sections))}, "
                              "stages")
         target, name = getattr(cfg, section), parts[1]
+    set_field(target, name, text, key)
+
+
+def set_field(target: Any, name: str, text: str, key: str) -> None:
+    """Set the dataclass field `name` of `target` from command-line `text` (override `--key`)."""
     hints = _hints(type(target))
     if name not in hints:
         raise ValueError(f"--{key}: unknown key {name!r}; valid keys: {', '.join(hints)}")
@@ -396,7 +448,9 @@ def _parse_text(text: str, tp: Any) -> Any:
         return text  # _coerce reports it as the wrong type
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """A dataclass tree from a TOML-shaped dict; unknown keys and wrong types are ValueErrors naming
+    the key. Every config of the project (training, post-training) is read through this."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
     hints = _hints(cls)
@@ -410,12 +464,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = build(tp, value, key)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
                 raise ValueError(f"{key}: expected a list of tables ([[{key}]]), got {type(value).__name__}")
             item = typing.get_args(tp)[0]
-            kwargs[name] = [_build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
+            kwargs[name] = [build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
                             for i, v in enumerate(value)]
         else:
             kwargs[name] = _coerce(value, tp, key)

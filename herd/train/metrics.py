@@ -14,11 +14,10 @@ mean "how close to the best this machine's matmul kernel can do".
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from herd.io import atomic_write_bytes, atomic_write_text
 from herd.train.config import MetricsConfig
 
 
@@ -116,7 +116,7 @@ class MetricsLogger:
                 continue  # the half-written last line of a killed run
             if rec.get("step", 0) <= start_step:
                 keep.append(rec)
-        _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         return keep
 
     def _append(self, rec: dict[str, Any]) -> None:
@@ -176,10 +176,9 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".loss.", suffix=".png")
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, self.plot_path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write_bytes(self.plot_path, buf.getvalue())
         return self.plot_path
 
     def close(self) -> None:
@@ -187,10 +186,3 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -14,11 +14,11 @@ Design trade-offs:
   is saved and then loaded back. That is one redundant read per stage, and in exchange a run
   that crosses a stage boundary in one process and a run restarted exactly at the boundary take
   the same code path, and "the annealing stage starts from the pretrain checkpoint" is literal.
-* The model is built on the meta device and materialised afterwards, leaving one marked place
-  (`build_training_model`) where issue 4's parallelism will be applied before any memory exists.
-* Gradients are token-weighted over the whole accumulated batch: each micro-batch's summed loss
-  is divided by the number of targets in the full batch before backward, so splitting a batch
-  into micro-batches changes nothing but memory.
+* The model is built on the meta device and materialised afterwards (`herd.model.build_model`);
+  parallel layouts transform the meta model first (`herd.parallel.build_parallel_model`).
+* The step itself (forward, loss, backward, clipping, the optimizer) is `herd.train.core`'s,
+  the same for every layout and for post-training: gradients are token-weighted over the whole
+  accumulated batch, so splitting a batch into micro-batches changes nothing but memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import json
-import math
 import pickle
 import random
 import shutil
@@ -42,15 +41,15 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from herd.model import ModelArgs, Transformer
+from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
+from herd.train.core import TrainCore, cross_entropy_sum, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
-from herd.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
@@ -105,19 +104,6 @@ def keep_freed_memory_in_the_heap() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def build_training_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
-    """Meta-device build -> (parallelize) -> materialise -> initialise. Parameters stay fp32:
-    on GPU the forward runs under bf16 autocast with fp32 master weights and fp32 gradients."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    # Parallel runs build through herd.parallel.build_parallel_model instead (Trainer.__init__),
-    # which transforms the meta model and calls this function only for the full initialisation.
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives the two names of a tied matrix separate storage
-    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
-    return model
 
 
 class _NoMetrics:
@@ -180,17 +166,20 @@ class Trainer:
         self.meshes = init_distributed(cfg.parallel, self.device)
         self.parallel: ParallelModel | None = None
         if self.meshes is not None or cfg.parallel != ParallelConfig():
-            if cfg.train.loss_chunks != 1:
-                raise ValueError("train.loss_chunks must be 1 with [parallel]: tensor parallelism computes the "
-                                 "head on vocabulary shards and pipeline stages compute it on the last stage")
             self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
-                                                 seed=cfg.job.seed, init_fn=build_training_model)
+                                                 seed=cfg.job.seed, init_fn=build_model)
             self.model = self.parallel.module
             if not is_rank0():
                 self.log = lambda msg: None
         else:
-            self.model = build_training_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
+            # fp32 parameters: on GPU the forward runs under bf16 autocast with fp32 master weights.
+            self.model = build_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.core = TrainCore(self.model, self.optimizer, grad_clip=cfg.optim.grad_clip,
+                              loss=token_loss(cfg.train.loss_chunks), parallel=self.parallel, device=self.device,
+                              document_mask=cfg.train.document_mask, autocast=self._autocast,
+                              hint="restart from the last checkpoint with a lower optim.lr or longer "
+                                   "schedule.warmup_steps")
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          log=self.log)
         self.step = 0
@@ -248,63 +237,12 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are slow without AVX-512 BF16
 
-    def loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed next-token loss of one micro-batch (fp32)."""
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
-        doc_ids = batch.doc_ids.to(self.device, non_blocking=True) if self.cfg.train.document_mask else None
-        with self._autocast():
-            if self.cfg.train.loss_chunks == 1:
-                return cross_entropy_sum(self.model(inputs, doc_ids=doc_ids), targets)
-            hidden = self.model.hidden(inputs, doc_ids=doc_ids)  # (B, S, dim)
-            return chunked_cross_entropy_sum(hidden, self.model.output.weight, targets,
-                                             chunks=self.cfg.train.loss_chunks)
-
-    def _parallel_forward_backward(self, batch: Batch, num_targets: int) -> torch.Tensor:
-        """One micro-batch through herd.parallel; returns its summed loss over all ranks.
-
-        Every rank reads the whole global batch (the loader is the same on every rank, so a
-        checkpoint's data position is layout-independent) and keeps its data-parallel rows;
-        `num_targets` is already the global count.
-        """
-        pm = self.parallel
-        doc_ids = batch.doc_ids if self.cfg.train.document_mask else None
-        inputs, targets, doc_ids = (None if t is None else pm.dp_rows(t.to(self.device, non_blocking=True))
-                                    for t in (batch.inputs, batch.targets, doc_ids))
-        with self._autocast():
-            result = pm.forward_backward(inputs, targets, doc_ids=doc_ids, num_targets=num_targets)
-        return result.loss * num_targets
-
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule.lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        num_targets = sum(b.num_targets for b in micro_batches)
-        if num_targets == 0:
-            raise ValueError(f"step {self.step}: the batch has no target tokens (all -100); check the data")
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            if self.parallel is not None:
-                total += self._parallel_forward_backward(batch, num_targets)
-                continue
-            loss = self.loss_sum(batch)
-            (loss / num_targets).backward()  # gradients accumulate as the mean over the whole batch
-            total += loss.detach()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        if self.parallel is not None:  # the norm over every shard and pipeline stage
-            grad_norm = self.parallel.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = (total / num_targets).item()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss became {mean_loss} at step {self.step + 1}; restart from the last "
-                                     "checkpoint with a lower optim.lr or longer schedule.warmup_steps")
+        r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
         self.step += 1
-        tokens = sum(b.inputs.numel() for b in micro_batches)
-        self.tokens_seen += tokens
-        return StepResult(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens)
+        self.tokens_seen += r.tokens
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -398,8 +336,25 @@ class Trainer:
         self.log(f"resumed from {latest.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return self.step
 
+    def check_vocab(self) -> None:
+        """Shards made with a larger vocabulary than the model's would stop the run deep in the
+        embedding with an IndexError; say what to change before any step instead."""
+        if self.loader_factory is not packed_loader:
+            return  # a custom loader owns its data and its checks
+        from herd.data.shards import read_meta
+
+        vocab = self.model.args.vocab_size
+        sources = {*self.cfg.data.train, *self.cfg.data.val, *(s for st in self.cfg.stages for s in st.train)}
+        for src in sorted(sources):
+            shards = read_meta(src).vocab_size
+            if shards > vocab:
+                raise ValueError(f"the token shards in {src} hold ids up to {shards - 1} (vocabulary of {shards}) but "
+                                 f"the model has model.vocab_size = {vocab}; set model.vocab_size = {shards} or "
+                                 "more, or tokenize the data with the model's tokenizer")
+
     def fit(self) -> TrainResult:
         t_start = time.perf_counter()
+        self.check_vocab()
         resumed_from = self._resume()
         spans = self.schedule.spans
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

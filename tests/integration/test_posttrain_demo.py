@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from herd.model import ModelArgs, build_model
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.demo import SHOW_PROMPTS, DemoConfig, run_posttrain_demo
 from herd.posttrain.io import save_checkpoint
 
@@ -23,8 +23,8 @@ def test_demo_stage_runs_and_reports(tmp_path):
         args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
                          ffn_dim_multiplier=1.0, max_seq_len=512)
         save_checkpoint(build_model(args, seed=0), tmp_path / "base", tokenizer=tok)
-        cfg = DemoConfig(max_tokens=160, seq_len=192, sft=OptimConfig(lr=1e-3, steps=3, batch_size=2),
-                         dpo=OptimConfig(lr=1e-4, steps=2, batch_size=2), train_pairs=8, held_out_pairs=8,
+        cfg = DemoConfig(max_tokens=160, seq_len=192, sft=FinetuneOptimConfig(lr=1e-3, steps=3, batch_size=2),
+                         dpo=FinetuneOptimConfig(lr=1e-4, steps=2, batch_size=2), train_pairs=8, held_out_pairs=8,
                          max_new_tokens=3)
         lines: list[str] = []
         report = run_posttrain_demo(tmp_path / "base", tmp_path / "out", config=cfg, log=lines.append)

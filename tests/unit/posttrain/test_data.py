@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from herd.posttrain.data import (
-    IGNORE,
     PackedBatches,
     PreferencePair,
     encode_dialog,
@@ -14,6 +13,7 @@ from herd.posttrain.data import (
     write_chat_jsonl,
     write_preference_jsonl,
 )
+from herd.targets import IGNORE_INDEX
 from herd.tokenizer import Message
 
 DIALOG = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
@@ -93,15 +93,15 @@ def test_packing_trains_exactly_the_assistant_tokens(fmt, tok):
         sel = doc_ids[0] == doc
         trained = targets[0][sel]
         expected = [t for t, m in zip(ex.tokens, ex.assistant_mask) if m]
-        assert trained[trained != IGNORE].tolist() == expected
+        assert trained[trained != IGNORE_INDEX].tolist() == expected
         assert inputs[0][sel].tolist() == ex.tokens[:-1]
         # A target is the next token of the same document (never the first token of the next one).
         ids = inputs[0][sel].tolist() + [ex.tokens[-1]]
         for j, t in enumerate(trained.tolist()):
-            assert t == IGNORE or t == ids[j + 1]
-    assert (targets[doc_ids < 0] == IGNORE).all()
+            assert t == IGNORE_INDEX or t == ids[j + 1]
+    assert (targets[doc_ids < 0] == IGNORE_INDEX).all()
     # What is trained is the assistant text and each turn's terminator, nothing of the headers.
-    text = tok.decode([t for t in targets[0].tolist() if t != IGNORE])
+    text = tok.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX])
     assert text.count("Hello!<|eot_id|>") == 3 and text.count("See you.<|eot_id|>") == 1
     assert "Bye" not in text and "assistant" not in text and "<|start_header_id|>" not in text
 

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import PreferencePair
 from herd.posttrain.dpo import (
     collate,
@@ -62,7 +62,7 @@ def test_tiny_dpo_run_raises_held_out_preference_accuracy(fmt, tiny_model):
     ref_held = precompute_reference_logps(model, held)
     before = preference_accuracy(model, held, reference_logps=ref_held)
     assert before.reward == 0.0  # policy == reference: no pair is won yet
-    result = train_dpo(model, train, OptimConfig(lr=3e-3, steps=25, batch_size=8, warmup_steps=2), beta=0.1,
+    result = train_dpo(model, train, FinetuneOptimConfig(lr=3e-3, steps=25, batch_size=8, warmup_steps=2), beta=0.1,
                        nll_coef=0.2, reference_logps=ref_train, log=None)
     after = preference_accuracy(model, held, reference_logps=ref_held)
     assert result.fit.losses[-1] < result.fit.losses[0]
@@ -72,7 +72,7 @@ def test_tiny_dpo_run_raises_held_out_preference_accuracy(fmt, tiny_model):
 
 def test_precomputed_reference_equals_a_live_reference(fmt, tiny_model):
     pairs = encode_pairs(fmt, _yes_no_pairs(8, seed=3))
-    cfg = OptimConfig(lr=1e-3, steps=1, batch_size=8)
+    cfg = FinetuneOptimConfig(lr=1e-3, steps=1, batch_size=8)
     live, pre = tiny_model(seed=2), tiny_model(seed=2)
     a = train_dpo(live, pairs, cfg, log=None)  # frozen copy of the starting policy
     b = train_dpo(pre, pairs, cfg, reference_logps=precompute_reference_logps(tiny_model(seed=2), pairs), log=None)
@@ -88,7 +88,7 @@ def test_lora_dpo_uses_the_base_as_reference(fmt, tiny_model):
     model = tiny_model(seed=5)
     with torch.no_grad():
         start = sequence_logps(model, collate(pairs)).dpo
-    result = train_dpo(model, pairs, OptimConfig(lr=1e-2, steps=4, batch_size=8), lora=LoRAConfig(rank=4), log=None)
+    result = train_dpo(model, pairs, FinetuneOptimConfig(lr=1e-2, steps=4, batch_size=8), lora=LoRAConfig(rank=4), log=None)
     assert result.fit.metrics[0]["dpo"] == pytest.approx(0.6931472, abs=1e-6)
     from herd.posttrain.lora import lora_disabled
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from herd.model import load_model, save_model
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import encode_dialog, pack_sft
 from herd.posttrain.distill import cache_teacher_topk, load_teacher_topk, train_distill
 from herd.posttrain.io import save_tensors
 from herd.posttrain.prune import activation_importance, ffn_rule_for, prune_model
-from herd.posttrain.soup import average_checkpoints, average_models
+from herd.posttrain.soup import average_model_dirs, average_models
 from herd.tokenizer import Message
 
 
@@ -92,7 +92,7 @@ def test_distillation_lowers_the_kl_and_topk_cache_round_trips(fmt, tiny_model, 
     top = torch.log_softmax(full / 2.0, dim=-1).topk(16, dim=-1)
     torch.testing.assert_close(cached.logprobs, top.values)
     assert torch.equal(cached.indices.long(), top.indices)
-    cfg = OptimConfig(lr=1e-2, steps=30, batch_size=2)
+    cfg = FinetuneOptimConfig(lr=1e-2, steps=30, batch_size=2)
     live = train_distill(student, rows, cfg, teacher=teacher, temperature=2.0, alpha=1.0, log=None)
     assert live.fit.metrics[-1]["kl"] < 0.5 * live.fit.metrics[0]["kl"]
     run = train_distill(tiny_model(seed=5), rows, cfg, topk=cached, temperature=2.0, alpha=1.0, log=None)
@@ -106,7 +106,7 @@ def test_distillation_lowers_the_kl_and_topk_cache_round_trips(fmt, tiny_model, 
 def test_topk_cache_is_tied_to_its_temperature_and_format(fmt, tiny_model, tmp_path):
     rows = _rows(fmt, n=2)
     path = cache_teacher_topk(tiny_model(seed=4), rows[0], rows[2], k=4, temperature=2.0, path=tmp_path / "t.st")
-    cfg = OptimConfig(lr=1e-2, steps=1, batch_size=2)
+    cfg = FinetuneOptimConfig(lr=1e-2, steps=1, batch_size=2)
     with pytest.raises(ValueError, match="temperature 2.0, training asks for 1.0"):
         train_distill(tiny_model(seed=5), rows, cfg, topk=load_teacher_topk(path), temperature=1.0, log=None)
     # A cache from before the log-probabilities were stored (raw top-k logits, no temperature).
@@ -125,7 +125,7 @@ def test_soup_is_the_weighted_mean(tiny_model, tmp_path):
     torch.testing.assert_close(avg.state_dict()[w], (a.state_dict()[w] + b.state_dict()[w]) / 2)
     save_model(a, tmp_path / "a")
     save_model(b, tmp_path / "b")
-    weighted = average_checkpoints([tmp_path / "a", tmp_path / "b"], weights=[3, 1])
+    weighted = average_model_dirs([tmp_path / "a", tmp_path / "b"], weights=[3, 1])
     torch.testing.assert_close(weighted.state_dict()[w], 0.75 * a.state_dict()[w] + 0.25 * b.state_dict()[w])
     assert weighted.output.weight is weighted.tok_embeddings.weight or not weighted.args.tie_embeddings
     with pytest.raises(ValueError, match="different shape"):

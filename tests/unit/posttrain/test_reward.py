@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from herd.generate import SamplingParams
-from herd.posttrain.config import OptimConfig
+from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import PreferencePair
 from herd.posttrain.rejection import prompts_from_dialogs, rejection_sample
 from herd.posttrain.reward import (
@@ -39,7 +39,7 @@ def test_reward_training_learns_a_held_out_ranking(fmt, tiny_model, tmp_path):
     rm = RewardModel(tiny_model(seed=3))
     train, held = encode_ranked(fmt, _pairs(48)), encode_ranked(fmt, _pairs(16, offset=100))
     assert [len(r.responses) for r in train[:2]] == [2, 3]
-    result = train_reward_model(rm, train, OptimConfig(lr=1e-2, steps=30, batch_size=8), val_items=held, log=None)
+    result = train_reward_model(rm, train, FinetuneOptimConfig(lr=1e-2, steps=30, batch_size=8), val_items=held, log=None)
     assert result.val_accuracy_before == 0.0  # zero-initialised head: all rewards tie
     assert result.val_accuracy >= 0.9
     save_reward_model(rm, tmp_path / "rm")

@@ -7,7 +7,7 @@ import torch
 
 from herd.model import ModelArgs, build_model
 from herd.train.config import OptimConfig
-from herd.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from herd.train.core import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.train.optim import build_optimizer, param_groups
 
 

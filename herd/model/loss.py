@@ -1,5 +1,10 @@
 """Next-token cross-entropy in fp32, optionally with the output head computed in chunks.
 
+The one summed cross-entropy of the project: herd.parallel (below train in the dependency
+order) needs it as the default loss of a parallelised model, herd.train.core as the loss of
+every layout, and post-training as the plain path of SFT and distillation, so it lives here,
+beside the model whose logits it scores.
+
 The loss is returned as a *sum* over predicted tokens, not a mean: the trainer divides by the
 number of targets in the whole (accumulated) batch, so every token weighs the same however the
 batch is split into micro-batches and however many targets each row has (-100 marks none).
@@ -17,13 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from herd.targets import IGNORE_INDEX
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of -log p(target) over positions whose target is not -100. logits (..., V), targets (...)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Sum of -log p(target) over positions whose target is not -100. logits (..., V), targets (...).
+
+    `flatten` rather than `reshape(-1, V)`: under tensor parallelism the logits are a DTensor
+    sharded on the vocabulary, whose local last dimension is not V.
+    """
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
