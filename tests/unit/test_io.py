@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from herd.io import atomic_write_bytes, atomic_write_json, give_default_mode, write_files
+from herd.io import atomic_dir, atomic_file, atomic_write_bytes, atomic_write_json, give_default_mode, write_files
 
 
 def _umask() -> int:
@@ -55,3 +55,37 @@ def test_give_default_mode_covers_a_whole_temporary_folder(tmp_path):
 def test_write_files_refuses_paths_outside_the_folder(tmp_path):
     with pytest.raises(ValueError):
         write_files(tmp_path, {"../escape.txt": b"no"})
+
+
+def test_atomic_file_publishes_on_success_only(tmp_path):
+    path = tmp_path / "deep" / "m.gguf"
+    with atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and not path.exists()  # beside it, not yet in place
+        tmp.write_bytes(b"v1")  # a writer that opens the name itself
+    assert path.read_bytes() == b"v1" and _mode(path) == 0o666 & ~_umask()
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"v1"
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"]  # the temporary file is gone
+
+
+def test_atomic_dir_replaces_whole_folders_or_nothing(tmp_path):
+    dst = tmp_path / "ckpt"
+    atomic_dir(dst, lambda d: write_files(d, {"a.json": b"1", "sub/b.bin": b"2"}), overwrite=False)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["a.json", "sub", "sub/b.bin"]
+    assert _mode(dst) == 0o777 & ~_umask()  # not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="already exists"):
+        atomic_dir(dst, lambda d: None, overwrite=False)
+
+    def half(d):
+        write_files(d, {"a.json": b"new"})
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_dir(dst, half, overwrite=True)
+    assert (dst / "a.json").read_bytes() == b"1"  # the old folder is intact
+    atomic_dir(dst, lambda d: write_files(d, {"c.txt": b"3"}), overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["c.txt"]  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary or old folder left
