@@ -84,6 +84,13 @@ def check_against_weights(
 
     layers = {int(m.group(1)) for key in shapes if (m := _LAYER.match(key))}
     n_layers = max(layers) + 1 if layers else 0
+    if len(layers) != n_layers:
+        # Else one stray `layers.999999999.*` tensor would make 10**9 layers look like the weights'.
+        gap = next(i for i, layer in enumerate(sorted(layers)) if i != layer)
+        raise ValueError(
+            f"{source}: the weights' layers are not numbered 0 .. {n_layers - 1} without gaps (no tensor of layer "
+            f"{gap}); the checkpoint is incomplete or corrupt"
+        )
     if args.n_layers != n_layers:
         refuse(fields.n_layers, args.n_layers,
                f"the weights hold {n_layers} layers (numbered 0 .. {n_layers - 1})" if n_layers

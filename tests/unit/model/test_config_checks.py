@@ -138,6 +138,19 @@ def test_tampered_meta_params_are_refused_at_once(checkpoints, tmp_path, shards,
     _refused(_tampered_dir(checkpoints[shards], tmp_path / "meta", "params.json", edit), match)
 
 
+@pytest.mark.timeout(60)
+def test_a_stray_far_layer_cannot_vouch_for_a_huge_layer_count(checkpoints, tmp_path):
+    # One tensor named for layer 10**9 - 1 plus n_layers = 10**9: the count agrees with the highest
+    # layer number, so only the gap between layer 1 and it shows the config is not the weights'.
+    meta = _tampered_dir(checkpoints["meta1"], tmp_path / "meta", "params.json", lambda p: p.update(n_layers=10**9))
+    shard = meta / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd[f"layers.{10**9 - 1}.attention_norm.weight"] = torch.ones(64)
+    shard.unlink()  # a symlink to the shared file; write a new one
+    torch.save(sd, shard)
+    _refused(meta, r"layers are not numbered 0 \.\. 999999999 without gaps \(no tensor of layer 2\)")
+
+
 GGUF_CASES = [
     (dict(block_count=10**9), r"llama\.block_count = 1000000000 but the weights hold 2 layers"),
     (dict(context_length=10**12), r"llama\.context_length = 1000000000000, more positions"),
