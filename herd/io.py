@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,38 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_dir(dst: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Run write(tmp) on a temporary folder beside `dst`, then rename it into place.
+
+    A reader never sees a half-written folder under dst: either the old one, nothing (for the
+    instant between two renames when overwriting), or the complete new one. Without `overwrite`
+    an existing file or non-empty folder at dst is a FileExistsError.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        if not dst.is_dir() or any(dst.iterdir()):
+            raise FileExistsError(f"{dst} already exists; pass overwrite=True or choose another path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        write(tmp)
+        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

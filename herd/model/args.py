@@ -12,6 +12,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Longest context herd accepts. max_seq_len sizes the RoPE table (max_seq_len x head_dim/2
+# complex64: 8 GiB here at head_dim 128) and bounds KV caches; no published model comes near it
+# (Llama 3.1: 2**17; the longest open contexts, ~10M tokens, are below 2**24), so a larger value
+# is a corrupt or hostile config, refused before terabytes are asked for.
+MAX_SEQ_LEN = 2**24
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -63,6 +69,12 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(
+                f"ModelArgs.max_seq_len = {self.max_seq_len} is longer than any model's context (herd's limit is "
+                f"2**24 = {MAX_SEQ_LEN} positions; the RoPE table is max_seq_len x head_dim/2 complex numbers); "
+                "pass the model's real context length"
+            )
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) for "

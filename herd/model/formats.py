@@ -19,10 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +29,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.io import give_default_mode, write_files
+from herd.io import atomic_dir, write_files
 from herd.model.args import ModelArgs
+from herd.model.checks import check_against_weights
 from herd.model.keymap import (
+    _IGNORED_HF_SUFFIX,
     HF_CONFIG,
+    HF_FIELDS,
     _dtype_name,
     _permute_qk,
     _rename_from_hf,
     args_from_hf_config,
+    herd_key,
     hf_config_from_args,
     hf_key,
     permute_from_hf,
@@ -144,6 +145,22 @@ def _index_files(index_file: Path) -> tuple[Path, ...]:
 # ---- reading -------------------------------------------------------------------------------
 
 
+def _safetensors_header(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of every tensor, from the files' headers only."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key in out:
+                        raise ValueError(f"tensor {key!r} appears in more than one shard (again in {path})")
+                    info = f.get_slice(key)  # a lazy view: nothing of the data is read
+                    out[key] = (tuple(info.get_shape()), info.get_dtype())
+        except safetensors.SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return out
+
+
 def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in files:
@@ -151,23 +168,28 @@ def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
             # safe_open maps the file (copy-on-write) instead of reading it into memory.
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key in out:
-                        raise ValueError(f"tensor {key!r} appears in more than one shard (again in {path})")
                     out[key] = f.get_tensor(key)
         except safetensors.SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     return out
 
 
-def _read_hf(loc: _Located, args: ModelArgs) -> dict[str, torch.Tensor]:
-    raw = _read_safetensors(loc.weight_files)
+def _check_hf_header(loc: _Located, args: ModelArgs) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shards' headers, checked against the index and config.json before any tensor is mapped."""
+    header = _safetensors_header(loc.weight_files)
     if loc.index_file is not None:
         listed = set(_read_json(loc.index_file)["weight_map"])
-        if listed != set(raw):
-            diff = sorted(listed ^ set(raw))
+        if listed != set(header):
+            diff = sorted(listed ^ set(header))
             raise ValueError(f"{loc.index_file} does not match its shards; differing keys: {', '.join(diff[:5])}")
-    _check_vocab(raw.get(hf_key("tok_embeddings.weight")), args, loc.config_file)
-    sd = _rename_from_hf(raw, args)
+    shapes = {herd_key(k) or k: shape for k, (shape, _) in header.items() if not k.endswith(_IGNORED_HF_SUFFIX)}
+    check_against_weights(args, shapes, HF_FIELDS, source=loc.root)
+    return header
+
+
+def _read_hf(loc: _Located, args: ModelArgs) -> dict[str, torch.Tensor]:
+    _check_hf_header(loc, args)  # first: a config of 10**9 layers must not reach _check_state_dict
+    sd = _rename_from_hf(_read_safetensors(loc.weight_files), args)
     _check_state_dict(sd, args, source=loc.root)  # before permuting, so bad shapes name their key
     return _permute_qk(sd, args, permute_from_hf)
 
@@ -179,14 +201,6 @@ def _meta_args(loc: _Located, shards: list[dict[str, torch.Tensor]]) -> ModelArg
 def _read_meta(loc: _Located) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     # Meta's layouts (any model-parallel degree, replicated KV heads, Llama 1/2) live in meta.py.
     return read_meta(_read_json(loc.config_file), loc.weight_files, config_file=loc.config_file)
-
-
-def _check_vocab(emb: torch.Tensor | None, args: ModelArgs, config_file: Path) -> None:
-    if emb is not None and emb.shape[0] != args.vocab_size:
-        raise ValueError(
-            f"vocab mismatch: {config_file.name} says vocab_size={args.vocab_size} but the embedding has "
-            f"{emb.shape[0]} rows; fix vocab_size in {config_file}"
-        )
 
 
 def _expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
@@ -283,35 +297,6 @@ def _materialize(
 
 
 # ---- save ----------------------------------------------------------------------------------
-
-
-def _atomic_dir(dst: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
-    """Run write(tmp) on a temp directory beside dst, then rename it into place.
-
-    A reader never sees a half-written checkpoint under dst: either the old one, nothing (for
-    the instant between two renames when overwriting), or the complete new one.
-    """
-    if dst.exists() and not overwrite:
-        if not dst.is_dir() or any(dst.iterdir()):
-            raise FileExistsError(f"{dst} already exists; pass overwrite=True or choose another path")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        write(tmp)
-        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -424,7 +409,7 @@ def _save(
             _write_meta(tmp, args, sd, num_shards=num_shards)
         write_files(tmp, extra_files)
 
-    _atomic_dir(dst, write, overwrite=overwrite)
+    atomic_dir(dst, write, overwrite=overwrite)
     return dst
 
 
@@ -490,16 +475,8 @@ def describe(path: str | os.PathLike) -> CheckpointInfo:
             args = args_from_hf_config(config)
         except ValueError as e:
             raise ValueError(f"{loc.config_file}: {e}") from e
-        emb_key = hf_key("tok_embeddings.weight")
-        dtype = None
-        for f in loc.weight_files:
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    if emb_key in h.keys():
-                        raw = h.get_slice(emb_key).get_dtype()
-                        dtype = _SAFETENSORS_DTYPES.get(raw, raw)
-            except safetensors.SafetensorError as e:
-                raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        emb = _check_hf_header(loc, args).get(hf_key("tok_embeddings.weight"))
+        dtype = None if emb is None else _SAFETENSORS_DTYPES.get(emb[1], emb[1])
     else:
         shards = [torch_load(p) for p in loc.weight_files]  # mmap: only the tie / KV-copy checks read data
         args = _meta_args(loc, shards)

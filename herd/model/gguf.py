@@ -22,22 +22,17 @@ transformers' GGUF loader `modeling_gguf_pytorch_utils.py`):
   and llama.cpp divides the rotation angles by it. herd recovers a `RopeScaling` from those
   divisors and keeps it only if it reproduces them. (transformers ignores the tensor.)
 * A tied output head is a missing `output.weight`; llama.cpp then reuses `token_embd`.
-* Writing follows the converter at F32 / F16 / Q8_0 (every matrix, embedding included, in the
-  file's type; norms and `rope_freqs` in F32) and `llama-quantize` at Q4_0, which keeps the
-  output head (the embedding when tied) at more bits: Q6_K there, Q8_0 here because the `gguf`
-  package cannot write K-quants (Q8_0 is also llama.cpp's own fallback for that tensor).
+* Writing (`gguf_write.py`, re-exported here) follows the converter and `llama-quantize`; the
+  tensor-name table both directions share is `gguf_names.py`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -46,67 +41,26 @@ import torch
 
 from herd.gguf_header import GGUFHeader, read_gguf_header
 from herd.model.args import ModelArgs, RopeScaling
+from herd.model.checks import ConfigFields, check_against_weights, check_context_length
 from herd.model.formats import (
     CheckpointInfo,
     _expected_shapes,
     _materialize,
-    _model_state,
 )
+from herd.model.gguf_names import ARCH, ROPE_FREQS, gguf_name, gguf_package, herd_name
+from herd.model.gguf_write import write_gguf
 from herd.model.keymap import _ffn_params_for
 from herd.model.llama import Transformer
 from herd.model.rope import rope_frequencies
 
-ARCH = "llama"
 _MAGIC = b"GGUF"
-_ROPE_FREQS = "rope_freqs.weight"
 _LLAMA3_ORIGINAL_CONTEXT = 8192  # what llama.cpp's converter assumes when computing rope_freqs
-
-# GGUF tensor name -> herd/Meta name; "{}" is the block (layer) index.
-_NAMES: dict[str, str] = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
-    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
-    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
-    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
-    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
-    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
-    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
-    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
-    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
-}
-_NAMES_INV = {herd: g for g, herd in _NAMES.items()}
-_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.")
-_HERD_LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
-def _rename(name: str, pattern: re.Pattern[str], prefix: str, table: Mapping[str, str]) -> str | None:
-    m = pattern.match(name)
-    template = f"{prefix}.{{}}.{name[m.end():]}" if m else name
-    out = table.get(template)
-    return None if out is None else (out.format(m.group(1)) if m else out)
-
-
-def herd_name(gguf_name: str) -> str | None:
-    """herd/Meta parameter name of a GGUF tensor name, or None for a tensor herd does not know."""
-    return _rename(gguf_name, _GGUF_BLOCK, "blk", _NAMES)
-
-
-def gguf_name(herd_key: str) -> str:
-    """GGUF tensor name of a herd/Meta parameter name."""
-    out = _rename(herd_key, _HERD_LAYER, "layers", _NAMES_INV)
-    if out is None:
-        raise ValueError(f"{herd_key!r} is not a Llama parameter name (expected e.g. 'layers.0.attention.wq.weight')")
-    return out
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:
-        raise ImportError("GGUF files need the `gguf` package (llama.cpp's own): pip install 'herd[models]'") from e
-    return gguf
+GGUF_FIELDS = ConfigFields(
+    file="the metadata", n_layers=f"{ARCH}.block_count", dim=f"{ARCH}.embedding_length",
+    n_heads=f"{ARCH}.attention.head_count", n_kv_heads=f"{ARCH}.attention.head_count_kv",
+    ffn_hidden_dim=f"{ARCH}.feed_forward_length", vocab_size=f"{ARCH}.vocab_size",
+    max_seq_len=f"{ARCH}.context_length", tensor_name=gguf_name,
+)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -171,7 +125,7 @@ def _open(path: str | os.PathLike) -> GGUFHeader:
 
 def _locate(header: GGUFHeader, source: Path) -> dict[str, _Tensor]:
     """Every tensor's type, torch shape and byte range, checked against the file's size."""
-    gguf = _gguf()
+    gguf = gguf_package()
     out: dict[str, _Tensor] = {}
     for info in header.tensors:
         try:
@@ -196,12 +150,12 @@ def _locate(header: GGUFHeader, source: Path) -> dict[str, _Tensor]:
 def _array(raw: np.ndarray, t: _Tensor) -> np.ndarray:
     """A tensor's bytes (uint8, exactly `t.nbytes`) as GGUFReader shapes them and `gguf.quants.dequantize`
     takes them: F32 / F16 as float arrays in torch order, every other type as uint8 rows of blocks."""
-    Q = _gguf().GGMLQuantizationType
+    Q = gguf_package().GGMLQuantizationType
     if t.type == Q.F32:
         return raw.view(np.float32).reshape(t.shape)
     if t.type == Q.F16:
         return raw.view(np.float16).reshape(t.shape)
-    block, block_bytes = _gguf().GGML_QUANT_SIZES[t.type]
+    block, block_bytes = gguf_package().GGML_QUANT_SIZES[t.type]
     return raw.reshape(*t.shape[:-1], t.shape[-1] // block * block_bytes)  # (rows..., bytes per row)
 
 
@@ -274,6 +228,7 @@ def _args_from_metadata(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int,
         raise ValueError(f"{source}: {ARCH}.vocab_size = {vocab_size} but token_embd.weight has {emb[0]} rows")
     theta = _f32(get("rope.freq_base", 10000.0))  # llama.cpp's default when the key is absent
     context = int(get("context_length"))
+    check_context_length(context, field=f"{ARCH}.context_length", file=str(source))
     try:
         multiple_of, multiplier = _ffn_params_for(dim, int(get("feed_forward_length")))
         scaling = None
@@ -313,7 +268,7 @@ def _rope_scaling_from_divisors(divisors: np.ndarray, *, head_dim: int, theta: f
     d = torch.from_numpy(np.asarray(divisors, dtype=np.float32).copy())
     if d.shape != (head_dim // 2,) or not torch.isfinite(d).all() or (d <= 0).any():
         raise ValueError(
-            f"{source}: {_ROPE_FREQS} has shape {tuple(d.shape)} (needs ({head_dim // 2},) positive finite values, "
+            f"{source}: {ROPE_FREQS} has shape {tuple(d.shape)} (needs ({head_dim // 2},) positive finite values, "
             "one per rotary pair)"
         )
     if torch.allclose(d, torch.ones_like(d), rtol=0, atol=1e-6):
@@ -352,16 +307,19 @@ def _rope_scaling_from_divisors(divisors: np.ndarray, *, head_dim: int, theta: f
         if fits(scaling):
             return scaling
     raise ValueError(
-        f"{source}: {_ROPE_FREQS} does not follow Llama 3.1's RoPE scaling rule (divisor 1 for short "
+        f"{source}: {ROPE_FREQS} does not follow Llama 3.1's RoPE scaling rule (divisor 1 for short "
         "wavelengths, one constant factor for long ones, a linear blend in between), so herd cannot "
         f"reproduce it; divisors: {[round(float(v), 4) for v in d]}"
     )
 
 
 def _check_shapes(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
+    # The metadata's shape fields first: a block_count of 10**9 must not reach _expected_shapes.
+    herd_shapes = {key: shape for name, shape in shapes.items() if (key := herd_name(name)) is not None}
+    check_against_weights(args, herd_shapes, GGUF_FIELDS, source=source)
     expected = {gguf_name(k): tuple(s) for k, s in _expected_shapes(args).items()
                 if not (k == "output.weight" and args.tie_embeddings)}
-    unknown = sorted(n for n in shapes if n not in expected and n != _ROPE_FREQS)
+    unknown = sorted(n for n in shapes if n not in expected and n != ROPE_FREQS)
     if unknown:
         raise ValueError(
             f"{source} holds tensors a Llama model does not have: {', '.join(unknown[:5])}; it is not a plain "
@@ -379,7 +337,7 @@ def _check_shapes(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source
 
 
 def _dequantize(t: _Tensor, data: np.ndarray, source: Path) -> torch.Tensor:
-    gguf = _gguf()
+    gguf = gguf_package()
     Q = gguf.GGMLQuantizationType
     if t.type in (Q.F32, Q.F16):  # already (rows, cols) of the right dtype: share the memory map
         return torch.from_numpy(data)
@@ -403,10 +361,10 @@ def _scan(path: str | os.PathLike, *, summarize_arrays: bool = False):
     tensors = _locate(header, source)
     shapes = {name: t.shape for name, t in tensors.items()}
     divisors = None
-    if _ROPE_FREQS in tensors:
-        freqs = tensors[_ROPE_FREQS]
+    if ROPE_FREQS in tensors:
+        freqs = tensors[ROPE_FREQS]
         raw = np.fromfile(source, dtype=np.uint8, count=freqs.nbytes, offset=freqs.offset)
-        divisors = np.array(_gguf().quants.dequantize(_array(raw, freqs), freqs.type), dtype=np.float32).reshape(-1)
+        divisors = np.array(gguf_package().quants.dequantize(_array(raw, freqs), freqs.type), dtype=np.float32).reshape(-1)
     args = _args_from_metadata(meta, shapes, divisors, source)
     _check_shapes(args, shapes, source)
     return meta, tensors, args
@@ -462,168 +420,6 @@ def describe_gguf(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(path=source, format="gguf", args=args, config=meta, files=(source.name,), dtype=summary,
                           num_params=args.num_params(), bytes_on_disk=source.stat().st_size)
 
-
-# ---- writing -------------------------------------------------------------------------------
-
-# qtype -> general.file_type (llama.cpp's LlamaFileType numbers)
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}
-
-# The tokenizer keys a writer accepts and their GGUF value types. llama.cpp reads each with
-# one exact type (token_type must be an int32 array, ids uint32, flags bool), so nothing is
-# inferred from the Python value.
-_TOKENIZER_KEYS: dict[str, str] = {
-    "tokenizer.ggml.model": "str",
-    "tokenizer.ggml.pre": "str",
-    "tokenizer.ggml.tokens": "str[]",
-    "tokenizer.ggml.token_type": "int32[]",
-    "tokenizer.ggml.scores": "float32[]",
-    "tokenizer.ggml.merges": "str[]",
-    "tokenizer.ggml.bos_token_id": "id",
-    "tokenizer.ggml.eos_token_id": "id",
-    "tokenizer.ggml.eot_token_id": "id",
-    "tokenizer.ggml.eom_token_id": "id",
-    "tokenizer.ggml.padding_token_id": "id",
-    "tokenizer.ggml.unknown_token_id": "id",
-    "tokenizer.ggml.add_bos_token": "bool",
-    "tokenizer.ggml.add_eos_token": "bool",
-    "tokenizer.ggml.add_space_prefix": "bool",
-    "tokenizer.chat_template": "str",
-}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool)
-
-
-def _check_tokenizer_metadata(meta: Mapping[str, Any], vocab_size: int) -> list[tuple[str, Any, str]]:
-    """Validated (key, value, kind) triples; ValueError naming the first bad entry."""
-    unknown = sorted(set(meta) - set(_TOKENIZER_KEYS))
-    if unknown:
-        raise ValueError(f"tokenizer_metadata has unknown keys {', '.join(unknown)}; allowed: {', '.join(_TOKENIZER_KEYS)}")
-    out = []
-    for key, value in meta.items():
-        kind = _TOKENIZER_KEYS[key]
-        if kind.endswith("[]"):
-            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-                raise ValueError(f"tokenizer_metadata[{key!r}] must be a non-empty list, got {type(value).__name__}")
-            item_ok = {"str[]": lambda v: isinstance(v, str),
-                       "int32[]": lambda v: _is_int(v) and -2**31 <= v < 2**31,
-                       "float32[]": lambda v: isinstance(v, Real) and not isinstance(v, bool)}[kind]
-            bad = [i for i, v in enumerate(value) if not item_ok(v)]
-            if bad:
-                raise ValueError(f"tokenizer_metadata[{key!r}] must hold {kind[:-2]} values only; entry {bad[0]} "
-                                 f"is {value[bad[0]]!r}")
-            if key != "tokenizer.ggml.merges" and len(value) != vocab_size:
-                raise ValueError(
-                    f"tokenizer_metadata[{key!r}] has {len(value)} entries but the model's vocabulary has {vocab_size} "
-                    "tokens; llama.cpp needs one entry per embedding row"
-                )
-            value = list(value)
-        elif kind == "id":
-            if not _is_int(value) or not 0 <= value < vocab_size:
-                raise ValueError(f"tokenizer_metadata[{key!r}] must be a token id in [0, {vocab_size}), got {value!r}")
-            value = int(value)
-        elif kind == "bool" and not isinstance(value, bool):
-            raise ValueError(f"tokenizer_metadata[{key!r}] must be True or False, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise ValueError(f"tokenizer_metadata[{key!r}] must be a string, got {type(value).__name__}")
-        out.append((key, value, kind))
-    return out
-
-
-def _tensor_type(key: str, t: torch.Tensor, args: ModelArgs, qtype: str) -> str:
-    if t.dim() == 1:
-        return "F32"  # llama.cpp's norm code handles F32 only
-    is_head = key == "output.weight" or (key == "tok_embeddings.weight" and args.tie_embeddings)
-    want = "Q8_0" if qtype == "Q4_0" and is_head else qtype
-    if want in ("Q4_0", "Q8_0") and t.shape[-1] % 32 != 0:
-        want = "F16"  # rows must be whole 32-value blocks; the converter falls back the same way
-    return want
-
-
-def write_gguf(
-    model: Transformer,
-    path: str | os.PathLike,
-    *,
-    qtype: str = "F32",
-    tokenizer_metadata: Mapping[str, Any] | None = None,
-    name: str | None = None,
-) -> Path:
-    """Write `model` as a llama.cpp GGUF file at `path`, atomically (temp file + rename).
-
-    qtype: "F32", "F16", "Q8_0" or "Q4_0" for the 2-D weights; norms stay F32. At Q4_0 the
-    output head (the embedding when tied) is Q8_0, as llama-quantize keeps it at 6+ bits; a
-    matrix whose rows are not whole 32-value blocks falls back to F16.
-    tokenizer_metadata: `tokenizer.ggml.*` / `tokenizer.chat_template` keys with plain Python
-    values (see `_TOKENIZER_KEYS`). llama.cpp refuses a file without a vocabulary; herd reads
-    one either way.
-    """
-    if qtype not in _FILE_TYPES:
-        raise ValueError(f"qtype must be one of {', '.join(_FILE_TYPES)}, got {qtype!r}")
-    args, sd = _model_state(model)
-    tokenizer = _check_tokenizer_metadata(tokenizer_metadata or {}, args.vocab_size)
-    gguf = _gguf()
-    Q = gguf.GGMLQuantizationType
-    tensors: dict[str, tuple[Any, torch.Tensor]] = {}  # GGUF name -> (GGML type, float tensor), file order
-    if args.rope_scaling is not None:
-        # llama.cpp divides each pair's angle by its entry: unscaled / scaled frequency.
-        unscaled = rope_frequencies(args.head_dim, args.rope_theta, None)
-        tensors[_ROPE_FREQS] = (Q.F32, unscaled / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling))
-    for key, t in sd.items():
-        if not (key == "output.weight" and args.tie_embeddings):  # llama.cpp reuses token_embd then
-            tensors[gguf_name(key)] = (Q[_tensor_type(key, t, args, qtype)], t)
-
-    dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name beside dst (not mkstemp, whose 0600 mode would stick to the final file).
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")
-    w = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        _add_metadata(w, args, qtype=qtype, tokenizer=tokenizer, name=name)
-        # Declare every tensor first, then quantize and write one at a time, so memory holds
-        # one tensor's blocks rather than the whole file's (what GGUFWriter.add_tensor would do).
-        for gname, (kind, t) in tensors.items():
-            block, size = gguf.GGML_QUANT_SIZES[kind]
-            w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), t.numel() // block * size, raw_dtype=kind)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for kind, t in tensors.values():
-            w.write_tensor_data(gguf.quants.quantize(t.detach().float().contiguous().numpy(), kind))
-        w.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
-
-
-def _add_metadata(w, args: ModelArgs, *, qtype: str, tokenizer: list[tuple[str, Any, str]], name: str | None) -> None:
-    gguf = _gguf()
-    T = gguf.GGUFValueType
-    w.add_type("model")
-    if name is not None:
-        w.add_name(name)
-    w.add_file_type(_FILE_TYPES[qtype])
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_key_length(args.head_dim)
-    w.add_value_length(args.head_dim)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_vocab_size(args.vocab_size)
-    kinds = {"str": (T.STRING, None), "bool": (T.BOOL, None), "id": (T.UINT32, None),
-             "str[]": (T.ARRAY, T.STRING), "int32[]": (T.ARRAY, T.INT32), "float32[]": (T.ARRAY, T.FLOAT32)}
-    for key, value, kind in tokenizer:
-        vtype, sub = kinds[kind]
-        w.add_key_value(key, value, vtype, sub_type=sub)
 
 __all__ = [
     "GGUFCheckpoint",

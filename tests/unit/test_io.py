@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from herd.io import atomic_write_bytes, atomic_write_json, give_default_mode, write_files
+from herd.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, give_default_mode, write_files
 
 
 def _umask() -> int:
@@ -58,15 +58,13 @@ def test_write_files_refuses_paths_outside_the_folder(tmp_path):
 
 
 def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
-    from herd.io import atomic_path
-
     dest = tmp_path / "sub" / "docs.jsonl.gz"
     with atomic_path(dest) as tmp:
         # The writer sees a temporary name in the same folder that keeps the compression suffix.
         assert tmp.parent == dest.parent and tmp.name.endswith(".gz") and not dest.exists()
         tmp.write_bytes(b"new")
     assert dest.read_bytes() == b"new" and sorted(p.name for p in dest.parent.iterdir()) == ["docs.jsonl.gz"]
-    assert dest.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~_umask()
     try:
         with atomic_path(dest) as tmp:
             tmp.write_bytes(b"half")
@@ -76,9 +74,35 @@ def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
     assert dest.read_bytes() == b"new" and sorted(p.name for p in dest.parent.iterdir()) == ["docs.jsonl.gz"]
 
 
-def _current_umask():
-    import os
+def test_atomic_path_replaces_only_when_the_writer_succeeds(tmp_path):
+    path = tmp_path / "deep" / "m.gguf"
+    with atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and not path.exists()  # beside it, not yet in place
+        tmp.write_bytes(b"v1")  # a writer that opens the name itself
+    assert path.read_bytes() == b"v1" and _mode(path) == 0o666 & ~_umask()
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"v1"
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"]  # the temporary file is gone
 
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+
+def test_atomic_dir_replaces_whole_folders_or_nothing(tmp_path):
+    dst = tmp_path / "ckpt"
+    atomic_dir(dst, lambda d: write_files(d, {"a.json": b"1", "sub/b.bin": b"2"}), overwrite=False)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["a.json", "sub", "sub/b.bin"]
+    assert _mode(dst) == 0o777 & ~_umask()  # not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="already exists"):
+        atomic_dir(dst, lambda d: None, overwrite=False)
+
+    def half(d):
+        write_files(d, {"a.json": b"new"})
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_dir(dst, half, overwrite=True)
+    assert (dst / "a.json").read_bytes() == b"1"  # the old folder is intact
+    atomic_dir(dst, lambda d: write_files(d, {"c.txt": b"3"}), overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["c.txt"]  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary or old folder left

@@ -382,25 +382,33 @@ def test_error_unexpected_keys(hf_dir, meta_dir):
     for i in range(2):
         path = meta_dir / f"consolidated.0{i}.pth"
         sd = torch.load(path, weights_only=True)
-        sd["layers.2.attention.wq.weight"] = torch.zeros(32, 64)
+        sd["layers.1.attention.wq.bias"] = torch.zeros(32)
         torch.save(sd, path)
-    with pytest.raises(ValueError, match=r"unexpected keys \(1\): layers\.2\.attention\.wq\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): layers\.1\.attention\.wq\.bias"):
         load_model(meta_dir)
 
 
 def test_error_shape_mismatch(hf_dir):
     _edit_json(hf_dir / "config.json", lambda c: c.update(num_key_value_heads=1))
-    with pytest.raises(ValueError, match=r"shape mismatch for layers\.0\.attention\.wk\.weight: the config implies "
-                                         r"\(16, 64\), the checkpoint has \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"config.json says num_key_value_heads = 1 but "
+                                         r"model\.layers\.0\.self_attn\.k_proj\.weight has 32 rows, 2 heads"):
+        load_model(hf_dir)
+    # A shape the config's fields do not set (the RMSNorm width of layer 1) is the per-tensor check's.
+    _edit_json(hf_dir / "config.json", lambda c: c.update(num_key_value_heads=2))
+    _rewrite_safetensors(hf_dir / "model.safetensors", lambda t: t.update(
+        {"model.layers.1.input_layernorm.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match=r"shape mismatch for layers\.1\.attention_norm\.weight: the config implies "
+                                         r"\(64,\), the checkpoint has \(32,\)"):
         load_model(hf_dir)
 
 
 def test_error_vocab_mismatch(hf_dir, meta_dir):
     _edit_json(hf_dir / "config.json", lambda c: c.update(vocab_size=300))
-    with pytest.raises(ValueError, match=r"vocab mismatch: config.json says vocab_size=300 but the embedding has 256"):
+    with pytest.raises(ValueError, match=r"config.json says vocab_size = 300 but model.embed_tokens.weight has 256 "
+                                         r"rows"):
         load_model(hf_dir)
     _edit_json(meta_dir / "params.json", lambda p: p.update(vocab_size=128))
-    with pytest.raises(ValueError, match=r"vocab mismatch: params.json says vocab_size=128"):
+    with pytest.raises(ValueError, match=r"params.json says vocab_size = 128 but tok_embeddings.weight has 256 rows"):
         load_model(meta_dir)
 
 
