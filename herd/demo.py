@@ -47,6 +47,7 @@ from herd.data.shards import read_meta, tokenize_to_shards
 from herd.data.speedrun import curate
 from herd.data.split import select_split
 from herd.generate import SamplingParams, generate
+from herd.io import atomic_write_text
 from herd.model import ModelArgs, build_model
 from herd.model.formats import convert, load_model, save_model
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
@@ -394,10 +395,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
     report["timings"] = {name: round(sec, 1) for name, sec in timings}
     report["seconds"] = round(time.time() - t_start, 1)
     path = out_dir / "demo.json"
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp_name, path)  # atomic: a crash never leaves half a report
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str))
     _rule(f"done in {report['seconds']:.0f} s; report {path}")
     print(f"try: herd generate {final_dir} --prompt \"The river\"   |   herd info {final_dir}")
     if not (report["golden_ok"] and report["round_trip"]["logits_identical"]):

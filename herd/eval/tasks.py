@@ -23,9 +23,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from herd.io import atomic_write_text
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -76,14 +77,7 @@ def next_sentence_task(texts: Iterable[str], *, n: int, choices: int = 4, contex
 
 
 def write_task(items: list[dict], path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,40 +9,20 @@ transformers and vLLM directly.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from herd.io import give_default_mode
+from herd.io import atomic_dir as _atomic_dir
+from herd.io import atomic_path
 from herd.model import Transformer, save_model
 from herd.tokenizer.files import checkpoint_tokenizer_files
 
 
 def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
-    """Run write(tmp) in a temporary directory beside dst, then rename it to dst."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists; choose another output directory or allow overwriting")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        write(tmp)
-        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    """herd.io.atomic_dir, replacing by default: post-training stages rewrite their outputs on rerun."""
+    return _atomic_dir(dst, write, overwrite=overwrite)
 
 
 def tokenizer_file(model_dir: str | os.PathLike) -> Path | None:
@@ -75,13 +55,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata or {}))
     return path

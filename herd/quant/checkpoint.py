@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.io import give_default_mode, write_files
+from herd.io import atomic_dir, write_files
 from herd.model.args import ModelArgs
 from herd.model.formats import HF_GENERATION_CONFIG, TOKENIZER_FILES, load_model
 from herd.model.llama import Transformer
@@ -94,22 +92,11 @@ def save_quantized(
         files = {n: (src / n).read_bytes() for n in names if (src / n).is_file()}
     files.update(extra_files or {})
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "herd_quant": config["scheme"]})
-        with open(tmp / QUANT_CONFIG, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        write_files(tmp, files)
-        give_default_mode(tmp)  # mkdtemp and safetensors make 0700/0600; publish with the usual modes
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+        write_files(tmp, {**files, QUANT_CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+
+    return atomic_dir(dst, write, overwrite=overwrite)
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from herd.io import atomic_write_bytes
 from herd.tokenizer.tokenizer import PAT_STR, load_rank_file
 
 MIN_VOCAB_SIZE = 257  # the 256 bytes and at least one merge
@@ -109,15 +109,7 @@ def save_rank_file(ranks: dict[bytes, int], path: str | os.PathLike[str]) -> str
     """Write `<base64 token> <rank>` lines in rank order, atomically; returns the file's sha256."""
     path = Path(path)
     lines = b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, lines)
     return hashlib.sha256(lines).hexdigest()
 
 
