@@ -6,10 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+from herd.io import refuse_existing
+
 
 def cmd_tokenizer_train(opts) -> None:
     from herd.data.prepare import train_tokenizer_on_sources
 
+    # Token shards record their tokenizer's sha256: replacing the file silently would orphan them.
+    refuse_existing(opts.out, overwrite=opts.overwrite)
     r = train_tokenizer_on_sources(opts.sources, opts.out, vocab_size=opts.vocab_size, val_fraction=opts.val_fraction)
     print(f"trained {r.vocab_size:,} BPE tokens on {r.num_chars:,} characters in {r.seconds:.1f} s -> {r.path}")
     print(f"ids 0..{r.n_words - 1} ({r.vocab_size:,} + 256 special), sha256 {r.sha256[:16]}")
@@ -65,8 +69,10 @@ def cmd_data_train_classifier(opts) -> None:
     from herd.data.classifier_sources import labelled_examples, training_options
     from herd.data.pipeline import TrainSpec, train_classifier
 
-    spec = TrainSpec(model=opts.out, examples=labelled_examples(opts.example, limit=opts.limit), kind=opts.kind,
-                     chunk_chars=opts.chunk_chars, options=training_options(opts.kind, epochs=opts.epochs))
+    examples = labelled_examples(opts.example, limit=opts.limit)  # malformed --example first: it is cheaper to fix
+    refuse_existing(opts.out, overwrite=opts.overwrite)
+    spec = TrainSpec(model=opts.out, examples=examples, kind=opts.kind, chunk_chars=opts.chunk_chars,
+                     options=training_options(opts.kind, epochs=opts.epochs))
     info = train_classifier(spec, Path(opts.out), log=lambda m: None)
     print(f"trained {opts.kind} classifier on {sum(info['examples_per_label'].values()):,} examples "
           f"({', '.join(f'{k} {v:,}' for k, v in info['examples_per_label'].items())}) in {info['seconds']} s")
@@ -88,6 +94,7 @@ def _tokenizer_train_args(p):
     _sources_arg(p)
     p.add_argument("--vocab-size", type=int, default=4096, help="base tokens incl. the 256 bytes")
     p.add_argument("--out", required=True, help="rank file to write, e.g. runs/tok/tokenizer.model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing rank file instead of stopping")
 
 
 def _data_tokenize_args(p):
@@ -119,6 +126,7 @@ def _data_train_classifier_args(p):
     p.add_argument("--limit", type=int, help="examples per --example at most (long documents count per chunk)")
     p.add_argument("--chunk-chars", type=int, default=2000, help="long documents are cut into pieces of this size")
     p.add_argument("--epochs", type=int, default=10, help="passes over the examples")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file instead of stopping")
 
 
 COMMANDS = {

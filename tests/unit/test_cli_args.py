@@ -108,6 +108,18 @@ def test_existing_output_directory_is_refused_and_left_alone(command, ckpt, tmp_
     assert _contents(out) == before
 
 
+@pytest.mark.parametrize("command", [
+    ["tokenizer", "train", "--sources", "austen", "--out", "{out}"],
+    ["data", "train-classifier", "--example", "a=wiki-en", "--example", "b=austen", "--out", "{out}"],
+])
+def test_existing_tokenizer_or_classifier_file_is_refused_and_left_alone(command, tmp_path, capsys):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"an older file")
+    assert main([a.format(out=out) for a in command]) == 2
+    _one_line_error(capsys, " ".join(command[:2]), "already exists", "--overwrite")
+    assert out.read_bytes() == b"an older file"
+
+
 def test_existing_gguf_file_is_refused_and_left_alone(ckpt, tmp_path, capsys):
     out = tmp_path / "model.gguf"
     out.write_bytes(b"an older file")
