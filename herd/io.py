@@ -148,3 +148,13 @@ def write_files(root: str | os.PathLike[str], files: Mapping[str, bytes]) -> Non
             raise ValueError(f"file name {rel!r} must be a relative path inside the directory, without '..'")
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
+
+
+def refuse_existing(path: str | os.PathLike[str], *, overwrite: bool) -> None:
+    """Fail before any work when `path` (a file, or a directory with something in it) would be
+    replaced without `overwrite`: converting or quantizing a large model first and refusing to
+    save it afterwards wastes minutes. An empty directory counts as free, as the writers treat it."""
+    p = Path(path)
+    if overwrite or not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return
+    raise FileExistsError(f"{p} already exists; pass --overwrite to replace it or choose another path")

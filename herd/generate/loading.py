@@ -30,7 +30,7 @@ from herd.generate.fast_decode import apply_fast_decode
 from herd.model.formats import load_model
 from herd.model.llama import Transformer
 from herd.quant import apply_cpu_kernels, is_quantized_checkpoint, load_quantized
-from herd.tokenizer import ChatFormat, ChatTemplate, TokenizerLike, chat_format_for, load_tokenizer
+from herd.tokenizer import ChatFormat, ChatTemplate, Message, TokenizerLike, chat_format_for, load_tokenizer
 
 
 @dataclass
@@ -58,6 +58,12 @@ class LoadedModel:
         """A plain-text prompt, with BOS when the checkpoint's tokenizer adds one (Llama) and without
         it when it does not (SmolLM2's GGUF says add_bos_token = false)."""
         return self.tokenizer.encode(text, bos=self.tokenizer.add_bos, eos=False)
+
+    def encode_user_turn(self, text: str, *, system: str | None = None) -> list[int]:
+        """One user turn (after an optional system message) in the checkpoint's chat format, ending
+        where the assistant's reply begins."""
+        messages = [Message(role="system", content=system)] if system else []
+        return self.chat.encode_dialog_prompt([*messages, Message(role="user", content=text)]).tokens
 
 
 def load_for_inference(

@@ -1,0 +1,213 @@
+"""`herd info`, `generate`, `chat`, `tokenize`, `serve`: opening a checkpoint and talking to it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
+
+
+def cmd_info(opts) -> None:
+    from herd.model.formats import describe
+
+    info = describe(opts.path)
+    a = info.args
+    if opts.json:
+        print(json.dumps({"path": str(info.path), "format": info.format, "dtype": info.dtype,
+                          "num_params": info.num_params, "bytes_on_disk": info.bytes_on_disk,
+                          "files": list(info.files), "config": info.config}, indent=2))
+        return
+    scaling = "none" if a.rope_scaling is None else (
+        f"llama3 factor {a.rope_scaling.factor:g} (low {a.rope_scaling.low_freq_factor:g}, "
+        f"high {a.rope_scaling.high_freq_factor:g}, original {a.rope_scaling.original_max_seq_len})")
+    rows = [
+        ("path", str(info.path)),
+        ("format", {"hf": "Hugging Face safetensors", "meta": "Meta consolidated.*.pth",
+                    "gguf": "GGUF (llama.cpp)"}[info.format]),
+        ("files", ", ".join(info.files)),
+        ("dtype", info.dtype),
+        ("parameters", f"{info.num_params:,} ({info.num_params / 1e9:.3f} B)"),
+        ("size on disk", f"{info.bytes_on_disk / 2**20:,.1f} MiB"),
+        ("layers / dim", f"{a.n_layers} / {a.dim}"),
+        ("heads (q / kv)", f"{a.n_heads} / {a.n_kv_heads}, head_dim {a.head_dim}"),
+        ("ffn hidden", str(a.ffn_hidden_dim)),
+        ("vocabulary", f"{a.vocab_size:,}"),
+        ("rope", f"theta {a.rope_theta:g}, scaling {scaling}"),
+        ("context", f"{a.max_seq_len:,} tokens"),
+        ("tied embeddings", "yes" if a.tie_embeddings else "no"),
+        ("KV cache", f"{a.kv_cache_bytes_per_token() / 1024:g} KiB/token in bf16"),
+    ]
+    for k, v in rows:
+        print(f"{k:>16}  {v}")
+
+
+def cmd_generate(opts) -> None:
+    from herd.generate import stream_text
+
+    lm = load(opts)
+    tok = lm.tokenizer
+    if opts.chat:
+        if len(opts.prompt) > 1:
+            raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
+        prompts = [lm.encode_user_turn(opts.prompt[0], system=opts.system)]
+    else:
+        prompts = [lm.encode_text(p) for p in opts.prompt]
+    stop = lm.stop_tokens if not opts.ignore_eos else ()
+    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
+                         stop_tokens=stop, logprobs=opts.logprobs)
+    single = len(prompts) == 1  # a single prompt is streamed as it is produced
+    if single:
+        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            results = done.value
+            break
+        if single and event.texts[0]:
+            print(event.texts[0], end="", flush=True)
+    if single:
+        print()
+    else:
+        for p, r in zip(opts.prompt, results):
+            print(f"--- {p!r}\n{p}{tok.decode(r.tokens)}")
+    for r in results:
+        line = f"[{len(r.tokens)} tokens, finish: {r.finish_reason}]"
+        if opts.logprobs and r.logprobs:
+            line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
+        print(line, file=sys.stderr)
+
+
+def cmd_chat(opts) -> None:
+    from herd.generate.session import ChatSession
+
+    lm = load(opts)
+    session = ChatSession(lm.model, lm.tokenizer, chat=lm.chat, system=opts.system, sampling=sampling(opts),
+                          max_new_tokens=opts.max_new_tokens)
+    print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        print("llama> ", end="", flush=True)
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+        except ValueError as e:  # one bad turn (e.g. too long for the context) keeps the session
+            print(f"\n(error: {e})", file=sys.stderr)
+            continue
+        print()
+        if session.last_reply and session.last_reply.tool_calls:
+            for call in session.last_reply.tool_calls:
+                print(f"(tool call: {call.name}({json.dumps(call.arguments)}))", file=sys.stderr)
+
+
+def cmd_tokenize(opts) -> None:
+    from herd.tokenizer import llama3_tokenizer_path, tokenizer_from_path
+
+    tok = tokenizer_from_path(opts.tokenizer or llama3_tokenizer_path())
+    if opts.decode is not None:
+        try:
+            ids = [int(t) for t in opts.decode.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"--decode takes token ids separated by spaces or commas, got {opts.decode!r}") from None
+        print(tok.decode(ids))
+        return
+    if opts.file:
+        text = Path(opts.file).read_text(encoding="utf-8")
+    elif opts.text is not None:
+        text = opts.text
+    else:
+        text = sys.stdin.read()
+    ids = tok.encode(text, bos=opts.bos, eos=opts.eos, allowed_special="all" if opts.allow_special else frozenset())
+    if opts.count:
+        print(f"{len(ids)} tokens, {len(text)} characters, {len(text) / max(len(ids), 1):.2f} characters/token")
+    elif opts.pieces:
+        print(" ".join(f"{i}:{tok.decode([i])!r}" for i in ids))
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_serve(opts) -> None:
+    from herd.serve.engine import Engine
+    from herd.serve.server import serve
+
+    lm = load(opts)
+    model, tok = lm.model, lm.tokenizer
+    # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
+    # would not fit); --max-seq-len sets it explicitly.
+    context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
+    engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
+                    token_bytes=tok.decode_single_token_bytes, compile=opts.compile)
+    name = opts.model_name or Path(opts.path).resolve().name
+    print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
+          f"tokens, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+    try:
+        chat = lm.chat
+    except ValueError as e:  # a base model without a template still serves /v1/completions
+        chat = None
+        print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
+    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat)
+
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+
+def _info_args(p):
+    p.add_argument("path", help=CHECKPOINT_HELP)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _chat_args(p):
+    add_checkpoint_args(p)
+    add_sampling_args(p)
+
+
+def _generate_args(p):
+    _chat_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
+    p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+
+
+def _tokenize_args(p):
+    p.add_argument("text", nargs="?", help="text to encode (default: stdin)")
+    p.add_argument("--file", help="encode this UTF-8 file")
+    p.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model, .gguf or checkpoint folder (default: Llama 3's)")
+    p.add_argument("--bos", action="store_true")
+    p.add_argument("--eos", action="store_true")
+    p.add_argument("--allow-special", action="store_true", help="parse <|...|> special-token text")
+    p.add_argument("--count", action="store_true", help="print counts and characters/token only")
+    p.add_argument("--pieces", action="store_true", help="print id:piece pairs")
+    p.add_argument("--decode", help="decode these ids (space or comma separated) instead")
+
+
+def _serve_args(p):
+    add_checkpoint_args(p, context_help="context per slot (default: the model's, at most 8192)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
+
+
+COMMANDS = {
+    "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
+    "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
+    "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _chat_args),
+    "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
+    "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),
+}

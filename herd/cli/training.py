@@ -1,0 +1,140 @@
+"""`herd train`, `plan`, `demo` and the post-training stages (`sft`, `rm`, `rs`, `dpo`, `distill`, `prune`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_train(opts) -> None:
+    from herd.parallel.launch import is_rank0, pop_nproc, run_under_torchrun
+    from herd.train import Trainer, load_config
+
+    nproc, overrides = pop_nproc(opts.overrides)
+    if nproc > 1:  # the same command under torchrun: one code path for both spellings
+        code = run_under_torchrun(nproc, ["train", opts.config, *overrides])
+        if code:
+            raise SystemExit(code)
+        return
+    result = Trainer(load_config(opts.config, overrides)).fit()
+    if not is_rank0():
+        return
+    for s in result.stages:
+        line = f"{s.name}: {s.steps} steps, {s.tokens:,} tokens in {s.seconds:.1f} s -> {s.checkpoint}"
+        if s.val_loss is not None:
+            line += f" (val loss {s.val_loss:.4f})"
+        if s.averaged:
+            line += f"; averaged model {s.averaged}"
+        print(line)
+    print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
+          + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
+
+
+def cmd_plan(opts) -> None:
+    from herd.model import ModelArgs
+    from herd.parallel.plan import Layout, format_plan, parse_count, plan
+
+    layout = Layout(gpus=opts.gpus, tp=opts.tp, cp=opts.cp, pp=opts.pp, seq_len=opts.seq,
+                    global_batch_tokens=parse_count(opts.gbs_tokens), micro_batch=opts.micro_batch, ac=opts.ac,
+                    pp_schedule=opts.pp_schedule)
+    p = plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
+    if opts.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return
+    print(format_plan(p, mfu=opts.mfu, peak_flops=opts.peak_tflops * 1e12, gpu_memory_gib=opts.gpu_memory_gib))
+
+
+def cmd_demo(opts) -> None:
+    from herd.demo import run_demo
+
+    run_demo(out_dir=Path(opts.out), quick=opts.quick)
+
+
+def _posttrain(opts, config_cls: str, run: str):
+    import importlib
+
+    from herd.posttrain import config as pt_config
+
+    cfg = pt_config.load_config(getattr(pt_config, config_cls), opts.config, opts.overrides)
+    module, _, fn = run.rpartition(".")
+    return getattr(importlib.import_module(f"herd.posttrain.{module}"), fn)(cfg)
+
+
+def _print_report(report: dict) -> None:
+    for key, value in report.items():
+        print(f"{key:>28}  {value:.4f}" if isinstance(value, float) else f"{key:>28}  {value}")
+
+
+def cmd_sft(opts) -> None:
+    result = _posttrain(opts, "SFTConfig", "sft.run_sft")
+    _print_report({"steps": result.fit.steps, "final loss": result.fit.losses[-1], "val loss": result.val_loss,
+                   "tokens/s": result.fit.tokens_per_s, "train dialogs": result.train_examples,
+                   "packed rows": result.packed_rows, "output": result.output})
+
+
+def _report_command(config_cls: str, run: str):
+    """A stage whose result is already a flat report dict: run it and print the dict."""
+    def command(opts) -> None:
+        _print_report(_posttrain(opts, config_cls, run))
+    return command
+
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+
+def _train_args(p):
+    p.add_argument("config", help="run config TOML (see configs/debug.toml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                   help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200; "
+                   "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...)")
+
+
+def _plan_args(p):
+    p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all; data parallel is what tp x cp x pp leaves")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    p.add_argument("--seq", type=int, required=True, help="sequence length in tokens")
+    p.add_argument("--gbs-tokens", required=True, help="global batch in tokens; K/M/G are powers of 1024 (16M)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per pipeline microbatch")
+    p.add_argument("--pp-schedule", default="1F1B", help="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
+                   "ZBVZeroBubble")
+    p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
+                   help="activation checkpointing for FLOPs and traffic (memory is shown for all three)")
+    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM dense bf16: 989)")
+    p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
+    p.add_argument("--quick", action="store_true",
+                   help="every stage at a fraction of its size (about a minute): checks the chain, not the model")
+
+
+def _posttrain_args(p):
+    p.add_argument("config", help="TOML config (see configs/posttrain_*.toml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                   help="override config values, e.g. --optim.lr 1e-4 --lora.rank 8")
+
+
+COMMANDS = {
+    "plan": (cmd_plan, "size a parallel training layout: memory per GPU, step FLOPs, traffic", _plan_args),
+    "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
+    "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
+            _posttrain_args),
+    "rm": (_report_command("RewardConfig", "reward.run_reward"),
+           "train a reward model on preference JSONL (Bradley-Terry, edited > chosen > rejected)", _posttrain_args),
+    "rs": (_report_command("RejectionConfig", "rejection.run_rejection"),
+           "rejection sampling: K samples per prompt, keep the reward model's best", _posttrain_args),
+    "dpo": (_report_command("DPOConfig", "dpo.run_dpo"),
+            "DPO on preference JSONL (beta, NLL term, formatting tokens masked)", _posttrain_args),
+    "distill": (_report_command("DistillConfig", "distill.run_distill"),
+                "logit distillation from a teacher (forward KL at a temperature + CE)", _posttrain_args),
+    "prune": (_report_command("PruneConfig", "prune.run_prune"),
+              "structured width/depth pruning by activation importance, then distillation", _posttrain_args),
+    "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
+}
