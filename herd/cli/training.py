@@ -12,6 +12,8 @@ def cmd_train(opts) -> None:
     from herd.train import Trainer, load_config
 
     nproc, overrides = pop_nproc(opts.overrides)
+    if _print_config(overrides, lambda rest: load_config(opts.config, rest)):
+        return
     if nproc > 1:  # the same command under torchrun: one code path for both spellings
         code = run_under_torchrun(nproc, ["train", opts.config, *overrides])
         if code:
@@ -51,12 +53,26 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out), quick=opts.quick)
 
 
+def _print_config(overrides: list[str], load) -> bool:
+    """`--print-config` anywhere among the overrides: print the resolved config as TOML (the file,
+    the defaults it leaves out and the overrides) and tell the caller to stop there."""
+    from herd.train.config import to_toml
+
+    if "--print-config" not in overrides:
+        return False
+    print(to_toml(load([a for a in overrides if a != "--print-config"])), end="")
+    return True
+
+
 def _posttrain(opts, config_cls: str, run: str):
     import importlib
 
     from herd.posttrain import config as pt_config
 
-    cfg = pt_config.load_config(getattr(pt_config, config_cls), opts.config, opts.overrides)
+    cls = getattr(pt_config, config_cls)
+    if _print_config(opts.overrides, lambda rest: pt_config.load_config(cls, opts.config, rest)):
+        return None
+    cfg = pt_config.load_config(cls, opts.config, opts.overrides)
     module, _, fn = run.rpartition(".")
     return getattr(importlib.import_module(f"herd.posttrain.{module}"), fn)(cfg)
 
@@ -68,6 +84,8 @@ def _print_report(report: dict) -> None:
 
 def cmd_sft(opts) -> None:
     result = _posttrain(opts, "SFTConfig", "sft.run_sft")
+    if result is None:  # --print-config
+        return
     _print_report({"steps": result.fit.steps, "final loss": result.fit.losses[-1], "val loss": result.val_loss,
                    "tokens/s": result.fit.tokens_per_s, "train dialogs": result.train_examples,
                    "packed rows": result.packed_rows, "output": result.output})
@@ -76,18 +94,42 @@ def cmd_sft(opts) -> None:
 def _report_command(config_cls: str, run: str):
     """A stage whose result is already a flat report dict: run it and print the dict."""
     def command(opts) -> None:
-        _print_report(_posttrain(opts, config_cls, run))
+        report = _posttrain(opts, config_cls, run)
+        if report is not None:  # None: --print-config
+            _print_report(report)
     return command
 
 
 # ---- arguments -----------------------------------------------------------------------------------
 
 
+def _list_config_keys(p, config_class) -> None:
+    """`--help` ends with every config section and key, its default and type (computed when asked,
+    so building the parser imports no config module)."""
+    base = p.format_help
+
+    def format_help() -> str:
+        from herd.train.config import describe_sections
+
+        return (base() + "\nconfig sections and keys (default, type); a TOML file or --section.key VALUE sets them:\n"
+                + describe_sections(config_class()) + "\n")
+
+    p.format_help = format_help
+
+
 def _train_args(p):
     p.add_argument("config", help="run config TOML (see configs/debug.toml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
                    help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200; "
-                   "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...)")
+                   "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...); "
+                   "--print-config prints the resolved config and exits")
+
+    def config_class():
+        from herd.train.config import Config
+
+        return Config
+
+    _list_config_keys(p, config_class)
 
 
 def _plan_args(p):
@@ -115,26 +157,41 @@ def _demo_args(p):
                    help="every stage at a fraction of its size (about a minute): checks the chain, not the model")
 
 
-def _posttrain_args(p):
-    p.add_argument("config", help="TOML config (see configs/posttrain_*.toml)")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
-                   help="override config values, e.g. --optim.lr 1e-4 --lora.rank 8")
+def _posttrain_args(config_cls: str):
+    def add(p):
+        p.add_argument("config", help="TOML config (see configs/posttrain_*.toml)")
+        p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                       help="override config values, e.g. --optim.lr 1e-4 --lora.rank 8; --print-config prints "
+                       "the resolved config and exits")
+
+        def config_class():
+            from herd.posttrain import config as pt_config
+
+            return getattr(pt_config, config_cls)
+
+        _list_config_keys(p, config_class)
+    return add
 
 
 COMMANDS = {
     "plan": (cmd_plan, "size a parallel training layout: memory per GPU, step FLOPs, traffic", _plan_args),
     "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
     "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
-            _posttrain_args),
+            _posttrain_args("SFTConfig")),
     "rm": (_report_command("RewardConfig", "reward.run_reward"),
-           "train a reward model on preference JSONL (Bradley-Terry, edited > chosen > rejected)", _posttrain_args),
+           "train a reward model on preference JSONL (Bradley-Terry, edited > chosen > rejected)",
+           _posttrain_args("RewardConfig")),
     "rs": (_report_command("RejectionConfig", "rejection.run_rejection"),
-           "rejection sampling: K samples per prompt, keep the reward model's best", _posttrain_args),
+           "rejection sampling: K samples per prompt, keep the reward model's best",
+           _posttrain_args("RejectionConfig")),
     "dpo": (_report_command("DPOConfig", "dpo.run_dpo"),
-            "DPO on preference JSONL (beta, NLL term, formatting tokens masked)", _posttrain_args),
+            "DPO on preference JSONL (beta, NLL term, formatting tokens masked)",
+            _posttrain_args("DPOConfig")),
     "distill": (_report_command("DistillConfig", "distill.run_distill"),
-                "logit distillation from a teacher (forward KL at a temperature + CE)", _posttrain_args),
+                "logit distillation from a teacher (forward KL at a temperature + CE)",
+                _posttrain_args("DistillConfig")),
     "prune": (_report_command("PruneConfig", "prune.run_prune"),
-              "structured width/depth pruning by activation importance, then distillation", _posttrain_args),
+              "structured width/depth pruning by activation importance, then distillation",
+              _posttrain_args("PruneConfig")),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
 }

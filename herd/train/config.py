@@ -307,8 +307,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return build(Config, data).validate()
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The TOML-shaped dict of a config (None fields dropped, since TOML has no null)."""
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The TOML-shaped dict of a config tree (None fields dropped, since TOML has no null)."""
     def clean(x):
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items() if v is not None}
@@ -319,21 +319,25 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
-def to_toml(cfg: Config) -> str:
-    """Serialise a config as TOML (stdlib has a reader only; the types here are few)."""
-    d = config_to_dict(cfg)
+def to_toml(cfg: Any) -> str:
+    """Serialise a config tree (train's Config or a post-training one) as TOML that `load_config`
+    reads back to an equal config: sections as [name], lists of sections as [[name]] (stdlib has a
+    TOML reader only; the value types here are few)."""
     out: list[str] = []
-    for section, values in d.items():
-        if section == "stages":
-            continue
-        out.append(f"[{section}]")
+    tables: list[tuple[str, dict]] = []
+    for key, value in config_to_dict(cfg).items():
+        if isinstance(value, dict):
+            tables.append((f"[{key}]", value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables += [(f"[[{key}]]", v) for v in value]
+        else:
+            out.append(f"{key} = {_toml_value(value)}")
+    for header, values in tables:
+        if out:
+            out.append("")
+        out.append(header)
         out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        out.append("")
-    for stage in d["stages"]:
-        out.append("[[stages]]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in stage.items()]
-        out.append("")
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
 
 
 def describe_sections(cls: type = Config) -> str:
@@ -378,6 +382,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (e.g. model.rope_scaling)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return str(v)
 
 

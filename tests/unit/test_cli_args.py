@@ -134,3 +134,32 @@ def test_overwrite_replaces_an_existing_output(ckpt, tmp_path, capsys):
     assert not (out / "keep.txt").exists()
     for k, v in herd.load_model(ckpt).state_dict().items():
         assert torch.equal(v, herd.load_model(out).state_dict()[k]), k
+
+
+def test_print_config_is_the_resolved_config_and_reads_back_equal(tmp_path, capsys):
+    from herd.posttrain.config import SFTConfig
+    from herd.posttrain.config import load_config as load_posttrain
+    from herd.train.config import load_config
+
+    assert main(["train", str(ROOT / "configs/debug.toml"), "--optim.lr", "1e-3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert tomllib.loads(printed)["optim"]["lr"] == 1e-3  # the override is in it
+    (tmp_path / "train.toml").write_text(printed)
+    assert load_config(tmp_path / "train.toml") == load_config(ROOT / "configs/debug.toml", ["--optim.lr", "1e-3"])
+
+    sft = ROOT / "configs/posttrain_smollm2_lora.toml"
+    assert main(["sft", str(sft), "--print-config", "--lora.rank", "4"]) == 0
+    (tmp_path / "sft.toml").write_text(capsys.readouterr().out)
+    assert load_posttrain(SFTConfig, tmp_path / "sft.toml") == load_posttrain(SFTConfig, sft, ["--lora.rank", "4"])
+
+
+def test_train_help_lists_every_config_section_and_key(capsys):
+    import dataclasses
+
+    from herd.train.config import Config
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(Config):
+        assert f"[{f.name}]" in out or f"[[{f.name}]]" in out, f.name
+    assert "micro_batch_tokens = 0  (int)" in out and "lr = 0.0003  (float)" in out
