@@ -1,12 +1,12 @@
 """Serving: a continuous-batching engine over `herd.generate` and an OpenAI-compatible HTTP server.
 
-`engine` needs only torch; `server` needs the `serve` extra (starlette, uvicorn) and is imported
-where used.
+`engine` (the scheduler) and `requests` (its request, event and result types) need only torch;
+`server` and `jobs` need the `serve` extra (starlette, uvicorn) and are imported where used.
 """
 
-from herd.serve.engine import (
+from herd.serve.engine import Engine
+from herd.serve.requests import (
     Choice,
-    Engine,
     EngineMetrics,
     FinishEvent,
     QueueFull,

@@ -30,17 +30,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herd.generate import SamplingParams
-from herd.serve.engine import MAX_TOP_LOGPROBS, Choice
+from herd.serve.requests import MAX_TOP_LOGPROBS, Choice
 from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
 
+# Stop strings are the client's to choose, and the server pays for them on every generated
+# character of every choice (`StopFilter`, on the event loop) and every token's bytes (the
+# engine's match, on the engine thread), so both their number and their length are capped.
+# OpenAI takes at most 4; 16 leaves room for clients written for vLLM or llama.cpp (no limit
+# there) that pass a model's several end-of-turn markers. Real stop strings are markers such as
+# "\n\n", "User:" or a turn header, tens of characters at most; 1,000 characters is far beyond
+# any of them, and keeps the per-request tables (16 x 1,000 entries) and the engine's per-token
+# byte search (C speed over at most 16 x 4,000 bytes) small.
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1000  # characters per stop string
 
 
 class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 500: "server_error", 503: "unavailable_error"}
+             408: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+             503: "unavailable_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -159,8 +169,10 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise APIError(400, "'stop' must be a string or an array of strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
-        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+    if any(not 0 < len(s) <= MAX_STOP_LENGTH for s in stop):
+        raise APIError(400, f"each 'stop' string must have 1 to {MAX_STOP_LENGTH} characters", param="stop")
     stream = _get(body, "stream", "boolean", False)
     options = _get(body, "stream_options", "object")
     if options is not None and not stream:
@@ -294,7 +306,7 @@ def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest) -> 
     messages = list(request.messages)
     if isinstance(fmt, ChatTemplate):
         try:
-            return fmt.encode_dialog_prompt(messages, tools=request.tools or None).tokens
+            return fmt.encode_prompt(messages, tools=request.tools or None)  # no SFT mask: linear time
         except ValueError as e:
             raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
                            param="messages") from e
@@ -335,43 +347,120 @@ def check_length(prompt_len: int, max_tokens: int | None, context: int) -> int:
 # ---- output text ------------------------------------------------------------------------------------------
 
 
+class StopStrings:
+    """A request's stop strings, prepared once and shared by its choices' `StopFilter`s: each
+    string's KMP failure function (`fail[k-1]`: the longest proper prefix of s[:k] that is also
+    its suffix), so that a filter reads each generated character once per string."""
+
+    def __init__(self, stops: Sequence[str]):
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        self.stops = list(stops)
+        self.fail = [_failure_function(s) for s in self.stops]
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+
+def _failure_function(s: str) -> list[int]:
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+class StopFilter:
+    """Text in, text out: cut before the first stop string, holding back a tail that may still
+    grow into one.
+
+    Streaming matching (Knuth-Morris-Pratt): for each stop string the filter keeps the length of
+    its longest prefix that the text ends with. A new piece costs amortized O(len(piece)) steps
+    per stop string, whatever the strings' lengths; the held-back tail is the largest of those
+    lengths; a match can only end inside the new piece, and of the matches ending there the one
+    that starts first wins (so "abcd" beats "bc" when both complete in the same piece). The text
+    released so far is kept as a list of pieces, joined when `text` is read.
+    """
+
+    def __init__(self, stops: Sequence[str] | StopStrings):
+        self._stops = stops if isinstance(stops, StopStrings) else StopStrings(stops)
+        self._state = [0] * len(self._stops.stops)
+        self._released: list[str] = []
+        self._held = ""  # text not released yet: a tail that may be the start of a stop string
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """Everything pushed so far, cut at a stop string once one is found."""
+        if len(self._released) > 1:
+            self._released = ["".join(self._released)]
+        return (self._released[0] if self._released else "") + self._held
+
+    def push(self, piece: str, *, final: bool = False) -> str:
+        """Text that became final with `piece` ("" while it may still be a stop string's start);
+        `final`: the end of the text, release everything (up to a stop string)."""
+        if self.stopped:
+            return ""
+        buf = self._held + piece
+        hold = 0
+        if self._stops:
+            base = len(self._held)  # piece starts at buf[base]; a match never starts before buf[0]
+            cut = -1
+            for i, (s, fail) in enumerate(zip(self._stops.stops, self._stops.fail)):
+                k, n = self._state[i], len(s)
+                for j, ch in enumerate(piece):
+                    while k and s[k] != ch:
+                        k = fail[k - 1]
+                    if s[k] == ch:
+                        k += 1
+                        if k == n:  # s ends at buf[base + j]: its first occurrence, so its earliest start
+                            start = base + j + 1 - n
+                            if cut < 0 or start < cut:
+                                cut = start
+                            break
+                self._state[i] = k
+            if cut >= 0:
+                buf, final = buf[:cut], True
+                self.stopped = True
+            if not final:
+                hold = max(self._state)
+        out, self._held = buf[: len(buf) - hold], buf[len(buf) - hold :]
+        if out:
+            self._released.append(out)
+        return out
+
+
 class TextAssembler:
     """One choice's tokens in, text out: complete UTF-8 characters only, special tokens skipped, cut
     before the first stop string, and holding back a tail that may still grow into one."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], special_ids: frozenset[int]):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | StopStrings, special_ids: frozenset[int]):
         self._decoder = StreamDecoder(tokenizer)
-        self._stop, self._special = list(stop), special_ids
-        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
-        self._sent = 0
-        self.stopped = False
+        self._filter = StopFilter(stop)
+        self._special = special_ids
+
+    @property
+    def text(self) -> str:
+        """Everything decoded so far (cut at a stop string once one is found)."""
+        return self._filter.text
+
+    @property
+    def stopped(self) -> bool:
+        return self._filter.stopped
 
     def feed(self, token: int) -> str:
         """Text that became final with this token ("" while it may still be a stop string's start)."""
         if self.stopped or token in self._special:
             return ""
-        self.text += self._decoder.feed(token)
-        return self._release(final=False)
+        return self._filter.push(self._decoder.feed(token))
 
     def finish(self) -> str:
         """The rest of the text, at the end of the choice."""
-        if not self.stopped:
-            self.text += self._decoder.flush()
-        return self._release(final=True)
-
-    def _release(self, *, final: bool) -> str:
-        if not self.stopped and self._stop:
-            # A match cannot start before the text already sent: that text was held back while it could.
-            hits = [i for i in (self.text.find(s, self._sent) for s in self._stop) if i >= 0]
-            if hits:
-                self.text, self.stopped, final = self.text[: min(hits)], True, True
-        end = len(self.text)
-        if not final:
-            end -= max((k for s in self._stop for k in range(len(s) - 1, 0, -1)
-                        if self.text.endswith(s[:k])), default=0)
-        out = self.text[self._sent : end]
-        self._sent = max(self._sent, end)
-        return out
+        return self._filter.push("" if self.stopped else self._decoder.flush(), final=True)
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
@@ -429,10 +518,25 @@ def parse_tool_calls(fmt: ChatFormat | ChatTemplate, choice: Choice) -> list[dic
 def may_be_tool_call(tokenizer: Tokenizer, tokens: Sequence[int], special_ids: frozenset[int]) -> bool:
     """Whether a reply that starts with `tokens` could still turn out to be a tool call, so that a
     stream must hold its text back: it starts with <|python_tag|>, '{', '[' or '<' (after spaces)."""
-    if tokens and tokens[0] == getattr(tokenizer, "python_tag_id", None):
-        return True
-    text = tokenizer.decode([t for t in tokens if t not in special_ids]).lstrip()
-    return not text or text[0] in "{[<"
+    return ToolCallSniffer(tokenizer, special_ids)(tokens)
+
+
+class ToolCallSniffer:
+    """`may_be_tool_call` asked again after every token of one reply. The leading tokens that
+    decode to blanks alone are decoded once, not at every later token: a reply of blanks only
+    would otherwise cost a decode of the whole reply per token, quadratic in its length."""
+
+    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int]):
+        self._tokenizer, self._special = tokenizer, special_ids
+        self._blank = 0  # tokens[:_blank] decode to whitespace only (whole characters: U+FFFD is no blank)
+
+    def __call__(self, tokens: Sequence[int]) -> bool:
+        if tokens and tokens[0] == getattr(self._tokenizer, "python_tag_id", None):
+            return True
+        text = self._tokenizer.decode([t for t in tokens[self._blank :] if t not in self._special]).lstrip()
+        if not text:
+            self._blank = len(tokens)
+        return not text or text[0] in "{[<"
 
 
 # ---- response objects --------------------------------------------------------------------------------------

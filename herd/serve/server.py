@@ -1,16 +1,24 @@
 """An OpenAI-compatible HTTP server over the engine (starlette + uvicorn, the `serve` extra).
 
-Threads: uvicorn's event loop parses requests, turns tokens into text and writes responses;
+Threads: uvicorn's event loop reads requests, turns tokens into text and writes responses;
 the engine's own thread runs the model. Tokens cross over through `loop.call_soon_threadsafe`
 into one asyncio queue per HTTP request, so a slow client never blocks the batch (its events
-wait in its queue) and the loop never waits on a forward.
+wait in its queue) and the loop never waits on a forward. Work that grows with the size of a
+request runs on worker threads (`asyncio.to_thread`), never on the loop: parsing the JSON body,
+validating it, rendering and tokenizing the prompt, submitting it, and building a whole
+(non-streamed) response with its logprobs. What stays on the loop is per token and small: a
+token's text through `TextAssembler` (amortized constant work per character and stop string)
+and its chunk.
 
 Failure rules: every error is an OpenAI-style JSON body (`protocol.APIError`); an unexpected
 exception in a route is logged and answered 500, never raised into uvicorn; a full engine
 queue is a 503 at once; a client that disconnects (streaming or not) cancels its request,
-which frees its slots at the engine's next step. The server binds 127.0.0.1 unless told
-otherwise, and with an API key every /v1 route needs `Authorization: Bearer KEY` (/health and
-/metrics stay open for probes, as in llama.cpp).
+which frees its slots at the engine's next step. A client that goes away is a normal event: one
+log line at info level and a count in `herd_client_disconnects_total`, no traceback and no 500.
+A request body must arrive within `body_timeout` seconds of the headers (408 and the connection
+closed otherwise), so a client that sends part of a body and stalls holds nothing for long. The
+server binds 127.0.0.1 unless told otherwise, and with an API key every /v1 route needs
+`Authorization: Bearer KEY` (/health and /metrics stay open for probes, as in llama.cpp).
 """
 
 from __future__ import annotations
@@ -24,29 +32,27 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from herd.serve.engine import Choice, Engine, FinishEvent, QueueFull, Request, RequestHandle, TokenEvent
+from herd.serve.engine import Engine
+from herd.serve.jobs import ClientGone, EventStream, Jobs, Out, collect, start
 from herd.serve.protocol import (
     FINISH_REASONS,
     APIError,
     CommonParams,
-    TextAssembler,
     chat_logprobs,
     chat_prompt,
     check_length,
     completion_logprobs,
     completion_prompt,
-    may_be_tool_call,
     new_id,
     now,
     parse_chat_request,
@@ -54,126 +60,16 @@ from herd.serve.protocol import (
     parse_tool_calls,
     usage,
 )
+from herd.serve.requests import TokenEvent
 from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 2**20
-
-
-# ---- one HTTP request's engine requests -----------------------------------------------------------------
-
-
-@dataclass
-class _Out:
-    """What the server knows of one choice: the engine's output so far and its text."""
-
-    choice: Choice
-    text: TextAssembler
-    mode: str = "text"  # with tools: "undecided" -> "text" or "tool"
-    held: str = ""  # text not yet sent while a tool call is possible
-    lp_sent: int = 0  # tokens whose logprobs were streamed
-
-
-class _Jobs:
-    """The engine requests behind one HTTP request (one per prompt), with their events on one queue."""
-
-    def __init__(self, state: _State, prompts: list[list[int]], params: CommonParams, max_tokens: list[int],
-                 *, tools: bool):
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, TokenEvent | FinishEvent]] = asyncio.Queue()
-        self.prompts, self.n = prompts, params.n
-        self.handles: list[RequestHandle] = []
-        self.outs = [
-            [_Out(Choice(i, logprobs=[] if params.logprobs else None, top_logprobs=[] if params.top_logprobs else None),
-                  TextAssembler(state.tokenizer, params.stop, state.special_ids), "undecided" if tools else "text")
-             for i in range(params.n)]
-            for _ in prompts
-        ]
-        try:
-            for j, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
-                request = Request(prompt, limit, params.sampling, params.n, state.tokenizer.stop_tokens, params.stop,
-                                  params.logprobs, params.top_logprobs)
-
-                def deliver(event, j=j):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (j, event))
-
-                self.handles.append(state.engine.submit(request, on_event=deliver))
-        except QueueFull as e:
-            self.cancel()
-            raise APIError(503, f"the server is busy ({e}); retry later", code="queue_full") from e
-        except ValueError as e:
-            self.cancel()
-            raise APIError(400, str(e)) from e
-
-    def cancel(self) -> None:
-        for h in self.handles:
-            h.cancel()
-
-    async def events(self) -> AsyncIterator[tuple[_Out, TokenEvent | FinishEvent, int]]:
-        """(choice state, event, prompt index) until every choice has finished; records each event."""
-        left = len(self.prompts) * self.n
-        while left:
-            j, event = await self.queue.get()
-            out = self.outs[j][event.index]
-            c = out.choice
-            if isinstance(event, TokenEvent):
-                c.tokens.append(event.token)
-                if c.logprobs is not None:
-                    c.logprobs.append(event.logprob)
-                if c.top_logprobs is not None:
-                    c.top_logprobs.append(event.top_logprobs or [])
-            else:
-                c.finish_reason, c.stop_token, c.error = event.finish_reason, event.stop_token, event.error
-                left -= 1
-            yield out, event, j
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(o.choice.tokens) for outs in self.outs for o in outs)
-
-
-async def _watch_disconnect(receive: Receive, jobs: _Jobs) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            jobs.cancel()
-            return
-
-
-class _EventStream:
-    """A server-sent-events response that cancels its engine requests when the client goes away
-    (noticed while waiting for tokens, not only on the next write) or the stream ends early."""
-
-    def __init__(self, chunks: AsyncIterator[str], jobs: _Jobs):
-        self.chunks, self.jobs = chunks, jobs
-        self.status_code = 200
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
-
-        async def pump() -> None:
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        pumping = asyncio.ensure_future(pump())
-        watching = asyncio.ensure_future(_watch_disconnect(receive, self.jobs))
-        try:
-            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.jobs.cancel()  # a no-op for requests that finished
-            for task in (pumping, watching):
-                task.cancel()
-            await asyncio.gather(pumping, watching, return_exceptions=True)
-            await self.chunks.aclose()
-        if pumping.done() and not pumping.cancelled() and pumping.exception() is not None:
-            log.error("stream failed", exc_info=pumping.exception())
+# Seconds from the request's headers to the end of its body: the whole body, not the gap between
+# reads, so a client trickling a byte now and then is cut off too. 60 s lets MAX_BODY_BYTES through
+# a link of about 1 Mbit/s; real requests are far smaller.
+BODY_TIMEOUT = 60.0
 
 
 def _sse(obj: Any) -> str:
@@ -192,6 +88,8 @@ class _State:
         self.special_ids = frozenset(tokenizer.special_tokens.values())
         self.created = now()
         self.responses: Counter[int] = Counter()
+        self.disconnects: Counter[str] = Counter()  # clients gone before their answer: by when
+        self.body_timeout = BODY_TIMEOUT
         self.started = time.time()
 
     def check_auth(self, request: HTTPRequest) -> None:
@@ -208,27 +106,49 @@ class _State:
                            param="model", code="model_not_found")
 
 
-async def _json_body(request: HTTPRequest) -> Any:
+async def _read_body(request: HTTPRequest, state: _State) -> bytes:
+    """The request body, within MAX_BODY_BYTES (413) and `state.body_timeout` seconds (408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
     raw = bytearray()
-    async for piece in request.stream():
-        raw += piece
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        async with asyncio.timeout(state.body_timeout):
+            async for piece in request.stream():
+                raw += piece
+                if len(raw) > MAX_BODY_BYTES:
+                    raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {state.body_timeout:g} s "
+                       f"({len(raw)} bytes came)", code="request_timeout") from None
+    except ClientDisconnect:
+        raise ClientGone("while_sending_the_body") from None
+    return bytes(raw)
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from e
 
 
+def _client_gone(state: _State, path: str, when: str) -> None:
+    state.disconnects[when] += 1
+    log.info("client disconnected from %s %s; its request is dropped", path, when.replace("_", " "))
+
+
 def _endpoint(state: _State, fn: Callable[[HTTPRequest], Any]) -> Callable[[HTTPRequest], Any]:
     async def handle(request: HTTPRequest) -> Any:
         try:
             response = await fn(request)
+        except ClientGone as e:  # nobody to answer: uvicorn drops what is sent to a closed connection
+            _client_gone(state, request.url.path, e.args[0])
+            return Response(status_code=499)  # nginx's "client closed request"; never sent, not counted
         except APIError as e:
-            response = JSONResponse(e.body(), status_code=e.status)
+            # 408: the rest of the body may still come, and must not be read as the next request.
+            headers = {"connection": "close"} if e.status == 408 else None
+            response = JSONResponse(e.body(), status_code=e.status, headers=headers)
         except Exception:  # no request may take the server down; the traceback goes to the log
             log.exception("unhandled error in %s %s", request.method, request.url.path)
             response = JSONResponse(APIError(500, "internal server error").body(), status_code=500)
@@ -239,9 +159,16 @@ def _endpoint(state: _State, fn: Callable[[HTTPRequest], Any]) -> Callable[[HTTP
 
 
 def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
-              chat: ChatFormat | ChatTemplate | str | None = "3.1") -> Starlette:
-    """The ASGI app. The engine must be started (or stepped) by the caller, who also stops it."""
+              chat: ChatFormat | ChatTemplate | str | None = "3.1", body_timeout: float = BODY_TIMEOUT) -> Starlette:
+    """The ASGI app. The engine must be started (or stepped) by the caller, who also stops it.
+    body_timeout: seconds a client has to send its whole request body once the headers are in."""
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
     state = _State(engine, tokenizer, model_name=model_name, api_key=api_key, chat=chat)
+    state.body_timeout = float(body_timeout)
+
+    def _on_gone(request: HTTPRequest) -> Callable[[], None]:
+        return lambda: _client_gone(state, request.url.path, "while_streaming")
 
     async def health(request: HTTPRequest) -> Response:
         if not engine.running:
@@ -259,25 +186,41 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
 
     async def chat(request: HTTPRequest) -> Any:
         state.check_auth(request)
-        req = parse_chat_request(await _json_body(request), max_n=engine.max_batch)
-        state.check_model(req.params.model)
-        prompt = chat_prompt(state.fmt, req)
-        limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
-        jobs = _Jobs(state, [prompt], req.params, [limit], tools=bool(req.tools))
-        if req.params.stream:
-            return _EventStream(_chat_stream(state, jobs, req.params), jobs)
-        return JSONResponse(await _chat_response(state, request, jobs, req.params))
+        raw = await _read_body(request, state)
+
+        def prepare(jobs: Jobs) -> CommonParams:  # on a worker thread
+            req = parse_chat_request(_parse_json(raw), max_n=engine.max_batch)
+            state.check_model(req.params.model)
+            prompt = chat_prompt(state.fmt, req)
+            limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools))
+            return req.params
+
+        jobs = Jobs(engine, tokenizer, state.special_ids)
+        params = await start(jobs, prepare)
+        if params.stream:
+            return EventStream(_chat_stream(state, jobs, params), jobs, _on_gone(request))
+        await collect(request.receive, jobs)
+        return await asyncio.to_thread(lambda: JSONResponse(_chat_response(state, jobs)))
 
     async def completions(request: HTTPRequest) -> Any:
         state.check_auth(request)
-        req = parse_completion_request(await _json_body(request), max_n=engine.max_batch)
-        state.check_model(req.params.model)
-        prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
-        limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
-        jobs = _Jobs(state, prompts, req.params, limits, tools=False)
-        if req.params.stream:
-            return _EventStream(_completion_stream(state, jobs, req.params), jobs)
-        return JSONResponse(await _completion_response(state, request, jobs, req.params))
+        raw = await _read_body(request, state)
+
+        def prepare(jobs: Jobs) -> CommonParams:  # on a worker thread
+            req = parse_completion_request(_parse_json(raw), max_n=engine.max_batch)
+            state.check_model(req.params.model)
+            prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
+            limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
+            jobs.submit(prompts, req.params, limits, tools=False)
+            return req.params
+
+        jobs = Jobs(engine, tokenizer, state.special_ids)
+        params = await start(jobs, prepare)
+        if params.stream:
+            return EventStream(_completion_stream(state, jobs, params), jobs, _on_gone(request))
+        await collect(request.receive, jobs)
+        return await asyncio.to_thread(lambda: JSONResponse(_completion_response(state, jobs, params)))
 
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -299,34 +242,19 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
 # ---- chat ----------------------------------------------------------------------------------------------------
 
 
-def _finish_reason(out: _Out) -> str:
+def _finish_reason(out: Out) -> str:
     return FINISH_REASONS.get(out.choice.finish_reason, "stop")
 
 
-def _check_failed(out: _Out) -> None:
+def _check_failed(out: Out) -> None:
     if out.choice.finish_reason == "error":
         raise APIError(500, f"generation failed: {out.choice.error}")
     if out.choice.finish_reason == "cancelled":
         raise APIError(503, "the request was cancelled (the server is shutting down)")
 
 
-async def _collect(request: HTTPRequest, jobs: _Jobs) -> None:
-    """Run every choice to its end, cancelling them if the client disconnects meanwhile."""
-    watching = asyncio.ensure_future(_watch_disconnect(request.receive, jobs))
-    try:
-        async for out, event, _ in jobs.events():
-            if isinstance(event, TokenEvent):
-                out.text.feed(event.token)
-            else:
-                out.text.finish()
-    finally:
-        jobs.cancel()
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-
-
-async def _chat_response(state: _State, request: HTTPRequest, jobs: _Jobs, params: CommonParams) -> dict:
-    await _collect(request, jobs)
+def _chat_response(state: _State, jobs: Jobs) -> dict:
+    """The chat.completion object (on a worker thread: its logprobs grow with max_tokens x top_logprobs)."""
     choices = []
     for out in jobs.outs[0]:
         _check_failed(out)
@@ -342,7 +270,7 @@ async def _chat_response(state: _State, request: HTTPRequest, jobs: _Jobs, param
             "choices": choices, "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)}
 
 
-async def _chat_stream(state: _State, jobs: _Jobs, params: CommonParams) -> AsyncIterator[str]:
+async def _chat_stream(state: _State, jobs: Jobs, params: CommonParams) -> AsyncIterator[str]:
     cid, created = new_id("chatcmpl"), now()
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -359,15 +287,15 @@ async def _chat_stream(state: _State, jobs: _Jobs, params: CommonParams) -> Asyn
         c = out.choice
         if isinstance(event, TokenEvent):
             piece = out.text.feed(event.token)
-            if out.mode == "undecided":
-                out.held += piece
-                if may_be_tool_call(state.tokenizer, c.tokens, state.special_ids):
-                    if out.held.strip() or c.tokens[0] == getattr(state.tokenizer, "python_tag_id", None):
+            if out.mode == "undecided":  # everything held so far is blank
+                out.held.append(piece)
+                if out.sniffer(c.tokens):
+                    if piece.strip() or c.tokens[0] == getattr(state.tokenizer, "python_tag_id", None):
                         out.mode = "tool"
                     continue
-                out.mode, piece, out.held = "text", out.held, ""
+                out.mode, piece, out.held = "text", "".join(out.held), []
             elif out.mode == "tool":
-                out.held += piece
+                out.held.append(piece)
                 continue
             if piece or c.logprobs is not None:
                 lp = chat_logprobs(state.tokenizer, c, out.lp_sent)
@@ -379,17 +307,21 @@ async def _chat_stream(state: _State, jobs: _Jobs, params: CommonParams) -> Asyn
             message = c.error or "the request was cancelled"
             yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
             continue
-        rest = out.held + out.text.finish()
+        rest = "".join(out.held) + out.text.finish()
         reason = _finish_reason(out)
+        # A held reply is parsed, and its logprobs built, off the loop: both grow with its length.
         if out.mode != "text":
-            calls = parse_tool_calls(state.fmt, c)
+            calls = await asyncio.to_thread(parse_tool_calls, state.fmt, c)
             if calls:
                 deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                 yield chunk([{"index": c.index, "delta": {"tool_calls": deltas}, "logprobs": None,
                               "finish_reason": None}])
                 rest, reason = "", "tool_calls"
         if rest or (c.logprobs is not None and out.lp_sent < len(c.tokens)):
-            lp = chat_logprobs(state.tokenizer, c, out.lp_sent)
+            if out.mode == "text":  # a few tokens' worth: streamed text sends its logprobs as it goes
+                lp = chat_logprobs(state.tokenizer, c, out.lp_sent)
+            else:
+                lp = await asyncio.to_thread(chat_logprobs, state.tokenizer, c, out.lp_sent)
             out.lp_sent = len(c.tokens)
             yield chunk([{"index": c.index, "delta": {"content": rest}, "logprobs": lp, "finish_reason": None}])
         yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
@@ -402,8 +334,8 @@ async def _chat_stream(state: _State, jobs: _Jobs, params: CommonParams) -> Asyn
 # ---- completions -----------------------------------------------------------------------------------------------
 
 
-async def _completion_response(state: _State, request: HTTPRequest, jobs: _Jobs, params: CommonParams) -> dict:
-    await _collect(request, jobs)
+def _completion_response(state: _State, jobs: Jobs, params: CommonParams) -> dict:
+    """The text_completion object (on a worker thread, as `_chat_response`)."""
     choices = []
     for j, outs in enumerate(jobs.outs):
         for out in outs:
@@ -415,7 +347,7 @@ async def _completion_response(state: _State, request: HTTPRequest, jobs: _Jobs,
             "choices": choices, "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)}
 
 
-async def _completion_stream(state: _State, jobs: _Jobs, params: CommonParams) -> AsyncIterator[str]:
+async def _completion_stream(state: _State, jobs: Jobs, params: CommonParams) -> AsyncIterator[str]:
     cid, created = new_id("cmpl"), now()
 
     def chunk(choice: dict) -> str:
@@ -487,6 +419,8 @@ def _prometheus(engine: Engine, state: _State) -> str:
            [("", float(m.kv_cache_tokens / m.kv_cache_capacity))])
     metric("http_responses_total", "counter", "HTTP responses by status code.",
            [(f'{{code="{code}"}}', v) for code, v in sorted(state.responses.items())])
+    metric("client_disconnects_total", "counter", "Clients that went away before their answer was complete.",
+           [(f'{{when="{when}"}}', v) for when, v in sorted(state.disconnects.items())])
     return "\n".join(lines) + "\n"
 
 
@@ -503,9 +437,10 @@ def serve(
     api_key: str | None = None,
     chat: ChatFormat | ChatTemplate | str | None = "3.1",
     log_level: str = "info",
+    body_timeout: float = BODY_TIMEOUT,
 ) -> None:
     """Start the engine and serve until interrupted (Ctrl-C); the engine is stopped on the way out."""
-    app = build_app(engine, tokenizer, model_name=model_name, api_key=api_key, chat=chat)
+    app = build_app(engine, tokenizer, model_name=model_name, api_key=api_key, chat=chat, body_timeout=body_timeout)
     engine.start()
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

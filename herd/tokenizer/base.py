@@ -218,12 +218,8 @@ class TableTokenizer:
         self, text: str, allowed: frozenset[str] | str, *, plain_spans: Sequence[Span]
     ) -> tuple[list[int], list[Span]]:
         matches = list(self._special_re.finditer(text)) if allowed and self._special_re is not None else []
-        keep = [
-            m
-            for m in matches
-            if (allowed == "all" or m.group() in allowed)
-            and not any(m.start() < e and s < m.end() for s, e in plain_spans)
-        ]
+        plain = _overlapping(matches, plain_spans)
+        keep = [m for i, m in enumerate(matches) if (allowed == "all" or m.group() in allowed) and i not in plain]
         if len(keep) == len(matches):
             # Every special-token text is to be recognised (or there is none): the engine's own
             # single pass, where it has one, is exactly what its reference computes.
@@ -273,3 +269,21 @@ class TableTokenizer:
     def _bad_ids_message(self, ids: list[int]) -> str:
         bad = [t for t in ids if not 0 <= t < self.n_words]
         return f"token ids {bad[:5]} are outside this vocabulary (0..{self.n_words - 1})"
+
+
+def _overlapping(matches: Sequence[re.Match[str]], spans: Sequence[Span]) -> set[int]:
+    """Indices of the matches (in text order, not overlapping each other, as finditer gives them)
+    that overlap one of `spans`: in O((matches + spans) log spans), not matches x spans (a chat
+    message can hold many special-token strings)."""
+    out: set[int] = set()
+    if not spans:
+        return out
+    spans = sorted(spans)
+    j, reach = 0, -1  # reach: the furthest end among the spans that start before the current match ends
+    for i, m in enumerate(matches):
+        while j < len(spans) and spans[j][0] < m.end():
+            reach = max(reach, spans[j][1])
+            j += 1
+        if reach > m.start():
+            out.add(i)
+    return out

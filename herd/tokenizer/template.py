@@ -128,6 +128,19 @@ class ChatTemplate:
                             break
         return ChatTokens(tokens=ids, assistant_mask=mask)
 
+    def encode_prompt(
+        self, messages: Sequence[Message | Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """The ids of `encode_dialog_prompt(messages, tools=tools).tokens` (generation prompt added),
+        without the SFT mask: what inference needs, in time linear in the dialog. The mask of a
+        template without `{% generation %}` blocks renders the dialog up to every assistant turn,
+        which is quadratic in the number of turns (a server must not do that for a client's dialog).
+        """
+        dicts = [message_dict(m) for m in messages]
+        text, _ = self._render(dicts, True, tools)
+        ids, _ = self.tokenizer.encode_template_text(text, plain_spans=self._message_specials(dicts, text, True, tools))
+        return ids
+
     def decode_assistant_message(self, reply: Sequence[int] | str) -> Message:
         """Parse a model reply (ids, or text) into a Message: a trailing stop token means end_of_turn.
 

@@ -2,6 +2,8 @@
 where the client would hide what is under test: SSE framing, disconnects, error bodies)."""
 
 import json
+import logging
+import socket
 import threading
 import time
 
@@ -13,7 +15,7 @@ import torch
 from herd.generate import GREEDY, generate
 from herd.model import ModelArgs, build_model
 from herd.serve import Engine, Request
-from herd.serve.protocol import chat_prompt, parse_chat_request
+from herd.serve.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, chat_prompt, parse_chat_request
 from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
 
@@ -194,6 +196,124 @@ def test_a_disconnect_mid_stream_frees_the_slot(server):
     m = engine.metrics()
     assert m.requests_finished_total.get("cancelled", 0) == cancelled + 1
     assert m.generation_tokens_total < 10_000  # sanity: it did not run on to 200 tokens unobserved
+    assert _metric(url, 'herd_client_disconnects_total{when="while_streaming"}') >= 1
+
+
+def test_health_answers_while_the_largest_stop_strings_generate(server, client):
+    # The largest stop strings the server accepts, while completions decode under them.
+    kw = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    plain = client.completions.create(**kw)
+    text = plain.choices[0].text
+    # Each one starts as the output does (a partial match at every token: all of it is held back)
+    # and ends where the output never goes.
+    stops = [((text * (MAX_STOP_LENGTH // max(1, len(text)) + 1))[: MAX_STOP_LENGTH - 1 - i] + "\x00" + "ab" * i)
+             [:MAX_STOP_LENGTH] for i in range(MAX_STOP_STRINGS)]
+    got = {}
+
+    def generate():
+        chunks = list(client.completions.create(**kw, stop=stops, stream=True))
+        got["streamed"] = "".join(c.choices[0].text for c in chunks if c.choices)
+        got["whole"] = client.completions.create(**kw, stop=stops)
+
+    worker = threading.Thread(target=generate)
+    latencies = []
+    worker.start()
+    while worker.is_alive():
+        t0 = time.monotonic()
+        assert httpx.get(server[0].url + "/health", timeout=30).status_code == 200
+        latencies.append(time.monotonic() - t0)
+        time.sleep(0.01)
+    worker.join()
+    assert max(latencies) < 2.0, latencies  # generous, for a loaded machine
+    assert got["streamed"] == got["whole"].choices[0].text == text
+    assert got["whole"].usage.completion_tokens == plain.usage.completion_tokens
+
+
+# ---- connections: half-sent bodies and clients that go away, over raw sockets ------------------------------
+
+
+@pytest.fixture
+def gated(model, tok, caplog):
+    """A server with a 1 s body timeout over an engine that steps only while `gate` is set, and
+    the log records of the server and of uvicorn (whose logger does not propagate to the root)."""
+    engine = Engine(model, token_bytes=tok.decode_single_token_bytes, max_batch=2, max_queue=4, max_seq_len=64)
+    gate = threading.Event()
+    step = engine.step
+    engine.step = lambda: gate.wait() and step()
+    engine.start()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    caplog.set_level(logging.INFO, logger="herd.serve")
+    with ServerThread(build_app(engine, tok, model_name="tiny", body_timeout=1.0)) as srv:
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            yield srv, gate, caplog
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+            gate.set()
+    engine.stop()
+
+
+def _post_head(port, length, body=b""):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % length + body)
+    return s
+
+
+def _wait_for(url, name, value, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while _metric(url, name) != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _metric(url, name)
+
+
+def _no_errors(records):
+    bad = [r for r in records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+def test_a_stalled_body_is_answered_408_and_the_connection_closed(gated):
+    srv, _, caplog = gated
+    s = _post_head(srv.port, 100, b'{"prompt": "x"')  # 14 of 100 bytes, then nothing
+    s.settimeout(20)
+    t0, reply = time.monotonic(), b""
+    while chunk := s.recv(65536):  # until the server closes
+        reply += chunk
+    s.close()
+    assert 0.9 < time.monotonic() - t0 < 10
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and "1 s" in error["message"]
+    assert _metric(srv.url, 'herd_http_responses_total{code="408"}') == 1
+    assert httpx.get(srv.url + "/health").status_code == 200
+    _no_errors(caplog.records)
+
+
+def test_a_client_gone_mid_body_or_mid_generation_is_no_error(gated):
+    srv, gate, caplog = gated
+    url = srv.url
+    # Headers and part of the body, then the client hangs up.
+    _post_head(srv.port, 100, b'{"prompt": ').close()
+    assert _wait_for(url, 'herd_client_disconnects_total{when="while_sending_the_body"}', 1) == 1
+    # A whole request, then the client hangs up while its answer is generated (the gate holds the
+    # engine, so the request is surely still running).
+    body = json.dumps({"prompt": "Tell me everything", "max_tokens": 20}).encode()
+    s = _post_head(srv.port, len(body), body)
+    deadline = time.monotonic() + 10
+    while _metric(url, "herd_requests_waiting") != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s.close()
+    time.sleep(0.2)
+    gate.set()  # the engine reaps the cancelled request
+    assert _wait_for(url, 'herd_client_disconnects_total{when="while_generating"}', 1) == 1
+    assert _wait_for(url, 'herd_choices_finished_total{reason="cancelled"}', 1) == 1
+    assert _metric(url, 'herd_http_responses_total{code="500"}') == 0
+    assert _metric(url, 'herd_http_responses_total{code="503"}') == 0
+    assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    _no_errors(caplog.records)
+    gone = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(gone) == 2 and all(r.levelno == logging.INFO for r in caplog.records if "disconnected" in r.getMessage())
 
 
 def _raw(url, path, body=None, *, raw=None, key=KEY, method="POST"):
@@ -221,6 +341,9 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 300}, None, KEY, 400, "messages"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 999_999]}, None, KEY, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}, None, KEY, 400, "echo"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["x" * 1_000_000]}, None, KEY, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["x"] * (MAX_STOP_STRINGS + 1)}, None, KEY, 400,
+     "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x"}, None, "wrong-key", 401, None),
     ("/v1/completions", {"model": "tiny", "prompt": "x"}, None, None, 401, None),
     ("/v1/models", None, None, None, 401, None),

@@ -1,13 +1,19 @@
 """The OpenAI protocol layer without HTTP: validation, prompts with tools, stop strings, tool calls."""
 
 import json
+import random
 
 import pytest
 
 from herd.serve.engine import Choice
 from herd.serve.protocol import (
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
     APIError,
+    StopFilter,
+    StopStrings,
     TextAssembler,
+    ToolCallSniffer,
     chat_prompt,
     check_length,
     may_be_tool_call,
@@ -16,7 +22,7 @@ from herd.serve.protocol import (
     parse_tool_calls,
     tools_system_prompt,
 )
-from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from herd.tokenizer import ChatFormat, Message, StreamDecoder, Tokenizer, llama3_tokenizer_path
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -57,6 +63,128 @@ def test_special_tokens_and_split_characters(tok, special):
     ids = [tok.bos_id] + tok.encode("😀 ok", bos=False, eos=False) + [tok.eot_id]
     pieces, rest, _ = _stream(tok, special, ids, [])
     assert pieces[:3] == ["", "", "😀"] and "".join(pieces) + rest == "😀 ok"
+
+
+class _QuadraticFilter:
+    """The stop-string logic StopFilter replaced, kept as the reference: it rescans the text for
+    every stop string and tries every prefix length for the held-back tail (O(len(stop)^2) per token)."""
+
+    def __init__(self, stops):
+        self.stops, self.text, self.sent, self.stopped = list(stops), "", 0, False
+
+    def push(self, piece, *, final=False):
+        if self.stopped:
+            return ""
+        self.text += piece
+        if self.stops:
+            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, self.stopped, final = self.text[: min(hits)], True, True
+        end = len(self.text)
+        if not final:
+            end -= max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        out = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+# Small alphabets make overlapping stops and partial matches frequent; multi-byte characters included.
+ALPHABETS = ["ab", "abc", "aé😀", "a東京\n", "xyxz"]
+
+
+def test_stop_filter_equals_the_quadratic_reference_on_random_text():
+    rng = random.Random(0)
+    for case in range(4000):
+        alphabet = rng.choice(ALPHABETS)
+        word = lambda lo, hi: "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+        stops = [word(1, 6) for _ in range(rng.randint(0, 4))]
+        if stops and rng.random() < 0.3:  # one stop inside another: "abcd" and "bc"
+            s = rng.choice(stops)
+            stops.append(s[rng.randint(0, len(s) - 1) :][: rng.randint(1, len(s))])
+        pieces = [word(0, 5) for _ in range(rng.randint(0, 14))]
+        ours, ref = StopFilter(StopStrings(stops) if case % 2 else stops), _QuadraticFilter(stops)
+        for piece in pieces:
+            assert ours.push(piece) == ref.push(piece), (stops, pieces)
+            assert ours.stopped == ref.stopped and ours.text == ref.text, (stops, pieces)
+        assert ours.push("", final=True) == ref.push("", final=True), (stops, pieces)
+        assert ours.text == ref.text and ours.stopped == ref.stopped, (stops, pieces)
+
+
+def test_overlapping_stops_cut_at_the_earliest_start():
+    f = StopFilter(["bc", "abcd"])
+    assert f.push("xabcdy") == "x" and f.stopped and f.text == "x"  # both end in this piece; "abcd" starts first
+    f = StopFilter(["bc", "abcd"])
+    assert f.push("xab") == "x" and f.push("c") == "a" and f.stopped and f.text == "xa"  # "bc" completes first
+    f = StopFilter(["aab"])
+    assert [f.push(p) for p in ["a", "a", "a", "c"]] == ["", "", "a", "aac"] and not f.stopped  # "aa" may grow into it
+
+
+def test_text_assembler_equals_the_reference_on_multibyte_tokens(tok, special):
+    rng = random.Random(1)
+    words = ["llama", " é", "😀", "東京", " the", "\n", "ab", "🦙🦙", " ça"]
+    for _ in range(150):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        ids = tok.encode(text, bos=False, eos=False)
+        stops = [text[i : i + rng.randint(1, 4)] for i in (rng.randrange(len(text)) for _ in range(rng.randint(0, 2)))]
+        stops += [rng.choice(words) + rng.choice(words) for _ in range(rng.randint(0, 2))]
+        asm, decoder, ref = TextAssembler(tok, stops, special), StreamDecoder(tok), _QuadraticFilter(stops)
+        for t in ids:
+            assert asm.feed(t) == ("" if ref.stopped else ref.push(decoder.feed(t))), (text, stops)
+        assert asm.finish() == ref.push("" if ref.stopped else decoder.flush(), final=True), (text, stops)
+        assert asm.text == ref.text and asm.stopped == ref.stopped
+
+
+class _CountingStr(str):
+    """A stop string that counts how often a character of it is read."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        _CountingStr.reads += 1
+        return str.__getitem__(self, key)
+
+
+def _reads_per_token(length, tokens=300):
+    # Text of 'a's against 'aaa...ab': every position is a partial match, the worst case for the
+    # old held-back-tail search (which tried all len(stop) prefixes at every token).
+    stop = _CountingStr("a" * (length - 1) + "b")
+    f = StopFilter([stop])
+    _CountingStr.reads = 0
+    for _ in range(tokens):
+        f.push("aaaa")
+    assert not f.stopped
+    return _CountingStr.reads / tokens
+
+
+def test_stop_filter_work_per_token_does_not_grow_with_the_stop_length():
+    short, long = _reads_per_token(1_000), _reads_per_token(100_000)
+    assert long <= 3 * short + 1 and long < 20, (short, long)  # the quadratic search read ~len(stop)^2 / 2
+
+
+def test_tool_call_sniffer_equals_a_full_decode(tok, special):
+    # The sniffer skips leading blank tokens it has decoded once; the answer must not change.
+    rng = random.Random(2)
+    words = [" ", "\n", "  ", "\t", "{", "[", "<", "x", " é", "😀", "\u3000"]
+    for _ in range(200):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
+        ids = tok.encode(text, bos=False, eos=False)
+        if rng.random() < 0.3:
+            ids.insert(rng.randrange(len(ids) + 1), tok.eot_id)
+        sniffer = ToolCallSniffer(tok, special)
+        for i in range(1, len(ids) + 1):
+            assert sniffer(ids[:i]) == may_be_tool_call(tok, ids[:i], special), (text, ids[:i])
+
+
+def test_stop_strings_are_limited_in_number_and_length():
+    ok = {"messages": [{"role": "user", "content": "hi"}]}
+    r = parse_chat_request({**ok, "stop": ["x" * MAX_STOP_LENGTH] * MAX_STOP_STRINGS}, max_n=8)
+    assert len(r.params.stop) == MAX_STOP_STRINGS
+    for stop, limit in [(["x"] * (MAX_STOP_STRINGS + 1), str(MAX_STOP_STRINGS)),
+                        ("x" * (MAX_STOP_LENGTH + 1), str(MAX_STOP_LENGTH)),
+                        (["ok", "x" * 1_000_000], str(MAX_STOP_LENGTH)), (["ok", ""], str(MAX_STOP_LENGTH))]:
+        with pytest.raises(APIError) as e:
+            parse_completion_request({"prompt": "x", "stop": stop}, max_n=8)
+        assert e.value.status == 400 and e.value.param == "stop" and limit in e.value.message
 
 
 def test_validation_errors_name_the_field():

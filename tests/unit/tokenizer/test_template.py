@@ -126,6 +126,43 @@ def test_special_text_in_a_message_stays_text(tok, hf, CHATML):
     assert chat.encode_dialog_prompt(plain).tokens == _hf_ids(hf, plain, CHATML, add_generation_prompt=True)
 
 
+def test_encode_prompt_is_encode_dialog_prompt_without_the_mask_and_linear(tok, CHATML, CHATML_GENERATION):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    special = [{"role": "user", "content": "a<|im_end|>b<|im_start|>" * 3}, {"role": "assistant", "content": "c"}]
+    for template in (CHATML, CHATML_GENERATION):
+        chat = ChatTemplate(template, tok)
+        for messages in (DIALOG, DIALOG[:1], special):
+            assert chat.encode_prompt(messages) == chat.encode_dialog_prompt(messages).tokens
+            assert chat.encode_prompt(messages, tools=tools) == chat.encode_dialog_prompt(messages, tools=tools).tokens
+    # A server's dialog is the client's: thousands of turns, and special-token text in every one of
+    # them, must not make encoding quadratic (the mask renders a prefix per assistant turn).
+    chat = ChatTemplate(CHATML, tok)
+    rendered = []
+    chat._render = lambda *a, _render=chat._render, **k: rendered.append(1) or _render(*a, **k)
+    long = [{"role": r, "content": "x<|im_end|>"} for _ in range(2000) for r in ("user", "assistant")]
+    ids = chat.encode_prompt(long)
+    assert len(rendered) == 2  # the dialog, and once more with the messages' special text defused
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 4000
+
+
+def test_overlapping_equals_the_pairwise_check():
+    import random
+    import re
+
+    from herd.tokenizer.base import _overlapping
+
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice("ab.") for _ in range(rng.randint(0, 40)))
+        matches = list(re.finditer("ab|a|b", text))
+        spans = []
+        for _ in range(rng.randint(0, 5)):
+            s = rng.randint(0, len(text))
+            spans.append((s, rng.randint(s, len(text))))
+        want = {i for i, m in enumerate(matches) if any(m.start() < e and s < m.end() for s, e in spans)}
+        assert _overlapping(matches, spans) == want, (text, spans)
+
+
 def test_special_text_survives_rewrites_that_keep_its_length_and_is_refused_otherwise(tok):
     im_end = tok.special_tokens["<|im_end|>"]
     doubled = ChatTemplate(

@@ -1,0 +1,194 @@
+"""The engine's vocabulary: what a request asks for, the events it produces, its handle and result, the metrics.
+
+Split from `engine.py` so that the protocol and server layers (and readers) see the request and
+event types without the scheduler; `herd.serve.engine` re-exports every name, so imports from
+there keep working.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from herd.generate import GREEDY, SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+MAX_TOP_LOGPROBS = 20
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds `max_queue` requests already; try again later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate, in token ids.
+
+    max_tokens: new tokens per choice; fewer when the context (the engine's max_seq_len) runs out.
+    sampling: temperature / top_p / top_k / seed; each choice draws from its own generator,
+        seeded with seed + choice index (unseeded: a random seed per choice).
+    n: independent choices for the same prompt; each occupies one slot.
+    stop_tokens: ids that end a choice (not included in its tokens), e.g. eot and eom.
+    stop_strings: text that ends a choice; the token completing it is included in the tokens
+        (the server cuts the text at the match). Needs an engine built with `token_bytes`.
+    logprobs: report log p(token) under the raw logits; top_logprobs: also the k most likely
+        alternatives at each step (0..20).
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    n: int = 1
+    stop_tokens: Collection[int] = ()
+    stop_strings: Sequence[str] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """Choice `index` of request `request_id` produced `token`."""
+
+    request_id: str
+    index: int
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    """Choice `index` ended. reason: "stop" (stop token or stop string), "length" (max_tokens or
+    the context), "cancelled", or "error" (`error` says what failed)."""
+
+    request_id: str
+    index: int
+    finish_reason: FinishReason
+    stop_token: int | None = None
+    stop_string: str | None = None
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class Choice:
+    """One choice's whole output, as the events delivered it."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_token: int | None = None
+    stop_string: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestResult:
+    """A finished request. Times are seconds since `submit`: the first token of any choice, and the end."""
+
+    request_id: str
+    prompt_tokens: int
+    choices: list[Choice]
+    time_to_first_token: float | None
+    total_time: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+
+class RequestHandle:
+    """A submitted request: cancel it, or wait for its result. Safe to use from any thread."""
+
+    def __init__(self, request_id: str, request: Request, on_event: Callable[[Event], None] | None):
+        self.id, self.request = request_id, request
+        self._on_event = on_event
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._choices = [
+            Choice(i, logprobs=[] if request.logprobs else None, top_logprobs=[] if request.top_logprobs else None)
+            for i in range(request.n)
+        ]
+        self._unfinished = request.n
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None
+        self.finished: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its slots are freed at the next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> RequestResult:
+        """Block until every choice has finished (TimeoutError after `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return RequestResult(
+            request_id=self.id,
+            prompt_tokens=len(self.request.prompt),
+            choices=self._choices,
+            time_to_first_token=None if self.first_token is None else self.first_token - self.submitted,
+            total_time=self.finished - self.submitted,
+        )
+
+    # Called on the engine thread only.
+    def _deliver(self, event: Event) -> None:
+        choice = self._choices[event.index]
+        if isinstance(event, TokenEvent):
+            if self.first_token is None:
+                self.first_token = time.perf_counter()
+            choice.tokens.append(event.token)
+            if choice.logprobs is not None:
+                choice.logprobs.append(event.logprob)
+            if choice.top_logprobs is not None:
+                choice.top_logprobs.append(event.top_logprobs)
+        else:
+            choice.finish_reason, choice.stop_token = event.finish_reason, event.stop_token
+            choice.stop_string, choice.error = event.stop_string, event.error
+            self._unfinished -= 1
+        try:
+            if self._on_event is not None:
+                self._on_event(event)
+        finally:  # a failing callback must not leave result() waiting forever
+            if self._unfinished == 0 and not self._done.is_set():
+                self.finished = time.perf_counter()
+                self._done.set()
+
+
+@dataclass
+class EngineMetrics:
+    """Counters since start-up (`*_total`, `*_seconds`) and gauges of the current state."""
+
+    requests_submitted_total: int = 0
+    requests_rejected_total: int = 0
+    requests_finished_total: dict[str, int] = field(default_factory=dict)  # by finish reason of choices
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefills_total: int = 0
+    decode_steps_total: int = 0
+    decode_rows_total: int = 0  # busy rows summed over decode steps: / steps = mean batch
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token_seconds_sum: float = 0.0
+    time_to_first_token_count: int = 0
+    request_seconds_sum: float = 0.0
+    request_count: int = 0
+    requests_running: int = 0
+    requests_waiting: int = 0
+    slots_busy: int = 0
+    slots_total: int = 0
+    kv_cache_tokens: int = 0  # positions held by running sequences
+    kv_cache_capacity: int = 0
