@@ -142,6 +142,8 @@ def cmd_serve(opts) -> None:
     from herd.serve.engine import Engine
     from herd.serve.server import serve
 
+    if opts.body_timeout <= 0:
+        raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
     lm = load(opts)
     model, tok = lm.model, lm.tokenizer
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
@@ -157,7 +159,8 @@ def cmd_serve(opts) -> None:
     except ValueError as e:  # a base model without a template still serves /v1/completions
         chat = None
         print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
-    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat)
+    serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat,
+          body_timeout=opts.body_timeout)
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -202,6 +205,8 @@ def _serve_args(p):
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a whole request body; slower ones get 408")
 
 
 COMMANDS = {
