@@ -1,7 +1,8 @@
 """Readers for the real text corpora that install with herd's demo extras: no hub downloads.
 
-Each reader yields `Doc(id, text, source, topic)` records and nothing else, so the same records can
-feed the tokenizer demo now and the curation pipeline later. Files are located through
+Each reader yields `Doc(id, text, source, topic)` records and nothing else, so the same records
+feed both the tokenizer / shard preparation (`herd.data.prepare`) and the curation pipeline (its
+readers in `herd.data.steps.readers` wrap these). Files are located through
 `importlib.metadata` / `sysconfig`, never by importing the data packages (the Wikipedia one
 fails to import without its framework). Jane Austen's novels come from a Debian package that
 is downloaded and unpacked (not installed) into herd's cache on first use; they are stored in

@@ -7,8 +7,10 @@ That single rounding is what makes bf16 outputs equal Meta's reference; HF's lay
 bit for about a sixth of the elements. HF checkpoints are un-permuted on load instead
 (`keymap.py`), so one RoPE serves both.
 
-The table is complex64, which `module.to(torch.bfloat16)` leaves alone (it only casts
-floating tensors to a floating dtype), so the angles can never be silently rounded.
+The table is complex64. A plain `module.to(torch.bfloat16)` would cast it to *real* bf16 (torch
+drops the imaginary part with only a warning), so `Transformer._apply` (llama.py) takes the
+table out of every move or cast and rebuilds it in fp32 complex on the new device: the angles
+are never rounded to the weights' dtype.
 """
 
 from __future__ import annotations
