@@ -105,6 +105,18 @@ def plan_stages(steps: list[Step]) -> list[Stage]:
     return stages
 
 
+def sig_path(stage_dir: Path, shard: int, barrier: GlobalStep, *, reading: bool = False) -> Path:
+    """Where `barrier` keeps shard `shard`'s signatures, named with the suffix of its format."""
+    path = stage_dir / f"sig_{shard:05d}{barrier.sig_suffix}"
+    # Runs written before the suffix followed the format named every signature file .npz, the JSON
+    # ones (mix, token_kl) too. A resumed run whose collect pass finished then reads those rather
+    # than failing on a missing .json; it never writes the old name.
+    legacy = stage_dir / f"sig_{shard:05d}.npz"
+    if reading and not path.exists() and legacy.exists():
+        return legacy
+    return path
+
+
 def _timed(gen: Iterable[Document], cell: list[float]) -> Iterator[Document]:
     """Adds the time spent inside the wrapped generator (and everything upstream of it) to cell[0]."""
     it = iter(gen)
@@ -192,7 +204,7 @@ class _Run:
             # Only the collect pass's time is counted here; its documents are counted where the
             # plan is applied, in the next stage, under the same step name.
             stats.append(StepStats(name=stage.barrier.name, type=stage.barrier.type))
-            docs = stage.barrier.collect(docs, out_dir / f"sig_{shard:05d}.npz")
+            docs = stage.barrier.collect(docs, sig_path(out_dir, shard, stage.barrier))
             cells.append([0.0])
             docs = _timed(docs, cells[-1])
         write_jsonl(docs, out_dir / f"shard_{shard:05d}.jsonl.zst")
@@ -323,7 +335,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, fresh: bool
                 done = pdir / "plan.json"
                 if not done.exists():
                     pdir.mkdir(parents=True, exist_ok=True)
-                    sigs = [sdir / f"sig_{s:05d}.npz" for s in range(run.num_shards)]
+                    sigs = [sig_path(sdir, s, stage.barrier, reading=True) for s in range(run.num_shards)]
                     summary = stage.barrier.plan(sigs, pdir)
                     atomic_write_json(done, summary)
                 plans[stage.barrier.name] = json.loads(done.read_text())

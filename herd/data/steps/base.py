@@ -183,6 +183,9 @@ class GlobalStep(Step):
     next pass, identifying documents by (shard, position in that shard's stream).
     """
 
+    # The signature file's suffix, so its name says its format: JSON unless the step saves numpy.
+    sig_suffix: ClassVar[str] = ".json"
+
     @property
     def is_global(self) -> bool:
         """False lets a step with a per-shard mode (MinHash `scope = "shard"`) run streaming."""

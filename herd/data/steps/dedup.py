@@ -131,6 +131,7 @@ def _filter_positions(docs: Iterable[Document], stats: StepStats, remove: np.nda
 
 class _KeyedDedup(GlobalStep):
     reason: ClassVar[str] = ""
+    sig_suffix: ClassVar[str] = ".npz"  # written by `_save`
 
     def key(self, doc: Document) -> int | None:
         raise NotImplementedError
@@ -235,6 +236,7 @@ class MinHashDedup(GlobalStep):
     """
 
     type: ClassVar[str] = "minhash"
+    sig_suffix: ClassVar[str] = ".npz"  # written by `_save`
     name: str = "minhash"
     ngram: int = 5            # FineWeb / datatrove: word 5-grams after simplify_text
     bands: int = 14           # FineWeb / datatrove: 14 bands x 8 rows = 112 hashes
@@ -347,6 +349,7 @@ class LineDedup(GlobalStep):
     """
 
     type: ClassVar[str] = "line_dedup"
+    sig_suffix: ClassVar[str] = ".npz"  # written by `_save`
     supports_where: ClassVar[bool] = True
     name: str = "line_dedup"
     max_occurrences: int = 6        # Llama 3 §3.1.1

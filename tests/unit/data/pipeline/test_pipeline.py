@@ -233,3 +233,29 @@ def test_mix_caps_keep_the_other_sources_whole(tmp_path, run_steps):
     assert len(out) - n_web == 300  # every wiki document, none repeated
     assert 70 < n_web < 130  # 100 expected: 100 / (300 + 100) = 0.25
     assert stats["mix"].dropped == {"mix_downsampled_web": 300 - n_web}
+
+
+def test_signature_files_are_named_by_their_format_and_old_names_resume(tmp_path, rng, random_words, run_steps):
+    import numpy as np
+
+    docs = [Document(id=f"g{i}", text=random_words(rng, 20), metadata={"domain": "general"}) for i in range(40)]
+    docs += docs[:5]  # exact duplicates for the dedup to find
+    pipeline = [ExactDedup(), Mix(weights={"general": 1.0})]  # stage 0 ends in dedup, stage 1 in the mix
+    run_steps(tmp_path, docs, pipeline, shards=2)
+    work = tmp_path / "run" / "work"
+    assert sorted(p.name for p in work.glob("stage_*/sig_*")) == [
+        "sig_00000.json", "sig_00000.npz", "sig_00001.json", "sig_00001.npz"]
+    for p in work.glob("stage_0/sig_*.npz"):  # a real numpy archive, as its name says
+        with np.load(p) as z:
+            assert len(z["key"]) > 0
+    chars = sum(json.loads(p.read_text())["general"] for p in work.glob("stage_1/sig_*.json"))
+    assert chars == sum(len(d.text) for d in docs[:40])  # the mix counts what the dedup kept
+    # A run written before the rename kept the mix's JSON under .npz: resuming one that stopped
+    # before planning must plan from those files instead of failing on a missing .json.
+    plan = work / "plan_1" / "plan.json"
+    assert json.loads(plan.read_text())["chars_in"] == {"general": chars}
+    plan.unlink()
+    for p in work.glob("stage_1/sig_*.json"):
+        p.rename(p.with_suffix(".npz"))
+    run_steps(tmp_path, docs, pipeline, shards=2)
+    assert json.loads(plan.read_text())["chars_in"] == {"general": chars}
