@@ -284,6 +284,7 @@ def main() -> None:
                                                      activations=mode)}
     for e in engines.values():
         e["bytes"] = matmul_bytes(e["model"])
+        apply_cpu_kernels(e["model"])  # int4: the decode kernels' tiles, as `herd generate` repacks them
         apply_fast_decode(e["model"])  # each decode step's block as one fused op, as the CLI does on CPU
     hf_model = build_hf(args)
     engines["hf_fp32"] = {"model": hf_model, "bytes": engines["herd_fp32"]["bytes"]}
