@@ -86,7 +86,8 @@ def worker(kind: str, model_dir: str, data: str, steps: int, warmup: int, thread
             return model(input_ids=x, labels=t, shift_labels=t).loss
     else:
         from herd.model import load_model
-        from herd.posttrain.data import IGNORE, Batch
+        from herd.posttrain.data import Batch
+        from herd.targets import IGNORE_INDEX as IGNORE
         from herd.posttrain.lora import apply_lora, lora_parameters
         from herd.posttrain.sft import next_token_loss_sum
 
