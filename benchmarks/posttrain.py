@@ -87,9 +87,9 @@ def worker(kind: str, model_dir: str, data: str, steps: int, warmup: int, thread
     else:
         from herd.model import load_model
         from herd.posttrain.data import Batch
-        from herd.targets import IGNORE_INDEX as IGNORE
         from herd.posttrain.lora import apply_lora, lora_parameters
         from herd.posttrain.sft import next_token_loss_sum
+        from herd.targets import IGNORE_INDEX as IGNORE
 
         model = load_model(model_dir, dtype=torch.float32)
         apply_lora(model, TARGETS, rank, 2.0 * rank, quantize_base=kind == "herd-qlora")
@@ -139,7 +139,12 @@ def _prepare(tmp: Path, *, seq_len: int, batch: int, n_batches: int) -> tuple[st
     import torch
 
     from herd.model import ModelArgs, build_model, save_model
-    from herd.posttrain.data import chatterbot_conversations, conversation_dialog, encode_dialog, pack_sft
+    from herd.posttrain.data import (
+        chatterbot_conversations,
+        conversation_dialog,
+        encode_dialog,
+        pack_sft,
+    )
     from herd.tokenizer import ChatFormat, Tokenizer, llama3_tokenizer_path
 
     args = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=VOCAB, multiple_of=256,
