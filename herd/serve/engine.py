@@ -39,6 +39,7 @@ import torch
 
 from herd.generate import KVCache, SamplingParams, decode_step, sample
 from herd.generate.compiled import CompiledDecoder
+from herd.generate.processors import LogitsProcessor, accept_token, apply_processors
 from herd.model.llama import Transformer
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
@@ -72,6 +73,8 @@ class _Seq:
     count: int = 0  # tokens generated
     tail: bytearray = field(default_factory=bytearray)  # recent output bytes, for stop strings
     stop_bytes: tuple[bytes, ...] = ()  # the request's stop strings in UTF-8, encoded once
+    processors: list[LogitsProcessor] = field(default_factory=list)  # this choice's own, stateful
+    generated: list[int] = field(default_factory=list)  # tokens delivered so far
 
 
 class _RowCache:
@@ -332,7 +335,8 @@ class Engine:
             if not r.sampling.greedy:
                 seed = None if r.sampling.seed is None else r.sampling.seed + i
                 generator = SamplingParams(seed=seed).make_generator(self.device)
-            seqs.append(_Seq(handle, i, slot, limit, generator, stop_bytes=stop_bytes))
+            processors = [make() for make in r.logits_processors]
+            seqs.append(_Seq(handle, i, slot, limit, generator, stop_bytes=stop_bytes, processors=processors))
         for seq in seqs:
             self._slots[seq.slot] = seq  # claimed before the forward, so a failure frees them
         t0 = time.perf_counter()
@@ -383,6 +387,12 @@ class Engine:
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample each sequence's next token from its row of logits (R, V) and deliver it."""
+        raw = logits  # logprobs are reported under the model's own logits
+        if any(s.processors for s in seqs):
+            logits = logits.float().clone()  # (R, V); the prefill's rows are an expand of one
+            for i, s in enumerate(seqs):
+                if s.processors:
+                    logits[i] = apply_processors(s.processors, logits[i], s.generated)
         greedy = [i for i, s in enumerate(seqs) if s.handle.request.sampling.greedy]
         chosen: list[int] = [0] * len(seqs)
         if greedy:
@@ -395,7 +405,7 @@ class Engine:
         want_lp = [i for i, s in enumerate(seqs) if s.handle.request.logprobs or s.handle.request.top_logprobs]
         lps: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
         if want_lp:
-            lsm = torch.log_softmax(logits[want_lp], dim=-1)  # (R', V)
+            lsm = torch.log_softmax(raw[want_lp].float(), dim=-1)  # (R', V)
             picked = lsm.gather(-1, torch.tensor([chosen[i] for i in want_lp], device=lsm.device).view(-1, 1))
             k = max(seqs[i].handle.request.top_logprobs for i in want_lp)
             top = torch.topk(lsm, k, dim=-1) if k else None
@@ -409,10 +419,13 @@ class Engine:
         generated = 0
         for i, (s, t) in enumerate(zip(seqs, chosen)):
             r = s.handle.request
+            if s.processors:
+                accept_token(s.processors, t)
             if t in r.stop_tokens:
                 self._finish(s, "stop", stop_token=t)
                 continue
             s.count += 1
+            s.generated.append(t)
             generated += 1
             lp, alts = lps.get(i, (None, None))
             self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))

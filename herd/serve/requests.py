@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from herd.generate import GREEDY, SamplingParams
+from herd.generate.processors import ProcessorFactory
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_TOP_LOGPROBS = 20
@@ -36,6 +37,8 @@ class Request:
         (the server cuts the text at the match). Needs an engine built with `token_bytes`.
     logprobs: report log p(token) under the raw logits; top_logprobs: also the k most likely
         alternatives at each step (0..20).
+    logits_processors: factories, each called once per choice, of processors that rewrite that
+        choice's logits before its token is picked (see `herd.generate.processors`).
     """
 
     prompt: Sequence[int]
@@ -46,6 +49,7 @@ class Request:
     stop_strings: Sequence[str] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    logits_processors: Sequence[ProcessorFactory] = ()
 
 
 @dataclass

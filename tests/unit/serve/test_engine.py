@@ -192,3 +192,46 @@ def test_compiled_engine_equals_eager(model, monkeypatch):
     engine.run_until_idle()
     for p, h in zip(prompts, handles):
         assert h.result(0).choices[0].tokens == _alone(model, p, 10).tokens
+
+
+class _Ban:
+    """Bans the token the raw greedy path would pick first, and records what it is told."""
+
+    def __init__(self, banned):
+        self.banned, self.seen, self.accepted = banned, [], []
+
+    def __call__(self, logits, generated):
+        self.seen.append(list(generated))
+        logits[self.banned] = float("-inf")
+        return logits
+
+    def accept(self, token):
+        self.accepted.append(token)
+
+
+def test_logits_processors_rewrite_each_choice_and_see_its_own_tokens(model):
+    prompt = _prompts(1, seed=3)[0]
+    plain = _alone(model, prompt, 6).tokens
+    made = []
+
+    def factory():
+        made.append(_Ban(plain[0]))
+        return made[-1]
+
+    engine = Engine(model, max_batch=4, max_seq_len=64)
+    raw = engine.submit(Request(prompt, 6, logprobs=True))
+    banned = engine.submit(Request(prompt, 6, n=2, logits_processors=(factory,), logprobs=True))
+    engine.run_until_idle()
+    assert raw.result(0).choices[0].tokens == plain  # the other request is untouched
+    assert len(made) == 2  # one processor per choice
+    for choice, proc in zip(banned.result(0).choices, made):
+        assert plain[0] not in choice.tokens
+        # Greedy over the rewritten logits: the banned token's runner-up comes first.
+        logits = model(torch.tensor([prompt])).float()[0, -1]
+        logits[plain[0]] = float("-inf")
+        assert choice.tokens[0] == int(logits.argmax())
+        assert proc.accepted == choice.tokens
+        assert proc.seen == [choice.tokens[:i] for i in range(len(choice.tokens))]
+        # Reported logprobs are the raw model's, not the processed ones.
+        raw_lp = torch.log_softmax(model(torch.tensor([prompt])).float()[0, -1], -1)[choice.tokens[0]]
+        assert abs(choice.logprobs[0] - float(raw_lp)) < 1e-4
