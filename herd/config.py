@@ -23,6 +23,7 @@ Two shapes beyond plain sections:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import tomllib
@@ -279,10 +280,13 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
     command line: edit the file for that."""
     parts = key.split(".")
     where, target, i = cls, data, 0
+    excluded: dict[str, str] = {}  # keys the current entry's class does not take, with the reason
     while True:
         name = parts[i]
-        hints = keys_of(where)
+        hints = {k: v for k, v in keys_of(where).items() if k not in excluded}
         path = ".".join(parts[: i + 1])
+        if name in excluded:
+            raise ValueError(f"--{key}: {excluded[name]}")
         if name not in hints:
             if i == 0:
                 raise ValueError(f"--{key}: unknown section {name!r}; valid sections: {', '.join(hints)}")
@@ -299,7 +303,7 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
             sub = target.setdefault(name, {})
             if not isinstance(sub, dict):
                 raise ValueError(f"--{key}: {path} in the file is not a table")
-            where, target, i = tp, sub, i + 1
+            where, target, i, excluded = tp, sub, i + 1, {}
             continue
         if registry is not None or item is not None:
             if i + 3 != len(parts):
@@ -307,6 +311,8 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
                                  f"--{path}.INDEX.KEY); whole entries cannot be added or replaced from the "
                                  "command line: edit the file")
             entries = target.get(name, [])
+            if not isinstance(entries, list):
+                raise ValueError(f"--{key}: {path} in the file is not a list of tables")
             names = [e.get("name", e.get(TAG) if registry is not None else None) if isinstance(e, dict) else None
                      for e in entries]
             sel = parts[i + 1]
@@ -328,10 +334,8 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
                                      f"choose one of {', '.join(sorted(registry))}")
                 where = registry[entry[TAG]]
                 excluded = meta["exclude"](where) if meta["exclude"] else {}
-                if parts[i + 2] in excluded:
-                    raise ValueError(f"--{key}: {excluded[parts[i + 2]]}")
             else:
-                where = item
+                where, excluded = item, {}
             target, i = entry, i + 2
             continue
         if i + 1 != len(parts):
@@ -342,8 +346,6 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
 
 def apply_overrides(cls: type, data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A deep copy of `data` with every `--key value` of `overrides` applied (see override_data)."""
-    import copy
-
     data = copy.deepcopy(data)
     for key, text in parse_overrides(list(overrides)):
         override_data(cls, data, key, text)

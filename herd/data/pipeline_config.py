@@ -30,8 +30,8 @@ def _where_rule(cls: type) -> dict[str, str]:
     """Keys a step class has but does not take: `where` on a step that must see every document."""
     if getattr(cls, "supports_where", True):
         return {}
-    return {"where": f"`where` applies to filters, modifiers, classifiers, language ID and line dedup only; a "
-                     f"{cls.type} step (document-level dedup, extraction or mix) sees every document"}
+    return {"where": "`where` applies to filters, modifiers, classifiers, language ID and line dedup only; "
+                     f"{cls.type!r} is a document-level dedup, extraction or mix step, which sees every document"}
 
 
 def build_entry(registry: dict[str, type], entry: dict[str, Any], *, what: str, key: str | None = None) -> Any:
