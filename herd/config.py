@@ -340,7 +340,15 @@ def override_data(cls: type, data: dict[str, Any], key: str, text: str) -> None:
             continue
         if i + 1 != len(parts):
             raise ValueError(f"--{key}: {path} is a value, not a section")
-        target[name] = _coerce(parse_text(text, tp), tp, f"--{key}")
+        value = _coerce(parse_text(text, tp), tp, f"--{key}")
+        if value is None:  # TOML has no null: "none" can only mean "leave it unset", where unset is None
+            f = next(f for f in dataclasses.fields(where) if f.name == name)
+            if f.default is not None:
+                raise ValueError(f"--{key}: cannot be unset from the command line (a file cannot say none "
+                                 "either); give a value")
+            target.pop(name, None)
+        else:
+            target[name] = value
         return
 
 

@@ -20,6 +20,7 @@ class Circle:
     name: str = ""
     radius: float = 1.0
     tags: dict[str, Any] | None = None
+    scale: float | None = 1.0
 
 
 @dataclass
@@ -89,6 +90,11 @@ def test_overrides_reach_sections_and_entries_by_name_or_index():
         apply_overrides(Doc, data, ["--shape.label.tags", "{a = 1}"])
     with pytest.raises(ValueError, match="unknown key 'hook'; valid keys: text, name, at$"):
         apply_overrides(Doc, data, ["--shape.label.hook", "f"])
+    # "none" unsets a key whose default is unset; one with a real default cannot be unset (TOML has no null)
+    assert "tags" not in apply_overrides(Doc, {**data, "shape": [{"type": "circle", "tags": {}}]},
+                                         ["--shape.0.tags", "none"])["shape"][0]
+    with pytest.raises(ValueError, match="--shape.c1.scale: cannot be unset from the command line"):
+        apply_overrides(Doc, data, ["--shape.c1.scale", "none"])
     with pytest.raises(ValueError, match="--section is a section; override one of its keys"):
         override_data(Doc, data, "section", "3")
     with pytest.raises(ValueError, match="--shape.c1.radius.x: a list entry's key is overridden as --shape.NAME.KEY"):
@@ -107,4 +113,4 @@ def test_to_toml_writes_what_tomllib_reads_back(text):
 def test_describe_sections_shows_required_keys_and_each_types_keys():
     text = describe_sections(Doc)
     assert "[section]\n  size = 3  (int)\n  weights = {}  (table of float)" in text
-    assert '  type = "circle": name, radius, tags' in text and '  type = "label": text, name, at' in text
+    assert '  type = "circle": name, radius, tags, scale' in text and '  type = "label": text, name, at' in text
