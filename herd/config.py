@@ -375,9 +375,11 @@ def _plain(x: Any, tag: str | None = None) -> Any:
         fields = {f.name: f for f in dataclasses.fields(x)}
         for name in keys_of(type(x)):
             value = getattr(x, name)
-            if value is None:
-                continue
-            registry = fields[name].metadata.get("registry")
+            f = fields[name]
+            empty_tables = value == [] and f.default_factory is list and _is_table_list(f, keys_of(type(x))[name])
+            if value is None or empty_tables:
+                continue  # no null in TOML; an empty list of tables reads back from its absence
+            registry = f.metadata.get("registry")
             if registry is not None:
                 names = {c: k for k, c in registry.items()}
                 out[name] = [_plain(e, names.get(type(e), getattr(e, TAG, None))) for e in value]
@@ -389,6 +391,10 @@ def _plain(x: Any, tag: str | None = None) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def _is_table_list(f: dataclasses.Field, tp: Any) -> bool:
+    return f.metadata.get("registry") is not None or _list_item(tp) is not None
 
 
 def to_toml(cfg: Any) -> str:
