@@ -104,7 +104,7 @@ def tour(tmp_path_factory):
     # Wall time depends on what else the machine runs; the commands' CPU time and the load say how much.
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = sum(s for _, s in state.timings)
-    print(f"\nREADME tour: {total:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} s CPU in its commands, "
+    print(f"\nREADME tour: {total:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} s CPU in its subprocesses (the demo too), "
           f"load average {os.getloadavg()[0]:.1f}; slowest: "
           + ", ".join(f"{n} {s:.0f} s" for n, s in sorted(state.timings, key=lambda x: -x[1])[:8]))
 
