@@ -11,8 +11,9 @@ Design trade-offs:
   sequence's blocks into a contiguous view at every step was the alternative; on this CPU it
   cost more than the decode step itself (SmolLM2-135M, 16 x 512 tokens, 30 layers: ~0.9 s per
   step against ~0.1 s), and the fused CPU decode op and the compiled decoder read a `KVCache`
-  row layout. The price is memory: the rows and the pool both exist (allocated lazily by the
-  OS: untouched pages cost nothing), so paging buys sharing and an exact admission rule here,
+  row layout. The price is memory: the rows and the pool both exist (the pool's pages are
+  committed as blocks are first used, and by default it can hold every slot's context, as the
+  rows do; `num_blocks` bounds it), so paging buys sharing and an exact admission rule here,
   not a smaller footprint.
 * Admission waits for blocks. A request starts when it gets slots for its n choices and blocks
   for its whole prompt (plus a private tail block per extra choice); until then it and everyone
@@ -148,7 +149,7 @@ class Engine:
         num_blocks = max_batch * per_context if num_blocks is None else num_blocks
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < per_context:
             raise ValueError(f"num_blocks must be an integer >= {per_context} (one context of {max_seq_len} tokens in "
-                             f"blocks of {block_size}), got {num_blocks!r}")
+                             f"blocks of {block_size}; herd serve --kv-blocks), got {num_blocks!r}")
         self.model = model
         self.max_batch, self.max_queue, self.max_seq_len = max_batch, max_queue, max_seq_len
         self.prefill_budget, self.token_bytes = prefill_budget, token_bytes
@@ -401,12 +402,11 @@ class Engine:
         for seq in seqs:
             self._slots[seq.slot] = seq  # claimed before any forward, so a failure frees them
         self.store.load(self.cache, first.slot, hits)
-        with self._cond:
+        with self._cond:  # with prefix caching off, every token is a query and none a hit
             m = self._metrics
             m.prompt_tokens_total += S
-            if self.pool.prefix_caching:
-                m.prefix_cache_queries_total += S
-                m.prefix_cache_hits_total += len(hits) * bs
+            m.prefix_cache_queries_total += S
+            m.prefix_cache_hits_total += len(hits) * bs
 
     def _resume(self, seq: _Seq) -> bool:
         """Blocks for positions 0..pos again (its row still holds every key and value)."""

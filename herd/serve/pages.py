@@ -25,7 +25,7 @@ Design trade-offs:
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -59,7 +59,9 @@ class BlockPool:
         self.refs = [0] * num_blocks
         self._name: list[bytes | None] = [None] * num_blocks  # block -> the prefix it holds, if known
         self._table: dict[bytes, int] = {}  # prefix name -> block
-        self._empty: deque[int] = deque(range(num_blocks))  # refcount 0, nothing worth keeping
+        # Refcount 0, nothing worth keeping; a stack, so the blocks touched (and the memory the OS
+        # has committed for them) stay few until the prefix cache fills the pool.
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
         self._lru: OrderedDict[int, None] = OrderedDict()  # refcount 0, named; oldest first
         self.evictions = 0
 
@@ -97,7 +99,7 @@ class BlockPool:
         out = []
         for _ in range(n):
             if self._empty:
-                b = self._empty.popleft()
+                b = self._empty.pop()
             else:
                 b, _ = self._lru.popitem(last=False)
                 del self._table[self._name[b]]
@@ -141,13 +143,16 @@ class BlockPool:
 
 class BlockStore:
     """The pool's keys and values: per layer (num_blocks, K, block_size, D) tensors, and the
-    copies between blocks and one row of a contiguous `KVCache` (where attention reads them)."""
+    copies between blocks and one row of a contiguous `KVCache` (where attention reads them).
+
+    `torch.empty`, not zeros: a block is always written before it is read, and untouched pages of a
+    large allocation cost no memory until the pool is first used that far."""
 
     def __init__(self, cache: KVCache, num_blocks: int, block_size: int):
         self.block_size = block_size
         shape = (num_blocks, cache.k[0].shape[1], block_size, cache.k[0].shape[3])
-        self.k = [torch.zeros(shape, dtype=t.dtype, device=t.device) for t in cache.k]
-        self.v = [torch.zeros(shape, dtype=t.dtype, device=t.device) for t in cache.v]
+        self.k = [torch.empty(shape, dtype=t.dtype, device=t.device) for t in cache.k]
+        self.v = [torch.empty(shape, dtype=t.dtype, device=t.device) for t in cache.v]
 
     def save(self, cache: KVCache, row: int, first: int, blocks: Sequence[int]) -> None:
         """Copy positions of row `row` into `blocks`, which hold its blocks first, first + 1, ..."""
