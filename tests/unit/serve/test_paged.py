@@ -207,3 +207,25 @@ def test_choices_share_the_prompt_blocks_and_own_their_tails(model):
         assert c.tokens == want.tokens
         torch.testing.assert_close(c.logprobs, want.logprobs, rtol=0, atol=1e-4)
     assert sum(engine.pool.refs) == 0
+
+
+@pytest.mark.slow  # loads SmolLM2-135M (and may build the CPU kernels on first use)
+def test_the_real_model_through_hits_and_the_fused_decode_equals_generate(smollm2_gguf):
+    from herd.generate.loading import load_for_inference
+    from herd.tokenizer import Message
+
+    lm = load_for_inference(smollm2_gguf)  # as herd serve loads it: CPU kernels and the fused decode block
+    system = Message(role="system", content="You are a geography tutor. Answer in one short sentence. " * 4)
+    prompts = [lm.chat.encode_dialog_prompt([system, Message(role="user", content=q)]).tokens
+               for q in ("What is the capital of France?", "What is the capital of Peru?")]
+    engine = Engine(lm.model, max_batch=2, max_seq_len=256, block_size=16, prefill_budget=32)
+    handles = [engine.submit(Request(p, 12, stop_tokens=lm.stop_tokens)) for p in prompts]
+    engine.run_until_idle()
+    again = engine.submit(Request(prompts[1], 12, stop_tokens=lm.stop_tokens))
+    engine.run_until_idle()
+    m = engine.metrics()
+    # Both first requests were admitted in the same step, before either was prefilled: only the
+    # repeat hits, on all its whole blocks but the one holding its last token.
+    assert m.prefix_cache_hits_total == (len(prompts[1]) - 1) // 16 * 16 > 0
+    for p, h in zip(prompts + prompts[1:], handles + [again]):
+        assert h.result(0).choices[0].tokens == _alone(lm.model, p, 12, stop_tokens=lm.stop_tokens).tokens
