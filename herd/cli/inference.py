@@ -144,6 +144,10 @@ def cmd_serve(opts) -> None:
 
     if opts.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
+    for flag, value in (("--block-size", opts.block_size), ("--kv-blocks", opts.kv_blocks),
+                        ("--prefill-chunk", opts.prefill_chunk)):
+        if value is not None and value < 1:  # checked before the (slow) model load
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     lm = load(opts)
     model, tok = lm.model, lm.tokenizer
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots

@@ -52,3 +52,11 @@ def test_metrics_show_prefix_hits_and_free_blocks(tok):
     assert m["herd_prefill_tokens_total"] == m["herd_prefix_cache_queries_total"] - hits
     assert m["herd_prefix_cache_hit_rate"] == pytest.approx(hits / m["herd_prefix_cache_queries_total"])
     assert m["herd_kv_blocks_free"] == 40  # everything released; cached blocks count as free
+
+
+@pytest.mark.parametrize("flag", ["--kv-blocks", "--block-size", "--prefill-chunk"])
+def test_serve_refuses_bad_cache_flags_before_loading(flag, capsys, tmp_path):
+    from herd.cli import main
+
+    assert main(["serve", str(tmp_path / "no-such-model"), flag, "0"]) == 2  # the flag, not the missing path
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
