@@ -174,6 +174,30 @@ def test_a_tiny_pool_pauses_the_youngest_and_every_answer_stays_exact(model):
     assert m.kv_blocks_free == 12 and sum(engine.pool.refs) == 0
 
 
+def test_out_of_blocks_pauses_the_youngest_which_resumes_without_recomputing(model):
+    # 4 blocks of 4 = one 16-token context; two 4-token prompts fill all 4 blocks by position 7.
+    engine = Engine(model, max_batch=2, max_seq_len=16, block_size=4, num_blocks=4)
+    pa, pb = _tokens(4, 15), _tokens(4, 16)
+    a, b = engine.submit(Request(pa, 8)), engine.submit(Request(pb, 8))
+    for _ in range(4):
+        engine.step()
+    assert engine.metrics().kv_blocks_free == 0 and engine.metrics().preemptions_total == 0
+    seq_a, seq_b = engine._slots
+    engine.step()  # a (older) needs a third block: b, the youngest, gives its two back and pauses
+    assert seq_b.state == "paused" and seq_b.blocks == [] and seq_a.state == "decode" and len(seq_a.blocks) == 3
+    assert engine.metrics().preemptions_total == 1
+    frozen = len(seq_b.generated)
+    prefilled = engine.metrics().prefill_tokens_total
+    while not a.done():
+        engine.step()
+        assert len(seq_b.generated) == frozen  # b makes no progress while a holds the blocks...
+    engine.run_until_idle()
+    assert engine.metrics().prefill_tokens_total == prefilled  # ...and resumes from its row, recomputing nothing
+    assert a.result(0).choices[0].tokens == _alone(model, pa, 8).tokens
+    assert b.result(0).choices[0].tokens == _alone(model, pb, 8).tokens
+    engine.pool.check()
+
+
 def test_a_request_waits_until_its_blocks_are_free(model):
     engine = Engine(model, max_batch=2, max_seq_len=32, block_size=4, num_blocks=8)
     a = engine.submit(Request(_tokens(20, 11), 4))  # 5 blocks for its prompt
