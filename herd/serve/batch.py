@@ -145,14 +145,21 @@ def run_batch(
     done: Iterable[str | int] = (),
     progress: bool = False,
     position: int = 0,
+    chat: bool = False,
+    system: str | None = None,
 ) -> BatchStats:
     """Generate every id of `input_path` in this shard that is not yet in `results_path` (nor in
-    `done`), appending each result to `results_path` as it finishes."""
+    `done`), appending each result to `results_path` as it finishes. chat: "prompt" lines become a
+    user turn in the chat format (after `system`, if given), as `herd generate --chat` does."""
     i, n = shard
     t0 = time.perf_counter()
     messages_encoder = _messages_encoder(lm)
+    if chat:
+        encode_text: Callable[[str], list[int]] = lambda text: lm.encode_user_turn(text, system=system)  # noqa: E731
+    else:
+        encode_text = lm.encode_text
     with ResultsFile(results_path) as results:
-        batch = read_batch_input(input_path, defaults=defaults, encode_text=lm.encode_text,
+        batch = read_batch_input(input_path, defaults=defaults, encode_text=encode_text,
                                  encode_messages=messages_encoder, context=engine.max_seq_len, max_n=engine.max_batch,
                                  done=results.done | set(done), strict=strict)
         items = [x for x in batch.items if x.order % n == i]
@@ -220,6 +227,8 @@ class BatchJob:
     strict: bool = False
     overwrite: bool = False
     progress: bool = False
+    chat: bool = False  # "prompt" lines as a user turn in the chat format
+    system: str | None = None
 
 
 def part_path(output: str | os.PathLike[str], i: int, n: int) -> Path:
@@ -292,7 +301,7 @@ def _run_shard(job: BatchJob, i: int, n: int, done: set, results_path: str | os.
     engine = Engine(lm.model, max_batch=job.max_batch, max_queue=job.max_queue or job.max_batch,
                     max_seq_len=context, token_bytes=lm.tokenizer.decode_single_token_bytes)
     return run_batch(engine, lm, job.input, results_path, defaults=job.defaults, strict=job.strict, shard=(i, n),
-                     done=done, progress=job.progress, position=i)
+                     done=done, progress=job.progress, position=i, chat=job.chat, system=job.system)
 
 
 def merge_results(input_path: str | os.PathLike[str], output: str | os.PathLike[str]) -> int:
