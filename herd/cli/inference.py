@@ -99,6 +99,9 @@ def _generate_batch(opts) -> None:
     for flag in ("logprobs", "ignore_eos"):
         if getattr(opts, flag):
             raise ValueError(f"--{flag.replace('_', '-')} is not supported with --input (batch mode)")
+    if opts.system is not None and not opts.chat:
+        raise ValueError("--system applies to \"prompt\" lines wrapped with --chat; \"messages\" lines carry their "
+                         "own system message")
     if opts.nproc is not None and opts.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {opts.nproc}")
     max_batch = 8 if opts.max_batch is None else opts.max_batch

@@ -16,7 +16,7 @@ from herd.cli import main
 from herd.generate import GREEDY, generate
 from herd.model import ModelArgs, build_model
 from herd.serve.batch_io import read_results
-from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
 
 PROMPTS = ["Llamas live in", "The capital of France is", "Once upon a time", "1, 2, 3,", "Why is the sky blue?",
            "herd of llamas", "Hello", "The quick brown fox"]
@@ -98,6 +98,22 @@ def test_bad_input_is_a_clear_error(ckpt, tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
     assert main([*common, "--input", str(src), "--n", "9"]) == 2
     assert "--n" in capsys.readouterr().err
+    assert main([*common, "--input", str(src), "--system", "Be brief."]) == 2
+    assert "--chat" in capsys.readouterr().err
+
+
+def test_chat_wraps_prompt_lines_as_a_user_turn(ckpt, tok, tmp_path, capsys):
+    path, model = ckpt
+    src, out = _input(tmp_path, n=2), tmp_path / "out.jsonl"
+    assert main(["generate", str(path), "--input", str(src), "--output", str(out), "--chat", "--system", "Be brief.",
+                 "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    capsys.readouterr()
+    fmt = ChatFormat(tok, version="3.1")
+    for i in range(2):
+        ids = fmt.encode_dialog_prompt([Message("system", "Be brief."), Message("user", PROMPTS[i])]).tokens
+        [want] = generate(model, [ids], max_new_tokens=6, sampling=GREEDY, stop_tokens=tok.stop_tokens)
+        rec = _records(out)[f"q{i}"]
+        assert rec["prompt_tokens"] == len(ids) and rec["choices"][0]["text"] == tok.decode(want.tokens)
 
 
 # top-k keeps sampling cheap on a 128K vocabulary (top-p alone sorts it at every step).
