@@ -3,9 +3,10 @@
 model <- {generate, quant, parallel} <- train <- posttrain; tokenizer <- {data, generate, serve};
 nothing imports cli.py, and serve/ only posttrain (rejection sampling generates its candidates
 through serve's engine and batch generator; serve itself imports nothing above generate, so no
-cycle, and the engine needs only torch). Each subpackage may import only the ones listed for it. The
-bottom layer (io: atomic writes and the cache folder; gguf_header: the GGUF header reader that
-model and tokenizer share) imports nothing from herd, and everyone may import it.
+cycle, and the engine needs only torch). Each subpackage may import only the ones listed for it.
+The bottom layer (io: atomic writes and the cache folder; config: the TOML -> dataclass loader;
+gguf_header: the GGUF header reader that model and tokenizer share) imports nothing from herd,
+and everyone may import it.
 """
 
 import ast
@@ -29,8 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "serve": {"model", "tokenizer", "generate", "quant"},
 }
 # Top-level modules: the package root stays light; entry points may use anything but each other.
-BOTTOM = {"io", "gguf_header", "targets"}
-TOP_LEVEL: dict[str, set[str] | None] = {"io": set(), "gguf_header": set(), "targets": set(), "__init__": {"model"}, "__main__": {"cli"}, "cli": None, "demo": None}
+BOTTOM = {"io", "config", "gguf_header", "targets"}
+TOP_LEVEL: dict[str, set[str] | None] = {"io": set(), "config": set(), "gguf_header": set(), "targets": set(), "__init__": {"model"}, "__main__": {"cli"}, "cli": None, "demo": None}
 
 
 def _herd_imports(path: Path) -> set[str]:
