@@ -270,7 +270,8 @@ def _serve_args(p):
 
 COMMANDS = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
-    "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
+    "generate": (cmd_generate, "complete prompts (streamed), or a JSONL file of them (--input, batch mode)",
+                 _generate_args),
     "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _chat_args),
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),
