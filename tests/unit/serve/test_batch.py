@@ -208,3 +208,17 @@ def test_closing_early_cancels_and_leaves_the_engine_reusable(lm, tok, tmp_path)
     again = list(generate_all(engine, batch.items[:2], stop_tokens=tok.stop_tokens))
     assert len(again) == 2
 
+
+
+def test_parts_of_an_interrupted_sharded_run_resume_under_another_shard_count(lm, tmp_path):
+    src = _sampled_input(tmp_path)
+    run_batch(_engine(lm), lm, src, tmp_path / "whole.jsonl", defaults=SAMPLED)
+    out = tmp_path / "out.jsonl"
+    first = part_path(out, 1, 3)  # a 3-worker run of which only worker 1 finished
+    run_batch(_engine(lm), lm, src, first, defaults=SAMPLED, shard=(1, 3))
+    done = {r["id"] for r in read_results(first)[0]}
+    assert 0 < len(done) < len(PROMPTS)
+    stats = run_batch(_engine(lm), lm, src, out, defaults=SAMPLED, done=done)  # resumed in one process
+    assert stats.already_done == len(done) and stats.finished == len(PROMPTS) - len(done)
+    merge_results(src, out)
+    assert _by_id(out) == _by_id(tmp_path / "whole.jsonl") and not first.exists()
