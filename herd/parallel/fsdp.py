@@ -7,6 +7,13 @@ memory at one block, at the price of more, smaller collectives.
 
 A tied embedding/output matrix must live in one unit (FSDP replaces a parameter by its
 sharded DTensor once); it then stays in the root, which is gathered for the whole step.
+
+`Transformer.hidden` (the final-normed states a chunked loss feeds to the head) is registered
+as a second forward method of the root: FSDP only hooks `forward`, so calling `hidden` directly
+would run the blocks' own hooks but never gather the root's norm. Through the registered method
+the root is gathered on entry and, being the root, kept gathered until its gradients are
+reduce-scattered at the end of backward, so the head's chunks all read the one full output
+matrix and its gradient accumulates there before a single reduce-scatter.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
 def apply_fsdp(
@@ -43,3 +50,5 @@ def apply_fsdp(
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root's weights (norm, output head) are needed again as soon as backward starts.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if hasattr(model, "hidden"):
+        register_fsdp_forward_method(model, "hidden")

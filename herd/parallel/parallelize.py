@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from herd.model.llama import Transformer, positions_from_doc_ids
-from herd.model.loss import cross_entropy_sum
+from herd.model.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.parallel.checkpointing import AC_MODES, apply_ac
 from herd.parallel.context import ContextParallel, apply_cp
 from herd.parallel.dims import Meshes, ParallelDims
@@ -78,6 +78,28 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         if self.pp_microbatches < 0 or self.pp_stages_per_rank < 0:
             raise ValueError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0 (0 = default)")
+
+    def check_loss_chunks(self, chunks: int) -> None:
+        """Raise ValueError naming the layout when it cannot run the output head in `chunks` slices.
+
+        A chunked head calls `hidden` and multiplies slices of its output by the output matrix
+        outside any module's forward. FSDP gathers that matrix through `hidden` (see fsdp.py), CP
+        only changes which tokens a rank holds, and TP's vocabulary-sharded head runs on DTensors
+        (each chunk's logits stay vocabulary shards: chunks always use loss parallel, whatever
+        `loss_parallel` says, as gathering each chunk's logits would only add traffic). Pipeline
+        parallelism cannot: its schedule runs each stage's `forward` and hands the last stage's
+        full logits to the loss function, so the head is never reachable in slices.
+        """
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"train.loss_chunks must be an integer >= 1, got {chunks!r}")
+        if chunks == 1:
+            return
+        if self.pp > 1:
+            raise ValueError(
+                f"train.loss_chunks = {chunks} is not supported with pipeline parallelism (parallel.pp = {self.pp}): "
+                "the pipeline schedule runs the last stage's forward and scores its full logits, so the output "
+                "head cannot be split into chunks there; set train.loss_chunks = 1 or parallel.pp = 1"
+            )
 
     def dims(self, world_size: int) -> ParallelDims:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
@@ -194,21 +216,45 @@ class ParallelModel:
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _plain(self.loss_fn(logits, targets)) * self._scale
 
-    def _loss_context(self):
-        if self.dims.tp > 1 and self.config.loss_parallel:
+    def _loss_context(self, loss_chunks: int = 1):
+        if self.dims.tp > 1 and (self.config.loss_parallel or loss_chunks > 1):
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def check_loss_chunks(self, chunks: int) -> None:
+        """Raise ValueError naming the layout when it cannot compute the head in `chunks` slices."""
+        self.config.check_loss_chunks(chunks)
+        if chunks > 1 and self.loss_fn is not cross_entropy_sum:
+            raise ValueError(f"train.loss_chunks = {chunks} computes next-token cross-entropy itself; this "
+                             "model was parallelised with a custom loss_fn, which needs train.loss_chunks = 1")
+
+    def _token_loss_sum(self, part: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pos: torch.Tensor,
+                        doc_ids: torch.Tensor | None, chunks: int) -> torch.Tensor:
+        """This rank's summed loss over `targets`, from the full logits or from the head in chunks."""
+        if chunks == 1:
+            return _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets))
+        hidden = part.hidden(inputs, pos=pos, doc_ids=doc_ids)  # (B, S, dim); FSDP: gathers the root
+        # Read after `hidden`: under FSDP the attribute now holds the gathered matrix (before, the shard).
+        weight = part.output.weight  # (vocab, dim); under TP a DTensor sharded on the vocabulary
+        if isinstance(hidden, DTensor):
+            # TP leaves the final norm's output sharded on the sequence; a chunk of tokens needs
+            # its positions whole (ColwiseParallel's own input all-gather, done once here).
+            hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+        return _plain(chunked_cross_entropy_sum(hidden, weight, targets, chunks=chunks))
+
     def forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-        num_targets: int | None = None,
+        num_targets: int | None = None, loss_chunks: int = 1,
     ) -> StepLoss:
         """Forward and backward of one (B, S) batch; gradients accumulate into `.grad`.
 
         Every CP, TP and PP rank of a data-parallel group passes the same full batch.
         `num_targets`: target tokens of the whole global step, when it spans several calls
         (gradient accumulation); by default this call's batch summed over data-parallel ranks.
+        `loss_chunks` > 1: run the output head and its cross-entropy in that many slices of this
+        rank's tokens (see `check_loss_chunks` for the layouts that allow it).
         """
+        self.check_loss_chunks(loss_chunks)
         B, S = inputs.shape
         d, m = self.dims, self.meshes
         if d.tp > 1 and (S // d.cp) % d.tp != 0:
@@ -224,7 +270,7 @@ class ParallelModel:
         self._scale = (d.dp * d.cp) / max(num_targets, 1)
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         local_sum = torch.zeros((), device=inputs.device)
-        with self._loss_context():
+        with self._loss_context(loss_chunks):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
@@ -234,8 +280,7 @@ class ParallelModel:
                     local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
             else:
                 (part,) = self.parts
-                logits = part(inputs, pos=pos, doc_ids=doc_ids)
-                loss = _plain(self.loss_fn(logits, targets))
+                loss = self._token_loss_sum(part, inputs, targets, pos, doc_ids, loss_chunks)
                 (loss * self._scale).backward()
                 local_sum = loss.detach()
         total = local_sum.float() / max(num_targets, 1)
@@ -268,13 +313,15 @@ class ParallelModel:
         pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
         return inputs, targets, pos.expand(B, -1), doc_ids
 
-    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> float:
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                 loss_chunks: int = 1) -> float:
         """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
+        self.check_loss_chunks(loss_chunks)
         d, m = self.dims, self.meshes
         self._scale = 1.0
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         total = torch.zeros((), device=inputs.device)
-        with self._loss_context():
+        with self._loss_context(loss_chunks):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
@@ -284,7 +331,7 @@ class ParallelModel:
                     total = torch.stack([x.detach() for x in losses]).sum()
             else:
                 (part,) = self.parts
-                total = _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets)).detach()
+                total = self._token_loss_sum(part, inputs, targets, pos, doc_ids, loss_chunks).detach()
         total = total.float()
         if m is not None:
             for mesh, n in ((m.cp, d.cp), (m.pp, d.pp)):  # CP ranks hold pieces, only the last stage has it
