@@ -1,0 +1,185 @@
+"""The chunked output head (`train.loss_chunks > 1`) under parallel layouts, in one gloo group.
+
+Every run is held to the single-process reference with the *plain* head (loss_chunks = 1):
+losses and gradients of 3 AdamW steps with clipping, then the final parameters, within the
+1e-5 of the other parity scenarios (fp32; parameters: see PARAM_TOL). Also: the trainer's own step (`TrainCore` with
+`ChunkedNextTokenLoss` and gradient accumulation), evaluation through `loss_sum`, the bytes
+FSDP moves (the gathered head is all-gathered and reduce-scattered once per step, exactly the
+plain step's count), and the memory point itself: no (tokens x vocab) logits tensor is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import harness as H
+from herd.data.loader import Batch
+from herd.model import ModelArgs
+from herd.parallel import ParallelConfig
+from herd.parallel.comm import CommCounter
+from herd.parallel.plan import CommInputs, step_comm_bytes
+from herd.train.core import ChunkedNextTokenLoss, TrainCore
+
+CHUNKS = 4
+# AdamW divides by sqrt(v), so last-bit gradient differences move a parameter by up to about
+# lr x their relative size: after 3 steps the plain (unchunked) TP 2 run is already 1.2e-5 from
+# one process (FSDP 2 and CP 2: 5.6e-6). Gradients and losses keep the 1e-5 of every layout.
+PARAM_TOL = 3e-5
+TIED = H.ARGS.replace(tie_embeddings=True)  # the head is the embedding matrix (Llama 3.2 1B/3B)
+
+
+def final_params(name: str, ref_model: torch.nn.Module, runner) -> list:
+    """Every parameter a rank holds (gathered from its shards) equals the reference's after training."""
+    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    worst, where = 0.0, ""
+    for n, p in runner.named_parameters():
+        diff = float((H.full(p.detach()) - ref[H.clean(n)]).abs().max())
+        if diff > worst:
+            worst, where = diff, n
+    return H.agree(f"{name}: final parameters", worst <= PARAM_TOL,
+                   f"max |diff| {worst:.2e} (tol {PARAM_TOL:g}) at {where or '-'}")
+
+
+def parity(name: str, cfg: ParallelConfig, batches, state, *, args: ModelArgs = H.ARGS) -> list:
+    single = H.Single(state, args)
+    ref = H.train(single, H.new_optimizer(single.parameters()), batches)
+    pm = H.build_parallel(cfg, state=state, args=args)
+    runner = H.Parallel(pm, loss_chunks=CHUNKS)
+    got = H.train(runner, H.new_optimizer(runner.parameters()), batches)
+    return H.compare(name, ref, got) + final_params(name, single.model, runner)
+
+
+class _CoreRunner(H.Parallel):
+    """The trainer's step: `TrainCore` with the chunked loss, the global batch as two micro-batches."""
+
+    def __init__(self, pm, opt):
+        super().__init__(pm)
+        self.core = TrainCore(pm.module, opt, grad_clip=H.CLIP, loss=ChunkedNextTokenLoss(CHUNKS), parallel=pm)
+
+    def step(self, inputs, targets, doc_ids):
+        halves = torch.arange(inputs.shape[0]).chunk(2)  # each half still splits over the dp ranks
+        micro = [Batch(inputs[r], targets[r], None if doc_ids is None else doc_ids[r],
+                       int((targets[r] != -100).sum())) for r in halves]
+        return self.core.forward_backward(micro).loss
+
+
+def core_parity(state, batches) -> list:
+    single = H.Single(state)
+    ref = H.train(single, H.new_optimizer(single.parameters()), batches)
+    pm = H.build_parallel(ParallelConfig(), state=state)
+    opt = H.new_optimizer(list(pm.parameters()))
+    runner = _CoreRunner(pm, opt)
+    got = H.train(runner, opt, batches)
+    name = "TrainCore FSDP 2 chunked, 2 micro-batches"
+    return H.compare(name, ref, got) + final_params(name, single.model, runner)
+
+
+def evaluation(state, batches) -> list:
+    """`loss_sum` (the trainer's validation) with a chunked head equals the plain single-process sum."""
+    inputs, targets, doc_ids = batches[0]
+    single = H.Single(state)
+    with torch.no_grad():
+        logits = single.model(inputs, doc_ids=doc_ids)
+        want = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+    out = []
+    for name, cfg in {"FSDP 2": ParallelConfig(), "TP 2": ParallelConfig(tp=2)}.items():
+        pm = H.build_parallel(cfg, state=state)
+        with torch.no_grad():
+            got = pm.loss_sum(inputs, targets, doc_ids=doc_ids, loss_chunks=CHUNKS)
+        out += H.agree(f"{name} chunked loss_sum", abs(got - want) <= 1e-3,  # a sum over ~125 tokens
+                       f"{got:.6f} vs single-process {want:.6f}")
+    return out
+
+
+def fsdp_comm(state, batches) -> list:
+    """A chunked FSDP step moves exactly the plain step's analytic bytes: the root (norm and head)
+    is gathered once and its gradient reduce-scattered once, however many chunks read it."""
+    pm = H.build_parallel(ParallelConfig(), state=state)
+    runner = H.Parallel(pm, loss_chunks=CHUNKS)
+    H.train(runner, H.new_optimizer(runner.parameters()), batches[:1], keep_grads=False)  # set-up traffic
+    with CommCounter() as counter:
+        runner.step(*batches[1])
+    measured = counter.attribute(pm.meshes)
+    expected = step_comm_bytes(H.ARGS, CommInputs(dp_shard=2, batch=H.BATCH // 2, seq_len=H.SEQ))
+    gathers = sum(c.kind == "all_gather" for c in counter.calls)
+    scatters = sum(c.kind == "reduce_scatter" for c in counter.calls)
+    units = H.ARGS.n_layers + 2  # blocks, embedding, root
+    ok = measured == expected and scatters == units
+    return H.agree("comm FSDP 2 chunked", ok, f"measured {measured}, analytic (plain head) {expected}; "
+                   f"{gathers} all-gathers, {scatters} reduce-scatters for {units} units")
+
+
+class _LogitRows(TorchDispatchMode):
+    """The most rows any tensor whose last dimension is the vocabulary had (logits or their gradient).
+
+    Views are skipped: the transposed (dim, vocab) head matrix is no activation.
+    """
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                shape = t.shape if not isinstance(t, DTensor) else t.to_local().shape
+                self.rows = max(self.rows, shape[:-1].numel())
+        return out
+
+
+def logit_rows(state, batches) -> list:
+    """The chunked FSDP step never holds more than one chunk's logits; the plain one holds all."""
+    inputs, targets, doc_ids = batches[0]
+    tokens = H.BATCH // 2 * H.SEQ  # this rank's tokens
+    rows = {}
+    for chunks in (1, CHUNKS):
+        pm = H.build_parallel(ParallelConfig(), state=state)
+        runner = H.Parallel(pm, loss_chunks=chunks)
+        with _LogitRows(H.ARGS.vocab_size) as seen:
+            runner.step(inputs, targets, doc_ids)
+        rows[chunks] = seen.rows
+    ok = rows == {1: tokens, CHUNKS: tokens // CHUNKS}
+    return H.agree("FSDP 2 chunked: largest logits tensor", ok,
+                   f"rows of (rows x vocab) tensors: plain {rows[1]}, {CHUNKS} chunks {rows[CHUNKS]} "
+                   f"({tokens} tokens per rank)")
+
+
+def world2(rank: int, world: int, workdir: Path) -> list:
+    state = H.reference_state()
+    plain, docs = H.make_batches(docs=False), H.make_batches(docs=True)
+    P = ParallelConfig
+    out = []
+    for name, (cfg, batches) in {
+        "FSDP 2": (P(), plain),
+        "FSDP 2 (docs)": (P(), docs),
+        "FSDP 2 + full AC": (P(ac="full"), docs),
+        "FSDP 2 + selective AC": (P(ac="selective"), docs),
+        "CP 2 (docs)": (P(cp=2), docs),
+        "TP 2": (P(tp=2), docs),
+        "TP 2 without loss parallel": (P(tp=2, loss_parallel=False), plain),
+    }.items():
+        out += parity(f"{name} chunked", cfg, batches, state)
+    out += parity("FSDP 2 tied embeddings chunked", P(), docs, H.reference_state(args=TIED), args=TIED)
+    out += core_parity(state, docs)
+    out += evaluation(state, docs)
+    out += fsdp_comm(state, plain)
+    out += logit_rows(state, plain)
+    dist.barrier()
+    return out
+
+
+NAMES = (
+    [f"{n} chunked" for n in ("FSDP 2", "FSDP 2 (docs)", "FSDP 2 + full AC", "FSDP 2 + selective AC", "CP 2 (docs)",
+                              "TP 2", "TP 2 without loss parallel", "FSDP 2 tied embeddings")]
+    + ["TrainCore FSDP 2 chunked, 2 micro-batches"]
+)
+NAMES = [x for n in NAMES for x in (n, f"{n}: final parameters")] + [
+    "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "comm FSDP 2 chunked", "FSDP 2 chunked: largest logits tensor"]
