@@ -8,12 +8,14 @@ memory at one block, at the price of more, smaller collectives.
 A tied embedding/output matrix must live in one unit (FSDP replaces a parameter by its
 sharded DTensor once); it then stays in the root, which is gathered for the whole step.
 
-`Transformer.hidden` (the final-normed states a chunked loss feeds to the head) is registered
-as a second forward method of the root: FSDP only hooks `forward`, so calling `hidden` directly
-would run the blocks' own hooks but never gather the root's norm. Through the registered method
+`Transformer.hidden` (the final-normed states a chunked loss feeds to the head) gets a second
+entry into the root's hooks, `hidden_states(model, ...)`: FSDP only hooks `forward`, so calling
+`hidden` directly would run the blocks' own hooks but never gather the root's norm. Through it
 the root is gathered on entry and, being the root, kept gathered until its gradients are
 reduce-scattered at the end of backward, so the head's chunks all read the one full output
-matrix and its gradient accumulates there before a single reduce-scatter.
+matrix and its gradient accumulates there before a single reduce-scatter. The hooks go on an
+alias (`fsdp_hidden`), not on `hidden` itself: `forward` calls `hidden`, and entering the root's
+hooks twice in one forward costs one more all-gather of the root per step (measured).
 """
 
 from __future__ import annotations
@@ -51,4 +53,10 @@ def apply_fsdp(
     # The root's weights (norm, output head) are needed again as soon as backward starts.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     if hasattr(model, "hidden"):
-        register_fsdp_forward_method(model, "hidden")
+        model.fsdp_hidden = model.hidden
+        register_fsdp_forward_method(model, "fsdp_hidden")
+
+
+def hidden_states(model: nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`model.hidden(tokens, **kwargs)`, through the root's FSDP hooks when `apply_fsdp` sharded it."""
+    return getattr(model, "fsdp_hidden", model.hidden)(tokens, **kwargs)

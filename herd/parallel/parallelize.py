@@ -36,7 +36,7 @@ from herd.parallel.checkpointing import AC_MODES, apply_ac
 from herd.parallel.context import ContextParallel, apply_cp
 from herd.parallel.dims import Meshes, ParallelDims
 from herd.parallel.float8 import FLOAT8_RECIPES, apply_float8
-from herd.parallel.fsdp import apply_fsdp
+from herd.parallel.fsdp import apply_fsdp, hidden_states
 from herd.parallel.pipeline import PP_SCHEDULES, build_schedule, check_pp, split_model, stages_per_rank
 from herd.parallel.tensor import apply_tp, check_tp
 from herd.targets import IGNORE_INDEX
@@ -233,7 +233,7 @@ class ParallelModel:
         """This rank's summed loss over `targets`, from the full logits or from the head in chunks."""
         if chunks == 1:
             return _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets))
-        hidden = part.hidden(inputs, pos=pos, doc_ids=doc_ids)  # (B, S, dim); FSDP: gathers the root
+        hidden = hidden_states(part, inputs, pos=pos, doc_ids=doc_ids)  # (B, S, dim); FSDP: gathers the root
         # Read after `hidden`: under FSDP the attribute now holds the gathered matrix (before, the shard).
         weight = part.output.weight  # (vocab, dim); under TP a DTensor sharded on the vocabulary
         if isinstance(hidden, DTensor):
