@@ -176,6 +176,19 @@ def world2(rank: int, world: int, workdir: Path) -> list:
     return out
 
 
+def world4(state) -> list:
+    """The 4-rank products, run inside scenarios.world4's group (one spawn for all 4-rank tests)."""
+    docs = H.make_batches(docs=True)
+    out = []
+    for name, cfg in NAMES4_LAYOUTS.items():
+        out += parity(f"{name} chunked", cfg, docs, state)
+    return out
+
+
+NAMES4_LAYOUTS = {"HSDP 2x2": ParallelConfig(dp_replicate=2, dp_shard=2),
+                  "FSDP 2 x TP 2": ParallelConfig(dp_shard=2, tp=2),
+                  "FSDP 2 x CP 2": ParallelConfig(dp_shard=2, cp=2)}
+NAMES4 = [x for n in NAMES4_LAYOUTS for x in (f"{n} chunked", f"{n} chunked: final parameters")]
 NAMES = (
     [f"{n} chunked" for n in ("FSDP 2", "FSDP 2 (docs)", "FSDP 2 + full AC", "FSDP 2 + selective AC", "CP 2 (docs)",
                               "TP 2", "TP 2 without loss parallel", "FSDP 2 tied embeddings")]
