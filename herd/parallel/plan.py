@@ -228,6 +228,7 @@ class CommInputs:
     microbatches: int = 1
     ac: str = "none"
     loss_parallel: bool = True
+    loss_chunks: int = 1  # train.loss_chunks: the head in slices (always loss parallel under TP)
     param_bytes: int = 4  # dtype FSDP gathers in
     reduce_bytes: int = 4  # dtype gradients are reduced in
     act_bytes: int = 4
@@ -240,7 +241,8 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
     after forward (never for the root), and a reduce-scatter of gradients (plus an
     all-reduce of the shard across replicas for HSDP). tp: per layer an all-gather and a
     reduce-scatter of (tokens x dim) around attention and FFN, mirrored in backward; the
-    embedding and head add one each way; loss parallel all-reduces three numbers per token.
+    embedding and head add one each way; loss parallel all-reduces three numbers per token (twice
+    with a chunked head, whose backward recomputes them; chunking changes no FSDP traffic).
     cp: per layer an all-gather of K and V over the sequence and a reduce-scatter of their
     gradients, nothing else. pp: activations forward and their gradients backward across each
     stage boundary that crosses ranks. Full or selective AC repeat the forward gathers.
@@ -277,8 +279,10 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
             out["tp"] += 2 * act  # embedding: reduce-scatter forward, all-gather backward
         if last:
             out["tp"] += 2 * act  # head input: all-gather forward, reduce-scatter backward
-            if c.loss_parallel:
-                out["tp"] += 3 * tokens * 4  # max, sum of exponentials, target logit (fp32)
+            if c.loss_parallel or c.loss_chunks > 1:
+                # Max, sum of exponentials, target logit (fp32); a chunked head recomputes each
+                # chunk's logits in backward, and with them these reductions.
+                out["tp"] += 3 * tokens * 4 * (2 if c.loss_chunks > 1 else 1)
             else:
                 out["tp"] += tokens * args.vocab_size * c.act_bytes  # gathering the logits
         if fsdp_n * c.dp_replicate > 1:

@@ -1,11 +1,12 @@
 """The chunked output head (`train.loss_chunks > 1`) under parallel layouts, in one gloo group.
 
 Every run is held to the single-process reference with the *plain* head (loss_chunks = 1):
-losses and gradients of 3 AdamW steps with clipping, then the final parameters, within the
-1e-5 of the other parity scenarios (fp32; parameters: see PARAM_TOL). Also: the trainer's own step (`TrainCore` with
-`ChunkedNextTokenLoss` and gradient accumulation), evaluation through `loss_sum`, the bytes
-FSDP moves (the gathered head is all-gathered and reduce-scattered once per step, exactly the
-plain step's count), and the memory point itself: no (tokens x vocab) logits tensor is built.
+losses and gradients of 3 AdamW steps with clipping within the 1e-5 of the other parity
+scenarios (fp32), then the final parameters (see PARAM_TOL). Also: the trainer's own step
+(`TrainCore` with `ChunkedNextTokenLoss` and gradient accumulation), evaluation through
+`loss_sum`, the bytes moved (FSDP: the gathered head is all-gathered and reduce-scattered once
+per step, exactly the plain step's count; TP: only the recomputed loss-parallel reductions are
+added), and the memory point itself: no (tokens x vocab) logits tensor is built.
 """
 
 from __future__ import annotations
@@ -96,22 +97,45 @@ def evaluation(state, batches) -> list:
     return out
 
 
-def fsdp_comm(state, batches) -> list:
-    """A chunked FSDP step moves exactly the plain step's analytic bytes: the root (norm and head)
-    is gathered once and its gradient reduce-scattered once, however many chunks read it."""
-    pm = H.build_parallel(ParallelConfig(), state=state)
+def _measure(cfg: ParallelConfig, state, batches):
+    pm = H.build_parallel(cfg, state=state)
     runner = H.Parallel(pm, loss_chunks=CHUNKS)
     H.train(runner, H.new_optimizer(runner.parameters()), batches[:1], keep_grads=False)  # set-up traffic
     with CommCounter() as counter:
         runner.step(*batches[1])
+    return pm, counter
+
+
+def fsdp_comm(state, batches) -> list:
+    """A chunked FSDP step moves exactly the plain step's analytic bytes: the root (norm and head)
+    is gathered once and its gradient reduce-scattered once, however many chunks read it."""
+    pm, counter = _measure(ParallelConfig(), state, batches)
     measured = counter.attribute(pm.meshes)
     expected = step_comm_bytes(H.ARGS, CommInputs(dp_shard=2, batch=H.BATCH // 2, seq_len=H.SEQ))
+    assert expected == step_comm_bytes(H.ARGS, CommInputs(dp_shard=2, batch=H.BATCH // 2, seq_len=H.SEQ,
+                                                          loss_chunks=CHUNKS))
     gathers = sum(c.kind == "all_gather" for c in counter.calls)
     scatters = sum(c.kind == "reduce_scatter" for c in counter.calls)
     units = H.ARGS.n_layers + 2  # blocks, embedding, root
     ok = measured == expected and scatters == units
     return H.agree("comm FSDP 2 chunked", ok, f"measured {measured}, analytic (plain head) {expected}; "
                    f"{gathers} all-gathers, {scatters} reduce-scatters for {units} units")
+
+
+def tp_comm(state, batches) -> list:
+    """Under TP the chunks add only the loss-parallel reductions their backward recomputes, with
+    or without `loss_parallel` (chunks never gather the logits)."""
+    out = []
+    layouts = {"TP 2": ParallelConfig(tp=2), "TP 2 without loss parallel": ParallelConfig(tp=2, loss_parallel=False)}
+    for name, cfg in layouts.items():
+        pm, counter = _measure(cfg, state, batches)
+        measured = counter.attribute(pm.meshes)
+        expected = step_comm_bytes(H.ARGS, CommInputs(tp=2, batch=H.BATCH, seq_len=H.SEQ, loss_chunks=CHUNKS,
+                                                      loss_parallel=cfg.loss_parallel))
+        plain = step_comm_bytes(H.ARGS, CommInputs(tp=2, batch=H.BATCH, seq_len=H.SEQ))
+        out += H.agree(f"comm {name} chunked", measured == expected,
+                       f"measured {measured}, analytic {expected} (plain head with loss parallel: {plain})")
+    return out
 
 
 class _LogitRows(TorchDispatchMode):
@@ -171,6 +195,7 @@ def world2(rank: int, world: int, workdir: Path) -> list:
     out += core_parity(state, docs)
     out += evaluation(state, docs)
     out += fsdp_comm(state, plain)
+    out += tp_comm(state, plain)
     out += logit_rows(state, plain)
     dist.barrier()
     return out
@@ -195,4 +220,5 @@ NAMES = (
     + ["TrainCore FSDP 2 chunked, 2 micro-batches"]
 )
 NAMES = [x for n in NAMES for x in (n, f"{n}: final parameters")] + [
-    "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "comm FSDP 2 chunked", "FSDP 2 chunked: largest logits tensor"]
+    "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
+    "comm TP 2 without loss parallel chunked", "FSDP 2 chunked: largest logits tensor"]

@@ -131,6 +131,17 @@ def test_comm_by_hand_for_a_small_layout():
     assert got["cp"] == got["pp"] == 0 and got["loss"] == 12
 
 
+def test_a_chunked_head_adds_only_the_recomputed_loss_parallel_reductions():
+    args = ModelArgs.from_name("debug")
+    base = dict(dp_shard=2, tp=2, batch=2, seq_len=8)
+    plain = step_comm_bytes(args, CommInputs(**base))
+    for loss_parallel in (True, False):  # the chunks score vocabulary shards either way
+        chunked = step_comm_bytes(args, CommInputs(**base, loss_chunks=4, loss_parallel=loss_parallel))
+        assert chunked == plain | {"tp": plain["tp"] + 3 * 2 * 8 * 4}  # 3 fp32 numbers per token, once more
+    fsdp = dict(dp_shard=2, batch=2, seq_len=8)
+    assert step_comm_bytes(args, CommInputs(**fsdp, loss_chunks=4)) == step_comm_bytes(args, CommInputs(**fsdp))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gpus=100, tp=8), "not divisible by tp\\*cp\\*pp"),
     (dict(gpus=8, seq_len=1000, global_batch_tokens=4096), "whole number"),
