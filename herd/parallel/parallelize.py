@@ -37,7 +37,14 @@ from herd.parallel.context import ContextParallel, apply_cp
 from herd.parallel.dims import Meshes, ParallelDims
 from herd.parallel.float8 import FLOAT8_RECIPES, apply_float8
 from herd.parallel.fsdp import apply_fsdp, hidden_states
-from herd.parallel.pipeline import PP_SCHEDULES, build_schedule, check_pp, split_model, stages_per_rank
+from herd.parallel.pipeline import (
+    PP_SCHEDULES,
+    PipelineStageModel,
+    build_schedule,
+    check_pp,
+    split_model,
+    stages_per_rank,
+)
 from herd.parallel.tensor import apply_tp, check_tp
 from herd.targets import IGNORE_INDEX
 
@@ -79,28 +86,6 @@ class ParallelConfig:
         if self.pp_microbatches < 0 or self.pp_stages_per_rank < 0:
             raise ValueError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0 (0 = default)")
 
-    def check_loss_chunks(self, chunks: int) -> None:
-        """Raise ValueError naming the layout when it cannot run the output head in `chunks` slices.
-
-        A chunked head calls `hidden` and multiplies slices of its output by the output matrix
-        outside any module's forward. FSDP gathers that matrix through `hidden` (see fsdp.py), CP
-        only changes which tokens a rank holds, and TP's vocabulary-sharded head runs on DTensors
-        (each chunk's logits stay vocabulary shards: chunks always use loss parallel, whatever
-        `loss_parallel` says, as gathering each chunk's logits would only add traffic). Pipeline
-        parallelism cannot: its schedule runs each stage's `forward` and hands the last stage's
-        full logits to the loss function, so the head is never reachable in slices.
-        """
-        if not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"train.loss_chunks must be an integer >= 1, got {chunks!r}")
-        if chunks == 1:
-            return
-        if self.pp > 1:
-            raise ValueError(
-                f"train.loss_chunks = {chunks} is not supported with pipeline parallelism (parallel.pp = {self.pp}): "
-                "the pipeline schedule runs the last stage's forward and scores its full logits, so the output "
-                "head cannot be split into chunks there; set train.loss_chunks = 1 or parallel.pp = 1"
-            )
-
     def dims(self, world_size: int) -> ParallelDims:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
                             pp=self.pp, world_size=world_size)
@@ -130,6 +115,7 @@ class ParallelModel:
         self.loss_fn = loss_fn
         self.schedule = None
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
+        self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
         self._merged: nn.Module | None = None
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -213,8 +199,20 @@ class ParallelModel:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _plain(self.loss_fn(logits, targets)) * self._scale
+    def _pipeline_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's output (logits, or final-normed states for a chunked head) -> scaled loss."""
+        if self._loss_chunks == 1:
+            return _plain(self.loss_fn(out, targets)) * self._scale
+        (last,) = [p for p in self.parts if getattr(p, "output", None) is not None]
+        return _chunked_head_sum(out, last.output.weight, targets, self._loss_chunks) * self._scale
+
+    def _use_chunks(self, chunks: int) -> None:
+        """Set the head slices of this call; pipeline stages then end at the final norm."""
+        self.check_loss_chunks(chunks)
+        self._loss_chunks = chunks
+        for part in self.parts:
+            if isinstance(part, PipelineStageModel):
+                part.head_in_loss = chunks > 1
 
     def _loss_context(self, loss_chunks: int = 1):
         if self.dims.tp > 1 and (self.config.loss_parallel or loss_chunks > 1):
@@ -222,8 +220,19 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def check_loss_chunks(self, chunks: int) -> None:
-        """Raise ValueError naming the layout when it cannot compute the head in `chunks` slices."""
-        self.config.check_loss_chunks(chunks)
+        """Raise ValueError unless the head can run in `chunks` slices (every layout can).
+
+        A chunked head multiplies slices of the final-normed states by the output matrix outside
+        any module's forward. FSDP gathers that matrix through `hidden_states` (see fsdp.py) and
+        keeps it gathered until its single reduce-scatter; CP only changes which tokens a rank
+        holds; under TP the states are gathered over the sequence once and each chunk's logits
+        stay vocabulary shards (chunks always use loss parallel, whatever `loss_parallel` says:
+        gathering each chunk's logits would only add traffic); under PP the last stage stops at
+        the final norm (`PipelineStageModel.head_in_loss`) and the schedule's loss function runs
+        the head, whose matrix that stage holds (gathered: FSDP does not reshard under PP).
+        """
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"train.loss_chunks must be an integer >= 1, got {chunks!r}")
         if chunks > 1 and self.loss_fn is not cross_entropy_sum:
             raise ValueError(f"train.loss_chunks = {chunks} computes next-token cross-entropy itself; this "
                              "model was parallelised with a custom loss_fn, which needs train.loss_chunks = 1")
@@ -235,12 +244,7 @@ class ParallelModel:
             return _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets))
         hidden = hidden_states(part, inputs, pos=pos, doc_ids=doc_ids)  # (B, S, dim); FSDP: gathers the root
         # Read after `hidden`: under FSDP the attribute now holds the gathered matrix (before, the shard).
-        weight = part.output.weight  # (vocab, dim); under TP a DTensor sharded on the vocabulary
-        if isinstance(hidden, DTensor):
-            # TP leaves the final norm's output sharded on the sequence; a chunk of tokens needs
-            # its positions whole (ColwiseParallel's own input all-gather, done once here).
-            hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
-        return _plain(chunked_cross_entropy_sum(hidden, weight, targets, chunks=chunks))
+        return _chunked_head_sum(hidden, part.output.weight, targets, chunks)
 
     def forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
@@ -252,9 +256,9 @@ class ParallelModel:
         `num_targets`: target tokens of the whole global step, when it spans several calls
         (gradient accumulation); by default this call's batch summed over data-parallel ranks.
         `loss_chunks` > 1: run the output head and its cross-entropy in that many slices of this
-        rank's tokens (see `check_loss_chunks` for the layouts that allow it).
+        rank's tokens (see `check_loss_chunks` for how each layout reaches the head).
         """
-        self.check_loss_chunks(loss_chunks)
+        self._use_chunks(loss_chunks)
         B, S = inputs.shape
         d, m = self.dims, self.meshes
         if d.tp > 1 and (S // d.cp) % d.tp != 0:
@@ -316,7 +320,7 @@ class ParallelModel:
     def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
                  loss_chunks: int = 1) -> float:
         """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
-        self.check_loss_chunks(loss_chunks)
+        self._use_chunks(loss_chunks)
         d, m = self.dims, self.meshes
         self._scale = 1.0
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
@@ -387,6 +391,19 @@ class _LocalParts(nn.Module):
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _chunked_head_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Summed cross-entropy of the head `weight` (vocab, dim) over `hidden` (B, S, dim) in `chunks` slices.
+
+    Under TP `weight` is a DTensor sharded on the vocabulary and `hidden` is sharded on the
+    sequence (the final norm's sequence parallelism); a chunk of tokens needs its positions
+    whole, so they are gathered once (ColwiseParallel's own input all-gather) and each chunk's
+    logits stay vocabulary shards for loss parallel.
+    """
+    if isinstance(hidden, DTensor):
+        hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+    return _plain(chunked_cross_entropy_sum(hidden, weight, targets, chunks=chunks))
 
 
 def parallelize(

@@ -217,7 +217,6 @@ class Config:
                                  f"checkpoint(s) every {every} steps; set {key}.checkpoint_every lower")
             start += stage.steps
         self.parallel.validate()  # --parallel.* overrides bypass the dataclass's own check
-        self.parallel.check_loss_chunks(self.train.loss_chunks)  # e.g. pipeline parallelism cannot chunk the head
         val_seq = self.val_seq_len
         if val_seq > self.model.args().max_seq_len:
             raise ValueError(f"metrics.val_seq_len ({val_seq}) exceeds model.max_seq_len")

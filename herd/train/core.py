@@ -15,9 +15,9 @@ Layouts differ in one place, `_micro_step`: a single process runs the loss and b
 itself; a `ParallelModel` (FSDP, TP, PP, CP) owns its forward/backward (pipeline schedules
 interleave them), takes this rank's data-parallel rows and normalises by the same global count.
 The parallel path runs the next-token cross-entropy itself, from the full logits or with the
-head in `train.loss_chunks` slices (FSDP, HSDP, CP and TP; `ParallelModel.check_loss_chunks`
-names the layouts that cannot, pipeline parallelism). Other token losses (SFT's fused head)
-run in a single process only.
+head in `train.loss_chunks` slices under every layout (`ParallelModel.check_loss_chunks` says
+how each one reaches the head). Other token losses (SFT's fused head) run in a single process
+only.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class TrainCore:
                 raise ValueError(f"the token loss {getattr(loss, '__name__', type(loss).__name__)} runs in a single "
                                  "process only: parallel layouts compute next-token cross-entropy themselves "
                                  "(train.loss_chunks sets how many slices the head runs in)")
-            parallel.check_loss_chunks(self.loss_chunks)  # names the layout that cannot chunk the head
+            parallel.check_loss_chunks(self.loss_chunks)
         if grad_clip < 0:
             raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
         self.model, self.optimizer, self.loss, self.parallel = model, optimizer, loss, parallel

@@ -1,4 +1,4 @@
-"""The chunked output head (`train.loss_chunks > 1`) under parallel layouts, in one gloo group.
+"""The chunked output head (`train.loss_chunks > 1`) under every parallel layout, in one gloo group.
 
 Every run is held to the single-process reference with the *plain* head (loss_chunks = 1):
 losses and gradients of 3 AdamW steps with clipping within the 1e-5 of the other parity
@@ -23,6 +23,7 @@ from herd.data.loader import Batch
 from herd.model import ModelArgs
 from herd.parallel import ParallelConfig
 from herd.parallel.comm import CommCounter
+from herd.parallel.pipeline import PP_SCHEDULES
 from herd.parallel.plan import CommInputs, step_comm_bytes
 from herd.train.core import ChunkedNextTokenLoss, TrainCore
 
@@ -160,20 +161,35 @@ class _LogitRows(TorchDispatchMode):
 
 
 def logit_rows(state, batches) -> list:
-    """The chunked FSDP step never holds more than one chunk's logits; the plain one holds all."""
+    """The chunked step never holds more than one chunk's logits; the plain one holds all of them.
+
+    FSDP 2: this rank's 64 tokens. PP 2 ZBVZeroBubble: rank 0 holds the last stage, which sees
+    4 microbatches of 32 tokens; the plain schedule also merges their logits into one (B, S, V)
+    output, the chunked one merges only final-normed states.
+    """
     inputs, targets, doc_ids = batches[0]
-    tokens = H.BATCH // 2 * H.SEQ  # this rank's tokens
-    rows = {}
-    for chunks in (1, CHUNKS):
-        pm = H.build_parallel(ParallelConfig(), state=state)
-        runner = H.Parallel(pm, loss_chunks=chunks)
-        with _LogitRows(H.ARGS.vocab_size) as seen:
-            runner.step(inputs, targets, doc_ids)
-        rows[chunks] = seen.rows
-    ok = rows == {1: tokens, CHUNKS: tokens // CHUNKS}
-    return H.agree("FSDP 2 chunked: largest logits tensor", ok,
-                   f"rows of (rows x vocab) tensors: plain {rows[1]}, {CHUNKS} chunks {rows[CHUNKS]} "
-                   f"({tokens} tokens per rank)")
+    out = []
+    layouts = {"FSDP 2": ParallelConfig(), "PP 2 ZBVZeroBubble": ParallelConfig(pp=2, pp_schedule="ZBVZeroBubble")}
+    for name, cfg in layouts.items():
+        rows = {}
+        for chunks in (1, CHUNKS):
+            pm = H.build_parallel(cfg, state=state)
+            runner = H.Parallel(pm, loss_chunks=chunks)
+            with _LogitRows(H.ARGS.vocab_size) as seen:
+                runner.step(inputs, targets, doc_ids)
+            rows[chunks] = seen.rows
+        if pm.dims.pp == 1:
+            tokens = H.BATCH // 2 * H.SEQ  # this rank's rows
+            want = {1: tokens, CHUNKS: tokens // CHUNKS}
+        elif pm.has_last_stage:
+            microbatch = H.BATCH // len(pm.parts) // 2 * H.SEQ  # one row per microbatch
+            want = {1: H.BATCH * H.SEQ, CHUNKS: microbatch // CHUNKS}
+        else:
+            want = {1: 0, CHUNKS: 0}
+        out += H.agree(f"{name} chunked: largest logits tensor", rows == want,
+                       f"rows of (rows x vocab) tensors: plain {rows[1]}, {CHUNKS} chunks {rows[CHUNKS]} "
+                       f"(expected {want[1]} and {want[CHUNKS]})")
+    return out
 
 
 def world2(rank: int, world: int, workdir: Path) -> list:
@@ -181,7 +197,7 @@ def world2(rank: int, world: int, workdir: Path) -> list:
     plain, docs = H.make_batches(docs=False), H.make_batches(docs=True)
     P = ParallelConfig
     out = []
-    for name, (cfg, batches) in {
+    layouts = {
         "FSDP 2": (P(), plain),
         "FSDP 2 (docs)": (P(), docs),
         "FSDP 2 + full AC": (P(ac="full"), docs),
@@ -189,7 +205,8 @@ def world2(rank: int, world: int, workdir: Path) -> list:
         "CP 2 (docs)": (P(cp=2), docs),
         "TP 2": (P(tp=2), docs),
         "TP 2 without loss parallel": (P(tp=2, loss_parallel=False), plain),
-    }.items():
+    } | {f"PP 2 {s}": (P(pp=2, pp_schedule=s), docs) for s in PP_SCHEDULES}
+    for name, (cfg, batches) in layouts.items():
         out += parity(f"{name} chunked", cfg, batches, state)
     out += parity("FSDP 2 tied embeddings chunked", P(), docs, H.reference_state(args=TIED), args=TIED)
     out += core_parity(state, docs)
@@ -207,18 +224,33 @@ def world4(state) -> list:
     out = []
     for name, cfg in NAMES4_LAYOUTS.items():
         out += parity(f"{name} chunked", cfg, docs, state)
+    # FSDP under PP keeps every unit gathered for the step: the head's chunks add no traffic,
+    # and the last stage sends nothing further (the states it now ends at stay on the rank).
+    cfg = NAMES4_LAYOUTS["PP 2 x FSDP 2"]
+    pm, counter = _measure(cfg, state, H.make_batches(docs=False))
+    d = pm.dims
+    expected = step_comm_bytes(H.ARGS, CommInputs(
+        dp_shard=d.dp_shard, pp=d.pp, batch=H.BATCH // d.dp, seq_len=H.SEQ, stage_ids=pm.stage_ids,
+        n_stages=d.pp * len(pm.parts), microbatches=d.pp * len(pm.parts), loss_chunks=CHUNKS))
+    measured = counter.attribute(pm.meshes)
+    out += H.agree("comm PP 2 x FSDP 2 chunked", measured == expected, f"measured {measured}, analytic {expected}")
     return out
 
 
 NAMES4_LAYOUTS = {"HSDP 2x2": ParallelConfig(dp_replicate=2, dp_shard=2),
                   "FSDP 2 x TP 2": ParallelConfig(dp_shard=2, tp=2),
-                  "FSDP 2 x CP 2": ParallelConfig(dp_shard=2, cp=2)}
-NAMES4 = [x for n in NAMES4_LAYOUTS for x in (f"{n} chunked", f"{n} chunked: final parameters")]
+                  "FSDP 2 x CP 2": ParallelConfig(dp_shard=2, cp=2),
+                  "PP 2 x FSDP 2": ParallelConfig(pp=2, dp_shard=2),
+                  "PP 2 x TP 2": ParallelConfig(pp=2, tp=2, dp_shard=1)}
+NAMES4 = [x for n in NAMES4_LAYOUTS for x in (f"{n} chunked", f"{n} chunked: final parameters")] + [
+    "comm PP 2 x FSDP 2 chunked"]
 NAMES = (
     [f"{n} chunked" for n in ("FSDP 2", "FSDP 2 (docs)", "FSDP 2 + full AC", "FSDP 2 + selective AC", "CP 2 (docs)",
                               "TP 2", "TP 2 without loss parallel", "FSDP 2 tied embeddings")]
+    + [f"PP 2 {s} chunked" for s in PP_SCHEDULES]
     + ["TrainCore FSDP 2 chunked, 2 micro-batches"]
 )
 NAMES = [x for n in NAMES for x in (n, f"{n}: final parameters")] + [
     "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
-    "comm TP 2 without loss parallel chunked", "FSDP 2 chunked: largest logits tensor"]
+    "comm TP 2 without loss parallel chunked", "FSDP 2 chunked: largest logits tensor",
+    "PP 2 ZBVZeroBubble chunked: largest logits tensor"]

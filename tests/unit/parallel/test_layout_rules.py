@@ -137,20 +137,6 @@ def test_float8_converts_all_but_the_output_head():
     assert loss8 != loss and abs(loss8 - loss) < 1e-2  # float8 rounding, not a different model
 
 
-def test_chunked_loss_is_refused_under_pipeline_parallelism_only():
-    for ok in (ParallelConfig(), ParallelConfig(dp_replicate=2), ParallelConfig(tp=2), ParallelConfig(cp=2),
-               ParallelConfig(tp=2, loss_parallel=False), ParallelConfig(pp=2)):
-        ok.check_loss_chunks(1)
-    for ok in (ParallelConfig(), ParallelConfig(dp_replicate=2), ParallelConfig(tp=2), ParallelConfig(cp=2),
-               ParallelConfig(tp=2, loss_parallel=False)):
-        ok.check_loss_chunks(8)
-    with pytest.raises(ValueError, match=r"loss_chunks = 8 .*pipeline parallelism \(parallel.pp = 2\).*"
-                                         r"set train.loss_chunks = 1 or parallel.pp = 1"):
-        ParallelConfig(pp=2).check_loss_chunks(8)
-    with pytest.raises(ValueError, match="integer >= 1"):
-        ParallelConfig().check_loss_chunks(0)
-
-
 def test_a_custom_loss_fn_cannot_be_chunked():
     def loss_fn(logits, targets):
         return logits.sum() * 0
@@ -159,6 +145,9 @@ def test_a_custom_loss_fn_cannot_be_chunked():
     pm.check_loss_chunks(1)
     with pytest.raises(ValueError, match="custom loss_fn, which needs train.loss_chunks = 1"):
         pm.check_loss_chunks(4)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            parallelize(_meta(), ParallelConfig(), None).check_loss_chunks(bad)
 
 
 def test_chunked_head_in_one_process_equals_the_full_logits():

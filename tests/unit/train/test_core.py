@@ -187,12 +187,3 @@ def test_parallel_core_takes_the_chunked_loss_and_refuses_other_token_losses():
         TrainCore(pm.module, torch.optim.AdamW(pm.module.parameters()), grad_clip=0.5, loss=next_token_loss_sum,
                   parallel=pm)
 
-
-def test_chunked_loss_with_pipeline_parallelism_is_refused_at_config_load(tmp_path):
-    raw = {"job": {"out_dir": str(tmp_path), "device": "cpu"}, "data": {"train": ["unused"]},
-           "train": {"loss_chunks": 4}, "parallel": {"pp": 2},
-           "stages": [{"name": "p", "steps": 3, "ramp": [[0, 36, 9]]}]}
-    with pytest.raises(ValueError, match=r"pipeline parallelism \(parallel.pp = 2\)"):
-        config_from_dict(raw)
-    raw["train"]["loss_chunks"] = 1
-    assert config_from_dict(raw).parallel.pp == 2
