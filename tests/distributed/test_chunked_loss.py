@@ -1,8 +1,9 @@
-"""The chunked output head under FSDP, CP and TP equals one process with the plain head (one gloo group).
+"""The chunked output head under FSDP, CP, TP and PP equals one process with the plain head (one gloo group).
 
-See scenarios_chunked.py: losses, gradients and final parameters over 3 AdamW steps within 1e-5
-(fp32), the trainer's TrainCore step with gradient accumulation, chunked evaluation, FSDP's
-traffic (the head gathered and reduce-scattered once) and the largest logits tensor a step builds.
+See scenarios_chunked.py: losses and gradients over 3 AdamW steps within 1e-5 (fp32) and final
+parameters, the trainer's TrainCore step with gradient accumulation, chunked evaluation, FSDP's
+and TP's traffic against the analytic count (the head gathered and reduce-scattered once) and
+the largest logits tensor a step builds (FSDP, and the last stage of a pipeline).
 """
 
 import sys

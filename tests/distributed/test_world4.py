@@ -4,7 +4,8 @@ HSDP 2x2, FSDP x TP, CP x TP, PP x FSDP, FSDP x CP, PP x TP: losses and gradient
 AdamW steps equal the single-process run within 1e-5 (fp32); measured communication equals
 the analytic count; a checkpoint saved with FSDP 2 x TP 2 resumes under FSDP 4, HSDP and in
 one process with the continuing losses of an uninterrupted run; the chunked output head
-(train.loss_chunks = 4) under HSDP, FSDP x TP and FSDP x CP equals the plain single-process run.
+(train.loss_chunks = 4) under HSDP, FSDP x TP, FSDP x CP, PP x FSDP and PP x TP equals the plain
+single-process run, and adds no PP x FSDP traffic.
 """
 
 import sys
