@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import harness as H
 from herd.data.loader import Batch
 from herd.model import ModelArgs
-from herd.parallel import ParallelConfig
+from herd.model.llama import Transformer
+from herd.parallel import ParallelConfig, parallelize
 from herd.parallel.comm import CommCounter
 from herd.parallel.pipeline import PP_SCHEDULES
 from herd.parallel.plan import CommInputs, step_comm_bytes
@@ -78,6 +79,34 @@ def bf16_compute(state, batches, ref_losses) -> list:
     losses, _ = H.train(runner, H.new_optimizer(runner.parameters()), batches, keep_grads=False)
     worst = max(abs(a - b) for a, b in zip(losses, ref_losses))
     return H.agree("FSDP 2 bf16 compute chunked", worst < 0.02, f"losses {losses} vs fp32 {ref_losses} ({worst:.1e})")
+
+
+class _TwoBlocks(H.Parallel):
+    """One process, the batch as two row blocks of gradient accumulation (plain head)."""
+
+    def step(self, inputs, targets, doc_ids):
+        n = int((targets != -100).sum())
+        total = 0.0
+        for rows in torch.arange(inputs.shape[0]).chunk(2):
+            docs = None if doc_ids is None else doc_ids[rows]
+            total += float(self.pm.forward_backward(inputs[rows], targets[rows], doc_ids=docs, num_targets=n).loss)
+        return torch.tensor(total)
+
+
+def float8(state, batches) -> list:
+    """Row-wise float8 (emulated) leaves the head in high precision, so the chunks multiply the
+    same matrix. Each data-parallel rank scales its own rows, hence the reference of world2's
+    float8 scenarios: one float8 process accumulating the same two row blocks, plain head."""
+    cfg = ParallelConfig(float8="rowwise", float8_emulate=True)
+    with torch.device("meta"):
+        model = Transformer(H.ARGS)
+    single = parallelize(model, cfg, None)
+    single.load_full_state_dict(state, device="cpu")
+    runner = _TwoBlocks(single)
+    ref = H.train(runner, H.new_optimizer(runner.parameters()), batches)
+    pm = H.build_parallel(cfg, state=state)
+    got = H.train(H.Parallel(pm, loss_chunks=CHUNKS), H.new_optimizer(list(pm.parameters())), batches)
+    return H.compare("FSDP 2 + float8 rowwise (emulated) chunked", ref, got)
 
 
 def core_parity(state, batches) -> list:
@@ -227,6 +256,7 @@ def world2(rank: int, world: int, workdir: Path) -> list:
     single = H.Single(state)
     out += bf16_compute(state, docs, H.train(single, H.new_optimizer(single.parameters()), docs)[0])
     out += core_parity(state, docs)
+    out += float8(state, plain)
     out += evaluation(state, docs)
     out += fsdp_comm(state, plain)
     out += tp_comm(state, plain)
@@ -268,6 +298,6 @@ NAMES = (
     + [f"TrainCore {n} chunked, 2 micro-batches" for n in ("FSDP 2", "PP 2")]
 )
 NAMES = [x for n in NAMES for x in (n, f"{n}: final parameters")] + [
-    "FSDP 2 bf16 compute chunked", "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "PP 2 chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
+    "FSDP 2 bf16 compute chunked", "FSDP 2 + float8 rowwise (emulated) chunked", "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "PP 2 chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
     "comm TP 2 without loss parallel chunked", "FSDP 2 chunked: largest logits tensor",
     "PP 2 ZBVZeroBubble chunked: largest logits tensor"]
