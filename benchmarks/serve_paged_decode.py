@@ -19,6 +19,7 @@ import importlib.util
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def load_old_engine(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_engine", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_engine"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
