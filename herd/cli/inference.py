@@ -205,7 +205,7 @@ def cmd_serve(opts) -> None:
                     prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
                     compile=opts.compile)
     name = opts.model_name or Path(opts.path).resolve().name
-    blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size}" + (
+    blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
         "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
           f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
