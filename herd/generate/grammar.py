@@ -138,29 +138,36 @@ class GrammarProcessor:
 
     def __init__(self, matcher: Any, vocab_size: int, stop_tokens: Sequence[int], *, known: int):
         self.matcher, self.vocab_size, self._known = matcher, vocab_size, known
-        self._stop = torch.tensor(list(stop_tokens), dtype=torch.long)
+        self._stop = np.array(list(stop_tokens), dtype=np.int64)
         self._words = np.zeros((known + 31) // 32, dtype=np.int32)  # one bit per id the engine knows
-        self._mask = torch.zeros(vocab_size, dtype=torch.bool)  # ids >= known stay False
         self.failed: str | None = None
 
-    def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens the grammar allows next."""
+    def _bits(self) -> np.ndarray:
+        """(V,) uint8, 1 where the grammar allows the token next; ids the engine does not know stay 0."""
+        out = np.zeros(self.vocab_size, dtype=np.uint8)
         if self.failed is None:
             self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
             if self.matcher.is_error():
                 self._fail(self.matcher.get_error())
         if self.failed is not None:
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            mask[self._stop] = True
-            return mask
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self._known]  # (known,) 0/1
-        self._mask[: self._known] = torch.from_numpy(bits.view(np.bool_))
-        return self._mask
+            out[self._stop] = 1
+        else:
+            out[: self._known] = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self._known]
+        return out
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool: the tokens the grammar allows next."""
+        return torch.from_numpy(self._bits().view(np.bool_))
 
     def __call__(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"the grammar was built for a vocabulary of {self.vocab_size} tokens, the model's "
                              f"logits have {logits.shape[-1]}")
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            # numpy, single-threaded: torch's parallel masked_fill took 30 ms a row on a loaded
+            # 2-core CPU (its threads wait for cores); putmask takes ~0.1 ms for 128K tokens.
+            np.putmask(logits.numpy(), self._bits() == 0, -np.inf)
+            return logits
         return logits.masked_fill_(~self.allowed().to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:

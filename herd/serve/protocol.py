@@ -212,13 +212,13 @@ def _response_format(fmt: dict | None) -> JsonFormat | None:
     if kind != "json_schema":
         raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
                        param="response_format")
-    spec = _get(fmt, "json_schema", "object", required=True)
-    name = _get(spec, "name", "string", required=True)
-    schema = spec.get("schema", {})  # absent: any JSON value, as OpenAI reads it
-    if not isinstance(schema, (dict, bool)):
-        raise APIError(400, f"response_format.json_schema.schema must be an object, got {_type_name(schema)}",
-                       param="response_format")
-    return JsonFormat(schema, strict=bool(_get(spec, "strict", "boolean", False)), name=name)
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None  # absent: any JSON value, as OpenAI reads it
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(schema, (dict, bool))
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "response_format json_schema needs 'json_schema': {'name': string, 'schema': object, "
+                       "'strict': boolean}", param="response_format")
+    return JsonFormat(schema, strict=bool(spec.get("strict")), name=spec["name"])
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -280,9 +280,13 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", param="tools")
         tools.append(fn)
     choice, forced = body.get("tool_choice"), None
-    if choice == "required" or isinstance(choice, dict):
-        forced = _get(_get(choice, "function", "object", required=True), "name", "string", required=True) \
-            if isinstance(choice, dict) else ""
+    if isinstance(choice, dict):
+        forced = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(forced, str) or not forced:
+            raise APIError(400, "tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+    if choice == "required" or forced:
+        forced = forced or ""
         if not tools or (forced and forced not in {t["name"] for t in tools}):
             raise APIError(400, f"tool_choice asks for {f'the function {forced!r}' if forced else 'a tool call'} but "
                            "'tools' does not declare it", param="tool_choice")
