@@ -107,8 +107,8 @@ def test_json_object_mode_and_errors(client):
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(content), dict)
     for fmt, needle in [({"type": "xml"}, "'text', 'json_object', 'json_schema'"),
-                        ({"type": "json_schema"}, "'json_schema' is required"),
-                        ({"type": "json_schema", "json_schema": {"schema": {}}}, "'name' is required"),
+                        ({"type": "json_schema"}, "needs 'json_schema'"),
+                        ({"type": "json_schema", "json_schema": {"schema": {}}}, "'name': string"),
                         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objet"}}},
                          "Invalid type: objet"),
                         ({"type": "json_schema", "json_schema": {"name": "x", "strict": True,
