@@ -199,3 +199,27 @@ def test_the_mask_overrides_what_the_model_prefers(tok):
         assert json.loads(ask(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": rome}})) \
             == {"city": "Rome"}
     engine.stop()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_json_schema_request_with_sensible_json(smollm2_gguf):
+    """The real SmolLM2-135M-Instruct behind the server: valid JSON, and the facts of the prompt."""
+    from herd.generate.loading import load_for_inference
+
+    lm = load_for_inference(smollm2_gguf)
+    engine = Engine(lm.model, max_batch=2, max_seq_len=512, token_bytes=lm.tokenizer.decode_single_token_bytes)
+    engine.start()
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}},
+              "required": ["name", "age", "city"], "additionalProperties": False}
+    with ServerThread(build_app(engine, lm.tokenizer, model_name="smol", api_key=KEY, chat=lm.chat)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+        r = c.chat.completions.create(
+            model="smol", temperature=0, max_tokens=60,
+            messages=[{"role": "user", "content": "Give me a JSON object describing a person named Alice, "
+                                                  "30 years old, living in Paris."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    engine.stop()
+    value = json.loads(r.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    assert value == {"name": "Alice", "age": 30, "city": "Paris"}
