@@ -43,18 +43,46 @@ def cmd_info(opts) -> None:
         print(f"{k:>16}  {v}")
 
 
+def _read_schema(path: str) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--json-schema: no file {path!r}; pass a JSON Schema file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema: {path} is not a JSON file ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"--json-schema: {path} must hold a JSON Schema object, got a JSON {type(schema).__name__}")
+    return schema
+
+
 def cmd_generate(opts) -> None:
     from herd.generate import stream_text
 
     if opts.input is not None or opts.output is not None:
+        if opts.json_schema:
+            raise ValueError("--json-schema is for --prompt runs; batch mode (--input/--output) does not take it yet")
         return _generate_batch(opts)
     if not opts.prompt:
         raise ValueError("give --prompt TEXT (repeatable), or --input prompts.jsonl --output out.jsonl for batch mode")
     for flag in ("nproc", "max_batch", "n", "stop"):
         if getattr(opts, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} belongs to batch mode (--input/--output)")
+    schema = None
+    if opts.json_schema:
+        if opts.ignore_eos:
+            raise ValueError("--json-schema ends the output with a stop token, so it cannot go with --ignore-eos")
+        schema = _read_schema(opts.json_schema)  # before the checkpoint is read: fail fast
     lm = load(opts)
     tok = lm.tokenizer
+    processors = ()
+    if schema is not None:
+        from herd.generate.grammar import GrammarCompiler
+
+        try:
+            compiler = GrammarCompiler(tok, lm.model.args.vocab_size, stop_tokens=lm.stop_tokens)
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        processors = (compiler.json_schema(schema, strict=True).processor,)
     if opts.chat:
         if len(opts.prompt) > 1:
             raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
@@ -63,10 +91,10 @@ def cmd_generate(opts) -> None:
         prompts = [lm.encode_text(p) for p in opts.prompt]
     stop = lm.stop_tokens if not opts.ignore_eos else ()
     events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
-                         stop_tokens=stop, logprobs=opts.logprobs)
+                         stop_tokens=stop, logprobs=opts.logprobs, logits_processors=processors)
     single = len(prompts) == 1  # a single prompt is streamed as it is produced
-    if single:
-        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
+    if single:  # with a schema stdout is the JSON alone, ready for a pipe
+        print(opts.prompt[0] if not (opts.chat or schema is not None) else "", end="", flush=True)
     while True:
         try:
             event = next(events)
@@ -229,6 +257,8 @@ def _generate_args(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the output to JSON valid under this JSON Schema (printed without the prompt)")
     b = p.add_argument_group("batch mode", "a JSONL file of prompts through the continuous-batching engine; "
                              "rerunning resumes (ids already in --output are skipped)")
     b.add_argument("--input", help='JSONL, one {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per '
