@@ -43,10 +43,78 @@ def cmd_info(opts) -> None:
         print(f"{k:>16}  {v}")
 
 
+def _tp_launch(opts) -> bool:
+    """`--tp N` outside torchrun: check the checkpoint splits, then re-run the command line in N
+    processes (the spelling `herd train --nproc N` uses). True when that happened."""
+    from herd.parallel.launch import run_under_torchrun, world_size_from_env
+
+    if opts.tp < 1:
+        raise ValueError(f"--tp must be a positive number of ranks, got {opts.tp}")
+    if opts.tp == 1 or world_size_from_env() > 1:
+        return False
+    _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
+    code = run_under_torchrun(opts.tp, opts.argv)
+    if code:
+        raise SystemExit(code)
+    return True
+
+
+def _check_tp_checkpoint(path, tp: int) -> None:
+    from herd.model.formats import describe
+    from herd.parallel.inference import check_tp_inference
+    from herd.quant import is_quantized_checkpoint
+
+    if Path(path).exists() and is_quantized_checkpoint(Path(path)):
+        raise ValueError(f"--tp loads HF, Meta and GGUF checkpoints; {path} is `herd quantize` output, which is "
+                         "not sharded yet: run it with --tp 1, or pass the unquantized checkpoint")
+    check_tp_inference(describe(path).args, tp)
+
+
+def _load_tp(opts):
+    """This rank's shard and the tokenizer, inside a torchrun group of opts.tp processes."""
+    from herd.generate.loading import LoadedModel
+    from herd.parallel.inference import init_tp, load_tp_model
+    from herd.tokenizer import load_tokenizer
+
+    _check_tp_checkpoint(opts.path, opts.tp)
+    tp, opts.device = init_tp(opts.tp, opts.device)
+    model = load_tp_model(opts.path, tp, dtype=opts.dtype, device=opts.device, max_seq_len=opts.max_seq_len)
+    tok = load_tokenizer(Path(opts.path), opts.tokenizer, vocab_size=model.args.vocab_size)
+    return LoadedModel(model=model, tokenizer=tok, path=Path(opts.path)), tp
+
+
 def cmd_generate(opts) -> None:
+    import contextlib
+    import dataclasses
+    import os
+
+    if _tp_launch(opts):
+        return
+    if opts.tp == 1:
+        _generate(opts, load(opts), sampling(opts))
+        return
+    import torch.distributed as dist
+
+    from herd.parallel.inference import shared_seed
+
+    try:
+        lm, tp = _load_tp(opts)
+        params = sampling(opts)
+        if not params.greedy:
+            params = dataclasses.replace(params, seed=shared_seed(params.seed, tp))
+        if tp.rank == 0:
+            _generate(opts, lm, params)
+        else:  # the other ranks run the same steps; only rank 0 prints
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                _generate(opts, lm, params)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(opts, lm, params) -> None:
     from herd.generate import stream_text
 
-    lm = load(opts)
     tok = lm.tokenizer
     if opts.chat:
         if len(opts.prompt) > 1:
@@ -55,7 +123,7 @@ def cmd_generate(opts) -> None:
     else:
         prompts = [lm.encode_text(p) for p in opts.prompt]
     stop = lm.stop_tokens if not opts.ignore_eos else ()
-    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
+    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=params,
                          stop_tokens=stop, logprobs=opts.logprobs)
     single = len(prompts) == 1  # a single prompt is streamed as it is produced
     if single:
@@ -182,6 +250,8 @@ def _generate_args(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each) that each load only their slice of the weights")
 
 
 def _tokenize_args(p):
