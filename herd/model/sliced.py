@@ -5,7 +5,10 @@ opens any checkpoint `load_model` accepts and answers `read(name, dim, start, st
 `[start:stop]` along `dim` of one herd-named weight, in herd's layout, as a fresh tensor. What each
 format makes possible:
 
-* HF safetensors: `safe_open(...).get_slice` reads only the requested bytes. The q/k rows of a
+* HF safetensors: `safe_open(...).get_slice` reads only the requested rows. A column slice is
+  read a block of rows at a time (safetensors reads the byte span a slice covers, which for
+  columns is the whole block) and copied out, so at most one block is held beyond the slice.
+  The q/k rows of a
   whole-head slice are permuted from HF's rotate_half order on the slice itself (the permutation
   stays inside each head), so no full wq/wk is ever built.
 * Meta consolidated files: `torch.load(mmap=True)` maps every file; a slice is cut from the mapped
@@ -76,10 +79,10 @@ class SlicedCheckpoint:
 def _narrow(t: torch.Tensor, dim: int | None, start: int, stop: int) -> torch.Tensor:
     """A copy of the slice (never a view: a view would keep the whole mapped tensor alive)."""
     if dim is None:
-        return t.clone()
+        return t.clone(memory_format=torch.contiguous_format)
     if stop > t.shape[dim]:
         raise ValueError(f"slice [{start}:{stop}) along dim {dim} exceeds a tensor of shape {tuple(t.shape)}")
-    return t.narrow(dim, start, stop - start).clone()
+    return t.narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
 
 
 # ---- HF safetensors ------------------------------------------------------------------------
@@ -110,14 +113,29 @@ def _hf_reader(f, key: str, heads: int | None, head_dim: int) -> _Reader:
         shape = sl.get_shape()
         if dim is not None and stop > shape[dim]:
             raise ValueError(f"slice [{start}:{stop}) along dim {dim} exceeds {key} of shape {tuple(shape)}")
-        t = sl[:] if dim is None else (sl[start:stop] if dim == 0 else sl[:, start:stop])
+        if dim is None:
+            t = sl[:]
+        elif dim == 0:
+            t = sl[start:stop]  # exactly these rows' bytes
+        else:
+            # safetensors reads a column slice as the byte span from its first to its last value (the
+            # whole matrix) and then views it; a block of rows at a time bounds that to the block.
+            t = torch.cat([_own(sl[r : r + _ROW_BLOCK, start:stop]) for r in range(0, shape[0], _ROW_BLOCK)])
         if heads is not None:  # q/k: undo HF's rotate_half order, head by head
             if dim == 0 and (start % head_dim or stop % head_dim):
                 raise ValueError(f"a slice of {key} must hold whole heads of {head_dim} rows, got [{start}:{stop})")
-            rows = t.shape[0]
-            t = permute_from_hf(t, rows // head_dim)
-        return t
+            t = permute_from_hf(t, t.shape[0] // head_dim)
+        return _own(t)
     return read
+
+
+_ROW_BLOCK = 512  # rows per read of a column slice: 16 MiB of a 405B bf16 wo
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` in storage of its own size."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous() else t.clone(
+        memory_format=torch.contiguous_format)
 
 
 # ---- Meta consolidated.NN.pth ---------------------------------------------------------------
