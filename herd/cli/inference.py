@@ -50,7 +50,11 @@ def _tp_launch(opts) -> bool:
 
     if opts.tp < 1:
         raise ValueError(f"--tp must be a positive number of ranks, got {opts.tp}")
-    if opts.tp == 1 or world_size_from_env() > 1:
+    world = world_size_from_env()
+    if opts.tp == 1 and world > 1:
+        raise ValueError(f"this process is one of a torchrun group of {world}; pass --tp {world} so the ranks share "
+                         "one model instead of each running it whole")
+    if opts.tp == 1 or world > 1:
         return False
     _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
     code = run_under_torchrun(opts.tp, opts.argv)
