@@ -57,6 +57,10 @@ def _tp_launch(opts) -> bool:
     if opts.tp == 1 or world > 1:
         return False
     _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
+    if opts.device.startswith("cuda"):
+        from herd.parallel.inference import check_gpus
+
+        check_gpus(opts.tp)
     code = run_under_torchrun(opts.tp, opts.argv)
     if code:
         raise SystemExit(code)

@@ -229,12 +229,21 @@ def init_tp(tp: int, device: str) -> tuple[TPRank, str]:
         raise ValueError(f"--tp {tp} needs {tp} processes but this torchrun group has {world}; start it with "
                          f"--nproc-per-node {tp}, or run the command without torchrun and herd starts them")
     if torch.device(device).type == "cuda":
+        check_gpus(tp)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return TPRank(rank=dist.get_rank(), size=dist.get_world_size()), device
+
+
+def check_gpus(tp: int) -> None:
+    """One GPU per rank: NCCL cannot run two ranks of a group on one device."""
+    have = torch.cuda.device_count()
+    if have < tp:
+        raise ValueError(f"--tp {tp} on cuda needs {tp} GPUs (one per rank) but torch sees {have}; lower --tp or "
+                         "use --device cpu")
 
 
 def shared_seed(seed: int | None, tp: TPRank) -> int:
