@@ -54,7 +54,7 @@ def test_cli_generate_tp2_prints_what_one_process_prints(tmp_path, capsys):
     single = capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-m", "herd", *argv, "--tp", "2"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == single
     assert proc.stderr.count("[8 tokens, finish: length]") == 1  # rank 0 reports; rank 1 is silent
