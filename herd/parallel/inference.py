@@ -173,6 +173,10 @@ def load_tp_model(
         dtype = torch.float32  # e.g. a quantized GGUF: its blocks dequantize to float32
     with torch.device("meta"):
         model = Transformer(args)
+    for name, t in model.state_dict().items():  # every tensor present and whole before slicing any
+        if ckpt.shape(name) != tuple(t.shape):
+            raise ValueError(f"{ckpt.source}: {name} has shape {ckpt.shape(name)} but the config implies "
+                             f"{tuple(t.shape)}; the config does not describe these weights")
     hd, r, n = args.head_dim, tp.rank, tp.size
     # Rows per rank of each column-parallel weight (= columns per rank of the row-parallel ones).
     share = {"wq": args.n_heads * hd // n, "wk": args.n_kv_heads * hd // n, "wv": args.n_kv_heads * hd // n,

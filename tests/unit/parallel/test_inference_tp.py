@@ -36,3 +36,21 @@ def test_vocabulary_rows_cover_an_uneven_vocabulary_once():
 def test_more_ranks_than_gpus_is_a_clear_error():
     with pytest.raises(ValueError, match="needs 2 GPUs"):
         check_gpus(2)
+
+
+def test_loading_a_shard_checks_every_shape_against_the_config(tmp_path):
+    import json
+
+    from herd.model import build_model
+    from herd.model.formats import save_model
+    from herd.parallel.inference import load_tp_model
+
+    args = ModelArgs.from_name("debug")
+    path = save_model(build_model(args, seed=0), tmp_path / "ck")
+    model = load_tp_model(path, TPRank(1, 2))  # loading needs no process group; the forward does
+    assert model.layers["0"].attention.wk.weight.shape == (args.head_dim, args.dim)  # one of 2 KV heads
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] += 32  # a config that does not describe these weights
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="intermediate_size|feed_forward"):
+        load_tp_model(path, TPRank(0, 2))
