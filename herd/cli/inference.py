@@ -296,16 +296,24 @@ def cmd_serve(opts) -> None:
 
     if opts.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
+    for flag, value in (("--block-size", opts.block_size), ("--kv-blocks", opts.kv_blocks),
+                        ("--prefill-chunk", opts.prefill_chunk)):
+        if value is not None and value < 1:  # checked before the (slow) model load
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     lm = load(opts)
     model, tok = lm.model, lm.tokenizer
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
     context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
-                    token_bytes=tok.decode_single_token_bytes, compile=opts.compile)
+                    prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
+                    prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
+                    compile=opts.compile)
     name = opts.model_name or Path(opts.path).resolve().name
+    blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
+        "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
-          f"tokens, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
     try:
         chat = lm.chat
     except ValueError as e:  # a base model without a template still serves /v1/completions
@@ -371,6 +379,13 @@ def _serve_args(p):
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 routes")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block, the unit of prefix sharing")
+    p.add_argument("--kv-blocks", type=int, help="KV blocks in the pool (default: every slot's whole context); fewer "
+                   "blocks pause sequences when they run out")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="prefill every prompt whole (default: reuse the KV blocks of earlier prompts' shared prefixes)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step beside the running decodes (longer prompts take several steps)")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
     p.add_argument("--body-timeout", type=float, default=60.0,

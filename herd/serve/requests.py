@@ -196,3 +196,11 @@ class EngineMetrics:
     slots_total: int = 0
     kv_cache_tokens: int = 0  # positions held by running sequences
     kv_cache_capacity: int = 0
+    prefill_tokens_total: int = 0  # prompt tokens run through the model (the rest came from the prefix cache)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # ...of which found there (hit rate: hits / queries)
+    prefix_cache_evictions_total: int = 0  # cached blocks reused for other contents
+    preemptions_total: int = 0  # sequences that gave their blocks back because none were free
+    kv_blocks_free: int = 0  # blocks a new sequence could get (empty or holding an evictable prefix)
+    kv_blocks_total: int = 0
+    kv_block_size: int = 0

@@ -420,6 +420,19 @@ def _prometheus(engine: Engine, state: _State) -> str:
     metric("slots_total", "gauge", "Batch slots (max_batch).", [("", m.slots_total)])
     metric("kv_cache_usage_ratio", "gauge", "Cache positions held by running sequences / capacity.",
            [("", float(m.kv_cache_tokens / m.kv_cache_capacity))])
+    metric("prefill_tokens_total", "counter", "Prompt tokens run through the model (the rest hit the prefix cache).",
+           [("", m.prefill_tokens_total)])
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           [("", m.prefix_cache_queries_total)])
+    metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", [("", m.prefix_cache_hits_total)])
+    metric("prefix_cache_hit_rate", "gauge", "Prefix cache hits / queries since start-up (tokens).",
+           [("", m.prefix_cache_hits_total / max(m.prefix_cache_queries_total, 1))])
+    metric("prefix_cache_evictions_total", "counter", "Cached KV blocks reused for other contents.",
+           [("", m.prefix_cache_evictions_total)])
+    metric("preemptions_total", "counter", "Sequences paused because no KV block was free.", [("", m.preemptions_total)])
+    metric("kv_blocks_free", "gauge", "KV blocks a new sequence could get (empty, or cached and unreferenced).",
+           [("", m.kv_blocks_free)])
+    metric("kv_blocks_total", "gauge", f"KV blocks in the pool ({m.kv_block_size} tokens each).", [("", m.kv_blocks_total)])
     metric("http_responses_total", "counter", "HTTP responses by status code.",
            [(f'{{code="{code}"}}', v) for code, v in sorted(state.responses.items())])
     metric("client_disconnects_total", "counter", "Clients that went away before their answer was complete.",
