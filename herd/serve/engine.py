@@ -50,6 +50,8 @@ from herd.serve.requests import (  # noqa: F401
     Event,
     FinishEvent,
     FinishReason,
+    LatencyObserver,
+    PromptLogprob,
     QueueFull,
     Request,
     RequestHandle,
@@ -58,6 +60,7 @@ from herd.serve.requests import (  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
+PROMPT_LOGPROB_CHUNK = 256  # prompt positions per output-head matmul: (256, V) fp32 is 128 MB at V = 128K
 
 @dataclass
 class _Seq:
@@ -75,6 +78,7 @@ class _Seq:
     stop_bytes: tuple[bytes, ...] = ()  # the request's stop strings in UTF-8, encoded once
     processors: list[LogitsProcessor] = field(default_factory=list)  # this choice's own, stateful
     generated: list[int] = field(default_factory=list)  # tokens delivered so far
+    last_token_at: float | None = None  # engine clock at the previous token, for inter-token latency
 
 
 class _RowCache:
@@ -105,6 +109,7 @@ class Engine:
     token_bytes: token id -> bytes, needed only for stop strings.
     compile: decode with the `torch.compile`d fixed-shape step over all `max_batch` rows
         (opt-in: it pays off on GPUs; on CPU eager was faster in our measurements).
+    clock: the time source of every latency (tests pass a fake one).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class Engine:
         prefill_budget: int = 2048,
         token_bytes: Callable[[int], bytes] | None = None,
         compile: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -141,6 +147,13 @@ class Engine:
         self._metrics = EngineMetrics(slots_total=max_batch, kv_cache_capacity=max_batch * max_seq_len)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._clock = clock
+        self._latency: list[LatencyObserver] = []
+
+    def add_latency_observer(self, observer: LatencyObserver) -> None:
+        """Report every time to first token, inter-token gap and request latency to `observer`
+        (called on the engine thread; call this before `start()`)."""
+        self._latency.append(observer)
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -156,7 +169,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self._metrics.requests_rejected_total += 1
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
-            handle = RequestHandle(f"req-{next(self._ids)}", request, on_event)
+            handle = RequestHandle(f"req-{next(self._ids)}", request, on_event, clock=self._clock)
             self._waiting.append(handle)
             self._metrics.requests_submitted_total += 1
             self._cond.notify()
@@ -233,19 +246,22 @@ class Engine:
         vocab = self.model.args.vocab_size
         if len(r.prompt) == 0:
             raise ValueError("the prompt is empty; it needs at least one token")
-        if len(r.prompt) >= self.max_seq_len:
+        # Scoring a prompt (max_tokens 0) needs no room for a new token.
+        if len(r.prompt) > self.max_seq_len or (len(r.prompt) == self.max_seq_len and r.max_tokens != 0):
             raise ValueError(
                 f"the prompt has {len(r.prompt)} tokens but the context is {self.max_seq_len}, which leaves no room "
                 "for a new token"
             )
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in r.prompt):
             raise ValueError(f"prompt token ids must be integers in 0..{vocab - 1}")
-        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}")
+        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0 (0: prefill only), got {r.max_tokens!r}")
         if isinstance(r.n, bool) or not isinstance(r.n, int) or not 1 <= r.n <= self.max_batch:
             raise ValueError(f"n must be an integer in 1..{self.max_batch} (one slot per choice), got {r.n!r}")
         if not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
+        if r.prompt_logprobs is not None and not 0 <= r.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be None or in 0..{MAX_TOP_LOGPROBS}, got {r.prompt_logprobs}")
         if r.stop_strings:
             if self.token_bytes is None:
                 raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")
@@ -268,13 +284,19 @@ class Engine:
             m.requests_finished_total[reason] = m.requests_finished_total.get(reason, 0) + 1
         self._emit(handle, FinishEvent(handle.id, seq.index, reason, stop_token, stop_string, error))
         if handle.done():
+            total = handle.finished - handle.submitted
+            ttft = None if handle.first_token is None else handle.first_token - handle.submitted
             with self._cond:
                 m = self._metrics
-                m.request_seconds_sum += handle.finished - handle.submitted
+                m.request_seconds_sum += total
                 m.request_count += 1
-                if handle.first_token is not None:
-                    m.time_to_first_token_seconds_sum += handle.first_token - handle.submitted
+                if ttft is not None:
+                    m.time_to_first_token_seconds_sum += ttft
                     m.time_to_first_token_count += 1
+            for observer in self._latency:
+                if ttft is not None:
+                    observer.time_to_first_token(ttft)
+                observer.request(total)
 
     def _finish_unstarted(self, handle: RequestHandle, reason: FinishReason) -> None:
         with self._cond:
@@ -343,8 +365,10 @@ class Engine:
         try:
             tokens = torch.tensor([list(r.prompt)], dtype=torch.long, device=self.device)  # (1, S)
             h = self.model.hidden(tokens, pos=0, cache=_RowCache(self.cache, slots[0]))  # (1, S, dim)
+            if r.prompt_logprobs is not None:  # before any event: consumers may read it once they see one
+                handle.prompt_logprobs = self._prompt_logprobs(h[0], tokens[0], r.prompt_logprobs)
             logits = self.model.output(h[:, -1]).float()  # (1, V)
-            for slot in slots[1:]:  # n > 1: the other choices share the prompt's keys/values
+            for slot in slots[1:] if limit else ():  # n > 1: the other choices share the prompt's keys/values
                 for buf in (*self.cache.k, *self.cache.v):
                     buf[slot, :, :S] = buf[slots[0], :, :S]
         except Exception:
@@ -357,9 +381,29 @@ class Engine:
             m.prefills_total += 1
             m.prompt_tokens_total += S
             m.prefill_seconds += time.perf_counter() - t0
+        if limit == 0:  # prefill only (max_tokens 0)
+            for seq in seqs:
+                self._finish(seq, "length")
+            return
         for seq in seqs:
             seq.pos = S - 1  # _advance moves it to S, where the first new token goes
         self._advance(seqs, logits.expand(len(seqs), -1))
+
+    def _prompt_logprobs(self, h: torch.Tensor, prompt: torch.Tensor, k: int) -> list[PromptLogprob]:
+        """log p(prompt[i] | prompt[:i]) from the prefill's hidden states h (S, dim), in chunks of
+        positions so that the (S, V) logits of a long prompt never exist at once."""
+        out = [PromptLogprob(None, None)]  # the first token has no context to be scored in
+        for a in range(0, len(prompt) - 1, PROMPT_LOGPROB_CHUNK):
+            b = min(a + PROMPT_LOGPROB_CHUNK, len(prompt) - 1)
+            lsm = torch.log_softmax(self.model.output(h[a:b]).float(), dim=-1)  # (b - a, V): predicts a+1..b
+            picked = lsm.gather(-1, prompt[a + 1 : b + 1].view(-1, 1)).squeeze(-1).tolist()
+            if k:
+                top = torch.topk(lsm, k, dim=-1)
+                alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                alts = [None] * (b - a)
+            out.extend(PromptLogprob(lp, alt) for lp, alt in zip(picked, alts))
+        return out
 
     def _decode(self) -> bool:
         running = [s for s in self._slots if s is not None]
@@ -416,7 +460,7 @@ class Engine:
                     alts = list(zip(top.indices[j, :kk].tolist(), top.values[j, :kk].tolist()))
                 lps[i] = (float(picked[j]), alts)
 
-        generated = 0
+        generated, now = 0, self._clock()
         for i, (s, t) in enumerate(zip(seqs, chosen)):
             r = s.handle.request
             if s.processors:
@@ -427,6 +471,10 @@ class Engine:
             s.count += 1
             s.generated.append(t)
             generated += 1
+            if s.last_token_at is not None:
+                for observer in self._latency:
+                    observer.inter_token(now - s.last_token_at)
+            s.last_token_at = now
             lp, alts = lps.get(i, (None, None))
             self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))
             if r.stop_strings:
