@@ -18,7 +18,7 @@ from typing import TypeVar
 from starlette.types import Receive, Scope, Send
 
 from herd.serve.engine import Engine
-from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer
+from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer, check_logit_bias
 from herd.serve.requests import Choice, FinishEvent, QueueFull, Request, RequestHandle, TokenEvent
 from herd.tokenizer import Tokenizer
 
@@ -62,6 +62,9 @@ class Jobs:
         tok, special = self.tokenizer, self.special_ids
         self.prompts, self.n = prompts, params.n
         stops = StopStrings(params.stop)  # prepared once for every choice
+        check_logit_bias(params.penalties, self.engine.model.args.vocab_size)
+        # Echo with logprobs scores the prompt itself (the legacy completions format).
+        prompt_logprobs = params.top_logprobs if params.echo and params.logprobs else None
         loop, queue = self.loop, self.queue
         try:
             for j, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
@@ -74,7 +77,8 @@ class Jobs:
                         sniffer=ToolCallSniffer(tok, special) if tools else None)
                     for i in range(params.n)])
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
-                                  params.logprobs, params.top_logprobs)
+                                  params.logprobs, params.top_logprobs, params.penalties.factories(prompt),
+                                  prompt_logprobs)
 
                 def deliver(event, j=j):
                     try:
