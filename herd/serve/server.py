@@ -64,7 +64,7 @@ from herd.serve.protocol import (
     usage,
 )
 from herd.serve.requests import TokenEvent
-from herd.serve.tokens_api import detokenize, tokenize
+from herd.serve.tokens_api import detokenize, tokenize, tokenizer_info
 from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             lambda: tokenize(_parse_json(raw), tokenizer, state.fmt, max_model_len=engine.max_seq_len))
         return JSONResponse(body)
 
+    async def tokenizer_info_route(request: HTTPRequest) -> Response:
+        state.check_auth(request)
+        return JSONResponse(tokenizer_info(tokenizer, state.fmt, max_model_len=engine.max_seq_len))
+
     async def detokenize_route(request: HTTPRequest) -> Response:
         state.check_auth(request)
         raw = await _read_body(request, state)
@@ -262,6 +266,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         Route("/v1/models/{model_id:path}", _endpoint(state, model), methods=["GET"]),
         Route("/tokenize", _endpoint(state, tokenize_route), methods=["POST"]),
         Route("/detokenize", _endpoint(state, detokenize_route), methods=["POST"]),
+        Route("/tokenizer_info", _endpoint(state, tokenizer_info_route), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(state, chat), methods=["POST"]),
         Route("/v1/completions", _endpoint(state, completions), methods=["POST"]),
     ]

@@ -47,3 +47,17 @@ def detokenize(body: Any, tokenizer: Tokenizer) -> dict[str, Any]:
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < tokenizer.n_words for t in tokens):
         raise APIError(400, f"'tokens' must be token ids, integers in 0..{tokenizer.n_words - 1}", param="tokens")
     return {"prompt": tokenizer.decode(tokens)}
+
+
+def tokenizer_info(tokenizer: Tokenizer, fmt: ChatFormat | ChatTemplate | None, *, max_model_len: int
+                   ) -> dict[str, Any]:
+    """vLLM's `/tokenizer_info`: the special tokens' text and the chat template, which lm-eval's
+    `local-completions` reads to use this server's `/tokenize` instead of a local tokenizer."""
+
+    def text(token: int | None) -> str | None:
+        return None if token is None else token_text(tokenizer, token)
+
+    return {"tokenizer_class": type(tokenizer).__name__, "bos_token": text(tokenizer.bos_id),
+            "eos_token": text(tokenizer.eos_id), "pad_token": text(getattr(tokenizer, "pad_id", None)),
+            "model_max_length": max_model_len, "add_bos_token": bool(tokenizer.add_bos),
+            "chat_template": fmt.template if isinstance(fmt, ChatTemplate) else None}
