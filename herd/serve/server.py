@@ -18,7 +18,9 @@ log line at info level and a count in `herd_client_disconnects_total`, no traceb
 A request body must arrive within `body_timeout` seconds of the headers (408 and the connection
 closed otherwise), so a client that sends part of a body and stalls holds nothing for long. The
 server binds 127.0.0.1 unless told otherwise, and with an API key every /v1 route needs
-`Authorization: Bearer KEY` (/health and /metrics stay open for probes, as in llama.cpp).
+`Authorization: Bearer KEY`, and so do vLLM's /tokenize, /detokenize and /tokenizer_info (vLLM
+leaves them open; they spend the server's CPU, so here they are not); /health and /metrics stay
+open for probes, as in llama.cpp.
 """
 
 from __future__ import annotations
