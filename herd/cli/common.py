@@ -131,3 +131,32 @@ def sampling(opts):
     from herd.generate import SamplingParams
 
     return SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed)
+
+
+# ---- config files (train, posttrain, data run) -----------------------------------------------------
+
+
+def list_config_keys(p: argparse.ArgumentParser, config_class) -> None:
+    """`--help` ends with every config section and key, its default and type (computed when asked,
+    so building the parser imports no config module). `config_class()` returns the class."""
+    base = p.format_help
+
+    def format_help() -> str:
+        from herd.config import describe_sections
+
+        return (base() + "\nconfig sections and keys (default, type); a TOML file or --section.key VALUE sets them:\n"
+                + describe_sections(config_class()) + "\n")
+
+    p.format_help = format_help  # type: ignore[method-assign]
+
+
+def print_config(overrides: list[str], load) -> bool:
+    """`--print-config` anywhere among the overrides: print the resolved config as TOML (the file,
+    the defaults it leaves out and the overrides; it reads back to the same config) and tell the
+    caller to stop there. `load(rest)` builds the config from the other overrides."""
+    from herd.config import to_toml
+
+    if "--print-config" not in overrides:
+        return False
+    print(to_toml(load([a for a in overrides if a != "--print-config"])), end="")
+    return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
+from herd.cli.common import list_config_keys, print_config
 from herd.io import refuse_existing
 
 
@@ -50,12 +52,25 @@ def cmd_data_tokenize(opts) -> None:
             bar.close()
 
 
-def cmd_data_run(opts) -> None:
-    from herd.data.pipeline import PipelineConfig, run_pipeline
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # a one-line user error (exit status 2), not argparse's usage + exit
+        raise ValueError(message)
 
-    cfg = PipelineConfig.from_toml(opts.pipeline)
-    report = run_pipeline(cfg, workers=opts.workers, fresh=opts.fresh)
-    if opts.json:
+
+def cmd_data_run(opts) -> None:
+    from herd.data.pipeline import run_pipeline
+    from herd.data.pipeline_config import load_pipeline
+
+    # The flags may also follow the file, among the overrides that argparse left as they were.
+    flags = _FlagParser(prog="herd data run", add_help=False, allow_abbrev=False)
+    _data_run_flags(flags)
+    late, overrides = flags.parse_known_args(opts.overrides)
+    workers = late.workers if late.workers is not None else opts.workers
+    if print_config(overrides, lambda rest: load_pipeline(opts.pipeline, rest).file):
+        return
+    cfg = load_pipeline(opts.pipeline, overrides)
+    report = run_pipeline(cfg, workers=workers, fresh=opts.fresh or late.fresh)
+    if opts.json or late.json:
         print(json.dumps(report.to_dict(), indent=1))
         return
     print(report.table())
@@ -108,11 +123,26 @@ def _data_tokenize_args(p):
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming an interrupted run")
 
 
-def _data_run_args(p):
-    p.add_argument("pipeline", help="pipeline TOML file (see herd/data/pipeline.py and configs/data/)")
+def _data_run_flags(p):
     p.add_argument("--workers", type=int, help="processes (default: [pipeline] workers)")
     p.add_argument("--fresh", action="store_true", help="discard a previous run's work in output_dir instead of resuming")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+
+
+def _data_run_args(p):
+    p.add_argument("pipeline", help="pipeline TOML file (see herd/data/pipeline.py and configs/data/)")
+    _data_run_flags(p)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
+                   help="override file values, e.g. --pipeline.workers 4, a list entry's key by name or index: "
+                   "--step.gopher_quality.min_words 40 --input.0.limit 100 (entries cannot be added, removed "
+                   "or retyped; edit the file); --print-config prints the resolved file and exits")
+
+    def config_class():
+        from herd.data.pipeline_config import PipelineFile
+
+        return PipelineFile
+
+    list_config_keys(p, config_class)
 
 
 def _data_train_classifier_args(p):

@@ -6,13 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from herd.cli.common import list_config_keys, print_config
+
 
 def cmd_train(opts) -> None:
     from herd.parallel.launch import is_rank0, pop_nproc, run_under_torchrun
     from herd.train import Trainer, load_config
 
     nproc, overrides = pop_nproc(opts.overrides)
-    if _print_config(overrides, lambda rest: load_config(opts.config, rest)):
+    if print_config(overrides, lambda rest: load_config(opts.config, rest)):
         return
     if nproc > 1:  # the same command under torchrun: one code path for both spellings
         code = run_under_torchrun(nproc, ["train", opts.config, *overrides])
@@ -53,24 +55,13 @@ def cmd_demo(opts) -> None:
     run_demo(out_dir=Path(opts.out), quick=opts.quick)
 
 
-def _print_config(overrides: list[str], load) -> bool:
-    """`--print-config` anywhere among the overrides: print the resolved config as TOML (the file,
-    the defaults it leaves out and the overrides) and tell the caller to stop there."""
-    from herd.train.config import to_toml
-
-    if "--print-config" not in overrides:
-        return False
-    print(to_toml(load([a for a in overrides if a != "--print-config"])), end="")
-    return True
-
-
 def _posttrain(opts, config_cls: str, run: str):
     import importlib
 
     from herd.posttrain import config as pt_config
 
     cls = getattr(pt_config, config_cls)
-    if _print_config(opts.overrides, lambda rest: pt_config.load_config(cls, opts.config, rest)):
+    if print_config(opts.overrides, lambda rest: pt_config.load_config(cls, opts.config, rest)):
         return None
     cfg = pt_config.load_config(cls, opts.config, opts.overrides)
     module, _, fn = run.rpartition(".")
@@ -103,20 +94,6 @@ def _report_command(config_cls: str, run: str):
 # ---- arguments -----------------------------------------------------------------------------------
 
 
-def _list_config_keys(p, config_class) -> None:
-    """`--help` ends with every config section and key, its default and type (computed when asked,
-    so building the parser imports no config module)."""
-    base = p.format_help
-
-    def format_help() -> str:
-        from herd.train.config import describe_sections
-
-        return (base() + "\nconfig sections and keys (default, type); a TOML file or --section.key VALUE sets them:\n"
-                + describe_sections(config_class()) + "\n")
-
-    p.format_help = format_help
-
-
 def _train_args(p):
     p.add_argument("config", help="run config TOML (see configs/debug.toml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
@@ -129,7 +106,7 @@ def _train_args(p):
 
         return Config
 
-    _list_config_keys(p, config_class)
+    list_config_keys(p, config_class)
 
 
 def _plan_args(p):
@@ -169,7 +146,7 @@ def _posttrain_args(config_cls: str):
 
             return getattr(pt_config, config_cls)
 
-        _list_config_keys(p, config_class)
+        list_config_keys(p, config_class)
     return add
 
 

@@ -15,8 +15,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from herd.data.pipeline_config import PipelineConfig, TrainSpec, build_entry
-from herd.data.steps import READERS, StepStats
+from herd.data.pipeline_config import PipelineConfig, TrainSpec, example_source
+from herd.data.steps import StepStats
 from herd.io import atomic_write_json
 
 
@@ -24,13 +24,8 @@ def _examples(spec: TrainSpec) -> list[tuple[str, str]]:
     from herd.data.steps.extract import Extract
 
     rows: list[tuple[str, str]] = []
-    for ex in spec.examples:
-        ex = dict(ex)
-        label, limit, inp = ex.pop("label", None), ex.pop("limit", None), ex.pop("input", None)
-        if label is None or inp is None or ex:
-            raise ValueError("[[train]] examples entries are {label = ..., input = {type = ...}, limit = N}"
-                             + (f"; unknown keys {sorted(ex)}" if ex else ""))
-        reader = build_entry(READERS, inp, what="[[train]] input")
+    for j, ex in enumerate(spec.examples):
+        label, limit, reader = example_source(ex, f"[[train]] {spec.model} examples[{j}]")
         docs = chain.from_iterable(reader.read(u) for u in reader.units())
         docs = Extract(timeout_s=0)(docs, StepStats(name="extract", type="extract"))
         n = 0

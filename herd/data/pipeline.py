@@ -13,8 +13,9 @@ rather than a silent mix of two configurations. The price is one compressed writ
 the surviving text per global step.
 
 Executors (`herd.data.executors`) only decide where a task (stage, shard) runs; the steps never
-know. The configuration's checks live in `herd.data.pipeline_config`, classifier training in
-`herd.data.classifier_training`.
+know. The file is read into typed dataclasses by the shared loader (`herd.config`) in
+`herd.data.pipeline_config`, which also takes `--section.key VALUE` overrides (`herd data run
+--help` lists every key); classifier training is in `herd.data.classifier_training`.
 
 Pipeline file:
 

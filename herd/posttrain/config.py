@@ -8,7 +8,7 @@ Trade-off: each command's config is its own dataclass tree (SFTConfig, DPOConfig
 reuses the shared sections (model, optim, lora, output) instead of one big job config with
 every section optional. A file can then only contain what its command reads, and a typo in a
 DPO config is caught even if the same key would be valid for distillation. Override parsing
-and the TOML -> dataclass coercion are `herd.train.config`'s: one loader, so every command
+and the TOML -> dataclass coercion are `herd.config`'s: one loader, so every command
 reports unknown keys and wrong types with the same messages.
 """
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from herd.train.config import OptimConfig, build, parse_overrides, read_toml, set_field
+from herd.config import build, parse_overrides, read_toml, set_field
+from herd.train.config import OptimConfig
 
 T = TypeVar("T")
 

@@ -5,27 +5,24 @@ A run is described by a TOML file whose top-level tables are the sections below 
 list of `[[stages]]`. `herd train FILE --optim.lr 3e-4 --stages.anneal.steps 50` overrides
 single values; a value is parsed to the declared type of its field.
 
-Design trade-off: the schema is the dataclasses themselves (their type hints drive parsing and
-validation), instead of a schema library. That keeps the config readable as plain Python and
-costs a small hand-written coercer that understands exactly the types used here: int, float,
-str, bool, Literal, `X | None` and lists of those. Unknown keys and badly typed values are
-errors that name the key and, where there is a closed set, the valid choices.
+The loader itself (TOML -> typed dataclasses, overrides, TOML out, the `--help` listing) is
+`herd.config`, shared with post-training and the data pipeline; this module holds training's
+sections and the cross-field rules between them. The loader's names are re-exported here, so
+`from herd.train.config import build, to_toml` keeps working.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from herd import config as _loader
+# The shared loader's names stay importable from here, where they lived before herd.config.
+from herd.config import build, config_to_dict, parse_overrides, read_toml, set_field, to_toml  # noqa: F401
 from herd.model.args import PRESETS, ModelArgs, RopeScaling
 from herd.parallel import ParallelConfig
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -289,122 +286,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg.validate()
 
 
-def read_toml(path: str | Path | None) -> dict[str, Any]:
-    """The TOML file at `path` as a dict ({} for None: every default)."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found (presets live in configs/*.toml)")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a TOML-shaped dict (tests and the demo build configs in Python)."""
     return build(Config, data).validate()
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The TOML-shaped dict of a config tree (None fields dropped, since TOML has no null)."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if v is not None}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return clean(dataclasses.asdict(cfg))
-
-
-def to_toml(cfg: Any) -> str:
-    """Serialise a config tree (train's Config or a post-training one) as TOML that `load_config`
-    reads back to an equal config: sections as [name], lists of sections as [[name]] (stdlib has a
-    TOML reader only; the value types here are few)."""
-    out: list[str] = []
-    tables: list[tuple[str, dict]] = []
-    for key, value in config_to_dict(cfg).items():
-        if isinstance(value, dict):
-            tables.append((f"[{key}]", value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            tables += [(f"[[{key}]]", v) for v in value]
-        else:
-            out.append(f"{key} = {_toml_value(value)}")
-    for header, values in tables:
-        if out:
-            out.append("")
-        out.append(header)
-        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(out) + "\n"
-
-
-def describe_sections(cls: type = Config) -> str:
-    """Every section and key of a config class with its default and type: the text for `--help`.
-
-    Works for any config tree read by `build` (post-training's too). A key whose default is
-    None shows "unset" (TOML has no null: leave the key out to keep the default).
-    """
-    lines: list[str] = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        many = typing.get_origin(tp) is list
-        section = typing.get_args(tp)[0] if many else tp
-        if not dataclasses.is_dataclass(section):
-            continue
-        lines.append(f"[[{f.name}]]" if many else f"[{f.name}]")
-        default, types_ = section(), _hints(section)
-        for g in dataclasses.fields(section):
-            value = getattr(default, g.name)
-            shown = "unset" if value is None else _toml_value(value)
-            lines.append(f"  {g.name} = {shown}  ({_type_name(types_[g.name])})")
-    return "\n".join(lines)
-
-
-def _type_name(tp: Any) -> str:
-    base = _strip_optional(tp)
-    origin = typing.get_origin(base)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(base)))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(base)[0])}"
-    return getattr(base, "__name__", str(base))
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):  # an inline table (e.g. model.rope_scaling)
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def parse_overrides(argv: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """["--optim.lr", "3e-4", "--job.seed=2"] -> [("optim.lr", "3e-4"), ("job.seed", "2")]."""
-    out, i = [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise ValueError(f"expected an override --section.key VALUE, got {arg!r}")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ValueError(f"override {arg} has no value")
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        out.append((key, value))
-    return out
 
 
 def apply_override(cfg: Config, key: str, text: str) -> None:
@@ -431,101 +315,6 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
     set_field(target, name, text, key)
 
 
-def set_field(target: Any, name: str, text: str, key: str) -> None:
-    """Set the dataclass field `name` of `target` from command-line `text` (override `--key`)."""
-    hints = _hints(type(target))
-    if name not in hints:
-        raise ValueError(f"--{key}: unknown key {name!r}; valid keys: {', '.join(hints)}")
-    setattr(target, name, _coerce(_parse_text(text, hints[name]), hints[name], key))
-
-
-def _parse_text(text: str, tp: Any) -> Any:
-    """Command-line text -> a Python value, using TOML syntax where it is unambiguous."""
-    base = _strip_optional(tp)
-    if base is str or typing.get_origin(base) is Literal:
-        return text
-    if text.lower() in ("none", "null") and base is not tp:
-        return None
-    if typing.get_origin(base) is list and not text.lstrip().startswith("["):
-        return [x.strip() for x in text.split(",") if x.strip()]  # --data.train a,b
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # _coerce reports it as the wrong type
-
-
-def build(cls: type[T], data: Any, prefix: str = "") -> T:
-    """A dataclass tree from a TOML-shaped dict; unknown keys and wrong types are ValueErrors naming
-    the key. Every config of the project (training, post-training) is read through this."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
-    hints = _hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        where = f"[{prefix}]" if prefix else "the top level"
-        raise ValueError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
-                         f"valid keys: {', '.join(hints)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, value, key)
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            if not isinstance(value, list):
-                raise ValueError(f"{key}: expected a list of tables ([[{key}]]), got {type(value).__name__}")
-            item = typing.get_args(tp)[0]
-            kwargs[name] = [build(item, v, f"{key}.{v.get('name', i) if isinstance(v, dict) else i}")
-                            for i, v in enumerate(value)]
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    base = _strip_optional(tp)
-    if value is None:
-        if base is tp:
-            raise ValueError(f"{key}: a value is required")
-        return None
-    origin = typing.get_origin(base)
-    if origin is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(base)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"config field {key} has an unsupported type {tp}")  # a schema bug, not user input
+def describe_sections(cls: type = Config) -> str:
+    """Every section and key of `cls` (training's Config by default) for `--help`; see herd.config."""
+    return _loader.describe_sections(cls)

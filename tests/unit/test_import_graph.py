@@ -2,8 +2,9 @@
 
 model <- {generate, quant, parallel} <- train <- posttrain; tokenizer <- {data, generate, serve};
 nothing imports serve/ or cli.py. Each subpackage may import only the ones listed for it. The
-bottom layer (io: atomic writes and the cache folder; gguf_header: the GGUF header reader that
-model and tokenizer share) imports nothing from herd, and everyone may import it.
+bottom layer (io: atomic writes and the cache folder; config: the TOML -> dataclass loader;
+gguf_header: the GGUF header reader that model and tokenizer share) imports nothing from herd,
+and everyone may import it.
 """
 
 import ast
@@ -27,8 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "serve": {"model", "tokenizer", "generate", "quant"},
 }
 # Top-level modules: the package root stays light; entry points may use anything but each other.
-BOTTOM = {"io", "gguf_header", "targets"}
-TOP_LEVEL: dict[str, set[str] | None] = {"io": set(), "gguf_header": set(), "targets": set(), "__init__": {"model"}, "__main__": {"cli"}, "cli": None, "demo": None}
+BOTTOM = {"io", "config", "gguf_header", "targets"}
+TOP_LEVEL: dict[str, set[str] | None] = {"io": set(), "config": set(), "gguf_header": set(), "targets": set(), "__init__": {"model"}, "__main__": {"cli"}, "cli": None, "demo": None}
 
 
 def _herd_imports(path: Path) -> set[str]:
