@@ -39,36 +39,40 @@ def chat_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0) -> dict[
     return {"content": content}
 
 
-def completion_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0, offset: int = 0) -> dict[str, Any] | None:
-    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0, offset: int = 0,
+                        special_ids: frozenset[int] = frozenset()) -> dict[str, Any] | None:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset.
+    `special_ids`: tokens the response text leaves out, so they take no room in text_offset."""
     if choice.logprobs is None:
         return None
     tokens, offsets = [], []
     for t in choice.tokens[start:]:
         tokens.append(token_text(tokenizer, t))
         offsets.append(offset)
-        offset += len(tokens[-1])
+        offset += 0 if t in special_ids else len(tokens[-1])
     top = None
     if choice.top_logprobs is not None:
         top = [{token_text(tokenizer, a): lp for a, lp in alts} for alts in choice.top_logprobs[start:]]
     return {"tokens": tokens, "token_logprobs": choice.logprobs[start:], "top_logprobs": top, "text_offset": offsets}
 
 
-def echo_logprobs(tokenizer: Tokenizer, prompt: Sequence[int], entries: Sequence[PromptLogprob]) -> dict[str, Any]:
-    """The prompt's part of an echoed completion's legacy logprobs: the first token's logprob and
-    top_logprobs are null (nothing precedes it), as OpenAI and vLLM answer. Offsets start at 0
-    and run over the tokens' own texts, as `completion_logprobs` counts them."""
+def echo_logprobs(tokenizer: Tokenizer, prompt: Sequence[int], entries: Sequence[PromptLogprob],
+                  special_ids: frozenset[int] = frozenset()) -> tuple[dict[str, Any], int]:
+    """The prompt's part of an echoed completion's legacy logprobs, and the text_offset where the
+    completion's tokens continue. The first token's logprob and top_logprobs are null (nothing
+    precedes it), as OpenAI and vLLM answer. Offsets start at 0 and run over the tokens' own
+    texts, special tokens (left out of the echoed text, e.g. BOS) taking no room."""
     tokens, offsets, offset = [], [], 0
     for t in prompt:
         tokens.append(token_text(tokenizer, t))
         offsets.append(offset)
-        offset += len(tokens[-1])
+        offset += 0 if t in special_ids else len(tokens[-1])
     top = None
     if any(e.top_logprobs is not None for e in entries):
         top = [None if e.top_logprobs is None else {token_text(tokenizer, a): lp for a, lp in e.top_logprobs}
                for e in entries]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
-            "text_offset": offsets}
+            "text_offset": offsets}, offset
 
 
 def join_logprobs(first: dict[str, Any], then: dict[str, Any] | None) -> dict[str, Any]:
@@ -81,8 +85,3 @@ def join_logprobs(first: dict[str, Any], then: dict[str, Any] | None) -> dict[st
                                                                             [None] * len(then["tokens"]))
     return {"tokens": first["tokens"] + then["tokens"], "token_logprobs": first["token_logprobs"] +
             then["token_logprobs"], "top_logprobs": top, "text_offset": first["text_offset"] + then["text_offset"]}
-
-
-def logprobs_text_length(lp: dict[str, Any]) -> int:
-    """Where the next token's text_offset starts after `lp`'s tokens."""
-    return lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else 0

@@ -46,7 +46,7 @@ from starlette.routing import Route
 
 from herd.serve.engine import Engine
 from herd.serve.jobs import ClientGone, EventStream, Jobs, Out, collect, start
-from herd.serve.logprobs import echo_logprobs, join_logprobs, logprobs_text_length
+from herd.serve.logprobs import echo_logprobs, join_logprobs
 from herd.serve.metrics import LatencyHistograms, prometheus_text
 from herd.serve.protocol import (
     FINISH_REASONS,
@@ -370,28 +370,32 @@ async def _chat_stream(state: _State, jobs: Jobs, params: CommonParams) -> Async
 # ---- completions -----------------------------------------------------------------------------------------------
 
 
-def _echo(state: _State, jobs: Jobs, req: CompletionRequest, j: int) -> tuple[str, dict | None]:
-    """Prompt j's echoed text (as given, or its ids decoded) and, with logprobs, its scored tokens."""
+def _echo(state: _State, jobs: Jobs, req: CompletionRequest, j: int) -> tuple[str, tuple[dict, int] | None]:
+    """Prompt j's echoed text (as given, or its ids decoded) and, with logprobs, its scored tokens
+    and where the completion's text offsets continue."""
     prompt = req.prompts[j]
     text = prompt if isinstance(prompt, str) else state.tokenizer.decode(
         [t for t in prompt if t not in state.special_ids])
     entries = jobs.handles[j].prompt_logprobs  # set at prefill, before the events that got us here
-    lp = None if entries is None else echo_logprobs(state.tokenizer, jobs.prompts[j], entries)
+    lp = None if entries is None else echo_logprobs(state.tokenizer, jobs.prompts[j], entries, state.special_ids)
     return text, lp
 
 
 def _completion_text_logprobs(state: _State, jobs: Jobs, req: CompletionRequest, j: int, out: Out, start: int = 0,
                               echo: bool = False) -> tuple[str, dict | None]:
     """The echo (when asked and `echo`) before the choice's logprobs from token `start` on."""
-    lp = completion_logprobs(state.tokenizer, out.choice, start) if start < len(out.choice.tokens) else None
+    def ours(offset: int = 0) -> dict | None:
+        if start >= len(out.choice.tokens):
+            return None
+        return completion_logprobs(state.tokenizer, out.choice, start, offset, state.special_ids)
+
     if not (echo and req.params.echo):
-        return "", lp
-    text, prompt_lp = _echo(state, jobs, req, j)
-    if prompt_lp is not None:
-        then = None if lp is None else completion_logprobs(state.tokenizer, out.choice, start,
-                                                           offset=logprobs_text_length(prompt_lp))
-        lp = join_logprobs(prompt_lp, then)
-    return text, lp
+        return "", ours()
+    text, scored = _echo(state, jobs, req, j)
+    if scored is None:
+        return text, ours()
+    prompt_lp, end = scored
+    return text, join_logprobs(prompt_lp, ours(end))
 
 
 def _completion_response(state: _State, jobs: Jobs, req: CompletionRequest) -> dict:

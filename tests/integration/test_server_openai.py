@@ -145,7 +145,9 @@ def test_echo_with_logprobs_scores_the_prompt(model, tok, client):
     assert g.choices[0].text == text_prompt + plain.choices[0].text
     assert len(lp.tokens) == n_prompt + 3 and lp.tokens[n_prompt:] == plain.choices[0].logprobs.tokens
     assert lp.token_logprobs[n_prompt:] == plain.choices[0].logprobs.token_logprobs
-    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    text = g.choices[0].text  # each token's text sits at its offset (BOS, left out of the text, takes none)
+    assert lp.tokens[0] == "<|begin_of_text|>" and lp.text_offset[:2] == [0, 0]
+    assert all(text[o : o + len(t)] == t for o, t in zip(lp.text_offset[1:], lp.tokens[1:]))
 
     # Streamed: the echo comes first, and the chunks add up to the same text.
     chunks = list(client.completions.create(model="tiny", prompt=text_prompt, max_tokens=3, echo=True,

@@ -3,7 +3,7 @@ as plain functions (no HTTP)."""
 
 import pytest
 
-from herd.serve.logprobs import echo_logprobs, join_logprobs, logprobs_text_length
+from herd.serve.logprobs import echo_logprobs, join_logprobs
 from herd.serve.protocol import (
     APIError,
     check_length,
@@ -81,16 +81,19 @@ def test_completions_take_max_tokens_zero_and_echo():
 def test_echo_logprobs_in_the_legacy_format(tok):
     ids = tok.encode("Hello world", bos=True, eos=False)  # <|begin_of_text|>, Hello, " world"
     entries = [PromptLogprob(None), PromptLogprob(-2.0, [(9906, -1.0)]), PromptLogprob(-0.5, [(1917, -0.5)])]
-    lp = echo_logprobs(tok, ids, entries)
+    special = frozenset(tok.special_tokens.values())
+    lp, end = echo_logprobs(tok, ids, entries, special)
     assert lp["tokens"] == ["<|begin_of_text|>", "Hello", " world"]
     assert lp["token_logprobs"] == [None, -2.0, -0.5]
     assert lp["top_logprobs"] == [None, {"Hello": -1.0}, {" world": -0.5}]
-    assert lp["text_offset"] == [0, 17, 22] and logprobs_text_length(lp) == 28
-    then = {"tokens": ["!"], "token_logprobs": [-3.0], "top_logprobs": [{"!": -3.0}], "text_offset": [28]}
+    # Offsets into the echoed text "Hello world", which leaves BOS out.
+    assert lp["text_offset"] == [0, 0, 5] and end == 11
+    assert echo_logprobs(tok, ids, entries)[0]["text_offset"] == [0, 17, 22]  # without special ids: raw lengths
+    then = {"tokens": ["!"], "token_logprobs": [-3.0], "top_logprobs": [{"!": -3.0}], "text_offset": [11]}
     joined = join_logprobs(lp, then)
     assert joined["tokens"][-1] == "!" and joined["token_logprobs"] == [None, -2.0, -0.5, -3.0]
-    assert joined["top_logprobs"][0] is None and joined["text_offset"] == [0, 17, 22, 28]
-    bare = echo_logprobs(tok, ids, [PromptLogprob(None), PromptLogprob(-2.0), PromptLogprob(-0.5)])
+    assert joined["top_logprobs"][0] is None and joined["text_offset"] == [0, 0, 5, 11]
+    bare, _ = echo_logprobs(tok, ids, [PromptLogprob(None), PromptLogprob(-2.0), PromptLogprob(-0.5)])
     assert bare["top_logprobs"] is None  # logprobs 0: no alternatives asked for
 
 
