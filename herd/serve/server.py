@@ -415,6 +415,11 @@ async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) 
     cid, created, params = new_id("cmpl"), now(), req.params
     echoed: set[tuple[int, int]] = set()  # (prompt, choice) whose echo went out with its first chunk
 
+    async def pieces(j: int, out: Out, first: bool) -> tuple[str, dict | None]:
+        if first and params.echo:  # the prompt's logprobs grow with its length: built off the loop
+            return await asyncio.to_thread(_completion_text_logprobs, state, jobs, req, j, out, out.lp_sent, True)
+        return _completion_text_logprobs(state, jobs, req, j, out, out.lp_sent)
+
     def chunk(choice: dict) -> str:
         body = {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": [choice]}
@@ -430,7 +435,7 @@ async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) 
         if isinstance(event, TokenEvent):
             piece = out.text.feed(event.token)
             if piece or c.logprobs is not None or (first and params.echo):
-                echo, lp = _completion_text_logprobs(state, jobs, req, j, out, out.lp_sent, echo=first)
+                echo, lp = await pieces(j, out, first)
                 out.lp_sent = len(c.tokens)
                 yield chunk({"index": index, "text": echo + piece, "logprobs": lp, "finish_reason": None})
             continue
@@ -439,7 +444,7 @@ async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) 
             yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
             continue
         rest = out.text.finish()
-        echo, lp = _completion_text_logprobs(state, jobs, req, j, out, out.lp_sent, echo=first)
+        echo, lp = await pieces(j, out, first)
         out.lp_sent = len(c.tokens)
         yield chunk({"index": index, "text": echo + rest, "logprobs": lp, "finish_reason": _finish_reason(out)})
     if params.include_usage:
