@@ -41,7 +41,7 @@ def cmd_plan(opts) -> None:
 
     layout = Layout(gpus=opts.gpus, tp=opts.tp, cp=opts.cp, pp=opts.pp, seq_len=opts.seq,
                     global_batch_tokens=parse_count(opts.gbs_tokens), micro_batch=opts.micro_batch, ac=opts.ac,
-                    pp_schedule=opts.pp_schedule)
+                    pp_schedule=opts.pp_schedule, loss_chunks=opts.loss_chunks)
     p = plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
     if opts.json:
         print(json.dumps(p.to_dict(), indent=2))
@@ -122,6 +122,8 @@ def _plan_args(p):
                    "ZBVZeroBubble")
     p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
                    help="activation checkpointing for FLOPs and traffic (memory is shown for all three)")
+    p.add_argument("--loss-chunks", type=int, default=1,
+                   help="train.loss_chunks: the output head in this many slices (logits memory / N)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM dense bf16: 989)")
     p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")

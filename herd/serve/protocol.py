@@ -9,8 +9,9 @@ Trade-offs:
 * Sampling defaults are the API's (temperature 1, top_p 1), not Meta's 0.6 / 0.9: a client
   written for the OpenAI API gets the behaviour it was written for.
 * Unknown fields are ignored (clients send `user`, `metadata`, ...), but a known field of the
-  wrong type is a 400, and so is a feature we do not implement (`suffix`, echo in chat,
-  response_format other than text), rather than silently generating something else.
+  wrong type is a 400, and so is a feature we do not implement (`suffix`, echo in chat), rather
+  than silently generating something else. `response_format` and a forced `tool_choice` are
+  enforced by a grammar (`herd.serve.grammar`).
 * vLLM's extra body fields `top_k` (-1 or 0: no limit), `min_p` and `repetition_penalty` are
   accepted; penalties and `logit_bias` run as logits processors (`herd.generate.penalties`).
 * Tools follow the Llama 3.1 JSON tool-calling format: their definitions go into the system
@@ -24,7 +25,6 @@ Trade-offs:
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +35,8 @@ from herd.generate import SamplingParams
 from herd.generate.penalties import NO_PENALTIES, Penalties
 # The logprobs shapes moved to logprobs.py; re-exported so `from herd.serve.protocol import ...` keeps working.
 from herd.serve.logprobs import chat_logprobs, completion_logprobs, token_text  # noqa: F401
+# So are the error type and the typed field readers, moved to fields.py (tokens_api.py shares them).
+from herd.serve.fields import APIError, _get, _in_range, _type_name  # noqa: F401
 from herd.serve.requests import MAX_TOP_LOGPROBS, Choice
 from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
 
@@ -48,61 +50,6 @@ from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tok
 # byte search (C speed over at most 16 x 4,000 bytes) small.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1000  # characters per stop string
-
-
-class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-             503: "unavailable_error"}
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# ---- typed field access ----------------------------------------------------------------------------
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _get(body: dict, name: str, kind: str, default: Any = None, *, required: bool = False) -> Any:
-    """body[name] checked against a JSON type: "string", "integer", "number", "boolean", "object", "array".
-    A missing field or JSON null gives `default` (or a 400 when required)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise APIError(400, f"'{name}' is required", param=name)
-        return default
-    ok = {
-        "string": isinstance(value, str),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        # 1.0 is also an integer in JSON; json.loads gives a float for it, which must not fail "integer" fields.
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "boolean": isinstance(value, bool),
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-    }[kind]
-    if not ok and kind == "integer" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not ok:
-        raise APIError(400, f"'{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {_type_name(value)}",
-                       param=name)
-    return value
-
-
-def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
-        lo_txt = f"({lo}" if lo_open else f"[{lo}"
-        raise APIError(400, f"'{name}' must be in {lo_txt}, {hi}], got {value}", param=name)
 
 
 # ---- requests ----------------------------------------------------------------------------------------
@@ -121,8 +68,19 @@ class CommonParams:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    response_format: JsonFormat | None = None
     penalties: Penalties = NO_PENALTIES
     echo: bool = False  # completions only: the prompt comes back in front of the text (and its logprobs)
+
+
+@dataclass
+class JsonFormat:
+    """`response_format` json_object / json_schema: the reply is JSON that validates against `schema`.
+    strict: refuse schema keywords the grammar cannot enforce (False: ignore them, best effort)."""
+
+    schema: dict | bool
+    strict: bool = False
+    name: str | None = None
 
 
 @dataclass
@@ -130,6 +88,7 @@ class ChatRequest:
     params: CommonParams
     messages: list[Message]
     tools: list[dict] = field(default_factory=list)  # the "function" objects of the tools
+    forced_tool: str | None = None  # tool_choice "required" (any tool: "") or the one function named
 
 
 @dataclass
@@ -173,9 +132,7 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
     for name, neutral in unsupported.items():
         if body.get(name) not in (None, neutral):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
-    fmt = _get(body, "response_format", "object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    response_format = _response_format(_get(body, "response_format", "object"))
     model = _get(body, "model", "string")
     max_tokens = _get(body, "max_completion_tokens", "integer") if chat else None
     if max_tokens is None:
@@ -229,8 +186,26 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None, seed=seed,
                               min_p=min_p or None)
     echo = False if chat else _get(body, "echo", "boolean", False)
-    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top, _penalties(body),
-                        echo)
+    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top, response_format,
+                        _penalties(body), echo)
+
+
+def _response_format(fmt: dict | None) -> JsonFormat | None:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat({"type": "object"})
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None  # absent: any JSON value, as OpenAI reads it
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(schema, (dict, bool))
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "response_format json_schema needs 'json_schema': {'name': string, 'schema': object, "
+                       "'strict': boolean}", param="response_format")
+    return JsonFormat(schema, strict=bool(spec.get("strict")), name=spec["name"])
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -291,13 +266,23 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", param="tools")
         tools.append(fn)
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)",
-                       param="tool_choice")
+    choice, forced = body.get("tool_choice"), None
+    if isinstance(choice, dict):
+        forced = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(forced, str) or not forced:
+            raise APIError(400, "tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+    if choice == "required" or forced:
+        forced = forced or ""
+        if not tools or (forced and forced not in {t["name"] for t in tools}):
+            raise APIError(400, f"tool_choice asks for {f'the function {forced!r}' if forced else 'a tool call'} but "
+                           "'tools' does not declare it", param="tool_choice")
+    elif choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}", param="tool_choice")
     if choice == "none":
         tools = []
-    return ChatRequest(params, messages, tools)
+    return ChatRequest(params, messages, tools, forced)
 
 
 def parse_completion_request(body: Any, *, max_n: int) -> CompletionRequest:

@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from herd.serve.engine import Engine
+from herd.serve.grammar import Grammars
 from herd.serve.jobs import ClientGone, EventStream, Jobs, Out, collect, start
 from herd.serve.logprobs import echo_logprobs, join_logprobs
 from herd.serve.metrics import LatencyHistograms, prometheus_text
@@ -92,6 +93,7 @@ class _State:
         # A str is a Llama 3 ChatFormat version; None: the model declares no chat format (completions only).
         self.fmt = ChatFormat(tokenizer, version=chat) if isinstance(chat, str) else chat
         self.special_ids = frozenset(tokenizer.special_tokens.values())
+        self.grammars = Grammars(tokenizer, engine.model.args.vocab_size)  # structured output, built on first use
         self.created = now()
         self.responses: Counter[int] = Counter()
         self.disconnects: Counter[str] = Counter()  # clients gone before their answer: by when
@@ -225,7 +227,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             state.check_model(req.params.model)
             prompt = chat_prompt(state.fmt, req)
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
-            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools))
+            grammar = state.grammars.for_chat(state.fmt, req)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar)
             return req.params
 
         jobs = Jobs(engine, tokenizer, state.special_ids)
@@ -244,7 +247,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             state.check_model(req.params.model)
             prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
             limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
-            jobs.submit(prompts, req.params, limits, tools=False)
+            jobs.submit(prompts, req.params, limits, tools=False, grammar=state.grammars.for_params(req.params))
             return req
 
         jobs = Jobs(engine, tokenizer, state.special_ids)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from herd.serve.protocol import APIError, _get, _type_name, chat_prompt, parse_chat_request, token_text
+from herd.serve.fields import APIError, _get, _type_name
+from herd.serve.protocol import chat_prompt, parse_chat_request, token_text
 from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 
