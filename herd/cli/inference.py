@@ -55,12 +55,63 @@ def _read_schema(path: str) -> dict:
     return schema
 
 
+def _tp_launch(opts) -> bool:
+    """`--tp N` outside torchrun: check the checkpoint splits, then re-run the command line in N
+    processes (the spelling `herd train --nproc N` uses). True when that happened."""
+    from herd.parallel.launch import run_under_torchrun, world_size_from_env
+
+    if opts.tp < 1:
+        raise ValueError(f"--tp must be a positive number of ranks, got {opts.tp}")
+    world = world_size_from_env()
+    if opts.tp == 1 and world > 1:
+        raise ValueError(f"this process is one of a torchrun group of {world}; pass --tp {world} so the ranks share "
+                         "one model instead of each running it whole")
+    if opts.tp == 1 or world > 1:
+        return False
+    _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
+    if opts.device.startswith("cuda"):
+        from herd.parallel.inference import check_gpus
+
+        check_gpus(opts.tp)
+    code = run_under_torchrun(opts.tp, opts.argv)
+    if code:
+        raise SystemExit(code)
+    return True
+
+
+def _check_tp_checkpoint(path, tp: int) -> None:
+    from herd.model.formats import describe
+    from herd.parallel.inference import check_tp_inference
+    from herd.quant import is_quantized_checkpoint
+
+    if Path(path).exists() and is_quantized_checkpoint(Path(path)):
+        raise ValueError(f"--tp loads HF, Meta and GGUF checkpoints; {path} is `herd quantize` output, which is "
+                         "not sharded yet: run it with --tp 1, or pass the unquantized checkpoint")
+    check_tp_inference(describe(path).args, tp)
+
+
+def _load_tp(opts):
+    """This rank's shard and the tokenizer, inside a torchrun group of opts.tp processes."""
+    from herd.generate.loading import LoadedModel
+    from herd.parallel.inference import init_tp, load_tp_model
+    from herd.tokenizer import load_tokenizer
+
+    _check_tp_checkpoint(opts.path, opts.tp)
+    tp, opts.device = init_tp(opts.tp, opts.device)
+    model = load_tp_model(opts.path, tp, dtype=opts.dtype, device=opts.device, max_seq_len=opts.max_seq_len)
+    tok = load_tokenizer(Path(opts.path), opts.tokenizer, vocab_size=model.args.vocab_size)
+    return LoadedModel(model=model, tokenizer=tok, path=Path(opts.path)), tp
+
+
 def cmd_generate(opts) -> None:
-    from herd.generate import stream_text
+    import contextlib
+    import dataclasses
+    import os
 
     if opts.input is not None or opts.output is not None:
-        if opts.json_schema:
-            raise ValueError("--json-schema is for --prompt runs; batch mode (--input/--output) does not take it yet")
+        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1)):
+            if bad:
+                raise ValueError(f"{flag} is for --prompt runs; batch mode (--input/--output) does not take it yet")
         return _generate_batch(opts)
     if not opts.prompt:
         raise ValueError("give --prompt TEXT (repeatable), or --input prompts.jsonl --output out.jsonl for batch mode")
@@ -72,7 +123,33 @@ def cmd_generate(opts) -> None:
         if opts.ignore_eos:
             raise ValueError("--json-schema ends the output with a stop token, so it cannot go with --ignore-eos")
         schema = _read_schema(opts.json_schema)  # before the checkpoint is read: fail fast
-    lm = load(opts)
+    if _tp_launch(opts):
+        return
+    if opts.tp == 1:
+        _generate(opts, load(opts), sampling(opts), schema)
+        return
+    import torch.distributed as dist
+
+    from herd.parallel.inference import shared_seed
+
+    try:
+        lm, tp = _load_tp(opts)
+        params = sampling(opts)
+        if not params.greedy:
+            params = dataclasses.replace(params, seed=shared_seed(params.seed, tp))
+        if tp.rank == 0:
+            _generate(opts, lm, params, schema)
+        else:  # the other ranks run the same steps; only rank 0 prints
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                _generate(opts, lm, params, schema)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(opts, lm, params, schema: dict | None) -> None:
+    from herd.generate import stream_text
+
     tok = lm.tokenizer
     processors = ()
     if schema is not None:
@@ -90,7 +167,7 @@ def cmd_generate(opts) -> None:
     else:
         prompts = [lm.encode_text(p) for p in opts.prompt]
     stop = lm.stop_tokens if not opts.ignore_eos else ()
-    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
+    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=params,
                          stop_tokens=stop, logprobs=opts.logprobs, logits_processors=processors)
     single = len(prompts) == 1  # a single prompt is streamed as it is produced
     if single:  # with a schema stdout is the JSON alone, ready for a pipe
@@ -271,6 +348,8 @@ def _generate_args(p):
                    "with --device cuda); their part files are merged into --output")
     b.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
     b.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing --output")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each) that each load only their slice of the weights")
 
 
 def _tokenize_args(p):
