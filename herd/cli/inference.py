@@ -373,11 +373,15 @@ def _tokenize_args(p):
 
 
 def _serve_args(p):
-    add_checkpoint_args(p, context_help="context per slot (default: the model's, at most 8192)")
+    # vLLM's spellings (--max-model-len, --max-num-seqs, --served-model-name) are accepted as aliases,
+    # so a launch script written for vLLM runs unchanged on these flags.
+    add_checkpoint_args(p, context_help="context per slot (default: the model's, at most 8192)",
+                        context_aliases=("--max-model-len",))
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 routes")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="sequences decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block, the unit of prefix sharing")
     p.add_argument("--kv-blocks", type=int, help="KV blocks in the pool (default: every slot's whole context); fewer "
@@ -386,7 +390,8 @@ def _serve_args(p):
                    help="prefill every prompt whole (default: reuse the KV blocks of earlier prompts' shared prefixes)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step beside the running decodes (longer prompts take several steps)")
-    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name",
+                   help="the model id clients use (default: the checkpoint directory's name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
     p.add_argument("--body-timeout", type=float, default=60.0,
                    help="seconds a client has to send a whole request body; slower ones get 408")

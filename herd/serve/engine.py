@@ -51,11 +51,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.generate import KVCache, SamplingParams, decode_step, sample
+from herd.generate import KVCache, SamplingParams, decode_step
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import LogitsProcessor, accept_token, apply_processors
 from herd.model.llama import Transformer
 from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes
+from herd.serve.scoring import match_stop, pick_tokens, score_positions, token_logprobs
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
 from herd.serve.requests import (  # noqa: F401
@@ -65,11 +66,14 @@ from herd.serve.requests import (  # noqa: F401
     Event,
     FinishEvent,
     FinishReason,
+    LatencyObserver,
+    PromptLogprob,
     QueueFull,
     Request,
     RequestHandle,
     RequestResult,
     TokenEvent,
+    check_request,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,8 @@ class _Seq:
     stop_bytes: tuple[bytes, ...] = ()  # the request's stop strings in UTF-8, encoded once
     processors: list[LogitsProcessor] = field(default_factory=list)  # this choice's own, stateful
     generated: list[int] = field(default_factory=list)  # tokens delivered so far
+    last_token_at: float | None = None  # engine clock at the previous token, for inter-token latency
+    prompt_lps: list[PromptLogprob] | None = None  # prompt logprobs so far, chunk by chunk
     order: int = 0  # admission order: the youngest sequence is paused first
     state: str = _DECODE
     blocks: list[int] = field(default_factory=list)  # block table: positions [i*bs, (i+1)*bs) live in blocks[i]
@@ -121,6 +127,7 @@ class Engine:
     token_bytes: token id -> bytes, needed only for stop strings.
     compile: decode with the `torch.compile`d fixed-shape step over all `max_batch` rows
         (opt-in: it pays off on GPUs; on CPU eager was faster in our measurements).
+    clock: the time source of every latency (tests pass a fake one).
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class Engine:
         prefix_caching: bool = True,
         token_bytes: Callable[[int], bytes] | None = None,
         compile: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -170,6 +178,13 @@ class Engine:
                                       kv_blocks_total=num_blocks, kv_block_size=block_size)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._clock = clock
+        self._latency: list[LatencyObserver] = []
+
+    def add_latency_observer(self, observer: LatencyObserver) -> None:
+        """Report every time to first token, inter-token gap and request latency to `observer`
+        (called on the engine thread; call this before `start()`)."""
+        self._latency.append(observer)
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -185,7 +200,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self._metrics.requests_rejected_total += 1
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
-            handle = RequestHandle(f"req-{next(self._ids)}", request, on_event)
+            handle = RequestHandle(f"req-{next(self._ids)}", request, on_event, clock=self._clock)
             self._waiting.append(handle)
             self._metrics.requests_submitted_total += 1
             self._cond.notify()
@@ -263,32 +278,13 @@ class Engine:
                         self._finish(seq, "error", error="internal error during decoding")
 
     def _check(self, r: Request) -> None:
-        vocab = self.model.args.vocab_size
-        if len(r.prompt) == 0:
-            raise ValueError("the prompt is empty; it needs at least one token")
-        if len(r.prompt) >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {len(r.prompt)} tokens but the context is {self.max_seq_len}, which leaves no room "
-                "for a new token"
-            )
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in r.prompt):
-            raise ValueError(f"prompt token ids must be integers in 0..{vocab - 1}")
-        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}")
-        if isinstance(r.n, bool) or not isinstance(r.n, int) or not 1 <= r.n <= self.max_batch:
-            raise ValueError(f"n must be an integer in 1..{self.max_batch} (one slot per choice), got {r.n!r}")
-        if not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
+        check_request(r, vocab=self.model.args.vocab_size, max_seq_len=self.max_seq_len, max_batch=self.max_batch,
+                      stop_strings_ok=self.token_bytes is not None)
         if self._blocks_for(r) > self.pool.num_blocks:
             raise ValueError(
                 f"the prompt and its {r.n} choices need {self._blocks_for(r)} KV blocks of {self.block_size} tokens "
                 f"but the pool has {self.pool.num_blocks}; shorten the prompt, lower n or raise num_blocks"
             )
-        if r.stop_strings:
-            if self.token_bytes is None:
-                raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")
-            if any(not isinstance(s, str) or not s for s in r.stop_strings):
-                raise ValueError("stop strings must be non-empty strings")
 
     def _emit(self, handle: RequestHandle, event: Event) -> None:
         try:
@@ -308,13 +304,19 @@ class Engine:
             m.requests_finished_total[reason] = m.requests_finished_total.get(reason, 0) + 1
         self._emit(handle, FinishEvent(handle.id, seq.index, reason, stop_token, stop_string, error))
         if handle.done():
+            total = handle.finished - handle.submitted
+            ttft = None if handle.first_token is None else handle.first_token - handle.submitted
             with self._cond:
                 m = self._metrics
-                m.request_seconds_sum += handle.finished - handle.submitted
+                m.request_seconds_sum += total
                 m.request_count += 1
-                if handle.first_token is not None:
-                    m.time_to_first_token_seconds_sum += handle.first_token - handle.submitted
+                if ttft is not None:
+                    m.time_to_first_token_seconds_sum += ttft
                     m.time_to_first_token_count += 1
+            for observer in self._latency:
+                if ttft is not None:
+                    observer.time_to_first_token(ttft)
+                observer.request(total)
 
     def _finish_unstarted(self, handle: RequestHandle, reason: FinishReason) -> None:
         with self._cond:
@@ -370,7 +372,9 @@ class Engine:
                 if len(free) < r.n:
                     break
                 # The last prompt token is always computed: its logits give the first new token.
-                names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size) if self.pool.prefix_caching else []
+                # Scored prompts (prompt_logprobs) compute every position: no prefix hits for them.
+                reuse = self.pool.prefix_caching and r.prompt_logprobs is None
+                names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size) if reuse else []
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
@@ -439,6 +443,8 @@ class Engine:
                 tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
                 h = self.model.hidden(tokens, pos=seq.pos, cache=RowCache(self.cache, seq.slot))  # (1, c, dim)
                 logits = self.model.output(h[:, -1]).float() if seq.pos + c == S else None  # (1, V)
+                if handle.request.prompt_logprobs is not None:
+                    self._score_chunk(seq, h[0], c)
             except Exception:
                 log.exception("prefill of %s failed", handle.id)
                 for s in (seq, *seq.forks):
@@ -454,9 +460,27 @@ class Engine:
                 m.prefills_total += 1
                 m.prefill_tokens_total += c
                 m.prefill_seconds += time.perf_counter() - t0
-            if logits is not None:
-                self._fork(seq, logits)
+            if logits is None:
+                continue
+            if seq.prompt_lps is not None:  # before any event: consumers may read it once they see one
+                handle.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
+            if seq.limit == 0:  # prefill only (max_tokens 0)
+                for s in (seq, *seq.forks):
+                    if self._slots[s.slot] is s:
+                        self._finish(s, "length")
+                continue
+            self._fork(seq, logits)
         return progressed
+
+    def _score_chunk(self, seq: _Seq, h: torch.Tensor, c: int) -> None:
+        """Prompt logprobs of the chunk just prefilled at positions seq.pos..seq.pos+c-1 (h: (c, dim))."""
+        prompt = seq.handle.request.prompt
+        if seq.prompt_lps is None:
+            seq.prompt_lps = [PromptLogprob(None, None)]  # the first token has no context to be scored in
+        n = min(c, len(prompt) - 1 - seq.pos)  # the last prompt position predicts a new token, not a prompt one
+        if n > 0:
+            targets = torch.tensor(list(prompt[seq.pos + 1 : seq.pos + 1 + n]), dtype=torch.long, device=h.device)
+            seq.prompt_lps += score_positions(self.model.output, h[:n], targets, seq.handle.request.prompt_logprobs)
 
     def _fork(self, first: _Seq, logits: torch.Tensor) -> None:
         """Choice 0's prompt is in: the other choices share its full blocks and copy its row, and all
@@ -535,30 +559,11 @@ class Engine:
             for i, s in enumerate(seqs):
                 if s.processors:
                     logits[i] = apply_processors(s.processors, logits[i], s.generated)
-        greedy = [i for i, s in enumerate(seqs) if s.handle.request.sampling.greedy]
-        chosen: list[int] = [0] * len(seqs)
-        if greedy:
-            picks = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else logits.argmax(-1).tolist()
-            for i, t in zip(greedy, picks):
-                chosen[i] = t
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                chosen[i] = int(sample(logits[i : i + 1], s.handle.request.sampling, s.generator))
-        want_lp = [i for i, s in enumerate(seqs) if s.handle.request.logprobs or s.handle.request.top_logprobs]
-        lps: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
-        if want_lp:
-            lsm = torch.log_softmax(raw[want_lp].float(), dim=-1)  # (R', V)
-            picked = lsm.gather(-1, torch.tensor([chosen[i] for i in want_lp], device=lsm.device).view(-1, 1))
-            k = max(seqs[i].handle.request.top_logprobs for i in want_lp)
-            top = torch.topk(lsm, k, dim=-1) if k else None
-            for j, i in enumerate(want_lp):
-                alts = None
-                kk = seqs[i].handle.request.top_logprobs
-                if kk:
-                    alts = list(zip(top.indices[j, :kk].tolist(), top.values[j, :kk].tolist()))
-                lps[i] = (float(picked[j]), alts)
+        requests = [s.handle.request for s in seqs]
+        chosen = pick_tokens(logits, requests, [s.generator for s in seqs])
+        lps = token_logprobs(raw, requests, chosen)
 
-        generated = 0
+        generated, now = 0, self._clock()
         for i, (s, t) in enumerate(zip(seqs, chosen)):
             r = s.handle.request
             if s.processors:
@@ -569,10 +574,14 @@ class Engine:
             s.count += 1
             s.generated.append(t)
             generated += 1
+            if s.last_token_at is not None:
+                for observer in self._latency:
+                    observer.inter_token(now - s.last_token_at)
+            s.last_token_at = now
             lp, alts = lps.get(i, (None, None))
             self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))
             if r.stop_strings:
-                hit = self._match_stop(s, t)
+                hit = match_stop(s.tail, self.token_bytes(t), r.stop_strings, s.stop_bytes)
                 if hit is not None:
                     self._finish(s, "stop", stop_string=hit)
                     continue
@@ -582,17 +591,3 @@ class Engine:
             s.pending, s.pos = t, s.pos + 1
         with self._cond:
             self._metrics.generation_tokens_total += generated
-
-    def _match_stop(self, s: _Seq, token: int) -> str | None:
-        new = self.token_bytes(token)
-        s.tail += new
-        found = None
-        best = len(s.tail)
-        for stop, b in zip(s.handle.request.stop_strings, s.stop_bytes):
-            # Only matches that end inside the new bytes are new.
-            at = s.tail.find(b, max(0, len(s.tail) - len(new) - len(b) + 1))
-            if 0 <= at < best:
-                found, best = stop, at
-        longest = max(map(len, s.stop_bytes))
-        del s.tail[: max(0, len(s.tail) - (longest - 1))]
-        return found

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from herd.generate.grammar import Grammar
 from herd.serve.engine import Engine
-from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer
+from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer, check_logit_bias
 from herd.serve.requests import Choice, FinishEvent, QueueFull, Request, RequestHandle, TokenEvent
 from herd.tokenizer import Tokenizer
 
@@ -65,6 +65,11 @@ class Jobs:
         tok, special = self.tokenizer, self.special_ids
         self.prompts, self.n = prompts, params.n
         stops = StopStrings(params.stop)  # prepared once for every choice
+        check_logit_bias(params.penalties, self.engine.model.args.vocab_size)
+        # Echo with logprobs scores the prompt itself (the legacy completions format).
+        prompt_logprobs = params.top_logprobs if params.echo and params.logprobs else None
+        # The grammar's mask runs last, so nothing after it can lift a token it forbids.
+        grammar_processors = (grammar.processor,) if grammar is not None else ()
         loop, queue = self.loop, self.queue
         try:
             for j, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
@@ -78,7 +83,8 @@ class Jobs:
                     for i in range(params.n)])
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
                                   params.logprobs, params.top_logprobs,
-                                  logits_processors=(grammar.processor,) if grammar is not None else ())
+                                  logits_processors=(*params.penalties.factories(prompt), *grammar_processors),
+                                  prompt_logprobs=prompt_logprobs)
 
                 def deliver(event, j=j):
                     try:

@@ -198,7 +198,8 @@ def test_validation_errors_name_the_field():
         ({**ok, "stop": [1]}, "stop"),
         ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**ok, "top_logprobs": 2}, "top_logprobs"),
-        ({**ok, "presence_penalty": 0.5}, "presence_penalty"),
+        ({**ok, "presence_penalty": 2.5}, "presence_penalty"),
+        ({**ok, "echo": True}, "echo"),  # chat has no echo
         ({**ok, "tool_choice": "required"}, "tool_choice"),
         ({**ok, "tool_choice": "any", "tools": TOOLS}, "tool_choice"),
         ({**ok, "tool_choice": {"type": "function", "function": {}}, "tools": TOOLS}, "tool_choice"),
