@@ -37,12 +37,14 @@ def add_device_args(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, *,
-                        context_help: str = "shorten the context (RoPE table and cache) to this many tokens") -> None:
-    """A checkpoint opened for inference: path, tokenizer, device, dtype, context length."""
+                        context_help: str = "shorten the context (RoPE table and cache) to this many tokens",
+                        context_aliases: tuple[str, ...] = ()) -> None:
+    """A checkpoint opened for inference: path, tokenizer, device, dtype, context length
+    (`context_aliases`: other spellings of --max-seq-len, e.g. vLLM's --max-model-len)."""
     p.add_argument("path", help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     add_device_args(p)
-    p.add_argument("--max-seq-len", type=int, help=context_help)
+    p.add_argument("--max-seq-len", *context_aliases, dest="max_seq_len", type=int, help=context_help)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

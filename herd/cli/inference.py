@@ -43,11 +43,123 @@ def cmd_info(opts) -> None:
         print(f"{k:>16}  {v}")
 
 
+def _read_schema(path: str) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--json-schema: no file {path!r}; pass a JSON Schema file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema: {path} is not a JSON file ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"--json-schema: {path} must hold a JSON Schema object, got a JSON {type(schema).__name__}")
+    return schema
+
+
+def _tp_launch(opts) -> bool:
+    """`--tp N` outside torchrun: check the checkpoint splits, then re-run the command line in N
+    processes (the spelling `herd train --nproc N` uses). True when that happened."""
+    from herd.parallel.launch import run_under_torchrun, world_size_from_env
+
+    if opts.tp < 1:
+        raise ValueError(f"--tp must be a positive number of ranks, got {opts.tp}")
+    world = world_size_from_env()
+    if opts.tp == 1 and world > 1:
+        raise ValueError(f"this process is one of a torchrun group of {world}; pass --tp {world} so the ranks share "
+                         "one model instead of each running it whole")
+    if opts.tp == 1 or world > 1:
+        return False
+    _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
+    if opts.device.startswith("cuda"):
+        from herd.parallel.inference import check_gpus
+
+        check_gpus(opts.tp)
+    code = run_under_torchrun(opts.tp, opts.argv)
+    if code:
+        raise SystemExit(code)
+    return True
+
+
+def _check_tp_checkpoint(path, tp: int) -> None:
+    from herd.model.formats import describe
+    from herd.parallel.inference import check_tp_inference
+    from herd.quant import is_quantized_checkpoint
+
+    if Path(path).exists() and is_quantized_checkpoint(Path(path)):
+        raise ValueError(f"--tp loads HF, Meta and GGUF checkpoints; {path} is `herd quantize` output, which is "
+                         "not sharded yet: run it with --tp 1, or pass the unquantized checkpoint")
+    check_tp_inference(describe(path).args, tp)
+
+
+def _load_tp(opts):
+    """This rank's shard and the tokenizer, inside a torchrun group of opts.tp processes."""
+    from herd.generate.loading import LoadedModel
+    from herd.parallel.inference import init_tp, load_tp_model
+    from herd.tokenizer import load_tokenizer
+
+    _check_tp_checkpoint(opts.path, opts.tp)
+    tp, opts.device = init_tp(opts.tp, opts.device)
+    model = load_tp_model(opts.path, tp, dtype=opts.dtype, device=opts.device, max_seq_len=opts.max_seq_len)
+    tok = load_tokenizer(Path(opts.path), opts.tokenizer, vocab_size=model.args.vocab_size)
+    return LoadedModel(model=model, tokenizer=tok, path=Path(opts.path)), tp
+
+
 def cmd_generate(opts) -> None:
+    import contextlib
+    import dataclasses
+    import os
+
+    if opts.input is not None or opts.output is not None:
+        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1)):
+            if bad:
+                raise ValueError(f"{flag} is for --prompt runs; batch mode (--input/--output) does not take it yet")
+        return _generate_batch(opts)
+    if not opts.prompt:
+        raise ValueError("give --prompt TEXT (repeatable), or --input prompts.jsonl --output out.jsonl for batch mode")
+    for flag in ("nproc", "max_batch", "n", "stop"):
+        if getattr(opts, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} belongs to batch mode (--input/--output)")
+    schema = None
+    if opts.json_schema:
+        if opts.ignore_eos:
+            raise ValueError("--json-schema ends the output with a stop token, so it cannot go with --ignore-eos")
+        schema = _read_schema(opts.json_schema)  # before the checkpoint is read: fail fast
+    if _tp_launch(opts):
+        return
+    if opts.tp == 1:
+        _generate(opts, load(opts), sampling(opts), schema)
+        return
+    import torch.distributed as dist
+
+    from herd.parallel.inference import shared_seed
+
+    try:
+        lm, tp = _load_tp(opts)
+        params = sampling(opts)
+        if not params.greedy:
+            params = dataclasses.replace(params, seed=shared_seed(params.seed, tp))
+        if tp.rank == 0:
+            _generate(opts, lm, params, schema)
+        else:  # the other ranks run the same steps; only rank 0 prints
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                _generate(opts, lm, params, schema)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(opts, lm, params, schema: dict | None) -> None:
     from herd.generate import stream_text
 
-    lm = load(opts)
     tok = lm.tokenizer
+    processors = ()
+    if schema is not None:
+        from herd.generate.grammar import GrammarCompiler
+
+        try:
+            compiler = GrammarCompiler(tok, lm.model.args.vocab_size, stop_tokens=lm.stop_tokens)
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        processors = (compiler.json_schema(schema, strict=True).processor,)
     if opts.chat:
         if len(opts.prompt) > 1:
             raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
@@ -55,11 +167,11 @@ def cmd_generate(opts) -> None:
     else:
         prompts = [lm.encode_text(p) for p in opts.prompt]
     stop = lm.stop_tokens if not opts.ignore_eos else ()
-    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
-                         stop_tokens=stop, logprobs=opts.logprobs)
+    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=params,
+                         stop_tokens=stop, logprobs=opts.logprobs, logits_processors=processors)
     single = len(prompts) == 1  # a single prompt is streamed as it is produced
-    if single:
-        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
+    if single:  # with a schema stdout is the JSON alone, ready for a pipe
+        print(opts.prompt[0] if not (opts.chat or schema is not None) else "", end="", flush=True)
     while True:
         try:
             event = next(events)
@@ -78,6 +190,46 @@ def cmd_generate(opts) -> None:
         if opts.logprobs and r.logprobs:
             line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
         print(line, file=sys.stderr)
+
+
+def _generate_batch(opts) -> None:
+    """`herd generate --input prompts.jsonl --output out.jsonl`: through the engine, resumable."""
+    from herd.serve.batch import BatchJob, run_batch_job
+    from herd.serve.batch_io import BatchDefaults
+
+    if opts.input is None or opts.output is None:
+        raise ValueError("batch mode needs both --input prompts.jsonl and --output out.jsonl")
+    if opts.prompt:
+        raise ValueError("--prompt and --input are alternatives: put the prompts in the --input file")
+    for flag in ("logprobs", "ignore_eos"):
+        if getattr(opts, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --input (batch mode)")
+    if opts.system is not None and not opts.chat:
+        raise ValueError("--system applies to \"prompt\" lines wrapped with --chat; \"messages\" lines carry their "
+                         "own system message")
+    if opts.nproc is not None and opts.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {opts.nproc}")
+    max_batch = 8 if opts.max_batch is None else opts.max_batch
+    n = 1 if opts.n is None else opts.n
+    if max_batch < 1 or not 1 <= n <= max_batch:
+        raise ValueError(f"need --max-batch >= 1 and 1 <= --n <= --max-batch (one slot per choice), got "
+                         f"--max-batch {max_batch} --n {n}")
+    s = sampling(opts)
+    defaults = BatchDefaults(max_tokens=opts.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                             n=n, seed=opts.seed, stop=tuple(opts.stop or ()))
+    job = BatchJob(checkpoint=opts.path, input=opts.input, output=opts.output, defaults=defaults,
+                   tokenizer=opts.tokenizer, device=opts.device, dtype=opts.dtype, context=opts.max_seq_len,
+                   max_batch=max_batch, nproc=opts.nproc or 1, strict=opts.strict, overwrite=opts.overwrite,
+                   progress=True, chat=opts.chat, system=opts.system)
+    stats = run_batch_job(job)
+    for problem in stats.skipped[:10]:
+        print(f"herd generate: skipped {problem}", file=sys.stderr)
+    if len(stats.skipped) > 10:
+        print(f"herd generate: ... and {len(stats.skipped) - 10} more skipped lines", file=sys.stderr)
+    print(json.dumps({**stats.summary(), "output": opts.output}))
+    if stats.failed:
+        raise ValueError(f"{stats.failed} request(s) failed in the engine (see above); rerun the same command to "
+                         "retry them")
 
 
 def cmd_chat(opts) -> None:
@@ -144,16 +296,24 @@ def cmd_serve(opts) -> None:
 
     if opts.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
+    for flag, value in (("--block-size", opts.block_size), ("--kv-blocks", opts.kv_blocks),
+                        ("--prefill-chunk", opts.prefill_chunk)):
+        if value is not None and value < 1:  # checked before the (slow) model load
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     lm = load(opts)
     model, tok = lm.model, lm.tokenizer
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
     context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
     engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
-                    token_bytes=tok.decode_single_token_bytes, compile=opts.compile)
+                    prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
+                    prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
+                    compile=opts.compile)
     name = opts.model_name or Path(opts.path).resolve().name
+    blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
+        "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
-          f"tokens, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
     try:
         chat = lm.chat
     except ValueError as e:  # a base model without a template still serves /v1/completions
@@ -178,10 +338,26 @@ def _chat_args(p):
 
 def _generate_args(p):
     _chat_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the output to JSON valid under this JSON Schema (printed without the prompt)")
+    b = p.add_argument_group("batch mode", "a JSONL file of prompts through the continuous-batching engine; "
+                             "rerunning resumes (ids already in --output are skipped)")
+    b.add_argument("--input", help='JSONL, one {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per '
+                   "line, optionally with max_tokens, temperature, top_p, top_k, n, seed, stop, metadata")
+    b.add_argument("--output", help="JSONL of results, one line per id, appended as each finishes")
+    b.add_argument("--max-batch", type=int, help="sequences decoded together, KV cache rows (default 8)")
+    b.add_argument("--n", type=int, help="choices per prompt unless a line sets n (default 1)")
+    b.add_argument("--stop", action="append", help="stop string unless a line sets stop (repeatable)")
+    b.add_argument("--nproc", type=int, help="data-parallel worker processes, each with its own model (on cuda:i "
+                   "with --device cuda); their part files are merged into --output")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
+    b.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing --output")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each) that each load only their slice of the weights")
 
 
 def _tokenize_args(p):
@@ -197,13 +373,25 @@ def _tokenize_args(p):
 
 
 def _serve_args(p):
-    add_checkpoint_args(p, context_help="context per slot (default: the model's, at most 8192)")
+    # vLLM's spellings (--max-model-len, --max-num-seqs, --served-model-name) are accepted as aliases,
+    # so a launch script written for vLLM runs unchanged on these flags.
+    add_checkpoint_args(p, context_help="context per slot (default: the model's, at most 8192)",
+                        context_aliases=("--max-model-len",))
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 routes")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="sequences decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
-    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint directory's name)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block, the unit of prefix sharing")
+    p.add_argument("--kv-blocks", type=int, help="KV blocks in the pool (default: every slot's whole context); fewer "
+                   "blocks pause sequences when they run out")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="prefill every prompt whole (default: reuse the KV blocks of earlier prompts' shared prefixes)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step beside the running decodes (longer prompts take several steps)")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name",
+                   help="the model id clients use (default: the checkpoint directory's name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
     p.add_argument("--body-timeout", type=float, default=60.0,
                    help="seconds a client has to send a whole request body; slower ones get 408")
@@ -211,7 +399,8 @@ def _serve_args(p):
 
 COMMANDS = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
-    "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
+    "generate": (cmd_generate, "complete prompts (streamed), or a JSONL file of them (--input, batch mode)",
+                 _generate_args),
     "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _chat_args),
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),

@@ -1,7 +1,8 @@
 """Serving: a continuous-batching engine over `herd.generate` and an OpenAI-compatible HTTP server.
 
 `engine` (the scheduler) and `requests` (its request, event and result types) need only torch;
-`server` and `jobs` need the `serve` extra (starlette, uvicorn) and are imported where used.
+`server`, `jobs` and `metrics` need the `serve` extra (starlette, uvicorn, prometheus-client) and
+are imported where used.
 """
 
 from herd.serve.engine import Engine

@@ -17,8 +17,9 @@ from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
 
+from herd.generate.grammar import Grammar
 from herd.serve.engine import Engine
-from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer
+from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer, check_logit_bias
 from herd.serve.requests import Choice, FinishEvent, QueueFull, Request, RequestHandle, TokenEvent
 from herd.tokenizer import Tokenizer
 
@@ -56,12 +57,19 @@ class Jobs:
         self.handles: list[RequestHandle] = []
         self.outs: list[list[Out]] = []
 
-    def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool) -> None:
+    def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool,
+               grammar: Grammar | None = None) -> None:
         """Queue one engine request per prompt (APIError 503 when the queue is full, 400 when the
-        engine refuses one; what was queued before is cancelled)."""
+        engine refuses one; what was queued before is cancelled). grammar: every choice's output
+        is constrained to it (structured output)."""
         tok, special = self.tokenizer, self.special_ids
         self.prompts, self.n = prompts, params.n
         stops = StopStrings(params.stop)  # prepared once for every choice
+        check_logit_bias(params.penalties, self.engine.model.args.vocab_size)
+        # Echo with logprobs scores the prompt itself (the legacy completions format).
+        prompt_logprobs = params.top_logprobs if params.echo and params.logprobs else None
+        # The grammar's mask runs last, so nothing after it can lift a token it forbids.
+        grammar_processors = (grammar.processor,) if grammar is not None else ()
         loop, queue = self.loop, self.queue
         try:
             for j, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
@@ -74,7 +82,9 @@ class Jobs:
                         sniffer=ToolCallSniffer(tok, special) if tools else None)
                     for i in range(params.n)])
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
-                                  params.logprobs, params.top_logprobs)
+                                  params.logprobs, params.top_logprobs,
+                                  logits_processors=(*params.penalties.factories(prompt), *grammar_processors),
+                                  prompt_logprobs=prompt_logprobs)
 
                 def deliver(event, j=j):
                     try:

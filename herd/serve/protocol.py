@@ -9,8 +9,11 @@ Trade-offs:
 * Sampling defaults are the API's (temperature 1, top_p 1), not Meta's 0.6 / 0.9: a client
   written for the OpenAI API gets the behaviour it was written for.
 * Unknown fields are ignored (clients send `user`, `metadata`, ...), but a known field of the
-  wrong type is a 400, and so is a feature we do not implement (penalties, logit_bias, echo,
-  response_format other than text), rather than silently generating something else.
+  wrong type is a 400, and so is a feature we do not implement (`suffix`, echo in chat), rather
+  than silently generating something else. `response_format` and a forced `tool_choice` are
+  enforced by a grammar (`herd.serve.grammar`).
+* vLLM's extra body fields `top_k` (-1 or 0: no limit), `min_p` and `repetition_penalty` are
+  accepted; penalties and `logit_bias` run as logits processors (`herd.generate.penalties`).
 * Tools follow the Llama 3.1 JSON tool-calling format: their definitions go into the system
   prompt with the instruction to answer with `{"name": ..., "parameters": ...}`; a reply is
   parsed with `ChatFormat.decode_assistant_message`, which also reads the function-tag and
@@ -22,7 +25,6 @@ Trade-offs:
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,6 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herd.generate import SamplingParams
+from herd.generate.penalties import NO_PENALTIES, Penalties
+# The logprobs shapes moved to logprobs.py; re-exported so `from herd.serve.protocol import ...` keeps working.
+from herd.serve.logprobs import chat_logprobs, completion_logprobs, token_text  # noqa: F401
+# So are the error type and the typed field readers, moved to fields.py (tokens_api.py shares them).
+from herd.serve.fields import APIError, _get, _in_range, _type_name  # noqa: F401
 from herd.serve.requests import MAX_TOP_LOGPROBS, Choice
 from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
 
@@ -43,61 +50,6 @@ from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tok
 # byte search (C speed over at most 16 x 4,000 bytes) small.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1000  # characters per stop string
-
-
-class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-             503: "unavailable_error"}
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# ---- typed field access ----------------------------------------------------------------------------
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _get(body: dict, name: str, kind: str, default: Any = None, *, required: bool = False) -> Any:
-    """body[name] checked against a JSON type: "string", "integer", "number", "boolean", "object", "array".
-    A missing field or JSON null gives `default` (or a 400 when required)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise APIError(400, f"'{name}' is required", param=name)
-        return default
-    ok = {
-        "string": isinstance(value, str),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        # 1.0 is also an integer in JSON; json.loads gives a float for it, which must not fail "integer" fields.
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "boolean": isinstance(value, bool),
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-    }[kind]
-    if not ok and kind == "integer" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not ok:
-        raise APIError(400, f"'{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {_type_name(value)}",
-                       param=name)
-    return value
-
-
-def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
-        lo_txt = f"({lo}" if lo_open else f"[{lo}"
-        raise APIError(400, f"'{name}' must be in {lo_txt}, {hi}], got {value}", param=name)
 
 
 # ---- requests ----------------------------------------------------------------------------------------
@@ -116,6 +68,19 @@ class CommonParams:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    response_format: JsonFormat | None = None
+    penalties: Penalties = NO_PENALTIES
+    echo: bool = False  # completions only: the prompt comes back in front of the text (and its logprobs)
+
+
+@dataclass
+class JsonFormat:
+    """`response_format` json_object / json_schema: the reply is JSON that validates against `schema`.
+    strict: refuse schema keywords the grammar cannot enforce (False: ignore them, best effort)."""
+
+    schema: dict | bool
+    strict: bool = False
+    name: str | None = None
 
 
 @dataclass
@@ -123,6 +88,7 @@ class ChatRequest:
     params: CommonParams
     messages: list[Message]
     tools: list[dict] = field(default_factory=list)  # the "function" objects of the tools
+    forced_tool: str | None = None  # tool_choice "required" (any tool: "") or the one function named
 
 
 @dataclass
@@ -131,29 +97,58 @@ class CompletionRequest:
     prompts: list[str | list[int]]
 
 
-_UNSUPPORTED_IF_SET = {
-    "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "echo": False, "suffix": "",
-    "functions": [], "function_call": "none",
-}
+_UNSUPPORTED_IF_SET = {"suffix": "", "functions": [], "function_call": "none"}
+
+
+def _penalties(body: dict) -> Penalties:
+    penalties = {name: float(_get(body, name, "number", 0.0)) for name in ("frequency_penalty", "presence_penalty")}
+    for name, value in penalties.items():
+        _in_range(name, value, -2.0, 2.0)
+    repetition = float(_get(body, "repetition_penalty", "number", 1.0))
+    if repetition <= 0:
+        raise APIError(400, f"'repetition_penalty' must be > 0 (1 = off), got {repetition}", param="repetition_penalty")
+    bias: dict[int, float] = {}
+    for key, value in _get(body, "logit_bias", "object", {}).items():  # JSON keys are strings: {"50256": -100}
+        problem = None if key.isascii() and key.isdigit() else "its key must be a token id written as a string"
+        if problem is None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not -100 <= value <= 100):  # NaN fails the range too
+            problem = f"its value must be a number in [-100, 100], got {value!r}"
+        if problem:
+            raise APIError(400, f"invalid entry {key!r} in 'logit_bias': {problem}", param="logit_bias")
+        bias[int(key)] = float(value)
+    return Penalties(penalties["frequency_penalty"], penalties["presence_penalty"], repetition, bias)
+
+
+def check_logit_bias(penalties: Penalties, vocab_size: int) -> None:
+    """A 400 for `logit_bias` ids outside the model's vocabulary (the parser does not know it)."""
+    bad = [t for t in penalties.logit_bias if t >= vocab_size]
+    if bad:
+        raise APIError(400, f"'logit_bias' has token id {bad[0]}, outside this model's vocabulary (0..{vocab_size - 1})",
+                       param="logit_bias")
 
 
 def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
-    for name, neutral in _UNSUPPORTED_IF_SET.items():
+    unsupported = {**_UNSUPPORTED_IF_SET, "echo": False} if chat else _UNSUPPORTED_IF_SET
+    for name, neutral in unsupported.items():
         if body.get(name) not in (None, neutral):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
-    fmt = _get(body, "response_format", "object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    response_format = _response_format(_get(body, "response_format", "object"))
     model = _get(body, "model", "string")
     max_tokens = _get(body, "max_completion_tokens", "integer") if chat else None
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", "integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+    if max_tokens is not None and max_tokens < (1 if chat else 0):
+        raise APIError(400, f"'max_tokens' must be >= {1 if chat else 0}, got {max_tokens}", param="max_tokens")
     temperature = float(_get(body, "temperature", "number", 1.0))
     _in_range("temperature", temperature, 0.0, 2.0)
     top_p = float(_get(body, "top_p", "number", 1.0))
     _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    # Completions take max_tokens 0: scoring a prompt with echo + logprobs (lm-eval does).
+    top_k = _get(body, "top_k", "integer", -1)
+    if top_k < -1:
+        raise APIError(400, f"'top_k' must be -1 or 0 (no limit) or >= 1, got {top_k}", param="top_k")
+    min_p = float(_get(body, "min_p", "number", 0.0))
+    _in_range("min_p", min_p, 0.0, 1.0)
     n = _get(body, "n", "integer", 1)
     _in_range("n", n, 1, max_n)
     best_of = _get(body, "best_of", "integer")
@@ -188,8 +183,29 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
         logprobs = top is not None
         top = top or 0
     _in_range("top_logprobs" if chat else "logprobs", top, 0, MAX_TOP_LOGPROBS)
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None, seed=seed,
+                              min_p=min_p or None)
+    echo = False if chat else _get(body, "echo", "boolean", False)
+    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top, response_format,
+                        _penalties(body), echo)
+
+
+def _response_format(fmt: dict | None) -> JsonFormat | None:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat({"type": "object"})
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None  # absent: any JSON value, as OpenAI reads it
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(schema, (dict, bool))
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "response_format json_schema needs 'json_schema': {'name': string, 'schema': object, "
+                       "'strict': boolean}", param="response_format")
+    return JsonFormat(schema, strict=bool(spec.get("strict")), name=spec["name"])
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -250,13 +266,23 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", param="tools")
         tools.append(fn)
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)",
-                       param="tool_choice")
+    choice, forced = body.get("tool_choice"), None
+    if isinstance(choice, dict):
+        forced = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(forced, str) or not forced:
+            raise APIError(400, "tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+    if choice == "required" or forced:
+        forced = forced or ""
+        if not tools or (forced and forced not in {t["name"] for t in tools}):
+            raise APIError(400, f"tool_choice asks for {f'the function {forced!r}' if forced else 'a tool call'} but "
+                           "'tools' does not declare it", param="tool_choice")
+    elif choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}", param="tool_choice")
     if choice == "none":
         tools = []
-    return ChatRequest(params, messages, tools)
+    return ChatRequest(params, messages, tools, forced)
 
 
 def parse_completion_request(body: Any, *, max_n: int) -> CompletionRequest:
@@ -297,16 +323,18 @@ def tools_system_prompt(tools: Sequence[dict], instructions: str = "") -> str:
     return llama31_system_prompt(text)
 
 
-def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest) -> list[int]:
-    """Token ids of the dialog with an open assistant header. Llama 3's format folds tools into the
-    system turn; a checkpoint's own template receives them as its `tools` variable."""
+def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest, *, add_generation_prompt: bool = True
+                ) -> list[int]:
+    """Token ids of the dialog (with an open assistant header unless told otherwise). Llama 3's format
+    folds tools into the system turn; a checkpoint's own template receives them as its `tools` variable."""
     if fmt is None:
         raise APIError(400, "this model declares no chat template and its vocabulary is not Llama 3's, so it has "
                        "no chat format; use /v1/completions with a plain prompt", param="messages")
     messages = list(request.messages)
     if isinstance(fmt, ChatTemplate):
         try:
-            return fmt.encode_prompt(messages, tools=request.tools or None)  # no SFT mask: linear time
+            return fmt.encode_prompt(messages, tools=request.tools or None,  # no SFT mask: linear time
+                                     add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
                            param="messages") from e
@@ -316,7 +344,7 @@ def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest) -> 
             system = messages.pop(0).content
         messages.insert(0, Message(role="system", content=tools_system_prompt(request.tools, system)))
     try:
-        return fmt.encode_dialog_prompt(messages).tokens
+        return fmt.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt).tokens
     except ValueError as e:  # e.g. several JSON tool calls in one assistant turn
         raise APIError(400, f"cannot encode the messages in the Llama {fmt.version} chat format: {e}",
                        param="messages") from e
@@ -331,7 +359,10 @@ def completion_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int
 
 
 def check_length(prompt_len: int, max_tokens: int | None, context: int) -> int:
-    """The max_tokens to generate: as asked, or up to the end of the context; a 400 if it cannot fit."""
+    """The max_tokens to generate: as asked, or up to the end of the context; a 400 if it cannot fit.
+    With max_tokens 0 (scoring a prompt) the prompt may fill the whole context."""
+    if max_tokens == 0 and prompt_len <= context:
+        return 0
     if prompt_len >= context:
         raise APIError(400, f"the prompt is {prompt_len} tokens but this model's context is {context} tokens; "
                        "shorten the prompt", param="messages", code="context_length_exceeded")
@@ -461,44 +492,6 @@ class TextAssembler:
     def finish(self) -> str:
         """The rest of the text, at the end of the choice."""
         return self._filter.push("" if self.stopped else self._decoder.flush(), final=True)
-
-
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token's own text for logprobs (a partial UTF-8 character shows as U+FFFD, as OpenAI's does)."""
-    return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
-
-def chat_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0) -> dict[str, Any] | None:
-    """`{"content": [...]}` for the choice's tokens from `start` on (OpenAI chat format)."""
-    if choice.logprobs is None:
-        return None
-    content = []
-    for j in range(start, len(choice.tokens)):
-        t = choice.tokens[j]
-        entry: dict[str, Any] = {"token": token_text(tokenizer, t), "logprob": choice.logprobs[j],
-                                 "bytes": list(tokenizer.decode_single_token_bytes(t)), "top_logprobs": []}
-        if choice.top_logprobs is not None:
-            entry["top_logprobs"] = [
-                {"token": token_text(tokenizer, a), "logprob": lp, "bytes": list(tokenizer.decode_single_token_bytes(a))}
-                for a, lp in choice.top_logprobs[j]
-            ]
-        content.append(entry)
-    return {"content": content}
-
-
-def completion_logprobs(tokenizer: Tokenizer, choice: Choice, start: int = 0, offset: int = 0) -> dict[str, Any] | None:
-    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
-    if choice.logprobs is None:
-        return None
-    tokens, offsets = [], []
-    for t in choice.tokens[start:]:
-        tokens.append(token_text(tokenizer, t))
-        offsets.append(offset)
-        offset += len(tokens[-1])
-    top = None
-    if choice.top_logprobs is not None:
-        top = [{token_text(tokenizer, a): lp for a, lp in alts} for alts in choice.top_logprobs[start:]]
-    return {"tokens": tokens, "token_logprobs": choice.logprobs[start:], "top_logprobs": top, "text_offset": offsets}
 
 
 # ---- tool calls out ----------------------------------------------------------------------------------------

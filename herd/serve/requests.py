@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from herd.generate import GREEDY, SamplingParams
 from herd.generate.processors import ProcessorFactory
@@ -29,6 +29,7 @@ class Request:
     """What to generate, in token ids.
 
     max_tokens: new tokens per choice; fewer when the context (the engine's max_seq_len) runs out.
+        0 prefills the prompt and finishes every choice with "length" (scoring a prompt).
     sampling: temperature / top_p / top_k / seed; each choice draws from its own generator,
         seeded with seed + choice index (unseeded: a random seed per choice).
     n: independent choices for the same prompt; each occupies one slot.
@@ -39,6 +40,8 @@ class Request:
         alternatives at each step (0..20).
     logits_processors: factories, each called once per choice, of processors that rewrite that
         choice's logits before its token is picked (see `herd.generate.processors`).
+    prompt_logprobs: None, or report log p(prompt[i] | prompt[:i]) for every prompt position,
+        computed at prefill, with this many top alternatives (0..20); see `PromptLogprob`.
     """
 
     prompt: Sequence[int]
@@ -50,6 +53,25 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     logits_processors: Sequence[ProcessorFactory] = ()
+    prompt_logprobs: int | None = None
+
+
+@dataclass
+class PromptLogprob:
+    """One prompt position's score under the raw model: None for the first token (nothing precedes it)."""
+
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class LatencyObserver(Protocol):
+    """Receives the engine's latency measurements, in seconds of the engine's clock (e.g. histograms)."""
+
+    def time_to_first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def request(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -95,13 +117,15 @@ class Choice:
 
 @dataclass
 class RequestResult:
-    """A finished request. Times are seconds since `submit`: the first token of any choice, and the end."""
+    """A finished request. Times are seconds since `submit`: the first token of any choice, and the end.
+    prompt_logprobs: one entry per prompt token when the request asked for them."""
 
     request_id: str
     prompt_tokens: int
     choices: list[Choice]
     time_to_first_token: float | None
     total_time: float
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -109,10 +133,15 @@ class RequestResult:
 
 
 class RequestHandle:
-    """A submitted request: cancel it, or wait for its result. Safe to use from any thread."""
+    """A submitted request: cancel it, or wait for its result. Safe to use from any thread.
 
-    def __init__(self, request_id: str, request: Request, on_event: Callable[[Event], None] | None):
+    `prompt_logprobs` is set on the engine thread at prefill, before the first event is delivered,
+    so a consumer that has seen any event of the request may read it."""
+
+    def __init__(self, request_id: str, request: Request, on_event: Callable[[Event], None] | None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.id, self.request = request_id, request
+        self._clock = clock
         self._on_event = on_event
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -121,9 +150,10 @@ class RequestHandle:
             for i in range(request.n)
         ]
         self._unfinished = request.n
-        self.submitted = time.perf_counter()
+        self.submitted = clock()
         self.first_token: float | None = None
         self.finished: float | None = None
+        self.prompt_logprobs: list[PromptLogprob] | None = None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; its slots are freed at the next step."""
@@ -146,6 +176,7 @@ class RequestHandle:
             choices=self._choices,
             time_to_first_token=None if self.first_token is None else self.first_token - self.submitted,
             total_time=self.finished - self.submitted,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     # Called on the engine thread only.
@@ -153,7 +184,7 @@ class RequestHandle:
         choice = self._choices[event.index]
         if isinstance(event, TokenEvent):
             if self.first_token is None:
-                self.first_token = time.perf_counter()
+                self.first_token = self._clock()
             choice.tokens.append(event.token)
             if choice.logprobs is not None:
                 choice.logprobs.append(event.logprob)
@@ -168,8 +199,35 @@ class RequestHandle:
                 self._on_event(event)
         finally:  # a failing callback must not leave result() waiting forever
             if self._unfinished == 0 and not self._done.is_set():
-                self.finished = time.perf_counter()
+                self.finished = self._clock()
                 self._done.set()
+
+
+def check_request(r: Request, *, vocab: int, max_seq_len: int, max_batch: int, stop_strings_ok: bool) -> None:
+    """ValueError naming the first field of `r` an engine with these limits cannot run."""
+    if len(r.prompt) == 0:
+        raise ValueError("the prompt is empty; it needs at least one token")
+    # Scoring a prompt (max_tokens 0) needs no room for a new token.
+    if len(r.prompt) > max_seq_len or (len(r.prompt) == max_seq_len and r.max_tokens != 0):
+        raise ValueError(
+            f"the prompt has {len(r.prompt)} tokens but the context is {max_seq_len}, which leaves no room "
+            "for a new token"
+        )
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in r.prompt):
+        raise ValueError(f"prompt token ids must be integers in 0..{vocab - 1}")
+    if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0 (0: prefill only), got {r.max_tokens!r}")
+    if isinstance(r.n, bool) or not isinstance(r.n, int) or not 1 <= r.n <= max_batch:
+        raise ValueError(f"n must be an integer in 1..{max_batch} (one slot per choice), got {r.n!r}")
+    if not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
+    if r.prompt_logprobs is not None and not 0 <= r.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"prompt_logprobs must be None or in 0..{MAX_TOP_LOGPROBS}, got {r.prompt_logprobs}")
+    if r.stop_strings:
+        if not stop_strings_ok:
+            raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")
+        if any(not isinstance(s, str) or not s for s in r.stop_strings):
+            raise ValueError("stop strings must be non-empty strings")
 
 
 @dataclass
@@ -196,3 +254,11 @@ class EngineMetrics:
     slots_total: int = 0
     kv_cache_tokens: int = 0  # positions held by running sequences
     kv_cache_capacity: int = 0
+    prefill_tokens_total: int = 0  # prompt tokens run through the model (the rest came from the prefix cache)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # ...of which found there (hit rate: hits / queries)
+    prefix_cache_evictions_total: int = 0  # cached blocks reused for other contents
+    preemptions_total: int = 0  # sequences that gave their blocks back because none were free
+    kv_blocks_free: int = 0  # blocks a new sequence could get (empty or holding an evictable prefix)
+    kv_blocks_total: int = 0
+    kv_block_size: int = 0

@@ -18,7 +18,9 @@ log line at info level and a count in `herd_client_disconnects_total`, no traceb
 A request body must arrive within `body_timeout` seconds of the headers (408 and the connection
 closed otherwise), so a client that sends part of a body and stalls holds nothing for long. The
 server binds 127.0.0.1 unless told otherwise, and with an API key every /v1 route needs
-`Authorization: Bearer KEY` (/health and /metrics stay open for probes, as in llama.cpp).
+`Authorization: Bearer KEY`, and so do vLLM's /tokenize, /detokenize and /tokenizer_info (vLLM
+leaves them open; they spend the server's CPU, so here they are not); /health and /metrics stay
+open for probes, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from herd.serve.engine import Engine
+from herd.serve.grammar import Grammars
 from herd.serve.jobs import ClientGone, EventStream, Jobs, Out, collect, start
+from herd.serve.logprobs import echo_logprobs, join_logprobs
+from herd.serve.metrics import LatencyHistograms, prometheus_text
 from herd.serve.protocol import (
     FINISH_REASONS,
     APIError,
     CommonParams,
+    CompletionRequest,
     chat_logprobs,
     chat_prompt,
     check_length,
@@ -61,6 +67,7 @@ from herd.serve.protocol import (
     usage,
 )
 from herd.serve.requests import TokenEvent
+from herd.serve.tokens_api import detokenize, tokenize, tokenizer_info
 from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,11 +93,14 @@ class _State:
         # A str is a Llama 3 ChatFormat version; None: the model declares no chat format (completions only).
         self.fmt = ChatFormat(tokenizer, version=chat) if isinstance(chat, str) else chat
         self.special_ids = frozenset(tokenizer.special_tokens.values())
+        self.grammars = Grammars(tokenizer, engine.model.args.vocab_size)  # structured output, built on first use
         self.created = now()
         self.responses: Counter[int] = Counter()
         self.disconnects: Counter[str] = Counter()  # clients gone before their answer: by when
         self.body_timeout = BODY_TIMEOUT
         self.started = time.time()
+        self.latency = LatencyHistograms()
+        engine.add_latency_observer(self.latency)
 
     def check_auth(self, request: HTTPRequest) -> None:
         if self.api_key is None:
@@ -176,13 +186,37 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: HTTPRequest) -> Response:
-        return PlainTextResponse(_prometheus(engine, state), media_type="text/plain; version=0.0.4")
+        text = prometheus_text(engine.metrics(), state.latency, state.responses, state.disconnects)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "herd",
+                "max_model_len": engine.max_seq_len}
 
     async def models(request: HTTPRequest) -> Response:
         state.check_auth(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "herd",
-             "max_model_len": engine.max_seq_len}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: HTTPRequest) -> Response:
+        state.check_auth(request)
+        state.check_model(request.path_params["model_id"])
+        return JSONResponse(model_card())
+
+    async def tokenize_route(request: HTTPRequest) -> Response:
+        state.check_auth(request)
+        raw = await _read_body(request, state)
+        body = await asyncio.to_thread(
+            lambda: tokenize(_parse_json(raw), tokenizer, state.fmt, max_model_len=engine.max_seq_len))
+        return JSONResponse(body)
+
+    async def tokenizer_info_route(request: HTTPRequest) -> Response:
+        state.check_auth(request)
+        return JSONResponse(tokenizer_info(tokenizer, state.fmt, max_model_len=engine.max_seq_len))
+
+    async def detokenize_route(request: HTTPRequest) -> Response:
+        state.check_auth(request)
+        raw = await _read_body(request, state)
+        return JSONResponse(await asyncio.to_thread(lambda: detokenize(_parse_json(raw), tokenizer)))
 
     async def chat(request: HTTPRequest) -> Any:
         state.check_auth(request)
@@ -193,7 +227,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             state.check_model(req.params.model)
             prompt = chat_prompt(state.fmt, req)
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
-            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools))
+            grammar = state.grammars.for_chat(state.fmt, req)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar)
             return req.params
 
         jobs = Jobs(engine, tokenizer, state.special_ids)
@@ -207,20 +242,20 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         state.check_auth(request)
         raw = await _read_body(request, state)
 
-        def prepare(jobs: Jobs) -> CommonParams:  # on a worker thread
+        def prepare(jobs: Jobs) -> CompletionRequest:  # on a worker thread
             req = parse_completion_request(_parse_json(raw), max_n=engine.max_batch)
             state.check_model(req.params.model)
             prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
             limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
-            jobs.submit(prompts, req.params, limits, tools=False)
-            return req.params
+            jobs.submit(prompts, req.params, limits, tools=False, grammar=state.grammars.for_params(req.params))
+            return req
 
         jobs = Jobs(engine, tokenizer, state.special_ids)
-        params = await start(jobs, prepare)
-        if params.stream:
-            return EventStream(_completion_stream(state, jobs, params), jobs, _on_gone(request))
+        req = await start(jobs, prepare)
+        if req.params.stream:
+            return EventStream(_completion_stream(state, jobs, req), jobs, _on_gone(request))
         await collect(request.receive, jobs)
-        return await asyncio.to_thread(lambda: JSONResponse(_completion_response(state, jobs, params)))
+        return await asyncio.to_thread(lambda: JSONResponse(_completion_response(state, jobs, req)))
 
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -233,6 +268,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         Route("/health", _endpoint(state, health), methods=["GET"]),
         Route("/metrics", _endpoint(state, metrics), methods=["GET"]),
         Route("/v1/models", _endpoint(state, models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _endpoint(state, model), methods=["GET"]),
+        Route("/tokenize", _endpoint(state, tokenize_route), methods=["POST"]),
+        Route("/detokenize", _endpoint(state, detokenize_route), methods=["POST"]),
+        Route("/tokenizer_info", _endpoint(state, tokenizer_info_route), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(state, chat), methods=["POST"]),
         Route("/v1/completions", _endpoint(state, completions), methods=["POST"]),
     ]
@@ -334,21 +373,55 @@ async def _chat_stream(state: _State, jobs: Jobs, params: CommonParams) -> Async
 # ---- completions -----------------------------------------------------------------------------------------------
 
 
-def _completion_response(state: _State, jobs: Jobs, params: CommonParams) -> dict:
+def _echo(state: _State, jobs: Jobs, req: CompletionRequest, j: int) -> tuple[str, tuple[dict, int] | None]:
+    """Prompt j's echoed text (as given, or its ids decoded) and, with logprobs, its scored tokens
+    and where the completion's text offsets continue."""
+    prompt = req.prompts[j]
+    text = prompt if isinstance(prompt, str) else state.tokenizer.decode(
+        [t for t in prompt if t not in state.special_ids])
+    entries = jobs.handles[j].prompt_logprobs  # set at prefill, before the events that got us here
+    lp = None if entries is None else echo_logprobs(state.tokenizer, jobs.prompts[j], entries, state.special_ids)
+    return text, lp
+
+
+def _completion_text_logprobs(state: _State, jobs: Jobs, req: CompletionRequest, j: int, out: Out, start: int = 0,
+                              echo: bool = False) -> tuple[str, dict | None]:
+    """The echo (when asked and `echo`) before the choice's logprobs from token `start` on."""
+    def ours(offset: int = 0) -> dict | None:
+        if start >= len(out.choice.tokens):
+            return None
+        return completion_logprobs(state.tokenizer, out.choice, start, offset, state.special_ids)
+
+    if not (echo and req.params.echo):
+        return "", ours()
+    text, scored = _echo(state, jobs, req, j)
+    if scored is None:
+        return text, ours()
+    prompt_lp, end = scored
+    return text, join_logprobs(prompt_lp, ours(end))
+
+
+def _completion_response(state: _State, jobs: Jobs, req: CompletionRequest) -> dict:
     """The text_completion object (on a worker thread, as `_chat_response`)."""
-    choices = []
+    choices, params = [], req.params
     for j, outs in enumerate(jobs.outs):
         for out in outs:
             _check_failed(out)
-            choices.append({"index": j * params.n + out.choice.index, "text": out.text.text,
-                            "logprobs": completion_logprobs(state.tokenizer, out.choice),
-                            "finish_reason": _finish_reason(out)})
+            echo, lp = _completion_text_logprobs(state, jobs, req, j, out, echo=True)
+            choices.append({"index": j * params.n + out.choice.index, "text": echo + out.text.text,
+                            "logprobs": lp, "finish_reason": _finish_reason(out)})
     return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_name,
             "choices": choices, "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)}
 
 
-async def _completion_stream(state: _State, jobs: Jobs, params: CommonParams) -> AsyncIterator[str]:
-    cid, created = new_id("cmpl"), now()
+async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) -> AsyncIterator[str]:
+    cid, created, params = new_id("cmpl"), now(), req.params
+    echoed: set[tuple[int, int]] = set()  # (prompt, choice) whose echo went out with its first chunk
+
+    async def pieces(j: int, out: Out, first: bool) -> tuple[str, dict | None]:
+        if first and params.echo:  # the prompt's logprobs grow with its length: built off the loop
+            return await asyncio.to_thread(_completion_text_logprobs, state, jobs, req, j, out, out.lp_sent, True)
+        return _completion_text_logprobs(state, jobs, req, j, out, out.lp_sent)
 
     def chunk(choice: dict) -> str:
         body = {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
@@ -360,68 +433,27 @@ async def _completion_stream(state: _State, jobs: Jobs, params: CommonParams) ->
     async for out, event, j in jobs.events():
         c = out.choice
         index = j * params.n + c.index
+        first = (j, c.index) not in echoed
+        echoed.add((j, c.index))
         if isinstance(event, TokenEvent):
             piece = out.text.feed(event.token)
-            if piece or c.logprobs is not None:
-                lp = completion_logprobs(state.tokenizer, c, out.lp_sent)
+            if piece or c.logprobs is not None or (first and params.echo):
+                echo, lp = await pieces(j, out, first)
                 out.lp_sent = len(c.tokens)
-                yield chunk({"index": index, "text": piece, "logprobs": lp, "finish_reason": None})
+                yield chunk({"index": index, "text": echo + piece, "logprobs": lp, "finish_reason": None})
             continue
         if c.finish_reason in ("error", "cancelled"):
             message = c.error or "the request was cancelled"
             yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
             continue
         rest = out.text.finish()
-        lp = completion_logprobs(state.tokenizer, c, out.lp_sent) if out.lp_sent < len(c.tokens) else None
+        echo, lp = await pieces(j, out, first)
         out.lp_sent = len(c.tokens)
-        yield chunk({"index": index, "text": rest, "logprobs": lp, "finish_reason": _finish_reason(out)})
+        yield chunk({"index": index, "text": echo + rest, "logprobs": lp, "finish_reason": _finish_reason(out)})
     if params.include_usage:
         yield _sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                     "choices": [], "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)})
     yield "data: [DONE]\n\n"
-
-
-# ---- metrics ----------------------------------------------------------------------------------------------------
-
-
-def _prometheus(engine: Engine, state: _State) -> str:
-    m = engine.metrics()
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP herd_{name} {help_text}")
-        lines.append(f"# TYPE herd_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"herd_{name}{labels} {value}")
-
-    metric("requests_submitted_total", "counter", "Requests accepted into the queue.", [("", m.requests_submitted_total)])
-    metric("requests_rejected_total", "counter", "Requests refused because the queue was full (HTTP 503).",
-           [("", m.requests_rejected_total)])
-    metric("choices_finished_total", "counter", "Finished choices by finish reason.",
-           [(f'{{reason="{r}"}}', v) for r, v in sorted(m.requests_finished_total.items())])
-    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", m.prompt_tokens_total)])
-    metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens_total)])
-    metric("prefills_total", "counter", "Prefill forwards.", [("", m.prefills_total)])
-    metric("decode_steps_total", "counter", "Batched decode forwards.", [("", m.decode_steps_total)])
-    metric("decode_rows_total", "counter", "Busy rows summed over decode steps (divide by steps: mean batch).",
-           [("", m.decode_rows_total)])
-    metric("prefill_seconds_total", "counter", "Time spent prefilling.", [("", float(m.prefill_seconds))])
-    metric("decode_seconds_total", "counter", "Time spent in decode steps.", [("", float(m.decode_seconds))])
-    metric("time_to_first_token_seconds", "summary", "Submission to first token.",
-           [("_sum", float(m.time_to_first_token_seconds_sum)), ("_count", m.time_to_first_token_count)])
-    metric("request_seconds", "summary", "Submission to the end of the last choice.",
-           [("_sum", float(m.request_seconds_sum)), ("_count", m.request_count)])
-    metric("requests_running", "gauge", "Requests holding slots.", [("", m.requests_running)])
-    metric("requests_waiting", "gauge", "Requests queued for slots.", [("", m.requests_waiting)])
-    metric("slots_busy", "gauge", "Batch slots in use.", [("", m.slots_busy)])
-    metric("slots_total", "gauge", "Batch slots (max_batch).", [("", m.slots_total)])
-    metric("kv_cache_usage_ratio", "gauge", "Cache positions held by running sequences / capacity.",
-           [("", float(m.kv_cache_tokens / m.kv_cache_capacity))])
-    metric("http_responses_total", "counter", "HTTP responses by status code.",
-           [(f'{{code="{code}"}}', v) for code, v in sorted(state.responses.items())])
-    metric("client_disconnects_total", "counter", "Clients that went away before their answer was complete.",
-           [(f'{{when="{when}"}}', v) for when, v in sorted(state.disconnects.items())])
-    return "\n".join(lines) + "\n"
 
 
 # ---- running it ----------------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ class ChatTemplate:
         return ChatTokens(tokens=ids, assistant_mask=mask)
 
     def encode_prompt(
-        self, messages: Sequence[Message | Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None
+        self, messages: Sequence[Message | Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> list[int]:
         """The ids of `encode_dialog_prompt(messages, tools=tools).tokens` (generation prompt added),
         without the SFT mask: what inference needs, in time linear in the dialog. The mask of a
@@ -137,8 +138,9 @@ class ChatTemplate:
         which is quadratic in the number of turns (a server must not do that for a client's dialog).
         """
         dicts = [message_dict(m) for m in messages]
-        text, _ = self._render(dicts, True, tools)
-        ids, _ = self.tokenizer.encode_template_text(text, plain_spans=self._message_specials(dicts, text, True, tools))
+        text, _ = self._render(dicts, add_generation_prompt, tools)
+        ids, _ = self.tokenizer.encode_template_text(
+            text, plain_spans=self._message_specials(dicts, text, add_generation_prompt, tools))
         return ids
 
     def decode_assistant_message(self, reply: Sequence[int] | str) -> Message:

@@ -163,3 +163,14 @@ def test_train_help_lists_every_config_section_and_key(capsys):
     for f in dataclasses.fields(Config):
         assert f"[{f.name}]" in out or f"[[{f.name}]]" in out, f.name
     assert "micro_batch_tokens = 0  (int)" in out and "lr = 0.0003  (float)" in out
+
+
+def test_serve_accepts_vllms_flag_names():
+    from herd.cli import build_parser
+
+    ours = build_parser().parse_args(["serve", "ckpt", "--max-batch", "3", "--max-seq-len", "512", "--model-name", "m"])
+    vllm = build_parser().parse_args(["serve", "ckpt", "--max-num-seqs", "3", "--max-model-len", "512",
+                                      "--served-model-name", "m"])
+    assert (vllm.max_batch, vllm.max_seq_len, vllm.model_name) == (ours.max_batch, ours.max_seq_len,
+                                                                  ours.model_name) == (3, 512, "m")
+    assert build_parser().parse_args(["serve", "ckpt"]).max_batch == 8

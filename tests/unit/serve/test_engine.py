@@ -134,7 +134,7 @@ def test_context_limit_and_bad_requests(successor_model):
     assert h.result(0).choices[0].tokens == [13, 14, 15] and h.result(0).choices[0].finish_reason == "length"
     for bad, match in [(Request([], 4), "empty"), (Request(list(range(16)), 4), "context"),
                        (Request([1], 4, n=3), "n must"), (Request([1, 256], 4), "token ids"),
-                       (Request([1], 0), "max_tokens")]:
+                       (Request([1], -1), "max_tokens"), (Request([1], 1, prompt_logprobs=21), "prompt_logprobs")]:
         with pytest.raises(ValueError, match=match):
             engine.submit(bad)
 
