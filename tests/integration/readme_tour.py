@@ -8,6 +8,7 @@ blocks are read as follows, so that the README stays the one place the commands 
   includes its body. The other lines are the output the README shows, kept beside the command.
   A plain block without `$ ` lines holds shell setup (`SMOL=...`): each of its lines must be an
   assignment, and every later command runs after them.
+  A command that fails on purpose ends its first line with the comment `# exit status N`.
 - a `python` block is a program, run with the test's Python.
 - other languages (`toml`, ...) are not run.
 
@@ -41,6 +42,7 @@ TOUR_HEADING = "## Command tour"
 _MARKER = re.compile(r"^<!--\s*tour:\s*(.*?)\s*-->\s*$")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S")
 _HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
+_STATUS = re.compile(r"#\s*exit status (\d+)\s*$")
 _KEYWORDS = ("serve", "stdin", "requires", "skip", "ignore")
 
 
@@ -58,6 +60,7 @@ class Step:
     skip: str | None = None
     block: int = 0  # index of the code block it came from
     block_serves: bool = False  # its block is marked `serve` (a running server may stay up)
+    status: int = 0  # the exit status the README shows on purpose (`# exit status N`)
 
     @property
     def name(self) -> str:
@@ -189,7 +192,9 @@ def parse_tour(readme: str) -> list[Step]:
             stdin = "".join(x[len("you> "):] + "\n" for x in body if x.startswith("you> "))
         for code, line, output in commands:
             background = "serve" in keys and code.split()[:2] == ["herd", "serve"]
-            steps.append(Step("shell", code, line, output, background=background, stdin=stdin, **common))
+            status = _STATUS.search(code.split("\n", 1)[0])
+            steps.append(Step("shell", code, line, output, background=background, stdin=stdin,
+                              status=int(status.group(1)) if status else 0, **common))
     if markers:
         raise ValueError(f"README: tour marker(s) {markers} after the last code block of the tour")
     return steps

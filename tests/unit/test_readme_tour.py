@@ -42,6 +42,8 @@ $ cat > runs/demo/task.jsonl <<'EOF'
 $ not a command inside a here-document
 EOF
 $ herd eval mc runs/demo/m --task runs/demo/task.jsonl
+$ herd generate $SMOL --tp 2     # exit status 2
+herd generate: error: --tp 2 does not divide n_kv_heads=3
 ```
 
 <!-- tour: stdin -->
@@ -90,8 +92,9 @@ $ herd never-run
 
 def test_commands_continuations_heredocs_and_markers():
     steps = readme_tour.parse_tour(SNIPPET)
-    assert [s.kind for s in steps] == ["setup"] + ["shell"] * 4 + ["shell"] * 3 + ["python", "shell"]
-    setup, info, train, heredoc, mc, chat, serve, curl, client, lm_eval = steps
+    assert [s.kind for s in steps] == ["setup"] + ["shell"] * 5 + ["shell"] * 3 + ["python", "shell"]
+    setup, info, train, heredoc, mc, refused, chat, serve, curl, client, lm_eval = steps
+    assert refused.status == 2 and all(s.status == 0 for s in steps if s is not refused)
     assert setup.code == "SMOL=runs/demo/smol.gguf\nOUT=runs/out"
     assert info.code == "herd info $SMOL" and info.output == ["            path  runs/demo/smol.gguf"]
     assert train.code == ("herd train configs/debug.toml --nproc 2 \\\n    --job.out_dir runs/tp2 \\\n"
