@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.generate import KVCache, SamplingParams, decode_step, sample
+from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import LogitsProcessor, accept_token, apply_processors
 from herd.model.llama import Transformer
@@ -105,6 +106,8 @@ class Engine:
     token_bytes: token id -> bytes, needed only for stop strings.
     compile: decode with the `torch.compile`d fixed-shape step over all `max_batch` rows
         (opt-in: it pays off on GPUs; on CPU eager was faster in our measurements).
+    adapters: LoRA adapters attached to `model` (`herd.generate.adapters.load_adapters`); a
+        request names one in `Request.adapter`, and rows of one decode step may use different ones.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Engine:
         prefill_budget: int = 2048,
         token_bytes: Callable[[int], bytes] | None = None,
         compile: bool = False,
+        adapters: AdapterSet | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -132,6 +136,12 @@ class Engine:
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.cache = KVCache(args, batch_size=max_batch, max_seq_len=max_seq_len, device=self.device, dtype=weight.dtype)
+        if adapters is not None and compile:
+            raise ValueError("compile=True cannot serve LoRA adapters (the compiled step has no per-row adapter "
+                             "choice); leave out compile (--compile) or the adapters (--lora)")
+        if adapters is not None and adapters.model is not model:
+            raise ValueError("the adapters were attached to another model than the engine's")
+        self.adapters = adapters
         self._compiled = CompiledDecoder(model, self.cache) if compile else None
 
         self._cond = threading.Condition()
@@ -246,6 +256,9 @@ class Engine:
             raise ValueError(f"n must be an integer in 1..{self.max_batch} (one slot per choice), got {r.n!r}")
         if not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
+        if r.adapter is not None and (self.adapters is None or r.adapter not in self.adapters):
+            known = ", ".join(self.adapters.names) if self.adapters is not None else "none"
+            raise ValueError(f"unknown LoRA adapter {r.adapter!r}; this engine has: {known}")
         if r.stop_strings:
             if self.token_bytes is None:
                 raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")
@@ -342,6 +355,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             tokens = torch.tensor([list(r.prompt)], dtype=torch.long, device=self.device)  # (1, S)
+            if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
+                self.adapters.select([r.adapter])
             h = self.model.hidden(tokens, pos=0, cache=_RowCache(self.cache, slots[0]))  # (1, S, dim)
             logits = self.model.output(h[:, -1]).float()  # (1, V)
             for slot in slots[1:]:  # n > 1: the other choices share the prompt's keys/values
@@ -372,6 +387,11 @@ class Engine:
             tokens[s.slot], pos[s.slot] = s.pending, s.pos
         tokens_t = torch.tensor(tokens, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
+        if self.adapters is not None:  # multi-LoRA hook: each row's adapter (free rows: the base)
+            names: list[str | None] = [None] * B
+            for s in running:
+                names[s.slot] = s.handle.request.adapter
+            self.adapters.select(names)
         if self._compiled is not None:
             logits = self._compiled(tokens_t, pos_t)  # (max_batch, V)
         else:

@@ -47,8 +47,9 @@ class Jobs:
 
     Made on the event loop (the queue belongs to it); `submit` may run on any thread."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, special_ids: frozenset[int]):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, special_ids: frozenset[int], *, model: str = ""):
         self.engine, self.tokenizer, self.special_ids = engine, tokenizer, special_ids
+        self.model = model  # the model id the responses carry: the base model's, or the adapter's
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, TokenEvent | FinishEvent]] = asyncio.Queue()
         self.prompts: list[list[int]] = []
@@ -56,10 +57,14 @@ class Jobs:
         self.handles: list[RequestHandle] = []
         self.outs: list[list[Out]] = []
 
-    def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool) -> None:
+    def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool,
+               adapter: str | None = None) -> None:
         """Queue one engine request per prompt (APIError 503 when the queue is full, 400 when the
-        engine refuses one; what was queued before is cancelled)."""
+        engine refuses one; what was queued before is cancelled). adapter: a LoRA adapter's name,
+        which is also the model id the responses carry."""
         tok, special = self.tokenizer, self.special_ids
+        if adapter is not None:
+            self.model = adapter
         self.prompts, self.n = prompts, params.n
         stops = StopStrings(params.stop)  # prepared once for every choice
         loop, queue = self.loop, self.queue
@@ -74,7 +79,7 @@ class Jobs:
                         sniffer=ToolCallSniffer(tok, special) if tools else None)
                     for i in range(params.n)])
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
-                                  params.logprobs, params.top_logprobs)
+                                  params.logprobs, params.top_logprobs, adapter=adapter)
 
                 def deliver(event, j=j):
                     try:

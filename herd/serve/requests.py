@@ -39,6 +39,8 @@ class Request:
         alternatives at each step (0..20).
     logits_processors: factories, each called once per choice, of processors that rewrite that
         choice's logits before its token is picked (see `herd.generate.processors`).
+    adapter: the name of a LoRA adapter the engine was built with (`adapters=`), or None for the
+        base model.
     """
 
     prompt: Sequence[int]
@@ -50,6 +52,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     logits_processors: Sequence[ProcessorFactory] = ()
+    adapter: str | None = None
 
 
 @dataclass
