@@ -4,6 +4,7 @@ References: the base model with one adapter merged into its weights (W + scale *
 alone, and HF PEFT's own forward on the HF export of the same base.
 """
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -15,6 +16,7 @@ from torch import nn
 from herd.generate import KVCache, decode_step
 from herd.generate.adapters import MultiLoRALinear, attach_adapters, load_adapters, read_adapter
 from herd.model import save_model
+from herd.model.llama import TransformerBlock
 from herd.posttrain.lora import apply_lora, lora_parameters, save_adapter
 
 
@@ -112,7 +114,7 @@ def test_fused_cpu_decode_and_quantized_bases(model, two_adapters):
         if variant == "int8":
             quantize(base, QuantConfig(scheme="int8"))
         apply_cpu_kernels(base)
-        apply_fast_decode(base, huge_pages=False)
+        fused = apply_fast_decode(base, huge_pages=False)  # 0 where the kernels cannot be built
         served = copy.deepcopy(base)
         adapters = load_adapters(served, two_adapters)
         # Reference: plain nn.Linear layers holding the base's effective weight + the adapter's delta.
@@ -132,13 +134,31 @@ def test_fused_cpu_decode_and_quantized_bases(model, two_adapters):
                 served.hidden(prompt, pos=0, cache=_Row(cache, row))
                 (ref if name is None else ref_y).hidden(prompt, pos=0, cache=cache_ref["b" if name is None else "y"])
             tokens, pos = torch.tensor([1, 2]), torch.tensor([3, 3])
-            for names in ([None, None], [None, "y"]):
+            for names, eager_blocks in (([None, None], 0 if fused else 2), ([None, "y"], 2)):
                 adapters.select(names)
-                got = decode_step(served, tokens, pos, cache)
+                with _count_eager_blocks() as calls:
+                    got = decode_step(served, tokens, pos, cache)
+                assert calls[0] == eager_blocks  # the fused op runs until a row needs an adapter
                 want0 = decode_step(ref, tokens[:1], pos[:1], copy.deepcopy(cache_ref["b"]))
                 torch.testing.assert_close(got[0], want0[0], rtol=1e-4, atol=1e-4)
             want1 = decode_step(ref_y, tokens[1:], pos[1:], cache_ref["y"])
             torch.testing.assert_close(got[1], want1[0], rtol=1e-4, atol=1e-4)
+
+
+@contextlib.contextmanager
+def _count_eager_blocks():
+    calls = [0]
+    plain = TransformerBlock.forward
+
+    def counted(self, *args):
+        calls[0] += 1
+        return plain(self, *args)
+
+    TransformerBlock.forward = counted
+    try:
+        yield calls
+    finally:
+        TransformerBlock.forward = plain
 
 
 class _Row:
