@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors: argparse has printed them
         return e.code if isinstance(e.code, int) else 2
     opts.command = opts.command_name
+    opts.argv = list(sys.argv[1:] if argv is None else argv)  # `--tp N` re-runs it under torchrun
     try:
         # Device and dtype are settled before the command runs, so an unusable device fails
         # before a checkpoint is read.

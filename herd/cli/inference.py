@@ -61,14 +61,128 @@ def _attach_loras(model, specs: list[str] | None):
     return attach_adapters(model, adapters)
 
 
+def _read_schema(path: str) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--json-schema: no file {path!r}; pass a JSON Schema file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema: {path} is not a JSON file ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"--json-schema: {path} must hold a JSON Schema object, got a JSON {type(schema).__name__}")
+    return schema
+
+
+def _tp_launch(opts) -> bool:
+    """`--tp N` outside torchrun: check the checkpoint splits, then re-run the command line in N
+    processes (the spelling `herd train --nproc N` uses). True when that happened."""
+    from herd.parallel.launch import run_under_torchrun, world_size_from_env
+
+    if opts.tp < 1:
+        raise ValueError(f"--tp must be a positive number of ranks, got {opts.tp}")
+    world = world_size_from_env()
+    if opts.tp == 1 and world > 1:
+        raise ValueError(f"this process is one of a torchrun group of {world}; pass --tp {world} so the ranks share "
+                         "one model instead of each running it whole")
+    if opts.tp == 1 or world > 1:
+        return False
+    _check_tp_checkpoint(opts.path, opts.tp)  # fail here, once, not in N processes
+    if opts.device.startswith("cuda"):
+        from herd.parallel.inference import check_gpus
+
+        check_gpus(opts.tp)
+    code = run_under_torchrun(opts.tp, opts.argv)
+    if code:
+        raise SystemExit(code)
+    return True
+
+
+def _check_tp_checkpoint(path, tp: int) -> None:
+    from herd.model.formats import describe
+    from herd.parallel.inference import check_tp_inference
+    from herd.quant import is_quantized_checkpoint
+
+    if Path(path).exists() and is_quantized_checkpoint(Path(path)):
+        raise ValueError(f"--tp loads HF, Meta and GGUF checkpoints; {path} is `herd quantize` output, which is "
+                         "not sharded yet: run it with --tp 1, or pass the unquantized checkpoint")
+    check_tp_inference(describe(path).args, tp)
+
+
+def _load_tp(opts):
+    """This rank's shard and the tokenizer, inside a torchrun group of opts.tp processes."""
+    from herd.generate.loading import LoadedModel
+    from herd.parallel.inference import init_tp, load_tp_model
+    from herd.tokenizer import load_tokenizer
+
+    _check_tp_checkpoint(opts.path, opts.tp)
+    tp, opts.device = init_tp(opts.tp, opts.device)
+    model = load_tp_model(opts.path, tp, dtype=opts.dtype, device=opts.device, max_seq_len=opts.max_seq_len)
+    tok = load_tokenizer(Path(opts.path), opts.tokenizer, vocab_size=model.args.vocab_size)
+    return LoadedModel(model=model, tokenizer=tok, path=Path(opts.path)), tp
+
+
 def cmd_generate(opts) -> None:
+    import contextlib
+    import dataclasses
+    import os
+
+    if opts.input is not None or opts.output is not None:
+        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora)):
+            if bad:
+                raise ValueError(f"{flag} is for --prompt runs; batch mode (--input/--output) does not take it yet")
+        return _generate_batch(opts)
+    if not opts.prompt:
+        raise ValueError("give --prompt TEXT (repeatable), or --input prompts.jsonl --output out.jsonl for batch mode")
+    for flag in ("nproc", "max_batch", "n", "stop"):
+        if getattr(opts, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} belongs to batch mode (--input/--output)")
+    schema = None
+    if opts.json_schema:
+        if opts.ignore_eos:
+            raise ValueError("--json-schema ends the output with a stop token, so it cannot go with --ignore-eos")
+        schema = _read_schema(opts.json_schema)  # before the checkpoint is read: fail fast
+    if opts.lora and opts.tp != 1:
+        raise ValueError("--lora is not supported with --tp yet (the adapters are not sliced); run with --tp 1")
+    if _tp_launch(opts):
+        return
+    if opts.tp == 1:
+        _generate(opts, load(opts), sampling(opts), schema)
+        return
+    import torch.distributed as dist
+
+    from herd.parallel.inference import shared_seed
+
+    try:
+        lm, tp = _load_tp(opts)
+        params = sampling(opts)
+        if not params.greedy:
+            params = dataclasses.replace(params, seed=shared_seed(params.seed, tp))
+        if tp.rank == 0:
+            _generate(opts, lm, params, schema)
+        else:  # the other ranks run the same steps; only rank 0 prints
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                _generate(opts, lm, params, schema)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(opts, lm, params, schema: dict | None) -> None:
     from herd.generate import stream_text
 
-    lm = load(opts)
     tok = lm.tokenizer
     adapters = _attach_loras(lm.model, [opts.lora] if opts.lora else None)
     if adapters is not None:
         adapters.select_all(adapters.names[0])  # every row of the batch, prefill and decode
+    processors = ()
+    if schema is not None:
+        from herd.generate.grammar import GrammarCompiler
+
+        try:
+            compiler = GrammarCompiler(tok, lm.model.args.vocab_size, stop_tokens=lm.stop_tokens)
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        processors = (compiler.json_schema(schema, strict=True).processor,)
     if opts.chat:
         if len(opts.prompt) > 1:
             raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
@@ -76,11 +190,11 @@ def cmd_generate(opts) -> None:
     else:
         prompts = [lm.encode_text(p) for p in opts.prompt]
     stop = lm.stop_tokens if not opts.ignore_eos else ()
-    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=sampling(opts),
-                         stop_tokens=stop, logprobs=opts.logprobs)
+    events = stream_text(lm.model, tok, prompts, max_new_tokens=opts.max_new_tokens, sampling=params,
+                         stop_tokens=stop, logprobs=opts.logprobs, logits_processors=processors)
     single = len(prompts) == 1  # a single prompt is streamed as it is produced
-    if single:
-        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
+    if single:  # with a schema stdout is the JSON alone, ready for a pipe
+        print(opts.prompt[0] if not (opts.chat or schema is not None) else "", end="", flush=True)
     while True:
         try:
             event = next(events)
@@ -99,6 +213,46 @@ def cmd_generate(opts) -> None:
         if opts.logprobs and r.logprobs:
             line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
         print(line, file=sys.stderr)
+
+
+def _generate_batch(opts) -> None:
+    """`herd generate --input prompts.jsonl --output out.jsonl`: through the engine, resumable."""
+    from herd.serve.batch import BatchJob, run_batch_job
+    from herd.serve.batch_io import BatchDefaults
+
+    if opts.input is None or opts.output is None:
+        raise ValueError("batch mode needs both --input prompts.jsonl and --output out.jsonl")
+    if opts.prompt:
+        raise ValueError("--prompt and --input are alternatives: put the prompts in the --input file")
+    for flag in ("logprobs", "ignore_eos"):
+        if getattr(opts, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --input (batch mode)")
+    if opts.system is not None and not opts.chat:
+        raise ValueError("--system applies to \"prompt\" lines wrapped with --chat; \"messages\" lines carry their "
+                         "own system message")
+    if opts.nproc is not None and opts.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {opts.nproc}")
+    max_batch = 8 if opts.max_batch is None else opts.max_batch
+    n = 1 if opts.n is None else opts.n
+    if max_batch < 1 or not 1 <= n <= max_batch:
+        raise ValueError(f"need --max-batch >= 1 and 1 <= --n <= --max-batch (one slot per choice), got "
+                         f"--max-batch {max_batch} --n {n}")
+    s = sampling(opts)
+    defaults = BatchDefaults(max_tokens=opts.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                             n=n, seed=opts.seed, stop=tuple(opts.stop or ()))
+    job = BatchJob(checkpoint=opts.path, input=opts.input, output=opts.output, defaults=defaults,
+                   tokenizer=opts.tokenizer, device=opts.device, dtype=opts.dtype, context=opts.max_seq_len,
+                   max_batch=max_batch, nproc=opts.nproc or 1, strict=opts.strict, overwrite=opts.overwrite,
+                   progress=True, chat=opts.chat, system=opts.system)
+    stats = run_batch_job(job)
+    for problem in stats.skipped[:10]:
+        print(f"herd generate: skipped {problem}", file=sys.stderr)
+    if len(stats.skipped) > 10:
+        print(f"herd generate: ... and {len(stats.skipped) - 10} more skipped lines", file=sys.stderr)
+    print(json.dumps({**stats.summary(), "output": opts.output}))
+    if stats.failed:
+        raise ValueError(f"{stats.failed} request(s) failed in the engine (see above); rerun the same command to "
+                         "retry them")
 
 
 def cmd_chat(opts) -> None:
@@ -205,11 +359,27 @@ def _chat_args(p):
 
 def _generate_args(p):
     _chat_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
     p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the output to JSON valid under this JSON Schema (printed without the prompt)")
+    b = p.add_argument_group("batch mode", "a JSONL file of prompts through the continuous-batching engine; "
+                             "rerunning resumes (ids already in --output are skipped)")
+    b.add_argument("--input", help='JSONL, one {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} per '
+                   "line, optionally with max_tokens, temperature, top_p, top_k, n, seed, stop, metadata")
+    b.add_argument("--output", help="JSONL of results, one line per id, appended as each finishes")
+    b.add_argument("--max-batch", type=int, help="sequences decoded together, KV cache rows (default 8)")
+    b.add_argument("--n", type=int, help="choices per prompt unless a line sets n (default 1)")
+    b.add_argument("--stop", action="append", help="stop string unless a line sets stop (repeatable)")
+    b.add_argument("--nproc", type=int, help="data-parallel worker processes, each with its own model (on cuda:i "
+                   "with --device cuda); their part files are merged into --output")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
+    b.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing --output")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each) that each load only their slice of the weights")
 
 
 def _tokenize_args(p):
@@ -241,7 +411,8 @@ def _serve_args(p):
 
 COMMANDS = {
     "info": (cmd_info, "describe a checkpoint: format, shapes, dtype, size", _info_args),
-    "generate": (cmd_generate, "complete prompts (streamed)", _generate_args),
+    "generate": (cmd_generate, "complete prompts (streamed), or a JSONL file of them (--input, batch mode)",
+                 _generate_args),
     "chat": (cmd_chat, "interactive chat with history, /reset, Ctrl-D to quit", _chat_args),
     "tokenize": (cmd_tokenize, "encode or decode text with a tiktoken tokenizer", _tokenize_args),
     "serve": (cmd_serve, "OpenAI-compatible HTTP server with continuous batching", _serve_args),

@@ -39,14 +39,38 @@ def cmd_plan(opts) -> None:
     from herd.model import ModelArgs
     from herd.parallel.plan import Layout, format_plan, parse_count, plan
 
+    if opts.inference:
+        _plan_inference(opts)
+        return
+    missing = [f for f, v in (("--gpus", opts.gpus), ("--seq", opts.seq), ("--gbs-tokens", opts.gbs_tokens)) if v is None]
+    if missing:
+        raise ValueError(f"a training plan needs {', '.join(missing)}; or pass --inference for a serving plan")
     layout = Layout(gpus=opts.gpus, tp=opts.tp, cp=opts.cp, pp=opts.pp, seq_len=opts.seq,
                     global_batch_tokens=parse_count(opts.gbs_tokens), micro_batch=opts.micro_batch, ac=opts.ac,
-                    pp_schedule=opts.pp_schedule)
+                    pp_schedule=opts.pp_schedule, loss_chunks=opts.loss_chunks)
     p = plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
     if opts.json:
         print(json.dumps(p.to_dict(), indent=2))
         return
     print(format_plan(p, mfu=opts.mfu, peak_flops=opts.peak_tflops * 1e12, gpu_memory_gib=opts.gpu_memory_gib))
+
+
+def _plan_inference(opts) -> None:
+    from herd.model import ModelArgs
+    from herd.parallel.inference_plan import InferenceLayout, format_inference_plan, inference_plan
+
+    if opts.cp != 1:
+        raise ValueError("--cp is a training layout; an inference plan has --tp and --pp")
+    if opts.gpus is not None and opts.gpus != opts.tp * opts.pp:
+        raise ValueError(f"--gpus {opts.gpus} != tp {opts.tp} x pp {opts.pp}: one inference replica uses exactly "
+                         "tp x pp GPUs (leave --gpus out)")
+    layout = InferenceLayout(tp=opts.tp, pp=opts.pp, context=opts.context, batch=opts.batch, weights=opts.weights,
+                             kv=opts.kv)
+    p = inference_plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
+    if opts.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return
+    print(format_inference_plan(p, gpu_memory_gib=opts.gpu_memory_gib))
 
 
 def cmd_demo(opts) -> None:
@@ -111,21 +135,30 @@ def _train_args(p):
 
 def _plan_args(p):
     p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in all; data parallel is what tp x cp x pp leaves")
+    p.add_argument("--gpus", type=int, help="GPUs in all; data parallel is what tp x cp x pp leaves (training)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
-    p.add_argument("--seq", type=int, required=True, help="sequence length in tokens")
-    p.add_argument("--gbs-tokens", required=True, help="global batch in tokens; K/M/G are powers of 1024 (16M)")
+    p.add_argument("--seq", type=int, help="sequence length in tokens (training)")
+    p.add_argument("--gbs-tokens", help="global batch in tokens; K/M/G are powers of 1024 (16M) (training)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per pipeline microbatch")
     p.add_argument("--pp-schedule", default="1F1B", help="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
                    "ZBVZeroBubble")
     p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
                    help="activation checkpointing for FLOPs and traffic (memory is shown for all three)")
+    p.add_argument("--loss-chunks", type=int, default=1,
+                   help="train.loss_chunks: the output head in this many slices (logits memory / N)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM dense bf16: 989)")
     p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    inf = p.add_argument_group("inference (--inference): weights and KV cache per GPU of one tp x pp replica")
+    inf.add_argument("--inference", action="store_true", help="size a serving layout instead of a training one")
+    inf.add_argument("--context", type=int, default=8192, help="tokens of context per sequence in the KV cache")
+    inf.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    inf.add_argument("--weights", default="bf16", choices=("bf16", "fp16", "fp8", "fp8-ffn", "int8", "int4"),
+                     help="weight format; fp8-ffn is the paper's (FFN of the inner layers in FP8, the rest BF16)")
+    inf.add_argument("--kv", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"), help="KV cache format")
 
 
 def _demo_args(p):
@@ -151,7 +184,8 @@ def _posttrain_args(config_cls: str):
 
 
 COMMANDS = {
-    "plan": (cmd_plan, "size a parallel training layout: memory per GPU, step FLOPs, traffic", _plan_args),
+    "plan": (cmd_plan, "size a parallel training layout (memory per GPU, step FLOPs, traffic) or, with --inference, "
+             "a serving one (weights and KV cache per GPU)", _plan_args),
     "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
     "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
             _posttrain_args("SFTConfig")),

@@ -24,6 +24,7 @@ import torch
 
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.kv_cache import KVCache
+from herd.generate.processors import LogitsProcessor, ProcessorFactory, accept_token, apply_processors
 from herd.generate.sampling import SamplingParams, sample
 from herd.model.llama import Transformer
 
@@ -147,6 +148,7 @@ def generate_tokens(
     echo: bool = False,
     cache: KVCache | None = None,
     compile: bool = False,
+    logits_processors: Sequence[ProcessorFactory] = (),
 ) -> Generator[StepEvent, None, list[GenerationResult]]:
     """Generate for a batch of prompts, yielding a `StepEvent` per step.
 
@@ -165,6 +167,9 @@ def generate_tokens(
     compile: decode with a `torch.compile`d fixed-shape step (`herd.generate.compiled`). Opt-in:
         it pays off on GPUs, while on CPU eager was faster in our measurements. The graph is
         specialised to the cache's shape, so pass the same `cache=` to reuse it across calls.
+    logits_processors: factories called once per row, whose processors rewrite that row's logits
+        before its token is drawn (a grammar mask, `herd.generate.grammar`); the contract is
+        `herd.generate.processors`'s, as in the serving engine. Logprobs stay the raw model's.
     """
     args = model.args
     _check_prompts(prompts, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len)
@@ -195,6 +200,7 @@ def generate_tokens(
     return _generation_loop(
         model, prompts, limits=limits, cache=cache, sampling=sampling, stop_ids=set(stop_tokens),
         logprobs=logprobs, echo=echo, compile=compile,
+        processors=[[make() for make in logits_processors] for _ in prompts],
     )
 
 
@@ -210,6 +216,7 @@ def _generation_loop(
     logprobs: bool,
     echo: bool,
     compile: bool = False,
+    processors: list[list[LogitsProcessor]],
 ) -> Generator[StepEvent, None, list[GenerationResult]]:
     device = model.tok_embeddings.weight.device
     B = len(prompts)
@@ -237,8 +244,15 @@ def _generation_loop(
     pos = [len(p) for p in prompts]  # where each row's next fed token goes
 
     for step in range(max(limits)):
+        raw = logits
+        if processors[0]:  # every row has the same factories
+            logits = logits.clone()  # (B, V); logprobs stay those of `raw`
+            for i in range(B):
+                if finish[i] is None:
+                    logits[i] = apply_processors(processors[i], logits[i], new[i])
         next_tok = sample(logits, sampling, generator)  # (B,)
         tok_list = next_tok.tolist()  # a host sync per step: stop checks and streaming need the ids
+        logits = raw
         lp_list = _token_logprobs(logits, next_tok).tolist() if logprobs else None
         ev_tokens: list[int | None] = [None] * B
         ev_finish: list[FinishReason | None] = [None] * B
@@ -246,6 +260,7 @@ def _generation_loop(
         for i, t in enumerate(tok_list):
             if finish[i] is not None:
                 continue
+            accept_token(processors[i], t)
             if t in stop_ids:
                 finish[i] = ev_finish[i] = "stop"
                 stopped_by[i] = t

@@ -27,17 +27,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from herd.model.llama import Transformer, positions_from_doc_ids
-from herd.model.loss import cross_entropy_sum
+from herd.model.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.parallel.checkpointing import AC_MODES, apply_ac
 from herd.parallel.context import ContextParallel, apply_cp
 from herd.parallel.dims import Meshes, ParallelDims
 from herd.parallel.float8 import FLOAT8_RECIPES, apply_float8
-from herd.parallel.fsdp import apply_fsdp
-from herd.parallel.pipeline import PP_SCHEDULES, build_schedule, check_pp, split_model, stages_per_rank
+from herd.parallel.fsdp import apply_fsdp, hidden_states
+from herd.parallel.pipeline import (
+    PP_SCHEDULES,
+    PipelineStageModel,
+    build_schedule,
+    check_pp,
+    split_model,
+    stages_per_rank,
+)
 from herd.parallel.tensor import apply_tp, check_tp
 from herd.targets import IGNORE_INDEX
 
@@ -108,6 +115,7 @@ class ParallelModel:
         self.loss_fn = loss_fn
         self.schedule = None
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
+        self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
         self._merged: nn.Module | None = None
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -191,24 +199,66 @@ class ParallelModel:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _plain(self.loss_fn(logits, targets)) * self._scale
+    def _pipeline_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's output (logits, or final-normed states for a chunked head) -> scaled loss."""
+        if self._loss_chunks == 1:
+            return _plain(self.loss_fn(out, targets)) * self._scale
+        (last,) = [p for p in self.parts if getattr(p, "output", None) is not None]
+        return _chunked_head_sum(out, last.output.weight, targets, self._loss_chunks) * self._scale
 
-    def _loss_context(self):
-        if self.dims.tp > 1 and self.config.loss_parallel:
+    def _use_chunks(self, chunks: int) -> None:
+        """Set the head slices of this call; pipeline stages then end at the final norm."""
+        self.check_loss_chunks(chunks)
+        self._loss_chunks = chunks
+        for part in self.parts:
+            if isinstance(part, PipelineStageModel):
+                part.head_in_loss = chunks > 1
+
+    def _loss_context(self, loss_chunks: int = 1):
+        if self.dims.tp > 1 and (self.config.loss_parallel or loss_chunks > 1):
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def check_loss_chunks(self, chunks: int) -> None:
+        """Raise ValueError unless the head can run in `chunks` slices (every layout can).
+
+        A chunked head multiplies slices of the final-normed states by the output matrix outside
+        any module's forward. FSDP gathers that matrix through `hidden_states` (see fsdp.py) and
+        keeps it gathered until its single reduce-scatter; CP only changes which tokens a rank
+        holds; under TP the states are gathered over the sequence once and each chunk's logits
+        stay vocabulary shards (chunks always use loss parallel, whatever `loss_parallel` says:
+        gathering each chunk's logits would only add traffic); under PP the last stage stops at
+        the final norm (`PipelineStageModel.head_in_loss`) and the schedule's loss function runs
+        the head, whose matrix that stage holds (gathered: FSDP does not reshard under PP).
+        """
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"train.loss_chunks must be an integer >= 1, got {chunks!r}")
+        if chunks > 1 and self.loss_fn is not cross_entropy_sum:
+            raise ValueError(f"train.loss_chunks = {chunks} computes next-token cross-entropy itself; this "
+                             "model was parallelised with a custom loss_fn, which needs train.loss_chunks = 1")
+
+    def _token_loss_sum(self, part: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pos: torch.Tensor,
+                        doc_ids: torch.Tensor | None, chunks: int) -> torch.Tensor:
+        """This rank's summed loss over `targets`, from the full logits or from the head in chunks."""
+        if chunks == 1:
+            return _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets))
+        hidden = hidden_states(part, inputs, pos=pos, doc_ids=doc_ids)  # (B, S, dim); FSDP: gathers the root
+        # Read after `hidden`: under FSDP the attribute now holds the gathered matrix (before, the shard).
+        return _chunked_head_sum(hidden, part.output.weight, targets, chunks)
+
     def forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-        num_targets: int | None = None,
+        num_targets: int | None = None, loss_chunks: int = 1,
     ) -> StepLoss:
         """Forward and backward of one (B, S) batch; gradients accumulate into `.grad`.
 
         Every CP, TP and PP rank of a data-parallel group passes the same full batch.
         `num_targets`: target tokens of the whole global step, when it spans several calls
         (gradient accumulation); by default this call's batch summed over data-parallel ranks.
+        `loss_chunks` > 1: run the output head and its cross-entropy in that many slices of this
+        rank's tokens (see `check_loss_chunks` for how each layout reaches the head).
         """
+        self._use_chunks(loss_chunks)
         B, S = inputs.shape
         d, m = self.dims, self.meshes
         if d.tp > 1 and (S // d.cp) % d.tp != 0:
@@ -224,7 +274,7 @@ class ParallelModel:
         self._scale = (d.dp * d.cp) / max(num_targets, 1)
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         local_sum = torch.zeros((), device=inputs.device)
-        with self._loss_context():
+        with self._loss_context(loss_chunks):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
@@ -234,8 +284,7 @@ class ParallelModel:
                     local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
             else:
                 (part,) = self.parts
-                logits = part(inputs, pos=pos, doc_ids=doc_ids)
-                loss = _plain(self.loss_fn(logits, targets))
+                loss = self._token_loss_sum(part, inputs, targets, pos, doc_ids, loss_chunks)
                 (loss * self._scale).backward()
                 local_sum = loss.detach()
         total = local_sum.float() / max(num_targets, 1)
@@ -268,13 +317,15 @@ class ParallelModel:
         pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
         return inputs, targets, pos.expand(B, -1), doc_ids
 
-    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> float:
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                 loss_chunks: int = 1) -> float:
         """Summed loss of a batch every rank holds in full (evaluation; no data parallelism)."""
+        self._use_chunks(loss_chunks)
         d, m = self.dims, self.meshes
         self._scale = 1.0
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         total = torch.zeros((), device=inputs.device)
-        with self._loss_context():
+        with self._loss_context(loss_chunks):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
@@ -284,7 +335,7 @@ class ParallelModel:
                     total = torch.stack([x.detach() for x in losses]).sum()
             else:
                 (part,) = self.parts
-                total = _plain(self.loss_fn(part(inputs, pos=pos, doc_ids=doc_ids), targets)).detach()
+                total = self._token_loss_sum(part, inputs, targets, pos, doc_ids, loss_chunks).detach()
         total = total.float()
         if m is not None:
             for mesh, n in ((m.cp, d.cp), (m.pp, d.pp)):  # CP ranks hold pieces, only the last stage has it
@@ -340,6 +391,19 @@ class _LocalParts(nn.Module):
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _chunked_head_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Summed cross-entropy of the head `weight` (vocab, dim) over `hidden` (B, S, dim) in `chunks` slices.
+
+    Under TP `weight` is a DTensor sharded on the vocabulary and `hidden` is sharded on the
+    sequence (the final norm's sequence parallelism); a chunk of tokens needs its positions
+    whole, so they are gathered once (ColwiseParallel's own input all-gather) and each chunk's
+    logits stay vocabulary shards for loss parallel.
+    """
+    if isinstance(hidden, DTensor):
+        hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+    return _plain(chunked_cross_entropy_sum(hidden, weight, targets, chunks=chunks))
 
 
 def parallelize(

@@ -34,8 +34,12 @@ class PipelineStageModel(Transformer):
     """A `Transformer` holding only some layers; input is tokens (first stage) or hidden states.
 
     Takes `pos` as a (B, S) keyword so each microbatch carries its own positions; the mask is
-    built here the way `Transformer.hidden` builds it for a cache-free forward.
+    built here the way `Transformer.hidden` builds it for a cache-free forward. With
+    `head_in_loss` the last stage stops at the final norm and the schedule's loss function
+    applies the output head itself (in chunks, `train.loss_chunks`).
     """
+
+    head_in_loss: bool = False
 
     def forward(self, x: torch.Tensor, *, pos: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, S, dim)
@@ -45,7 +49,7 @@ class PipelineStageModel(Transformer):
             h = layer(h, freqs_cis, mask, None)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
+        if self.output is not None and not self.head_in_loss:
             h = self.output(h).float()  # (B, S, vocab) logits on the last stage
         return h
 

@@ -46,9 +46,10 @@ class Layout:
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 0
     compute_bytes: int = 2  # bf16 activations and gathered weights
+    loss_chunks: int = 1  # train.loss_chunks: the head and its loss in slices, recomputed in backward
 
     def __post_init__(self) -> None:
-        for name in ("gpus", "seq_len", "global_batch_tokens", "tp", "cp", "pp", "micro_batch"):
+        for name in ("gpus", "seq_len", "global_batch_tokens", "tp", "cp", "pp", "micro_batch", "loss_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ac not in AC_MODES:
@@ -178,8 +179,9 @@ def _memory(args: ModelArgs, layout: Layout, ac: str) -> Memory:
         acts = per_tok * tokens_mb * layers * _in_flight(layout, n_per_rank, rank)
         if ac == "full":  # one block's activations are rebuilt at a time during backward
             acts += activation_bytes_per_token(args, compute_bytes=e, tp=tp, cp=cp) * tokens_mb
-        # Last stage: logits in the compute dtype, their fp32 copy, and log-softmax for the loss.
-        logits = tokens_mb * args.vocab_size / tp * (e + 8) if last else 0.0
+        # Last stage: logits in the compute dtype, their fp32 copy, and log-softmax for the loss;
+        # a chunked head holds one chunk's at a time (forward, and its recompute in backward).
+        logits = math.ceil(tokens_mb / layout.loss_chunks) * args.vocab_size / tp * (e + 8) if last else 0.0
         m = Memory(stage=rank, params=4 * p_local / shard + gathered, grads=grads,
                    optimizer=8 * p_local / shard, activations=acts, logits=logits)
         if worst is None or m.total > worst.total:
@@ -228,6 +230,7 @@ class CommInputs:
     microbatches: int = 1
     ac: str = "none"
     loss_parallel: bool = True
+    loss_chunks: int = 1  # train.loss_chunks: the head in slices (always loss parallel under TP)
     param_bytes: int = 4  # dtype FSDP gathers in
     reduce_bytes: int = 4  # dtype gradients are reduced in
     act_bytes: int = 4
@@ -240,7 +243,8 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
     after forward (never for the root), and a reduce-scatter of gradients (plus an
     all-reduce of the shard across replicas for HSDP). tp: per layer an all-gather and a
     reduce-scatter of (tokens x dim) around attention and FFN, mirrored in backward; the
-    embedding and head add one each way; loss parallel all-reduces three numbers per token.
+    embedding and head add one each way; loss parallel all-reduces three numbers per token (twice
+    with a chunked head, whose backward recomputes them; chunking changes no FSDP traffic).
     cp: per layer an all-gather of K and V over the sequence and a reduce-scatter of their
     gradients, nothing else. pp: activations forward and their gradients backward across each
     stage boundary that crosses ranks. Full or selective AC repeat the forward gathers.
@@ -277,8 +281,10 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
             out["tp"] += 2 * act  # embedding: reduce-scatter forward, all-gather backward
         if last:
             out["tp"] += 2 * act  # head input: all-gather forward, reduce-scatter backward
-            if c.loss_parallel:
-                out["tp"] += 3 * tokens * 4  # max, sum of exponentials, target logit (fp32)
+            if c.loss_parallel or c.loss_chunks > 1:
+                # Max, sum of exponentials, target logit (fp32); a chunked head recomputes each
+                # chunk's logits in backward, and with them these reductions.
+                out["tp"] += 3 * tokens * 4 * (2 if c.loss_chunks > 1 else 1)
             else:
                 out["tp"] += tokens * args.vocab_size * c.act_bytes  # gathering the logits
         if fsdp_n * c.dp_replicate > 1:
@@ -347,12 +353,15 @@ def plan(args: ModelArgs, layout: Layout, *, model: str = "") -> Plan:
     # Full AC reruns every block's forward: a third of the non-head training FLOPs again.
     head = 6 * args.vocab_size * args.dim
     hw = step + recompute * (fpt - head) / 3 * layout.global_batch_tokens
+    if layout.loss_chunks > 1:  # each chunk's head forward runs again in backward
+        hw += head / 3 * layout.global_batch_tokens
     ids = stage_ids(0, layout.pp, layout.pp_schedule, n_per_rank) if layout.pp > 1 else [0]
     comm = step_comm_bytes(args, CommInputs(
         dp_shard=layout.dp, tp=layout.tp, cp=layout.cp, pp=layout.pp,
         batch=layout.sequences // layout.dp, seq_len=layout.seq_len, stage_ids=ids,
         n_stages=layout.pp * n_per_rank, microbatches=layout.microbatches, ac=layout.ac,
-        param_bytes=layout.compute_bytes, reduce_bytes=4, act_bytes=layout.compute_bytes))
+        loss_chunks=layout.loss_chunks, param_bytes=layout.compute_bytes, reduce_bytes=4,
+        act_bytes=layout.compute_bytes))
     return Plan(
         model=model, layout=layout, dp=layout.dp, sequences_per_dp=layout.sequences // layout.dp,
         microbatches=layout.microbatches, num_params=args.num_params(), flops_per_token=fpt, step_flops=step,
@@ -402,10 +411,11 @@ def format_plan(p: Plan, *, mfu: float, peak_flops: float = H100_BF16_PEAK, gpu_
         lines.append(f"{'':>16}  fits in {gpu_memory_gib:g} GiB with AC: {', '.join(fits) or 'none of these'} "
                      "(allocator, workspaces and NCCL buffers not counted)")
     seconds = p.step_seconds(mfu=mfu, peak_flops=peak_flops)
+    recomputed = ([f"{L.ac} AC"] if L.ac == "full" else []) + (["the chunked head"] if L.loss_chunks > 1 else [])
     lines += [
         f"{'step FLOPs':>16}  {p.step_flops:.3e} ({p.flops_per_token / 1e9:,.1f} GFLOP/token), "
         f"{p.flops_per_gpu / 1e12:,.0f} TFLOP per GPU"
-        + (f" ({p.hardware_flops_per_gpu / 1e12:,.0f} executed with {L.ac} AC)" if L.ac == "full" else ""),
+        + (f" ({p.hardware_flops_per_gpu / 1e12:,.0f} executed with {' and '.join(recomputed)})" if recomputed else ""),
         f"{'at ' + format(mfu, '.0%') + ' MFU':>16}  {seconds:,.2f} s/step, {L.global_batch_tokens / seconds / L.gpus:,.0f} "
         f"tokens/s/GPU ({mfu * peak_flops / 1e12:,.0f} TFLOP/s of {peak_flops / 1e12:,.0f} peak)",
         f"{'traffic / GPU':>16}  per step, first pipeline rank: "

@@ -140,7 +140,7 @@ class RejectionSection:
     max_new_tokens: int = 128
     temperature: float = 0.8
     top_p: float = 0.95
-    batch_size: int = 8  # prompts per generation batch (each expanded to k rows)
+    batch_size: int = 8  # prompts decoded together by the engine (batch_size * k slots); also the scoring batch
     seed: int = 0
 
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
 
+from herd.generate.grammar import Grammar
 from herd.serve.engine import Engine
 from herd.serve.protocol import APIError, CommonParams, StopStrings, TextAssembler, ToolCallSniffer
 from herd.serve.requests import Choice, FinishEvent, QueueFull, Request, RequestHandle, TokenEvent
@@ -58,10 +59,11 @@ class Jobs:
         self.outs: list[list[Out]] = []
 
     def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool,
-               adapter: str | None = None) -> None:
+               grammar: Grammar | None = None, adapter: str | None = None) -> None:
         """Queue one engine request per prompt (APIError 503 when the queue is full, 400 when the
-        engine refuses one; what was queued before is cancelled). adapter: a LoRA adapter's name,
-        which is also the model id the responses carry."""
+        engine refuses one; what was queued before is cancelled). grammar: every choice's output
+        is constrained to it (structured output). adapter: a LoRA adapter's name, which is also
+        the model id the responses carry."""
         tok, special = self.tokenizer, self.special_ids
         if adapter is not None:
             self.model = adapter
@@ -79,7 +81,9 @@ class Jobs:
                         sniffer=ToolCallSniffer(tok, special) if tools else None)
                     for i in range(params.n)])
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
-                                  params.logprobs, params.top_logprobs, adapter=adapter)
+                                  params.logprobs, params.top_logprobs,
+                                  logits_processors=(grammar.processor,) if grammar is not None else (),
+                                  adapter=adapter)
 
                 def deliver(event, j=j):
                     try:

@@ -9,8 +9,9 @@ Trade-offs:
 * Sampling defaults are the API's (temperature 1, top_p 1), not Meta's 0.6 / 0.9: a client
   written for the OpenAI API gets the behaviour it was written for.
 * Unknown fields are ignored (clients send `user`, `metadata`, ...), but a known field of the
-  wrong type is a 400, and so is a feature we do not implement (penalties, logit_bias, echo,
-  response_format other than text), rather than silently generating something else.
+  wrong type is a 400, and so is a feature we do not implement (penalties, logit_bias, echo),
+  rather than silently generating something else. `response_format` and a forced `tool_choice`
+  are enforced by a grammar (`herd.serve.grammar`).
 * Tools follow the Llama 3.1 JSON tool-calling format: their definitions go into the system
   prompt with the instruction to answer with `{"name": ..., "parameters": ...}`; a reply is
   parsed with `ChatFormat.decode_assistant_message`, which also reads the function-tag and
@@ -116,6 +117,17 @@ class CommonParams:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    response_format: JsonFormat | None = None
+
+
+@dataclass
+class JsonFormat:
+    """`response_format` json_object / json_schema: the reply is JSON that validates against `schema`.
+    strict: refuse schema keywords the grammar cannot enforce (False: ignore them, best effort)."""
+
+    schema: dict | bool
+    strict: bool = False
+    name: str | None = None
 
 
 @dataclass
@@ -123,6 +135,7 @@ class ChatRequest:
     params: CommonParams
     messages: list[Message]
     tools: list[dict] = field(default_factory=list)  # the "function" objects of the tools
+    forced_tool: str | None = None  # tool_choice "required" (any tool: "") or the one function named
 
 
 @dataclass
@@ -141,9 +154,7 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
     for name, neutral in _UNSUPPORTED_IF_SET.items():
         if body.get(name) not in (None, neutral):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
-    fmt = _get(body, "response_format", "object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    response_format = _response_format(_get(body, "response_format", "object"))
     model = _get(body, "model", "string")
     max_tokens = _get(body, "max_completion_tokens", "integer") if chat else None
     if max_tokens is None:
@@ -189,7 +200,25 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
         top = top or 0
     _in_range("top_logprobs" if chat else "logprobs", top, 0, MAX_TOP_LOGPROBS)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top)
+    return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top, response_format)
+
+
+def _response_format(fmt: dict | None) -> JsonFormat | None:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat({"type": "object"})
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None  # absent: any JSON value, as OpenAI reads it
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(schema, (dict, bool))
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "response_format json_schema needs 'json_schema': {'name': string, 'schema': object, "
+                       "'strict': boolean}", param="response_format")
+    return JsonFormat(schema, strict=bool(spec.get("strict")), name=spec["name"])
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -250,13 +279,23 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
             raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", param="tools")
         tools.append(fn)
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)",
-                       param="tool_choice")
+    choice, forced = body.get("tool_choice"), None
+    if isinstance(choice, dict):
+        forced = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(forced, str) or not forced:
+            raise APIError(400, "tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+    if choice == "required" or forced:
+        forced = forced or ""
+        if not tools or (forced and forced not in {t["name"] for t in tools}):
+            raise APIError(400, f"tool_choice asks for {f'the function {forced!r}' if forced else 'a tool call'} but "
+                           "'tools' does not declare it", param="tool_choice")
+    elif choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}", param="tool_choice")
     if choice == "none":
         tools = []
-    return ChatRequest(params, messages, tools)
+    return ChatRequest(params, messages, tools, forced)
 
 
 def parse_completion_request(body: Any, *, max_n: int) -> CompletionRequest:

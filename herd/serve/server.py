@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from herd.serve.engine import Engine
+from herd.serve.grammar import Grammars
 from herd.serve.jobs import ClientGone, EventStream, Jobs, Out, collect, start
 from herd.serve.protocol import (
     FINISH_REASONS,
@@ -90,6 +91,7 @@ class _State:
         # A str is a Llama 3 ChatFormat version; None: the model declares no chat format (completions only).
         self.fmt = ChatFormat(tokenizer, version=chat) if isinstance(chat, str) else chat
         self.special_ids = frozenset(tokenizer.special_tokens.values())
+        self.grammars = Grammars(tokenizer, engine.model.args.vocab_size)  # structured output, built on first use
         self.created = now()
         self.responses: Counter[int] = Counter()
         self.disconnects: Counter[str] = Counter()  # clients gone before their answer: by when
@@ -203,7 +205,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             adapter = state.check_model(req.params.model)
             prompt = chat_prompt(state.fmt, req)
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
-            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), adapter=adapter)
+            grammar = state.grammars.for_chat(state.fmt, req)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar, adapter=adapter)
             return req.params
 
         jobs = Jobs(engine, tokenizer, state.special_ids, model=state.model_name)
@@ -222,7 +225,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             adapter = state.check_model(req.params.model)
             prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
             limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
-            jobs.submit(prompts, req.params, limits, tools=False, adapter=adapter)
+            jobs.submit(prompts, req.params, limits, tools=False, grammar=state.grammars.for_params(req.params),
+                        adapter=adapter)
             return req.params
 
         jobs = Jobs(engine, tokenizer, state.special_ids, model=state.model_name)

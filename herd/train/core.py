@@ -14,9 +14,10 @@ Pretraining (`Trainer`) and every post-training stage (`herd.posttrain.loop.fit`
 Layouts differ in one place, `_micro_step`: a single process runs the loss and backward
 itself; a `ParallelModel` (FSDP, TP, PP, CP) owns its forward/backward (pipeline schedules
 interleave them), takes this rank's data-parallel rows and normalises by the same global count.
-The parallel path computes the loss from logits, so only the plain cross-entropy runs there:
-a chunked head needs the output matrix outside the module's forward, which FSDP's hooks
-(and the vocabulary shards of TP, and the last-stage-only head of PP) do not give.
+The parallel path runs the next-token cross-entropy itself, from the full logits or with the
+head in `train.loss_chunks` slices under every layout (`ParallelModel.check_loss_chunks` says
+how each one reaches the head). Other token losses (SFT's fused head) run in a single process
+only.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class TrainCore:
     """Runs optimizer steps of `model` with `optimizer`.
 
     parallel: the model's `ParallelModel` in a parallel layout (then `model` is its `.module`).
-    loss: the token loss of `step`; with `parallel`, only `next_token_loss`.
+    loss: the token loss of `step`; with `parallel`, `next_token_loss` or `ChunkedNextTokenLoss`.
     document_mask: pass the batches' doc_ids to the model (attention stays inside documents).
     autocast: a context-manager factory around forward and loss (bf16 autocast on GPU).
     hint: what to advise when the loss is not finite.
@@ -104,10 +105,15 @@ class TrainCore:
                  loss: TokenLoss = next_token_loss, parallel: ParallelModel | None = None,
                  device: torch.device | None = None, document_mask: bool = True,
                  autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, hint: str = ""):
-        if parallel is not None and loss is not next_token_loss:
-            raise ValueError("train.loss_chunks must be 1 with [parallel]: parallel layouts compute the loss from "
-                             "the logits inside their own forward/backward (vocabulary shards under TP, the last "
-                             "pipeline stage under PP, FSDP's gathered head), where a chunked head cannot reach")
+        self.loss_chunks = 1  # head slices the parallel path runs (the single-process loss chunks itself)
+        if parallel is not None:
+            if isinstance(loss, ChunkedNextTokenLoss):
+                self.loss_chunks = loss.chunks
+            elif loss is not next_token_loss:
+                raise ValueError(f"the token loss {getattr(loss, '__name__', type(loss).__name__)} runs in a single "
+                                 "process only: parallel layouts compute next-token cross-entropy themselves "
+                                 "(train.loss_chunks sets how many slices the head runs in)")
+            parallel.check_loss_chunks(self.loss_chunks)
         if grad_clip < 0:
             raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
         self.model, self.optimizer, self.loss, self.parallel = model, optimizer, loss, parallel
@@ -146,7 +152,8 @@ class TrainCore:
             pm = self.parallel
             inputs, targets, doc_ids = pm.dp_rows(inputs), pm.dp_rows(targets), pm.dp_rows(doc_ids)
             with self.autocast():
-                result = pm.forward_backward(inputs, targets, doc_ids=doc_ids, num_targets=num_targets)
+                result = pm.forward_backward(inputs, targets, doc_ids=doc_ids, num_targets=num_targets,
+                                             loss_chunks=self.loss_chunks)
             return result.loss * num_targets
         with self.autocast():
             loss = self.loss(self.model, TokenBatch(inputs, targets, doc_ids, batch.num_targets))

@@ -264,7 +264,7 @@ class Trainer:
             with self._autocast():
                 if model is self.model and self.parallel is not None:
                     total += self.parallel.loss_sum(b.inputs.to(self.device), b.targets.to(self.device),
-                                                    doc_ids=doc_ids)
+                                                    doc_ids=doc_ids, loss_chunks=self.core.loss_chunks)
                     count += b.num_targets
                     continue
                 logits = model(b.inputs.to(self.device), doc_ids=doc_ids)

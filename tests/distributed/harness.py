@@ -122,10 +122,10 @@ class Single:
 
 
 class Parallel:
-    """A ParallelModel fed its data-parallel rows of the global batch."""
+    """A ParallelModel fed its data-parallel rows of the global batch (head in `loss_chunks` slices)."""
 
-    def __init__(self, pm: ParallelModel):
-        self.pm = pm
+    def __init__(self, pm: ParallelModel, *, loss_chunks: int = 1):
+        self.pm, self.loss_chunks = pm, loss_chunks
 
     def parameters(self):
         return list(self.pm.parameters())
@@ -141,7 +141,7 @@ class Parallel:
         r = m.dp_rank if m is not None else 0
         rows = slice(r * inputs.shape[0] // dp, (r + 1) * inputs.shape[0] // dp)
         docs = None if doc_ids is None else doc_ids[rows]
-        return self.pm.forward_backward(inputs[rows], targets[rows], doc_ids=docs).loss
+        return self.pm.forward_backward(inputs[rows], targets[rows], doc_ids=docs, loss_chunks=self.loss_chunks).loss
 
 
 def train(runner, opt, batches, *, keep_grads: bool = True):
@@ -184,9 +184,9 @@ def build_parallel(config: ParallelConfig, *, state: dict | None, args: ModelArg
     return pm
 
 
-def parallel_run(config: ParallelConfig, batches, *, state: dict, args: ModelArgs = ARGS):
+def parallel_run(config: ParallelConfig, batches, *, state: dict, args: ModelArgs = ARGS, loss_chunks: int = 1):
     pm = build_parallel(config, state=state, args=args)
-    runner = Parallel(pm)
+    runner = Parallel(pm, loss_chunks=loss_chunks)
     return pm, train(runner, new_optimizer(runner.parameters()), batches)
 
 

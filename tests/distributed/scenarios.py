@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import harness as H
+import scenarios_chunked
 from herd.model.llama import Transformer
 from herd.parallel import ParallelConfig, parallelize
 from herd.parallel.comm import CommCounter
@@ -197,4 +198,4 @@ def world4(rank: int, world: int, workdir: Path) -> list:
         out += comm_check(name, cfg, state, batches)
     out += resume("FSDP 2 x TP 2", P(dp_shard=2, tp=2), {"FSDP 4": P(dp_shard=4), "HSDP 2x2": P(dp_replicate=2)},
                   state, workdir)
-    return out
+    return out + scenarios_chunked.world4(state)

@@ -2,7 +2,8 @@
 
 One process trains 6 steps as the reference. `herd train CFG --nproc 2` (FSDP over 2 ranks)
 trains the first 3 and checkpoints; that checkpoint then resumes under TP 2 (torchrun) and in
-one process. Every step's loss equals the reference within 1e-5 (fp32), so the data order,
+one process. Another FSDP run computes the head in 4 chunks (`--train.loss_chunks 4`) against
+the reference's plain head. Every step's loss equals the reference within 1e-5 (fp32), so the data order,
 the initialisation (full_init), the gradient normalisation and DCP resharding all agree.
 """
 
@@ -24,9 +25,9 @@ from herd.train.config import config_from_dict, to_toml
 STEPS = 6
 
 
-def _losses(out_dir: Path) -> dict[int, float]:
+def _losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _config(data: Path, out: Path, steps: int) -> dict:
@@ -68,17 +69,28 @@ def runs(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     herd_train(3, "fsdp", "--nproc", "2")  # dp_shard = -1: FSDP over both ranks
+    herd_train(3, "chunked", "--nproc", "2", "--train.loss_chunks", "4")  # the head in 4 slices per micro-batch
     shutil.copytree(root / "fsdp", root / "tp")
     shutil.copytree(root / "fsdp", root / "one")
     herd_train(STEPS, "tp", "--nproc", "2", "--parallel.tp", "2")
     herd_train(STEPS, "one")
-    return {name: _losses(root / name) for name in ("single", "fsdp", "tp", "one")}
+    out = {name: _losses(root / name) for name in ("single", "fsdp", "tp", "one", "chunked")}
+    return out | {f"{name} val": _losses(root / name, "val_loss") for name in ("fsdp", "chunked")}
 
 
 def test_fsdp_under_torchrun_matches_one_process(runs):
     assert sorted(runs["fsdp"]) == [1, 2, 3]
     for step, loss in runs["fsdp"].items():
         assert loss == pytest.approx(runs["single"][step], abs=1e-5), (step, runs)
+
+
+def test_chunked_head_under_fsdp_matches_the_plain_head_in_one_process(runs):
+    assert sorted(runs["chunked"]) == [1, 2, 3]
+    for step, loss in runs["chunked"].items():
+        assert loss == pytest.approx(runs["single"][step], abs=1e-5), (step, runs)
+    # Validation at the stage end runs the chunked head too (ParallelModel.loss_sum).
+    assert list(runs["chunked val"]) == list(runs["fsdp val"]) == [3]
+    assert runs["chunked val"][3] == pytest.approx(runs["fsdp val"][3], abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tp", "one"])

@@ -3,7 +3,9 @@
 HSDP 2x2, FSDP x TP, CP x TP, PP x FSDP, FSDP x CP, PP x TP: losses and gradients over 3
 AdamW steps equal the single-process run within 1e-5 (fp32); measured communication equals
 the analytic count; a checkpoint saved with FSDP 2 x TP 2 resumes under FSDP 4, HSDP and in
-one process with the continuing losses of an uninterrupted run.
+one process with the continuing losses of an uninterrupted run; the chunked output head
+(train.loss_chunks = 4) under HSDP, FSDP x TP, FSDP x CP, PP x FSDP and PP x TP equals the plain
+single-process run, and adds no PP x FSDP traffic.
 """
 
 import sys
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import scenari
 
 import harness  # noqa: E402
 import scenarios  # noqa: E402
+import scenarios_chunked  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,7 @@ NAMES = (
                                    ("PP 2 x FSDP 2", True), ("FSDP 2 x CP 2", True), ("PP 2 x TP 2", False)]]
     + [f"comm {n}" for n in ("HSDP 2x2", "FSDP 2 x TP 2", "CP 2 x TP 2", "PP 2 x FSDP 2")]
     + [f"resume FSDP 2 x TP 2 -> {n}" for n in ("FSDP 4", "HSDP 2x2", "single process")]
+    + scenarios_chunked.NAMES4  # the output head in chunks under the 4-rank products
 )
 
 

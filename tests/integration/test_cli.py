@@ -144,3 +144,28 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
         assert title in out
     on_disk = json.loads((tmp_path / "demo.json").read_text())
     assert on_disk["quick"] is True and set(on_disk["timings"]) >= {"checks", "training (3 stages)"}
+
+
+def test_generate_json_schema_output_validates(ckpt, tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    path, _ = ckpt
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "w": {"enum": ["yes", "no"]}},
+              "required": ["n", "w"], "additionalProperties": False}
+    file = tmp_path / "schema.json"
+    file.write_text(json.dumps(schema))
+    for seed in range(3):  # a random model at temperature 1: it never writes JSON by itself
+        assert main(["generate", str(path), "--prompt", "JSON:", "--json-schema", str(file), "--temperature", "1",
+                     "--seed", str(seed), "--max-new-tokens", "40"]) == 0
+        out = capsys.readouterr()
+        jsonschema.validate(json.loads(out.out), schema)  # stdout is the JSON alone
+        assert "finish: stop" in out.err
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "list.json").write_text("[1]")
+    for argv, message in [(["--json-schema", str(tmp_path / "missing.json")], "no file"),
+                          (["--json-schema", str(tmp_path / "bad.json")], "not a JSON file"),
+                          (["--json-schema", str(tmp_path / "list.json")], "JSON Schema object"),
+                          (["--json-schema", str(file), "--ignore-eos"], "--ignore-eos")]:
+        assert main(["generate", str(path), "--prompt", "x", *argv]) == 2
+        assert message in capsys.readouterr().err

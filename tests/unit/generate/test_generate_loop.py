@@ -169,3 +169,41 @@ def test_bad_inputs_raise_at_the_call(model, prompts, kwargs, match):
     # generate_tokens checks eagerly: the error comes from the call, not from the first next()
     with pytest.raises(ValueError, match=match):
         generate_tokens(model, prompts, **{"max_new_tokens": 4, **kwargs})
+
+
+class _OnlyOdd:
+    """A stateful processor: allows odd ids only, and records what it was told and shown."""
+
+    def __init__(self):
+        self.accepted, self.seen = [], []
+
+    def __call__(self, logits, generated):
+        self.seen.append(list(generated))
+        logits[0::2] = float("-inf")
+        return logits
+
+    def accept(self, token):
+        self.accepted.append(token)
+
+
+def test_logits_processors_constrain_each_row_and_logprobs_stay_raw(model):
+    made = []
+
+    def factory():
+        made.append(_OnlyOdd())
+        return made[-1]
+
+    prompts = RAGGED[:2]
+    results = generate(model, prompts, max_new_tokens=5, sampling=GREEDY, logprobs=True, logits_processors=(factory,))
+    assert len(made) == 2  # one processor per row
+    for prompt, r, p in zip(prompts, results, made):
+        assert all(t % 2 == 1 for t in r.tokens) and p.accepted == r.tokens
+        assert p.seen == [r.tokens[:k] for k in range(len(r.tokens))]
+        seq = prompt + r.tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0, len(prompt) - 1 : -1]  # (5, V)
+        odd = logits.clone()
+        odd[:, 0::2] = float("-inf")
+        assert r.tokens == odd.argmax(-1).tolist()  # greedy over the allowed ids
+        raw = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r.tokens).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(r.logprobs), raw, rtol=0, atol=1e-5)

@@ -135,3 +135,38 @@ def test_float8_converts_all_but_the_output_head():
     assert len(converted) == 7 * ARGS.n_layers and "output" not in converted
     _, loss, _ = _run(ParallelConfig(), state, inputs, inputs)
     assert loss8 != loss and abs(loss8 - loss) < 1e-2  # float8 rounding, not a different model
+
+
+def test_a_custom_loss_fn_cannot_be_chunked():
+    def loss_fn(logits, targets):
+        return logits.sum() * 0
+
+    pm = parallelize(_meta(), ParallelConfig(), None, loss_fn=loss_fn)
+    pm.check_loss_chunks(1)
+    with pytest.raises(ValueError, match="custom loss_fn, which needs train.loss_chunks = 1"):
+        pm.check_loss_chunks(4)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            parallelize(_meta(), ParallelConfig(), None).check_loss_chunks(bad)
+
+
+def test_chunked_head_in_one_process_equals_the_full_logits():
+    """The parallel path's chunked head (no mesh: the hooks-free case) against plain cross-entropy."""
+    state = build_model(ARGS, seed=0).state_dict()
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
+    targets[0, :5] = -100
+    pm_plain, loss, grads = _run(ParallelConfig(), state, inputs, targets)
+    pm = parallelize(_meta(), ParallelConfig(), None)
+    pm.load_full_state_dict(state, device="cpu")
+    seen = []
+    pm.parts[0].output.register_forward_hook(lambda *a: seen.append("head module called"))
+    loss_chunked = float(pm.forward_backward(inputs, targets, loss_chunks=3).loss)
+    assert not seen  # the chunks multiply by the matrix; the full-logits module never runs
+    assert loss_chunked == pytest.approx(loss, rel=1e-6)
+    for n, p in pm.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(pm_plain.parts[0](inputs).flatten(0, 1), targets.flatten(),
+                                                       reduction="sum"))
+    assert pm.loss_sum(inputs, targets, loss_chunks=3) == pytest.approx(want, rel=1e-5)

@@ -8,6 +8,8 @@ within one percentage point) and for fitting in 80 GB, which the paper demonstra
 estimate can only show to within its unmodelled allocator/workspace margin.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -131,8 +133,30 @@ def test_comm_by_hand_for_a_small_layout():
     assert got["cp"] == got["pp"] == 0 and got["loss"] == 12
 
 
+def test_a_chunked_head_adds_only_the_recomputed_loss_parallel_reductions():
+    args = ModelArgs.from_name("debug")
+    base = dict(dp_shard=2, tp=2, batch=2, seq_len=8)
+    plain = step_comm_bytes(args, CommInputs(**base))
+    for loss_parallel in (True, False):  # the chunks score vocabulary shards either way
+        chunked = step_comm_bytes(args, CommInputs(**base, loss_chunks=4, loss_parallel=loss_parallel))
+        assert chunked == plain | {"tp": plain["tp"] + 3 * 2 * 8 * 4}  # 3 fp32 numbers per token, once more
+    fsdp = dict(dp_shard=2, batch=2, seq_len=8)
+    assert step_comm_bytes(args, CommInputs(**fsdp, loss_chunks=4)) == step_comm_bytes(args, CommInputs(**fsdp))
+
+
+def test_a_chunked_head_holds_one_chunk_of_logits_and_runs_its_forward_twice():
+    plain = plan(L8, Layout(gpus=8, seq_len=8192, global_batch_tokens=8 * 8192))
+    chunked = plan(L8, Layout(gpus=8, seq_len=8192, global_batch_tokens=8 * 8192, loss_chunks=8))
+    assert chunked.memory.logits == 1024 * 128256 * (2 + 8)  # 8,192 tokens in 8 slices, bf16 + fp32 + log-softmax
+    assert chunked.memory.total == plain.memory.total - 7 * 1024 * 128256 * 10
+    head_forward = 2 * 128256 * 4096 * 8 * 8192 / 8  # per GPU: the recomputed head matmul
+    assert chunked.hardware_flops_per_gpu == pytest.approx(plain.hardware_flops_per_gpu + head_forward)
+    assert chunked.step_flops == plain.step_flops and chunked.comm == plain.comm  # FSDP only: no TP reductions
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gpus=100, tp=8), "not divisible by tp\\*cp\\*pp"),
+    (dict(gpus=8, loss_chunks=0), "loss_chunks must be >= 1"),
     (dict(gpus=8, seq_len=1000, global_batch_tokens=4096), "whole number"),
     (dict(gpus=12, cp=3), "2\\*cp"),
     (dict(gpus=8, global_batch_tokens=8192 * 4), "split evenly"),
@@ -148,3 +172,18 @@ def test_parse_count():
     assert parse_count("8192") == 8192 and parse_count("1.5K") == 1536
     with pytest.raises(ValueError):
         parse_count("lots")
+
+
+def test_herd_plan_takes_loss_chunks(capsys):
+    from herd.cli import main
+
+    base = ["plan", "--model", "llama3-8b", "--gpus", "8", "--seq", "8192", "--gbs-tokens", "64K", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--loss-chunks", "8"]) == 0
+    chunked = json.loads(capsys.readouterr().out)
+    assert chunked["layout"]["loss_chunks"] == 8
+    assert chunked["memory"]["logits"] == plain["memory"]["logits"] / 8
+    assert main(base + ["--loss-chunks", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "herd plan: error: loss_chunks must be >= 1, got 0"

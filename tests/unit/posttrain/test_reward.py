@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from herd.generate import SamplingParams
+from herd.generate import SamplingParams, generate
 from herd.posttrain.config import FinetuneOptimConfig
 from herd.posttrain.data import PreferencePair
 from herd.posttrain.rejection import prompts_from_dialogs, rejection_sample
@@ -77,3 +77,35 @@ def test_rejection_sampling_keeps_the_best_finished_sample(fmt, tok, tiny_model)
     with pytest.raises(ValueError, match="user"):
         rejection_sample(policy, rm, fmt, [[Message("user", "a"), Message("assistant", "b")]], k=2,
                          max_new_tokens=2, sampling=SamplingParams(temperature=0))
+
+
+def test_rejection_candidates_come_from_the_policy_distribution(fmt, tok, tiny_model):
+    """Greedy candidates equal `generate` one prompt at a time; sampled first tokens follow the
+    policy's softmax; a seeded call repeats exactly."""
+    policy = tiny_model(seed=4).eval()
+    with torch.no_grad():
+        policy.output.weight.mul_(6.0)  # a peaked distribution: the frequencies below test something
+    rm = _LengthReward(tiny_model())
+    prompts = [[Message("user", "hi")], [Message("user", "a longer question")]]
+    greedy = rejection_sample(policy, rm, fmt, prompts, k=2, max_new_tokens=6, sampling=SamplingParams(temperature=0),
+                              batch_size=1)
+    for p, s in zip(prompts, greedy):
+        [want] = generate(policy, [fmt.encode_dialog_prompt(p).tokens], max_new_tokens=6,
+                          sampling=SamplingParams(temperature=0), stop_tokens=tok.stop_tokens)
+        assert s.responses == [tok.decode(want.tokens)] * 2
+
+    k = 400
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, seed=3)
+    out = rejection_sample(policy, rm, fmt, prompts[:1], k=k, max_new_tokens=1, sampling=sampling, batch_size=1)
+    ids = fmt.encode_dialog_prompt(prompts[0]).tokens
+    with torch.no_grad():
+        probs = torch.softmax(policy(torch.tensor([ids]))[0, -1].float(), dim=-1)
+    mass: dict[str, float] = {}  # the probability of each one-token response text
+    for t, pt in enumerate(probs.tolist()):
+        text = "" if t in tok.stop_tokens else tok.decode([t])
+        mass[text] = mass.get(text, 0.0) + pt
+    for text, p in sorted(mass.items(), key=lambda kv: -kv[1])[:3]:
+        freq = out[0].responses.count(text) / k
+        assert abs(freq - p) < 4 * (p * (1 - p) / k) ** 0.5 + 1e-3, (text, p, freq)
+    again = rejection_sample(policy, rm, fmt, prompts[:1], k=k, max_new_tokens=1, sampling=sampling, batch_size=1)
+    assert again[0].responses == out[0].responses

@@ -199,7 +199,15 @@ def test_validation_errors_name_the_field():
         ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**ok, "top_logprobs": 2}, "top_logprobs"),
         ({**ok, "presence_penalty": 0.5}, "presence_penalty"),
-        ({**ok, "tool_choice": "required", "tools": TOOLS}, "tool_choice"),
+        ({**ok, "tool_choice": "required"}, "tool_choice"),
+        ({**ok, "tool_choice": "any", "tools": TOOLS}, "tool_choice"),
+        ({**ok, "tool_choice": {"type": "function", "function": {}}, "tools": TOOLS}, "tool_choice"),
+        ({**ok, "tool_choice": {"type": "function", "function": {"name": "other"}}, "tools": TOOLS}, "tool_choice"),
+        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+         "response_format"),
+        ({**ok, "response_format": {"type": "yaml"}}, "response_format"),
+        ({**ok, "response_format": "json"}, "response_format"),
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
@@ -283,3 +291,19 @@ def test_replies_in_each_tool_format_become_tool_calls(tok, special, reply):
     assert may_be_tool_call(tok, ids[:1], special)
     assert not parse_tool_calls(fmt, Choice(0, tokens=tok.encode("It is sunny.", bos=False, eos=False)))
     assert not may_be_tool_call(tok, tok.encode(" It", bos=False, eos=False), special)
+
+
+def test_response_format_and_forced_tool_choice_are_parsed():
+    ok = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat_request(ok, max_n=1).params.response_format is None
+    assert parse_chat_request({**ok, "response_format": {"type": "text"}}, max_n=1).params.response_format is None
+    fmt = parse_chat_request({**ok, "response_format": {"type": "json_object"}}, max_n=1).params.response_format
+    assert (fmt.schema, fmt.strict) == ({"type": "object"}, False)
+    spec = {"name": "p", "schema": {"type": "integer"}, "strict": True}
+    fmt = parse_completion_request({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": spec}},
+                                   max_n=1).params.response_format
+    assert (fmt.schema, fmt.strict, fmt.name) == ({"type": "integer"}, True, "p")
+    assert parse_chat_request({**ok, "tools": TOOLS}, max_n=1).forced_tool is None
+    assert parse_chat_request({**ok, "tools": TOOLS, "tool_choice": "required"}, max_n=1).forced_tool == ""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert parse_chat_request({**ok, "tools": TOOLS, "tool_choice": named}, max_n=1).forced_tool == "get_weather"

@@ -157,3 +157,33 @@ def test_posttrain_fit_takes_exactly_the_core_step():
     assert result.losses == want
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_parallel_core_takes_the_chunked_loss_and_refuses_other_token_losses():
+    from herd.model.llama import Transformer
+    from herd.parallel import ParallelConfig, parallelize
+
+    def parallel_model():
+        with torch.device("meta"):
+            pm = parallelize(Transformer(ARGS), ParallelConfig(), None)
+        pm.load_full_state_dict(build_model(ARGS, seed=0).state_dict(), device="cpu")
+        return pm
+
+    pm = parallel_model()
+    core = TrainCore(pm.module, torch.optim.AdamW(pm.module.parameters()), grad_clip=0.5,
+                     loss=ChunkedNextTokenLoss(3), parallel=pm)
+    assert core.loss_chunks == 3
+    ref = build_model(ARGS, seed=0)
+    batches = [_batch(2), _batch(3)]
+    out = core.forward_backward(batches)
+    want = sum(next_token_loss(ref, TokenBatch(b.inputs, b.targets, b.doc_ids, 0)) for b in batches)
+    want = want / sum(b.num_targets for b in batches)
+    want.backward()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for (name, p), q in zip(pm.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+    pm = parallel_model()
+    with pytest.raises(ValueError, match="next_token_loss_sum runs in a single process only"):
+        TrainCore(pm.module, torch.optim.AdamW(pm.module.parameters()), grad_clip=0.5, loss=next_token_loss_sum,
+                  parallel=pm)
+
