@@ -12,7 +12,8 @@ repetitions), which a busy shared machine barely moves, unlike wall-clock time:
      and an index_add back.
 2. Decode CPU time per step on a model (a checkpoint with --hf, else a random SmolLM2-135M-shaped
    one) with herd's CPU kernels and fused decode: no adapters, adapters loaded but unused, every
-   row on one adapter, rows on mixed adapters.
+   row on one adapter, rows on mixed adapters; and the base through the eager blocks, which is
+   what a step with any adapter row runs (the fused op has no LoRA), to split the cost.
 
     python benchmarks/multi_lora.py [--hf /tmp/smol/hf-fp32] [--adapters 4] [--rank 8]
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # this checkout's herd, not an installed one
 
-from herd.generate import KVCache, apply_fast_decode
+from herd.generate import KVCache, apply_fast_decode, remove_fast_decode
 from herd.generate.adapters import load_adapters
 from herd.generate.generate import decode_step
 from herd.model import ModelArgs, build_model, load_model
@@ -109,6 +110,15 @@ def decode_ms(model, names, steps: int, reps: int, adapters) -> float:
         return cpu_ms(run, reps, 1) / steps
 
 
+def eager_ms(model, B: int, opts) -> float:
+    """The base model through the eager blocks (what adapter rows run), without any adapter."""
+    remove_fast_decode(model)
+    try:
+        return decode_ms(model, [None] * B, opts.steps, opts.reps, None)
+    finally:
+        apply_fast_decode(model, huge_pages=False)  # the weights are in huge pages already
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hf", type=Path, help="an HF checkpoint (default: random SmolLM2-135M shapes)")
@@ -163,6 +173,7 @@ def main() -> None:
     for B in (1, 8):
         row = {
             "no_adapters": decode_ms(plain, [None] * B, opts.steps, opts.reps, None),
+            "no_adapters_eager_blocks": eager_ms(plain, B, opts),
             "loaded_unused": decode_ms(served, [None] * B, opts.steps, opts.reps, adapters),
             "one_adapter_all_rows": decode_ms(served, [names[0]] * B, opts.steps, opts.reps, adapters),
             "mixed_rows": decode_ms(served, [None if i % 4 == 3 else names[i % len(names)] for i in range(B)],

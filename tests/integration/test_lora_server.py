@@ -109,3 +109,36 @@ def test_adapters_and_base_in_concurrent_requests(base, tok, served):
         assert got[i] == (name, want[name]), name
     m = engine.metrics()
     assert m.decode_rows_total > m.decode_steps_total  # some decode steps really held several rows
+
+
+def test_herd_generate_with_lora_equals_the_merged_model(base, tok, adapters, tmp_path, capsys):
+    import herd
+    from herd.cli import main
+    from herd.generate.adapters import read_adapter
+
+    herd.save_model(base, tmp_path / "hf", format="hf")
+    prompt = "Llamas live in"
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8",
+                 "--ignore-eos", "--lora", str(adapters["poet"])]) == 0
+    out = capsys.readouterr().out
+    poet = read_adapter(adapters["poet"], base.args)
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in poet.weights:
+            ref.get_submodule(name).weight += poet.delta(name)
+    [want] = generate(ref, [tok.encode(prompt, bos=True, eos=False)], max_new_tokens=8, sampling=GREEDY)
+    [plain] = generate(base, [tok.encode(prompt, bos=True, eos=False)], max_new_tokens=8, sampling=GREEDY)
+    assert out == prompt + tok.decode(want.tokens) + "\n" and want.tokens != plain.tokens
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("x=/no/such/adapter", "adapter_config.json does not exist"),
+    ("=somewhere", "--lora takes NAME=PATH"),
+])
+def test_herd_serve_refuses_bad_lora_flags(base, tmp_path, capsys, lora, message):
+    import herd
+    from herd.cli import main
+
+    herd.save_model(base, tmp_path / "hf", format="hf")
+    assert main(["serve", str(tmp_path / "hf"), "--lora", lora]) == 2
+    assert message in capsys.readouterr().err
