@@ -287,6 +287,9 @@ class AdapterSet:
         if all(n is None for n in names):
             rows.clear()
             return
+        unknown = sorted({n for n in names if n is not None and n not in rows.index})
+        if unknown:
+            raise ValueError(f"unknown LoRA adapters {unknown}; attached: {', '.join(rows.names)}")
         first = names[0]
         if all(n == first for n in names):
             rows.mask, rows.uniform, rows.eager = None, rows.index[first], True

@@ -255,3 +255,5 @@ def test_attach_refuses_duplicates_and_a_second_attach(model, two_adapters):
     assert type(served.layers["0"].feed_forward.w1) is nn.Linear  # not targeted: untouched
     with pytest.raises(ValueError, match="attached already"):
         attach_adapters(served, [x])
+    with pytest.raises(ValueError, match=r"unknown LoRA adapters \['q'\]; attached: x"):
+        load_adapters(copy.deepcopy(model), {"x": two_adapters["x"]}).select(["x", "q"])
