@@ -43,6 +43,24 @@ def cmd_info(opts) -> None:
         print(f"{k:>16}  {v}")
 
 
+def _attach_loras(model, specs: list[str] | None):
+    """`--lora NAME=PATH` values (or bare PATHs, named after their directory) attached to `model`;
+    None without any."""
+    if not specs:
+        return None
+    from herd.generate.adapters import attach_adapters, read_adapter
+
+    adapters = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = Path(spec).expanduser().resolve().name, spec
+        if not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH (an adapter directory), got {spec!r}")
+        adapters.append(read_adapter(path, model.args, name=name))
+    return attach_adapters(model, adapters)
+
+
 def _read_schema(path: str) -> dict:
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -109,7 +127,7 @@ def cmd_generate(opts) -> None:
     import os
 
     if opts.input is not None or opts.output is not None:
-        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1)):
+        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora)):
             if bad:
                 raise ValueError(f"{flag} is for --prompt runs; batch mode (--input/--output) does not take it yet")
         return _generate_batch(opts)
@@ -123,6 +141,8 @@ def cmd_generate(opts) -> None:
         if opts.ignore_eos:
             raise ValueError("--json-schema ends the output with a stop token, so it cannot go with --ignore-eos")
         schema = _read_schema(opts.json_schema)  # before the checkpoint is read: fail fast
+    if opts.lora and opts.tp != 1:
+        raise ValueError("--lora is not supported with --tp yet (the adapters are not sliced); run with --tp 1")
     if _tp_launch(opts):
         return
     if opts.tp == 1:
@@ -151,6 +171,9 @@ def _generate(opts, lm, params, schema: dict | None) -> None:
     from herd.generate import stream_text
 
     tok = lm.tokenizer
+    adapters = _attach_loras(lm.model, [opts.lora] if opts.lora else None)
+    if adapters is not None:
+        adapters.select_all(adapters.names[0])  # every row of the batch, prefill and decode
     processors = ()
     if schema is not None:
         from herd.generate.grammar import GrammarCompiler
@@ -305,15 +328,21 @@ def cmd_serve(opts) -> None:
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
     context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
+    adapters = _attach_loras(model, opts.lora)
     engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
                     prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
                     prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
-                    compile=opts.compile)
+                    compile=opts.compile, adapters=adapters)
     name = opts.model_name or Path(opts.path).resolve().name
+    if adapters is not None and name in adapters:
+        raise ValueError(f"--lora {name}=... has the base model's name; rename the adapter or pass --model-name")
     blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
         "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
           f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+    if adapters is not None:
+        print(f"herd serve: LoRA adapters {', '.join(adapters.names)} (pick one with the request's model)",
+              file=sys.stderr)
     try:
         chat = lm.chat
     except ValueError as e:  # a base model without a template still serves /v1/completions
@@ -342,6 +371,7 @@ def _generate_args(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
+    p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")
     p.add_argument("--json-schema", metavar="FILE",
                    help="constrain the output to JSON valid under this JSON Schema (printed without the prompt)")
     b = p.add_argument_group("batch mode", "a JSONL file of prompts through the continuous-batching engine; "
@@ -395,6 +425,8 @@ def _serve_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs; slower on CPU)")
     p.add_argument("--body-timeout", type=float, default=60.0,
                    help="seconds a client has to send a whole request body; slower ones get 408")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve this LoRA adapter (PEFT layout directory) as model NAME; repeatable")
 
 
 COMMANDS = {

@@ -76,6 +76,7 @@ class _Operands(NamedTuple):
     eps: float
     n_heads: int
     sources: list[torch.Tensor]  # int4 tiles: the row-layout tensors they were built from
+    gates: tuple  # objects whose `.eager` is True while a step needs the eager block (multi-LoRA rows)
 
 
 def _block_operands(block: TransformerBlock) -> _Operands | None:
@@ -88,8 +89,12 @@ def _block_operands(block: TransformerBlock) -> _Operands | None:
         return None
     tensors: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
+    gates: dict[int, object] = {}
     first = None
     for lin in (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w2, ffn.w3):
+        gate = lin.__dict__.get("adapter_rows")  # herd.generate.adapters.MultiLoRALinear's shared AdapterRows
+        if gate is not None:
+            gates[id(gate)] = gate
         kw = kernel_weight(lin)
         if kw is None or lin._forward_hooks or lin._forward_pre_hooks:
             return None
@@ -105,7 +110,8 @@ def _block_operands(block: TransformerBlock) -> _Operands | None:
     if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
         return None
     return _Operands(first.kind, tensors, first.group_size, first.int8_activations, att.layer_id,
-                     block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, att.n_heads, sources)
+                     block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, att.n_heads, sources,
+                     tuple(gates.values()))
 
 
 def _written(operands: _Operands | None) -> tuple[list[torch.Tensor], list[int]]:
@@ -172,7 +178,7 @@ class FusedDecodeBlock(TransformerBlock):
             and x.device.type == "cpu" and not torch.is_grad_enabled() and not _global_hooks()
         )
         op = self._operands() if fusable else None
-        if op is None or cache.k[op.layer].dtype != torch.float32:
+        if op is None or cache.k[op.layer].dtype != torch.float32 or any(g.eager for g in op.gates):
             return super().forward(x, freqs_cis, mask, cache)
         pos, rope = _step_inputs(mask, freqs_cis)
         return ops.decode_block(

@@ -52,11 +52,12 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.generate import KVCache, SamplingParams, decode_step
+from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import LogitsProcessor, accept_token, apply_processors
 from herd.model.llama import Transformer
-from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes
-from herd.serve.scoring import match_stop, pick_tokens, score_positions, token_logprobs
+from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
+from herd.serve.scoring import match_stop, pick_tokens, score_chunk, token_logprobs
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
 from herd.serve.requests import (  # noqa: F401
@@ -73,6 +74,7 @@ from herd.serve.requests import (  # noqa: F401
     RequestHandle,
     RequestResult,
     TokenEvent,
+    check_engine_sizes,
     check_request,
 )
 
@@ -128,6 +130,9 @@ class Engine:
     compile: decode with the `torch.compile`d fixed-shape step over all `max_batch` rows
         (opt-in: it pays off on GPUs; on CPU eager was faster in our measurements).
     clock: the time source of every latency (tests pass a fake one).
+    adapters: LoRA adapters attached to `model` (`herd.generate.adapters.load_adapters`); a
+        request names one in `Request.adapter`, and rows of one decode step may use different ones.
+        Prefix-cache blocks are per adapter (their keys and values differ).
     """
 
     def __init__(
@@ -144,20 +149,13 @@ class Engine:
         token_bytes: Callable[[int], bytes] | None = None,
         compile: bool = False,
         clock: Callable[[], float] = time.perf_counter,
+        adapters: AdapterSet | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget),
-                            ("max_seq_len", max_seq_len), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if max_seq_len < 2 or max_seq_len > args.max_seq_len:
-            raise ValueError(f"max_seq_len must be in 2..{args.max_seq_len} (the model's context), got {max_seq_len}")
-        per_context = -(-max_seq_len // block_size)
-        num_blocks = max_batch * per_context if num_blocks is None else num_blocks
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < per_context:
-            raise ValueError(f"num_blocks must be an integer >= {per_context} (one context of {max_seq_len} tokens in "
-                             f"blocks of {block_size}; herd serve --kv-blocks), got {num_blocks!r}")
+        num_blocks = check_engine_sizes(args.max_seq_len, max_batch=max_batch, max_queue=max_queue,
+                                        prefill_budget=prefill_budget, max_seq_len=max_seq_len,
+                                        block_size=block_size, num_blocks=num_blocks)
         self.model = model
         self.max_batch, self.max_queue, self.max_seq_len = max_batch, max_queue, max_seq_len
         self.prefill_budget, self.token_bytes = prefill_budget, token_bytes
@@ -179,6 +177,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clock = clock
+        if adapters is not None and (compile or adapters.model is not model):
+            raise ValueError("compile=True cannot serve LoRA adapters (the compiled step has no per-row adapter "
+                             "choice); leave out compile (--compile) or the adapters (--lora)" if compile else
+                             "the adapters were attached to another model than the engine's")
+        self.adapters = adapters
         self._latency: list[LatencyObserver] = []
 
     def add_latency_observer(self, observer: LatencyObserver) -> None:
@@ -280,6 +283,9 @@ class Engine:
     def _check(self, r: Request) -> None:
         check_request(r, vocab=self.model.args.vocab_size, max_seq_len=self.max_seq_len, max_batch=self.max_batch,
                       stop_strings_ok=self.token_bytes is not None)
+        if r.adapter is not None and (self.adapters is None or r.adapter not in self.adapters):
+            known = ", ".join(self.adapters.names) if self.adapters is not None else "none"
+            raise ValueError(f"unknown LoRA adapter {r.adapter!r}; this engine has: {known}")
         if self._blocks_for(r) > self.pool.num_blocks:
             raise ValueError(
                 f"the prompt and its {r.n} choices need {self._blocks_for(r)} KV blocks of {self.block_size} tokens "
@@ -374,7 +380,8 @@ class Engine:
                 # The last prompt token is always computed: its logits give the first new token.
                 # Scored prompts (prompt_logprobs) compute every position: no prefix hits for them.
                 reuse = self.pool.prefix_caching and r.prompt_logprobs is None
-                names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size) if reuse else []
+                names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size,
+                                     parent=chain_root(r.adapter)) if reuse else []
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
@@ -427,7 +434,8 @@ class Engine:
             prompt, a = seq.handle.request.prompt, done * bs
             S = len(prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
             tokens = [*prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
-            seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens)
+            seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens,
+                                           root=chain_root(seq.handle.request.adapter))
 
     def _prefill(self) -> bool:
         """Prefill chunks of waiting prompts, oldest first, up to `prefill_budget` tokens in all."""
@@ -441,10 +449,13 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
+                if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
+                    self.adapters.select([handle.request.adapter])
                 h = self.model.hidden(tokens, pos=seq.pos, cache=RowCache(self.cache, seq.slot))  # (1, c, dim)
                 logits = self.model.output(h[:, -1]).float() if seq.pos + c == S else None  # (1, V)
                 if handle.request.prompt_logprobs is not None:
-                    self._score_chunk(seq, h[0], c)
+                    seq.prompt_lps = score_chunk(self.model.output, prompt, seq.pos, h[0],
+                                                 handle.request.prompt_logprobs, seq.prompt_lps)
             except Exception:
                 log.exception("prefill of %s failed", handle.id)
                 for s in (seq, *seq.forks):
@@ -471,16 +482,6 @@ class Engine:
                 continue
             self._fork(seq, logits)
         return progressed
-
-    def _score_chunk(self, seq: _Seq, h: torch.Tensor, c: int) -> None:
-        """Prompt logprobs of the chunk just prefilled at positions seq.pos..seq.pos+c-1 (h: (c, dim))."""
-        prompt = seq.handle.request.prompt
-        if seq.prompt_lps is None:
-            seq.prompt_lps = [PromptLogprob(None, None)]  # the first token has no context to be scored in
-        n = min(c, len(prompt) - 1 - seq.pos)  # the last prompt position predicts a new token, not a prompt one
-        if n > 0:
-            targets = torch.tensor(list(prompt[seq.pos + 1 : seq.pos + 1 + n]), dtype=torch.long, device=h.device)
-            seq.prompt_lps += score_positions(self.model.output, h[:n], targets, seq.handle.request.prompt_logprobs)
 
     def _fork(self, first: _Seq, logits: torch.Tensor) -> None:
         """Choice 0's prompt is in: the other choices share its full blocks and copy its row, and all
@@ -532,6 +533,9 @@ class Engine:
         for s in self._slots[:B]:
             if s is not None:
                 tokens[s.slot], pos[s.slot] = (s.pending if s.state == _DECODE else 0), s.pos
+        if self.adapters is not None:  # multi-LoRA hook: each decoding row's adapter (other rows: the base)
+            by_slot = {s.slot: s.handle.request.adapter for s in running}
+            self.adapters.select([by_slot.get(i) for i in range(B)])
         tokens_t = torch.tensor(tokens, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
         if self._compiled is not None:

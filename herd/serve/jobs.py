@@ -48,8 +48,9 @@ class Jobs:
 
     Made on the event loop (the queue belongs to it); `submit` may run on any thread."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, special_ids: frozenset[int]):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, special_ids: frozenset[int], *, model: str = ""):
         self.engine, self.tokenizer, self.special_ids = engine, tokenizer, special_ids
+        self.model = model  # the model id the responses carry: the base model's, or the adapter's
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, TokenEvent | FinishEvent]] = asyncio.Queue()
         self.prompts: list[list[int]] = []
@@ -58,11 +59,14 @@ class Jobs:
         self.outs: list[list[Out]] = []
 
     def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool,
-               grammar: Grammar | None = None) -> None:
+               grammar: Grammar | None = None, adapter: str | None = None) -> None:
         """Queue one engine request per prompt (APIError 503 when the queue is full, 400 when the
         engine refuses one; what was queued before is cancelled). grammar: every choice's output
-        is constrained to it (structured output)."""
+        is constrained to it (structured output). adapter: a LoRA adapter's name, which is also
+        the model id the responses carry."""
         tok, special = self.tokenizer, self.special_ids
+        if adapter is not None:
+            self.model = adapter
         self.prompts, self.n = prompts, params.n
         stops = StopStrings(params.stop)  # prepared once for every choice
         check_logit_bias(params.penalties, self.engine.model.args.vocab_size)
@@ -84,7 +88,7 @@ class Jobs:
                 request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
                                   params.logprobs, params.top_logprobs,
                                   logits_processors=(*params.penalties.factories(prompt), *grammar_processors),
-                                  prompt_logprobs=prompt_logprobs)
+                                  prompt_logprobs=prompt_logprobs, adapter=adapter)
 
                 def deliver(event, j=j):
                     try:

@@ -44,6 +44,12 @@ def block_hashes(tokens: Sequence[int], block_size: int, start: int = 0, parent:
     return out
 
 
+def chain_root(adapter: str | None) -> bytes:
+    """The parent name of a sequence's first block. Keys and values depend on the LoRA adapter as
+    well as on the tokens, so each adapter's blocks form their own chains (b"": the base model)."""
+    return b"" if adapter is None else hashlib.sha256(b"lora:" + adapter.encode("utf-8")).digest()
+
+
 class BlockPool:
     """Which blocks are used, by how many sequences, and which unused ones still hold a known prefix.
 
@@ -176,11 +182,12 @@ class BlockStore:
                 c[row, :, :n] = p.index_select(0, idx).transpose(0, 1).flatten(1, 2)  # (K, n*bs, D)
 
     def commit(self, pool: BlockPool, cache: KVCache, row: int, blocks: Sequence[int], names: Sequence[bytes],
-               tokens: Sequence[int]) -> list[bytes]:
+               tokens: Sequence[int], root: bytes = b"") -> list[bytes]:
         """A sequence in row `row` has filled more blocks: `tokens` are its ids from the first block
-        not yet in `names` on. Copy those full blocks into the pool, name them, return the names."""
+        not yet in `names` on. Copy those full blocks into the pool, name them, return the names.
+        `root` is the parent of the first block (see `chain_root`)."""
         first = len(names)
-        new = block_hashes(tokens, self.block_size, parent=names[-1] if names else b"")
+        new = block_hashes(tokens, self.block_size, parent=names[-1] if names else root)
         self.save(cache, row, first, blocks[first : first + len(new)])
         for block, name in zip(blocks[first:], new):
             pool.name(block, name)

@@ -42,6 +42,8 @@ class Request:
         choice's logits before its token is picked (see `herd.generate.processors`).
     prompt_logprobs: None, or report log p(prompt[i] | prompt[:i]) for every prompt position,
         computed at prefill, with this many top alternatives (0..20); see `PromptLogprob`.
+    adapter: the name of a LoRA adapter the engine was built with (`adapters=`), or None for the
+        base model.
     """
 
     prompt: Sequence[int]
@@ -54,6 +56,7 @@ class Request:
     top_logprobs: int = 0
     logits_processors: Sequence[ProcessorFactory] = ()
     prompt_logprobs: int | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -228,6 +231,24 @@ def check_request(r: Request, *, vocab: int, max_seq_len: int, max_batch: int, s
             raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")
         if any(not isinstance(s, str) or not s for s in r.stop_strings):
             raise ValueError("stop strings must be non-empty strings")
+
+
+def check_engine_sizes(model_context: int, *, max_batch: int, max_queue: int, prefill_budget: int, max_seq_len: int,
+                       block_size: int, num_blocks: int | None) -> int:
+    """ValueError naming the first bad engine size; returns the number of KV blocks (default:
+    every slot's whole context)."""
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget),
+                        ("max_seq_len", max_seq_len), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_seq_len < 2 or max_seq_len > model_context:
+        raise ValueError(f"max_seq_len must be in 2..{model_context} (the model's context), got {max_seq_len}")
+    per_context = -(-max_seq_len // block_size)
+    num_blocks = max_batch * per_context if num_blocks is None else num_blocks
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < per_context:
+        raise ValueError(f"num_blocks must be an integer >= {per_context} (one context of {max_seq_len} tokens in "
+                         f"blocks of {block_size}; herd serve --kv-blocks), got {num_blocks!r}")
+    return num_blocks
 
 
 @dataclass

@@ -36,6 +36,18 @@ def score_positions(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tenso
     return out
 
 
+
+def score_chunk(head: torch.nn.Module, prompt: Sequence[int], start: int, h: torch.Tensor, k: int,
+                acc: list[PromptLogprob] | None) -> list[PromptLogprob]:
+    """`acc` extended with the prompt logprobs of a prefill chunk: h (c, dim) holds the hidden
+    states of positions start..start+c-1. The first prompt token has no context (None)."""
+    acc = [PromptLogprob(None, None)] if acc is None else acc
+    n = min(len(h), len(prompt) - 1 - start)  # the last prompt position predicts a new token, not a prompt one
+    if n > 0:
+        targets = torch.tensor(list(prompt[start + 1 : start + 1 + n]), dtype=torch.long, device=h.device)
+        acc += score_positions(head, h[:n], targets, k)
+    return acc
+
 def pick_tokens(logits: torch.Tensor, requests: Sequence[Request], generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of logits (R, V): argmax for greedy requests (one batched argmax), else a
     draw from that row's own generator under its request's sampling parameters."""

@@ -90,6 +90,10 @@ class _State:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None,
                  chat: ChatFormat | ChatTemplate | str | None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        # LoRA adapters the engine serves, each a model id of its own (OpenAI's fine-tuned models, `parent` the base).
+        self.adapters: tuple[str, ...] = engine.adapters.names if engine.adapters is not None else ()
+        if model_name in self.adapters:
+            raise ValueError(f"the model name {model_name!r} is also an adapter's name; rename one of them")
         # A str is a Llama 3 ChatFormat version; None: the model declares no chat format (completions only).
         self.fmt = ChatFormat(tokenizer, version=chat) if isinstance(chat, str) else chat
         self.special_ids = frozenset(tokenizer.special_tokens.values())
@@ -110,10 +114,15 @@ class _State:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names: None for the base model (or no name)."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(f"'{m}'" for m in (self.model_name, *self.adapters))
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
 
 async def _read_body(request: HTTPRequest, state: _State) -> bytes:
@@ -189,18 +198,20 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         text = prometheus_text(engine.metrics(), state.latency, state.responses, state.disconnects)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "herd",
+    def model_card(adapter: str | None = None) -> dict[str, Any]:
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "herd",
                 "max_model_len": engine.max_seq_len}
+        if adapter is not None:  # a LoRA adapter: a model of its own whose parent is the base
+            card.update(id=adapter, parent=state.model_name, root=state.model_name)
+        return card
 
     async def models(request: HTTPRequest) -> Response:
         state.check_auth(request)
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(), *map(model_card, state.adapters)]})
 
     async def model(request: HTTPRequest) -> Response:
         state.check_auth(request)
-        state.check_model(request.path_params["model_id"])
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(state.check_model(request.path_params["model_id"])))
 
     async def tokenize_route(request: HTTPRequest) -> Response:
         state.check_auth(request)
@@ -224,14 +235,14 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
 
         def prepare(jobs: Jobs) -> CommonParams:  # on a worker thread
             req = parse_chat_request(_parse_json(raw), max_n=engine.max_batch)
-            state.check_model(req.params.model)
+            adapter = state.check_model(req.params.model)
             prompt = chat_prompt(state.fmt, req)
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
             grammar = state.grammars.for_chat(state.fmt, req)
-            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar, adapter=adapter)
             return req.params
 
-        jobs = Jobs(engine, tokenizer, state.special_ids)
+        jobs = Jobs(engine, tokenizer, state.special_ids, model=state.model_name)
         params = await start(jobs, prepare)
         if params.stream:
             return EventStream(_chat_stream(state, jobs, params), jobs, _on_gone(request))
@@ -244,13 +255,14 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
 
         def prepare(jobs: Jobs) -> CompletionRequest:  # on a worker thread
             req = parse_completion_request(_parse_json(raw), max_n=engine.max_batch)
-            state.check_model(req.params.model)
+            adapter = state.check_model(req.params.model)
             prompts = [completion_prompt(tokenizer, p) for p in req.prompts]
             limits = [check_length(len(p), req.params.max_tokens, engine.max_seq_len) for p in prompts]
-            jobs.submit(prompts, req.params, limits, tools=False, grammar=state.grammars.for_params(req.params))
+            jobs.submit(prompts, req.params, limits, tools=False, grammar=state.grammars.for_params(req.params),
+                        adapter=adapter)
             return req
 
-        jobs = Jobs(engine, tokenizer, state.special_ids)
+        jobs = Jobs(engine, tokenizer, state.special_ids, model=state.model_name)
         req = await start(jobs, prepare)
         if req.params.stream:
             return EventStream(_completion_stream(state, jobs, req), jobs, _on_gone(request))
@@ -305,7 +317,7 @@ def _chat_response(state: _State, jobs: Jobs) -> dict:
                 message, reason = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         choices.append({"index": out.choice.index, "message": message,
                         "logprobs": chat_logprobs(state.tokenizer, out.choice), "finish_reason": reason})
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": state.model_name,
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": jobs.model,
             "choices": choices, "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)}
 
 
@@ -313,7 +325,7 @@ async def _chat_stream(state: _State, jobs: Jobs, params: CommonParams) -> Async
     cid, created = new_id("chatcmpl"), now()
 
     def chunk(choices: list[dict], **extra: Any) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": jobs.model,
                 "choices": choices, **extra}
         if params.include_usage:
             body.setdefault("usage", None)
@@ -365,7 +377,7 @@ async def _chat_stream(state: _State, jobs: Jobs, params: CommonParams) -> Async
             yield chunk([{"index": c.index, "delta": {"content": rest}, "logprobs": lp, "finish_reason": None}])
         yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
     if params.include_usage:
-        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": jobs.model,
                     "choices": [], "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)})
     yield "data: [DONE]\n\n"
 
@@ -410,7 +422,7 @@ def _completion_response(state: _State, jobs: Jobs, req: CompletionRequest) -> d
             echo, lp = _completion_text_logprobs(state, jobs, req, j, out, echo=True)
             choices.append({"index": j * params.n + out.choice.index, "text": echo + out.text.text,
                             "logprobs": lp, "finish_reason": _finish_reason(out)})
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_name,
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": jobs.model,
             "choices": choices, "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)}
 
 
@@ -424,7 +436,7 @@ async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) 
         return _completion_text_logprobs(state, jobs, req, j, out, out.lp_sent)
 
     def chunk(choice: dict) -> str:
-        body = {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+        body = {"id": cid, "object": "text_completion", "created": created, "model": jobs.model,
                 "choices": [choice]}
         if params.include_usage:
             body["usage"] = None
@@ -451,7 +463,7 @@ async def _completion_stream(state: _State, jobs: Jobs, req: CompletionRequest) 
         out.lp_sent = len(c.tokens)
         yield chunk({"index": index, "text": echo + rest, "logprobs": lp, "finish_reason": _finish_reason(out)})
     if params.include_usage:
-        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": jobs.model,
                     "choices": [], "usage": usage(jobs.prompt_tokens, jobs.completion_tokens)})
     yield "data: [DONE]\n\n"
 
