@@ -53,6 +53,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from herd.io import atomic_write_bytes
+
 log = logging.getLogger("herd.kernels")
 
 MAX_ROWS = 16  # the kernels' M limit (batched decode); larger inputs belong to MKL's GEMM
@@ -91,7 +93,9 @@ def cache_dir() -> Path:
 
 def _build_name() -> str:
     text = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
-    digest = hashlib.sha256(text + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    # "src/": builds compile copies of the sources kept in the build directory (_stage_sources);
+    # the tag keeps them apart from older builds that compiled the checkout's own files.
+    digest = hashlib.sha256(text + " ".join(_FLAGS).encode() + b" src/").hexdigest()[:12]
     torch_tag = torch.__version__.replace("+", "_").replace(".", "_")
     return f"herd_cpu_{torch_tag}_{digest}"
 
@@ -122,6 +126,24 @@ def _ninja_module() -> bool:
     return True
 
 
+def _stage_sources(build_dir: Path) -> list[Path]:
+    """Copies of the sources and headers in `build_dir`/src; the .cpp copies, to compile.
+
+    The build directory is named by the sources' contents, so every checkout of the same code
+    (several clones or git worktrees, one ~/.cache/herd) shares it. ninja rebuilds when a compile
+    command changes, and the command holds the source's path: compiling each checkout's own files
+    made two checkouts rebuild the extension in turn, about a minute each time on 2 cores. The
+    copies' paths are the same for all of them. Called under the build lock.
+    """
+    src = build_dir / "src"
+    src.mkdir(exist_ok=True)
+    for path in (*_SOURCES, *_HEADERS):
+        data, copy = path.read_bytes(), src / path.name
+        if not copy.is_file() or copy.read_bytes() != data:
+            atomic_write_bytes(copy, data)
+    return [src / p.name for p in _SOURCES]
+
+
 def _build() -> SimpleNamespace:
     from torch.utils.cpp_extension import load
 
@@ -132,7 +154,7 @@ def _build() -> SimpleNamespace:
         built = any(build_dir.glob(f"{name}*.so"))
         if not built:
             log.warning("herd.kernels: compiling the CPU decode kernels into %s (first use only, ~30 s)", build_dir)
-        load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        load(name=name, sources=[str(p) for p in _stage_sources(build_dir)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(build_dir), is_python_module=False, verbose=False)
     ops = torch.ops.herd_cpu
     _register_fakes()

@@ -500,3 +500,37 @@ def test_a_build_killed_midway_does_not_hang_later_processes(ops, tmp_path):
     assert out.stdout.strip() == "True"
     assert "left by a build that was killed" in out.stderr
     assert not (tmp_path / name / "lock").exists()
+
+
+def test_every_checkout_compiles_the_same_paths(tmp_path, monkeypatch):
+    # The build directory is shared by every checkout of the same sources, and ninja rebuilds when
+    # a compile command changes: compiling each checkout's own files made two git worktrees rebuild
+    # the extension in turn (a minute or more each time). The build must compile copies kept in
+    # the build directory, so the command is the same whichever checkout asks.
+    from pathlib import Path
+
+    import torch.utils.cpp_extension
+
+    import herd.kernels as kernels
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(*, sources, build_directory, **_):
+        seen.append((sources, build_directory))
+        raise Stop
+
+    monkeypatch.setenv("HERD_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    for _ in range(2):  # the second call finds the copies already there
+        with pytest.raises(Stop):
+            kernels._build()
+    (sources, build_dir), again = seen
+    assert again == (sources, build_dir)
+    assert [Path(s).name for s in sources] == [p.name for p in kernels._SOURCES]
+    for source in sources:
+        assert Path(source).parent == Path(build_dir) / "src"
+    for original in (*kernels._SOURCES, *kernels._HEADERS):  # the headers the .cpp files include sit beside them
+        assert (Path(build_dir) / "src" / original.name).read_bytes() == original.read_bytes()
