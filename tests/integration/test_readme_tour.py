@@ -8,7 +8,8 @@ file must be there afterwards, and the SmolLM2 answers shown with temperature 0 
 (quick-demo numbers differ from the README's and are not compared). Servers run on a free port
 instead of the README's 8000. A step after a failed one is skipped: the tour is a chain.
 
-Slow (the demo and every command, minutes on 2 cores): marked `slow`, run by `make test`. While
+Slow (the demo and every command, 10+ minutes on 2 cores): marked `slow` and `tour`; `make test`
+leaves it out to stay under 15 minutes, `make test-tour` runs it, and CI (.ci/run) runs both. While
 editing the README, HERD_TOUR_DEMO=DIR copies a finished `herd demo --quick --out DIR` instead of
 running the demo again.
 """
@@ -182,6 +183,7 @@ def _check_outputs(step, result: subprocess.CompletedProcess, cwd: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.tour
 @pytest.mark.timeout(STEP_TIMEOUT_S + SERVER_START_S)
 @pytest.mark.parametrize("step", STEPS, ids=[s.name for s in STEPS])
 def test_readme_tour_step(step, tour):

@@ -227,11 +227,13 @@ def test_logits_processors_rewrite_each_choice_and_see_its_own_tokens(model):
     for choice, proc in zip(banned.result(0).choices, made):
         assert plain[0] not in choice.tokens
         # Greedy over the rewritten logits: the banned token's runner-up comes first.
-        logits = model(torch.tensor([prompt])).float()[0, -1]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).float()[0, -1]
         logits[plain[0]] = float("-inf")
         assert choice.tokens[0] == int(logits.argmax())
         assert proc.accepted == choice.tokens
         assert proc.seen == [choice.tokens[:i] for i in range(len(choice.tokens))]
         # Reported logprobs are the raw model's, not the processed ones.
-        raw_lp = torch.log_softmax(model(torch.tensor([prompt])).float()[0, -1], -1)[choice.tokens[0]]
+        with torch.no_grad():
+            raw_lp = torch.log_softmax(model(torch.tensor([prompt])).float()[0, -1], -1)[choice.tokens[0]]
         assert abs(choice.logprobs[0] - float(raw_lp)) < 1e-4
