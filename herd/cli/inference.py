@@ -314,32 +314,54 @@ def cmd_tokenize(opts) -> None:
 
 
 def cmd_serve(opts) -> None:
-    from herd.serve.engine import Engine
-    from herd.serve.server import serve
-
     if opts.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
     for flag, value in (("--block-size", opts.block_size), ("--kv-blocks", opts.kv_blocks),
                         ("--prefill-chunk", opts.prefill_chunk)):
         if value is not None and value < 1:  # checked before the (slow) model load
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if opts.tp != 1:
+        for flag, bad, why in (("--lora", opts.lora, "the adapters are not sliced"),
+                               ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
+            if bad:
+                raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
+    if _tp_launch(opts):
+        return
+    if opts.tp > 1:
+        _serve_tp(opts)
+        return
     lm = load(opts)
-    model, tok = lm.model, lm.tokenizer
+    adapters = _attach_loras(lm.model, opts.lora)
+    engine, context = _serve_engine(opts, lm, adapters=adapters)
+    _serve(opts, lm, engine, context, adapters=adapters)
+
+
+def _serve_engine(opts, lm, *, adapters=None, mirror=None):
+    """The engine `herd serve` runs, and its context per slot; every rank of --tp builds the same one."""
+    from herd.serve.engine import Engine
+
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
-    context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
-    adapters = _attach_loras(model, opts.lora)
-    engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
+    context = opts.max_seq_len or min(lm.model.args.max_seq_len, 8192)
+    engine = Engine(lm.model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
                     prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
-                    prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
-                    compile=opts.compile, adapters=adapters)
+                    prefix_caching=not opts.no_prefix_caching, token_bytes=lm.tokenizer.decode_single_token_bytes,
+                    compile=opts.compile, adapters=adapters, mirror=mirror)
+    return engine, context
+
+
+def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> None:
+    from herd.serve.server import serve
+
+    tok = lm.tokenizer
     name = opts.model_name or Path(opts.path).resolve().name
     if adapters is not None and name in adapters:
         raise ValueError(f"--lora {name}=... has the base model's name; rename the adapter or pass --model-name")
     blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
         "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
-          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}{note}",
+          file=sys.stderr)
     if adapters is not None:
         print(f"herd serve: LoRA adapters {', '.join(adapters.names)} (pick one with the request's model)",
               file=sys.stderr)
@@ -350,6 +372,44 @@ def cmd_serve(opts) -> None:
         print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
     serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat,
           body_timeout=opts.body_timeout)
+
+
+def _serve_tp(opts) -> None:
+    """One rank of `herd serve --tp N` under torchrun: rank 0 serves and schedules, the others replay
+    its step plans on their shards (see herd.serve.tp) until it tells them to stop."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from herd.serve.tp import Follower, Leader, broadcast_receiver, broadcast_sender
+
+    try:
+        lm, tp = _load_tp(opts)
+        device = lm.model.tok_embeddings.weight.device
+        if tp.rank == 0:
+            leader = Leader(broadcast_sender(device, tp.group))
+            engine, context = _serve_engine(opts, lm, mirror=leader)
+            try:
+                _serve(opts, lm, engine, context,
+                       note=f", tensor-parallel over {tp.size} ranks (rank 0: pid {os.getpid()})")
+            except KeyboardInterrupt:
+                if not leader.aborted:
+                    raise
+            if leader.aborted:
+                print("herd serve: a tensor-parallel step failed (logged above); exiting so torchrun stops every "
+                      "rank", file=sys.stderr)
+                raise SystemExit(1)
+        else:
+            # A Ctrl-C reaches every rank; rank 0 decides when the followers stop (after its last step).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            engine, _ = _serve_engine(opts, lm)  # the same rows and blocks as rank 0's; no thread
+            follower = Follower(engine.model, engine.cache, engine.store)
+            follower.run(broadcast_receiver(device, tp.group))
+            print(f"herd serve: rank {tp.rank} stopped by rank 0 after {follower.forwards} forwards", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -427,6 +487,8 @@ def _serve_args(p):
                    help="seconds a client has to send a whole request body; slower ones get 408")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve this LoRA adapter (PEFT layout directory) as model NAME; repeatable")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
 
 
 COMMANDS = {

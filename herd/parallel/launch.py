@@ -65,4 +65,8 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str]) -> int:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "herd", *module_args]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks too: let them shut down (a server stops
+        return proc.wait()     # its followers first); subprocess.call would SIGKILL torchrun and orphan them

@@ -1,0 +1,185 @@
+"""`herd serve --tp 2` (torchrun, two gloo ranks) answers as `herd serve` does, then stops cleanly.
+
+The reference is the single-process server (the same checkpoint, engine sizes and chat format,
+in this process), asked one request at a time. The tensor-parallel server gets the same requests
+all at once, with fewer slots than requests and a small prefill chunk, so continuous admission,
+chunked prefill and batched decode all run across the ranks; one later request shares a long
+prefix with an earlier one (a prefix-cache hit: blocks copied into a row on every rank), one
+scores its prompt (echo + logprobs: the output head over every position, on every rank).
+Greedy texts must be equal. Then Ctrl-C (SIGINT to the process group, as a terminal sends it)
+must stop every process, the follower by rank 0's stop message; and killing rank 0 outright must
+not leave the follower behind.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from herd.cli import build_parser
+from herd.cli.common import load
+from herd.cli.inference import _serve_engine
+from herd.model import ModelArgs, build_model
+from herd.model.formats import save_model
+from herd.serve.server import ServerThread, build_app
+
+pytestmark = pytest.mark.slow  # three interpreters (herd, torchrun, two ranks) start: ~30 s, more when busy
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = ["--max-batch", "3", "--block-size", "4", "--prefill-chunk", "8", "--max-seq-len", "128"]
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3
+COMPLETIONS = [SYSTEM + "Question: what is a llama?", "Llamas live in", "The capital of France is",
+               "1, 2, 3, 4, 5,", "Once upon a time there was a small"]
+CHATS = ["hi", "Name three colours."]
+LATE = SYSTEM + "Question: what is an alpaca?"  # after the others: its prefix is in the cache
+
+
+def _ck(tmp_path_factory) -> Path:
+    # The Llama 3 vocabulary (the tokenizer herd falls back to), a tiny body with 2 KV heads (one
+    # per rank). The head is scaled up so greedy picks have clear margins: batched and one-row
+    # decoding, and the ranks' split sums, round differently in the last bits.
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=256)
+    model = build_model(args, seed=3)
+    with torch.no_grad():
+        model.output.weight.mul_(8.0)
+    return save_model(model, tmp_path_factory.mktemp("tp_serve") / "ck", format="hf")
+
+
+def _bodies() -> list[tuple[str, dict]]:
+    out = [("/v1/completions", {"model": "ck", "prompt": p, "max_tokens": 10, "temperature": 0}) for p in COMPLETIONS]
+    out += [("/v1/chat/completions", {"model": "ck", "messages": [{"role": "user", "content": c}], "max_tokens": 10,
+                                      "temperature": 0}) for c in CHATS]
+    out.append(("/v1/completions", {"model": "ck", "prompt": "Scores of a prompt", "max_tokens": 0, "echo": True,
+                                    "logprobs": 1, "temperature": 0}))
+    return out
+
+
+def _answer(url: str, route: str, body: dict):
+    r = httpx.post(url + route, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if "message" in choice:
+        return choice["message"]["content"]
+    lps = choice.get("logprobs")
+    return choice["text"], None if lps is None else lps["tokens"], (
+        None if lps is None else [round(x, 3) if x is not None else None for x in lps["token_logprobs"]])
+
+
+def _reference(ck: Path) -> tuple[list, object]:
+    opts = build_parser().parse_args(["serve", str(ck), *FLAGS])
+    opts.device, opts.dtype = "cpu", None
+    lm = load(opts)
+    engine, _ = _serve_engine(opts, lm)
+    engine.start()
+    try:
+        with ServerThread(build_app(engine, lm.tokenizer, model_name="ck", chat=lm.chat)) as srv:
+            answers = [_answer(srv.url, route, body) for route, body in _bodies()]
+            late = _answer(srv.url, "/v1/completions", {"model": "ck", "prompt": LATE, "max_tokens": 10,
+                                                        "temperature": 0})
+    finally:
+        engine.stop()
+    return answers, late
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(ck: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", str(ck), "--tp", "2", "--port", str(port), *FLAGS],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"herd serve --tp 2 exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"herd serve --tp 2 did not come up:\n{log.read_text()[-3000:]}")
+
+
+def _group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether every process of `proc`'s session exited within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap it: a zombie still counts as a member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_tp2_server_answers_as_one_process_and_stops_cleanly(tmp_path_factory, tmp_path):
+    ck = _ck(tmp_path_factory)
+    want, want_late = _reference(ck)
+    log = tmp_path / "serve.log"
+    proc, url = _start(ck, log)
+    try:
+        with ThreadPoolExecutor(len(want)) as pool:  # all at once: 3 slots, 8 requests
+            got = list(pool.map(lambda rb: _answer(url, *rb), _bodies()))
+        hits_before = _metric(url, "herd_prefix_cache_hits_total")
+        late = _answer(url, "/v1/completions", {"model": "ck", "prompt": LATE, "max_tokens": 10, "temperature": 0})
+        hits = _metric(url, "herd_prefix_cache_hits_total") - hits_before
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+        stopped = _group_gone(proc, 90)
+        if not stopped:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert got == want
+    assert late == want_late
+    assert hits >= 32  # the shared system prompt's whole blocks (it is longer than 32 tokens)
+    assert "tensor-parallel over 2 ranks" in text
+    assert stopped, f"processes left after SIGINT:\n{text[-3000:]}"
+    assert "rank 1 stopped by rank 0" in text, text[-3000:]  # by the stop message, not torn down
+
+
+def test_killing_rank0_takes_the_follower_down(tmp_path_factory, tmp_path):
+    ck = _ck(tmp_path_factory)
+    log = tmp_path / "serve.log"
+    proc, url = _start(ck, log)
+    try:
+        rank0 = int(log.read_text().split("(rank 0: pid ")[1].split(")")[0])
+        os.kill(rank0, signal.SIGKILL)
+        gone = _group_gone(proc, 90)  # torchrun sees rank 0 fail and stops rank 1
+    finally:
+        if not _group_gone(proc, 0.1):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert gone, log.read_text()[-3000:]
+    assert proc.returncode != 0
+
+
+def test_serve_tp_refuses_what_it_cannot_do_yet(tmp_path, capsys):
+    from herd.cli import main
+
+    for flags, msg in ((["--lora", "x=y"], "--lora is not supported with --tp"),
+                       (["--compile"], "--compile is not supported with --tp")):
+        assert main(["serve", str(tmp_path), "--tp", "2", *flags]) == 2
+        assert msg in capsys.readouterr().err
