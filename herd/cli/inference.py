@@ -374,6 +374,10 @@ def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> 
           body_timeout=opts.body_timeout)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _serve_tp(opts) -> None:
     """One rank of `herd serve --tp N` under torchrun: rank 0 serves and schedules, the others replay
     its step plans on their shards (see herd.serve.tp) until it tells them to stop."""
@@ -384,11 +388,20 @@ def _serve_tp(opts) -> None:
 
     from herd.serve.tp import Follower, Leader, broadcast_receiver, broadcast_sender
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Rank 0 decides when the followers stop (after its last step), however the server is
+        # stopped, even while they still load; if rank 0 dies instead, their next collective fails
+        # or torchrun SIGKILLs them (30 s after its SIGTERM).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         lm, tp = _load_tp(opts)
         device = lm.model.tok_embeddings.weight.device
         if tp.rank == 0:
             leader = Leader(broadcast_sender(device, tp.group))
+            # uvicorn re-raises a SIGTERM after its graceful shutdown, which would end the process
+            # before `engine.stop()` tells the followers; unwinding as from Ctrl-C runs it.
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             engine, context = _serve_engine(opts, lm, mirror=leader)
             try:
                 _serve(opts, lm, engine, context,
@@ -401,8 +414,6 @@ def _serve_tp(opts) -> None:
                       "rank", file=sys.stderr)
                 raise SystemExit(1)
         else:
-            # A Ctrl-C reaches every rank; rank 0 decides when the followers stop (after its last step).
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             engine, _ = _serve_engine(opts, lm)  # the same rows and blocks as rank 0's; no thread
             follower = Follower(engine.model, engine.cache, engine.store)
             follower.run(broadcast_receiver(device, tp.group))

@@ -9,8 +9,10 @@ the same command line under torchrun on this machine, so the two spellings are o
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -65,8 +67,22 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str]) -> int:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "herd", *module_args]
-    proc = subprocess.Popen(cmd)
+    # torchrun runs in a session of its own: a terminal's Ctrl-C (or a SIGTERM) reaches this process
+    # alone, which passes it on to torchrun, which passes it to every rank, so each process gets
+    # it once. Had it reached torchrun and the ranks directly as well, each rank would get it
+    # twice (a server's second SIGINT forces its exit, dropping the answers still being sent).
+    # And this process waits for torchrun: `subprocess.call` would SIGKILL it on Ctrl-C, orphaning
+    # the ranks.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return proc.wait()
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks too: let them shut down (a server stops
-        return proc.wait()     # its followers first); subprocess.call would SIGKILL torchrun and orphan them
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -115,18 +115,36 @@ def _start(ck: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"herd serve --tp 2 did not come up:\n{log.read_text()[-3000:]}")
 
 
-def _group_gone(proc: subprocess.Popen, timeout: float) -> bool:
-    """Whether every process of `proc`'s session exited within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc.poll()  # reap it: a zombie still counts as a member of the group
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
+def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether `herd serve --tp` exited within `timeout` seconds: it waits for torchrun, which waits
+    for its ranks (and SIGKILLs them 30 s after asking them to stop)."""
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _rank0_pid(log: Path) -> int:
+    return int(log.read_text().split("(rank 0: pid ")[1].split(")")[0])
+
+
+def _kill_all(proc: subprocess.Popen, log: Path) -> None:
+    """Clean up after a failed test: the launcher's session and torchrun's (its own)."""
+    for pid in (proc.pid, os.getpgid(_rank0_pid(log)) if _alive(_rank0_pid(log)) else None):
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _metric(url: str, name: str) -> float:
@@ -148,16 +166,17 @@ def test_tp2_server_answers_as_one_process_and_stops_cleanly(tmp_path_factory, t
         late = _answer(url, "/v1/completions", {"model": "ck", "prompt": LATE, "max_tokens": 10, "temperature": 0})
         hits = _metric(url, "herd_prefix_cache_hits_total") - hits_before
     finally:
+        rank0 = _rank0_pid(log)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
-        stopped = _group_gone(proc, 90)
+        stopped = _exited(proc, 90)
         if not stopped:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc, log)
     text = log.read_text()
     assert got == want
     assert late == want_late
     assert hits >= 32  # the shared system prompt's whole blocks (it is longer than 32 tokens)
     assert "tensor-parallel over 2 ranks" in text
-    assert stopped, f"processes left after SIGINT:\n{text[-3000:]}"
+    assert stopped and not _alive(rank0), f"processes left after SIGINT:\n{text[-3000:]}"
     assert "rank 1 stopped by rank 0" in text, text[-3000:]  # by the stop message, not torn down
 
 
@@ -166,12 +185,11 @@ def test_killing_rank0_takes_the_follower_down(tmp_path_factory, tmp_path):
     log = tmp_path / "serve.log"
     proc, url = _start(ck, log)
     try:
-        rank0 = int(log.read_text().split("(rank 0: pid ")[1].split(")")[0])
-        os.kill(rank0, signal.SIGKILL)
-        gone = _group_gone(proc, 90)  # torchrun sees rank 0 fail and stops rank 1
+        os.kill(_rank0_pid(log), signal.SIGKILL)
+        gone = _exited(proc, 90)  # torchrun sees rank 0 fail and stops rank 1
     finally:
-        if not _group_gone(proc, 0.1):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            _kill_all(proc, log)
     assert gone, log.read_text()[-3000:]
     assert proc.returncode != 0
 
