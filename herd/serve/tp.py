@@ -15,17 +15,18 @@ forward itself (a prefill chunk: slot, position, tokens, whether the last positi
 how many positions' prompt logprobs are computed; or a decode step: every row's token and
 position). The alternative was to wrap the model's forward and the store's copies so each call
 broadcast its own inputs. It loses on two counts:
-* messages: the copies happen between forwards, so they can ride in the next forward's message;
-  wrapped, each would be a broadcast of its own (a decode step in which 8 sequences fill a block
-  makes 8 saves). In the tests' workload (tests/unit/serve/test_tp_plan.py) the plans carry
-  every copy with no message beyond one per forward (plus idle heartbeats and the stop).
 * the calls are not self-describing: the engine runs the output head over slices of a hidden
   state the previous call returned (the last position, then 256-position spans for prompt
   logprobs) and attends through a `RowCache` view; wrapping them means shipping which slice of
   which tensor, while a plan names the few integers the engine decided on (slot, pos, counts)
-  and the follower derives the same calls from them (`scoring.head_spans`).
-A message costs two broadcasts (its length, then its ints) beside the 2 * n_layers + 2
-collectives of the forward it precedes.
+  and the follower derives the same calls from them (`scoring.head_spans`). This decided it.
+* messages: the copies happen between forwards, so they ride in the next forward's message;
+  wrapped, each would be a broadcast of its own (a decode step in which 8 sequences fill a block
+  makes 8 saves). In tests/unit/serve/test_tp_plan.py's workload, 34 forwards carried 20 copies
+  in 34 messages; wrapped calls would have sent 54. On a CPU this hardly matters: a plan's two
+  broadcasts (its length, then its ints) took 0.42 ms beside 97.6 ms for the 8-row decode step
+  it announces (benchmarks/serve_tp_plan.py, two gloo ranks on a loaded 2-core machine); on GPUs,
+  where a decode step takes milliseconds, each extra broadcast's latency counts for more.
 
 Sampling is rank 0's alone: every rank gets the same all-gathered logits, but only rank 0 picks
 tokens; the followers learn them as the next decode step's inputs. So sampling seeds need not be
