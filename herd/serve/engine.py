@@ -56,8 +56,8 @@ from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import accept_token, apply_processors
 from herd.model.llama import Transformer
 from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.tp import Leader
 from herd.serve.scoring import match_stop, pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.tp import Leader
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
 from herd.serve.requests import (  # noqa: F401
@@ -268,6 +268,9 @@ class Engine:
                     if seq is not None:
                         self._finish(seq, "error", error="internal error during decoding")
                 if self._mirror is not None:  # the ranks' collectives are out of step: give up
+                    with self._cond:
+                        self._stopping = True  # submit refuses from now on
+                    self._finish_everything("error")
                     self._mirror.abort()
                     return
 

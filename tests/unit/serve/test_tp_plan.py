@@ -138,3 +138,35 @@ def test_corrupt_plans_are_refused_with_a_reason(model):
 def test_engine_refuses_what_tp_serving_cannot_do(model):
     with pytest.raises(ValueError, match="--compile"):
         Engine(model, **SIZES, compile=True, mirror=Leader(lambda m: None))
+
+
+def test_a_failed_step_aborts_without_telling_the_followers_to_stop(model, monkeypatch):
+    """The followers may be inside the failed forward's collectives: no further message (not even
+    STOP) may follow, the requests end with an error, and new ones are refused."""
+
+    class Recorder(Leader):
+        aborts = 0
+
+        def abort(self):  # the real one SIGINTs this process to stop the server
+            self.aborted = True
+            Recorder.aborts += 1
+
+    messages = []
+    leader = Recorder(messages.append)
+    engine = Engine(model, **SIZES, mirror=leader)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a collective failed")
+
+    monkeypatch.setattr(engine.model, "hidden", broken)
+    engine.start()
+    running = engine.submit(Request(prompt=[1, 2, 3], max_tokens=4))
+    result = running.result(timeout=60)
+    engine._thread.join(60)
+    assert not engine.running and Recorder.aborts == 1
+    assert result.choices[0].finish_reason == "error"
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit(Request(prompt=[1, 2], max_tokens=1))
+    sent = len(messages)
+    engine.stop()
+    assert len(messages) == sent == 1  # the failed prefill's plan, and no STOP after it
