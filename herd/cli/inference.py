@@ -409,6 +409,8 @@ def _serve_tp(opts) -> None:
             except KeyboardInterrupt:
                 if not leader.aborted:
                     raise
+            finally:  # whatever ended it (even before the server started), the followers are told
+                engine.stop()
             if leader.aborted:
                 print("herd serve: a tensor-parallel step failed (logged above); exiting so torchrun stops every "
                       "rank", file=sys.stderr)
