@@ -23,7 +23,10 @@ it while the job runs (checkpoint CRCs are the third, in herd.train.checkpoint):
 * **Re-computation** (`sdc.recompute_every`): before the step, the gradient of the step's first
   micro-batch is computed twice from the same weights and compared bitwise (per-tensor hashes).
   A fault in the arithmetic rarely strikes the same value twice, so a difference means bad
-  hardware, and the job stops naming the rank. It costs two extra forward/backward passes of one
+  hardware, and the job stops naming the rank. Gradients are reduced across data-parallel ranks,
+  so one rank's fault shows in every rank's gradient; the model's forward output, this rank's own
+  computation, is hashed too, and the ranks whose outputs differed are named as the faulty ones
+  (a fault in the backward alone names every rank of the reduction). It costs two extra forward/backward passes of one
   micro-batch per check. On CPU the two passes are bit-identical; on CUDA they run under
   `torch.use_deterministic_algorithms(True, warn_only=True)`, and a kernel without a
   deterministic version (the warning names it) can make the check fire falsely: untested on GPU.
@@ -50,6 +53,7 @@ list of `{"kind": ..., "step": S, "rank": R, ...}`, what torchrun passes on to e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -266,41 +270,64 @@ def grad_checksums(params: Sequence[tuple[str, nn.Parameter]]) -> dict[str, int]
 
 
 def recompute_check(step: int, run: Callable[[], None], params: Sequence[tuple[str, nn.Parameter]],
-                    zero_grad: Callable[[], None], *, corrupt_first: Callable[[], Any] | None = None,
+                    zero_grad: Callable[[], None], *, outputs: Sequence[nn.Module] = (),
+                    corrupt_first: Callable[[], Any] | None = None,
                     mark: Callable[[str], None] = lambda event: None) -> int:
     """Run `run()` (forward + backward of one micro-batch from zero gradients) twice and compare the
     gradients bitwise; collective, raises SilentDataCorruption on every rank naming the ranks that
-    differed. Leaves the gradients zeroed. `corrupt_first`: a context-manager factory around the
-    first pass (fault injection). Returns the gradient tensors compared on this rank."""
+    differed. Leaves the gradients zeroed. Returns the gradient tensors compared on this rank.
+
+    outputs: modules whose forward outputs are hashed too. Gradients are reduced across data-parallel
+    ranks, so one rank's fault reaches every rank's gradient; a forward output is this rank's own
+    computation, so the ranks whose outputs differed are named as the faulty ones.
+    corrupt_first: a context-manager factory around the first pass (fault injection).
+    """
     cuda = any(p.is_cuda for _, p in params)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    seen: list[list[int]] = [[], []]
+    pass_no = 0
+
+    def record(module, args, out):
+        if isinstance(out, torch.Tensor):
+            seen[pass_no].append(tensor_checksum(out))
+
+    handles = [m.register_forward_hook(record) for m in outputs]
     if cuda:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         zero_grad()
-        if corrupt_first is not None:
-            with corrupt_first():
-                run()
-        else:
+        with corrupt_first() if corrupt_first is not None else contextlib.nullcontext():
             run()
         first = grad_checksums(params)
         zero_grad()
+        pass_no = 1
         run()
         second = grad_checksums(params)
         zero_grad()
     finally:
+        for h in handles:
+            h.remove()
         if cuda:
             torch.use_deterministic_algorithms(was_deterministic)
     differ = sorted(n for n in first if first[n] != second.get(n))
     mark("collective: all-gather of re-computation results (sdc)")
-    gathered = _gather((differ, socket.gethostname()))
-    bad = [(r, d, h) for r, (d, h) in enumerate(gathered) if d]
+    gathered = _gather((differ, seen[0] != seen[1], socket.gethostname()))
+    bad = [r for r, (d, f, _) in enumerate(gathered) if d or f]
     if bad:
+        own = [r for r, (_, f, _) in enumerate(gathered) if f]
+        named = own or bad
         lines = [f"silent data corruption detected by the gradient re-computation at step {step}: "
-                 + ", ".join(f"rank {r} ({h})" for r, _, h in bad) + " computed two different gradients from the "
-                 "same weights and data. The job stops rather than train on; take the named rank's device out of "
-                 "service and restart from the last checkpoint."]
-        lines += [f"  rank {r}: {', '.join(d[:4])}{' ...' if len(d) > 4 else ''}" for r, d, _ in bad]
+                 + ", ".join(f"rank {r} ({gathered[r][2]})" for r in named) + " computed two different "
+                 + ("forward outputs" if own else "gradients") + " from the same weights and data. The job stops "
+                 "rather than train on; take the named rank's device out of service and restart from the last "
+                 "checkpoint."]
+        if not own and len(bad) > 1:
+            lines.append("  (gradients are reduced across data-parallel ranks, so a fault on one rank shows on "
+                         "every rank of the reduction: the faulty one is among those named)")
+        for r in bad:
+            d, f, _ = gathered[r]
+            what = ["forward output"] if f else []
+            lines.append(f"  rank {r}: {', '.join(what + d[:4])}{' ...' if len(d) > 4 else ''}")
         raise SilentDataCorruption("\n".join(lines))
     return len(first)
 
@@ -422,15 +449,17 @@ class SDC:
     """What the trainer calls around each step: `before_step` (re-computation), `after_step` (faults, replicas).
 
     model: the module whose parameters the optimizer steps (a ParallelModel's `.module`);
-    run_micro(batch): forward + backward of one micro-batch (the trainer passes TrainCore's).
+    run_micro(batch): forward + backward of one micro-batch (the trainer passes TrainCore's);
+    outputs: the modules whose forward runs (a ParallelModel's parts): their outputs name the faulty rank.
     """
 
     def __init__(self, cfg: SDCConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 run_micro: Callable[[Any], Any], faults: Faults | None = None,
+                 run_micro: Callable[[Any], Any], faults: Faults | None = None, outputs: Sequence[nn.Module] = (),
                  log: Callable[[str], None] = print, mark: Callable[[str], None] = lambda event: None):
         self.cfg, self.model, self.optimizer, self.run_micro, self.mark = cfg, model, optimizer, run_micro, mark
         self.faults = faults or Faults()
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.outputs = list(outputs)
         self.replicas = ReplicaChecker(self.named, optimizer) if cfg.replica_check_every else None
         if self.replicas is not None:
             groups = {t.group for t in self.replicas.tracked}
@@ -443,7 +472,8 @@ class SDC:
         if every and step % every == 0:
             recompute_check(step, lambda: self.run_micro(micro_batches[0]), self.named,
                             lambda: self.optimizer.zero_grad(set_to_none=True),
-                            corrupt_first=self.faults.corrupt_compute(step, self.model), mark=self.mark)
+                            outputs=self.outputs, corrupt_first=self.faults.corrupt_compute(step, self.model),
+                            mark=self.mark)
 
     def after_step(self, step: int) -> None:
         if self.faults:

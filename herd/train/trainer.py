@@ -192,8 +192,10 @@ class Trainer:
         self.watchdog = Watchdog(cfg.watchdog, out_dir=self.out_dir, faults=self.faults, log=self.log,
                                  models=self.parallel.parts if self.parallel is not None else [self.model],
                                  compiled=cfg.parallel.compile)
+        parts = self.parallel.parts if self.parallel is not None else [self.model]
         self.sdc = SDC(cfg.sdc, model=self.model, optimizer=self.optimizer, faults=self.faults, log=self.log,
-                       run_micro=lambda batch: self.core.forward_backward([batch]), mark=self.watchdog.mark)
+                       run_micro=lambda batch: self.core.forward_backward([batch]), outputs=parts,
+                       mark=self.watchdog.mark)
         self.step = 0
         self.tokens_seen = 0
         self.loader: Loader | None = None

@@ -140,13 +140,18 @@ def test_recompute_check_compares_two_passes_bitwise():
 
     class Perturb:  # a faulty multiply in the first pass: one bit of the output
         def __enter__(self):
-            self.h = model.register_forward_hook(lambda m, a, out: _flipped(out))
+            self.h = model.register_forward_hook(lambda m, a, out: _flipped(out), prepend=True)
 
         def __exit__(self, *exc):
             self.h.remove()
 
     with pytest.raises(SilentDataCorruption, match=r"re-computation at step 7: rank 0 .*\n  rank 0: bias, weight"):
         recompute_check(7, run, params, zero, corrupt_first=Perturb)
+    # With the model's output hashed too, the rank whose own forward differed is named as the faulty one.
+    with pytest.raises(SilentDataCorruption, match=r"rank 0 \(.*\) computed two different forward outputs(.|\n)*"
+                                                   r"  rank 0: forward output, bias, weight"):
+        recompute_check(7, run, params, zero, outputs=[model], corrupt_first=Perturb)
+    assert recompute_check(8, run, params, zero, outputs=[model]) == 2
 
 
 def _flipped(out):
