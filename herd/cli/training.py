@@ -29,7 +29,8 @@ def cmd_train(opts) -> None:
     try:
         result = Trainer(cfg).fit()
     except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
-        print(f"herd train: {e}", file=sys.stderr, flush=True)
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(SDC_EXIT_CODE) from None
     if not is_rank0():
         return

@@ -218,10 +218,14 @@ def find_mismatches(per_rank: Sequence[dict[str, tuple[Sequence[int], int]]]) ->
 
 def mismatch_message(step: int, mismatches: list[Mismatch], hosts: Sequence[str], *, what: str) -> str:
     ranks = sorted({r for m in mismatches for r in m.ranks})
-    lines = [f"silent data corruption detected by the {what} at step {step}: "
-             + ", ".join(f"rank {r} ({hosts[r]})" for r in ranks) + " disagree(s) with replicas that must be "
-             "bit-identical. The job stops rather than train on corrupt values; take the named rank's device out "
-             "of service and restart from a checkpoint written before the corruption."]
+    names = ", ".join(f"rank {r} ({hosts[r]})" for r in ranks)
+    if all(m.majority for m in mismatches):
+        head = f"{names} {'differs' if len(ranks) == 1 else 'differ'} from the majority of their replicas"
+    else:
+        head = f"{names} hold different copies of tensors that must be bit-identical (no majority tells which is corrupt)"
+    lines = [f"silent data corruption detected by the {what} at step {step}: {head}. The job stops rather than "
+             "train on corrupt values; take the named rank's device out of service and restart from a checkpoint "
+             "written before the corruption."]
     lines += [f"  {m.describe()}" for m in mismatches[:8]]
     if len(mismatches) > 8:
         lines.append(f"  ... and {len(mismatches) - 8} more tensors")

@@ -239,3 +239,19 @@ def test_straggler_record_in_one_process(shards):
     assert [r["step"] for r in recs] == [2, 4]
     assert all(len(r["rank_step_s"]) == 1 and r["stragglers"] == [] for r in recs)
     assert 0 < recs[0]["rank_busy_s"][0] < recs[0]["rank_step_s"][0]  # block forwards are part of the step
+
+
+def test_cli_exits_4_with_the_message_and_no_traceback(shards, monkeypatch, capsys):
+    from herd.cli import main
+    from herd.train.config import to_toml
+
+    torch.set_num_threads(1)
+    cfg = shards / "run.toml"
+    cfg.write_text(to_toml(config_from_dict(_config(shards, sdc={"recompute_every": 1}))))
+    monkeypatch.setenv("HERD_SDC_FAULTS", json.dumps([{"kind": "corrupt_compute", "step": 3, "rank": 0}]))
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg)])
+    assert e.value.code == 4
+    err = capsys.readouterr().err
+    assert "herd train: silent data corruption detected by the gradient re-computation at step 3: rank 0" in err
+    assert "Traceback" not in err
