@@ -208,3 +208,59 @@ def hang(rank: int, world: int, workdir: Path) -> list:
         wd.step_end(step, 0.0)
     wd.close()
     return [("hang", False, "the stalled step completed")]
+
+
+def world4(rank: int, world: int, workdir: Path) -> list:
+    """Replica groups of the 4-rank products, and a majority naming one rank alone."""
+    state = H.reference_state()
+    out = []
+    norm = "layers.0.attention_norm.weight"
+
+    # FSDP 2 x TP 2 (rank = 2 * shard + tp): the norms' shards are replicated over the two TP ranks.
+    pm, _, opt = _trained(P(dp_shard=2, tp=2), state, steps=1)
+    named = list(pm.named_parameters())
+    checker = ReplicaChecker(named, opt)
+    norms = {n for n, _ in named if n.endswith("norm.weight")}
+    mine = (0, 1) if rank < 2 else (2, 3)
+    out += H.agree("FSDP 2 x TP 2: the norms, across the TP ranks of one shard",
+                   {t.name for t in checker.tracked} == norms and {t.group for t in checker.tracked} == {mine},
+                   f"{len(checker.tracked)} tensors in groups {sorted({t.group for t in checker.tracked})}")
+    checker.check(1)
+    if rank == 3:
+        flip_bit(dict(named)[norm], index=0, bit=7)
+    out += _expect_sdc("FSDP 2 x TP 2: a flip on rank 3 names ranks 2 and 3 only", lambda: checker.check(2),
+                       "rank 2 (", "rank 3 (", f"param {norm}: ranks [2, 3]")
+
+    # HSDP 2 x TP 2 (rank = 2 * replica + tp): norms replicated over all four ranks, projections over the
+    # two replicas. Four copies of a norm: the majority names the odd rank alone.
+    pm, _, opt = _trained(P(dp_replicate=2, dp_shard=1, tp=2), state, steps=1)
+    named = list(pm.named_parameters())
+    checker = ReplicaChecker(named, opt)
+    groups = {t.name: t.group for t in checker.tracked}
+    proj = (0, 2) if rank % 2 == 0 else (1, 3)
+    ok = set(groups) == {n for n, _ in named} and all(
+        g == ((0, 1, 2, 3) if n.endswith("norm.weight") else proj) for n, g in groups.items())
+    out += H.agree("HSDP 2 x TP 2: norms across all 4 ranks, projections across the replicas", ok,
+                   f"{sorted(set(groups.values()))}")
+    checker.check(1)
+    if rank == 3:
+        flip_bit(dict(named)[norm], index=0, bit=7)
+    out += _expect_sdc("HSDP 2 x TP 2: a flip on rank 3 names rank 3 alone by majority", lambda: checker.check(2),
+                       "differs from the majority",
+                       f"param {norm}: rank 3 differs from the majority of its replicas [0, 1, 2, 3]")
+    msg_ok = True
+    try:
+        checker.check(3)
+    except SilentDataCorruption as e:
+        msg_ok = "rank 0" not in str(e).splitlines()[0] and "rank 2 " not in str(e).splitlines()[0]
+    out += H.agree("HSDP 2 x TP 2: the majority's ranks are not named", msg_ok, "")
+
+    # PP 2 x FSDP 2: the stages hold different layers and FSDP shards them: nothing to compare.
+    try:
+        pm, _, opt = _trained(P(pp=2, dp_shard=2), state, steps=1)
+        ReplicaChecker(list(pm.named_parameters()), opt)
+        out += H.agree("PP 2 x FSDP 2: nothing comparable is refused", False, "no ValueError")
+    except ValueError as e:
+        out += H.agree("PP 2 x FSDP 2: nothing comparable is refused", "no rank holds a replicated tensor" in str(e),
+                       str(e))
+    return out

@@ -6,6 +6,8 @@ state and caught at the next check naming rank 1 and the step, the re-computatio
 and with a compute fault on rank 1), a slow rank named a straggler, and the trainer's hooks end
 to end. The second group hangs on purpose: rank 1 stalls in step 2 and the watchdog must end the
 job with a report naming rank 1, its step and event, and where the other rank waits.
+A four-rank group (marked slow, ~80 s) checks the replica groups of FSDP x TP, HSDP x TP (where a
+majority names one rank alone) and PP x FSDP (refused).
 """
 
 import json
@@ -70,3 +72,31 @@ def test_a_stalled_rank_ends_the_job_with_a_report_naming_it(tmp_path):
     assert beats["1"]["step"] == 2 and beats["1"]["event"] == "forward of layers.1"
     assert beats["0"]["step"] == 2 and beats["0"]["event_index"] > beats["1"]["event_index"]
     assert report["heartbeats"]["1"]["time"] - started < 60
+
+
+NAMES4 = [
+    "FSDP 2 x TP 2: the norms, across the TP ranks of one shard",
+    "FSDP 2 x TP 2: a flip on rank 3 names ranks 2 and 3 only",
+    "HSDP 2 x TP 2: norms across all 4 ranks, projections across the replicas",
+    "HSDP 2 x TP 2: a flip on rank 3 names rank 3 alone by majority",
+    "HSDP 2 x TP 2: the majority's ranks are not named",
+    "PP 2 x FSDP 2: nothing comparable is refused",
+]
+
+
+@pytest.fixture(scope="module")
+def results4(tmp_path_factory):
+    return harness.spawn(scenarios_sdc.world4, 4, tmp_path_factory.mktemp("sdc4"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES4)
+def test_scenario_world4(results4, name):
+    assert name in results4, f"scenario {name!r} did not run; ran: {sorted(results4)}"
+    ok, detail = results4[name]
+    assert ok, detail
+
+
+@pytest.mark.slow
+def test_no_unexpected_scenarios_world4(results4):
+    assert set(results4) == set(NAMES4)
