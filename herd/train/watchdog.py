@@ -175,9 +175,11 @@ class Watchdog:
         """End of a step: straggler gather every `straggler_every` steps (collective); returns the stragglers."""
         self.mark("step end")
         self.in_step = False
-        self.window.append((seconds, self.busy if self.hooked else seconds))
         every = self.cfg.straggler_every
-        if not every or step % every:
+        if not every:
+            return []
+        self.window.append((seconds, self.busy if self.hooked else seconds))
+        if step % every:
             return []
         with self.phase("collective: all-gather of step times (straggler check)"):
             mine = torch.tensor([sum(s for s, _ in self.window), sum(b for _, b in self.window)],
