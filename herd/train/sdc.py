@@ -32,8 +32,8 @@ it while the job runs (checkpoint CRCs are the third, in herd.train.checkpoint):
   deterministic version (the warning names it) can make the check fire falsely: untested on GPU.
 
 The hash (`tensor_checksum`) views a tensor's bytes as integers of its element size and sums them
-with odd position weights in int64 with wrap-around: any single flipped bit changes it (an odd
-weight is invertible modulo 2**64), swapped elements change it, and it runs on the tensor's own
+with odd position weights, wrapping: any single flipped bit changes it (an odd weight is
+invertible modulo a power of two), swapped elements change it, and it runs on the tensor's own
 device, so only one integer per tensor crosses the network.
 
 Fault injection (tests and benchmarks/faults.py; never a user config key): a `Faults` object,
@@ -74,7 +74,7 @@ from herd.train.config import SDCConfig
 FAULTS_ENV = "HERD_SDC_FAULTS"
 SDC_EXIT_CODE = 4  # `herd train` exits with it after SilentDataCorruption or a checkpoint failing its check
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-_CHUNK = 1 << 22  # elements hashed at a time: bounds the int64 scratch to 64 MiB
+_CHUNK = 1 << 22  # elements hashed at a time: bounds the scratch to one chunk of products
 
 
 class SilentDataCorruption(RuntimeError):
@@ -96,16 +96,33 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(_INT_VIEW[t.element_size()])
 
 
+_WEIGHTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1, 3, 5, ... for one chunk, wrapped to `dtype` (odd numbers stay odd when they wrap)."""
+    key = (dtype, device)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = (torch.arange(_CHUNK, dtype=torch.int64, device=device) * 2 + 1).to(dtype)
+    return _WEIGHTS[key]
+
+
 @torch.no_grad()
 def tensor_checksum(t: torch.Tensor) -> int:
-    """Position-weighted sum of `t`'s bit patterns modulo 2**64; equal bits give equal sums, one flipped
-    bit never does. A DTensor is hashed by its local shard."""
+    """A position-weighted sum of `t`'s bit patterns; equal bits give equal sums, one flipped bit never does.
+
+    Within a chunk, element i times the odd weight 2i+1 in the element's own integer width (the
+    product wraps, and multiplying by an odd number is one-to-one modulo 2**bits, so a changed
+    element changes its product); the products sum exactly in int64 and each chunk's sum is
+    weighted by an odd 2c+1 modulo 2**64. No int64 copy of the tensor is made. A DTensor is hashed
+    by its local shard.
+    """
     words = _words(t)
     total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for start in range(0, words.numel(), _CHUNK):
-        w = words[start:start + _CHUNK].to(torch.int64)  # sign-extends: still one-to-one per element
-        weights = torch.arange(start, start + w.numel(), dtype=torch.int64, device=w.device) * 2 + 1
-        total += (w * weights).sum()  # int64 arithmetic wraps, which is the modulus
+    weights = _weights(words.dtype, words.device)
+    for c, start in enumerate(range(0, words.numel(), _CHUNK)):
+        w = words[start:start + _CHUNK]
+        total += (w * weights[:w.numel()]).sum(dtype=torch.int64) * (2 * c + 1)  # int64 wraps: the modulus
     return int(total)
 
 

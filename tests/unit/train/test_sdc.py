@@ -7,6 +7,7 @@ tests/distributed/test_sdc.py.
 import json
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +53,22 @@ def test_checksum_sees_order_and_strides_but_not_the_memory_layout():
     assert tensor_checksum(swapped) != tensor_checksum(t)
     # A transposed view hashes its logical order: the same as a contiguous copy of it.
     assert tensor_checksum(t.T) == tensor_checksum(t.T.contiguous())
-    # Large tensors go in chunks; the result does not depend on where a chunk ends.
-    big = torch.randn((1 << 22) + 5)
-    w = big.view(torch.int32).to(torch.int64)
-    expected = int((w * (torch.arange(w.numel(), dtype=torch.int64) * 2 + 1)).sum())
-    assert tensor_checksum(big) == expected
+    # Large tensors go in chunks of 2**22; the value is the documented formula, computed here in
+    # Python integers: per chunk c, sum of int32(x_i * (2i+1) mod 2**32), times 2c+1, mod 2**64.
+    big = torch.randn((1 << 22) + 5, generator=torch.Generator().manual_seed(1))
+    words = big.view(torch.int32).numpy().astype(np.int64)
+    total = 0
+    for c, start in enumerate(range(0, len(words), 1 << 22)):
+        x = words[start:start + (1 << 22)]
+        prod = (x * (np.arange(len(x), dtype=np.int64) * 2 + 1)) & 0xFFFFFFFF  # exact: |x| < 2**31, i < 2**22
+        prod = np.where(prod >= 1 << 31, prod - (1 << 32), prod)  # back to signed int32
+        total += int(prod.sum()) * (2 * c + 1)
+    total %= 1 << 64
+    assert tensor_checksum(big) % (1 << 64) == total
+    # Swapping the same position of two chunks changes it too (the chunk weights differ).
+    swapped = big.clone()
+    swapped[[3, (1 << 22) + 3]] = swapped[[(1 << 22) + 3, 3]]
+    assert tensor_checksum(swapped) != tensor_checksum(big)
 
 
 def test_flip_bit_rejects_positions_outside_the_tensor():
