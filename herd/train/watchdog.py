@@ -137,13 +137,24 @@ class Watchdog:
     # ---- progress ----------------------------------------------------------------------------
 
     def _hook(self, model: nn.Module, *, blocks: bool) -> None:
-        self.hooks.append(model.register_forward_pre_hook(lambda m, a: self.mark("forward"), prepend=True))
+        # Every hook returns None explicitly: a forward pre-hook's return value replaces the
+        # module's inputs, a forward hook's its output, a tensor hook's the gradient.
+        def root(module, args) -> None:
+            self.mark("forward")
+
+        self.hooks.append(model.register_forward_pre_hook(root, prepend=True))
         if not blocks:
             return
         self.hooked = True
         for name, block in _blocks(model):
-            self.hooks.append(block.register_forward_pre_hook(lambda m, a, name=name: self._enter(name)))
-            self.hooks.append(block.register_forward_hook(lambda m, a, out, name=name: self._leave(name, out)))
+            def enter(module, args, name=name) -> None:
+                self._enter(name)
+
+            def leave(module, args, out, name=name) -> None:
+                self._leave(name, out)
+
+            self.hooks.append(block.register_forward_pre_hook(enter))
+            self.hooks.append(block.register_forward_hook(leave))
 
     def _enter(self, name: str) -> None:
         self.mark(f"forward of {name}")
@@ -155,7 +166,10 @@ class Watchdog:
         self.busy += time.perf_counter() - self._block_t0
         self.mark(f"forward of {name} done")
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda g, name=name: self.mark(f"backward of {name}"))
+            def backward(grad, name=name) -> None:
+                self.mark(f"backward of {name}")
+
+            out.register_hook(backward)
 
     def mark(self, event: str) -> None:
         """Record progress; fault injection may stall here."""

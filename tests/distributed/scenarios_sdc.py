@@ -149,6 +149,31 @@ def stragglers(state, workdir: Path) -> list:
     return H.agree("FSDP 2: the slow rank 1 is named a straggler", ok, f"found {found}; busy s/step {busy}")
 
 
+def hooks_under_tp_and_pp(state, workdir: Path) -> list:
+    """The progress hooks run under TP (DTensor block outputs) and PP (stage modules, schedules)."""
+    out = []
+    for name, cfg in {"TP 2": P(tp=2), "PP 2": P(pp=2)}.items():
+        pm = H.build_parallel(cfg, state=state)
+        runner = H.Parallel(pm)
+        opt = H.new_optimizer(runner.parameters())
+        events = []
+        wd = Watchdog(WatchdogConfig(straggler_every=1), out_dir=workdir, models=pm.parts, log=lambda m: None)
+        real_mark = wd.mark
+        wd.mark = lambda event: (events.append(event), real_mark(event))  # noqa: E731
+        wd.step_begin(1)
+        inputs, targets, doc_ids = H.make_batches(docs=False, steps=1)[0]
+        runner.step(inputs, targets, doc_ids)
+        opt.step()
+        wd.step_end(1, 1.0)
+        wd.close()
+        blocks = [n for p in pm.parts for n in (f"layers.{k}" for k in p.layers)]
+        want = {f"forward of {b}" for b in blocks} | {f"backward of {b}" for b in blocks}
+        missing = sorted(want - set(events))
+        out += H.agree(f"{name}: progress events for every local block, forward and backward", not missing and
+                       wd.busy > 0, f"missing {missing}; {len(events)} events, busy {wd.busy:.4f} s")
+    return out
+
+
 def trainer(workdir: Path) -> list:
     """The trainer's hooks end to end: HSDP 2x1 with a bit flipped on rank 1 after step 1."""
     from herd.data.shards import ShardWriter
@@ -188,7 +213,8 @@ def trainer(workdir: Path) -> list:
 
 def world2(rank: int, world: int, workdir: Path) -> list:
     state = H.reference_state()
-    return replicas(state) + recompute(state) + stragglers(state, workdir) + trainer(workdir)
+    return (replicas(state) + recompute(state) + stragglers(state, workdir) + hooks_under_tp_and_pp(state, workdir)
+            + trainer(workdir))
 
 
 def hang(rank: int, world: int, workdir: Path) -> list:

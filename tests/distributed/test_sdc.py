@@ -40,6 +40,8 @@ NAMES = [
     "FSDP 2: an injected compute fault on rank 1 is caught and rank 1 named",
     "FSDP 2: without output hashes every rank of the reduction is named",
     "FSDP 2: the slow rank 1 is named a straggler",
+    "TP 2: progress events for every local block, forward and backward",
+    "PP 2: progress events for every local block, forward and backward",
     "trainer HSDP 2x1: the flip after step 1 stops the run at step 2's replica check",
     "trainer HSDP 2x1: step-time records and heartbeats",
 ]
