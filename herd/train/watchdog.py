@@ -77,6 +77,10 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"layers.{k}", m) for k, m in layers.items()] if isinstance(layers, nn.ModuleDict) else []
 
 
+def _done(beat: dict[str, Any]) -> int:
+    return beat["step"] - 1 if beat.get("in_step", True) else beat["step"]
+
+
 def hang_report(beats: dict[int, dict[str, Any] | None], *, world: int, timeout_s: float, now: float) -> str:
     """The message for a hang from every rank's last heartbeat (None: that rank wrote none)."""
     missing = [r for r in range(world) if beats.get(r) is None]
@@ -90,13 +94,14 @@ def hang_report(beats: dict[int, dict[str, Any] | None], *, world: int, timeout_
                          "the collective they all wait in, or in the network.")
         for r in stuck:
             b = present[r]
-            lines.append(f"Stuck: rank {r} ({b['host']}, pid {b['pid']}): last completed step {b['step'] - 1}; "
+            lines.append(f"Stuck: rank {r} ({b['host']}, pid {b['pid']}): last completed step {_done(b)}; "
                          f"in step {b['step']} at '{b['event']}' for {now - b['event_time']:.1f} s, and never reached "
                          "the collective the other ranks wait in")
         for r, b in sorted(present.items()):
             if r not in stuck:
-                lines.append(f"  rank {r} ({b['host']}): step {b['step']}, last completed '{b['event']}' "
-                             f"{now - b['event_time']:.1f} s ago, blocked in the next collective after it")
+                lines.append(f"  rank {r} ({b['host']}): last completed step {_done(b)}; in step {b['step']}, last "
+                             f"completed '{b['event']}' {now - b['event_time']:.1f} s ago, blocked in the next "
+                             "collective after it")
     for r in missing:
         lines.append(f"Stuck: rank {r} wrote no heartbeat (it died or never started a step)")
     return "\n".join(lines)

@@ -109,7 +109,7 @@ def test_hang_report_names_the_rank_furthest_behind():
              2: None}
     text = hang_report(beats, world=3, timeout_s=5, now=100.0)
     assert "Stuck: rank 1 (h, pid 1): last completed step 2; in step 3 at 'step start' for 11.0 s" in text
-    assert "rank 0 (h): step 3, last completed 'forward of layers.0 done'" in text
+    assert "rank 0 (h): last completed step 2; in step 3, last completed 'forward of layers.0 done' 10.0 s ago" in text
     assert "Stuck: rank 2 wrote no heartbeat" in text
 
 
