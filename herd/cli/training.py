@@ -173,7 +173,7 @@ _PLAN_LAYOUT_DEFAULTS = {"model": None, "gpus": None, "tp": 1, "cp": 1, "pp": 1,
 
 def _plan_args(p):
     d = _PLAN_LAYOUT_DEFAULTS
-    p.add_argument("--model", help="model preset, e.g. llama3.1-405b")
+    p.add_argument("--model", help="model preset, e.g. llama3.1-405b (needed, except with --paper)")
     p.add_argument("--gpus", type=int, help="GPUs in all; data parallel is what tp x cp x pp leaves (training)")
     p.add_argument("--tp", type=int, default=d["tp"], help="tensor-parallel degree")
     p.add_argument("--cp", type=int, default=d["cp"], help="context-parallel degree")
@@ -196,8 +196,8 @@ def _plan_args(p):
                    help="estimate the Llama 3 paper's three Table 4 layouts (405B) beside the MFU it reports")
     # Defaults live in herd.parallel.mfu.Assumptions (imported only when a plan runs: it pulls in
     # torch); the plan prints the values it used.
-    est = p.add_argument_group("MFU estimate: the step is modelled from these, one set for every layout "
-                               "(defaults: an H100 SXM cluster like the paper's, printed with the estimate)")
+    est = p.add_argument_group("MFU estimate assumptions (defaults: an H100 SXM cluster like the paper's; "
+                               "the plan prints the values it used)")
     for flag, kind, text in (
         ("--peak-tflops", float, "per-GPU peak TFLOP/s (H100 SXM dense bf16: 989)"),
         ("--gemm-efficiency", float, "fraction of the peak GEMMs reach"),

@@ -302,8 +302,8 @@ def format_estimate(e: MfuEstimate) -> str:
         f"{e.tokens_per_gpu_s:,.0f} tokens/s/GPU",
         f"{'':>16}  set by pipeline rank {e.busiest_rank} ({e.layers} layers; {sched})",
         f"{'step breakdown':>16}  " + ", ".join(f"{name} {s:,.2f} s" for name, s in parts),
-        f"{'':>16}  (exposed traffic; in all: "
-        + ", ".join(f"{k} {e.comm_s[k]:,.2f} s" for k in ("tp", "cp", "pp", "fsdp") if e.comm_s[k] > 0) + ")"
+        f"{'':>16}  (the traffic left exposed, out of "
+        + ", ".join(f"{k} {e.comm_s[k]:,.2f} s" for k in ("tp", "cp", "pp", "fsdp") if e.comm_s[k] > 0) + " in all)"
         if any(e.comm_s.values()) else f"{'':>16}  (no traffic: one GPU)",
     ]
     return "\n".join(lines + format_assumptions(e.assumptions))
