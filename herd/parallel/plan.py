@@ -68,6 +68,9 @@ class Layout:
                              f"micro_batch = {self.micro_batch}")
         if self.seq_len % (2 * self.cp) != 0:
             raise ValueError(f"context parallel needs seq_len divisible by 2*cp = {2 * self.cp}")
+        if self.pp_stages_per_rank < 0 or (self.pp == 1 and self.pp_stages_per_rank > 1):
+            raise ValueError(f"pp_stages_per_rank = {self.pp_stages_per_rank} is the stages each pipeline rank runs: "
+                             "0 (the schedule's default) or, with pp > 1, a count the schedule accepts")
 
     @property
     def dp(self) -> int:
