@@ -59,9 +59,9 @@ class Assumptions:
     gemm_efficiency 0.70: cuBLAS bf16 GEMMs on an H100 SXM reach about 70-80% of the 989 TFLOP/s
     dense peak when large; the low end, because the TP-sharded K/V projections are thin
     (N = 128 for 405B under TP 8) and sustained clocks sit under the 700 W cap.
-    attention_efficiency 0.30: FlashAttention-2 on an H100 at head dimension 128 runs about
-    335 TFLOP/s forward and 300 backward (the FlashAttention-3 paper's FA2 baseline), about
-    31% of peak over a training step's 2:5 forward:backward FLOPs.
+    attention_efficiency 0.30: FlashAttention-2 reaches "only 35% utilization on the H100" (the
+    FlashAttention-3 paper; about 370 TFLOP/s forward at head dimension 128 and long sequences,
+    unmasked); causal masking and the backward pass, 5/7 of the executed FLOPs, run lower.
     link_efficiency 0.8: NCCL's bus bandwidth for large all-gathers and reduce-scatters is
     about 80% of the nominal link rate (nccl-tests on NVLink 4 and on 400G NICs).
     """
