@@ -35,7 +35,7 @@ latency (every transfer is taken at bandwidth). Each would lower the real MFU, s
 estimate as what the layout reaches at best under these assumptions. For the paper's Table 4
 it is 7-9 points above what Meta measured (`herd plan --paper`); for smaller models the
 ignored overheads weigh more: torchtitan logs 34% for Llama 3 8B under FSDP on 8 H100s, where
-this model says 61%.
+this model says 60%.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class Assumptions:
     attention_efficiency 0.30: FlashAttention-2 reaches "only 35% utilization on the H100" (the
     FlashAttention-3 paper; about 370 TFLOP/s forward at head dimension 128 and long sequences,
     unmasked); causal masking and the backward pass, 5/7 of the executed FLOPs, run lower.
-    link_efficiency 0.8: NCCL's bus bandwidth for large all-gathers and reduce-scatters is
-    about 80% of the nominal link rate (nccl-tests on NVLink 4 and on 400G NICs).
+    link_efficiency 0.8: NCCL's bus bandwidth for large all-gathers and reduce-scatters on
+    NVLink 4 is about 360 of the nominal 450 GB/s (nccl-tests); 400G NICs come closer to their
+    rate, so one figure for both is conservative for the network.
     """
 
     peak_tflops: float = 989.0  # dense bf16 of an H100 SXM
@@ -293,18 +294,19 @@ def format_assumptions(a: Assumptions) -> list[str]:
 
 
 def format_estimate(e: MfuEstimate) -> str:
-    sched = (f"{e.schedule}, {e.microbatches} microbatches x {e.stages_per_rank} stage(s) per rank"
-             if e.schedule != "-" else "no pipeline")
-    parts = [("compute", e.compute_s), ("memory-bound", e.memory_s), ("bubble", e.bubble_s)]
+    piped = e.schedule != "-"
+    where = (f"set by pipeline rank {e.busiest_rank} ({e.layers} layers; {e.schedule}, {e.microbatches} microbatches "
+             f"x {e.stages_per_rank} stage(s) per rank)" if piped else f"{e.layers} layers on every GPU, no pipeline")
+    parts = [("compute", e.compute_s), ("memory-bound", e.memory_s)] + ([("bubble", e.bubble_s)] if piped else [])
     parts += [(f"{k} ({e.links[k]})", e.exposed_s[k]) for k in ("tp", "cp", "pp", "fsdp") if e.comm_s[k] > 0]
+    traffic = [f"{k} {e.comm_s[k]:,.2f} s" for k in ("tp", "cp", "pp", "fsdp") if e.comm_s[k] > 0]
     lines = [
         f"{'estimated MFU':>16}  {e.mfu:.1%} = {e.tflops_per_gpu:,.0f} TFLOP/s per GPU; {e.step_s:,.2f} s/step, "
         f"{e.tokens_per_gpu_s:,.0f} tokens/s/GPU",
-        f"{'':>16}  set by pipeline rank {e.busiest_rank} ({e.layers} layers; {sched})",
+        f"{'':>16}  {where}",
         f"{'step breakdown':>16}  " + ", ".join(f"{name} {s:,.2f} s" for name, s in parts),
-        f"{'':>16}  (the traffic left exposed, out of "
-        + ", ".join(f"{k} {e.comm_s[k]:,.2f} s" for k in ("tp", "cp", "pp", "fsdp") if e.comm_s[k] > 0) + " in all)"
-        if any(e.comm_s.values()) else f"{'':>16}  (no traffic: one GPU)",
+        f"{'':>16}  (the traffic left exposed, out of {', '.join(traffic)} in all)" if traffic
+        else f"{'':>16}  (no traffic: one GPU)",
     ]
     return "\n".join(lines + format_assumptions(e.assumptions))
 
