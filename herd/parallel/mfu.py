@@ -312,14 +312,14 @@ def format_estimate(e: MfuEstimate) -> str:
 
 
 def format_paper_table(rows: list[tuple[PaperRow, Layout, MfuEstimate]]) -> str:
-    head = (f"{'GPUs':>7} {'TP':>3} {'CP':>3} {'PP':>3} {'DP':>4} {'seq':>8} {'seq/DP':>6} {'m':>3}"
+    head = (f"{'GPUs':>7} {'TP':>3} {'CP':>3} {'PP':>3} {'DP':>4} {'seq':>8} {'batch/DP':>8} {'m':>3}"
             f" | {'estimate':>8} {'TFLOP/s':>7} | {'paper':>5} {'TFLOP/s':>7} | {'diff':>5}")
     lines = [f"Llama 3 paper, Table 4: {PAPER_MODEL}, 16M tokens per step, {PAPER_SCHEDULE} with "
              f"{PAPER_STAGES_PER_RANK} stages per rank", head, "-" * len(head)]
     for row, layout, e in rows:
         lines.append(
             f"{row.gpus:>7,} {row.tp:>3} {row.cp:>3} {row.pp:>3} {layout.dp:>4} {row.seq_len:>8,} "
-            f"{layout.sequences // layout.dp:>6} {e.microbatches:>3} | {e.mfu:>8.1%} {e.tflops_per_gpu:>7,.0f} | "
+            f"{layout.sequences // layout.dp:>8} {e.microbatches:>3} | {e.mfu:>8.1%} {e.tflops_per_gpu:>7,.0f} | "
             f"{row.mfu:>5.0%} {row.tflops:>7,.0f} | {100 * (e.mfu - row.mfu):>+5.1f}")
     lines.append("")
     for row, layout, e in rows:
