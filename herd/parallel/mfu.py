@@ -33,7 +33,9 @@ What the model ignores: the optimizer step, kernel launch gaps, stragglers, comp
 the collectives it overlaps, the load imbalance of document masks, network congestion, and
 latency (every transfer is taken at bandwidth). Each would lower the real MFU, so read the
 estimate as what the layout reaches at best under these assumptions. For the paper's Table 4
-it is 7-9 points above what Meta measured (`herd plan --paper`); for smaller models the
+it is 7-9 points above what Meta measured (`herd plan --paper`), and only the low ends of the
+cited efficiency ranges keep it within 10: at 75% GEMM efficiency the 8K rows come out 10-12
+points above, with half the TP traffic hidden 11-13. For smaller models the
 ignored overheads weigh more: torchtitan logs 34% for Llama 3 8B under FSDP on 8 H100s, where
 this model says 60%.
 """
