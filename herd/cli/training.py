@@ -58,6 +58,10 @@ def cmd_plan(opts) -> None:
     if opts.model is None:
         raise ValueError("herd plan needs --model (e.g. --model llama3.1-405b), or --paper for the paper's layouts")
     if opts.inference:
+        given = [f"--{n.replace('_', '-')}" for n in _ASSUMPTION_FLAGS if getattr(opts, n) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} shape the training MFU estimate; a serving plan (--inference) "
+                             "has none, leave them out")
         _plan_inference(opts)
         return
     missing = [f for f, v in (("--gpus", opts.gpus), ("--seq", opts.seq), ("--gbs-tokens", opts.gbs_tokens)) if v is None]
@@ -82,9 +86,7 @@ def cmd_plan(opts) -> None:
 def _assumptions(opts):
     from herd.parallel.mfu import Assumptions
 
-    names = ("peak_tflops", "gemm_efficiency", "attention_efficiency", "hbm_tbs", "nvlink_gbs", "net_gbs",
-             "link_efficiency", "gpus_per_node", "tp_overlap")
-    return Assumptions(**{n: getattr(opts, n) for n in names if getattr(opts, n) is not None})
+    return Assumptions(**{n: getattr(opts, n) for n in _ASSUMPTION_FLAGS if getattr(opts, n) is not None})
 
 
 def _plan_inference(opts) -> None:
@@ -165,10 +167,14 @@ def _train_args(p):
     list_config_keys(p, config_class)
 
 
-# Flags that define a layout; --paper brings its own, so any of these changed is an error there.
+# Flags --paper does not use (it brings its own layouts and shows no memory): any of these
+# changed is an error there rather than silently ignored.
 _PLAN_LAYOUT_DEFAULTS = {"model": None, "gpus": None, "tp": 1, "cp": 1, "pp": 1, "seq": None, "gbs_tokens": None,
                          "micro_batch": 1, "pp_schedule": "1F1B", "pp_stages_per_rank": 0, "ac": "none",
-                         "loss_chunks": 1, "mfu": None, "inference": False}
+                         "loss_chunks": 1, "mfu": None, "gpu_memory_gib": 74.5, "inference": False,
+                         "context": 8192, "batch": 1, "weights": "bf16", "kv": "bf16"}
+_ASSUMPTION_FLAGS = ("peak_tflops", "gemm_efficiency", "attention_efficiency", "hbm_tbs", "nvlink_gbs", "net_gbs",
+                     "link_efficiency", "gpus_per_node", "tp_overlap")
 
 
 def _plan_args(p):
@@ -190,7 +196,7 @@ def _plan_args(p):
     p.add_argument("--loss-chunks", type=int, default=d["loss_chunks"],
                    help="train.loss_chunks: the output head in this many slices (logits memory / N)")
     p.add_argument("--mfu", type=float, help="also show the step time at this MFU (the estimate is always shown)")
-    p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")
+    p.add_argument("--gpu-memory-gib", type=float, default=d["gpu_memory_gib"], help="usable GPU memory (80 GB H100: 74.5 GiB)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--paper", action="store_true",
                    help="estimate the Llama 3 paper's three Table 4 layouts (405B) beside the MFU it reports")
@@ -212,11 +218,11 @@ def _plan_args(p):
         est.add_argument(flag, type=kind, help=text)
     inf = p.add_argument_group("inference (--inference): weights and KV cache per GPU of one tp x pp replica")
     inf.add_argument("--inference", action="store_true", help="size a serving layout instead of a training one")
-    inf.add_argument("--context", type=int, default=8192, help="tokens of context per sequence in the KV cache")
-    inf.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    inf.add_argument("--weights", default="bf16", choices=("bf16", "fp16", "fp8", "fp8-ffn", "int8", "int4"),
+    inf.add_argument("--context", type=int, default=d["context"], help="tokens of context per sequence in the KV cache")
+    inf.add_argument("--batch", type=int, default=d["batch"], help="sequences decoded together")
+    inf.add_argument("--weights", default=d["weights"], choices=("bf16", "fp16", "fp8", "fp8-ffn", "int8", "int4"),
                      help="weight format; fp8-ffn is the paper's (FFN of the inner layers in FP8, the rest BF16)")
-    inf.add_argument("--kv", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"), help="KV cache format")
+    inf.add_argument("--kv", default=d["kv"], choices=("bf16", "fp16", "fp8", "fp32"), help="KV cache format")
 
 
 def _demo_args(p):

@@ -197,6 +197,8 @@ def test_herd_plan_prints_the_estimate_and_the_paper_table(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["plan", "--paper", "--gpus", "8"], "--paper plans the paper's own Table 4 layouts; leave out --gpus"),
+    (["plan", "--paper", "--context", "4096"], "leave out --context"),
+    (["plan", "--model", "llama3-8b", "--inference", "--net-gbs", "25"], "--net-gbs shape the training MFU"),
     (["plan", "--gpus", "8"], "herd plan needs --model"),
     (["plan", "--paper", "--nvlink-gbs", "0"], "nvlink_gbs must be > 0"),
     (["plan", "--model", "llama3-8b", "--gpus", "8", "--seq", "8192", "--gbs-tokens", "64K", "--mfu", "40"],
