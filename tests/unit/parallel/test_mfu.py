@@ -106,6 +106,17 @@ def test_cp_and_tp_terms_by_hand():
     assert e.comm_s["tp"] == pytest.approx(tp, rel=1e-12) and e.exposed_s["tp"] == e.comm_s["tp"]
 
 
+def test_pp_and_fsdp_exposure_by_hand():
+    """Table 4's 8K layout on 8,192 GPUs: rank 1 runs stages 1, 17, ..., 97 (8 layers)."""
+    e = estimate_mfu(L405, paper_layout(TABLE4[0]))
+    assert e.busiest_rank == 1 and e.layers == 8 and e.links["pp"] == e.links["fsdp"] == "network"
+    net = 50e9 * 0.8
+    message = 1 * 8192 // 8 * 16384 * 2  # one sequence's activations, sequence-sharded over TP, bf16
+    assert e.comm_s["pp"] == pytest.approx(7 * 2 * 2 * 32 * message / net, rel=1e-12)  # 7 stages, 2 sides
+    assert e.exposed_s["pp"] == pytest.approx(2 * 15 * message / net, rel=1e-12)  # fill and drain
+    assert e.exposed_s["fsdp"] == pytest.approx(e.comm_s["fsdp"] / 9, rel=1e-12)  # 8 blocks and the root
+
+
 def test_one_gpu_step_by_hand():
     """No traffic and no pipeline: the step is GEMMs, attention and the memory-bound passes."""
     a = Assumptions()
