@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(config: ParallelConfig, device: torch.device) -> Meshes | None:
-    """Start the process group and mesh under torchrun; None for a plain single process."""
+def init_distributed(config: ParallelConfig, device: torch.device, *, timeout_s: float = 0.0) -> Meshes | None:
+    """Start the process group and mesh under torchrun; None for a plain single process.
+
+    timeout_s: how long a collective may block before it fails (0: torch's default)."""
     world = world_size_from_env()
     dims = config.dims(world)  # validates the degrees against the number of processes
     if world == 1:
@@ -35,7 +38,8 @@ def init_distributed(config: ParallelConfig, device: torch.device) -> Meshes | N
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
     return dims.build_mesh(device.type)
 
 
