@@ -33,13 +33,15 @@ tokens; the followers learn them as the next decode step's inputs. So sampling s
 shared and logits processors (grammars) run once.
 
 Failure and shutdown: `Engine.stop()` sends STOP after its thread has finished, and a follower
-returns from `Follower.run`. While the engine waits for work it sends a heartbeat every
+returns from `Follower.run`. The followers ignore SIGINT and SIGTERM (`herd serve --tp` sets
+that up), so however the server is stopped, they leave only when rank 0 has finished. While the engine waits for work it sends a heartbeat every
 `heartbeat_s`, so a follower's pending broadcast never reaches the process group's timeout
 (gloo's default is 30 min, NCCL's watchdog 10 min). A failed step on rank 0 is fatal (the
 followers may be inside that forward's collectives, so no later message would line up): the
 engine fails the running requests and calls `abort`, which stops the server (SIGINT to this
-process) without sending STOP; rank 0 then exits non-zero and torchrun tears the followers down.
-If rank 0 dies outright, torchrun does the same; the process-group timeout is the last backstop.
+process) without sending STOP; rank 0 then exits non-zero and torchrun tears the followers down
+(their pending broadcast fails when rank 0's connection closes, or torchrun SIGKILLs them). If
+rank 0 dies outright, the same happens; the process-group timeout is the last backstop.
 """
 
 from __future__ import annotations
