@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from herd.cli.common import list_config_keys, print_config
@@ -21,7 +22,13 @@ def cmd_train(opts) -> None:
         if code:
             raise SystemExit(code)
         return
-    result = Trainer(load_config(opts.config, overrides)).fit()
+    from herd.train.anomaly import AnomalyStop
+
+    try:
+        result = Trainer(load_config(opts.config, overrides)).fit()
+    except AnomalyStop as e:  # a clear end, not a crash: the message says what to do
+        print(f"herd train: stopped: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     if not is_rank0():
         return
     for s in result.stages:
@@ -31,6 +38,9 @@ def cmd_train(opts) -> None:
         if s.averaged:
             line += f"; averaged model {s.averaged}"
         print(line)
+    if result.anomalies:
+        print("anomalies: " + ", ".join(f"{n} {kind}" for kind, n in sorted(result.anomalies.items()))
+              + " (records in metrics.jsonl)")
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
           + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
 
