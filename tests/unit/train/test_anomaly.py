@@ -213,3 +213,20 @@ def test_rollback_without_a_checkpoint_stops_and_records_the_window(tmp_path):
     other = _Resettable()
     fresh.before_step(1, other, "another mix")
     assert other.pos == 0
+
+
+def test_herd_train_reports_a_stop_as_a_message_and_exit_status_1(tmp_path, monkeypatch, capsys):
+    from herd.cli import main
+    from herd.train import Trainer
+
+    def stop(self):
+        raise AnomalyStop("step 3: nothing to roll back to")
+
+    monkeypatch.setattr(Trainer, "fit", stop)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[job]\nout_dir = "{tmp_path / "out"}"\ndevice = "cpu"\n[data]\ntrain = ["{tmp_path}"]\n'
+                   '[[stages]]\nname = "pretrain"\nsteps = 1\nramp = [[0, 64, 32]]\n')
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().endswith("herd train: stopped: step 3: nothing to roll back to")

@@ -191,3 +191,20 @@ def test_a_spike_is_logged_skipped_and_counted(data, tmp_path):
     rec, = [r for r in _records(tmp_path) if "anomaly" in r]
     assert (rec["anomaly"], rec["step"], rec["action"], rec["ranks"], rec["world"]) == ("loss_spike", 7, "skip", 1, 1)
     assert rec["value"] > rec["threshold"] > 0
+
+
+def test_a_checkpoint_from_before_anomaly_state_existed_still_resumes(data, tmp_path, monkeypatch):
+    new_state_dict = Trainer.state_dict
+
+    def old_state_dict(self):
+        state = new_state_dict(self)
+        del state["train"]["anomaly"]  # what checkpoints held before [anomaly]
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "state_dict", old_state_dict)
+        Trainer(_cfg(data, tmp_path, max_consecutive=0)).fit()
+    cfg = _cfg(data, tmp_path)
+    cfg.stages[0].steps = STEPS + 2
+    result = Trainer(cfg).fit()
+    assert result.resumed_from == STEPS and result.steps == STEPS + 2
