@@ -208,3 +208,21 @@ def test_a_checkpoint_from_before_anomaly_state_existed_still_resumes(data, tmp_
     cfg.stages[0].steps = STEPS + 2
     result = Trainer(cfg).fit()
     assert result.resumed_from == STEPS and result.steps == STEPS + 2
+
+
+def test_a_streak_early_in_a_stage_rolls_back_to_the_previous_stage_end(data, tmp_path, tmp_path_factory):
+    def two_stages(out, **kw):
+        cfg = _cfg(data, out, **kw)
+        cfg.stages[0].steps = 4
+        cfg.stages.append(type(cfg.stages[0])(name="long", steps=5, ramp=[[0, 256, 128]], lr="linear_to_zero"))
+        cfg.checkpoint.every = 10  # no periodic checkpoint in stage "long": only pretrain's final one (step 4)
+        return cfg.validate()
+
+    t = _Watching(two_stages(tmp_path))
+    FaultInjector().nan_loss(6).nan_loss(7).install(t)
+    result = t.fit()
+    assert [step for step, _, _ in t.rollbacks] == [4]
+    ref = Trainer(two_stages(tmp_path_factory.mktemp("ref-stages")), loader_factory=_factory(drop_at=6, drop=2))
+    ref.fit()
+    assert _same(_weights(t), _weights(ref))
+    assert result.anomalies == {"nonfinite_loss": 2, "rollback": 1}
