@@ -19,7 +19,7 @@ step, before the optimizer touches the weights (`TrainCore._update` asks `Anomal
   and only after `warmup` good steps.
 * **Rollback**: `max_consecutive` anomalous steps in a row mean the data, not a transient fault,
   is the likely cause. The trainer reloads the newest checkpoint (never one written during the
-  streak: a step whose update was skipped is never checkpointed), replays the good steps up to
+  streak: a checkpoint due at a skipped update waits for the next good step), replays the good steps up to
   the streak, and jumps the loader over the streak's batches: the window from the loader state
   at the streak's first step to the state after its last. The window is written to
   `anomaly-skips.json` beside the checkpoints *before* the rollback and is carried in every later

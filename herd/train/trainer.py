@@ -191,6 +191,7 @@ class Trainer:
                                          log=self.log)
         self.step = 0
         self.tokens_seen = 0
+        self._checkpoint_owed = False  # a periodic checkpoint fell on a skipped update: write it at the next good step
         self.loader: Loader | None = None
         self.loader_key = ""  # which sources/weights the loader reads; its state only carries over if equal
         self._pending_loader_state: tuple[str, bytes] | None = None
@@ -241,6 +242,7 @@ class Trainer:
         meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
+        self._checkpoint_owed = False
         return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -454,13 +456,16 @@ class Trainer:
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log_val(self.step, span.name, val)
-            if self.step % cfg.checkpoint_every(span.index) == 0 and self.step < span.end:
+            if (self.step % cfg.checkpoint_every(span.index) == 0 or self._checkpoint_owed) and self.step < span.end:
                 self.save_checkpoint(span)
         return last
 
     def _after_anomaly(self, span: StageSpan, verdict: Verdict) -> None:
         """Log a skipped update; at the end of a long enough streak, roll back and skip its data."""
         self.metrics.log_anomaly(span.name, dataclasses.asdict(verdict.record))
+        # Never a checkpoint inside a streak: a rollback then always has one from before it, and no
+        # checkpoint of the abandoned steps is left for a resume to pick up.
+        self._checkpoint_owed |= self.step % self.cfg.checkpoint_every(span.index) == 0
         if not verdict.rollback:
             return
         target = self.checkpointer.latest()
@@ -468,6 +473,7 @@ class Trainer:
                                             checkpoint_step=None if target is None else target.step)
         self.load_checkpoint(target)
         self._enter_stage(span)
+        self._checkpoint_owed = False
         self.metrics.rewind(self.step)
         self.metrics.log_anomaly(span.name, dataclasses.asdict(self.anomaly.rollback_record(window)))
 

@@ -226,3 +226,10 @@ def test_a_streak_early_in_a_stage_rolls_back_to_the_previous_stage_end(data, tm
     ref.fit()
     assert _same(_weights(t), _weights(ref))
     assert result.anomalies == {"nonfinite_loss": 2, "rollback": 1}
+
+
+def test_a_checkpoint_due_at_a_skipped_update_is_written_at_the_next_good_step(data, tmp_path):
+    t = Trainer(_cfg(data, tmp_path))
+    FaultInjector().nan_grad(6).install(t)
+    assert t.fit().anomalies == {"nonfinite_grad": 1}
+    assert [c.step for c in t.checkpointer._scan()] == [3, 7, 8]  # 6 skipped its update: deferred to 7
