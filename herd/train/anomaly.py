@@ -285,8 +285,8 @@ class AnomalyGuard:
             try:
                 windows = [SkipWindow(**w) for w in json.loads(self.ledger.read_text())["windows"]]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.ledger} is not a valid record of skipped data ({e}); it is written by "
-                                 "herd train at rollbacks: restore it, or delete it to train on that data again") from None
+                raise ValueError(f"{self.ledger} is not a valid record of skipped data ({e}); herd train writes it "
+                                 "at rollbacks: restore it, or delete it to train on that data again") from None
         if _dist():
             box = [windows]
             dist.broadcast_object_list(box, src=0)
