@@ -230,3 +230,9 @@ def test_herd_train_reports_a_stop_as_a_message_and_exit_status_1(tmp_path, monk
         main(["train", str(cfg)])
     assert e.value.code == 1
     assert capsys.readouterr().err.strip().endswith("herd train: stopped: step 3: nothing to roll back to")
+
+
+def test_a_damaged_ledger_is_a_clear_error(tmp_path):
+    (tmp_path / LEDGER).write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid record of skipped data.*delete it to train on that data"):
+        AnomalyGuard(AnomalyConfig(), device=torch.device("cpu"), ledger=tmp_path / LEDGER, log=lambda m: None)
