@@ -35,6 +35,7 @@ NAMES = (
                              "TP 2 + selective AC", "CP 2 + selective AC")]
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]
     + [f"anomaly {n}" for n in scenarios_anomaly.CASES]
+    + ["anomaly FSDP 2 Trainer: rollback after NaN gradients on rank 1 equals a run without the window"]
 )
 
 

@@ -146,16 +146,18 @@ def test_rollback_restores_the_checkpoint_and_then_matches_a_run_without_the_win
     assert (window["first_step"], window["last_step"], window["rollback_to"]) == (5, 6, 3)
 
 
-def test_a_kill_after_a_rollback_resumes_exactly(data, tmp_path, reference):
-    # Loader calls: steps 1-6, the replayed step 4, then the new step 5 (call 8) dies. The latest
-    # checkpoint is still step 3's, which knows nothing of the window: the ledger does.
-    t = Trainer(_cfg(data, tmp_path), loader_factory=_factory(die_at=8))
+@pytest.mark.parametrize("die_at,resumed_from", [(8, 3), (10, 6)], ids=["before-a-new-checkpoint", "after-one"])
+def test_a_kill_after_a_rollback_resumes_exactly(data, tmp_path, reference, die_at, resumed_from):
+    # Loader calls: steps 1-6, the replayed step 4, then the new steps 5, 6 (checkpointed), 7. Dying
+    # at the new step 5 leaves step 3's checkpoint the latest, which knows nothing of the window:
+    # the ledger does. Dying at step 7 resumes from step 6's, which carries the window itself.
+    t = Trainer(_cfg(data, tmp_path), loader_factory=_factory(die_at=die_at))
     FaultInjector().nan_grad(5).nan_grad(6).install(t)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     resumed = Trainer(_cfg(data, tmp_path))  # a new process: no faults this time
     result = resumed.fit()
-    assert result.resumed_from == 3
+    assert result.resumed_from == resumed_from
     ref_weights, ref_losses = reference
     assert _same(_weights(resumed), ref_weights)
     assert _losses(tmp_path) == ref_losses
