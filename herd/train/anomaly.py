@@ -215,15 +215,16 @@ class AnomalyGuard:
         state = loader.state_dict() if self.cfg.max_consecutive or self.windows else None
         if state is None:
             return  # rollbacks are off and nothing is recorded: no loader state needed
-        moved = True
-        while moved:
-            moved = False
-            for w in self.windows:
-                if w.loader_key == loader_key and _canon(w.start) == _canon(state):
-                    loader.load_state_dict(json.loads(json.dumps(w.end)))  # a copy: the loader may keep it
-                    state, moved = loader.state_dict(), True
-                    self.log(f"step {step}: skipping the data of steps {w.first_step}-{w.last_step} (recorded at a "
-                             f"rollback to step {w.rollback_to})")
+        pending = list(self.windows)  # each window at most once: back-to-back windows chain, none can loop
+        while True:
+            match = next((w for w in pending if w.loader_key == loader_key and _canon(w.start) == _canon(state)), None)
+            if match is None:
+                break
+            pending.remove(match)
+            loader.load_state_dict(json.loads(json.dumps(match.end)))  # a copy: the loader may keep it
+            state = loader.state_dict()
+            self.log(f"step {step}: skipping the data of steps {match.first_step}-{match.last_step} (recorded at a "
+                     f"rollback to step {match.rollback_to})")
         self._step_start = (step, loader_key, state)
 
     def plan_rollback(self, *, step: int, loader: Any, checkpoint_step: int | None) -> SkipWindow:

@@ -236,3 +236,22 @@ def test_a_damaged_ledger_is_a_clear_error(tmp_path):
     (tmp_path / LEDGER).write_text("{not json")
     with pytest.raises(ValueError, match="not a valid record of skipped data.*delete it to train on that data"):
         AnomalyGuard(AnomalyConfig(), device=torch.device("cpu"), ledger=tmp_path / LEDGER, log=lambda m: None)
+
+
+def test_back_to_back_windows_chain_and_an_empty_one_cannot_loop(tmp_path):
+    class _Loader:
+        pos = 0
+
+        def state_dict(self):
+            return {"pos": self.pos}
+
+        def load_state_dict(self, state):
+            self.pos = state["pos"]
+
+    windows = [{"loader_key": "k", "start": {"pos": a}, "end": {"pos": b}, "first_step": 1, "last_step": 2,
+                "rollback_to": 0} for a, b in ((10, 20), (0, 10), (20, 20))]
+    (tmp_path / LEDGER).write_text(json.dumps({"version": 1, "windows": windows}))
+    guard = AnomalyGuard(AnomalyConfig(), device=torch.device("cpu"), ledger=tmp_path / LEDGER, log=lambda m: None)
+    loader = _Loader()
+    guard.before_step(1, loader, "k")
+    assert loader.pos == 20
