@@ -24,11 +24,19 @@ def cmd_train(opts) -> None:
             raise SystemExit(code)
         return
     from herd.train.anomaly import AnomalyStop
+    from herd.train.checkpoint import CheckpointVerifyError
+    from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
 
+    cfg = load_config(opts.config, overrides)
     try:
-        result = Trainer(load_config(opts.config, overrides)).fit()
-    except AnomalyStop as e:  # a clear end, not a crash: the message says what to do
-        print(f"herd train: stopped: {e}", file=sys.stderr)
+        result = Trainer(cfg).fit()
+    except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(SDC_EXIT_CODE) from None
+    except AnomalyStop as e:  # the run cannot recover by itself: a clear end, the message says what to do
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: stopped: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if not is_rank0():
         return
