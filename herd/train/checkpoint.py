@@ -280,6 +280,12 @@ def load(path: str | Path, state: dict[str, Any]) -> None:
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
 
 
+def saved_keys(path: str | Path) -> set[str]:
+    """The flattened names a checkpoint holds ("model.norm.weight", "train.step"): loading a key it
+    lacks is an error in DCP, so state added in a later version must be asked about first."""
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's tensors out of a training checkpoint (for export and averaging)."""
     sd = model.state_dict()
