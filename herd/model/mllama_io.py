@@ -243,8 +243,8 @@ def args_from_hf_config(config: Mapping[str, Any]) -> MllamaArgs:
             patch_size=int(vc.get("patch_size", 14)), in_channels=int(vc.get("num_channels", 3)),
             max_num_tiles=int(vc.get("max_num_tiles", 4)), norm_eps=float(vc.get("norm_eps", 1e-5)),
             intermediate_layers=tuple(vc.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
-            aspect_ratios=tuple(tuple(r) for r in vc.get("supported_aspect_ratios") or
-                                [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+            aspect_ratios=tuple(tuple(r) for r in vc["supported_aspect_ratios"]) if vc.get("supported_aspect_ratios")
+            else None,
         ),
         n_cross_layers=len(cross),
     )
@@ -310,14 +310,8 @@ def args_from_meta_params(params: Mapping[str, Any]) -> MllamaArgs:
     if vision is not None:
         vargs = VisionArgs(**vision)
     else:
-        vargs = VisionArgs(image_size=chunk, max_num_tiles=tiles,
-                           aspect_ratios=tuple(r for r in _ratios(tiles)))
+        vargs = VisionArgs(image_size=chunk, max_num_tiles=tiles)
     return MllamaArgs(text=text_args(params), vision=vargs, n_cross_layers=n_cross)
-
-
-def _ratios(max_num_tiles: int):
-    from herd.model.vision import supported_aspect_ratios
-    return supported_aspect_ratios(max_num_tiles)
 
 
 # ---- directories ---------------------------------------------------------------------------

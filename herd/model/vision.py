@@ -27,18 +27,17 @@ Design choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# HF's MllamaVisionConfig default for max_num_tiles=4 (height, width in tiles).
-DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
-
-
 def supported_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
-    """Every (height, width) tiling with at most max_num_tiles tiles, in HF's order."""
+    """Every (height, width) tiling with at most max_num_tiles tiles, in HF's order.
+
+    For 4 tiles: (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1), HF's default list.
+    """
     return tuple((h, w) for h in range(1, max_num_tiles + 1) for w in range(1, max_num_tiles + 1)
                  if h * w <= max_num_tiles)
 
@@ -56,9 +55,11 @@ class VisionArgs:
     max_num_tiles: int = 4
     norm_eps: float = 1e-5
     intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
-    aspect_ratios: tuple[tuple[int, int], ...] = field(default=DEFAULT_ASPECT_RATIOS)
+    aspect_ratios: tuple[tuple[int, int], ...] | None = None  # None: every tiling of <= max_num_tiles
 
     def __post_init__(self) -> None:
+        if self.aspect_ratios is None:
+            self.aspect_ratios = supported_aspect_ratios(self.max_num_tiles)
         self.intermediate_layers = tuple(int(i) for i in self.intermediate_layers)
         self.aspect_ratios = tuple((int(h), int(w)) for h, w in self.aspect_ratios)
         if self.width % self.n_heads:

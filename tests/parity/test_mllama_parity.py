@@ -42,9 +42,7 @@ def tiny_args(max_num_tiles: int = 2) -> MllamaArgs:
                        rope_theta=10000.0, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16),
                        max_seq_len=64),
         vision=VisionArgs(width=32, n_layers=3, n_global_layers=1, n_heads=2, mlp_dim=64, image_size=28,
-                          patch_size=14, max_num_tiles=max_num_tiles, intermediate_layers=(1, 2),
-                          aspect_ratios=tuple((h, w) for h in range(1, max_num_tiles + 1)
-                                              for w in range(1, max_num_tiles + 1) if h * w <= max_num_tiles)),
+                          patch_size=14, max_num_tiles=max_num_tiles, intermediate_layers=(1, 2)),
         n_cross_layers=2,
     )
 
