@@ -261,10 +261,13 @@ class Mllama(nn.Module):
         aspect_ratio_ids: torch.Tensor | None = None,
         aspect_ratio_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
+        cross_kv: CrossKV | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Logits (B, S, vocab) in fp32; with images, encodes them first (see `encode_images`)."""
-        cross_kv = kwargs.pop("cross_kv", None)
+        """Logits (B, S, vocab) in fp32. With `images`, encodes them first (see `encode_images`);
+        for decoding pass the request's `cross_kv` instead. Other keywords as in `hidden`."""
+        if images is not None and cross_kv is not None:
+            raise ValueError("pass either images (encoded now) or cross_kv (encoded earlier), not both")
         if images is not None:
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("images need aspect_ratio_ids (batch, images) and aspect_ratio_mask (batch, images, "
