@@ -48,7 +48,7 @@ from herd.train import checkpoint as ckpt_io
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
-from herd.train.core import TrainCore, cross_entropy_sum, token_loss
+from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
@@ -267,8 +267,11 @@ class Trainer:
                                                     doc_ids=doc_ids, loss_chunks=self.core.loss_chunks)
                     count += b.num_targets
                     continue
-                logits = model(b.inputs.to(self.device), doc_ids=doc_ids)
-            total += cross_entropy_sum(logits, b.targets.to(self.device)).item()
+                # The training loss (chunked head with train.loss_chunks > 1), so validation never
+                # holds the full (B, S, vocab) logits that the training step was configured to avoid.
+                loss = token_loss(self.cfg.train.loss_chunks)(
+                    model, TokenBatch(b.inputs.to(self.device), b.targets.to(self.device), doc_ids, b.num_targets))
+            total += loss.item()
             count += b.num_targets
         model.train(was_training)
         return total / max(count, 1)
