@@ -33,14 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-def supported_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
-    """Every (height, width) tiling with at most max_num_tiles tiles, in HF's order.
-
-    For 4 tiles: (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1), HF's default list.
-    """
-    return tuple((h, w) for h in range(1, max_num_tiles + 1) for w in range(1, max_num_tiles + 1)
-                 if h * w <= max_num_tiles)
-
+from herd.model.vision_preprocess import supported_aspect_ratios
 
 @dataclass
 class VisionArgs:
@@ -55,7 +48,8 @@ class VisionArgs:
     max_num_tiles: int = 4
     norm_eps: float = 1e-5
     intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
-    aspect_ratios: tuple[tuple[int, int], ...] | None = None  # None: every tiling of <= max_num_tiles
+    # (rows, columns) per aspect ratio id - 1; None: every grid of <= max_num_tiles tiles, HF's default order
+    aspect_ratios: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.aspect_ratios is None:

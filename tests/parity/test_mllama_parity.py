@@ -250,3 +250,19 @@ def test_preset_parameter_counts(name, published):
     assert math.ceil(args.text.n_layers / args.n_cross_layers) == 4
     # <|image|> is the first of the 8 extra rows (HF's embed_tokens has vocab + 8 rows).
     assert IMAGE_TOKEN_ID == args.text.vocab_size == hf.model.language_model.embed_tokens.num_embeddings - 8
+
+
+def test_preprocessed_pil_images_end_to_end(pair):
+    """herd's own preprocessing (vision_preprocess) feeding both models: a wide and a tall picture."""
+    Image = pytest.importorskip("PIL.Image")
+    from herd.model.vision_preprocess import cross_attention_mask, preprocess_images
+
+    model, hf = pair
+    gen = torch.Generator().manual_seed(12)
+    wide, tall = ((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy() for h, w in ((20, 50), (60, 25)))
+    batch = preprocess_images([[Image.fromarray(wide), Image.fromarray(tall)]], tile_size=28, max_tiles=2)
+    assert batch.aspect_ratio_ids.tolist() == [[2, 3]]  # (1, 2) and (2, 1) grids
+    tokens = torch.tensor([[IMG, 81, 82, IMG, 83, 84, 85]])
+    xmask = cross_attention_mask(tokens.tolist(), batch.num_tiles, image_token=IMG, max_tiles=2)
+    ours, ref = both(model, hf, tokens, batch.pixel_values, batch.aspect_ratio_ids, batch.aspect_ratio_mask, xmask)
+    assert (ours - ref).abs().max() < TOL
