@@ -126,6 +126,8 @@ def cmd_generate(opts) -> None:
     import dataclasses
     import os
 
+    if opts.image:
+        return _generate_with_images(opts)
     if opts.input is not None or opts.output is not None:
         for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora)):
             if bad:
@@ -213,6 +215,25 @@ def _generate(opts, lm, params, schema: dict | None) -> None:
         if opts.logprobs and r.logprobs:
             line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
         print(line, file=sys.stderr)
+
+
+def _generate_with_images(opts) -> None:
+    from herd.generate.vision import generate_with_images, load_vision_for_inference
+
+    refused = (("--input/--output", opts.input is not None or opts.output is not None), ("--tp", opts.tp != 1),
+               ("--lora", opts.lora), ("--json-schema", opts.json_schema), ("--logprobs", opts.logprobs))
+    for flag, bad in refused:
+        if bad:
+            raise ValueError(f"{flag} does not go with --image yet; drop one of them")
+    if not opts.prompt or len(opts.prompt) != 1:
+        raise ValueError("--image takes one --prompt TEXT, the text that follows the image(s)")
+    lm = load_vision_for_inference(opts.path, tokenizer=opts.tokenizer, dtype=opts.dtype, device=opts.device)
+    images = lm.preprocess(opts.image)
+    prompt = lm.encode_prompt(opts.prompt[0], len(opts.image), chat=opts.chat, system=opts.system)
+    [result] = generate_with_images(lm.model, [prompt], images, max_new_tokens=opts.max_new_tokens,
+                                    sampling=sampling(opts), stop_tokens=() if opts.ignore_eos else lm.stop_tokens)
+    print(("" if opts.chat else opts.prompt[0]) + lm.tokenizer.decode(result.tokens))
+    print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
 
 
 def _generate_batch(opts) -> None:
@@ -369,6 +390,9 @@ def _generate_args(p):
     _chat_args(p)
     p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image the prompt is about (repeatable; a Llama 3.2 Vision checkpoint); the image tokens "
+                   "go before the text")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
     p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")

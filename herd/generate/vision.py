@@ -13,14 +13,20 @@ generated tokens see what the prompt's last token saw, as transformers' generate
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from herd.generate.generate import GenerationResult, generate
 from herd.model.mllama import N_LEARNABLE_TOKENS, Mllama
-from herd.model.vision_preprocess import ImageBatch, cross_attention_mask
+from herd.model.mllama_io import is_mllama_dir, load_mllama
+from herd.model.vision_preprocess import ImageBatch, cross_attention_mask, preprocess_images
+from herd.tokenizer import Message, TokenizerLike, chat_format_for, load_tokenizer
+from herd.tokenizer.chat import IMAGE
 
 
 class ImageConditioned:
@@ -80,3 +86,63 @@ def generate_with_images(model: Mllama, prompts: Sequence[Sequence[int]], images
     max_len = min(max(len(p) for p in prompts) + max_new_tokens, model.args.text.max_seq_len)
     bound = ImageConditioned(model, prompts, images, max_len=max_len, image_token=image_token)
     return generate(bound, prompts, max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[arg-type]
+
+
+# ---- opening a vision checkpoint for the CLI -----------------------------------------------------
+
+
+@dataclass
+class LoadedVisionModel:
+    """A Llama 3.2 Vision checkpoint opened for inference, with its tokenizer (as `LoadedModel` for text)."""
+
+    model: Mllama
+    tokenizer: TokenizerLike
+    path: Path
+
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        return tuple(self.tokenizer.stop_tokens)
+
+    def encode_prompt(self, text: str, n_images: int, *, chat: bool, system: str | None = None) -> list[int]:
+        """`n_images` image tokens and the text: as one user turn in the chat format (`chat`), else as
+        `<|image|>...<|begin_of_text|>text`, the released base models' prompt shape."""
+        image = self.model.args.text.vocab_size
+        if chat:
+            if system:
+                raise ValueError("a dialog with images takes no system message (the released chat template refuses "
+                                 "one); drop --system")
+            fmt = chat_format_for(self.path, self.tokenizer)
+            return fmt.encode_dialog_prompt([Message(role="user", content=[*[IMAGE] * n_images, text])]).tokens
+        return [image] * n_images + self.tokenizer.encode(text, bos=self.tokenizer.add_bos, eos=False)
+
+    def preprocess(self, files: Sequence[str | os.PathLike[str]]) -> ImageBatch:
+        """Open image files (anything Pillow reads) and tile them for this model."""
+        from PIL import Image, UnidentifiedImageError
+
+        images = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    images.append(im.copy())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"image {str(f)!r} does not exist") from None
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"cannot read image {str(f)!r} ({e}); pass a PNG, JPEG or another format Pillow "
+                                 "opens") from None
+        v = self.model.args.vision
+        return preprocess_images([images], tile_size=v.image_size, max_tiles=v.max_num_tiles)
+
+
+def load_vision_for_inference(path: str | os.PathLike[str], *, tokenizer: str | os.PathLike[str] | None = None,
+                              dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> LoadedVisionModel:
+    """Open a Llama 3.2 Vision checkpoint (HF or Meta directory); fp32 on CPU unless `dtype` says otherwise."""
+    path = Path(path).expanduser()
+    if not is_mllama_dir(path):
+        raise ValueError(f"{path} is not a Llama 3.2 Vision checkpoint (HF config.json with model_type 'mllama' or a "
+                         "Meta params.json with vision_* fields); images need one")
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32
+    model = load_mllama(path, dtype=dtype, device=device).eval()
+    tok = load_tokenizer(path, tokenizer, vocab_size=model.args.text.vocab_size)
+    return LoadedVisionModel(model=model, tokenizer=tok, path=path)
