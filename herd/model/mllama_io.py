@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from herd.io import atomic_dir
 from herd.model.keymap import args_from_hf_config as text_args_from_hf_config
 from herd.model.keymap import permute_from_hf, permute_to_hf
-from herd.model.mllama import N_LEARNABLE_TOKENS, Mllama, MllamaArgs, build_mllama
+from herd.model.formats import _read_safetensors
+from herd.model.mllama import N_LEARNABLE_TOKENS, Mllama, MllamaArgs
 from herd.model.vision import VisionArgs
 
 _TEXT = "model.language_model."
@@ -347,9 +348,7 @@ def load_mllama(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         files = sorted(root.glob("model*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{root} has config.json but no model*.safetensors")
-        raw: dict[str, torch.Tensor] = {}
-        for f in files:
-            raw.update(load_file(str(f)))
+        raw = _read_safetensors(files)  # mapped, not read into memory
         sd = from_hf_state_dict(raw, args)
     elif (root / "params.json").is_file():
         args = args_from_meta_params(json.loads((root / "params.json").read_text()))
@@ -360,8 +359,18 @@ def load_mllama(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         sd = from_meta_state_dict(torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True), args)
     else:
         raise FileNotFoundError(f"{root} has neither config.json (HF) nor params.json (Meta)")
-    model = build_mllama(args, device=device, dtype=dtype or sd["text_model.tok_embeddings.weight"].dtype, init=False)
-    model.load_state_dict(sd, strict=True)
+    return _materialize(args, sd, dtype=dtype, device=device)
+
+
+def _materialize(args: MllamaArgs, sd: dict[str, torch.Tensor], *, dtype: torch.dtype | None,
+                 device: torch.device | str) -> Mllama:
+    """Assign the (mapped) tensors into a model built on the meta device: no second copy of the weights."""
+    dtype = dtype or sd["text_model.tok_embeddings.weight"].dtype
+    with torch.device("meta"):
+        model = Mllama(args)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    t = model.text_model
+    t.freqs_cis = t._rope_table(torch.device(device))  # the RoPE table was built on the meta device
     return model
 
 
