@@ -11,7 +11,10 @@ from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_a
 
 def cmd_info(opts) -> None:
     from herd.model.formats import describe
+    from herd.model.mllama_io import is_mllama_dir
 
+    if is_mllama_dir(opts.path):
+        return _info_vision(opts)
     info = describe(opts.path)
     a = info.args
     if opts.json:
@@ -41,6 +44,37 @@ def cmd_info(opts) -> None:
     ]
     for k, v in rows:
         print(f"{k:>16}  {v}")
+
+
+def _info_vision(opts) -> None:
+    from herd.model.mllama_io import read_mllama_args
+
+    fmt, a, files = read_mllama_args(opts.path)
+    t, v = a.text, a.vision
+    n = a.num_params()
+    on_disk = sum(f.stat().st_size for f in files)
+    if opts.json:
+        print(json.dumps({"path": str(opts.path), "format": fmt, "model": "llama3.2-vision", "num_params": n,
+                          "bytes_on_disk": on_disk, "files": [f.name for f in files]}, indent=2))
+        return
+    rows = [
+        ("path", str(opts.path)),
+        ("format", {"hf": "Hugging Face safetensors (mllama)", "meta": "Meta consolidated.*.pth (vision)"}[fmt]),
+        ("files", ", ".join(f.name for f in files)),
+        ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
+        ("size on disk", f"{on_disk / 2**20:,.1f} MiB"),
+        ("text layers", f"{t.n_layers} self + {a.n_cross_layers} cross (before self layers "
+                        f"{', '.join(map(str, a.fusion_schedule))}) / dim {t.dim}"),
+        ("heads (q / kv)", f"{t.n_heads} / {t.n_kv_heads}, head_dim {t.head_dim}"),
+        ("vocabulary", f"{t.vocab_size:,} + 8 (<|image|> = {t.vocab_size})"),
+        ("context", f"{t.max_seq_len:,} tokens"),
+        ("vision encoder", f"width {v.width}, {v.n_layers} local + {v.n_global_layers} global layers, "
+                           f"{v.n_heads} heads, features of layers {', '.join(map(str, v.intermediate_layers))}"),
+        ("tiles", f"{v.image_size} px, patch {v.patch_size}, up to {v.max_num_tiles} "
+                  f"({len(v.aspect_ratios)} aspect ratios), {v.n_tokens} tokens each"),
+    ]
+    for k, val in rows:
+        print(f"{k:>16}  {val}")
 
 
 def _attach_loras(model, specs: list[str] | None):

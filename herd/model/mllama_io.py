@@ -333,6 +333,21 @@ def is_mllama_dir(path: str | os.PathLike) -> bool:
     return False
 
 
+def read_mllama_args(path: str | os.PathLike) -> tuple[str, MllamaArgs, list[Path]]:
+    """(format "hf" or "meta", args, weight files) of a vision checkpoint directory, from its config only."""
+    root = Path(path)
+    if (root / "config.json").is_file():
+        try:
+            args = args_from_hf_config(json.loads((root / "config.json").read_text()))
+        except ValueError as e:
+            raise ValueError(f"{root / 'config.json'}: {e}") from e
+        return "hf", args, sorted(root.glob("model*.safetensors"))
+    if (root / "params.json").is_file():
+        return "meta", args_from_meta_params(json.loads((root / "params.json").read_text())), \
+            sorted(root.glob("consolidated.*.pth"))
+    raise FileNotFoundError(f"{root} has neither config.json (HF) nor params.json (Meta)")
+
+
 def load_mllama(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                 device: torch.device | str = "cpu") -> Mllama:
     """Load an HF (config.json + model*.safetensors) or Meta (params.json + consolidated.00.pth) directory."""

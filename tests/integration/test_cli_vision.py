@@ -83,3 +83,14 @@ def test_a_text_checkpoint_is_refused_for_images(tmp_path, vis, capsys):
     herd.save_model(text, tmp_path / "text")
     assert main(["generate", str(tmp_path / "text"), "--image", str(picture), "--prompt", "a"]) == 2
     assert "not a Llama 3.2 Vision checkpoint" in capsys.readouterr().err
+
+
+def test_info_describes_a_vision_checkpoint(vis, capsys):
+    path, _ = vis
+    assert main(["info", str(path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "2 self + 1 cross (before self layers 1)" in out
+    assert "<|image|> = 128256" in out and "28 px, patch 14, up to 2 (3 aspect ratios), 5 tokens each" in out
+    lm = load_vision_for_inference(path)
+    n = sum(p.numel() for p in lm.model.parameters())
+    assert f"{n:,}" in out
