@@ -5,7 +5,7 @@ layout and loaded with strict=True). Gates, norms and biases are redrawn away fr
 so that every gated path, a swapped norm or a missing bias moves the logits far past TOL.
 
 Tiles are 28 px with 14 px patches: 4 patches + the class token = 5 tokens, padded to 8, so the
-pad-to-a-multiple-of-8 path and its attention mask are exercised as in the real models (1025 -> 1032).
+pad-to-a-multiple-of-8 path and its attention mask are exercised as in the real models (1601 -> 1608 at 560 px).
 
 Two known differences from transformers 5.3, both where herd follows Meta's reference code:
 * intermediate vision features: transformers records the output of local layer i, Meta the input
@@ -199,7 +199,7 @@ def test_aspect_ratio_mask_is_hfs_including_the_both_padding_quirk():
     assert ours[0, 0, real_q, pad_tile] == 0 and ours[0, 0, pad_tile, real_q] == 0
     assert ours[0, 0, pad_slot, pad_tile] == torch.finfo(torch.float32).min
     # No pad slots (8 tokens): transformers marks *every* token as padding (its `[..., -0:] = 0`);
-    # herd marks only the padding tile. No released tile size hits this (1025 -> 1032).
+    # herd marks only the padding tile. No released tile size hits this (1601 -> 1608).
     hf_nopad = _prepare_aspect_ratio_attention_mask(ar_mask, num_patches=8, target_length=8, dtype=torch.float32)
     assert bool((hf_nopad == torch.finfo(torch.float32).min).all())
     ours_nopad = tile_attention_mask(ar_mask, n_tokens=8, n_padded=8, dtype=torch.float32)

@@ -90,3 +90,23 @@ def test_fusion_schedule_is_metas_uniform_spread():
     assert MllamaArgs(text=a.text.replace(n_layers=32), n_cross_layers=8).fusion_schedule == list(range(3, 32, 4))
     # Uneven: 10 layers, 3 cross layers -> every 4th from the top.
     assert MllamaArgs(text=a.text.replace(n_layers=10), n_cross_layers=3).fusion_schedule == [1, 5, 9]
+
+
+def test_released_sizes_run_on_the_meta_device():
+    """The 11B preset end to end without memory: 560 px tiles give 1601 tokens (padded to 1608 inside),
+    7680 features per token (5 intermediate layers + the last), and vocabulary-sized logits."""
+    from herd.model.mllama import PRESETS, Mllama
+
+    args = PRESETS["llama3.2-11b-vision"]
+    assert (args.vision.n_tokens, args.vision.n_padded, args.vision.output_dim) == (1601, 1608, 7680)
+    with torch.device("meta"):
+        model = Mllama(args)
+        images = torch.empty(1, 2, 4, 3, 560, 560)
+        ids, mask = torch.empty(1, 2, dtype=torch.long), torch.empty(1, 2, 4, dtype=torch.long)
+        feats = model.vision_model.vision_encoder(images, ids, mask)
+        kv = model.encode_images(images, ids, mask)
+        logits = model(torch.empty(1, 6, dtype=torch.long), cross_kv=kv,
+                       cross_attention_mask=torch.empty(1, 6, 2, 4, dtype=torch.long))
+    assert feats.shape == (1, 2, 4, 1601, 7680)
+    assert kv.k[0].shape == (1, 8, 2 * 4 * 1601, 128) and len(kv.k) == 8
+    assert logits.shape == (1, 6, 128256)
