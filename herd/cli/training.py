@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,16 @@ def cmd_train(opts) -> None:
         if code:
             raise SystemExit(code)
         return
-    result = Trainer(load_config(opts.config, overrides)).fit()
+    from herd.train.checkpoint import CheckpointVerifyError
+    from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
+
+    cfg = load_config(opts.config, overrides)
+    try:
+        result = Trainer(cfg).fit()
+    except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(SDC_EXIT_CODE) from None
     if not is_rank0():
         return
     for s in result.stages:
