@@ -23,6 +23,7 @@ def cmd_train(opts) -> None:
         if code:
             raise SystemExit(code)
         return
+    from herd.train.anomaly import AnomalyStop
     from herd.train.checkpoint import CheckpointVerifyError
     from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
 
@@ -33,6 +34,10 @@ def cmd_train(opts) -> None:
         if is_rank0():  # every rank raised the same message
             print(f"herd train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(SDC_EXIT_CODE) from None
+    except AnomalyStop as e:  # the run cannot recover by itself: a clear end, the message says what to do
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if not is_rank0():
         return
     for s in result.stages:
@@ -42,6 +47,9 @@ def cmd_train(opts) -> None:
         if s.averaged:
             line += f"; averaged model {s.averaged}"
         print(line)
+    if result.anomalies:
+        print("anomalies: " + ", ".join(f"{n} {kind}" for kind, n in sorted(result.anomalies.items()))
+              + " (records in metrics.jsonl)")
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
           + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
 
