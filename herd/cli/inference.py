@@ -11,7 +11,10 @@ from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_a
 
 def cmd_info(opts) -> None:
     from herd.model.formats import describe
+    from herd.model.mllama_io import is_mllama_dir
 
+    if is_mllama_dir(opts.path):
+        return _info_vision(opts)
     info = describe(opts.path)
     a = info.args
     if opts.json:
@@ -41,6 +44,37 @@ def cmd_info(opts) -> None:
     ]
     for k, v in rows:
         print(f"{k:>16}  {v}")
+
+
+def _info_vision(opts) -> None:
+    from herd.model.mllama_io import read_mllama_args
+
+    fmt, a, files = read_mllama_args(opts.path)
+    t, v = a.text, a.vision
+    n = a.num_params()
+    on_disk = sum(f.stat().st_size for f in files)
+    if opts.json:
+        print(json.dumps({"path": str(opts.path), "format": fmt, "model": "llama3.2-vision", "num_params": n,
+                          "bytes_on_disk": on_disk, "files": [f.name for f in files]}, indent=2))
+        return
+    rows = [
+        ("path", str(opts.path)),
+        ("format", {"hf": "Hugging Face safetensors (mllama)", "meta": "Meta consolidated.*.pth (vision)"}[fmt]),
+        ("files", ", ".join(f.name for f in files)),
+        ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
+        ("size on disk", f"{on_disk / 2**20:,.1f} MiB"),
+        ("text layers", f"{t.n_layers} self + {a.n_cross_layers} cross (before self layers "
+                        f"{', '.join(map(str, a.fusion_schedule))}) / dim {t.dim}"),
+        ("heads (q / kv)", f"{t.n_heads} / {t.n_kv_heads}, head_dim {t.head_dim}"),
+        ("vocabulary", f"{t.vocab_size:,} + 8 (<|image|> = {t.vocab_size})"),
+        ("context", f"{t.max_seq_len:,} tokens"),
+        ("vision encoder", f"width {v.width}, {v.n_layers} local + {v.n_global_layers} global layers, "
+                           f"{v.n_heads} heads, features of layers {', '.join(map(str, v.intermediate_layers))}"),
+        ("tiles", f"{v.image_size} px, patch {v.patch_size}, up to {v.max_num_tiles} "
+                  f"({len(v.aspect_ratios)} aspect ratios), {v.n_tokens} tokens each"),
+    ]
+    for k, val in rows:
+        print(f"{k:>16}  {val}")
 
 
 def _attach_loras(model, specs: list[str] | None):
@@ -126,6 +160,8 @@ def cmd_generate(opts) -> None:
     import dataclasses
     import os
 
+    if opts.image:
+        return _generate_with_images(opts)
     if opts.input is not None or opts.output is not None:
         for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora)):
             if bad:
@@ -213,6 +249,25 @@ def _generate(opts, lm, params, schema: dict | None) -> None:
         if opts.logprobs and r.logprobs:
             line += " logprobs: " + " ".join(f"{tok.decode([t])!r}:{lp:.3f}" for t, lp in zip(r.tokens, r.logprobs))
         print(line, file=sys.stderr)
+
+
+def _generate_with_images(opts) -> None:
+    from herd.generate.vision import generate_with_images, load_vision_for_inference
+
+    refused = (("--input/--output", opts.input is not None or opts.output is not None), ("--tp", opts.tp != 1),
+               ("--lora", opts.lora), ("--json-schema", opts.json_schema), ("--logprobs", opts.logprobs))
+    for flag, bad in refused:
+        if bad:
+            raise ValueError(f"{flag} does not go with --image yet; drop one of them")
+    if not opts.prompt or len(opts.prompt) != 1:
+        raise ValueError("--image takes one --prompt TEXT, the text that follows the image(s)")
+    lm = load_vision_for_inference(opts.path, tokenizer=opts.tokenizer, dtype=opts.dtype, device=opts.device)
+    images = lm.preprocess(opts.image)
+    prompt = lm.encode_prompt(opts.prompt[0], len(opts.image), chat=opts.chat, system=opts.system)
+    [result] = generate_with_images(lm.model, [prompt], images, max_new_tokens=opts.max_new_tokens,
+                                    sampling=sampling(opts), stop_tokens=() if opts.ignore_eos else lm.stop_tokens)
+    print(("" if opts.chat else opts.prompt[0]) + lm.tokenizer.decode(result.tokens))
+    print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
 
 
 def _generate_batch(opts) -> None:
@@ -442,6 +497,9 @@ def _generate_args(p):
     _chat_args(p)
     p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image the prompt is about (repeatable; a Llama 3.2 Vision checkpoint); the image tokens "
+                   "go before the text")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
     p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")
