@@ -1,0 +1,130 @@
+"""Adapter training (paper §7): the text model stays bitwise frozen, only the adapter trains, the
+zero-gate adapter is the text model exactly, and the trained adapter round-trips through a checkpoint."""
+
+import pytest
+import torch
+
+from herd.model.mllama_io import load_mllama, save_mllama
+from herd.posttrain.config import FinetuneOptimConfig
+from herd.posttrain.vision_adapter import (
+    ADAPTER_PREFIXES, adapter_optimizer, attach_adapter, caption_examples, example_loss, freeze_text_model,
+    picture_set, qa_examples, text_state, tiny_vision_args, train_stage,
+)
+
+pytest.importorskip("PIL")
+
+
+@pytest.fixture
+def text_model(tiny_model):
+    return tiny_model(seed=1, n_layers=4).eval()
+
+
+@pytest.fixture(scope="module")
+def pics():
+    return picture_set(8, seed=0, size=56, vision=tiny_vision_args())
+
+
+def _adapter(text_model):
+    model = attach_adapter(text_model, tiny_vision_args(), n_cross_layers=2, seed=0)
+    freeze_text_model(model)
+    return model
+
+
+def test_zero_gate_adapter_is_the_text_model(text_model, pics, tok):
+    model = _adapter(text_model)
+    assert model.args.fusion_schedule == [1, 3]
+    prompt = torch.tensor([tok.encode("a text-only prompt", bos=True, eos=False)])
+    with torch.no_grad():
+        want = text_model(prompt)
+        alone = model(prompt)  # no images: the cross layers are skipped
+        # images attached and every token allowed to see them: tanh(0) gates still add nothing
+        im = pics.images
+        seen = model(prompt, images=im.pixel_values[:1], aspect_ratio_ids=im.aspect_ratio_ids[:1],
+                     aspect_ratio_mask=im.aspect_ratio_mask[:1],
+                     cross_attention_mask=torch.ones(1, prompt.shape[1], 1, 1, dtype=torch.long))
+    torch.testing.assert_close(alone, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(seen, want, atol=1e-6, rtol=0)
+    # the image token is the first id past this (non-Llama-3) vocabulary, embedded by the new rows
+    assert model.args.text.vocab_size == 512
+    assert model.text_model.embed(torch.tensor([[512]])).shape == (1, 1, 32)
+
+
+def test_trainable_set_is_exactly_the_adapter(text_model):
+    model = _adapter(text_model)
+    opt = adapter_optimizer(model, FinetuneOptimConfig(lr=1e-3))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in in_opt}
+    adapter = {n for n, _ in model.named_parameters() if n.startswith(ADAPTER_PREFIXES)}
+    assert names == adapter
+    assert any(n.endswith("gate_attn") for n in names) and any(n.startswith("vision_model.") for n in names)
+    assert not any(n.startswith(("text_model.layers.", "text_model.tok_embeddings", "text_model.output",
+                                 "text_model.norm")) for n in names)
+    # every text-model tensor is one of the frozen ones
+    assert set(text_state(model)) == {n for n in model.state_dict() if n not in adapter}
+
+
+def test_training_leaves_text_weights_bitwise_unchanged_and_lowers_the_loss(text_model, pics, tok):
+    model = _adapter(text_model)
+    before = text_state(model)
+    adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    examples = caption_examples(pics, tok, image_token=512)
+    cfg = FinetuneOptimConfig(lr=1e-2, steps=20, batch_size=4, warmup_steps=1, weight_decay=0.1)
+    first = example_loss(model, examples, pics, pad_id=tok.eos_id).loss.item()
+    result = train_stage(model, examples, pics, cfg, pad_id=tok.eos_id, name="captions", log=None)
+    with torch.no_grad():
+        last = example_loss(model, examples, pics, pad_id=tok.eos_id).loss.item()
+    assert last < first - 1.0, (first, last, result.losses)  # nats per caption token
+    after = text_state(model)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+    # and the adapter itself did train, gates included (weight decay would also have moved a frozen tensor)
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapter_before[n])}
+    assert "text_model.cross_attention_layers.0.gate_attn" in moved
+    assert any(n.startswith("vision_model.vision_encoder.") for n in moved)
+
+
+def test_loss_is_on_the_targets_only(text_model, pics, tok):
+    model = _adapter(text_model)
+    examples = qa_examples(pics, tok, image_token=512, seed=0)[:3]
+    out = example_loss(model, examples, pics, pad_id=tok.eos_id)
+    assert out.num_targets == sum(len(e.target) for e in examples)
+    # reference: each example alone, unpadded, scored by hand on its answer tokens
+    total = 0.0
+    with torch.no_grad():
+        for e in examples:
+            seq = torch.tensor([e.prompt + e.target])
+            im = pics.images
+            i = e.picture
+            mask = torch.ones(1, seq.shape[1], 1, 1, dtype=torch.long)  # image first: every token sees it
+            logits = model(seq, images=im.pixel_values[i:i + 1], aspect_ratio_ids=im.aspect_ratio_ids[i:i + 1],
+                           aspect_ratio_mask=im.aspect_ratio_mask[i:i + 1], cross_attention_mask=mask)
+            n = len(e.prompt)
+            logp = logits[0].log_softmax(-1)
+            total -= sum(logp[n - 1 + j, t].item() for j, t in enumerate(e.target))
+    assert out.loss.item() == pytest.approx(total / out.num_targets, rel=1e-5)
+
+
+def test_trained_adapter_checkpoint_reloads(text_model, pics, tok, tmp_path):
+    model = _adapter(text_model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # stands in for training: gates and adapter non-zero
+    path = save_mllama(model, tmp_path / "adapter")
+    again = load_mllama(path, dtype=torch.float32)
+    assert model.state_dict().keys() == again.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    seq = torch.tensor([[512] + tok.encode("hi", bos=True, eos=False)])
+    im = pics.images
+    kw = dict(images=im.pixel_values[:1], aspect_ratio_ids=im.aspect_ratio_ids[:1],
+              aspect_ratio_mask=im.aspect_ratio_mask[:1],
+              cross_attention_mask=torch.ones(1, seq.shape[1], 1, 1, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.equal(model(seq, **kw), again(seq, **kw))
+
+
+def test_attach_refuses_a_non_text_model():
+    with pytest.raises(ValueError, match="herd text Transformer"):
+        attach_adapter(torch.nn.Linear(2, 2), tiny_vision_args(), n_cross_layers=1)  # type: ignore[arg-type]
