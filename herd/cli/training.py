@@ -1,4 +1,5 @@
-"""`herd train`, `plan`, `demo` and the post-training stages (`sft`, `rm`, `rs`, `dpo`, `distill`, `prune`)."""
+"""`herd train`, `plan`, `demo` and the post-training stages (`sft`, `rm`, `rs`, `dpo`, `distill`, `prune`,
+`vision-adapter`)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,36 @@ def cmd_demo(opts) -> None:
     from herd.demo import run_demo
 
     run_demo(out_dir=Path(opts.out), quick=opts.quick)
+
+
+def cmd_vision_adapter(opts) -> None:
+    from herd.posttrain.vision_adapter import AdapterConfig, run_adapter_training
+
+    cfg = AdapterConfig(seed=opts.seed)
+    for flag, value in (("caption_steps", opts.caption_steps), ("qa_steps", opts.qa_steps),
+                        ("train_pictures", opts.train_pictures), ("eval_pictures", opts.eval_pictures)):
+        if value is not None and value < (0 if flag.endswith("steps") else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {0 if flag.endswith('steps') else 1}, got {value}")
+    if opts.caption_steps is not None:
+        cfg.caption.steps = opts.caption_steps
+    if opts.qa_steps is not None:
+        cfg.qa.steps = opts.qa_steps
+    cfg.train_pictures = opts.train_pictures or cfg.train_pictures
+    cfg.eval_pictures = opts.eval_pictures or cfg.eval_pictures
+    run_adapter_training(opts.text_model, opts.out, cfg, overwrite=opts.overwrite,
+                         log=lambda m: print(m, flush=True))
+
+
+def _vision_adapter_args(p):
+    # Defaults live in herd.posttrain.vision_adapter.AdapterConfig (not imported here: `herd --help` stays torch-free).
+    p.add_argument("--text-model", required=True, help="a trained herd text checkpoint directory (with its tokenizer)")
+    p.add_argument("--out", required=True, help="output directory: model/ (Llama 3.2 Vision HF checkpoint) + report.json")
+    p.add_argument("--caption-steps", type=int, help="stage 1 steps on captions (default 150)")
+    p.add_argument("--qa-steps", type=int, help="stage 2 steps on question/answer pairs (default 100)")
+    p.add_argument("--train-pictures", type=int, help="drawn training pictures (default 512)")
+    p.add_argument("--eval-pictures", type=int, help="drawn held-out pictures (default 48)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _posttrain(opts, config_cls: str, run: str):
@@ -286,5 +317,7 @@ COMMANDS = {
     "prune": (_report_command("PruneConfig", "prune.run_prune"),
               "structured width/depth pruning by activation importance, then distillation",
               _posttrain_args("PruneConfig")),
+    "vision-adapter": (cmd_vision_adapter, "train a Llama 3.2 Vision adapter on drawn pictures with the text model "
+                       "frozen (captions, then QA; accuracy before/after)", _vision_adapter_args),
     "demo": (cmd_demo, "the end-to-end demo on embedded data", _demo_args),
 }
