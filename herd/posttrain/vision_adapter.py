@@ -254,6 +254,7 @@ class Accuracy:
     n_captions: int
     n_questions: int
     samples: list[tuple[str, str]]  # (expected, generated) for a few captions
+    qa_samples: list[tuple[str, str, str]]  # (question, expected, generated) for a few questions
 
 
 @torch.no_grad()
@@ -281,7 +282,8 @@ def evaluate(model: Mllama, tok, pics: PictureSet, *, seed: int, batch_size: int
     cap_ok = sum(o.strip() == e.truth for o, e in zip(cap_out, caps))
     qa_ok = sum(answer_matches(o, e.truth) for o, e in zip(qa_out, qas))
     return Accuracy(cap_ok / len(caps), qa_ok / len(qas), len(caps), len(qas),
-                    [(e.truth, o.strip()) for e, o in list(zip(caps, cap_out))[:n_samples]])
+                    [(e.truth, o.strip()) for e, o in list(zip(caps, cap_out))[:n_samples]],
+                    [(tok.decode(e.prompt[2:]), e.truth, o.strip()) for e, o in list(zip(qas, qa_out))[:n_samples]])
 
 
 # ---- the whole recipe --------------------------------------------------------------------------------
@@ -351,8 +353,10 @@ def run_adapter_training(text_dir, out_dir, cfg: AdapterConfig | None = None, *,
     for label, acc in (("before (gates at 0)", before), ("after caption stage", after_captions),
                        ("after QA SFT", after)):
         log(_accuracy_row(label, acc))
-    for truth, got in after.samples:
-        log(f"  caption {truth!r:<40} generated {got!r}")
+    for truth, got in after_captions.samples:
+        log(f"  after captions: {truth!r:<50} generated {got!r}")
+    for question, truth, got in after.qa_samples:
+        log(f"  after QA SFT:   {question!r:<50} answer {truth!r}, generated {got!r}")
     log(f"text model weights unchanged: {'yes' if unchanged else 'NO'} ({len(before_text)} tensors compared bitwise)")
 
     def write(tmp: Path) -> None:
@@ -370,7 +374,7 @@ def run_adapter_training(text_dir, out_dir, cfg: AdapterConfig | None = None, *,
                      seconds=round(s.seconds, 1)) for s in (stage1, stage2)],
         accuracy={label: dict(caption=a.caption, qa=a.qa, n_captions=a.n_captions, n_questions=a.n_questions)
                   for label, a in (("before", before), ("after_captions", after_captions), ("after", after))},
-        samples=after.samples,
+        caption_samples=after_captions.samples, qa_samples=after.qa_samples,
     )
     from herd.io import atomic_write_json
     atomic_write_json(out_dir / "report.json", report)

@@ -137,10 +137,15 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     assert all(1 < r["perplexity"] < 1000 for r in rm["quantization"])
     assert rm["sft"]["steps"] == 3 and (tmp_path / "smollm2" / "sft" / "model" / "tokenizer.json").is_file()
     assert len(rm["answers"]) == 16 and rm["identity_rate_before"] == 0.0
+    # The vision adapter on the frozen demo model: both stages ran, the text weights are bitwise untouched.
+    vis = report["vision"]
+    assert vis["text_unchanged"] is True and [s["steps"] for s in vis["stages"]] == [4, 3]
+    assert vis["image_token"] == 4096 and (tmp_path / "vision-adapter" / "model" / "config.json").is_file()
+    assert "text model weights unchanged: yes" in out
     with pytest.raises(ValueError, match="quick"):  # a full run must not reuse a quick run's outputs
         run_demo(out_dir=tmp_path, quick=False)
     for title in ("1. checks", "4. training", "6. long context", "7. post-training", "8. a real model",
-                  "what each stage did"):
+                  "9. vision", "what each stage did"):
         assert title in out
     on_disk = json.loads((tmp_path / "demo.json").read_text())
     assert on_disk["quick"] is True and set(on_disk["timings"]) >= {"checks", "training (3 stages)"}
