@@ -286,6 +286,21 @@ def evaluate(model: Mllama, tok, pics: PictureSet, *, seed: int, batch_size: int
                     [(tok.decode(e.prompt[2:]), e.truth, o.strip()) for e, o in list(zip(qas, qa_out))[:n_samples]])
 
 
+def blind_accuracy(train: PictureSet, held: PictureSet, *, seed: int) -> float:
+    """QA accuracy of answering each question with its most common training answer, never looking at
+    the picture: the bar an adapter must clear to show it uses the image."""
+    from collections import Counter
+
+    rng, counts = random.Random(seed), {}
+    for s in train.scenes:
+        for q, a in s.questions(rng):
+            counts.setdefault(q, Counter())[a] += 1
+    rng = random.Random(seed)
+    pairs = [qa for s in held.scenes for qa in s.questions(rng)]
+    hits = sum(q in counts and counts[q].most_common(1)[0][0] == a for q, a in pairs)
+    return hits / len(pairs)
+
+
 # ---- the whole recipe --------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -344,6 +359,7 @@ def run_adapter_training(text_dir, out_dir, cfg: AdapterConfig | None = None, *,
     after_captions = evaluate(model, tok, held, seed=cfg.seed)
     stage2 = train_stage(model, qas, train, cfg.qa, pad_id=tok.eos_id, name="qa-sft", log=log)
     after = evaluate(model, tok, held, seed=cfg.seed)
+    blind = blind_accuracy(train, held, seed=cfg.seed)
 
     after_text = text_state(model)
     unchanged = before_text.keys() == after_text.keys() and all(torch.equal(before_text[k], after_text[k])
@@ -353,6 +369,7 @@ def run_adapter_training(text_dir, out_dir, cfg: AdapterConfig | None = None, *,
     for label, acc in (("before (gates at 0)", before), ("after caption stage", after_captions),
                        ("after QA SFT", after)):
         log(_accuracy_row(label, acc))
+    log(f"{'blind (most common answer)':<26}{'':>9}{blind:>9.1%}  <- QA without looking at the picture")
     for truth, got in after_captions.samples:
         log(f"  after captions: {truth!r:<50} generated {got!r}")
     for question, truth, got in after.qa_samples:
@@ -369,7 +386,7 @@ def run_adapter_training(text_dir, out_dir, cfg: AdapterConfig | None = None, *,
     atomic_dir(out_dir, write, overwrite=overwrite)
     report = dict(
         text_model=str(text_dir), checkpoint=str(out_dir / "model"), adapter_params=n_adapter, text_params=n_text,
-        image_token=image_token, text_unchanged=unchanged,
+        image_token=image_token, text_unchanged=unchanged, blind_qa_accuracy=blind,
         stages=[dict(name=s.name, steps=s.steps, first_loss=s.losses[0], last_loss=s.losses[-1],
                      seconds=round(s.seconds, 1)) for s in (stage1, stage2)],
         accuracy={label: dict(caption=a.caption, qa=a.qa, n_captions=a.n_captions, n_questions=a.n_questions)

@@ -128,3 +128,13 @@ def test_trained_adapter_checkpoint_reloads(text_model, pics, tok, tmp_path):
 def test_attach_refuses_a_non_text_model():
     with pytest.raises(ValueError, match="herd text Transformer"):
         attach_adapter(torch.nn.Linear(2, 2), tiny_vision_args(), n_cross_layers=1)  # type: ignore[arg-type]
+
+
+def test_blind_accuracy_is_the_majority_answer_rate():
+    from herd.posttrain.vision_adapter import blind_accuracy
+
+    pics = picture_set(40, seed=3, size=56, vision=tiny_vision_args())
+    # evaluated on its own training pictures, the most common answer per question scores at least
+    # 1 / (number of distinct answers) of each question's pairs, and never 100% on varied scenes
+    acc = blind_accuracy(pics, pics, seed=0)
+    assert 0.2 < acc < 1.0
