@@ -260,6 +260,7 @@ class Accuracy:
 @torch.no_grad()
 def evaluate(model: Mllama, tok, pics: PictureSet, *, seed: int, batch_size: int = 32, n_samples: int = 3) -> Accuracy:
     """Greedy caption exact match and QA answer accuracy on `pics`."""
+    from herd.generate.sampling import SamplingParams
     from herd.generate.vision import generate_with_images
 
     image_token = model.args.text.vocab_size
@@ -271,7 +272,8 @@ def evaluate(model: Mllama, tok, pics: PictureSet, *, seed: int, batch_size: int
             chunk = examples[i:i + batch_size]
             images = _rows(pics.images, [e.picture for e in chunk])
             results = generate_with_images(model, [e.prompt for e in chunk], images, max_new_tokens=max_new,
-                                           image_token=image_token, stop_tokens=(tok.eos_id,))
+                                           image_token=image_token, stop_tokens=(tok.eos_id,),
+                                           sampling=SamplingParams(temperature=0.0))  # greedy: the default samples
             out += [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in results]
         return out
 

@@ -138,3 +138,34 @@ def test_blind_accuracy_is_the_majority_answer_rate():
     # 1 / (number of distinct answers) of each question's pairs, and never 100% on varied scenes
     acc = blind_accuracy(pics, pics, seed=0)
     assert 0.2 < acc < 1.0
+
+
+def test_evaluation_is_greedy_decoding(text_model, pics, tok):
+    from herd.posttrain.vision_adapter import evaluate
+
+    model = _adapter(text_model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("gate_attn", "gate_ffwd")):
+                p.fill_(0.5)  # let the image change the answer
+    two = picture_set(2, seed=5, size=56, vision=tiny_vision_args())
+    acc = evaluate(model, tok, two, seed=0, n_samples=2)
+    # reference: argmax of a full forward pass, one token at a time
+    caps = caption_examples(two, tok, image_token=512)
+    max_new = max(len(e.target) for e in caps) + 2
+    im = two.images
+    for (truth, got), e in zip(acc.samples, caps):
+        seq, new = list(e.prompt), []
+        with torch.no_grad():
+            for _ in range(max_new):
+                x = torch.tensor([seq])
+                i = e.picture
+                logits = model(x, images=im.pixel_values[i:i + 1], aspect_ratio_ids=im.aspect_ratio_ids[i:i + 1],
+                               aspect_ratio_mask=im.aspect_ratio_mask[i:i + 1],
+                               cross_attention_mask=torch.ones(1, len(seq), 1, 1, dtype=torch.long))
+                t = int(logits[0, -1].argmax())
+                if t == tok.eos_id:
+                    break
+                new.append(t)
+                seq.append(t)
+        assert truth == e.truth and got == tok.decode(new).strip()
