@@ -121,16 +121,41 @@ async def multi_turn(url: str, clients: int, turns: int, max_tokens: int) -> tup
     return await run_clients(clients, loop)
 
 
-def run_phase(url: str, workload: str, clients: int, args) -> PhaseStats:
+def scrape(url: str) -> dict[str, float]:
+    """herd's /metrics counters (unlabelled lines only)."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+def engine_view(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
+    """Where herd's time went in a phase, from its own counters: decode steps (mean rows, ms each),
+    prefill seconds, the share of the phase's wall time the engine spent in either, and prefix hits."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = max(d["herd_decode_steps_total"], 1)
+    queries = max(d.get("herd_prefix_cache_queries_total", 0), 1)
+    return {"mean_batch": round(d["herd_decode_rows_total"] / steps, 2),
+            "decode_step_ms": round(1000 * d["herd_decode_seconds_total"] / steps, 2),
+            "prefill_s": round(d["herd_prefill_seconds_total"], 3),
+            "engine_busy_share": round((d["herd_decode_seconds_total"] + d["herd_prefill_seconds_total"]) / wall_s, 3),
+            "prefix_hit_rate": round(d.get("herd_prefix_cache_hits_total", 0) / queries, 3)}
+
+
+def run_phase(url: str, workload: str, clients: int, args, *, herd: bool = False) -> tuple[PhaseStats, dict]:
+    before = scrape(url) if herd else {}
     if workload == "chat":
         records, wall = asyncio.run(multi_turn(url, clients, args.turns, args.max_tokens))
     else:
         records, wall = asyncio.run(single_turn(url, clients, max(2, args.requests // clients), args.max_tokens))
+    view = engine_view(before, scrape(url), wall) if herd else {}
     short = [r for r in records if r.completion_tokens != args.max_tokens]
     if short:
         raise RuntimeError(f"{url}: {len(short)} request(s) generated {short[0].completion_tokens} tokens, not "
                            f"{args.max_tokens}; the server ignored ignore_eos or ran out of context")
-    return summarize(records, clients=clients, wall_s=wall)
+    return summarize(records, clients=clients, wall_s=wall), view
 
 
 def start_servers(args, gguf: Path, llama_bin: Path, tmp: Path) -> dict[str, Server]:
@@ -204,12 +229,12 @@ def main() -> None:
             for r in range(args.rounds):
                 for workload, clients in workloads:
                     for name in order if r % 2 == 0 else order[::-1]:
-                        stats = run_phase(servers[name].url, workload, clients, args)
-                        rows.append({"round": r, "server": name, "workload": workload, **asdict(stats)})
+                        stats, view = run_phase(servers[name].url, workload, clients, args, herd=name == "herd")
+                        rows.append({"round": r, "server": name, "workload": workload, **asdict(stats), **view})
                         print(f"round {r} {name:>5} {workload:>6} x{clients:<2}: {stats.tokens_per_s:7.1f} tok/s  "
                               f"TTFT p50 {stats.ttft_p50_s * 1e3:7.0f} ms p95 {stats.ttft_p95_s * 1e3:7.0f} ms  "
-                              f"ITL p50 {stats.itl_p50_s * 1e3:6.1f} ms  prompt {stats.prompt_tokens_mean:.0f} tok",
-                              file=sys.stderr, flush=True)
+                              f"ITL p50 {stats.itl_p50_s * 1e3:6.1f} ms  prompt {stats.prompt_tokens_mean:.0f} tok"
+                              + "".join(f"  {k} {v}" for k, v in view.items()), file=sys.stderr, flush=True)
         finally:
             for srv in servers.values():
                 srv.close()
@@ -224,6 +249,7 @@ def main() -> None:
 
 
 FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "tpot_p50_s", "prompt_tokens_mean")
+VIEW = ("mean_batch", "decode_step_ms", "prefill_s", "engine_busy_share", "prefix_hit_rate")  # herd's /metrics
 
 
 def median_table(rows: list[dict], workloads: list[tuple[str, int]], servers: list[str]) -> list[dict]:
@@ -233,7 +259,7 @@ def median_table(rows: list[dict], workloads: list[tuple[str, int]], servers: li
         entry: dict = {"workload": workload, "clients": clients}
         for name in servers:
             mine = [r for r in rows if r["server"] == name and r["workload"] == workload and r["clients"] == clients]
-            entry[name] = {f: round(statistics.median(r[f] for r in mine), 4) for f in FIELDS}
+            entry[name] = {f: round(statistics.median(r[f] for r in mine), 4) for f in FIELDS + VIEW if f in mine[0]}
         if "herd" in entry and "llama" in entry:
             entry["herd_over_llama"] = {f: round(entry["herd"][f] / entry["llama"][f], 3)
                                         for f in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s")
