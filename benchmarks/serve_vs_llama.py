@@ -269,19 +269,19 @@ def median_table(rows: list[dict], workloads: list[tuple[str, int]], servers: li
 
 
 def print_table(table: list[dict], servers: list[str]) -> None:
-    head = f"{'workload':<10}{'server':<8}{'tok/s':>9}{'TTFT p50':>11}{'TTFT p95':>11}{'ITL p50':>10}{'prompt':>8}"
+    head = f"{'workload':<12}{'server':<8}{'tok/s':>9}{'TTFT p50':>11}{'TTFT p95':>11}{'ITL p50':>10}{'prompt':>8}"
     print(head)
     print("-" * len(head))
     for e in table:
         label = f"{e['workload']} x{e['clients']}"
         for name in servers:
             s = e[name]
-            print(f"{label:<10}{name:<8}{s['tokens_per_s']:9.1f}{s['ttft_p50_s'] * 1e3:9.0f}ms{s['ttft_p95_s'] * 1e3:9.0f}ms"
+            print(f"{label:<12}{name:<8}{s['tokens_per_s']:9.1f}{s['ttft_p50_s'] * 1e3:9.0f}ms{s['ttft_p95_s'] * 1e3:9.0f}ms"
                   f"{s['itl_p50_s'] * 1e3:8.1f}ms{s['prompt_tokens_mean']:8.0f}")
             label = ""
         if "herd_over_llama" in e:
             x = e["herd_over_llama"]
-            print(f"{'':<10}{'ratio':<8}{x.get('tokens_per_s', 0):8.2f}x{x.get('ttft_p50_s', 0):10.2f}x"
+            print(f"{'':<12}{'ratio':<8}{x.get('tokens_per_s', 0):8.2f}x{x.get('ttft_p50_s', 0):10.2f}x"
                   f"{x.get('ttft_p95_s', 0):10.2f}x{x.get('itl_p50_s', 0):9.2f}x")
 
 
