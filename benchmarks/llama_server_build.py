@@ -72,6 +72,7 @@ def build_llama_server(version: str = DEFAULT_VERSION, *, jobs: int | None = Non
     """Path of a llama-server binary built from llama-cpp-python==`version`, building it on first use."""
     dst = cached_binary(version)
     if dst.is_file():
+        _make_executable(dst)
         return dst
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -116,7 +117,15 @@ def build_llama_server(version: str = DEFAULT_VERSION, *, jobs: int | None = Non
             shutil.copy2(log, folder / "build.log")
 
         atomic_dir(dst.parent, write, overwrite=True)
+    _make_executable(dst)
     return dst
+
+
+def _make_executable(path: Path) -> None:
+    # atomic_dir publishes files with a plain file's mode (0666 less the umask): give back the x bits.
+    mode = path.stat().st_mode
+    if mode & 0o111 != 0o111:
+        path.chmod(mode | 0o111)
 
 
 def main() -> None:
