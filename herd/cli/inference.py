@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from herd.cli.chat import cmd_chat
 from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
 
 
@@ -310,38 +311,6 @@ def _generate_batch(opts) -> None:
                          "retry them")
 
 
-def cmd_chat(opts) -> None:
-    from herd.generate.session import ChatSession
-
-    lm = load(opts)
-    session = ChatSession(lm.model, lm.tokenizer, chat=lm.chat, system=opts.system, sampling=sampling(opts),
-                          max_new_tokens=opts.max_new_tokens)
-    print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            continue
-        if line.strip() == "/reset":
-            session.reset()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        print("llama> ", end="", flush=True)
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-        except ValueError as e:  # one bad turn (e.g. too long for the context) keeps the session
-            print(f"\n(error: {e})", file=sys.stderr)
-            continue
-        print()
-        if session.last_reply and session.last_reply.tool_calls:
-            for call in session.last_reply.tool_calls:
-                print(f"(tool call: {call.name}({json.dumps(call.arguments)}))", file=sys.stderr)
-
-
 def cmd_tokenize(opts) -> None:
     from herd.tokenizer import llama3_tokenizer_path, tokenizer_from_path
 
@@ -491,15 +460,15 @@ def _info_args(p):
 def _chat_args(p):
     add_checkpoint_args(p)
     add_sampling_args(p)
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image to talk about (repeatable; a Llama 3.2 Vision checkpoint): with generate the "
+                   "prompt's, with chat the first message's; image tokens go before the text")
 
 
 def _generate_args(p):
     _chat_args(p)
     p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
-    p.add_argument("--image", action="append", metavar="FILE",
-                   help="an image the prompt is about (repeatable; a Llama 3.2 Vision checkpoint); the image tokens "
-                   "go before the text")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
     p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")
