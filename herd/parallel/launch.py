@@ -41,28 +41,44 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def pop_nproc(argv: Sequence[str]) -> tuple[int, list[str]]:
-    """Take `--nproc N` (or `--nproc=N`) out of a command's trailing arguments."""
-    rest, nproc, args = [], 1, list(argv)
+def _pop_count(argv: Sequence[str], flag: str, *, minimum: int) -> tuple[int | None, list[str]]:
+    """Take `flag N` (or `flag=N`) out of a command's trailing arguments; None if it is absent."""
+    rest, value, args = [], None, list(argv)
     i = 0
     while i < len(args):
         a = args[i]
-        if a == "--nproc" or a.startswith("--nproc="):
-            value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+        if a == flag or a.startswith(flag + "="):
+            text = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
             i += 1 if "=" in a else 2
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"--nproc needs a positive number of processes, got {value!r}")
-            nproc = int(value)
+            if not text.isdigit() or int(text) < minimum:
+                kind = "a positive number" if minimum else "a number (0 or more)"
+                raise ValueError(f"{flag} needs {kind}, got {text!r}")
+            value = int(text)
             continue
         rest.append(a)
         i += 1
-    return nproc, rest
+    return value, rest
 
 
-def run_under_torchrun(nproc: int, module_args: Sequence[str]) -> int:
-    """Run `python -m herd <module_args>` in `nproc` local processes; return torchrun's exit code."""
+def pop_nproc(argv: Sequence[str]) -> tuple[int, list[str]]:
+    """Take `--nproc N` (or `--nproc=N`) out of a command's trailing arguments."""
+    nproc, rest = _pop_count(argv, "--nproc", minimum=1)
+    return nproc or 1, rest
+
+
+def pop_max_restarts(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """Take `--max-restarts K` out of a command's trailing arguments; None if it is absent."""
+    return _pop_count(argv, "--max-restarts", minimum=0)
+
+
+def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: int = 0) -> int:
+    """Run `python -m herd <module_args>` in `nproc` local processes; return torchrun's exit code.
+
+    max_restarts: how often torchrun's elastic agent restarts the whole group after a process
+    fails (herd.train.elastic says why the whole group, from the last checkpoint).
+    """
     if world_size_from_env() > 1:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "herd", *module_args]
+           f"--max-restarts={max_restarts}", "-m", "herd", *module_args]
     return subprocess.call(cmd)

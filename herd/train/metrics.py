@@ -2,7 +2,8 @@
 
 Four sinks, all fed from the same records: `metrics.jsonl` (one JSON object per step or
 validation, the source of truth; a restart truncates it back to the resumed step so the file
-reads as one uninterrupted run), a console line every `log_every` steps under a tqdm progress
+reads as one uninterrupted run, and keeps what it cut in `dropped` for the effective-time
+account of herd.train.goodput), a console line every `log_every` steps under a tqdm progress
 bar, TensorBoard event files, and `loss.png`, redrawn at each validation and stage end and
 replaced atomically so a viewer never sees half a PNG.
 
@@ -75,7 +76,8 @@ class StepRecord:
     seq_len: int
     tokens_per_s: float
     mfu: float
-    seconds: float
+    seconds: float  # wall time of the step alone (batch, forward, backward, update)
+    time: float = 0.0  # Unix time at the step's end: which run (and which restart) produced it
 
 
 class MetricsLogger:
@@ -88,6 +90,7 @@ class MetricsLogger:
         self.stage_bounds = stage_bounds  # (name, first step) per stage, for the plot
         self.jsonl = self.out_dir / "metrics.jsonl"
         self.plot_path = self.out_dir / "loss.png"
+        self.dropped: list[dict[str, Any]] = []  # step records cut by _restore: work a restart redoes
         self.history = self._restore(start_step)
         self._tb = None
         if cfg.tensorboard:
@@ -116,6 +119,8 @@ class MetricsLogger:
                 continue  # the half-written last line of a killed run
             if rec.get("step", 0) <= start_step:
                 keep.append(rec)
+            elif "loss" in rec:
+                self.dropped.append(rec)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         return keep
 
