@@ -81,4 +81,12 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: 
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "-m", "herd", *module_args]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    if max_restarts:
+        # By default the workers' process group shares the agent's rendezvous store, and its keys
+        # (the gloo/NCCL addresses of each rank) survive a restart: a restarted rank can read the
+        # dead group's address before the new rank 0 writes its own, and every later attempt fails
+        # the same way (seen here: "Gloo connectFullMesh failed ... Connection refused" after a
+        # kill; pytorch/pytorch#135712). A store of their own per attempt has no stale keys.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return subprocess.call(cmd, env=env)
