@@ -136,6 +136,9 @@ def _train_args(p):
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
                    help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200; "
                    "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...); "
+                   "--max-restarts K restarts the job from its last checkpoint after a process fails, up to K "
+                   "times (default 3 with --nproc > 1, none for one process; K > 0 runs one process under "
+                   "torchrun's agent too); "
                    "--print-config prints the resolved config and exits")
 
     def config_class():

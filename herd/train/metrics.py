@@ -96,9 +96,9 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote after its last checkpoint.
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+            # purge_step drops events a killed run wrote after its last checkpoint; also from step 1
+            # when it died before its first one (a restart then begins again at step 1).
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
         self._bar = None
         if cfg.progress:
             from tqdm import tqdm

@@ -8,7 +8,7 @@ import pytest
 
 from herd.train.config import MetricsConfig
 from herd.train.goodput import effective_time, process_start_time, record_attempt, write_summary
-from herd.train.metrics import MetricsLogger
+from herd.train.metrics import MetricsLogger, StepRecord
 
 
 def write_jsonl(path, rows, *, torn_tail=False):
@@ -83,3 +83,28 @@ def test_metrics_logger_keeps_the_records_a_restart_cuts(tmp_path):
     assert [r["step"] for r in logger.dropped] == [4, 5]
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("resumed", [0, 2])
+def test_tensorboard_shows_each_step_once_after_a_restart(tmp_path, resumed):
+    # A killed run logged steps 1-4; the restart resumes at `resumed` (0: it died before its first
+    # checkpoint) and logs the steps after it again, with other values. TensorBoard's own reader
+    # must show steps 1-4 once each, the replayed ones with the new values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = MetricsConfig(tensorboard=True, plot=False, progress=False, log_every=100)
+
+    def run(start, values):
+        logger = MetricsLogger(tmp_path, cfg, total_steps=4, start_step=start, stage_bounds=[("pretrain", 0)])
+        for n in range(start + 1, 5):
+            logger.log_step(StepRecord(step=n, stage="pretrain", loss=values + n, lr=1e-3, grad_norm=1.0,
+                                       tokens_seen=n, batch_tokens=1, seq_len=1, tokens_per_s=1.0, mfu=0.0,
+                                       seconds=0.1, time=float(n)))
+        logger.close()
+
+    run(0, 10.0)
+    run(resumed, 20.0)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    shown = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert shown == [(n, (10.0 if n <= resumed else 20.0) + n) for n in range(1, 5)]
