@@ -26,7 +26,8 @@ def cmd_train(opts) -> None:
     if nproc > 1 or restarts > 0:
         # The same command under torchrun's elastic agent: one code path for both spellings, and a
         # failed process brings the group back from the last checkpoint up to `restarts` times.
-        run = supervise(opts.config, overrides, out_dir=cfg.job.out_dir, nproc=nproc, max_restarts=restarts)
+        run = supervise(opts.config, overrides, out_dir=cfg.job.out_dir, nproc=nproc, max_restarts=restarts,
+                        since=since)
         print(run.account.line(), "->", run.summary)
         if run.returncode:
             raise SystemExit(run.returncode)

@@ -65,13 +65,14 @@ class SupervisedRun:
     summary: Path  # effective_time.json
 
 
-def supervise(config: str, overrides: Sequence[str], *, out_dir: str | Path, nproc: int,
-              max_restarts: int) -> SupervisedRun:
-    """Run `herd train config overrides` under torchrun's agent and account for the time it took."""
+def supervise(config: str, overrides: Sequence[str], *, out_dir: str | Path, nproc: int, max_restarts: int,
+              since: float | None = None) -> SupervisedRun:
+    """Run `herd train config overrides` under torchrun's agent and account for the time it took
+    from `since` (Unix time; default now; `herd train` passes its own process start)."""
     if under_torchrun():
         raise ValueError("--nproc and --max-restarts start a job; this process is already a torchrun worker "
                          "(run herd train CFG under torchrun without them, or herd train CFG --nproc N alone)")
-    since = time.time()
+    since = time.time() if since is None else since
     code = run_under_torchrun(nproc, ["train", config, *overrides], max_restarts=max_restarts)
     return account_for(out_dir, since=since, returncode=code)
 

@@ -87,6 +87,8 @@ class EffectiveTime:
     init_seconds: float  # trainer constructed -> ready to step: process group, model, checkpoint load, peak
     load_seconds: float  # the checkpoint verification and load inside init_seconds
     other_seconds: float  # the rest: checkpoint saves, validation, averaging, the exit
+    since: float = 0.0  # Unix times the account covers: the supervisor's process start ...
+    until: float = 0.0  # ... and the moment it was written
 
     @property
     def restarts(self) -> int:
@@ -130,7 +132,7 @@ def effective_time(out_dir: str | Path, *, since: float, until: float) -> Effect
     return EffectiveTime(wall_seconds=wall, productive_seconds=productive, productive_steps=len(steps),
                          attempts=len(attempts), replayed_steps=len(dropped), replayed_seconds=replayed,
                          startup_seconds=startup, init_seconds=init, load_seconds=load,
-                         other_seconds=wall - productive - replayed - startup - init)
+                         other_seconds=wall - productive - replayed - startup - init, since=since, until=until)
 
 
 def write_summary(out_dir: str | Path, account: EffectiveTime) -> Path:

@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,10 @@ def herd_train(root: Path, out: str, *flags: str, faults: list[dict] | None = No
     env.pop(ENV, None)
     if faults:
         env[ENV] = json.dumps({"state": str(root / f"{out}-fired"), "faults": faults})
+    launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "herd", "train", str(cfg), *flags], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+    (root / f"{out}.launched").write_text(f"{launched} {time.time()}")
     if proc.returncode != 0:  # torchrun's summary names only the last failure: show every error line too
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
         attempts = (root / out / "attempts.jsonl").read_text() if (root / out / "attempts.jsonl").is_file() else ""
@@ -99,6 +102,11 @@ def _check_restarted(root: Path, out: str, ref: str, stdout: str) -> None:
     summary = json.loads((run / "effective_time.json").read_text())
     assert (summary["restarts"], summary["replayed_steps"], summary["productive_steps"]) == (1, 1, STEPS)
     assert 0 < summary["effective"] < 1
+    # The wall time is the supervisor's whole life: from its process start (not after its imports)
+    # to its last line; btime has 1 s resolution, the exit itself is not counted.
+    launched, ended = map(float, (root / f"{out}.launched").read_text().split())
+    assert launched - 1.5 <= summary["since"] <= launched + 1.0
+    assert summary["until"] <= ended
     assert "effective training time" in stdout and "1 restart(s)" in stdout
     assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
 
