@@ -16,12 +16,19 @@ a kill caused does not kill again. Kinds:
   drawn: the other ranks are then inside the step's collectives, waiting for a peer that is gone
   (the failure a crashed host or an OOM-killed process gives). No Python handler, no cleanup.
 
-Other kinds (a NaN in a gradient, a flipped bit in one replica's weights) belong to the modules
-that detect them; they add themselves to `KINDS`.
+* `nan`: one gradient of the rank becomes NaN in that step, through herd.train.anomaly's own
+  `FaultInjector` (between backward and its check). Registered only where that module exists.
+* `bitflip`: bit `bit` (default 0) of element `index` (default 0) of parameter `name` (default
+  the first) flips on the rank before the step, through herd.train.sdc's `flip_bit`: one
+  replica's weights differ from the others'. Registered only where that module exists.
+
+The last two are adapters to the modules that detect those faults (issue 16's anomaly skip and
+SDC checks); where the modules are absent the kinds are absent, and asking for them is an error.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -57,7 +64,30 @@ def _kill(fault: Fault) -> Hook:
     return act
 
 
+def _nan(fault: Fault) -> Hook:
+    from herd.train.anomaly import FaultInjector
+
+    def act(trainer: Any, step: int) -> None:
+        FaultInjector().nan_grad(step, rank=fault.rank).install(trainer)
+    return act
+
+
+def _bitflip(fault: Fault) -> Hook:
+    from herd.train.sdc import flip_bit
+
+    def act(trainer: Any, step: int) -> None:
+        params = dict(trainer.model.named_parameters())
+        name = fault.options.get("name") or next(iter(params))
+        if name not in params:
+            raise ValueError(f"{ENV}: bitflip fault names parameter {name!r}, which rank {fault.rank} does not hold")
+        flip_bit(params[name].data, index=fault.options.get("index", 0), bit=fault.options.get("bit", 0))
+    return act
+
+
 KINDS: dict[str, Callable[[Fault], Hook]] = {"kill": _kill}
+for _kind, _module, _factory in (("nan", "herd.train.anomaly", _nan), ("bitflip", "herd.train.sdc", _bitflip)):
+    if importlib.util.find_spec(_module) is not None:
+        KINDS[_kind] = _factory
 
 
 def parse(spec: str) -> tuple[Path, list[Fault]]:
