@@ -176,7 +176,7 @@ def main() -> None:
 
     asked = [k for k in KINDS if k.name in args.kinds.split(",")]
     available = [k for k in asked if k.unavailable() is None]
-    report: dict[str, Any] = {"steps": args.steps, "world": WORLD, "every": args.every, "seed": args.seed,
+    report: dict[str, Any] = {"benchmark": "faults", "steps": args.steps, "world": WORLD, "every": args.every, "seed": args.seed,
                               "checkpoint_every": args.checkpoint_every, "kinds": {}}
     for k in asked:
         if k.unavailable() is not None:
