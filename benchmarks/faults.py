@@ -176,8 +176,8 @@ def main() -> None:
 
     asked = [k for k in KINDS if k.name in args.kinds.split(",")]
     available = [k for k in asked if k.unavailable() is None]
-    report: dict[str, Any] = {"benchmark": "faults", "steps": args.steps, "world": WORLD, "every": args.every, "seed": args.seed,
-                              "checkpoint_every": args.checkpoint_every, "kinds": {}}
+    report: dict[str, Any] = {"benchmark": "faults", "steps": args.steps, "world": WORLD, "every": args.every,
+                              "seed": args.seed, "checkpoint_every": args.checkpoint_every, "kinds": {}}
     for k in asked:
         if k.unavailable() is not None:
             report["kinds"][k.name] = {"available": False, "reason": k.unavailable()}
