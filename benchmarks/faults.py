@@ -187,13 +187,12 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         data = write_data(root)
         faults = schedule(available, steps=args.steps, every=args.every, seed=args.seed)
-        kills = sum(f["kind"] == "kill" for f in faults)
         overrides = [flag for k in available for flag in k.overrides]
         runs = {}
         for name, injected in (("fault_free", None), ("faulty", faults)):
             out = root / name
             code, seconds, log = herd_train(write_config(data, out, args), faults=injected, state=root / "fired",
-                                            overrides=overrides, max_restarts=kills + 1)
+                                            overrides=overrides, max_restarts=len(faults) + 1)  # kills and SDC stops restart
             if code != 0:
                 print(log[-6000:], file=sys.stderr)
                 raise SystemExit(f"the {name} run failed with exit code {code}")
