@@ -13,7 +13,8 @@ says what a run's faults, restarts and fixed costs took from it. Who knows what:
   an earlier invocation of the same job are told apart from this one's;
 * rank 0 appends one line per process start to `attempts.jsonl` (`record_attempt`): when the
   trainer was constructed and when it was ready to step, the resumed step, the checkpoint load
-  time and the step records the restart cut (the replayed work);
+  time and the step records the restart cut (the replayed work); and one per anomaly rollback
+  (`record_rollback`), whose cut records are replayed work too;
 * the supervisor (`herd train`, the process that runs torchrun) knows the wall time, and puts it
   all together with `effective_time` into `effective_time.json` and its last line.
 
@@ -59,6 +60,15 @@ def record_attempt(out_dir: str | Path, *, attempt: int, started: float, ready: 
     the restart cut from metrics.jsonl, kept as (step, seconds, time) for the replay account."""
     rec = {"attempt": attempt, "started": started, "ready": ready, "resumed_step": resumed_step,
            "load_seconds": load_seconds,
+           "dropped": [[r["step"], r.get("seconds", 0.0), r.get("time", 0.0)] for r in dropped]}
+    with open(Path(out_dir) / ATTEMPTS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def record_rollback(out_dir: str | Path, *, dropped: list[dict[str, Any]]) -> None:
+    """Append an anomaly rollback (herd.train.anomaly) to `attempts.jsonl` (rank 0 only): the step
+    records it cut are replayed work like a restart's, though no process restarted."""
+    rec = {"rollback": True, "time": time.time(),
            "dropped": [[r["step"], r.get("seconds", 0.0), r.get("time", 0.0)] for r in dropped]}
     with open(Path(out_dir) / ATTEMPTS, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -113,9 +123,10 @@ def effective_time(out_dir: str | Path, *, since: float, until: float) -> Effect
     """The account of the run that started at Unix time `since` and ended at `until`."""
     out_dir = Path(out_dir)
     steps = [r for r in _jsonl(out_dir / "metrics.jsonl") if "loss" in r and r.get("time", 0.0) >= since]
-    attempts = sorted((a for a in _jsonl(out_dir / ATTEMPTS) if a.get("started", 0.0) >= since),
+    lines = _jsonl(out_dir / ATTEMPTS)
+    attempts = sorted((a for a in lines if "rollback" not in a and a.get("started", 0.0) >= since),
                       key=lambda a: a["started"])
-    dropped = [d for a in attempts for d in a.get("dropped", []) if d[2] >= since]
+    dropped = [d for a in lines for d in a.get("dropped", []) if d[2] >= since]
     # Every step end this run saw, kept or cut: the last one before a restart ends that attempt.
     ends = sorted([r["time"] for r in steps] + [d[2] for d in dropped])
     startup = init = load = 0.0

@@ -174,13 +174,16 @@ class MetricsLogger:
                       "update skipped")
         self.write(f"step {record['step']:>6}/{self.total_steps} | {stage} | {record['kind']}: {detail}")
 
-    def rewind(self, step: int) -> None:
-        """A rollback to the checkpoint of `step`: later step and validation records will be redone."""
+    def rewind(self, step: int) -> list[dict[str, Any]]:
+        """A rollback to the checkpoint of `step`: later step and validation records will be redone.
+        Returns the step records cut (replayed work, for herd.train.goodput)."""
+        cut = [r for r in self.history if r.get("step", 0) > step and "loss" in r and "anomaly" not in r]
         self.history = [r for r in self.history if r.get("step", 0) <= step or "anomaly" in r]
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.history))
         if self._bar is not None:
             self._bar.n = step
             self._bar.refresh()
+        return cut
 
     def write(self, line: str) -> None:
         if self._bar is not None:

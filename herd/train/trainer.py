@@ -52,7 +52,7 @@ from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
 from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
-from herd.train.goodput import record_attempt
+from herd.train.goodput import record_attempt, record_rollback
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
@@ -118,7 +118,8 @@ class _NoMetrics:
     def log_step(self, record) -> None: ...
     def log_val(self, *args, **kwargs) -> None: ...
     def log_anomaly(self, *args, **kwargs) -> None: ...
-    def rewind(self, step: int) -> None: ...
+    def rewind(self, step: int) -> list:
+        return []
     def write(self, line: str) -> None: ...
     def close(self) -> None: ...
     def plot(self) -> None:
@@ -511,7 +512,9 @@ class Trainer:
         self.load_checkpoint(target)
         self._enter_stage(span)
         self._checkpoint_owed = False
-        self.metrics.rewind(self.step)
+        cut = self.metrics.rewind(self.step)
+        if cut:  # rank 0's logger: the replayed steps count against the effective time
+            record_rollback(self.out_dir, dropped=cut)
         self.metrics.log_anomaly(span.name, dataclasses.asdict(self.anomaly.rollback_record(window)))
 
     def _average(self, span: StageSpan, out: StageResult, dst: Path) -> None:

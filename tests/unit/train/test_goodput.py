@@ -7,7 +7,7 @@ import time
 import pytest
 
 from herd.train.config import MetricsConfig
-from herd.train.goodput import effective_time, process_start_time, record_attempt, write_summary
+from herd.train.goodput import effective_time, process_start_time, record_attempt, record_rollback, write_summary
 from herd.train.metrics import MetricsLogger, StepRecord
 
 
@@ -108,3 +108,26 @@ def test_tensorboard_shows_each_step_once_after_a_restart(tmp_path, resumed):
     acc.Reload()
     shown = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert shown == [(n, (10.0 if n <= resumed else 20.0) + n) for n in range(1, 5)]
+
+
+def test_an_anomaly_rollback_counts_its_cut_steps_as_replayed(tmp_path):
+    # One process: steps 1-5, a rollback to step 2 cuts 3-5 (1 s each), they run again (6 s from 20).
+    write_jsonl(tmp_path / "metrics.jsonl", [step(1, 1.0, 11), step(2, 1.0, 12), step(3, 2.0, 22), step(4, 2.0, 24),
+                                             step(5, 2.0, 26)])
+    record_attempt(tmp_path, attempt=0, started=5.0, ready=10.0, resumed_step=0, load_seconds=0.0, dropped=[])
+    record_rollback(tmp_path, dropped=[step(3, 1.0, 13), step(4, 1.0, 14), step(5, 1.0, 15)])
+    acc = effective_time(tmp_path, since=0.0, until=30.0)
+    assert (acc.attempts, acc.restarts) == (1, 0)  # a rollback is no restart
+    assert (acc.replayed_steps, acc.replayed_seconds) == (3, 3.0)
+    assert (acc.productive_steps, acc.productive_seconds) == (5, 8.0)
+    assert acc.other_seconds == pytest.approx(30 - 8 - 3 - 5 - 5)
+
+
+def test_metrics_logger_rewind_returns_the_cut_step_records(tmp_path):
+    cfg = MetricsConfig(tensorboard=False, plot=False, progress=False, log_every=100)
+    logger = MetricsLogger(tmp_path, cfg, total_steps=5, start_step=0, stage_bounds=[("pretrain", 0)])
+    for n in range(1, 5):
+        logger.log_step(StepRecord(step=n, stage="pretrain", loss=1.0, lr=1e-3, grad_norm=1.0, tokens_seen=n,
+                                   batch_tokens=1, seq_len=1, tokens_per_s=1.0, mfu=0.0, seconds=0.5, time=float(n)))
+    assert [r["step"] for r in logger.rewind(2)] == [3, 4]
+    logger.close()
