@@ -9,8 +9,10 @@ the same command line under torchrun on this machine, so the two spellings are o
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -93,4 +95,22 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: 
         # the same way (seen here: "Gloo connectFullMesh failed ... Connection refused" after a
         # kill; pytorch/pytorch#135712). A store of their own per attempt has no stale keys.
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    return subprocess.call(cmd, env=env)
+    # torchrun runs in a session of its own: a terminal's Ctrl-C (or a SIGTERM) reaches this process
+    # alone, which passes it on to torchrun, which passes it to every rank, so each process gets
+    # it once. Had it reached torchrun and the ranks directly as well, each rank would get it
+    # twice (a server's second SIGINT forces its exit, dropping the answers still being sent).
+    # And this process waits for torchrun: `subprocess.call` would SIGKILL it on Ctrl-C, orphaning
+    # the ranks.
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return proc.wait()
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
