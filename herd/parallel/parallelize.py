@@ -42,9 +42,11 @@ from herd.parallel.pipeline import (
     PipelineStageModel,
     build_schedule,
     check_pp,
+    eval_schedule,
     split_model,
     stages_per_rank,
 )
+from herd.parallel.pipeline import stage_ids as stage_ids_of
 from herd.parallel.tensor import apply_tp, check_tp
 from herd.targets import IGNORE_INDEX
 
@@ -110,9 +112,16 @@ class ParallelModel:
 
     def __init__(self, parts: list[nn.Module], *, config: ParallelConfig, meshes: Meshes | None,
                  stage_ids: list[int], cp: ContextParallel | None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 tie_group: dist.ProcessGroup | None = None):
         self.parts, self.config, self.meshes, self.stage_ids, self.cp = parts, config, meshes, stage_ids, cp
         self.loss_fn = loss_fn
+        # Pipeline stages of a tied model: the embedding (first stage) and head (last stage) copies
+        # of the one matrix that this rank holds, and the group joining the two stages' ranks
+        # (None when one rank holds both, as in a V schedule).
+        self.tie_group = tie_group
+        self._tied: list[nn.Parameter] = []
+        self._tied_heads: set[int] = set()
         self.schedule = None
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
         self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
@@ -164,6 +173,8 @@ class ParallelModel:
         for part in self.parts:
             part.to_empty(device=device)
             part.init_weights()
+        self._find_tied_copies()
+        self._copy_tied_weights()
         self._build_schedule(device)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], *, device: torch.device | str) -> None:
@@ -171,6 +182,9 @@ class ParallelModel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         device = torch.device(device)
+        if self.dims.pp > 1 and self.parts[0].args.tie_embeddings and "tok_embeddings.weight" in state_dict:
+            # The last stage's head is its copy of the embedding; a tied checkpoint may name it once.
+            state_dict = dict(state_dict) | {"output.weight": state_dict["tok_embeddings.weight"]}
         for part in self.parts:
             part.to_empty(device=device)
             if isinstance(part, Transformer):
@@ -185,7 +199,70 @@ class ParallelModel:
                 # A copy: set_model_state_dict replaces the values of the dict it is given.
                 set_model_state_dict(part, dict(state_dict),
                                      options=StateDictOptions(full_state_dict=True, strict=self.dims.pp == 1))
+        self._find_tied_copies()
         self._build_schedule(device)
+
+    # ---- tied embeddings under pipeline parallelism ----------------------------------------------
+
+    def _find_tied_copies(self) -> None:
+        if self.dims.pp == 1 or not self.parts[0].args.tie_embeddings:
+            return
+        self._tied = [p.tok_embeddings.weight for p in self.parts if p.tok_embeddings is not None]
+        heads = [p.output.weight for p in self.parts if p.output is not None]
+        self._tied += heads
+        self._tied_heads = {id(w) for w in heads}
+        assert self.tie_group is None or len(self._tied) == 1, "a tie group joins one copy per rank"
+
+    @torch.no_grad()
+    def _copy_tied_weights(self) -> None:
+        """Make the head copies equal to the embedding (after a random init, which drew them apart)."""
+        if not self._tied:
+            return
+        (emb,) = [_local(w) for w in self._tied if id(w) not in self._tied_heads] or [None]
+        if self.tie_group is not None:
+            (mine,) = self._tied
+            src = dist.get_global_rank(self.tie_group, 0)  # the pipeline's first rank: it holds the embedding
+            dist.broadcast(_local(mine), src=src, group=self.tie_group)
+        else:
+            for w in self._tied:
+                if id(w) in self._tied_heads:
+                    _local(w).copy_(emb)
+
+    def _tied_grads(self) -> list[torch.Tensor | None]:
+        """This rank's shards of the copies' gradients, laid out like the copies themselves.
+
+        Under TP the embedding's gradient comes back replicated while the weight is sharded over
+        the vocabulary (the head's gradient is sharded); slicing it to the weight's layout (no
+        communication) makes the two copies' shards line up element by element.
+        """
+        out = []
+        for w in self._tied:
+            g = w.grad
+            if isinstance(g, DTensor) and g.placements != w.placements:
+                w.grad = g = g.redistribute(placements=w.placements)
+            out.append(None if g is None else _local(g))
+        return out
+
+    @torch.no_grad()
+    def _tied_grads_before(self) -> list[torch.Tensor | None]:
+        return [None if g is None else g.clone() for g in self._tied_grads()]
+
+    @torch.no_grad()
+    def _sum_tied_grads(self, before: list[torch.Tensor | None]) -> None:
+        """Give every copy of a tied matrix the sum of this call's gradients of all copies.
+
+        Only this call's part is exchanged (gradient minus `before`), so calls that accumulate
+        into the same `.grad` (gradient accumulation) do not count an earlier call twice.
+        """
+        if not self._tied:
+            return
+        grads = self._tied_grads()
+        assert all(g is not None for g in grads), "every copy of a tied matrix gets a gradient in backward"
+        total = sum(g if b is None else g - b for g, b in zip(grads, before))
+        if self.tie_group is not None:
+            dist.all_reduce(total, group=self.tie_group)
+        for g, b in zip(grads, before):
+            g.copy_(total if b is None else b + total)
 
     def _build_schedule(self, device: torch.device) -> None:
         if self.dims.pp == 1 or self.schedule is not None:
@@ -279,7 +356,9 @@ class ParallelModel:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
                 args = (inputs,) if self.has_first_stage else ()
+                before = self._tied_grads_before()
                 self.schedule.step(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                self._sum_tied_grads(before)
                 if self.has_last_stage:
                     local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
             else:
@@ -308,11 +387,12 @@ class ParallelModel:
     @torch.no_grad()
     def _local_batch(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None):
         """This rank's part of the batch and its RoPE positions: the zig-zag chunks under context
-        parallelism (whose shard carries the positions and the document structure), else the
+        parallelism (whose shard carries the positions and the document structure; pipeline
+        stages also get the rows' whole document ids to build each microbatch's mask), else the
         whole rows with positions restarting per document."""
         if self.cp is not None:
             shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
-            return shard.inputs, shard.targets, shard.pos, None
+            return shard.inputs, shard.targets, shard.pos, shard.doc_ids if self.dims.pp > 1 else None
         B, S = inputs.shape
         pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
         return inputs, targets, pos.expand(B, -1), doc_ids
@@ -330,7 +410,8 @@ class ParallelModel:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
                 args = (inputs,) if self.has_first_stage else ()
-                self.schedule.eval(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                eval_schedule(self.schedule, *args, target=targets, losses=losses if self.has_last_stage else None,
+                              **kwargs)
                 if self.has_last_stage:
                     total = torch.stack([x.detach() for x in losses]).sum()
             else:
@@ -346,7 +427,9 @@ class ParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over all shards, stages and parts; return the norm."""
         params = [p for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        # A tied matrix's gradient counts once: its head copies (same gradient) stay out of the norm.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in self._tied_heads],
+                                             norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squared norms of every shard
         if self.dims.pp > 1:
@@ -391,6 +474,30 @@ class _LocalParts(nn.Module):
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly) distributed tensor, as a view that in-place writes reach."""
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _tie_group(meshes: Meshes, *, last_stage_rank: int) -> dist.ProcessGroup | None:
+    """The group of the two pipeline ranks holding the first and the last stage, for every other
+    coordinate; None when one rank holds both. Every rank creates every group (new_group is
+    collective) and keeps its own."""
+    d = meshes.dims
+    if last_stage_rank == 0:
+        return None
+    if d.pp == 2:
+        return meshes.pp.get_group()
+    pp_dim = meshes.world.mesh_dim_names.index("pp")
+    pairs = meshes.world.mesh.movedim(pp_dim, -1)[..., [0, last_stage_rank]].reshape(-1, 2)
+    mine = None
+    for ranks in pairs.tolist():
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
 
 
 def _chunked_head_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -445,13 +552,13 @@ def parallelize(
     else:
         stages = [(0, model)]
     cp = ContextParallel(meshes.cp) if d.cp > 1 else None
-    if cp is not None and d.pp > 1:
-        cp.allow_row_masks = False
     for _, part in stages:
         if d.tp > 1:
             apply_tp(part, meshes.tp, loss_parallel=config.loss_parallel)
         if cp is not None:
             apply_cp(part, cp)
+            if isinstance(part, PipelineStageModel):
+                part.context = cp  # each microbatch builds its own mask over the gathered keys
         apply_ac(part, mode=config.ac)
         if config.compile:
             for block in part.layers.values():
@@ -459,8 +566,13 @@ def parallelize(
         if use_fsdp:
             apply_fsdp(part, meshes.fsdp, param_dtype=_DTYPES[config.param_dtype],
                        reduce_dtype=_DTYPES[config.reduce_dtype], reshard_after_forward=d.pp == 1)
+    tie_group = None
+    if d.pp > 1 and args.tie_embeddings:
+        last = d.pp * n_per_rank - 1
+        owner = next(r for r in range(d.pp) if last in stage_ids_of(r, d.pp, config.pp_schedule, n_per_rank))
+        tie_group = _tie_group(meshes, last_stage_rank=owner)
     return ParallelModel([m for _, m in stages], config=config, meshes=meshes,
-                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn)
+                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn, tie_group=tie_group)
 
 
 def build_parallel_model(
