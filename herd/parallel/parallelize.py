@@ -48,6 +48,7 @@ from herd.parallel.pipeline import (
 )
 from herd.parallel.pipeline import stage_ids as stage_ids_of
 from herd.parallel.tensor import apply_tp, check_tp
+from herd.parallel.tied import TiedCopies, tie_group
 from herd.targets import IGNORE_INDEX
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,8 +121,7 @@ class ParallelModel:
         # of the one matrix that this rank holds, and the group joining the two stages' ranks
         # (None when one rank holds both, as in a V schedule).
         self.tie_group = tie_group
-        self._tied: list[nn.Parameter] = []
-        self._tied_heads: set[int] = set()
+        self.tied: TiedCopies | None = None
         self.schedule = None
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
         self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
@@ -174,7 +174,8 @@ class ParallelModel:
             part.to_empty(device=device)
             part.init_weights()
         self._find_tied_copies()
-        self._copy_tied_weights()
+        if self.tied:
+            self.tied.copy_weights()
         self._build_schedule(device)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], *, device: torch.device | str) -> None:
@@ -202,67 +203,9 @@ class ParallelModel:
         self._find_tied_copies()
         self._build_schedule(device)
 
-    # ---- tied embeddings under pipeline parallelism ----------------------------------------------
-
     def _find_tied_copies(self) -> None:
-        if self.dims.pp == 1 or not self.parts[0].args.tie_embeddings:
-            return
-        self._tied = [p.tok_embeddings.weight for p in self.parts if p.tok_embeddings is not None]
-        heads = [p.output.weight for p in self.parts if p.output is not None]
-        self._tied += heads
-        self._tied_heads = {id(w) for w in heads}
-        assert self.tie_group is None or len(self._tied) == 1, "a tie group joins one copy per rank"
-
-    @torch.no_grad()
-    def _copy_tied_weights(self) -> None:
-        """Make the head copies equal to the embedding (after a random init, which drew them apart)."""
-        if not self._tied:
-            return
-        (emb,) = [_local(w) for w in self._tied if id(w) not in self._tied_heads] or [None]
-        if self.tie_group is not None:
-            (mine,) = self._tied
-            src = dist.get_global_rank(self.tie_group, 0)  # the pipeline's first rank: it holds the embedding
-            dist.broadcast(_local(mine), src=src, group=self.tie_group)
-        else:
-            for w in self._tied:
-                if id(w) in self._tied_heads:
-                    _local(w).copy_(emb)
-
-    def _tied_grads(self) -> list[torch.Tensor | None]:
-        """This rank's shards of the copies' gradients, laid out like the copies themselves.
-
-        Under TP the embedding's gradient comes back replicated while the weight is sharded over
-        the vocabulary (the head's gradient is sharded); slicing it to the weight's layout (no
-        communication) makes the two copies' shards line up element by element.
-        """
-        out = []
-        for w in self._tied:
-            g = w.grad
-            if isinstance(g, DTensor) and g.placements != w.placements:
-                w.grad = g = g.redistribute(placements=w.placements)
-            out.append(None if g is None else _local(g))
-        return out
-
-    @torch.no_grad()
-    def _tied_grads_before(self) -> list[torch.Tensor | None]:
-        return [None if g is None else g.clone() for g in self._tied_grads()]
-
-    @torch.no_grad()
-    def _sum_tied_grads(self, before: list[torch.Tensor | None]) -> None:
-        """Give every copy of a tied matrix the sum of this call's gradients of all copies.
-
-        Only this call's part is exchanged (gradient minus `before`), so calls that accumulate
-        into the same `.grad` (gradient accumulation) do not count an earlier call twice.
-        """
-        if not self._tied:
-            return
-        grads = self._tied_grads()
-        assert all(g is not None for g in grads), "every copy of a tied matrix gets a gradient in backward"
-        total = sum(g if b is None else g - b for g, b in zip(grads, before))
-        if self.tie_group is not None:
-            dist.all_reduce(total, group=self.tie_group)
-        for g, b in zip(grads, before):
-            g.copy_(total if b is None else b + total)
+        if self.dims.pp > 1 and self.parts[0].args.tie_embeddings:
+            self.tied = TiedCopies(self.parts, self.tie_group)
 
     def _build_schedule(self, device: torch.device) -> None:
         if self.dims.pp == 1 or self.schedule is not None:
@@ -356,9 +299,10 @@ class ParallelModel:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
                 args = (inputs,) if self.has_first_stage else ()
-                before = self._tied_grads_before()
+                before = self.tied.grads_before() if self.tied else None
                 self.schedule.step(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
-                self._sum_tied_grads(before)
+                if self.tied:
+                    self.tied.sum_grads(before)
                 if self.has_last_stage:
                     local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
             else:
@@ -424,12 +368,30 @@ class ParallelModel:
                     dist.all_reduce(total, group=mesh.get_group())
         return float(total)
 
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """DCP's `get_optimizer_state_dict` of `module`; a tied matrix is named once, as in one
+        process (see tied.py), so checkpoints of every layout hold the same keys."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(self.module, optimizer)
+        return self.tied.name_once(sd) if self.tied else sd
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        """`set_optimizer_state_dict` of a state from `optimizer_state_dict` (any layout's)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if self.tied:
+            state_dict = self.tied.name_copies(state_dict)
+        set_optimizer_state_dict(self.module, optimizer, state_dict)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over all shards, stages and parts; return the norm."""
         params = [p for p in self.parameters() if p.grad is not None]
         # A tied matrix's gradient counts once: its head copies (same gradient) stay out of the norm.
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in self._tied_heads],
-                                             norm_type=2.0)
+        heads = self.tied.head_ids if self.tied else set()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in heads], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squared norms of every shard
         if self.dims.pp > 1:
@@ -474,30 +436,6 @@ class _LocalParts(nn.Module):
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
-
-
-def _local(x: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a (possibly) distributed tensor, as a view that in-place writes reach."""
-    return x.to_local() if isinstance(x, DTensor) else x
-
-
-def _tie_group(meshes: Meshes, *, last_stage_rank: int) -> dist.ProcessGroup | None:
-    """The group of the two pipeline ranks holding the first and the last stage, for every other
-    coordinate; None when one rank holds both. Every rank creates every group (new_group is
-    collective) and keeps its own."""
-    d = meshes.dims
-    if last_stage_rank == 0:
-        return None
-    if d.pp == 2:
-        return meshes.pp.get_group()
-    pp_dim = meshes.world.mesh_dim_names.index("pp")
-    pairs = meshes.world.mesh.movedim(pp_dim, -1)[..., [0, last_stage_rank]].reshape(-1, 2)
-    mine = None
-    for ranks in pairs.tolist():
-        group = dist.new_group(ranks)
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
 
 
 def _chunked_head_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -566,13 +504,13 @@ def parallelize(
         if use_fsdp:
             apply_fsdp(part, meshes.fsdp, param_dtype=_DTYPES[config.param_dtype],
                        reduce_dtype=_DTYPES[config.reduce_dtype], reshard_after_forward=d.pp == 1)
-    tie_group = None
+    group = None
     if d.pp > 1 and args.tie_embeddings:
         last = d.pp * n_per_rank - 1
         owner = next(r for r in range(d.pp) if last in stage_ids_of(r, d.pp, config.pp_schedule, n_per_rank))
-        tie_group = _tie_group(meshes, last_stage_rank=owner)
+        group = tie_group(meshes, last_stage_rank=owner)
     return ParallelModel([m for _, m in stages], config=config, meshes=meshes,
-                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn, tie_group=tie_group)
+                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn, tie_group=group)
 
 
 def build_parallel_model(

@@ -201,7 +201,8 @@ class Trainer:
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return {
             "model": self.model.state_dict(),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "optim": (self.parallel.optimizer_state_dict(self.optimizer) if self.parallel is not None
+                      else get_optimizer_state_dict(self.model, self.optimizer)),
             "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
                       "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng)},
         }
@@ -210,7 +211,10 @@ class Trainer:
         state = self.state_dict()
         ckpt_io.load(ckpt.path, state)
         self.model.load_state_dict(state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if self.parallel is not None:  # names a tied matrix as one process does (herd.parallel.tied)
+            self.parallel.load_optimizer_state_dict(self.optimizer, state["optim"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         train = state["train"]
         self.step, self.tokens_seen = int(train["step"]), int(train["tokens_seen"])
         # The loader for the next stage may read other sources; it is rebuilt in _enter_stage,

@@ -73,9 +73,40 @@ def test_pipeline_stages_partition_the_parameters_under_their_full_names(schedul
     assert sorted(seen) == sorted(full)  # every parameter exactly once, names unchanged
 
 
-def test_pipeline_rejects_tied_embeddings():
-    with pytest.raises(ValueError, match="tied embedding"):
-        check_pp(ARGS.replace(tie_embeddings=True), 2, 1)
+def test_pipeline_stages_of_a_tied_model_each_hold_a_copy_of_the_matrix():
+    tied = ARGS.replace(tie_embeddings=True)
+    check_pp(tied, 2, 1)  # accepted: the copies are kept equal by ParallelModel (herd.parallel.tied)
+    with torch.device("meta"):
+        model = Transformer(tied)
+    assert model.output.weight is model.tok_embeddings.weight
+    (_, first), = split_model(model, pp_rank=0, pp=2, schedule="1F1B", n_per_rank=1)
+    (_, last), = split_model(model, pp_rank=1, pp=2, schedule="1F1B", n_per_rank=1)
+    assert first.output is None and last.tok_embeddings is None
+    assert [n for n, _ in last.named_parameters() if "layers" not in n] == ["norm.weight", "output.weight"]
+    # V schedule: rank 0 holds stage 0 and the last stage, as two separate copies.
+    parts = [m for _, m in split_model(_meta(tied), pp_rank=0, pp=2, schedule="ZBVZeroBubble", n_per_rank=2)]
+    assert parts[0].tok_embeddings.weight is not parts[1].output.weight
+
+
+def test_gathered_cp_mask_is_the_full_mask_restricted_to_a_ranks_queries():
+    """Each rank's (local query x gathered key) mask, mapped back to global slots, must be the
+    single-process causal document mask: built here by hand from the definition."""
+    from herd.parallel.context import ContextParallel
+
+    S, cp = 16, 2
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
+    i = torch.arange(S)
+    full = (i.view(1, -1) <= i.view(-1, 1)) & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(1))  # (B, S, S)
+    gathered = torch.cat([local_slots(S, r, cp) for r in range(cp)])
+    for rank in range(cp):
+        ctx = ContextParallel.__new__(ContextParallel)
+        ctx.size, ctx.rank = cp, rank
+        for docs, want in ((doc_ids, full), (None, full[1:])):
+            got = ctx.gathered_mask(S, docs, device="cpu")[:, 0]  # (B or 1, Sl, S), keys in gathered order
+            q = local_slots(S, rank, cp)
+            assert torch.equal(got, want[:, q][:, :, gathered])
+        with pytest.raises(ValueError, match="whole rows"):
+            ctx.gathered_mask(S, doc_ids[:, :8], device="cpu")
 
 
 def test_zigzag_pairs_an_early_and_a_late_chunk():
