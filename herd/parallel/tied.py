@@ -134,7 +134,8 @@ class TiedCopies:
         if not self.heads:
             return sd
         state = dict(sd["state"])
-        state[_HEAD] = state[_EMB]
+        # Copies: a rank holding both copies must not give them one shared (in-place updated) moment.
+        state[_HEAD] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[_EMB].items()}
         if not self.embeddings:
             del state[_EMB]
         groups = []
