@@ -292,6 +292,7 @@ class ParallelModel:
         # dp_replicate * dp_shard * cp ranks, so scaling by that count makes the result the
         # gradient of (global token sum / global token count).
         self._scale = (d.dp * d.cp) / max(num_targets, 1)
+        self._check_rows(B)
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         local_sum = torch.zeros((), device=inputs.device)
         with self._loss_context(loss_chunks):
@@ -317,6 +318,14 @@ class ParallelModel:
                 if n > 1:
                     dist.all_reduce(total, group=mesh.get_group())
         return StepLoss(loss=total, num_targets=num_targets)
+
+    def _check_rows(self, rows: int) -> None:
+        """A pipeline schedule splits this rank's rows into microbatches: at least one row each."""
+        if self.schedule is not None and rows < self.schedule._n_microbatches:
+            raise ValueError(
+                f"pipeline schedule {self.config.pp_schedule} splits each step into {self.schedule._n_microbatches} "
+                f"microbatches, but this data-parallel rank has {rows} rows; set parallel.pp_microbatches <= {rows} "
+                "or give each data-parallel rank more rows (a larger batch)")
 
     def dp_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """This data-parallel rank's rows of a global batch that every rank holds."""
@@ -347,6 +356,7 @@ class ParallelModel:
         self._use_chunks(loss_chunks)
         d, m = self.dims, self.meshes
         self._scale = 1.0
+        self._check_rows(inputs.shape[0])
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         total = torch.zeros((), device=inputs.device)
         with self._loss_context(loss_chunks):

@@ -218,11 +218,11 @@ NAMES4 = (list(CP_PP) + ["CP 2 x PP 2 loss_sum", "CP 2 x PP 2 training around lo
 # ---- 8 and 16 ranks (test_layouts_4d.py) ------------------------------------------------------------
 
 
-def _refs():
+def _refs(batch: int = H.BATCH):
     state = H.reference_state()
     refs = {}
     for docs in (False, True):
-        batches = H.make_batches(docs=docs)
+        batches = H.make_batches(docs=docs, batch=batch)
         refs[docs] = (batches, H.reference_run(batches, state=state))
     return state, refs
 
@@ -251,14 +251,23 @@ LAYOUTS16 = {
 
 
 def world16(rank: int, world: int, workdir: Path) -> list:
-    state, refs = _refs()
+    state, refs = _refs(batch=8)  # 4 rows per data-parallel rank: one per ZBVZeroBubble microbatch
     out = []
     for name, (cfg, docs) in LAYOUTS16.items():
         _, got = H.parallel_run(cfg, refs[docs][0], state=state)
         out += H.compare(name, refs[docs][1], got)
     out += tied_parity("FSDP 2 x PP 2 x CP 2 x TP 2 tied", P(dp_shard=2, pp=2, cp=2, tp=2), refs[True][0],
                        H.reference_state(args=TIED))
-    return out
+    # Fewer rows than microbatches is a clear error, not torch's assertion deep in the schedule.
+    pm = H.build_parallel(P(dp_shard=2, pp=2, cp=2, tp=2, pp_schedule="ZBVZeroBubble"), state=state)
+    inputs, targets, doc_ids = refs[True][0][0]
+    try:
+        pm.forward_backward(inputs[:1], targets[:1], doc_ids=doc_ids[:1])  # one row on each data-parallel rank
+        ok, detail = False, "no error"
+    except ValueError as e:
+        ok, detail = "parallel.pp_microbatches <= 1" in str(e), str(e)
+    return out + H.agree("too few rows for the microbatches", ok, detail)
 
 
-NAMES16 = list(LAYOUTS16) + ["FSDP 2 x PP 2 x CP 2 x TP 2 tied", "FSDP 2 x PP 2 x CP 2 x TP 2 tied: copies bitwise equal"]
+NAMES16 = list(LAYOUTS16) + ["FSDP 2 x PP 2 x CP 2 x TP 2 tied", "FSDP 2 x PP 2 x CP 2 x TP 2 tied: copies bitwise equal",
+                              "too few rows for the microbatches"]

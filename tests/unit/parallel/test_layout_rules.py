@@ -201,3 +201,52 @@ def test_chunked_head_in_one_process_equals_the_full_logits():
         want = float(torch.nn.functional.cross_entropy(pm_plain.parts[0](inputs).flatten(0, 1), targets.flatten(),
                                                        reduction="sum"))
     assert pm.loss_sum(inputs, targets, loss_chunks=3) == pytest.approx(want, rel=1e-5)
+
+
+def _v_parts_with_tied_copies():
+    """Rank 0 of a V schedule holds the first and the last stage: both copies of a tied matrix."""
+    from herd.parallel.tied import TiedCopies
+
+    model = build_model(ARGS.replace(tie_embeddings=True), seed=0)
+    parts = [m for _, m in split_model(model, pp_rank=0, pp=2, schedule="ZBVZeroBubble", n_per_rank=2)]
+    return parts, TiedCopies(parts, group=None)
+
+
+def test_tied_copies_sum_each_calls_gradients_once():
+    """Two copies, two accumulated backward calls: each copy must end with the sum of all four
+    gradients (what one shared tensor accumulates), not count the first call twice."""
+    parts, tied = _v_parts_with_tied_copies()
+    emb, head = parts[0].tok_embeddings.weight, parts[1].output.weight
+    assert tied.copies == [emb, head] and tied.head_ids == {id(head)}
+    with torch.no_grad():
+        head.mul_(2)
+    tied.copy_weights()
+    assert torch.equal(head, emb) and head is not emb
+    g = [torch.randn_like(emb) for _ in range(4)]
+    before = tied.grads_before()
+    emb.grad, head.grad = g[0].clone(), g[1].clone()
+    tied.sum_grads(before)
+    torch.testing.assert_close(emb.grad, g[0] + g[1], rtol=0, atol=0)
+    before = tied.grads_before()
+    emb.grad += g[2]
+    head.grad += g[3]
+    tied.sum_grads(before)
+    torch.testing.assert_close(emb.grad, g[0] + g[1] + g[2] + g[3], rtol=1e-6, atol=1e-6)
+    assert torch.equal(emb.grad, head.grad)
+
+
+def test_tied_optimizer_state_is_named_once_like_one_process():
+    _, tied = _v_parts_with_tied_copies()
+    m = torch.ones(3)
+    sd = {"state": {"tok_embeddings.weight": {"exp_avg": m, "step": 1}, "output.weight": {"exp_avg": m.clone()},
+                    "norm.weight": {}},
+          "param_groups": [{"params": ["tok_embeddings.weight", "norm.weight", "output.weight"], "lr": 1.0}]}
+    once = tied.name_once(sd)
+    assert set(once["state"]) == {"tok_embeddings.weight", "norm.weight"}
+    assert once["param_groups"][0]["params"] == ["tok_embeddings.weight", "norm.weight"]
+    back = tied.name_copies(once)
+    assert set(back["state"]) == {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    assert back["param_groups"][0]["params"] == ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    # Equal values, separate tensors: Adam updates each copy's moments in place.
+    assert torch.equal(back["state"]["output.weight"]["exp_avg"], m)
+    assert back["state"]["output.weight"]["exp_avg"] is not back["state"]["tok_embeddings.weight"]["exp_avg"]
