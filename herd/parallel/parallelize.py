@@ -42,6 +42,7 @@ from herd.parallel.pipeline import (
     PipelineStageModel,
     build_schedule,
     check_pp,
+    check_schedule_ac,
     eval_schedule,
     split_model,
     stages_per_rank,
@@ -88,6 +89,8 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         if self.pp_microbatches < 0 or self.pp_stages_per_rank < 0:
             raise ValueError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0 (0 = default)")
+        if self.pp > 1:
+            check_schedule_ac(self.pp_schedule, self.ac)
 
     def dims(self, world_size: int) -> ParallelDims:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
@@ -123,6 +126,7 @@ class ParallelModel:
         self.tie_group = tie_group
         self.tied: TiedCopies | None = None
         self.schedule = None
+        self.microbatches = 1  # per step, under pipeline parallelism
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
         self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
         self._merged: nn.Module | None = None
@@ -211,7 +215,7 @@ class ParallelModel:
         if self.dims.pp == 1 or self.schedule is not None:
             return
         c = self.config
-        n_mb = c.pp_microbatches or self.dims.pp * len(self.parts)
+        n_mb = self.microbatches = c.pp_microbatches or self.dims.pp * len(self.parts)
         self.schedule = build_schedule(
             list(zip(self.stage_ids, self.parts)), self.meshes.pp, schedule=c.pp_schedule,
             n_microbatches=n_mb, loss_fn=self._pipeline_loss, device=device,
@@ -321,9 +325,9 @@ class ParallelModel:
 
     def _check_rows(self, rows: int) -> None:
         """A pipeline schedule splits this rank's rows into microbatches: at least one row each."""
-        if self.schedule is not None and rows < self.schedule._n_microbatches:
+        if self.schedule is not None and rows < self.microbatches:
             raise ValueError(
-                f"pipeline schedule {self.config.pp_schedule} splits each step into {self.schedule._n_microbatches} "
+                f"pipeline schedule {self.config.pp_schedule} splits each step into {self.microbatches} "
                 f"microbatches, but this data-parallel rank has {rows} rows; set parallel.pp_microbatches <= {rows} "
                 "or give each data-parallel rank more rows (a larger batch)")
 

@@ -29,6 +29,7 @@ from herd.parallel.context import ContextParallel, GatheredMask
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 _V_SCHEDULES = {"ZBVZeroBubble"}
+_ZERO_BUBBLE = {"InterleavedZeroBubble", "ZBVZeroBubble"}
 
 
 class PipelineStageModel(Transformer):
@@ -134,6 +135,15 @@ def check_pp(args: ModelArgs, pp: int, n_per_rank: int) -> None:
     if pp == 1:
         return
     layer_split(args.n_layers, pp * n_per_rank)
+
+
+def check_schedule_ac(schedule: str, ac: str) -> None:
+    """Zero-bubble schedules split each backward into an input-gradient and a weight-gradient
+    pass over the same blocks; selective AC lets a region run backward once (torch raises
+    "Trying to backward an extra time"), full AC recomputes the block for each pass."""
+    if ac == "selective" and schedule in _ZERO_BUBBLE:
+        raise ValueError(f"selective activation checkpointing cannot run under {schedule}, whose split backward "
+                         "passes each block twice; use parallel.ac = full (or none), or a 1F1B schedule")
 
 
 def split_model(model: Transformer, *, pp_rank: int, pp: int, schedule: str, n_per_rank: int) -> list[tuple[int, PipelineStageModel]]:

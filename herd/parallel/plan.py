@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from herd.model.args import ModelArgs
 from herd.parallel.checkpointing import AC_MODES
-from herd.parallel.pipeline import PP_SCHEDULES, check_pp, layer_split, stage_ids, stages_per_rank
+from herd.parallel.pipeline import PP_SCHEDULES, check_pp, check_schedule_ac, layer_split, stage_ids, stages_per_rank
 from herd.parallel.tensor import check_tp
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, the usual MFU denominator
@@ -355,7 +355,9 @@ def plan(args: ModelArgs, layout: Layout, *, model: str = "") -> Plan:
     if layout.pp_schedule not in PP_SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {layout.pp_schedule!r}; use one of {', '.join(PP_SCHEDULES)}")
     n_per_rank = stages_per_rank(layout.pp_schedule, layout.pp_stages_per_rank or None) if layout.pp > 1 else 1
-    check_pp(args, layout.pp, n_per_rank)  # the runtime's own check (tied embeddings are fine)
+    check_pp(args, layout.pp, n_per_rank)  # the runtime's own checks (tied embeddings are fine)
+    if layout.pp > 1:
+        check_schedule_ac(layout.pp_schedule, layout.ac)
     fpt = args.flops_per_token(layout.seq_len)
     step = fpt * layout.global_batch_tokens
     recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]

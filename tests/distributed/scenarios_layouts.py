@@ -200,7 +200,10 @@ def world4(state, refs) -> list:
         _, got = H.parallel_run(cfg, refs[docs][0], state=state)
         out += H.compare(name, refs[docs][1], got)
     out += eval_between_steps("CP 2 x PP 2", P(cp=2, pp=2, dp_shard=1), refs[True][0], state)
-    for name, cfg in {"PP 2 x FSDP 2 tied": P(pp=2, dp_shard=2), "PP 2 x TP 2 tied": P(pp=2, tp=2, dp_shard=1)}.items():
+    # PP 4: the copies' ranks (first and last) get a two-rank group of their own; the middle
+    # stages hold no copy and take no part.
+    for name, cfg in {"PP 2 x FSDP 2 tied": P(pp=2, dp_shard=2), "PP 2 x TP 2 tied": P(pp=2, tp=2, dp_shard=1),
+                      "PP 4 tied": P(pp=4, dp_shard=1)}.items():
         out += tied_parity(name, cfg, refs[True][0], tied_state)
     return out
 
@@ -212,7 +215,7 @@ CP_PP = {
                                                          ac="full"), True),
 }
 NAMES4 = (list(CP_PP) + ["CP 2 x PP 2 loss_sum", "CP 2 x PP 2 training around loss_sum"]
-          + [x for n in ("PP 2 x FSDP 2 tied", "PP 2 x TP 2 tied") for x in (n, f"{n}: copies bitwise equal")])
+          + [x for n in ("PP 2 x FSDP 2 tied", "PP 2 x TP 2 tied", "PP 4 tied") for x in (n, f"{n}: copies bitwise equal")])
 
 
 # ---- 8 and 16 ranks (test_layouts_4d.py) ------------------------------------------------------------
@@ -245,8 +248,8 @@ NAMES8 = list(LAYOUTS8) + ["TP 2 x CP 2 x PP 2 tied", "TP 2 x CP 2 x PP 2 tied: 
 
 LAYOUTS16 = {
     "FSDP 2 x PP 2 x CP 2 x TP 2 docs=True": (P(dp_shard=2, pp=2, cp=2, tp=2), True),
-    "FSDP 2 x PP 2 x CP 2 x TP 2 ZBVZeroBubble + selective AC docs=True": (
-        P(dp_shard=2, pp=2, cp=2, tp=2, pp_schedule="ZBVZeroBubble", ac="selective"), True),
+    "FSDP 2 x PP 2 x CP 2 x TP 2 ZBVZeroBubble + full AC docs=True": (
+        P(dp_shard=2, pp=2, cp=2, tp=2, pp_schedule="ZBVZeroBubble", ac="full"), True),
 }
 
 

@@ -1,7 +1,7 @@
 """All four dimensions at once, and the 3-D product without data parallelism (spawned gloo groups).
 
 TP 2 x CP 2 x PP 2 (8 ranks) and FSDP 2 x PP 2 x CP 2 x TP 2 (16 ranks, also under
-ZBVZeroBubble with selective AC) with document masks, and each with tied embeddings: losses and
+ZBVZeroBubble with full AC) with document masks, and each with tied embeddings: losses and
 gradients over 3 AdamW steps equal one process within 1e-5 (fp32), see scenarios_layouts.py.
 On a 2-core CPU the 16 processes mostly wait on each other: the 16-rank group is marked slow.
 """

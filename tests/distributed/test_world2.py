@@ -1,4 +1,4 @@
-"""Every 2-rank layout computes what one process computes (one spawned gloo group, ~30 s).
+"""Every 2-rank layout computes what one process computes (one spawned gloo group, ~2 min).
 
 FSDP, TP (+SP, with and without loss parallel), CP (with and without document masks), PP
 with each schedule, AC modes, float8, measured communication against the analytic count,

@@ -1,8 +1,9 @@
-"""Every 4-rank layout computes what one process computes (one spawned gloo group, ~40 s).
+"""Every 4-rank layout computes what one process computes (one spawned gloo group, ~2 min).
 
 HSDP 2x2, FSDP x TP, CP x TP, PP x FSDP, FSDP x CP, PP x TP, CP x PP (with document masks,
-also under ZBVZeroBubble with full AC), and PP x FSDP / PP x TP with tied embeddings: losses and gradients over 3
-AdamW steps equal the single-process run within 1e-5 (fp32); measured communication equals
+also under ZBVZeroBubble with full AC), and PP x FSDP / PP x TP / PP 4 with tied embeddings:
+losses and gradients over 3 AdamW steps equal the single-process run within 1e-5 (fp32); the
+measured communication (also of CP x PP and of tied PP x FSDP) equals
 the analytic count; a checkpoint saved with FSDP 2 x TP 2 resumes under FSDP 4, HSDP and in
 one process with the continuing losses of an uninterrupted run; the chunked output head
 (train.loss_chunks = 4) under HSDP, FSDP x TP, FSDP x CP, PP x FSDP and PP x TP equals the plain

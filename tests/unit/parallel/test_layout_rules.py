@@ -250,3 +250,17 @@ def test_tied_optimizer_state_is_named_once_like_one_process():
     # Equal values, separate tensors: Adam updates each copy's moments in place.
     assert torch.equal(back["state"]["output.weight"]["exp_avg"], m)
     assert back["state"]["output.weight"]["exp_avg"] is not back["state"]["tok_embeddings.weight"]["exp_avg"]
+
+
+@pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble"])
+def test_selective_ac_under_a_zero_bubble_schedule_is_refused_with_the_fix(schedule):
+    """torch runs a zero-bubble backward over each block twice, which selective AC forbids (measured:
+    "Trying to backward an extra time"); the config and `herd plan` say so up front."""
+    from herd.parallel.plan import Layout, plan
+
+    with pytest.raises(ValueError, match="use parallel.ac = full"):
+        ParallelConfig(pp=2, pp_schedule=schedule, ac="selective")
+    ParallelConfig(pp=2, pp_schedule=schedule, ac="full")
+    ParallelConfig(pp=2, pp_schedule="1F1B", ac="selective")
+    with pytest.raises(ValueError, match="use parallel.ac = full"):
+        plan(ARGS, Layout(gpus=2, pp=2, pp_schedule=schedule, ac="selective", seq_len=16, global_batch_tokens=64))
