@@ -1,7 +1,8 @@
 """Training configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
 
 A run is described by a TOML file whose top-level tables are the sections below (`[job]`,
-`[model]`, `[data]`, `[train]`, `[optim]`, `[schedule]`, `[checkpoint]`, `[metrics]`) plus a
+`[model]`, `[data]`, `[train]`, `[optim]`, `[schedule]`, `[checkpoint]`, `[metrics]`, `[sdc]`,
+`[watchdog]`) plus a
 list of `[[stages]]`. `herd train FILE --optim.lr 3e-4 --stages.anneal.steps 50` overrides
 single values; a value is parsed to the declared type of its field.
 
@@ -133,6 +134,38 @@ class MetricsConfig:
 
 
 @dataclass
+class SDCConfig:
+    """Silent-data-corruption checks (herd.train.sdc); each period is in steps, 0 = off."""
+
+    replica_check_every: int = 0  # compare checksums of replicated parameters + optimizer state across ranks
+    recompute_every: int = 0  # recompute one micro-batch's gradient twice and compare the two bitwise
+    verify_checkpoints: bool = True  # re-read every checkpoint from disk after its write and check its CRC-32s
+
+    def validate(self) -> None:
+        for key in ("replica_check_every", "recompute_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"sdc.{key} must be >= 0 (steps between checks; 0 = off), got {getattr(self, key)}")
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang and straggler detection (herd.train.watchdog)."""
+
+    collective_timeout_s: float = 0.0  # no progress for this long ends the job with a report; 0 = off
+    straggler_every: int = 0  # steps between gathers of every rank's step times to rank 0; 0 = off
+    straggler_factor: float = 1.5  # a rank busier than the (low) median times this is named a straggler
+
+    def validate(self) -> None:
+        if self.collective_timeout_s < 0:
+            raise ValueError(f"watchdog.collective_timeout_s must be >= 0 (0 = off), got {self.collective_timeout_s}")
+        if self.straggler_every < 0:
+            raise ValueError(f"watchdog.straggler_every must be >= 0 (0 = off), got {self.straggler_every}")
+        if not self.straggler_factor > 1:
+            raise ValueError(f"watchdog.straggler_factor must be > 1 (e.g. 1.5: 50% slower than the median), "
+                             f"got {self.straggler_factor}")
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +177,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # herd.parallel: degrees, AC, compile, FP8
+    sdc: SDCConfig = field(default_factory=SDCConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def stage_args(self, index: int) -> ModelArgs:
         """Model hyperparameters in force during stage `index` (RoPE changes accumulate)."""
@@ -214,6 +249,8 @@ class Config:
                                  f"checkpoint(s) every {every} steps; set {key}.checkpoint_every lower")
             start += stage.steps
         self.parallel.validate()  # --parallel.* overrides bypass the dataclass's own check
+        self.sdc.validate()
+        self.watchdog.validate()
         val_seq = self.val_seq_len
         if val_seq > self.model.args().max_seq_len:
             raise ValueError(f"metrics.val_seq_len ({val_seq}) exceeds model.max_seq_len")

@@ -139,6 +139,10 @@ class MetricsLogger:
                 f"gnorm {r.grad_norm:.3f} | {r.tokens_per_s:,.0f} tok/s | mfu {100 * r.mfu:.1f}% | "
                 f"seq {r.seq_len} x {r.batch_tokens // r.seq_len}")
 
+    def log_event(self, rec: dict[str, Any]) -> None:
+        """A record other than a step or a validation (e.g. per-rank step times); jsonl only."""
+        self._append(rec)
+
     def log_val(self, step: int, stage: str, loss: float, *, name: str = "val_loss") -> None:
         self._append({"step": step, "stage": stage, name: loss})
         if self._tb is not None:

@@ -48,11 +48,13 @@ from herd.train import checkpoint as ckpt_io
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
-from herd.train.core import TrainCore, cross_entropy_sum, token_loss
+from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
+from herd.train.sdc import SDC, Faults
+from herd.train.watchdog import Watchdog
 
 
 class Batch(Protocol):
@@ -150,7 +152,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, *, loader_factory: LoaderFactory = packed_loader,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, faults: Faults | None = None):
         self.cfg = cfg
         self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
         self.loader_factory = loader_factory
@@ -163,7 +165,8 @@ class Trainer:
         # Issue 4's seam: under torchrun, or with a [parallel] section, the model goes through
         # herd.parallel (meta -> pipeline split, TP, CP, AC, compile, FSDP -> materialise), and
         # self.model is the module holding this rank's parameters under the full model's names.
-        self.meshes = init_distributed(cfg.parallel, self.device)
+        # Twice the watchdog's timeout: its report names the stuck rank, a bare collective timeout would not.
+        self.meshes = init_distributed(cfg.parallel, self.device, timeout_s=2 * cfg.watchdog.collective_timeout_s)
         self.parallel: ParallelModel | None = None
         if self.meshes is not None or cfg.parallel != ParallelConfig():
             self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
@@ -180,8 +183,19 @@ class Trainer:
                               document_mask=cfg.train.document_mask, autocast=self._autocast,
                               hint="restart from the last checkpoint with a lower optim.lr or longer "
                                    "schedule.warmup_steps")
+        # Silent data corruption, hangs and stragglers (herd.train.sdc, herd.train.watchdog); faults
+        # are injected by tests and benchmarks only (HERD_SDC_FAULTS), never by a config.
+        self.faults = faults if faults is not None else Faults.from_env()
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                         log=self.log)
+                                         log=self.log, verify_writes=cfg.sdc.verify_checkpoints,
+                                         on_written=self.faults.checkpoint_written if self.faults else None)
+        self.watchdog = Watchdog(cfg.watchdog, out_dir=self.out_dir, faults=self.faults, log=self.log,
+                                 models=self.parallel.parts if self.parallel is not None else [self.model],
+                                 compiled=cfg.parallel.compile)
+        parts = self.parallel.parts if self.parallel is not None else [self.model]
+        self.sdc = SDC(cfg.sdc, model=self.model, optimizer=self.optimizer, faults=self.faults, log=self.log,
+                       run_micro=lambda batch: self.core.forward_backward([batch]), outputs=parts,
+                       mark=self.watchdog.mark)
         self.step = 0
         self.tokens_seen = 0
         self.loader: Loader | None = None
@@ -271,8 +285,11 @@ class Trainer:
                                                     doc_ids=doc_ids, loss_chunks=self.core.loss_chunks)
                     count += b.num_targets
                     continue
-                logits = model(b.inputs.to(self.device), doc_ids=doc_ids)
-            total += cross_entropy_sum(logits, b.targets.to(self.device)).item()
+                # The training loss (chunked head with train.loss_chunks > 1), so validation never
+                # holds the full (B, S, vocab) logits that the training step was configured to avoid.
+                loss = token_loss(self.cfg.train.loss_chunks)(
+                    model, TokenBatch(b.inputs.to(self.device), b.targets.to(self.device), doc_ids, b.num_targets))
+            total += loss.item()
             count += b.num_targets
         model.train(was_training)
         return total / max(count, 1)
@@ -378,6 +395,7 @@ class Trainer:
             for span in spans:
                 result.stages.append(self._run_stage(span))
         finally:
+            self.watchdog.close()
             self.metrics.close()
         result.steps, result.tokens_seen = self.step, self.tokens_seen
         result.loss_plot = str(self.metrics.plot()) if self.cfg.metrics.plot else None
@@ -422,6 +440,8 @@ class Trainer:
         while self.step < span.end:
             t = time.perf_counter()
             micro = self._next_micro_batches(span)
+            self.watchdog.step_begin(self.step + 1)
+            self.sdc.before_step(self.step + 1, micro)  # the re-computation check, when due
             r = self.train_step(micro)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -433,6 +453,8 @@ class Trainer:
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
                 mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds))
             last = r.loss
+            self.sdc.after_step(self.step)  # the replica check, when due
+            self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
             if cfg.metrics.val_every and self.step % cfg.metrics.val_every == 0 and self.step < span.end:
                 val = self.evaluate()
                 if val is not None:
