@@ -385,12 +385,26 @@ class ParallelModel:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
-        """DCP's `get_optimizer_state_dict` of `module`; a tied matrix is named once, as in one
-        process (see tied.py), so checkpoints of every layout hold the same keys."""
+        """DCP's `get_optimizer_state_dict` of `module`, the same on every layout (collective).
+
+        A tied matrix is named once, as in one process (see tied.py). Under pipeline parallelism
+        each rank's parameter groups list only its own stages' names, while DCP stores the groups
+        as one object that one rank writes; so every rank lists the names of all stages, and the
+        checkpoint loads into any layout (a group must name all of one process's parameters).
+        """
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         sd = get_optimizer_state_dict(self.module, optimizer)
-        return self.tied.name_once(sd) if self.tied else sd
+        if self.tied:
+            sd = self.tied.name_once(sd)
+        if self.dims.pp > 1:
+            mine = [list(g["params"]) for g in sd["param_groups"]]
+            every = [None] * self.dims.pp
+            dist.all_gather_object(every, mine, group=self.meshes.pp.get_group())
+            for i, group in enumerate(sd["param_groups"]):
+                names = [n for rank_groups in every for n in rank_groups[i]]
+                group["params"] = list(dict.fromkeys(names))  # in stage order, each once
+        return sd
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
         """`set_optimizer_state_dict` of a state from `optimizer_state_dict` (any layout's)."""

@@ -22,6 +22,7 @@ import harness as H
 from herd.data.loader import Batch
 from herd.parallel import ParallelConfig
 from herd.train.core import TrainCore
+from herd.train.optim import param_groups
 
 P = ParallelConfig
 TIED = H.ARGS.replace(tie_embeddings=True)  # Llama 3.2 1B/3B: the head is the embedding matrix
@@ -108,21 +109,27 @@ def _metadata_keys(path: str) -> set[str]:
     return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
+def _optimizer(module) -> torch.optim.Optimizer:
+    """herd's two parameter groups (decay on matmuls only; a tied head copy counts as the embedding)."""
+    return torch.optim.AdamW(param_groups(module, 0.1), lr=H.LR, foreach=True)
+
+
 def tied_checkpoints(state, workdir: Path) -> list:
     """Save under one layout, continue under another (and in one process): the continuing losses
     equal an uninterrupted single tied run's. FSDP 2 -> PP 2 reads the optimizer state of the
     matrix from its one-process name into the last stage's head copy; the PP 2 checkpoint holds
-    exactly the keys a single tied model's checkpoint holds."""
+    exactly the keys a single tied model's checkpoint holds, and its parameter groups name every
+    stage's parameters (one process's optimizer refuses groups of another size)."""
     batches = H.make_batches(docs=True, steps=4, seed=3)
     single = H.Single(state, TIED)
-    ref_losses, _ = H.train(single, H.new_optimizer(single.parameters()), batches, keep_grads=False)
+    ref_losses, _ = H.train(single, _optimizer(single.model), batches, keep_grads=False)
     out = []
     saved = {}
     for save_name, cfg in {"FSDP 2": P(), "PP 2 1F1B": P(pp=2)}.items():
         ckpt = str(workdir / f"ckpt-tied-{save_name.replace(' ', '-')}")
         pm = H.build_parallel(cfg, state=state, args=TIED)
         runner = H.Parallel(pm)
-        opt = H.new_optimizer(runner.parameters())
+        opt = _optimizer(pm.module)
         first, _ = H.train(runner, opt, batches[:2], keep_grads=False)
         dcp.save({"model": get_model_state_dict(pm.module), "optim": pm.optimizer_state_dict(opt)},
                  checkpoint_id=ckpt)
@@ -133,7 +140,7 @@ def tied_checkpoints(state, workdir: Path) -> list:
         ckpt, first = saved[save_name]
         pm = H.build_parallel(cfg, state=None, args=TIED)
         runner = H.Parallel(pm)
-        opt = H.new_optimizer(runner.parameters())
+        opt = _optimizer(pm.module)
         sd = {"model": get_model_state_dict(pm.module), "optim": pm.optimizer_state_dict(opt)}
         dcp.load(sd, checkpoint_id=ckpt)
         set_model_state_dict(pm.module, sd["model"])
@@ -149,7 +156,7 @@ def tied_checkpoints(state, workdir: Path) -> list:
 
         ckpt, first = saved["PP 2 1F1B"]
         one = H.Single(None, TIED)
-        opt1 = H.new_optimizer(one.parameters())
+        opt1 = _optimizer(one.model)
         sd = {"model": get_model_state_dict(one.model), "optim": get_optimizer_state_dict(one.model, opt1)}
         dcp.load(sd, checkpoint_id=ckpt, no_dist=True)
         set_model_state_dict(one.model, sd["model"])
