@@ -125,7 +125,7 @@ def tied_checkpoints(state, workdir: Path) -> list:
     ref_losses, _ = H.train(single, _optimizer(single.model), batches, keep_grads=False)
     out = []
     saved = {}
-    for save_name, cfg in {"FSDP 2": P(), "PP 2 1F1B": P(pp=2)}.items():
+    for save_name, cfg in {"FSDP 2": P(), "PP 2 ZBVZeroBubble": P(pp=2, pp_schedule="ZBVZeroBubble")}.items():
         ckpt = str(workdir / f"ckpt-tied-{save_name.replace(' ', '-')}")
         pm = H.build_parallel(cfg, state=state, args=TIED)
         runner = H.Parallel(pm)
@@ -135,8 +135,8 @@ def tied_checkpoints(state, workdir: Path) -> list:
                  checkpoint_id=ckpt)
         saved[save_name] = (ckpt, first)
     for (save_name, load_name), cfg in {("FSDP 2", "PP 2 1F1B"): P(pp=2),
-                                         ("PP 2 1F1B", "PP 2 ZBVZeroBubble"): P(pp=2, pp_schedule="ZBVZeroBubble"),
-                                         ("PP 2 1F1B", "FSDP 2"): P()}.items():
+                                         ("PP 2 ZBVZeroBubble", "PP 2 1F1B"): P(pp=2),
+                                         ("PP 2 ZBVZeroBubble", "FSDP 2"): P()}.items():
         ckpt, first = saved[save_name]
         pm = H.build_parallel(cfg, state=None, args=TIED)
         runner = H.Parallel(pm)
@@ -154,7 +154,7 @@ def tied_checkpoints(state, workdir: Path) -> list:
     if dist.get_rank() == 0:  # one process: read the pipeline's checkpoint, and write its own to compare keys
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        ckpt, first = saved["PP 2 1F1B"]
+        ckpt, first = saved["PP 2 ZBVZeroBubble"]  # rank 0 holds stages 0 and 3, rank 1 stages 1 and 2
         one = H.Single(None, TIED)
         opt1 = _optimizer(one.model)
         sd = {"model": get_model_state_dict(one.model), "optim": get_optimizer_state_dict(one.model, opt1)}
@@ -170,7 +170,7 @@ def tied_checkpoints(state, workdir: Path) -> list:
         detail = (f"losses {[round(x, 6) for x in cont]} vs {[round(x, 6) for x in ref_losses[2:]]} "
                   f"(max |diff| {diff:.1e}); keys only in the pipeline's: {sorted(keys - want)[:4]}, "
                   f"only in one process's: {sorted(want - keys)[:4]}")
-    return out + H.agree("resume tied PP 2 1F1B -> single process (same checkpoint keys)", ok, detail)
+    return out + H.agree("resume tied PP 2 ZBVZeroBubble -> single process (same checkpoint keys)", ok, detail)
 
 
 def world2(state, refs, workdir: Path) -> list:
@@ -193,8 +193,8 @@ NAMES2 = (
     + ["TrainCore PP 2 1F1B tied, 2 micro-batches", "TrainCore PP 2 1F1B tied, 2 micro-batches: copies bitwise equal"]
     + [x for n in ("PP 2 ZBVZeroBubble", "PP 2 ZBVZeroBubble tied")
        for x in (f"{n} loss_sum", f"{n} training around loss_sum")]
-    + ["resume tied FSDP 2 -> PP 2 1F1B", "resume tied PP 2 1F1B -> PP 2 ZBVZeroBubble", "resume tied PP 2 1F1B -> FSDP 2",
-       "resume tied PP 2 1F1B -> single process (same checkpoint keys)"]
+    + ["resume tied FSDP 2 -> PP 2 1F1B", "resume tied PP 2 ZBVZeroBubble -> PP 2 1F1B",
+       "resume tied PP 2 ZBVZeroBubble -> FSDP 2", "resume tied PP 2 ZBVZeroBubble -> single process (same checkpoint keys)"]
 )
 
 
