@@ -47,17 +47,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from herd.generate import KVCache, SamplingParams, decode_step
 from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
-from herd.generate.processors import LogitsProcessor, accept_token, apply_processors
+from herd.generate.processors import accept_token, apply_processors
 from herd.model.llama import Transformer
 from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.scoring import match_stop, pick_tokens, score_chunk, token_logprobs
+from herd.serve.scoring import match_stop, pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.tp import Leader
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
 from herd.serve.requests import (  # noqa: F401
@@ -77,40 +77,13 @@ from herd.serve.requests import (  # noqa: F401
     check_engine_sizes,
     check_request,
 )
+from herd.serve.requests import SEQ_DECODE as _DECODE
+from herd.serve.requests import SEQ_FORK as _FORK
+from herd.serve.requests import SEQ_PAUSED as _PAUSED
+from herd.serve.requests import SEQ_PREFILL as _PREFILL
+from herd.serve.requests import RunningSeq as _Seq
 
 log = logging.getLogger(__name__)
-
-# A sequence's state. Keys/values exist for positions < pos in its row, always.
-_PREFILL = "prefill"  # prompt[pos:] is still to be prefilled (choice 0 of its request)
-_FORK = "fork"  # choices 1..n-1, waiting for choice 0's prompt: they start from a copy of it
-_DECODE = "decode"  # `pending` is fed at `pos` in the next decode step
-_PAUSED = "paused"  # a decoding sequence that gave its blocks back (none were free); its row is intact
-
-
-@dataclass
-class _Seq:
-    """One running choice in one slot."""
-
-    handle: RequestHandle
-    index: int
-    slot: int
-    limit: int  # new tokens allowed
-    generator: torch.Generator | None
-    pending: int = 0  # the last sampled token, fed at the next decode step...
-    pos: int = 0  # ...at this position
-    count: int = 0  # tokens generated
-    tail: bytearray = field(default_factory=bytearray)  # recent output bytes, for stop strings
-    stop_bytes: tuple[bytes, ...] = ()  # the request's stop strings in UTF-8, encoded once
-    processors: list[LogitsProcessor] = field(default_factory=list)  # this choice's own, stateful
-    generated: list[int] = field(default_factory=list)  # tokens delivered so far
-    last_token_at: float | None = None  # engine clock at the previous token, for inter-token latency
-    prompt_lps: list[PromptLogprob] | None = None  # prompt logprobs so far, chunk by chunk
-    order: int = 0  # admission order: the youngest sequence is paused first
-    state: str = _DECODE
-    blocks: list[int] = field(default_factory=list)  # block table: positions [i*bs, (i+1)*bs) live in blocks[i]
-    names: list[bytes] = field(default_factory=list)  # chained names of its full blocks named so far
-    forks: list[_Seq] = field(default_factory=list)  # choice 0 of n > 1: the choices waiting for its prompt
-
 
 class Engine:
     """Continuous batching for one model. Drive it with `start()` (a background thread) or by
@@ -133,6 +106,8 @@ class Engine:
     adapters: LoRA adapters attached to `model` (`herd.generate.adapters.load_adapters`); a
         request names one in `Request.adapter`, and rows of one decode step may use different ones.
         Prefix-cache blocks are per adapter (their keys and values differ).
+    mirror: tensor parallelism (`herd.serve.tp.Leader`): told every forward and KV copy before it
+        runs, so follower ranks repeat them on their shards; a failed step is then fatal.
     """
 
     def __init__(
@@ -150,6 +125,7 @@ class Engine:
         compile: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         adapters: AdapterSet | None = None,
+        mirror: Leader | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -165,7 +141,12 @@ class Engine:
         self._compiled = CompiledDecoder(model, self.cache) if compile else None
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
-        self.store = BlockStore(self.cache, num_blocks, block_size)
+        self._mirror = mirror
+        if mirror is not None and (compile or adapters is not None):
+            raise ValueError("tensor parallelism cannot yet serve LoRA adapters (--lora) or compile the decode "
+                             "step (--compile); leave those out or run with --tp 1")
+        self.store = BlockStore(self.cache, num_blocks, block_size) if mirror is None else mirror.store(
+            self.cache, num_blocks, block_size)
         self._order = itertools.count()
 
         self._cond = threading.Condition()
@@ -243,6 +224,8 @@ class Engine:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"the engine thread did not stop within {timeout} s")
+        if self._mirror is not None:  # after the thread: the followers' last instruction
+            self._mirror.stop()
         self._finish_everything("cancelled")
 
     # ---- the engine thread ----------------------------------------------------------------------
@@ -266,12 +249,17 @@ class Engine:
         raise RuntimeError(f"still busy after {max_steps} steps")
 
     def _run(self) -> None:
+        beat = None if self._mirror is None else self._mirror.heartbeat_s
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and all(s is None for s in self._slots):
-                    self._cond.wait()
+                idle = False
+                while not idle and not self._stopping and not self._waiting and all(s is None for s in self._slots):
+                    idle = not self._cond.wait(beat)  # timed out: only with a mirror
                 if self._stopping:
                     return
+            if idle:
+                self._mirror.heartbeat()  # idle followers' collectives would otherwise time out
+                continue
             try:
                 self.step()
             except Exception:  # a failing forward must not kill the thread that serves everyone
@@ -279,6 +267,12 @@ class Engine:
                 for seq in self._slots:
                     if seq is not None:
                         self._finish(seq, "error", error="internal error during decoding")
+                if self._mirror is not None:  # the ranks' collectives are out of step: give up
+                    with self._cond:
+                        self._stopping = True  # submit refuses from now on
+                    self._finish_everything("error")
+                    self._mirror.abort()
+                    return
 
     def _check(self, r: Request) -> None:
         check_request(r, vocab=self.model.args.vocab_size, max_seq_len=self.max_seq_len, max_batch=self.max_batch,
@@ -448,6 +442,10 @@ class Engine:
             c = min(S - seq.pos, budget)
             t0 = time.perf_counter()
             try:
+                if self._mirror is not None:
+                    scored = 0 if handle.request.prompt_logprobs is None else scored_positions(S, seq.pos, c)
+                    self._mirror.prefill(seq.slot, seq.pos, prompt[seq.pos : seq.pos + c], last=seq.pos + c == S,
+                                         scored=scored)
                 tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
                 if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
                     self.adapters.select([handle.request.adapter])
@@ -457,6 +455,8 @@ class Engine:
                     seq.prompt_lps = score_chunk(self.model.output, prompt, seq.pos, h[0],
                                                  handle.request.prompt_logprobs, seq.prompt_lps)
             except Exception:
+                if self._mirror is not None:  # the followers may be inside this forward's collectives
+                    raise
                 log.exception("prefill of %s failed", handle.id)
                 for s in (seq, *seq.forks):
                     if self._slots[s.slot] is s:
@@ -495,8 +495,7 @@ class Engine:
             self.pool.acquire(full)
             seq.blocks = full + seq.blocks
             seq.names = list(first.names)
-            for buf in (*self.cache.k, *self.cache.v):
-                buf[seq.slot, :, :S] = buf[first.slot, :, :S]
+            self.store.copy_row(self.cache, first.slot, seq.slot, S)
             seqs.append(seq)
         first.forks = []
         for seq in seqs:
@@ -538,6 +537,8 @@ class Engine:
             self.adapters.select([by_slot.get(i) for i in range(B)])
         tokens_t = torch.tensor(tokens, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
+        if self._mirror is not None:
+            self._mirror.decode(tokens, pos)
         if self._compiled is not None:
             logits = self._compiled(tokens_t, pos_t)  # (max_batch, V)
         else:

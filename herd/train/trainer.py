@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import os
 import pickle
 import random
 import shutil
@@ -45,11 +46,13 @@ from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
+from herd.train.anomaly import LEDGER, AnomalyGuard, Verdict
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
 from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
+from herd.train.goodput import record_attempt, record_rollback
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
@@ -71,6 +74,7 @@ class Loader(Protocol):
 
 
 LoaderFactory = Callable[..., Loader]  # (sources, *, weights, seq_len, batch_size, seed) -> Loader
+StepHook = Callable[["Trainer", int], None]  # (trainer, step about to run): called once its batch is drawn
 
 
 def packed_loader(sources: Sequence[str], *, weights: Sequence[float] | None, seq_len: int, batch_size: int,
@@ -113,6 +117,9 @@ class _NoMetrics:
 
     def log_step(self, record) -> None: ...
     def log_val(self, *args, **kwargs) -> None: ...
+    def log_anomaly(self, *args, **kwargs) -> None: ...
+    def rewind(self, step: int) -> list:
+        return []
     def write(self, line: str) -> None: ...
     def close(self) -> None: ...
     def plot(self) -> None:
@@ -125,6 +132,7 @@ class StepResult:
     lr: float
     grad_norm: float  # before clipping
     tokens: int  # input tokens in the batch
+    anomaly: Verdict | None = None  # set: the update was skipped on every rank
 
 
 @dataclass
@@ -148,12 +156,16 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint this process started from (0 = fresh)
     stages: list[StageResult] = field(default_factory=list)
     loss_plot: str | None = None
+    anomalies: dict[str, int] = field(default_factory=dict)  # by kind, in this process (herd.train.anomaly)
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, loader_factory: LoaderFactory = packed_loader,
-                 log: Callable[[str], None] | None = None, faults: Faults | None = None):
+                 log: Callable[[str], None] | None = None, faults: Faults | None = None,
+                 step_hooks: Sequence[StepHook] = ()):
+        self.started = time.time()  # for the effective-time account (herd.train.goodput)
         self.cfg = cfg
+        self.step_hooks = list(step_hooks)  # observers of each step; herd.train.faultinject's faults use it
         self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
         self.loader_factory = loader_factory
         self.device = resolve_device(cfg.job.device)
@@ -178,11 +190,13 @@ class Trainer:
             # fp32 parameters: on GPU the forward runs under bf16 autocast with fp32 master weights.
             self.model = build_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.anomaly = (AnomalyGuard(cfg.anomaly, device=self.device, ledger=self.out_dir / LEDGER, log=self.log)
+                        if cfg.anomaly.enabled else None)
         self.core = TrainCore(self.model, self.optimizer, grad_clip=cfg.optim.grad_clip,
                               loss=token_loss(cfg.train.loss_chunks), parallel=self.parallel, device=self.device,
                               document_mask=cfg.train.document_mask, autocast=self._autocast,
                               hint="restart from the last checkpoint with a lower optim.lr or longer "
-                                   "schedule.warmup_steps")
+                                   "schedule.warmup_steps", guard=self.anomaly)
         # Silent data corruption, hangs and stragglers (herd.train.sdc, herd.train.watchdog); faults
         # are injected by tests and benchmarks only (HERD_SDC_FAULTS), never by a config.
         self.faults = faults if faults is not None else Faults.from_env()
@@ -198,12 +212,14 @@ class Trainer:
                        mark=self.watchdog.mark)
         self.step = 0
         self.tokens_seen = 0
+        self._checkpoint_owed = False  # a periodic checkpoint fell on a skipped update: write it at the next good step
         self.loader: Loader | None = None
         self.loader_key = ""  # which sources/weights the loader reads; its state only carries over if equal
         self._pending_loader_state: tuple[str, bytes] | None = None
         self.tokenizer = self._copy_tokenizer()
         self.metrics: MetricsLogger | None = None
         self.peak_flops = 0.0
+        self.load_seconds = 0.0  # verifying and loading the checkpoint this process resumed from
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -218,11 +234,14 @@ class Trainer:
             "optim": (self.parallel.optimizer_state_dict(self.optimizer) if self.parallel is not None
                       else get_optimizer_state_dict(self.model, self.optimizer)),
             "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
-                      "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng)},
+                      "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng),
+                      "anomaly": pickle.dumps(self.anomaly.state_dict() if self.anomaly is not None else None)},
         }
 
     def load_checkpoint(self, ckpt: SavedCheckpoint) -> None:
         state = self.state_dict()
+        if "train.anomaly" not in ckpt_io.saved_keys(ckpt.path):  # saved before [anomaly] existed
+            del state["train"]["anomaly"]
         ckpt_io.load(ckpt.path, state)
         self.model.load_state_dict(state["model"])
         if self.parallel is not None:  # names a tied matrix as one process does (herd.parallel.tied)
@@ -241,11 +260,15 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        anomaly = pickle.loads(train["anomaly"]) if "anomaly" in train else None
+        if self.anomaly is not None and anomaly is not None:
+            self.anomaly.load_state_dict(anomaly)
 
     def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint:
         meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
+        self._checkpoint_owed = False
         return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -256,11 +279,13 @@ class Trainer:
         return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are slow without AVX-512 BF16
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        for hook in self.step_hooks:
+            hook(self, self.step + 1)
         lr = self.schedule.lr(self.step)
         r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
-        self.step += 1
+        self.step += 1  # a skipped update still counts: its data was read, the schedule moves on
         self.tokens_seen += r.tokens
-        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens)
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -329,6 +354,8 @@ class Trainer:
             if self._pending_loader_state is not None and self._pending_loader_state[0] == key:
                 self.loader.load_state_dict(pickle.loads(self._pending_loader_state[1]))
         self._pending_loader_state = None
+        if self.anomaly is not None:
+            self.anomaly.enter_stage(span.index)
 
     def _mix(self, index: int) -> tuple[list[str], list[float] | None]:
         stage = self.cfg.stages[index]
@@ -340,9 +367,12 @@ class Trainer:
         shape = batch_shape(self.cfg.stages[span.index].ramp, self.tokens_seen)
         rows = micro_batch_rows(self.cfg.train.micro_batch_tokens, shape.seq_len, shape.rows)
         assert shape.rows % rows == 0, (shape, rows)  # Config.validate checked the divisibility
+        if self.anomaly is not None:  # may jump over data a rollback chose to skip
+            self.anomaly.before_step(self.step + 1, self.loader, self.loader_key)
         return [self.loader.next_batch(batch_size=rows, seq_len=shape.seq_len) for _ in range(shape.rows // rows)]
 
     def _resume(self) -> int:
+        t = time.perf_counter()
         latest = self.checkpointer.latest()
         if latest is None:
             return 0
@@ -354,6 +384,7 @@ class Trainer:
                              f"({ {k: saved.get(k) for k in shape_keys} }) than [model] now describes; "
                              "use a new job.out_dir or restore the config")
         self.load_checkpoint(latest)
+        self.load_seconds = time.perf_counter() - t
         self.log(f"resumed from {latest.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return self.step
 
@@ -388,6 +419,9 @@ class Trainer:
         if is_rank0():  # one process writes metrics.jsonl, TensorBoard and the plot
             self.metrics = MetricsLogger(self.out_dir, self.cfg.metrics, total_steps=self.schedule.total_steps,
                                          start_step=self.step, stage_bounds=[(s.name, s.start) for s in spans])
+            record_attempt(self.out_dir, attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                           started=self.started, ready=time.time(), resumed_step=resumed_from,
+                           load_seconds=self.load_seconds, dropped=self.metrics.dropped)
         else:
             self.metrics = _NoMetrics()
         result = TrainResult(steps=0, tokens_seen=0, seconds=0.0, resumed_from=resumed_from)
@@ -398,6 +432,7 @@ class Trainer:
             self.watchdog.close()
             self.metrics.close()
         result.steps, result.tokens_seen = self.step, self.tokens_seen
+        result.anomalies = dict(self.anomaly.counts) if self.anomaly is not None else {}
         result.loss_plot = str(self.metrics.plot()) if self.cfg.metrics.plot else None
         result.seconds = time.perf_counter() - t_start
         return result
@@ -451,17 +486,40 @@ class Trainer:
             self.metrics.log_step(StepRecord(
                 step=self.step, stage=span.name, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
-                mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds))
-            last = r.loss
+                mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds,
+                time=time.time()))
             self.sdc.after_step(self.step)  # the replica check, when due
             self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
+            if r.anomaly is not None:  # no update: nothing to validate or checkpoint at this step
+                self._after_anomaly(span, r.anomaly)
+                continue
+            last = r.loss
             if cfg.metrics.val_every and self.step % cfg.metrics.val_every == 0 and self.step < span.end:
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log_val(self.step, span.name, val)
-            if self.step % cfg.checkpoint_every(span.index) == 0 and self.step < span.end:
+            if (self.step % cfg.checkpoint_every(span.index) == 0 or self._checkpoint_owed) and self.step < span.end:
                 self.save_checkpoint(span)
         return last
+
+    def _after_anomaly(self, span: StageSpan, verdict: Verdict) -> None:
+        """Log a skipped update; at the end of a long enough streak, roll back and skip its data."""
+        self.metrics.log_anomaly(span.name, dataclasses.asdict(verdict.record))
+        # Never a checkpoint inside a streak: a rollback then always has one from before it, and no
+        # checkpoint of the abandoned steps is left for a resume to pick up.
+        self._checkpoint_owed |= self.step % self.cfg.checkpoint_every(span.index) == 0
+        if not verdict.rollback:
+            return
+        target = self.checkpointer.latest()
+        window = self.anomaly.plan_rollback(step=self.step, loader=self.loader,
+                                            checkpoint_step=None if target is None else target.step)
+        self.load_checkpoint(target)
+        self._enter_stage(span)
+        self._checkpoint_owed = False
+        cut = self.metrics.rewind(self.step)
+        if cut:  # rank 0's logger: the replayed steps count against the effective time
+            record_rollback(self.out_dir, dropped=cut)
+        self.metrics.log_anomaly(span.name, dataclasses.asdict(self.anomaly.rollback_record(window)))
 
     def _average(self, span: StageSpan, out: StageResult, dst: Path) -> None:
         n = self.cfg.stages[span.index].average_last

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import harness as H
+import scenarios_anomaly
 import scenarios_chunked
 import scenarios_layouts
 from herd.model.llama import Transformer
@@ -179,7 +180,8 @@ def world2(rank: int, world: int, workdir: Path) -> list:
     out += comm_check("PP 2 1F1B tied", P(pp=2), H.reference_state(args=tied), batches, args=tied)
 
     out += resume("FSDP 2", P(), {"TP 2": P(tp=2), "PP 2": P(pp=2)}, state, workdir)
-    return out + scenarios_layouts.world2(state, refs, workdir)
+    out += scenarios_layouts.world2(state, refs, workdir)
+    return out + scenarios_anomaly.world2(state, workdir)
 
 
 def world4(rank: int, world: int, workdir: Path) -> list:

@@ -2,10 +2,10 @@
 
 FSDP, TP (+SP, with and without loss parallel), CP (with and without document masks), PP
 with each schedule, AC modes, float8, measured communication against the analytic count,
-and DCP resume under other layouts; PP with tied embeddings (scenarios_layouts.py: both
-schedules, gradient accumulation, the copies bitwise equal, checkpoints) and ZBV evaluation
-between training steps. Losses and gradients over 3 AdamW steps with gradient clipping must
-match the single-process run within 1e-5 (fp32).
+DCP resume under other layouts, and anomaly skips agreed by both ranks; PP with tied embeddings
+(scenarios_layouts.py: both schedules, gradient accumulation, the copies bitwise equal,
+checkpoints) and ZBV evaluation between training steps. Losses and gradients over 3 AdamW
+steps with gradient clipping must match the single-process run within 1e-5 (fp32).
 """
 
 import sys
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import scenari
 import harness  # noqa: E402
 import scenarios  # noqa: E402
 import scenarios_layouts  # noqa: E402
+import scenarios_anomaly  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,8 @@ NAMES = (
     + ["comm PP 2 1F1B tied"]
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]
     + scenarios_layouts.NAMES2  # tied embeddings under PP, ZBV evaluation between steps
+    + [f"anomaly {n}" for n in scenarios_anomaly.CASES]
+    + ["anomaly FSDP 2 Trainer: rollback after NaN gradients on rank 1 equals a run without the window"]
 )
 
 
