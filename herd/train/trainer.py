@@ -231,7 +231,8 @@ class Trainer:
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return {
             "model": self.model.state_dict(),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "optim": (self.parallel.optimizer_state_dict(self.optimizer) if self.parallel is not None
+                      else get_optimizer_state_dict(self.model, self.optimizer)),
             "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
                       "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng),
                       "anomaly": pickle.dumps(self.anomaly.state_dict() if self.anomaly is not None else None)},
@@ -243,7 +244,10 @@ class Trainer:
             del state["train"]["anomaly"]
         ckpt_io.load(ckpt.path, state)
         self.model.load_state_dict(state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if self.parallel is not None:  # names a tied matrix as one process does (herd.parallel.tied)
+            self.parallel.load_optimizer_state_dict(self.optimizer, state["optim"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         train = state["train"]
         self.step, self.tokens_seen = int(train["step"]), int(train["tokens_seen"])
         # The loader for the next stage may read other sources; it is rebuilt in _enter_stage,
