@@ -283,3 +283,5 @@ class EngineMetrics:
     kv_blocks_free: int = 0  # blocks a new sequence could get (empty or holding an evictable prefix)
     kv_blocks_total: int = 0
     kv_block_size: int = 0
+    spec_draft_tokens_total: int = 0  # speculative decoding: tokens the draft proposed...
+    spec_accepted_tokens_total: int = 0  # ...and those the model accepted (rate: accepted / draft)
