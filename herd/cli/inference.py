@@ -424,8 +424,17 @@ def cmd_serve(opts) -> None:
                         ("--prefill-chunk", opts.prefill_chunk)):
         if value is not None and value < 1:  # checked before the (slow) model load
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if opts.draft is None and opts.draft_k is not None:
+        raise ValueError("--draft-k sets how many tokens the draft proposes; it needs --draft PATH")
+    if opts.draft is not None:
+        if opts.draft_k is not None and opts.draft_k < 1:
+            raise ValueError(f"--draft-k must be at least 1 (tokens the draft proposes per step), got {opts.draft_k}")
+        for flag, bad in (("--compile", opts.compile), ("--lora", opts.lora)):
+            if bad:
+                raise ValueError(f"--draft (speculative decoding) does not support {flag} yet; leave out one of them")
     lm = load(opts)
     model, tok = lm.model, lm.tokenizer
+    draft = _load_draft(opts, lm).model if opts.draft is not None else None
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
     context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
@@ -433,7 +442,8 @@ def cmd_serve(opts) -> None:
     engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
                     prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
                     prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
-                    compile=opts.compile, adapters=adapters)
+                    compile=opts.compile, adapters=adapters, draft=draft,
+                    num_draft=4 if opts.draft_k is None else opts.draft_k)
     name = opts.model_name or Path(opts.path).resolve().name
     if adapters is not None and name in adapters:
         raise ValueError(f"--lora {name}=... has the base model's name; rename the adapter or pass --model-name")
@@ -441,6 +451,9 @@ def cmd_serve(opts) -> None:
         "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
           f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
+    if draft is not None:
+        print(f"herd serve: speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; rows with "
+              "logprobs, penalties, logit_bias or structured outputs decode without it)", file=sys.stderr)
     if adapters is not None:
         print(f"herd serve: LoRA adapters {', '.join(adapters.names)} (pick one with the request's model)",
               file=sys.stderr)
@@ -532,6 +545,9 @@ def _serve_args(p):
                    help="seconds a client has to send a whole request body; slower ones get 408")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve this LoRA adapter (PEFT layout directory) as model NAME; repeatable")
+    p.add_argument("--draft", metavar="PATH", help="speculative decoding: this smaller checkpoint (same tokenizer) "
+                   "proposes tokens that the model checks in one batched forward")
+    p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
 
 
 COMMANDS = {
