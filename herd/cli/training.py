@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from herd.cli.common import list_config_keys, print_config
@@ -21,7 +23,21 @@ def cmd_train(opts) -> None:
         if code:
             raise SystemExit(code)
         return
-    result = Trainer(load_config(opts.config, overrides)).fit()
+    from herd.train.anomaly import AnomalyStop
+    from herd.train.checkpoint import CheckpointVerifyError
+    from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
+
+    cfg = load_config(opts.config, overrides)
+    try:
+        result = Trainer(cfg).fit()
+    except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(SDC_EXIT_CODE) from None
+    except AnomalyStop as e:  # the run cannot recover by itself: a clear end, the message says what to do
+        if is_rank0():  # every rank raised the same message
+            print(f"herd train: stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if not is_rank0():
         return
     for s in result.stages:
@@ -31,28 +47,64 @@ def cmd_train(opts) -> None:
         if s.averaged:
             line += f"; averaged model {s.averaged}"
         print(line)
+    if result.anomalies:
+        print("anomalies: " + ", ".join(f"{n} {kind}" for kind, n in sorted(result.anomalies.items()))
+              + " (records in metrics.jsonl)")
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
           + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
 
 
 def cmd_plan(opts) -> None:
     from herd.model import ModelArgs
+    from herd.parallel.mfu import estimate_mfu, format_estimate, format_paper_table, paper_comparison
     from herd.parallel.plan import Layout, format_plan, parse_count, plan
 
+    assumptions = _assumptions(opts)
+    if opts.paper:
+        set_flags = [f"--{name.replace('_', '-')}" for name, default in _PLAN_LAYOUT_DEFAULTS.items()
+                     if getattr(opts, name) != default]
+        if set_flags:
+            raise ValueError(f"--paper plans the paper's own Table 4 layouts; leave out {', '.join(set_flags)} "
+                             "(the assumption flags, such as --peak-tflops or --net-gbs, still apply)")
+        rows = paper_comparison(assumptions)
+        if opts.json:
+            print(json.dumps([{"paper": asdict(row), "layout": asdict(layout), "estimate": e.to_dict()}
+                              for row, layout, e in rows], indent=2))
+            return
+        print(format_paper_table(rows))
+        return
+    if opts.model is None:
+        raise ValueError("herd plan needs --model (e.g. --model llama3.1-405b), or --paper for the paper's layouts")
     if opts.inference:
+        given = [f"--{n.replace('_', '-')}" for n in _ASSUMPTION_FLAGS if getattr(opts, n) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} shape the training MFU estimate; a serving plan (--inference) "
+                             "has none, leave them out")
         _plan_inference(opts)
         return
     missing = [f for f, v in (("--gpus", opts.gpus), ("--seq", opts.seq), ("--gbs-tokens", opts.gbs_tokens)) if v is None]
     if missing:
         raise ValueError(f"a training plan needs {', '.join(missing)}; or pass --inference for a serving plan")
+    if opts.mfu is not None and not 0 < opts.mfu <= 1:
+        raise ValueError(f"--mfu is a fraction in (0, 1], got {opts.mfu}; e.g. --mfu 0.4")
     layout = Layout(gpus=opts.gpus, tp=opts.tp, cp=opts.cp, pp=opts.pp, seq_len=opts.seq,
                     global_batch_tokens=parse_count(opts.gbs_tokens), micro_batch=opts.micro_batch, ac=opts.ac,
-                    pp_schedule=opts.pp_schedule, loss_chunks=opts.loss_chunks)
-    p = plan(ModelArgs.from_name(opts.model), layout, model=opts.model)
+                    pp_schedule=opts.pp_schedule, pp_stages_per_rank=opts.pp_stages_per_rank,
+                    loss_chunks=opts.loss_chunks)
+    args = ModelArgs.from_name(opts.model)
+    p = plan(args, layout, model=opts.model)
+    estimate = estimate_mfu(args, layout, assumptions)
     if opts.json:
-        print(json.dumps(p.to_dict(), indent=2))
+        print(json.dumps(p.to_dict() | {"mfu_estimate": estimate.to_dict()}, indent=2))
         return
-    print(format_plan(p, mfu=opts.mfu, peak_flops=opts.peak_tflops * 1e12, gpu_memory_gib=opts.gpu_memory_gib))
+    print(format_plan(p, mfu=opts.mfu, peak_flops=assumptions.peak_tflops * 1e12, gpu_memory_gib=opts.gpu_memory_gib))
+    print(format_estimate(estimate))
+
+
+def _assumptions(opts):
+    from herd.parallel.mfu import Assumptions
+
+    return Assumptions(**{n: getattr(opts, n) for n in _ASSUMPTION_FLAGS if getattr(opts, n) is not None})
 
 
 def _plan_inference(opts) -> None:
@@ -133,32 +185,62 @@ def _train_args(p):
     list_config_keys(p, config_class)
 
 
+# Flags --paper does not use (it brings its own layouts and shows no memory): any of these
+# changed is an error there rather than silently ignored.
+_PLAN_LAYOUT_DEFAULTS = {"model": None, "gpus": None, "tp": 1, "cp": 1, "pp": 1, "seq": None, "gbs_tokens": None,
+                         "micro_batch": 1, "pp_schedule": "1F1B", "pp_stages_per_rank": 0, "ac": "none",
+                         "loss_chunks": 1, "mfu": None, "gpu_memory_gib": 74.5, "inference": False,
+                         "context": 8192, "batch": 1, "weights": "bf16", "kv": "bf16"}
+_ASSUMPTION_FLAGS = ("peak_tflops", "gemm_efficiency", "attention_efficiency", "hbm_tbs", "nvlink_gbs", "net_gbs",
+                     "link_efficiency", "gpus_per_node", "tp_overlap")
+
+
 def _plan_args(p):
-    p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
+    d = _PLAN_LAYOUT_DEFAULTS
+    p.add_argument("--model", help="model preset, e.g. llama3.1-405b (needed, except with --paper)")
     p.add_argument("--gpus", type=int, help="GPUs in all; data parallel is what tp x cp x pp leaves (training)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel degree")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    p.add_argument("--tp", type=int, default=d["tp"], help="tensor-parallel degree")
+    p.add_argument("--cp", type=int, default=d["cp"], help="context-parallel degree")
+    p.add_argument("--pp", type=int, default=d["pp"], help="pipeline-parallel degree")
     p.add_argument("--seq", type=int, help="sequence length in tokens (training)")
     p.add_argument("--gbs-tokens", help="global batch in tokens; K/M/G are powers of 1024 (16M) (training)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per pipeline microbatch")
-    p.add_argument("--pp-schedule", default="1F1B", help="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
-                   "ZBVZeroBubble")
-    p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
+    p.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="sequences per pipeline microbatch")
+    p.add_argument("--pp-schedule", default=d["pp_schedule"], help="GPipe, 1F1B, Interleaved1F1B, "
+                   "InterleavedZeroBubble, ZBVZeroBubble")
+    p.add_argument("--pp-stages-per-rank", type=int, default=d["pp_stages_per_rank"],
+                   help="virtual stages per pipeline rank for the interleaved schedules (0: the schedule's default)")
+    p.add_argument("--ac", default=d["ac"], choices=("none", "selective", "full"),
                    help="activation checkpointing for FLOPs and traffic (memory is shown for all three)")
-    p.add_argument("--loss-chunks", type=int, default=1,
+    p.add_argument("--loss-chunks", type=int, default=d["loss_chunks"],
                    help="train.loss_chunks: the output head in this many slices (logits memory / N)")
-    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 SXM dense bf16: 989)")
-    p.add_argument("--gpu-memory-gib", type=float, default=74.5, help="usable GPU memory (80 GB H100: 74.5 GiB)")
+    p.add_argument("--mfu", type=float, help="also show the step time at this MFU (the estimate is always shown)")
+    p.add_argument("--gpu-memory-gib", type=float, default=d["gpu_memory_gib"], help="usable GPU memory (80 GB H100: 74.5 GiB)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--paper", action="store_true",
+                   help="estimate the Llama 3 paper's three Table 4 layouts (405B) beside the MFU it reports")
+    # Defaults live in herd.parallel.mfu.Assumptions (imported only when a plan runs: it pulls in
+    # torch); the plan prints the values it used.
+    est = p.add_argument_group("MFU estimate assumptions (defaults: an H100 SXM cluster like the paper's; "
+                               "the plan prints the values it used)")
+    for flag, kind, text in (
+        ("--peak-tflops", float, "per-GPU peak TFLOP/s (H100 SXM dense bf16: 989)"),
+        ("--gemm-efficiency", float, "fraction of the peak GEMMs reach"),
+        ("--attention-efficiency", float, "fraction of the peak causal flash attention reaches, forward and backward"),
+        ("--hbm-tbs", float, "HBM bandwidth in TB/s, for the memory-bound kernels"),
+        ("--nvlink-gbs", float, "NVLink bandwidth inside a node, GB/s per GPU and direction"),
+        ("--net-gbs", float, "network bandwidth between nodes, GB/s per GPU and direction (400 Gb/s = 50)"),
+        ("--link-efficiency", float, "fraction of the nominal link bandwidth collectives reach"),
+        ("--gpus-per-node", int, "GPUs sharing one NVLink domain"),
+        ("--tp-overlap", float, "fraction of tensor-parallel traffic hidden behind compute (herd hides none)"),
+    ):
+        est.add_argument(flag, type=kind, help=text)
     inf = p.add_argument_group("inference (--inference): weights and KV cache per GPU of one tp x pp replica")
     inf.add_argument("--inference", action="store_true", help="size a serving layout instead of a training one")
-    inf.add_argument("--context", type=int, default=8192, help="tokens of context per sequence in the KV cache")
-    inf.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    inf.add_argument("--weights", default="bf16", choices=("bf16", "fp16", "fp8", "fp8-ffn", "int8", "int4"),
+    inf.add_argument("--context", type=int, default=d["context"], help="tokens of context per sequence in the KV cache")
+    inf.add_argument("--batch", type=int, default=d["batch"], help="sequences decoded together")
+    inf.add_argument("--weights", default=d["weights"], choices=("bf16", "fp16", "fp8", "fp8-ffn", "int8", "int4"),
                      help="weight format; fp8-ffn is the paper's (FFN of the inner layers in FP8, the rest BF16)")
-    inf.add_argument("--kv", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"), help="KV cache format")
+    inf.add_argument("--kv", default=d["kv"], choices=("bf16", "fp16", "fp8", "fp32"), help="KV cache format")
 
 
 def _demo_args(p):
@@ -184,8 +266,8 @@ def _posttrain_args(config_cls: str):
 
 
 COMMANDS = {
-    "plan": (cmd_plan, "size a parallel training layout (memory per GPU, step FLOPs, traffic) or, with --inference, "
-             "a serving one (weights and KV cache per GPU)", _plan_args),
+    "plan": (cmd_plan, "size a parallel training layout (memory per GPU, step FLOPs, traffic, estimated MFU) or, "
+             "with --inference, a serving one (weights and KV cache per GPU)", _plan_args),
     "train": (cmd_train, "pretrain from a TOML config: stages, checkpoints, resume", _train_args),
     "sft": (cmd_sft, "supervised finetuning on chat JSONL (assistant tokens only; full, LoRA or QLoRA)",
             _posttrain_args("SFTConfig")),

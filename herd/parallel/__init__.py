@@ -2,7 +2,8 @@
 
 FSDP2 / HSDP, tensor + sequence + loss parallel, pipeline parallel, all-gather-K/V context
 parallel, activation checkpointing, per-block compile and torchao float8, all on
-`torch.distributed`; `plan.py` sizes a layout without hardware.
+`torch.distributed`; `plan.py` sizes a layout without hardware and `mfu.py` estimates the MFU it
+reaches.
 """
 
 from herd.parallel.dims import MESH_DIMS, Meshes, ParallelDims

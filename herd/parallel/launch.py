@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(config: ParallelConfig, device: torch.device) -> Meshes | None:
-    """Start the process group and mesh under torchrun; None for a plain single process."""
+def init_distributed(config: ParallelConfig, device: torch.device, *, timeout_s: float = 0.0) -> Meshes | None:
+    """Start the process group and mesh under torchrun; None for a plain single process.
+
+    timeout_s: how long a collective may block before it fails (0: torch's default)."""
     world = world_size_from_env()
     dims = config.dims(world)  # validates the degrees against the number of processes
     if world == 1:
@@ -33,7 +36,8 @@ def init_distributed(config: ParallelConfig, device: torch.device) -> Meshes | N
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
     return dims.build_mesh(device.type)
 
 

@@ -68,6 +68,9 @@ class Layout:
                              f"micro_batch = {self.micro_batch}")
         if self.seq_len % (2 * self.cp) != 0:
             raise ValueError(f"context parallel needs seq_len divisible by 2*cp = {2 * self.cp}")
+        if self.pp_stages_per_rank < 0 or (self.pp == 1 and self.pp_stages_per_rank > 1):
+            raise ValueError(f"pp_stages_per_rank = {self.pp_stages_per_rank} is the stages each pipeline rank runs: "
+                             "0 (the schedule's default) or, with pp > 1, a count the schedule accepts")
 
     @property
     def dp(self) -> int:
@@ -388,7 +391,10 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-def format_plan(p: Plan, *, mfu: float, peak_flops: float = H100_BF16_PEAK, gpu_memory_gib: float | None = None) -> str:
+def format_plan(p: Plan, *, mfu: float | None = None, peak_flops: float = H100_BF16_PEAK,
+                gpu_memory_gib: float | None = None) -> str:
+    """The plan as text; with `mfu`, also the step time at that assumed MFU (`herd plan --mfu`,
+    beside the estimate of `herd.parallel.mfu`)."""
     L = p.layout
 
     def gib(x: float) -> str:
@@ -410,14 +416,18 @@ def format_plan(p: Plan, *, mfu: float, peak_flops: float = H100_BF16_PEAK, gpu_
         fits = [m for m, mem in mems if mem.total / GiB <= gpu_memory_gib]
         lines.append(f"{'':>16}  fits in {gpu_memory_gib:g} GiB with AC: {', '.join(fits) or 'none of these'} "
                      "(allocator, workspaces and NCCL buffers not counted)")
-    seconds = p.step_seconds(mfu=mfu, peak_flops=peak_flops)
     recomputed = ([f"{L.ac} AC"] if L.ac == "full" else []) + (["the chunked head"] if L.loss_chunks > 1 else [])
     lines += [
         f"{'step FLOPs':>16}  {p.step_flops:.3e} ({p.flops_per_token / 1e9:,.1f} GFLOP/token), "
         f"{p.flops_per_gpu / 1e12:,.0f} TFLOP per GPU"
         + (f" ({p.hardware_flops_per_gpu / 1e12:,.0f} executed with {' and '.join(recomputed)})" if recomputed else ""),
-        f"{'at ' + format(mfu, '.0%') + ' MFU':>16}  {seconds:,.2f} s/step, {L.global_batch_tokens / seconds / L.gpus:,.0f} "
-        f"tokens/s/GPU ({mfu * peak_flops / 1e12:,.0f} TFLOP/s of {peak_flops / 1e12:,.0f} peak)",
+    ]
+    if mfu is not None:
+        seconds = p.step_seconds(mfu=mfu, peak_flops=peak_flops)
+        lines.append(f"{'at ' + format(mfu, '.0%') + ' MFU':>16}  {seconds:,.2f} s/step, "
+                     f"{L.global_batch_tokens / seconds / L.gpus:,.0f} tokens/s/GPU ({mfu * peak_flops / 1e12:,.0f} "
+                     f"TFLOP/s of {peak_flops / 1e12:,.0f} peak; the MFU given with --mfu)")
+    lines += [
         f"{'traffic / GPU':>16}  per step, first pipeline rank: "
         + ", ".join(f"{k} {v / GiB:,.2f} GiB" for k, v in p.comm.items() if k != "loss"),
     ]

@@ -37,6 +37,7 @@ import torch
 from herd.io import atomic_write_text
 from herd.targets import IGNORE_INDEX
 from herd.tokenizer import ChatFormat, ChatTokens, Message, ToolCall
+from herd.tokenizer.chat import content_json, parse_content
 
 _MESSAGE_KEYS = {"role", "content", "tool_calls", "stop_reason", "context"}
 
@@ -97,7 +98,7 @@ def _message(obj: Any, where: str) -> Message:
     try:
         return Message(
             role=obj["role"],
-            content=obj["content"],
+            content=parse_content(obj["content"]),
             tool_calls=[ToolCall(c["name"], c["arguments"]) for c in calls],
             stop_reason=obj.get("stop_reason", "end_of_turn"),
             context=obj.get("context"),
@@ -107,7 +108,7 @@ def _message(obj: Any, where: str) -> Message:
 
 
 def _message_to_json(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    out: dict[str, Any] = {"role": m.role, "content": content_json(m.content)}
     if m.tool_calls:
         out["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
     if m.stop_reason != "end_of_turn":

@@ -13,6 +13,12 @@ Two versions, chosen explicitly because they disagree on the same input:
 * "3.0": the llama3 repository. Content is `.strip()`ed; no ipython role, tools or <|eom_id|>.
 * "3.1": llama-models, used for Llama 3.1, 3.2 and 3.3. Content is not stripped; `tool` is
   written as the `ipython` header; tool calls, <|python_tag|> and <|eom_id|>.
+
+Images (Llama 3.2 Vision): a message's content may be a list of text pieces and `IMAGE` slots;
+each slot is written as the `<|image|>` token, id 128256, one past the text vocabulary (the
+vision model's embedding table has 8 extra rows; Meta's reference swaps its reserved 128011 for
+128256 the same way before the model sees it). As in the released checkpoints' template, a
+dialog with images has no system message (it is refused, not silently dropped).
 """
 
 from __future__ import annotations
@@ -43,6 +49,46 @@ CODE_INTERPRETER = "code_interpreter"
 BUILTIN_TOOLS: tuple[str, ...] = (*QUERY_TOOLS, CODE_INTERPRETER)
 
 
+IMAGE_TOKEN_ID = 128256  # <|image|> in Llama 3.2 Vision's model input
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where an image sits in a message's content (`IMAGE`); the pixels travel separately."""
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE = ImageSlot()
+ContentPart = str | ImageSlot
+
+
+def content_json(content: str | list[ContentPart]) -> str | list[dict[str, str]]:
+    """Content as JSON / chat templates spell it: a string, or [{"type": "image"}, {"type": "text", ...}]."""
+    if isinstance(content, str):
+        return content
+    return [{"type": "image"} if isinstance(p, ImageSlot) else {"type": "text", "text": p} for p in content]
+
+
+def parse_content(value: Any) -> str | list[ContentPart]:
+    """The inverse of `content_json`; a clear error for anything else."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(value).__name__}")
+    parts: list[ContentPart] = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image" and set(part) == {"type"}:
+            parts.append(IMAGE)
+        elif kind == "text" and isinstance(part.get("text"), str) and set(part) == {"type", "text"}:
+            parts.append(part["text"])
+        else:
+            raise ValueError(f'a content part must be {{"type": "text", "text": STR}} or {{"type": "image"}}, got {part!r}')
+    return parts
+
+
 @dataclass
 class ToolCall:
     """One call: `arguments` is {"query": str} for search-like builtins, {"code": str} for
@@ -61,7 +107,7 @@ class Message:
     waits for a tool result); anything else with <|eot_id|>."""
 
     role: Role
-    content: str
+    content: str | list[ContentPart]
     tool_calls: list[ToolCall] = field(default_factory=list)
     stop_reason: StopReason = "end_of_turn"
     context: str | None = None
@@ -71,14 +117,32 @@ class Message:
             raise ValueError(
                 f"unknown role {self.role!r}; use one of {', '.join(ROLES)} ('tool' is written as ipython)"
             )
-        if not isinstance(self.content, str):
-            raise ValueError(f"message content must be a str, got {type(self.content).__name__}")
+        if isinstance(self.content, (list, tuple)):
+            bad = [type(p).__name__ for p in self.content if not isinstance(p, (str, ImageSlot))]
+            if bad:
+                raise ValueError(f"message content parts must be text or IMAGE, got {bad[0]}")
+            if self.images and self.role != "user":
+                raise ValueError(f"only user messages carry images (got role {self.role!r})")
+            self.content = list(self.content)
+        elif not isinstance(self.content, str):
+            raise ValueError(f"message content must be a str or a list of text and IMAGE parts, "
+                             f"got {type(self.content).__name__}")
         if self.stop_reason not in STOP_REASONS:
             raise ValueError(f"unknown stop_reason {self.stop_reason!r}; use one of {', '.join(STOP_REASONS)}")
         if self.role != "assistant" and (self.tool_calls or self.stop_reason != "end_of_turn"):
             raise ValueError(f"only assistant messages carry tool_calls or a stop_reason (got role {self.role!r})")
         if self.role != "user" and self.context is not None:
             raise ValueError(f"only user messages carry RAG context (got role {self.role!r})")
+
+    @property
+    def images(self) -> int:
+        """How many IMAGE slots the content holds."""
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImageSlot) for p in self.content)
+
+    @property
+    def text(self) -> str:
+        """The content's text, image slots left out."""
+        return self.content if isinstance(self.content, str) else "".join(p for p in self.content if isinstance(p, str))
 
 
 @dataclass
@@ -135,6 +199,9 @@ class ChatFormat:
         For inference keep `add_generation_prompt=True` (Meta always adds it); for SFT on a
         dialog that ends with the assistant's answer pass False.
         """
+        if any(m.images for m in messages) and any(m.role == "system" for m in messages):
+            raise ValueError("Llama 3.2 Vision takes no system message in a dialog with images (its template refuses "
+                             "one); put the instructions in the user turn")
         out = ChatTokens()
         out._append([self.tokenizer.bos_id], trained=False)
         for message in messages:
@@ -153,7 +220,9 @@ class ChatFormat:
             )
         if message.stop_reason == "end_of_message":
             raise ValueError("Llama 3.0 has no <|eom_id|> (id 128008 is a reserved token there); use end_of_turn")
-        return self._encode(message.content.strip()) + [self.tokenizer.eot_id]
+        if message.images:
+            raise ValueError("the Llama 3.0 chat format has no images; use version='3.1' (Llama 3.2 Vision)")
+        return self._encode(message.text.strip()) + [self.tokenizer.eot_id]
 
     def _encode_body_31(self, message: Message) -> list[int]:
         tok = self.tokenizer
@@ -166,7 +235,11 @@ class ChatFormat:
         # calls are never tagged here.
         if message.tool_calls and message.tool_calls[0].name in BUILTIN_TOOLS:
             ids.append(tok.python_tag_id)
-        ids += self._encode(message.content)
+        if isinstance(message.content, str):
+            ids += self._encode(message.content)
+        else:  # each text piece its own encode call, as Meta's reference does around media items
+            for part in message.content:
+                ids += [IMAGE_TOKEN_ID] if isinstance(part, ImageSlot) else self._encode(part)
         if message.context is not None:
             ids += self._encode("\n\n")
             ids += self._encode(message.context)

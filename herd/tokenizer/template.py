@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from herd.tokenizer.base import Span, TokenizerLike, import_optional
-from herd.tokenizer.chat import ChatTokens, Message, StopReason, ToolCall
+from herd.tokenizer.chat import ChatTokens, Message, StopReason, ToolCall, content_json
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _DEFUSED = "\ue000"  # private use: never the first character of a special token
@@ -275,7 +275,7 @@ def message_dict(message: Message | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             "RAG context is a Llama 3.1 ChatFormat field; put the text in the message content for a chat template"
         )
-    out: dict[str, Any] = {"role": "tool" if message.role == "ipython" else message.role, "content": message.content}
+    out: dict[str, Any] = {"role": "tool" if message.role == "ipython" else message.role, "content": content_json(message.content)}
     if message.tool_calls:
         out["tool_calls"] = [
             {

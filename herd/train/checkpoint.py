@@ -16,8 +16,11 @@ right size, right CRC-32); the first good one is used and every skipped one is r
 Design trade-offs:
 * CRC-32 of every file means reading a checkpoint twice at a restart (once to verify, once to
   load). That is seconds for the models trained here and minutes for an 8B one, which is small
-  next to resuming from silently corrupt weights. Verification happens only at restarts and for
-  checkpoint averaging, never on the training path.
+  next to resuming from silently corrupt weights. Verification happens at restarts, for
+  checkpoint averaging and, with `verify_writes` (`sdc.verify_checkpoints`), once more right
+  after each write: the files are dropped from the page cache first (posix_fadvise DONTNEED on
+  the fsynced, clean pages), so the re-read comes from the storage, and a checkpoint the storage
+  corrupted stops the job at once instead of surfacing at the restart that needed it.
 * DCP rather than torch.save: the same files load into a differently sharded model later (issue
   4's FSDP/TP), and a single process needs no process group (`no_dist`). Values that are not
   tensors (loader and RNG states) are stored by DCP as pickled blobs.
@@ -64,9 +67,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _crc32(path: Path) -> int:
+class CheckpointVerifyError(RuntimeError):
+    """A checkpoint failed its CRC check right after it was written."""
+
+
+def _crc32(path: Path, *, from_disk: bool = False) -> int:
     crc = 0
     with open(path, "rb") as f:
+        if from_disk and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: evicted, re-read from disk
         while chunk := f.read(1 << 20):
             crc = zlib.crc32(chunk, crc)
     return crc
@@ -112,8 +121,10 @@ def _quiet_single_process():
         yield
 
 
-def verify(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(COMPLETE's contents, "") for a good checkpoint, else (None, what is wrong)."""
+def verify(path: Path, *, from_disk: bool = False) -> tuple[dict[str, Any] | None, str]:
+    """(COMPLETE's contents, "") for a good checkpoint, else (None, what is wrong).
+
+    from_disk: evict each file from the page cache before reading it (after a write)."""
     marker = path / COMPLETE
     if not marker.is_file():
         return None, f"no {COMPLETE} file (the write was interrupted)"
@@ -130,18 +141,23 @@ def verify(path: Path) -> tuple[dict[str, Any] | None, str]:
             return None, f"{name} is missing"
         if f.stat().st_size != size:
             return None, f"{name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
-        if _crc32(f) != crc:
+        if _crc32(f, from_disk=from_disk) != crc:
             return None, f"{name} fails its CRC-32 check (corrupt)"
     return meta, ""
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, *, keep_last: int, log: Callable[[str], None] = print):
+    """verify_writes: re-read every checkpoint after its write and raise CheckpointVerifyError on a bad CRC.
+    on_written(path, step): called on rank 0 after the rename, before that verification (fault injection)."""
+
+    def __init__(self, root: str | Path, *, keep_last: int, log: Callable[[str], None] = print,
+                 verify_writes: bool = False, on_written: Callable[[Path, int], None] | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
         self.log = log
+        self.verify_writes, self.on_written = verify_writes, on_written
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in sorted(self.root.iterdir()) if _rank0() else ():
             if _TMP_RE.match(leftover.name):
@@ -162,6 +178,7 @@ class Checkpointer:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=_no_dist())
         if not _rank0():
             _barrier()  # until rank 0 has made the checkpoint complete
+            self._raise_if_bad(_from_rank0(None), dst)
             return SavedCheckpoint(dst, step, meta)
         files = {p.name: [p.stat().st_size, _crc32(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {**meta, "step": step, "keep": keep, "saved_at": time.time(), "files": files}
@@ -174,9 +191,25 @@ class Checkpointer:
             shutil.rmtree(dst)
         os.rename(tmp, dst)
         _fsync_dir(self.root)
-        self._prune()
+        if self.on_written is not None:
+            self.on_written(dst, step)
+        problem = ""
+        if self.verify_writes:
+            good, problem = verify(dst, from_disk=True)
+            if good is None:
+                self._quarantine(dst, problem)
+        if not problem:
+            self._prune()  # never drop a good old checkpoint for a bad new one
         _barrier()
+        self._raise_if_bad(_from_rank0(problem), dst)
         return SavedCheckpoint(dst, step, meta)
+
+    def _raise_if_bad(self, problem: str | None, dst: Path) -> None:
+        if problem:
+            raise CheckpointVerifyError(
+                f"checkpoint {dst.name} failed its check right after the write: {problem}. The storage under "
+                f"{self.root} returned other bytes than were written (moved aside as {dst.name}.bad-*); check the "
+                "disk or file system, then restart: the run resumes from the previous checkpoint")
 
     def _prune(self) -> None:
         periodic = [c for c in self._scan() if not c.meta.get("keep")]
@@ -245,6 +278,12 @@ def load(path: str | Path, state: dict[str, Any]) -> None:
     """Fill `state` (same structure as when saved, or a subset such as {"model": ...}) in place."""
     with _quiet_single_process():
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
+
+
+def saved_keys(path: str | Path) -> set[str]:
+    """The flattened names a checkpoint holds ("model.norm.weight", "train.step"): loading a key it
+    lacks is an error in DCP, so state added in a later version must be asked about first."""
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Training configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
 
 A run is described by a TOML file whose top-level tables are the sections below (`[job]`,
-`[model]`, `[data]`, `[train]`, `[optim]`, `[schedule]`, `[checkpoint]`, `[metrics]`) plus a
+`[model]`, `[data]`, `[train]`, `[optim]`, `[schedule]`, `[checkpoint]`, `[metrics]`, `[sdc]`,
+`[watchdog]`, `[anomaly]`) plus a
 list of `[[stages]]`. `herd train FILE --optim.lr 3e-4 --stages.anneal.steps 50` overrides
 single values; a value is parsed to the declared type of its field.
 
@@ -133,6 +134,51 @@ class MetricsConfig:
 
 
 @dataclass
+class SDCConfig:
+    """Silent-data-corruption checks (herd.train.sdc); each period is in steps, 0 = off."""
+
+    replica_check_every: int = 0  # compare checksums of replicated parameters + optimizer state across ranks
+    recompute_every: int = 0  # recompute one micro-batch's gradient twice and compare the two bitwise
+    verify_checkpoints: bool = True  # re-read every checkpoint from disk after its write and check its CRC-32s
+
+    def validate(self) -> None:
+        for key in ("replica_check_every", "recompute_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"sdc.{key} must be >= 0 (steps between checks; 0 = off), got {getattr(self, key)}")
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang and straggler detection (herd.train.watchdog)."""
+
+    collective_timeout_s: float = 0.0  # no progress for this long ends the job with a report; 0 = off
+    straggler_every: int = 0  # steps between gathers of every rank's step times to rank 0; 0 = off
+    straggler_factor: float = 1.5  # a rank busier than the (low) median times this is named a straggler
+
+    def validate(self) -> None:
+        if self.collective_timeout_s < 0:
+            raise ValueError(f"watchdog.collective_timeout_s must be >= 0 (0 = off), got {self.collective_timeout_s}")
+        if self.straggler_every < 0:
+            raise ValueError(f"watchdog.straggler_every must be >= 0 (0 = off), got {self.straggler_every}")
+        if not self.straggler_factor > 1:
+            raise ValueError(f"watchdog.straggler_factor must be > 1 (e.g. 1.5: 50% slower than the median), "
+                             f"got {self.straggler_factor}")
+
+
+@dataclass
+class AnomalyConfig:
+    """What a step does when its loss or gradients go wrong (herd.train.anomaly)."""
+
+    enabled: bool = True  # skip the update (every rank agrees) on a non-finite loss or gradient norm or a spike
+    spike_threshold: float = 6.0  # robust sigmas (1.4826 x MAD) above the window's median loss; 0 = no spike check
+    spike_ratio: float = 1.1  # ... and at least this multiple of the median (a flat curve has a tiny MAD)
+    window: int = 50  # good steps the median and MAD are taken over
+    warmup: int = 20  # good steps in a stage before the spike check starts (the statistic restarts per stage)
+    max_consecutive: int = 3  # this many anomalous steps in a row: roll back to the last checkpoint; 0 = never
+    max_rollbacks: int = 3  # rollbacks to the same checkpoint before the run stops with an error
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +190,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # herd.parallel: degrees, AC, compile, FP8
+    sdc: SDCConfig = field(default_factory=SDCConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
 
     def stage_args(self, index: int) -> ModelArgs:
         """Model hyperparameters in force during stage `index` (RoPE changes accumulate)."""
@@ -214,6 +263,9 @@ class Config:
                                  f"checkpoint(s) every {every} steps; set {key}.checkpoint_every lower")
             start += stage.steps
         self.parallel.validate()  # --parallel.* overrides bypass the dataclass's own check
+        self.sdc.validate()
+        self.watchdog.validate()
+        _check_anomaly(self.anomaly)
         val_seq = self.val_seq_len
         if val_seq > self.model.args().max_seq_len:
             raise ValueError(f"metrics.val_seq_len ({val_seq}) exceeds model.max_seq_len")
@@ -231,6 +283,19 @@ class Config:
 def _positive(value: int, key: str) -> None:
     if value <= 0:
         raise ValueError(f"{key} must be a positive integer, got {value}")
+
+
+def _check_anomaly(a: AnomalyConfig) -> None:
+    if a.spike_threshold < 0:
+        raise ValueError(f"anomaly.spike_threshold must be >= 0 (0 turns the loss-spike check off), got "
+                         f"{a.spike_threshold}")
+    if a.spike_ratio < 1:
+        raise ValueError(f"anomaly.spike_ratio must be >= 1 (a spike is at least the median loss), got {a.spike_ratio}")
+    _positive(a.window, "anomaly.window")
+    if a.warmup < 0 or a.max_consecutive < 0:
+        raise ValueError(f"anomaly.warmup and anomaly.max_consecutive must be >= 0, got {a.warmup} and "
+                         f"{a.max_consecutive}")
+    _positive(a.max_rollbacks, "anomaly.max_rollbacks")
 
 
 def _check_weights(sources: list[str], weights: list[float], key: str) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from herd.model.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from herd.parallel import ParallelModel, StepLoss
 from herd.targets import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from herd.train.anomaly import AnomalyGuard, FaultInjector, Verdict
 
 __all__ = [
     "IGNORE_INDEX", "ChunkedNextTokenLoss", "CoreStep", "StepLoss", "TokenBatch", "TokenLoss", "TrainCore",
@@ -89,6 +92,7 @@ class CoreStep:
     num_targets: int
     tokens: int  # input tokens read
     metrics: dict[str, float] = field(default_factory=dict)
+    anomaly: Verdict | None = None  # set: every rank skipped this update (herd.train.anomaly)
 
 
 class TrainCore:
@@ -99,12 +103,15 @@ class TrainCore:
     document_mask: pass the batches' doc_ids to the model (attention stays inside documents).
     autocast: a context-manager factory around forward and loss (bf16 autocast on GPU).
     hint: what to advise when the loss is not finite.
+    guard: decides, on every rank alike, to skip the update of a step whose loss or gradients went
+        wrong (herd.train.anomaly); None: a non-finite loss or gradient norm raises FloatingPointError.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float,
                  loss: TokenLoss = next_token_loss, parallel: ParallelModel | None = None,
                  device: torch.device | None = None, document_mask: bool = True,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, hint: str = ""):
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, hint: str = "",
+                 guard: AnomalyGuard | None = None):
         self.loss_chunks = 1  # head slices the parallel path runs (the single-process loss chunks itself)
         if parallel is not None:
             if isinstance(loss, ChunkedNextTokenLoss):
@@ -118,6 +125,8 @@ class TrainCore:
             raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
         self.model, self.optimizer, self.loss, self.parallel = model, optimizer, loss, parallel
         self.grad_clip, self.document_mask, self.autocast, self.hint = grad_clip, document_mask, autocast, hint
+        self.guard = guard
+        self.injector: FaultInjector | None = None  # tests and benchmarks only (FaultInjector.install)
         self.params = [p for p in model.parameters() if p.requires_grad]  # frozen ones (a LoRA base) have no grad
         if not self.params:
             raise ValueError("no trainable parameters: everything is frozen")
@@ -178,16 +187,24 @@ class TrainCore:
                                      metrics=out.metrics), step)
 
     def _update(self, out: StepLoss, step: int) -> CoreStep:
+        if self.injector is not None:
+            out.loss = self.injector.apply(step, self.params, out.loss)
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
         if self.parallel is not None:  # the norm over every shard and pipeline stage
             grad_norm = self.parallel.clip_grad_norm_(max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        loss = out.loss.item()
-        if not math.isfinite(loss):  # before the update, so the weights stay those of the last good step
+        loss, norm = out.loss.item(), grad_norm.item()
+        result = CoreStep(loss=loss, grad_norm=norm, num_targets=out.num_targets, tokens=out.tokens,
+                          metrics=out.metrics)
+        # Checked before the update, so the weights stay those of the last good step.
+        if self.guard is not None:
+            result.anomaly = self.guard.check(step=step, loss=loss, grad_norm=norm)
+        elif not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"loss became {loss} at step {step}; {self.hint or 'lower optim.lr'}")
-        self.optimizer.step()
+            what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
+            raise FloatingPointError(f"{what} at step {step}; {self.hint or 'lower optim.lr'}")
+        if result.anomaly is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return CoreStep(loss=loss, grad_norm=grad_norm.item(), num_targets=out.num_targets, tokens=out.tokens,
-                        metrics=out.metrics)
+        return result

@@ -114,7 +114,8 @@ class MetricsLogger:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the half-written last line of a killed run
-            if rec.get("step", 0) <= start_step:
+            # Anomaly records stay: they happened, and a rollback's skipped data stays skipped.
+            if rec.get("step", 0) <= start_step or "anomaly" in rec:
                 keep.append(rec)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         return keep
@@ -139,12 +140,42 @@ class MetricsLogger:
                 f"gnorm {r.grad_norm:.3f} | {r.tokens_per_s:,.0f} tok/s | mfu {100 * r.mfu:.1f}% | "
                 f"seq {r.seq_len} x {r.batch_tokens // r.seq_len}")
 
+    def log_event(self, rec: dict[str, Any]) -> None:
+        """A record other than a step or a validation (e.g. per-rank step times); jsonl only."""
+        self._append(rec)
+
     def log_val(self, step: int, stage: str, loss: float, *, name: str = "val_loss") -> None:
         self._append({"step": step, "stage": stage, name: loss})
         if self._tb is not None:
             self._tb.add_scalar(f"val/{name}", loss, step)
         self.write(f"step {step:>6}/{self.total_steps} | {stage} | {name.replace('_', ' ')} {loss:.4f}")
         self.plot()
+
+    def log_anomaly(self, stage: str, record: dict[str, Any]) -> None:
+        """A skipped update or a rollback (herd.train.anomaly.AnomalyRecord as a dict): always printed."""
+        rec = {"step": record["step"], "stage": stage, "anomaly": record["kind"],
+               **{k: v for k, v in record.items() if k not in ("step", "kind")}}
+        self._append(rec)
+        if self._tb is not None:
+            self._tb.add_scalar(f"anomaly/{record['kind']}", record["value"], record["step"])
+        what = ("gradient norm" if record["kind"] == "nonfinite_grad" else
+                "loss" if record["kind"] != "rollback" else "")
+        if record["kind"] == "rollback":
+            detail = (f"{record['threshold']:g} anomalous steps in a row: rolled back to the checkpoint of step "
+                      f"{record['value']:g} and skipping the data of the streak")
+        else:
+            bound = f" > {record['threshold']:.4f}" if record["kind"] == "loss_spike" else ""
+            detail = (f"{what} {record['value']:.4f}{bound} on {record['ranks']} of {record['world']} rank(s); "
+                      "update skipped")
+        self.write(f"step {record['step']:>6}/{self.total_steps} | {stage} | {record['kind']}: {detail}")
+
+    def rewind(self, step: int) -> None:
+        """A rollback to the checkpoint of `step`: later step and validation records will be redone."""
+        self.history = [r for r in self.history if r.get("step", 0) <= step or "anomaly" in r]
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
 
     def write(self, line: str) -> None:
         if self._bar is not None:

@@ -45,14 +45,17 @@ from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
+from herd.train.anomaly import LEDGER, AnomalyGuard, Verdict
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
-from herd.train.core import TrainCore, cross_entropy_sum, token_loss
+from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
+from herd.train.sdc import SDC, Faults
+from herd.train.watchdog import Watchdog
 
 
 class Batch(Protocol):
@@ -111,6 +114,8 @@ class _NoMetrics:
 
     def log_step(self, record) -> None: ...
     def log_val(self, *args, **kwargs) -> None: ...
+    def log_anomaly(self, *args, **kwargs) -> None: ...
+    def rewind(self, step: int) -> None: ...
     def write(self, line: str) -> None: ...
     def close(self) -> None: ...
     def plot(self) -> None:
@@ -123,6 +128,7 @@ class StepResult:
     lr: float
     grad_norm: float  # before clipping
     tokens: int  # input tokens in the batch
+    anomaly: Verdict | None = None  # set: the update was skipped on every rank
 
 
 @dataclass
@@ -146,11 +152,12 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint this process started from (0 = fresh)
     stages: list[StageResult] = field(default_factory=list)
     loss_plot: str | None = None
+    anomalies: dict[str, int] = field(default_factory=dict)  # by kind, in this process (herd.train.anomaly)
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, loader_factory: LoaderFactory = packed_loader,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, faults: Faults | None = None):
         self.cfg = cfg
         self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
         self.loader_factory = loader_factory
@@ -163,7 +170,8 @@ class Trainer:
         # Issue 4's seam: under torchrun, or with a [parallel] section, the model goes through
         # herd.parallel (meta -> pipeline split, TP, CP, AC, compile, FSDP -> materialise), and
         # self.model is the module holding this rank's parameters under the full model's names.
-        self.meshes = init_distributed(cfg.parallel, self.device)
+        # Twice the watchdog's timeout: its report names the stuck rank, a bare collective timeout would not.
+        self.meshes = init_distributed(cfg.parallel, self.device, timeout_s=2 * cfg.watchdog.collective_timeout_s)
         self.parallel: ParallelModel | None = None
         if self.meshes is not None or cfg.parallel != ParallelConfig():
             self.parallel = build_parallel_model(cfg.stage_args(0), cfg.parallel, self.meshes, device=self.device,
@@ -175,15 +183,29 @@ class Trainer:
             # fp32 parameters: on GPU the forward runs under bf16 autocast with fp32 master weights.
             self.model = build_model(cfg.stage_args(0), device=self.device, seed=cfg.job.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.anomaly = (AnomalyGuard(cfg.anomaly, device=self.device, ledger=self.out_dir / LEDGER, log=self.log)
+                        if cfg.anomaly.enabled else None)
         self.core = TrainCore(self.model, self.optimizer, grad_clip=cfg.optim.grad_clip,
                               loss=token_loss(cfg.train.loss_chunks), parallel=self.parallel, device=self.device,
                               document_mask=cfg.train.document_mask, autocast=self._autocast,
                               hint="restart from the last checkpoint with a lower optim.lr or longer "
-                                   "schedule.warmup_steps")
+                                   "schedule.warmup_steps", guard=self.anomaly)
+        # Silent data corruption, hangs and stragglers (herd.train.sdc, herd.train.watchdog); faults
+        # are injected by tests and benchmarks only (HERD_SDC_FAULTS), never by a config.
+        self.faults = faults if faults is not None else Faults.from_env()
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                         log=self.log)
+                                         log=self.log, verify_writes=cfg.sdc.verify_checkpoints,
+                                         on_written=self.faults.checkpoint_written if self.faults else None)
+        self.watchdog = Watchdog(cfg.watchdog, out_dir=self.out_dir, faults=self.faults, log=self.log,
+                                 models=self.parallel.parts if self.parallel is not None else [self.model],
+                                 compiled=cfg.parallel.compile)
+        parts = self.parallel.parts if self.parallel is not None else [self.model]
+        self.sdc = SDC(cfg.sdc, model=self.model, optimizer=self.optimizer, faults=self.faults, log=self.log,
+                       run_micro=lambda batch: self.core.forward_backward([batch]), outputs=parts,
+                       mark=self.watchdog.mark)
         self.step = 0
         self.tokens_seen = 0
+        self._checkpoint_owed = False  # a periodic checkpoint fell on a skipped update: write it at the next good step
         self.loader: Loader | None = None
         self.loader_key = ""  # which sources/weights the loader reads; its state only carries over if equal
         self._pending_loader_state: tuple[str, bytes] | None = None
@@ -203,11 +225,14 @@ class Trainer:
             "model": self.model.state_dict(),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
             "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
-                      "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng)},
+                      "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng),
+                      "anomaly": pickle.dumps(self.anomaly.state_dict() if self.anomaly is not None else None)},
         }
 
     def load_checkpoint(self, ckpt: SavedCheckpoint) -> None:
         state = self.state_dict()
+        if "train.anomaly" not in ckpt_io.saved_keys(ckpt.path):  # saved before [anomaly] existed
+            del state["train"]["anomaly"]
         ckpt_io.load(ckpt.path, state)
         self.model.load_state_dict(state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
@@ -223,11 +248,15 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        anomaly = pickle.loads(train["anomaly"]) if "anomaly" in train else None
+        if self.anomaly is not None and anomaly is not None:
+            self.anomaly.load_state_dict(anomaly)
 
     def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint:
         meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
+        self._checkpoint_owed = False
         return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -240,9 +269,9 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule.lr(self.step)
         r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
-        self.step += 1
+        self.step += 1  # a skipped update still counts: its data was read, the schedule moves on
         self.tokens_seen += r.tokens
-        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens)
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -267,8 +296,11 @@ class Trainer:
                                                     doc_ids=doc_ids, loss_chunks=self.core.loss_chunks)
                     count += b.num_targets
                     continue
-                logits = model(b.inputs.to(self.device), doc_ids=doc_ids)
-            total += cross_entropy_sum(logits, b.targets.to(self.device)).item()
+                # The training loss (chunked head with train.loss_chunks > 1), so validation never
+                # holds the full (B, S, vocab) logits that the training step was configured to avoid.
+                loss = token_loss(self.cfg.train.loss_chunks)(
+                    model, TokenBatch(b.inputs.to(self.device), b.targets.to(self.device), doc_ids, b.num_targets))
+            total += loss.item()
             count += b.num_targets
         model.train(was_training)
         return total / max(count, 1)
@@ -308,6 +340,8 @@ class Trainer:
             if self._pending_loader_state is not None and self._pending_loader_state[0] == key:
                 self.loader.load_state_dict(pickle.loads(self._pending_loader_state[1]))
         self._pending_loader_state = None
+        if self.anomaly is not None:
+            self.anomaly.enter_stage(span.index)
 
     def _mix(self, index: int) -> tuple[list[str], list[float] | None]:
         stage = self.cfg.stages[index]
@@ -319,6 +353,8 @@ class Trainer:
         shape = batch_shape(self.cfg.stages[span.index].ramp, self.tokens_seen)
         rows = micro_batch_rows(self.cfg.train.micro_batch_tokens, shape.seq_len, shape.rows)
         assert shape.rows % rows == 0, (shape, rows)  # Config.validate checked the divisibility
+        if self.anomaly is not None:  # may jump over data a rollback chose to skip
+            self.anomaly.before_step(self.step + 1, self.loader, self.loader_key)
         return [self.loader.next_batch(batch_size=rows, seq_len=shape.seq_len) for _ in range(shape.rows // rows)]
 
     def _resume(self) -> int:
@@ -374,8 +410,10 @@ class Trainer:
             for span in spans:
                 result.stages.append(self._run_stage(span))
         finally:
+            self.watchdog.close()
             self.metrics.close()
         result.steps, result.tokens_seen = self.step, self.tokens_seen
+        result.anomalies = dict(self.anomaly.counts) if self.anomaly is not None else {}
         result.loss_plot = str(self.metrics.plot()) if self.cfg.metrics.plot else None
         result.seconds = time.perf_counter() - t_start
         return result
@@ -418,6 +456,8 @@ class Trainer:
         while self.step < span.end:
             t = time.perf_counter()
             micro = self._next_micro_batches(span)
+            self.watchdog.step_begin(self.step + 1)
+            self.sdc.before_step(self.step + 1, micro)  # the re-computation check, when due
             r = self.train_step(micro)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -428,14 +468,36 @@ class Trainer:
                 step=self.step, stage=span.name, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
                 mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds))
+            self.sdc.after_step(self.step)  # the replica check, when due
+            self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
+            if r.anomaly is not None:  # no update: nothing to validate or checkpoint at this step
+                self._after_anomaly(span, r.anomaly)
+                continue
             last = r.loss
             if cfg.metrics.val_every and self.step % cfg.metrics.val_every == 0 and self.step < span.end:
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log_val(self.step, span.name, val)
-            if self.step % cfg.checkpoint_every(span.index) == 0 and self.step < span.end:
+            if (self.step % cfg.checkpoint_every(span.index) == 0 or self._checkpoint_owed) and self.step < span.end:
                 self.save_checkpoint(span)
         return last
+
+    def _after_anomaly(self, span: StageSpan, verdict: Verdict) -> None:
+        """Log a skipped update; at the end of a long enough streak, roll back and skip its data."""
+        self.metrics.log_anomaly(span.name, dataclasses.asdict(verdict.record))
+        # Never a checkpoint inside a streak: a rollback then always has one from before it, and no
+        # checkpoint of the abandoned steps is left for a resume to pick up.
+        self._checkpoint_owed |= self.step % self.cfg.checkpoint_every(span.index) == 0
+        if not verdict.rollback:
+            return
+        target = self.checkpointer.latest()
+        window = self.anomaly.plan_rollback(step=self.step, loader=self.loader,
+                                            checkpoint_step=None if target is None else target.step)
+        self.load_checkpoint(target)
+        self._enter_stage(span)
+        self._checkpoint_owed = False
+        self.metrics.rewind(self.step)
+        self.metrics.log_anomaly(span.name, dataclasses.asdict(self.anomaly.rollback_record(window)))
 
     def _average(self, span: StageSpan, out: StageResult, dst: Path) -> None:
         n = self.cfg.stages[span.index].average_last

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import harness as H
+import scenarios_anomaly
 import scenarios_chunked
 from herd.model.llama import Transformer
 from herd.parallel import ParallelConfig, parallelize
@@ -176,7 +177,7 @@ def world2(rank: int, world: int, workdir: Path) -> list:
         out += comm_check(name, cfg, state, batches)
 
     out += resume("FSDP 2", P(), {"TP 2": P(tp=2), "PP 2": P(pp=2)}, state, workdir)
-    return out
+    return out + scenarios_anomaly.world2(state, workdir)
 
 
 def world4(rank: int, world: int, workdir: Path) -> list:

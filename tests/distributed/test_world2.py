@@ -2,8 +2,8 @@
 
 FSDP, TP (+SP, with and without loss parallel), CP (with and without document masks), PP
 with each schedule, AC modes, float8, measured communication against the analytic count,
-and DCP resume under other layouts. Losses and gradients over 3 AdamW steps with gradient
-clipping must match the single-process run within 1e-5 (fp32).
+DCP resume under other layouts, and anomaly skips agreed by both ranks. Losses and gradients
+over 3 AdamW steps with gradient clipping must match the single-process run within 1e-5 (fp32).
 """
 
 import sys
@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import scenari
 
 import harness  # noqa: E402
 import scenarios  # noqa: E402
+import scenarios_anomaly  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ NAMES = (
     + [f"comm {n}" for n in ("FSDP 2", "TP 2", "CP 2", "PP 2 1F1B", "PP 2 ZBVZeroBubble", "TP 2 + full AC",
                              "TP 2 + selective AC", "CP 2 + selective AC")]
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]
+    + [f"anomaly {n}" for n in scenarios_anomaly.CASES]
+    + ["anomaly FSDP 2 Trainer: rollback after NaN gradients on rank 1 equals a run without the window"]
 )
 
 

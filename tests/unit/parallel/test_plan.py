@@ -160,6 +160,8 @@ def test_a_chunked_head_holds_one_chunk_of_logits_and_runs_its_forward_twice():
     (dict(gpus=8, seq_len=1000, global_batch_tokens=4096), "whole number"),
     (dict(gpus=12, cp=3), "2\\*cp"),
     (dict(gpus=8, global_batch_tokens=8192 * 4), "split evenly"),
+    (dict(gpus=8, pp_stages_per_rank=4), "with pp > 1"),
+    (dict(gpus=8, pp=2, pp_stages_per_rank=-1), "pp_stages_per_rank = -1"),
 ])
 def test_bad_layouts_say_what_to_change(kwargs, match):
     base = dict(seq_len=8192, global_batch_tokens=8192 * 64)

@@ -244,3 +244,45 @@ def test_builtin_call_must_be_alone(chat31):
     calls = [ToolCall("brave_search", {"query": "x"}), ToolCall("f", {})]
     with pytest.raises(ValueError, match="must be the only call"):
         chat31.encode_message(Message("assistant", "", calls))
+
+
+# ---- Llama 3.2 Vision: <|image|> slots -------------------------------------------------------------
+
+
+def test_an_image_slot_is_token_128256_where_it_sits(llama3, chat31):
+    from herd.tokenizer.chat import IMAGE, IMAGE_TOKEN_ID
+
+    assert IMAGE_TOKEN_ID == 128256 == llama3.n_words  # one past the text vocabulary
+    dialog = [Message("user", [IMAGE, "What is in this image?"])]
+    # Hand-assembled: BOS, user header, <|image|>, the text, <|eot_id|>, assistant header.
+    text = llama3.encode("What is in this image?", bos=False, eos=False)
+    want = [128000, 128006, 882, 128007, 271, 128256] + text + [128009] + HEADER_ASSISTANT
+    assert chat31.encode_dialog_prompt(dialog).tokens == want
+    two = Message("user", ["Compare ", IMAGE, " and ", IMAGE])
+    body = chat31.encode_message(two).tokens[4:]
+    enc = lambda s: llama3.encode(s, bos=False, eos=False)  # noqa: E731
+    assert body == enc("Compare ") + [128256] + enc(" and ") + [128256, 128009]
+    assert two.images == 2 and two.text == "Compare  and "
+
+
+def test_image_dialogs_refuse_a_system_message_and_the_30_format(chat30, chat31):
+    from herd.tokenizer.chat import IMAGE
+
+    with pytest.raises(ValueError, match="no system message"):
+        chat31.encode_dialog_prompt([Message("system", "Be brief."), Message("user", [IMAGE, "Describe it."])])
+    with pytest.raises(ValueError, match="3.0 chat format has no images"):
+        chat30.encode_dialog_prompt([Message("user", [IMAGE, "Describe it."])])
+    with pytest.raises(ValueError, match="only user messages carry images"):
+        Message("assistant", [IMAGE])
+    with pytest.raises(ValueError, match="text or IMAGE"):
+        Message("user", [IMAGE, 3])
+
+
+def test_content_parts_round_trip_through_json():
+    from herd.tokenizer.chat import IMAGE, content_json, parse_content
+
+    parts = [IMAGE, "What colour is the square?"]
+    assert content_json(parts) == [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]
+    assert parse_content(content_json(parts)) == parts and parse_content("plain") == "plain"
+    with pytest.raises(ValueError, match="content part"):
+        parse_content([{"type": "image_url", "image_url": {"url": "x"}}])

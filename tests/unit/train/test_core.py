@@ -187,3 +187,30 @@ def test_parallel_core_takes_the_chunked_loss_and_refuses_other_token_losses():
         TrainCore(pm.module, torch.optim.AdamW(pm.module.parameters()), grad_clip=0.5, loss=next_token_loss_sum,
                   parallel=pm)
 
+
+
+def test_validation_with_loss_chunks_never_builds_the_full_logits(tmp_path, monkeypatch):
+    """evaluate() takes the chunked head when training does, and gives the hand-computed loss."""
+    cfg = config_from_dict({
+        "job": {"out_dir": str(tmp_path), "device": "cpu"}, "data": {"train": ["unused"], "val": ["held-out"]},
+        "train": {"loss_chunks": 3},
+        "metrics": {"tensorboard": False, "plot": False, "progress": False, "val_batches": 2},
+        "stages": [{"name": "p", "steps": 1, "ramp": [[0, 36, 9]]}]})
+    batches = [_batch(40), _batch(41)]
+
+    class FixedLoader:
+        def __init__(self):
+            self.i = 0
+
+        def next_batch(self, **_):
+            self.i += 1
+            return batches[self.i - 1]
+
+    trainer = Trainer(cfg, log=lambda msg: None, loader_factory=lambda *a, **k: FixedLoader())
+    want = sum(_hand_ce(trainer.model, b) for b in batches) / sum(b.num_targets for b in batches)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation computed the full logits")
+
+    monkeypatch.setattr(trainer.model, "forward", refuse)
+    assert trainer.evaluate() == pytest.approx(want, rel=1e-5)
