@@ -6,12 +6,17 @@ import json
 import sys
 from pathlib import Path
 
+from herd.cli.chat import cmd_chat
 from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
+from herd.cli.speculative import check_draft_flags, generate_speculative, load_draft
 
 
 def cmd_info(opts) -> None:
     from herd.model.formats import describe
+    from herd.model.mllama_io import is_mllama_dir
 
+    if is_mllama_dir(opts.path):
+        return _info_vision(opts)
     info = describe(opts.path)
     a = info.args
     if opts.json:
@@ -41,6 +46,37 @@ def cmd_info(opts) -> None:
     ]
     for k, v in rows:
         print(f"{k:>16}  {v}")
+
+
+def _info_vision(opts) -> None:
+    from herd.model.mllama_io import read_mllama_args
+
+    fmt, a, files = read_mllama_args(opts.path)
+    t, v = a.text, a.vision
+    n = a.num_params()
+    on_disk = sum(f.stat().st_size for f in files)
+    if opts.json:
+        print(json.dumps({"path": str(opts.path), "format": fmt, "model": "llama3.2-vision", "num_params": n,
+                          "bytes_on_disk": on_disk, "files": [f.name for f in files]}, indent=2))
+        return
+    rows = [
+        ("path", str(opts.path)),
+        ("format", {"hf": "Hugging Face safetensors (mllama)", "meta": "Meta consolidated.*.pth (vision)"}[fmt]),
+        ("files", ", ".join(f.name for f in files)),
+        ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
+        ("size on disk", f"{on_disk / 2**20:,.1f} MiB"),
+        ("text layers", f"{t.n_layers} self + {a.n_cross_layers} cross (before self layers "
+                        f"{', '.join(map(str, a.fusion_schedule))}) / dim {t.dim}"),
+        ("heads (q / kv)", f"{t.n_heads} / {t.n_kv_heads}, head_dim {t.head_dim}"),
+        ("vocabulary", f"{t.vocab_size:,} + 8 (<|image|> = {t.vocab_size})"),
+        ("context", f"{t.max_seq_len:,} tokens"),
+        ("vision encoder", f"width {v.width}, {v.n_layers} local + {v.n_global_layers} global layers, "
+                           f"{v.n_heads} heads, features of layers {', '.join(map(str, v.intermediate_layers))}"),
+        ("tiles", f"{v.image_size} px, patch {v.patch_size}, up to {v.max_num_tiles} "
+                  f"({len(v.aspect_ratios)} aspect ratios), {v.n_tokens} tokens each"),
+    ]
+    for k, val in rows:
+        print(f"{k:>16}  {val}")
 
 
 def _attach_loras(model, specs: list[str] | None):
@@ -126,6 +162,8 @@ def cmd_generate(opts) -> None:
     import dataclasses
     import os
 
+    if opts.image:
+        return _generate_with_images(opts)
     if opts.input is not None or opts.output is not None:
         for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora),
                           ("--draft", opts.draft)):
@@ -137,7 +175,7 @@ def cmd_generate(opts) -> None:
     for flag in ("nproc", "max_batch", "n", "stop"):
         if getattr(opts, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} belongs to batch mode (--input/--output)")
-    _check_draft_flags(opts)
+    check_draft_flags(opts)
     schema = None
     if opts.json_schema:
         if opts.ignore_eos:
@@ -150,7 +188,7 @@ def cmd_generate(opts) -> None:
     if opts.tp == 1:
         lm = load(opts)
         if opts.draft:
-            _generate_speculative(opts, lm, _load_draft(opts, lm), sampling(opts))
+            generate_speculative(opts, lm, load_draft(opts, lm), sampling(opts))
         else:
             _generate(opts, lm, sampling(opts), schema)
         return
@@ -221,99 +259,24 @@ def _generate(opts, lm, params, schema: dict | None) -> None:
         print(line, file=sys.stderr)
 
 
-def _check_draft_flags(opts) -> None:
-    """`--draft` with what it supports, before any checkpoint is read."""
-    if opts.draft is None:
-        if opts.draft_k is not None:
-            raise ValueError("--draft-k sets how many tokens the draft proposes; it needs --draft PATH")
-        return
-    if opts.draft_k is not None and opts.draft_k < 1:
-        raise ValueError(f"--draft-k must be at least 1 (tokens the draft proposes per target forward), "
-                         f"got {opts.draft_k}")
-    for flag, bad in (("--tp", opts.tp != 1), ("--lora", opts.lora), ("--json-schema", opts.json_schema),
-                      ("--logprobs", opts.logprobs)):
+def _generate_with_images(opts) -> None:
+    from herd.generate.vision import generate_with_images, load_vision_for_inference
+
+    refused = (("--input/--output", opts.input is not None or opts.output is not None), ("--tp", opts.tp != 1),
+               ("--lora", opts.lora), ("--json-schema", opts.json_schema), ("--logprobs", opts.logprobs),
+               ("--draft", opts.draft))
+    for flag, bad in refused:
         if bad:
-            raise ValueError(f"--draft (speculative decoding) does not support {flag} yet; leave out one of them")
-
-
-def _load_draft(opts, lm):
-    """The --draft checkpoint, opened like the model, refused unless it shares the model's vocabulary."""
-    from herd.generate.loading import load_for_inference
-    from herd.model.formats import describe
-
-    size, want = describe(opts.draft).args.vocab_size, lm.model.args.vocab_size
-    if size != want:  # before its weights and tokenizer are read
-        raise ValueError(f"--draft {opts.draft}: its vocabulary has {size} entries but the model's has {want}; a "
-                         "draft must use the model's tokenizer (e.g. a smaller model of the same family)")
-    draft = load_for_inference(opts.draft, tokenizer=opts.tokenizer, dtype=opts.dtype, device=opts.device,
-                               max_seq_len=opts.max_seq_len)
-    check_same_vocabulary(lm, draft, flag="--draft")
-    return draft
-
-
-def check_same_vocabulary(lm, draft, *, flag: str) -> None:
-    """A draft proposes token ids the model must read as the same text: same vocabulary size and the
-    same bytes for every token id (special tokens included)."""
-    a, b = lm.model.args.vocab_size, draft.model.args.vocab_size
-    if a != b:
-        raise ValueError(f"{flag} {draft.path}: its vocabulary has {b} entries but the model's has {a}; a draft must "
-                         "use the model's tokenizer (e.g. a smaller model of the same family)")
-    ta, tb = lm.tokenizer, draft.tokenizer
-
-    def token(tok, i: int) -> bytes | None:
-        try:
-            return tok.decode_single_token_bytes(i)
-        except (KeyError, ValueError, IndexError):
-            return None
-
-    if ta.n_words != tb.n_words or any(token(ta, i) != token(tb, i) for i in range(ta.n_words)):
-        raise ValueError(f"{flag} {draft.path}: its tokenizer differs from the model's ({tb.n_words} vs "
-                         f"{ta.n_words} tokens, or different token texts); a draft must use the model's tokenizer")
-
-
-def _generate_speculative(opts, lm, draft, params) -> None:
-    """`herd generate --draft`: the draft proposes --draft-k tokens, the model checks them in one forward."""
-    from herd.generate.speculative import speculative_tokens
-    from herd.tokenizer import StreamDecoder
-
-    tok = lm.tokenizer
-    if opts.chat:
-        if len(opts.prompt) > 1:
-            raise ValueError("--chat takes one --prompt (one user turn); use `herd chat` for a conversation")
-        prompts = [lm.encode_user_turn(opts.prompt[0], system=opts.system)]
-    else:
-        prompts = [lm.encode_text(p) for p in opts.prompt]
-    stop = lm.stop_tokens if not opts.ignore_eos else ()
-    k = 4 if opts.draft_k is None else opts.draft_k
-    events = speculative_tokens(lm.model, draft.model, prompts, max_new_tokens=opts.max_new_tokens, num_draft=k,
-                                sampling=params, stop_tokens=stop)
-    single = len(prompts) == 1  # a single prompt is streamed, a round's tokens at a time
-    decoders = [StreamDecoder(tok) for _ in prompts]
-    if single:
-        print(opts.prompt[0] if not opts.chat else "", end="", flush=True)
-    while True:
-        try:
-            event = next(events)
-        except StopIteration as done:
-            results = done.value
-            break
-        if single:
-            text = "".join(decoders[0].feed(t) for t in event.tokens[0])
-            if event.finish_reasons[0] is not None:
-                text += decoders[0].flush()
-            print(text, end="", flush=True)
-    if single:
-        print()
-    else:
-        for p, r in zip(opts.prompt, results):
-            print(f"--- {p!r}\n{p}{tok.decode(r.tokens)}")
-    for r in results:
-        print(f"[{len(r.tokens)} tokens, finish: {r.finish_reason}]", file=sys.stderr)
-    drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
-    forwards, produced = sum(r.target_forwards for r in results), sum(len(r.tokens) for r in results)
-    rate = f"{accepted / drafted:.1%}" if drafted else "n/a"
-    print(f"[speculative: {accepted}/{drafted} draft tokens accepted ({rate}), k={k}, {forwards} target forwards "
-          f"for {produced} tokens]", file=sys.stderr)
+            raise ValueError(f"{flag} does not go with --image yet; drop one of them")
+    if not opts.prompt or len(opts.prompt) != 1:
+        raise ValueError("--image takes one --prompt TEXT, the text that follows the image(s)")
+    lm = load_vision_for_inference(opts.path, tokenizer=opts.tokenizer, dtype=opts.dtype, device=opts.device)
+    images = lm.preprocess(opts.image)
+    prompt = lm.encode_prompt(opts.prompt[0], len(opts.image), chat=opts.chat, system=opts.system)
+    [result] = generate_with_images(lm.model, [prompt], images, max_new_tokens=opts.max_new_tokens,
+                                    sampling=sampling(opts), stop_tokens=() if opts.ignore_eos else lm.stop_tokens)
+    print(("" if opts.chat else opts.prompt[0]) + lm.tokenizer.decode(result.tokens))
+    print(f"[{len(result.tokens)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
 
 
 def _generate_batch(opts) -> None:
@@ -356,38 +319,6 @@ def _generate_batch(opts) -> None:
                          "retry them")
 
 
-def cmd_chat(opts) -> None:
-    from herd.generate.session import ChatSession
-
-    lm = load(opts)
-    session = ChatSession(lm.model, lm.tokenizer, chat=lm.chat, system=opts.system, sampling=sampling(opts),
-                          max_new_tokens=opts.max_new_tokens)
-    print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            continue
-        if line.strip() == "/reset":
-            session.reset()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        print("llama> ", end="", flush=True)
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-        except ValueError as e:  # one bad turn (e.g. too long for the context) keeps the session
-            print(f"\n(error: {e})", file=sys.stderr)
-            continue
-        print()
-        if session.last_reply and session.last_reply.tool_calls:
-            for call in session.last_reply.tool_calls:
-                print(f"(tool call: {call.name}({json.dumps(call.arguments)}))", file=sys.stderr)
-
-
 def cmd_tokenize(opts) -> None:
     from herd.tokenizer import llama3_tokenizer_path, tokenizer_from_path
 
@@ -415,9 +346,6 @@ def cmd_tokenize(opts) -> None:
 
 
 def cmd_serve(opts) -> None:
-    from herd.serve.engine import Engine
-    from herd.serve.server import serve
-
     if opts.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a positive number of seconds, got {opts.body_timeout}")
     for flag, value in (("--block-size", opts.block_size), ("--kv-blocks", opts.kv_blocks),
@@ -429,31 +357,55 @@ def cmd_serve(opts) -> None:
     if opts.draft is not None:
         if opts.draft_k is not None and opts.draft_k < 1:
             raise ValueError(f"--draft-k must be at least 1 (tokens the draft proposes per step), got {opts.draft_k}")
-        for flag, bad in (("--compile", opts.compile), ("--lora", opts.lora)):
+        for flag, bad in (("--compile", opts.compile), ("--lora", opts.lora), ("--tp", opts.tp != 1)):
             if bad:
                 raise ValueError(f"--draft (speculative decoding) does not support {flag} yet; leave out one of them")
+    if opts.tp != 1:
+        for flag, bad, why in (("--lora", opts.lora, "the adapters are not sliced"),
+                               ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
+            if bad:
+                raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
+    if _tp_launch(opts):
+        return
+    if opts.tp > 1:
+        _serve_tp(opts)
+        return
     lm = load(opts)
-    model, tok = lm.model, lm.tokenizer
-    draft = _load_draft(opts, lm).model if opts.draft is not None else None
+    draft = load_draft(opts, lm).model if opts.draft is not None else None
+    adapters = _attach_loras(lm.model, opts.lora)
+    engine, context = _serve_engine(opts, lm, adapters=adapters, draft=draft)
+    note = "" if draft is None else (f", speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; "
+                                     "rows with logprobs, penalties, logit_bias or structured outputs decode without it)")
+    _serve(opts, lm, engine, context, adapters=adapters, note=note)
+
+
+def _serve_engine(opts, lm, *, adapters=None, mirror=None, draft=None):
+    """The engine `herd serve` runs, and its context per slot; every rank of --tp builds the same one."""
+    from herd.serve.engine import Engine
+
     # The cache holds max_batch full contexts: cap the default at 8K (a 3.1 model's 128K x 8 slots
     # would not fit); --max-seq-len sets it explicitly.
-    context = opts.max_seq_len or min(model.args.max_seq_len, 8192)
-    adapters = _attach_loras(model, opts.lora)
-    engine = Engine(model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
+    context = opts.max_seq_len or min(lm.model.args.max_seq_len, 8192)
+    engine = Engine(lm.model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
                     prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
-                    prefix_caching=not opts.no_prefix_caching, token_bytes=tok.decode_single_token_bytes,
-                    compile=opts.compile, adapters=adapters, draft=draft,
+                    prefix_caching=not opts.no_prefix_caching, token_bytes=lm.tokenizer.decode_single_token_bytes,
+                    compile=opts.compile, adapters=adapters, mirror=mirror, draft=draft,
                     num_draft=4 if opts.draft_k is None else opts.draft_k)
+    return engine, context
+
+
+def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> None:
+    from herd.serve.server import serve
+
+    tok = lm.tokenizer
     name = opts.model_name or Path(opts.path).resolve().name
     if adapters is not None and name in adapters:
         raise ValueError(f"--lora {name}=... has the base model's name; rename the adapter or pass --model-name")
     blocks = f"{engine.pool.num_blocks} KV blocks of {opts.block_size} ({engine.store.nbytes() / 2**30:.2f} GiB)" + (
         "" if opts.no_prefix_caching else " with prefix caching")
     print(f"herd serve: model {name!r} at http://{opts.host}:{opts.port}/v1, {opts.max_batch} slots x {context} "
-          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}", file=sys.stderr)
-    if draft is not None:
-        print(f"herd serve: speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; rows with "
-              "logprobs, penalties, logit_bias or structured outputs decode without it)", file=sys.stderr)
+          f"tokens, {blocks}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}{note}",
+          file=sys.stderr)
     if adapters is not None:
         print(f"herd serve: LoRA adapters {', '.join(adapters.names)} (pick one with the request's model)",
               file=sys.stderr)
@@ -464,6 +416,57 @@ def cmd_serve(opts) -> None:
         print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
     serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat,
           body_timeout=opts.body_timeout)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _serve_tp(opts) -> None:
+    """One rank of `herd serve --tp N` under torchrun: rank 0 serves and schedules, the others replay
+    its step plans on their shards (see herd.serve.tp) until it tells them to stop."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from herd.serve.tp import Follower, Leader, broadcast_receiver, broadcast_sender
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Rank 0 decides when the followers stop (after its last step), however the server is
+        # stopped, even while they still load; if rank 0 dies instead, their next collective fails
+        # or torchrun SIGKILLs them (30 s after its SIGTERM).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        lm, tp = _load_tp(opts)
+        device = lm.model.tok_embeddings.weight.device
+        if tp.rank == 0:
+            leader = Leader(broadcast_sender(device, tp.group))
+            # uvicorn re-raises a SIGTERM after its graceful shutdown, which would end the process
+            # before `engine.stop()` tells the followers; unwinding as from Ctrl-C runs it.
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            engine, context = _serve_engine(opts, lm, mirror=leader)
+            try:
+                _serve(opts, lm, engine, context,
+                       note=f", tensor-parallel over {tp.size} ranks (rank 0: pid {os.getpid()})")
+            except KeyboardInterrupt:
+                if not leader.aborted:
+                    raise
+            finally:  # whatever ended it (even before the server started), the followers are told
+                engine.stop()
+            if leader.aborted:
+                print("herd serve: a tensor-parallel step failed (logged above); exiting so torchrun stops every "
+                      "rank", file=sys.stderr)
+                raise SystemExit(1)
+        else:
+            engine, _ = _serve_engine(opts, lm)  # the same rows and blocks as rank 0's; no thread
+            follower = Follower(engine.model, engine.cache, engine.store)
+            follower.run(broadcast_receiver(device, tp.group))
+            print(f"herd serve: rank {tp.rank} stopped by rank 0 after {follower.forwards} forwards", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -477,6 +480,9 @@ def _info_args(p):
 def _chat_args(p):
     add_checkpoint_args(p)
     add_sampling_args(p)
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image to talk about (repeatable; a Llama 3.2 Vision checkpoint): with generate the "
+                   "prompt's, with chat the first message's; image tokens go before the text")
 
 
 def _generate_args(p):
@@ -548,6 +554,8 @@ def _serve_args(p):
     p.add_argument("--draft", metavar="PATH", help="speculative decoding: this smaller checkpoint (same tokenizer) "
                    "proposes tokens that the model checks in one batched forward")
     p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
+                   "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
 
 
 COMMANDS = {

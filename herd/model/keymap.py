@@ -174,6 +174,9 @@ def args_from_hf_config(config: Mapping[str, Any]) -> ModelArgs:
     way transformers does. Fields that would change the math in ways herd does not implement
     (biases, another activation, partial rotary, other RoPE types) are errors.
     """
+    if config.get("model_type") == "mllama":
+        raise ValueError("HF config is a Llama 3.2 Vision model (model_type 'mllama'), which the text-model loaders "
+                         "cannot build; load it with herd.model.mllama_io.load_mllama(path)")
     missing = [k for k in _HF_REQUIRED if config.get(k) is None]
     if missing:
         raise ValueError(
@@ -395,7 +398,8 @@ def args_from_meta_params(params: Mapping[str, Any], *, vocab_size: int | None =
             "change the model"
         )
     if params.get("vision_chunk_size", -1) > 0 or params.get("vision_num_cross_attention_layers", -1) > 0:
-        raise ValueError("params.json describes a vision model (Llama 3.2 11B/90B); herd implements text models only")
+        raise ValueError("params.json describes a Llama 3.2 Vision model (11B/90B), which the text-model loaders "
+                         "cannot build; load it with herd.model.mllama_io.load_mllama(path)")
     unknown_herd = sorted(set(herd) - _HERD_KEYS)
     if unknown_herd:
         raise ValueError(f"params.json 'herd' section has unknown keys: {', '.join(unknown_herd)}")

@@ -53,15 +53,11 @@ import torch
 from herd.generate import KVCache, SamplingParams, decode_step
 from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
-from herd.generate.processors import accept_token, apply_processors
+from herd.generate.processors import apply_processors
 from herd.model.llama import Transformer
 from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.scoring import match_stop, pick_tokens, score_chunk, token_logprobs
-from herd.serve.sequence import DECODE as _DECODE
-from herd.serve.sequence import FORK as _FORK
-from herd.serve.sequence import PAUSED as _PAUSED
-from herd.serve.sequence import PREFILL as _PREFILL
-from herd.serve.sequence import Seq as _Seq
+from herd.serve.scoring import pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.tp import Leader
 from herd.serve.speculative import DraftRunner, SpeculativeSteps
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
@@ -82,6 +78,11 @@ from herd.serve.requests import (  # noqa: F401
     check_engine_sizes,
     check_request,
 )
+from herd.serve.requests import SEQ_DECODE as _DECODE
+from herd.serve.requests import SEQ_FORK as _FORK
+from herd.serve.requests import SEQ_PAUSED as _PAUSED
+from herd.serve.requests import SEQ_PREFILL as _PREFILL
+from herd.serve.requests import RunningSeq as _Seq
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class Engine(SpeculativeSteps):
         Prefix-cache blocks are per adapter (their keys and values differ).
     draft, num_draft: speculative decoding (`herd.serve.speculative`): a smaller model with the same
         vocabulary proposes up to num_draft tokens per row and step. Not with compile or adapters.
+    mirror: tensor parallelism (`herd.serve.tp.Leader`): told every forward and KV copy before it
+        runs, so follower ranks repeat them on their shards; a failed step is then fatal.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Engine(SpeculativeSteps):
         adapters: AdapterSet | None = None,
         draft: Transformer | None = None,
         num_draft: int = 4,
+        mirror: Leader | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -142,7 +146,12 @@ class Engine(SpeculativeSteps):
         self._compiled = CompiledDecoder(model, self.cache) if compile else None
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
-        self.store = BlockStore(self.cache, num_blocks, block_size)
+        self._mirror = mirror
+        if mirror is not None and (compile or adapters is not None):
+            raise ValueError("tensor parallelism cannot yet serve LoRA adapters (--lora) or compile the decode "
+                             "step (--compile); leave those out or run with --tp 1")
+        self.store = BlockStore(self.cache, num_blocks, block_size) if mirror is None else mirror.store(
+            self.cache, num_blocks, block_size)
         self._order = itertools.count()
 
         self._cond = threading.Condition()
@@ -159,9 +168,9 @@ class Engine(SpeculativeSteps):
                              "choice); leave out compile (--compile) or the adapters (--lora)" if compile else
                              "the adapters were attached to another model than the engine's")
         self.adapters = adapters
-        if draft is not None and (compile or adapters is not None):
-            raise ValueError("a draft model (speculative decoding) cannot be combined with compile (--compile) or "
-                             "LoRA adapters (--lora) yet; leave out one of them")
+        if draft is not None and (compile or adapters is not None or mirror is not None):
+            raise ValueError("a draft model (speculative decoding) cannot be combined with compile (--compile), "
+                             "LoRA adapters (--lora) or tensor parallelism (--tp) yet; leave out one of them")
         self.draft = None if draft is None else DraftRunner(draft, target=model, max_batch=max_batch,
                                                             max_seq_len=max_seq_len, num_draft=num_draft)
         self._latency: list[LatencyObserver] = []
@@ -225,6 +234,8 @@ class Engine(SpeculativeSteps):
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"the engine thread did not stop within {timeout} s")
+        if self._mirror is not None:  # after the thread: the followers' last instruction
+            self._mirror.stop()
         self._finish_everything("cancelled")
 
     # ---- the engine thread ----------------------------------------------------------------------
@@ -248,12 +259,17 @@ class Engine(SpeculativeSteps):
         raise RuntimeError(f"still busy after {max_steps} steps")
 
     def _run(self) -> None:
+        beat = None if self._mirror is None else self._mirror.heartbeat_s
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and all(s is None for s in self._slots):
-                    self._cond.wait()
+                idle = False
+                while not idle and not self._stopping and not self._waiting and all(s is None for s in self._slots):
+                    idle = not self._cond.wait(beat)  # timed out: only with a mirror
                 if self._stopping:
                     return
+            if idle:
+                self._mirror.heartbeat()  # idle followers' collectives would otherwise time out
+                continue
             try:
                 self.step()
             except Exception:  # a failing forward must not kill the thread that serves everyone
@@ -261,6 +277,12 @@ class Engine(SpeculativeSteps):
                 for seq in self._slots:
                     if seq is not None:
                         self._finish(seq, "error", error="internal error during decoding")
+                if self._mirror is not None:  # the ranks' collectives are out of step: give up
+                    with self._cond:
+                        self._stopping = True  # submit refuses from now on
+                    self._finish_everything("error")
+                    self._mirror.abort()
+                    return
 
     def _check(self, r: Request) -> None:
         check_request(r, vocab=self.model.args.vocab_size, max_seq_len=self.max_seq_len, max_batch=self.max_batch,
@@ -430,6 +452,10 @@ class Engine(SpeculativeSteps):
             c = min(S - seq.pos, budget)
             t0 = time.perf_counter()
             try:
+                if self._mirror is not None:
+                    scored = 0 if handle.request.prompt_logprobs is None else scored_positions(S, seq.pos, c)
+                    self._mirror.prefill(seq.slot, seq.pos, prompt[seq.pos : seq.pos + c], last=seq.pos + c == S,
+                                         scored=scored)
                 tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
                 if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
                     self.adapters.select([handle.request.adapter])
@@ -439,6 +465,8 @@ class Engine(SpeculativeSteps):
                     seq.prompt_lps = score_chunk(self.model.output, prompt, seq.pos, h[0],
                                                  handle.request.prompt_logprobs, seq.prompt_lps)
             except Exception:
+                if self._mirror is not None:  # the followers may be inside this forward's collectives
+                    raise
                 log.exception("prefill of %s failed", handle.id)
                 for s in (seq, *seq.forks):
                     if self._slots[s.slot] is s:
@@ -477,8 +505,7 @@ class Engine(SpeculativeSteps):
             self.pool.acquire(full)
             seq.blocks = full + seq.blocks
             seq.names = list(first.names)
-            for buf in (*self.cache.k, *self.cache.v):
-                buf[seq.slot, :, :S] = buf[first.slot, :, :S]
+            self.store.copy_row(self.cache, first.slot, seq.slot, S)
             seqs.append(seq)
         first.forks = []
         for seq in seqs:
@@ -525,6 +552,8 @@ class Engine(SpeculativeSteps):
             self.adapters.select([by_slot.get(i) for i in range(B)])
         tokens_t = torch.tensor(tokens, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
+        if self._mirror is not None:
+            self._mirror.decode(tokens, pos)
         if self._compiled is not None:
             logits = self._compiled(tokens_t, pos_t)  # (max_batch, V)
         else:
@@ -560,30 +589,3 @@ class Engine(SpeculativeSteps):
             generated += self._deliver(s, t, lp, alts, now)
         with self._cond:
             self._metrics.generation_tokens_total += generated
-
-    def _deliver(self, s: _Seq, t: int, lp: float | None, alts, now: float) -> int:
-        """Token t for s: emit it, finish s on a stop or its length, else make it the pending token.
-        Returns 1 when t counts as generated (a stop token does not)."""
-        r = s.handle.request
-        if s.processors:
-            accept_token(s.processors, t)
-        if t in r.stop_tokens:
-            self._finish(s, "stop", stop_token=t)
-            return 0
-        s.count += 1
-        s.generated.append(t)
-        if s.last_token_at is not None:
-            for observer in self._latency:
-                observer.inter_token(now - s.last_token_at)
-        s.last_token_at = now
-        self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))
-        if r.stop_strings:
-            hit = match_stop(s.tail, self.token_bytes(t), r.stop_strings, s.stop_bytes)
-            if hit is not None:
-                self._finish(s, "stop", stop_string=hit)
-                return 1
-        if s.count == s.limit:
-            self._finish(s, "length")
-            return 1
-        s.pending, s.pos = t, s.pos + 1
-        return 1

@@ -181,6 +181,11 @@ class BlockStore:
             for p, c in zip(src, dst):
                 c[row, :, :n] = p.index_select(0, idx).transpose(0, 1).flatten(1, 2)  # (K, n*bs, D)
 
+    def copy_row(self, cache: KVCache, src: int, dst: int, n: int) -> None:
+        """Copy positions 0..n-1 of row `src` into row `dst` (the extra choices of n > 1 fork the prompt)."""
+        for buf in (*cache.k, *cache.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+
     def commit(self, pool: BlockPool, cache: KVCache, row: int, blocks: Sequence[int], names: Sequence[bytes],
                tokens: Sequence[int], root: bytes = b"") -> list[bytes]:
         """A sequence in row `row` has filled more blocks: `tokens` are its ids from the first block

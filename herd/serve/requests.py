@@ -11,10 +11,15 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from herd.generate import GREEDY, SamplingParams
 from herd.generate.processors import ProcessorFactory
+
+if TYPE_CHECKING:
+    import torch
+
+    from herd.generate.processors import LogitsProcessor
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_TOP_LOGPROBS = 20
@@ -285,3 +290,40 @@ class EngineMetrics:
     kv_block_size: int = 0
     spec_draft_tokens_total: int = 0  # speculative decoding: tokens the draft proposed...
     spec_accepted_tokens_total: int = 0  # ...and those the model accepted (rate: accepted / draft)
+
+
+# A sequence's state. Keys/values exist for positions < pos in its row, always.
+SEQ_PREFILL = "prefill"  # prompt[pos:] is still to be prefilled (choice 0 of its request)
+SEQ_FORK = "fork"  # choices 1..n-1, waiting for choice 0's prompt: they start from a copy of it
+SEQ_DECODE = "decode"  # `pending` is fed at `pos` in the next decode step
+SEQ_PAUSED = "paused"  # a decoding sequence that gave its blocks back (none were free); its row is intact
+
+
+@dataclass
+class RunningSeq:
+    """One running choice in one slot: the engine's bookkeeping (engine.py schedules it)."""
+
+    handle: RequestHandle
+    index: int
+    slot: int
+    limit: int  # new tokens allowed
+    generator: torch.Generator | None
+    pending: int = 0  # the last sampled token, fed at the next decode step...
+    pos: int = 0  # ...at this position
+    count: int = 0  # tokens generated
+    tail: bytearray = field(default_factory=bytearray)  # recent output bytes, for stop strings
+    stop_bytes: tuple[bytes, ...] = ()  # the request's stop strings in UTF-8, encoded once
+    processors: list[LogitsProcessor] = field(default_factory=list)  # this choice's own, stateful
+    generated: list[int] = field(default_factory=list)  # tokens delivered so far
+    last_token_at: float | None = None  # engine clock at the previous token, for inter-token latency
+    prompt_lps: list[PromptLogprob] | None = None  # prompt logprobs so far, chunk by chunk
+    order: int = 0  # admission order: the youngest sequence is paused first
+    state: str = SEQ_DECODE
+    blocks: list[int] = field(default_factory=list)  # block table: positions [i*bs, (i+1)*bs) live in blocks[i]
+    names: list[bytes] = field(default_factory=list)  # chained names of its full blocks named so far
+    forks: list[RunningSeq] = field(default_factory=list)  # choice 0 of n > 1: the choices waiting for its prompt
+
+    def token_at(self, position: int) -> int:
+        """The committed token id at `position` (prompt, then generated tokens)."""
+        prompt = self.handle.request.prompt
+        return prompt[position] if position < len(prompt) else self.generated[position - len(prompt)]

@@ -19,12 +19,23 @@ from herd.serve.requests import PromptLogprob, Request
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per output-head matmul: (256, V) fp32 is 128 MB at V = 128K
 
 
+def head_spans(n: int) -> list[tuple[int, int]]:
+    """The [a, b) ranges of positions that `score_positions` runs the output head over, in order
+    (tensor-parallel followers run the head, a collective, over the same ranges)."""
+    return [(a, min(a + PROMPT_LOGPROB_CHUNK, n)) for a in range(0, n, PROMPT_LOGPROB_CHUNK)]
+
+
+def scored_positions(prompt_len: int, start: int, c: int) -> int:
+    """How many positions of a prefill chunk start..start+c-1 `score_chunk` scores (the last prompt
+    position predicts a new token, not a prompt one)."""
+    return max(0, min(c, prompt_len - 1 - start))
+
+
 def score_positions(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, k: int) -> list[PromptLogprob]:
     """h (n, dim): final-normed hidden states; targets (n,): the token each position predicts.
     Returns one PromptLogprob per position, with the k most likely alternatives when k > 0."""
     out: list[PromptLogprob] = []
-    for a in range(0, len(targets), PROMPT_LOGPROB_CHUNK):
-        b = min(a + PROMPT_LOGPROB_CHUNK, len(targets))
+    for a, b in head_spans(len(targets)):
         lsm = torch.log_softmax(head(h[a:b]).float(), dim=-1)  # (b - a, V)
         picked = lsm.gather(-1, targets[a:b].view(-1, 1)).squeeze(-1).tolist()
         if k:
@@ -42,11 +53,12 @@ def score_chunk(head: torch.nn.Module, prompt: Sequence[int], start: int, h: tor
     """`acc` extended with the prompt logprobs of a prefill chunk: h (c, dim) holds the hidden
     states of positions start..start+c-1. The first prompt token has no context (None)."""
     acc = [PromptLogprob(None, None)] if acc is None else acc
-    n = min(len(h), len(prompt) - 1 - start)  # the last prompt position predicts a new token, not a prompt one
+    n = scored_positions(len(prompt), start, len(h))
     if n > 0:
         targets = torch.tensor(list(prompt[start + 1 : start + 1 + n]), dtype=torch.long, device=h.device)
         acc += score_positions(head, h[:n], targets, k)
     return acc
+
 
 def pick_tokens(logits: torch.Tensor, requests: Sequence[Request], generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of logits (R, V): argmax for greedy requests (one batched argmax), else a

@@ -37,11 +37,15 @@ from collections.abc import Sequence
 import torch
 
 from herd.generate.kv_cache import KVCache
+from herd.generate.processors import accept_token
 from herd.generate.sampling import truncated_probs
 from herd.generate.speculative import accept_drafts
 from herd.model.llama import Transformer
 from herd.serve.pages import RowCache
-from herd.serve.sequence import DECODE, Seq
+from herd.serve.requests import SEQ_DECODE as DECODE
+from herd.serve.requests import RunningSeq as Seq
+from herd.serve.requests import TokenEvent
+from herd.serve.scoring import match_stop
 
 
 class DraftRunner:
@@ -139,7 +143,36 @@ class DraftRunner:
 
 
 class SpeculativeSteps:
-    """The engine's decode step with a draft (mixed into `Engine`, which provides the attributes)."""
+    """Mixed into `Engine` (which provides the attributes): delivering one token to a sequence, which
+    the plain and the speculative steps share, and the decode step with a draft. They live here to
+    keep engine.py under 600 lines."""
+
+    def _deliver(self, s: Seq, t: int, lp: float | None, alts, now: float) -> int:
+        """Token t for s: emit it, finish s on a stop or its length, else make it the pending token.
+        Returns 1 when t counts as generated (a stop token does not)."""
+        r = s.handle.request
+        if s.processors:
+            accept_token(s.processors, t)
+        if t in r.stop_tokens:
+            self._finish(s, "stop", stop_token=t)
+            return 0
+        s.count += 1
+        s.generated.append(t)
+        if s.last_token_at is not None:
+            for observer in self._latency:
+                observer.inter_token(now - s.last_token_at)
+        s.last_token_at = now
+        self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))
+        if r.stop_strings:
+            hit = match_stop(s.tail, self.token_bytes(t), r.stop_strings, s.stop_bytes)
+            if hit is not None:
+                self._finish(s, "stop", stop_string=hit)
+                return 1
+        if s.count == s.limit:
+            self._finish(s, "length")
+            return 1
+        s.pending, s.pos = t, s.pos + 1
+        return 1
 
     def _speculable(self, s: Seq) -> bool:
         r = s.handle.request

@@ -50,6 +50,9 @@ import torch.distributed.checkpoint as dcp
 COMPLETE = "COMPLETE"
 _NAME_RE = re.compile(r"^step-(\d{8})$")
 _TMP_RE = re.compile(r"^\.step-\d{8}\.tmp-\d+$")
+# A checkpoint being replaced by a newer one of the same step, renamed aside until the new one is
+# in place; restored at the next start if the new one never arrived.
+_OLD_RE = re.compile(r"^\.(step-\d{8})\.old-\d+$")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,11 @@ class Checkpointer:
             if _TMP_RE.match(leftover.name):
                 self.log(f"removing {leftover.name}: an unfinished checkpoint write from an interrupted run")
                 shutil.rmtree(leftover)
+            elif (old := _OLD_RE.match(leftover.name)) and not (self.root / old.group(1)).exists():
+                self.log(f"restoring {old.group(1)}: a run was interrupted while replacing it")
+                os.rename(leftover, self.root / old.group(1))
+            elif old:
+                shutil.rmtree(leftover)  # its replacement is in place
 
     # ---- write ---------------------------------------------------------------------------
 
@@ -187,10 +195,14 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if dst.exists():  # a checkpoint of the same step from before a restart: replace it
-            shutil.rmtree(dst)
+        old = None
+        if dst.exists():  # a checkpoint of the same step from before a restart (or a rollback): replace it,
+            old = self.root / f".{dst.name}.old-{os.getpid()}"  # keeping it until the new one is in place
+            os.rename(dst, old)
         os.rename(tmp, dst)
         _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old)
         if self.on_written is not None:
             self.on_written(dst, step)
         problem = ""

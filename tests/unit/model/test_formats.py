@@ -512,7 +512,7 @@ def test_error_hf_config_fields(edit, fragment):
 
 @pytest.mark.parametrize("extra, fragment", [
     ({"quantization_args": {"group_size": 32}}, "quantized"),
-    ({"vision_chunk_size": 560}, "vision model"),
+    ({"vision_chunk_size": 560}, "Vision model.*load_mllama"),
     ({"n_experts": 8}, "keys herd does not know: n_experts"),
     ({"use_scaled_rope": False, "herd": {"rope_scaling": {"factor": 8.0}}}, "use_scaled_rope disagrees"),
 ])

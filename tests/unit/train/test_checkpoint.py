@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import os
+
 import pytest
 import torch
 
@@ -74,6 +76,30 @@ def test_leftover_temp_dir_from_a_killed_write_is_removed(tmp_path):
     Checkpointer(tmp_path, keep_last=1, log=messages.append)
     assert not (tmp_path / ".step-00000040.tmp-12345").exists()
     assert "unfinished checkpoint write" in messages[0]
+
+
+def test_replacing_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
+    """A kill between setting the old copy aside and renaming the new one in: the old one comes back."""
+    ck = Checkpointer(tmp_path, keep_last=5)
+    _, first = save(ck, 1, 10)
+    real_rename = os.rename
+
+    def killed_after_setting_aside(src, dst):
+        real_rename(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(os, "rename", killed_after_setting_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save(ck, 2, 10)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not (tmp_path / "step-00000010").exists()
+    messages = []
+    again = Checkpointer(tmp_path, keep_last=5, log=messages.append)
+    assert "restoring step-00000010" in " ".join(messages)
+    assert again.latest().step == 10 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    _, replaced = save(again, 3, 10)  # a normal replacement leaves nothing aside
+    assert again.latest().step == 10 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_pruning_keeps_the_last_k_and_every_kept_one(tmp_path):
