@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from herd.cli.chat import cmd_chat
 from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
+from herd.cli.speculative import check_draft_flags, generate_speculative, load_draft
 
 
 def cmd_info(opts) -> None:
@@ -163,7 +165,8 @@ def cmd_generate(opts) -> None:
     if opts.image:
         return _generate_with_images(opts)
     if opts.input is not None or opts.output is not None:
-        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora)):
+        for flag, bad in (("--json-schema", opts.json_schema), ("--tp", opts.tp != 1), ("--lora", opts.lora),
+                          ("--draft", opts.draft)):
             if bad:
                 raise ValueError(f"{flag} is for --prompt runs; batch mode (--input/--output) does not take it yet")
         return _generate_batch(opts)
@@ -172,6 +175,7 @@ def cmd_generate(opts) -> None:
     for flag in ("nproc", "max_batch", "n", "stop"):
         if getattr(opts, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} belongs to batch mode (--input/--output)")
+    check_draft_flags(opts)
     schema = None
     if opts.json_schema:
         if opts.ignore_eos:
@@ -182,7 +186,11 @@ def cmd_generate(opts) -> None:
     if _tp_launch(opts):
         return
     if opts.tp == 1:
-        _generate(opts, load(opts), sampling(opts), schema)
+        lm = load(opts)
+        if opts.draft:
+            generate_speculative(opts, lm, load_draft(opts, lm), sampling(opts))
+        else:
+            _generate(opts, lm, sampling(opts), schema)
         return
     import torch.distributed as dist
 
@@ -255,7 +263,8 @@ def _generate_with_images(opts) -> None:
     from herd.generate.vision import generate_with_images, load_vision_for_inference
 
     refused = (("--input/--output", opts.input is not None or opts.output is not None), ("--tp", opts.tp != 1),
-               ("--lora", opts.lora), ("--json-schema", opts.json_schema), ("--logprobs", opts.logprobs))
+               ("--lora", opts.lora), ("--json-schema", opts.json_schema), ("--logprobs", opts.logprobs),
+               ("--draft", opts.draft))
     for flag, bad in refused:
         if bad:
             raise ValueError(f"{flag} does not go with --image yet; drop one of them")
@@ -310,38 +319,6 @@ def _generate_batch(opts) -> None:
                          "retry them")
 
 
-def cmd_chat(opts) -> None:
-    from herd.generate.session import ChatSession
-
-    lm = load(opts)
-    session = ChatSession(lm.model, lm.tokenizer, chat=lm.chat, system=opts.system, sampling=sampling(opts),
-                          max_new_tokens=opts.max_new_tokens)
-    print("herd chat: type a message; /reset clears the history; Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            continue
-        if line.strip() == "/reset":
-            session.reset()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        print("llama> ", end="", flush=True)
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-        except ValueError as e:  # one bad turn (e.g. too long for the context) keeps the session
-            print(f"\n(error: {e})", file=sys.stderr)
-            continue
-        print()
-        if session.last_reply and session.last_reply.tool_calls:
-            for call in session.last_reply.tool_calls:
-                print(f"(tool call: {call.name}({json.dumps(call.arguments)}))", file=sys.stderr)
-
-
 def cmd_tokenize(opts) -> None:
     from herd.tokenizer import llama3_tokenizer_path, tokenizer_from_path
 
@@ -375,6 +352,14 @@ def cmd_serve(opts) -> None:
                         ("--prefill-chunk", opts.prefill_chunk)):
         if value is not None and value < 1:  # checked before the (slow) model load
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if opts.draft is None and opts.draft_k is not None:
+        raise ValueError("--draft-k sets how many tokens the draft proposes; it needs --draft PATH")
+    if opts.draft is not None:
+        if opts.draft_k is not None and opts.draft_k < 1:
+            raise ValueError(f"--draft-k must be at least 1 (tokens the draft proposes per step), got {opts.draft_k}")
+        for flag, bad in (("--compile", opts.compile), ("--lora", opts.lora), ("--tp", opts.tp != 1)):
+            if bad:
+                raise ValueError(f"--draft (speculative decoding) does not support {flag} yet; leave out one of them")
     if opts.tp != 1:
         for flag, bad, why in (("--lora", opts.lora, "the adapters are not sliced"),
                                ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
@@ -386,12 +371,15 @@ def cmd_serve(opts) -> None:
         _serve_tp(opts)
         return
     lm = load(opts)
+    draft = load_draft(opts, lm).model if opts.draft is not None else None
     adapters = _attach_loras(lm.model, opts.lora)
-    engine, context = _serve_engine(opts, lm, adapters=adapters)
-    _serve(opts, lm, engine, context, adapters=adapters)
+    engine, context = _serve_engine(opts, lm, adapters=adapters, draft=draft)
+    note = "" if draft is None else (f", speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; "
+                                     "rows with logprobs, penalties, logit_bias or structured outputs decode without it)")
+    _serve(opts, lm, engine, context, adapters=adapters, note=note)
 
 
-def _serve_engine(opts, lm, *, adapters=None, mirror=None):
+def _serve_engine(opts, lm, *, adapters=None, mirror=None, draft=None):
     """The engine `herd serve` runs, and its context per slot; every rank of --tp builds the same one."""
     from herd.serve.engine import Engine
 
@@ -401,7 +389,8 @@ def _serve_engine(opts, lm, *, adapters=None, mirror=None):
     engine = Engine(lm.model, max_batch=opts.max_batch, max_queue=opts.max_queue, max_seq_len=context,
                     prefill_budget=opts.prefill_chunk, block_size=opts.block_size, num_blocks=opts.kv_blocks,
                     prefix_caching=not opts.no_prefix_caching, token_bytes=lm.tokenizer.decode_single_token_bytes,
-                    compile=opts.compile, adapters=adapters, mirror=mirror)
+                    compile=opts.compile, adapters=adapters, mirror=mirror, draft=draft,
+                    num_draft=4 if opts.draft_k is None else opts.draft_k)
     return engine, context
 
 
@@ -491,15 +480,15 @@ def _info_args(p):
 def _chat_args(p):
     add_checkpoint_args(p)
     add_sampling_args(p)
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image to talk about (repeatable; a Llama 3.2 Vision checkpoint): with generate the "
+                   "prompt's, with chat the first message's; image tokens go before the text")
 
 
 def _generate_args(p):
     _chat_args(p)
     p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the 3.1 chat format")
-    p.add_argument("--image", action="append", metavar="FILE",
-                   help="an image the prompt is about (repeatable; a Llama 3.2 Vision checkpoint); the image tokens "
-                   "go before the text")
     p.add_argument("--logprobs", action="store_true", help="print per-token log-probabilities")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end_of_text / eot / eom")
     p.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (PEFT layout directory)")
@@ -519,6 +508,10 @@ def _generate_args(p):
     b.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing --output")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
                    "on GPUs, one GPU each) that each load only their slice of the weights")
+    p.add_argument("--draft", metavar="PATH", help="speculative decoding: this smaller checkpoint (same tokenizer) "
+                   "proposes tokens that the model checks in one forward; greedy output is unchanged, sampled output "
+                   "keeps the model's distribution")
+    p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per model forward (default 4)")
 
 
 def _tokenize_args(p):
@@ -558,6 +551,9 @@ def _serve_args(p):
                    help="seconds a client has to send a whole request body; slower ones get 408")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve this LoRA adapter (PEFT layout directory) as model NAME; repeatable")
+    p.add_argument("--draft", metavar="PATH", help="speculative decoding: this smaller checkpoint (same tokenizer) "
+                   "proposes tokens that the model checks in one batched forward")
+    p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
                    "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
 

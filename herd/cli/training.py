@@ -13,24 +13,34 @@ from herd.cli.common import list_config_keys, print_config
 
 
 def cmd_train(opts) -> None:
-    from herd.parallel.launch import is_rank0, pop_nproc, run_under_torchrun
+    from herd.parallel.launch import is_rank0, pop_max_restarts, pop_nproc
     from herd.train import Trainer, load_config
+    from herd.train.elastic import account_for, restarts_for, supervise, under_torchrun
+    from herd.train.faultinject import hooks_from_env
+    from herd.train.goodput import process_start_time
 
+    since = process_start_time()
     nproc, overrides = pop_nproc(opts.overrides)
+    max_restarts, overrides = pop_max_restarts(overrides)
     if print_config(overrides, lambda rest: load_config(opts.config, rest)):
         return
-    if nproc > 1:  # the same command under torchrun: one code path for both spellings
-        code = run_under_torchrun(nproc, ["train", opts.config, *overrides])
-        if code:
-            raise SystemExit(code)
+    cfg = load_config(opts.config, overrides)  # a config error stops here, before any process starts
+    restarts = restarts_for(nproc, max_restarts)
+    if nproc > 1 or restarts > 0:
+        # The same command under torchrun's elastic agent: one code path for both spellings, and a
+        # failed process brings the group back from the last checkpoint up to `restarts` times.
+        run = supervise(opts.config, overrides, out_dir=cfg.job.out_dir, nproc=nproc, max_restarts=restarts,
+                        since=since)
+        print(run.account.line(), "->", run.summary)
+        if run.returncode:
+            raise SystemExit(run.returncode)
         return
     from herd.train.anomaly import AnomalyStop
     from herd.train.checkpoint import CheckpointVerifyError
     from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
 
-    cfg = load_config(opts.config, overrides)
     try:
-        result = Trainer(cfg).fit()
+        result = Trainer(cfg, step_hooks=hooks_from_env()).fit()
     except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
         if is_rank0():  # every rank raised the same message
             print(f"herd train: {e}", file=sys.stderr, flush=True)
@@ -53,6 +63,9 @@ def cmd_train(opts) -> None:
               + " (records in metrics.jsonl)")
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens"
           + (f"; loss plot {result.loss_plot}" if result.loss_plot else ""))
+    if not under_torchrun():  # a worker's supervisor accounts for the whole job, restarts included
+        run = account_for(cfg.job.out_dir, since=since)
+        print(run.account.line(), "->", run.summary)
 
 
 def cmd_plan(opts) -> None:
@@ -206,6 +219,9 @@ def _train_args(p):
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
                    help="override config values, e.g. --optim.lr 3e-4 --stages.pretrain.steps 200; "
                    "--nproc N runs N local processes under torchrun (with --parallel.tp 2 ...); "
+                   "--max-restarts K restarts the job from its last checkpoint after a process fails, up to K "
+                   "times (default 3 with --nproc > 1, none for one process; K > 0 runs one process under "
+                   "torchrun's agent too); "
                    "--print-config prints the resolved config and exits")
 
     def config_class():

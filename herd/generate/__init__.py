@@ -15,7 +15,13 @@ from herd.generate.generate import (
 )
 from herd.generate.kv_cache import KVCache
 from herd.generate.sampling import GREEDY, SamplingParams, sample, truncated_probs
-from herd.generate.speculative import SpeculativeResult, speculative_generate
+from herd.generate.speculative import (
+    SpeculativeResult,
+    SpeculativeStep,
+    accept_drafts,
+    speculative_generate,
+    speculative_tokens,
+)
 
 __all__ = [
     "GREEDY",
@@ -24,8 +30,10 @@ __all__ = [
     "KVCache",
     "SamplingParams",
     "SpeculativeResult",
+    "SpeculativeStep",
     "StepEvent",
     "TextEvent",
+    "accept_drafts",
     "apply_fast_decode",
     "decode_step",
     "generate",
@@ -35,6 +43,7 @@ __all__ = [
     "remove_fast_decode",
     "sample",
     "speculative_generate",
+    "speculative_tokens",
     "static_decode_step",
     "stream_text",
     "truncated_probs",

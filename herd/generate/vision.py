@@ -117,21 +117,30 @@ class LoadedVisionModel:
 
     def preprocess(self, files: Sequence[str | os.PathLike[str]]) -> ImageBatch:
         """Open image files (anything Pillow reads) and tile them for this model."""
-        from PIL import Image, UnidentifiedImageError
+        return self.tile(open_images(files))
 
-        images = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    images.append(im.copy())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"image {str(f)!r} does not exist") from None
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"cannot read image {str(f)!r} ({e}); pass a PNG, JPEG or another format Pillow "
-                                 "opens") from None
+    def tile(self, images: Sequence[Any]) -> ImageBatch:
+        """Tile Pillow images (one prompt's, in order) for this model."""
         v = self.model.args.vision
-        return preprocess_images([images], tile_size=v.image_size, max_tiles=v.max_num_tiles)
+        return preprocess_images([list(images)], tile_size=v.image_size, max_tiles=v.max_num_tiles)
+
+
+def open_images(files: Sequence[str | os.PathLike[str]]) -> list[Any]:
+    """Pillow images read fully from files, with errors that name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {str(f)!r} does not exist") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {str(f)!r} ({e}); pass a PNG, JPEG or another format Pillow "
+                             "opens") from None
+    return images
 
 
 def load_vision_for_inference(path: str | os.PathLike[str], *, tokenizer: str | os.PathLike[str] | None = None,
@@ -146,3 +155,81 @@ def load_vision_for_inference(path: str | os.PathLike[str], *, tokenizer: str | 
     model = load_mllama(path, dtype=dtype, device=device).eval()
     tok = load_tokenizer(path, tokenizer, vocab_size=model.args.text.vocab_size)
     return LoadedVisionModel(model=model, tokenizer=tok, path=path)
+
+
+# ---- multi-turn chat with images -----------------------------------------------------------------
+
+
+class _TextOnly:
+    """An `Mllama` with no image yet: the text model alone (cross layers skipped), as `generate` sees it."""
+
+    def __init__(self, model: Mllama):
+        t = model.args.text
+        self.model, self.args = model, dataclasses.replace(t, vocab_size=t.vocab_size + N_LEARNABLE_TOKENS)
+        self.tok_embeddings, self.output = model.text_model.tok_embeddings, model.text_model.output
+
+    def hidden(self, tokens: torch.Tensor, *, pos: int | torch.Tensor = 0, cache=None, **kwargs: Any) -> torch.Tensor:
+        return self.model.hidden(tokens, pos=pos, cache=cache, **kwargs)
+
+
+class VisionChatSession:
+    """`herd chat` on a Llama 3.2 Vision checkpoint: images join the next user turn (`attach`).
+
+    As `ChatSession` does for text, every turn re-encodes the whole dialog, and here every image
+    so far too (the encoder runs once per turn; the cross-attention keys/values are then reused by
+    every decode step of the reply). A turn's images sit before its text, the released template's
+    order; which tokens see which image follows the preprocessing's rule, so text before the first
+    image sees none.
+    """
+
+    def __init__(self, lm: LoadedVisionModel, *, sampling: Any = None, max_new_tokens: int = 512):
+        from herd.generate.sampling import SamplingParams
+
+        self.lm = lm
+        self.format = chat_format_for(lm.path, lm.tokenizer)
+        self.sampling = sampling if sampling is not None else SamplingParams()
+        self.max_new_tokens = max_new_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[Message] = []
+        self.images: list[Any] = []  # every image of the history, in order
+        self.pending: list[Any] = []  # attached, for the next user turn
+        self.last_reply: Message | None = None
+
+    def attach(self, files: Sequence[str | os.PathLike[str]]) -> int:
+        """Read image files for the next user turn; returns how many are waiting."""
+        self.pending += open_images(files)
+        return len(self.pending)
+
+    def send(self, text: str):
+        """Add a user turn (with the attached images) and stream the reply as text pieces.
+
+        The turn and its images join the history only when the reply is complete."""
+        from herd.generate.generate import stream_text
+
+        content = [*[IMAGE] * len(self.pending), text] if self.pending else text
+        dialog = [*self.history, Message(role="user", content=content)]
+        prompt = self.format.encode_dialog_prompt(dialog).tokens
+        room = self.lm.model.args.text.max_seq_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"the conversation is {len(prompt)} tokens, the model's limit is "
+                             f"{self.lm.model.args.text.max_seq_len}; start over with /reset")
+        images = self.images + self.pending
+        new = min(self.max_new_tokens, room)
+        bound: Any = (ImageConditioned(self.lm.model, [prompt], self.lm.tile(images), max_len=len(prompt) + new)
+                      if images else _TextOnly(self.lm.model))
+        events = stream_text(bound, self.lm.tokenizer, [prompt], max_new_tokens=new, sampling=self.sampling,
+                             stop_tokens=self.lm.stop_tokens)
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as done:
+                result = done.value[0]
+                break
+            if event.texts[0]:
+                yield event.texts[0]
+        reply_ids = result.tokens + ([result.stop_token] if result.stop_token is not None else [])
+        reply = self.format.decode_assistant_message(reply_ids)
+        self.history, self.images, self.pending = [*dialog, reply], images, []
+        self.last_reply = reply

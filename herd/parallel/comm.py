@@ -11,7 +11,8 @@ algorithm (a ring all-reduce moves 2(n-1)/n of it) and are not modelled.
 
 Attribution to a parallelism uses who issues what: point-to-point is the pipeline,
 functional collectives on the TP or CP group are TP or CP, other collectives of more than
-one element are FSDP, and one-element all-reduces are the step's loss bookkeeping. Groups
+one element are FSDP (but all-reduces within the pipeline group: the tied embedding's gradient,
+pp), and one-element all-reduces are the step's loss bookkeeping. Groups
 alone would not do: with dp_shard = 1 the CP and FSDP groups are the same ranks and torch
 reuses one process group for both.
 """
@@ -106,6 +107,7 @@ class CommCounter(TorchDispatchMode):
         # By rank set, not group name: FSDP's 2-D (shard, tp) mesh may hold its own TP group.
         tp = _ranks(meshes.tp.get_group()) if meshes.tp.size() > 1 else None
         cp = _ranks(meshes.cp.get_group()) if meshes.cp.size() > 1 else None
+        pp = set(_ranks(meshes.pp.get_group())) if meshes.pp.size() > 1 else set()
         out: dict[str, int] = defaultdict(int)
         for c in self.calls:
             ranks = _ranks(c.group)
@@ -117,6 +119,8 @@ class CommCounter(TorchDispatchMode):
                 who = "tp"
             elif c.api == "funcol" and ranks == cp:
                 who = "cp"
+            elif c.api == "c10d" and c.kind == "all_reduce" and set(ranks) <= pp:
+                who = "pp"  # a tied matrix's gradient between the first and last stage
             elif c.api == "c10d":
                 who = "fsdp"
             else:

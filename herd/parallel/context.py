@@ -13,9 +13,14 @@ before the step), and with GQA the K/V tensors are n_heads / n_kv_heads times sm
 the queries, so O(S) communication stays small next to O(S^2) attention.
 
 The model is untouched except for its one seam: each `Attention.attend` is replaced by
-`ContextParallel.attend`, which ignores the model's own (local) mask and uses the one built
-here by `shard_batch` from global positions and document ids. The mask is state kept for one
-step; recomputation under activation checkpointing happens before the next `shard_batch`.
+`ContextParallel.attend`, which ignores the model's own (local) mask and uses one built here
+from global positions and document ids. Without pipeline parallelism that mask is state kept
+for one step, set by `shard_batch` (recomputation under activation checkpointing happens
+before the next `shard_batch`). Under pipeline parallelism a step runs several microbatches,
+interleaved and each with its own rows, so there is no one mask of the step: each stage
+builds its microbatch's `GatheredMask` from the rows' document ids (which travel with every
+microbatch as a keyword) and hands it to its layers, which is also what activation
+checkpointing replays.
 """
 
 from __future__ import annotations
@@ -54,11 +59,27 @@ def local_slots(seq_len: int, rank: int, cp: int, *, device: torch.device | str 
 
 @dataclass
 class CPBatch:
-    """One rank's share of a batch. `pos` are global RoPE positions (B, S/cp)."""
+    """One rank's share of a batch. `pos` are global RoPE positions (B, S/cp); `doc_ids` the
+    rows' document ids over the whole sequence (B, S), or None: what a pipeline stage needs to
+    build its microbatch's mask (`ContextParallel.gathered_mask`)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor | None
     pos: torch.Tensor
+    doc_ids: torch.Tensor | None = None
+
+
+class GatheredMask:
+    """A boolean mask (B or 1, 1, S/cp, S) of local queries over all-gathered keys.
+
+    Passed to the layers in place of the model's `AttentionMask` (the `attend` seam receives
+    it), so the mask belongs to the call rather than to the step.
+    """
+
+    is_causal = False
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
 
 
 class ContextParallel:
@@ -69,8 +90,26 @@ class ContextParallel:
         self.mesh = mesh
         self.size = mesh.size()
         self.rank = mesh.get_local_rank()
-        self.allow_row_masks = True  # pipeline microbatching splits rows; see shard_batch
         self._mask: torch.Tensor | None = None
+
+    def gathered_mask(self, seq_len: int, doc_ids: torch.Tensor | None, *, device: torch.device) -> torch.Tensor:
+        """(B or 1, 1, S/cp, S): causal by global slot, and within one document when `doc_ids` (B, S) is given.
+
+        Keys are in all-gathered order (rank 0's chunks, then rank 1's, ...), queries in this
+        rank's local order; both are mapped back to global slots, so the mask is exact for any
+        document layout.
+        """
+        S = seq_len
+        q_slot = local_slots(S, self.rank, self.size, device=device)  # (Sl,)
+        k_slot = torch.cat([local_slots(S, r, self.size, device=device) for r in range(self.size)])  # (S,)
+        mask = k_slot.view(1, 1, S) <= q_slot.view(1, -1, 1)  # (1, Sl, S)
+        if doc_ids is not None:
+            if doc_ids.shape[1] != S:
+                raise ValueError(f"doc_ids cover {doc_ids.shape[1]} tokens but the sequence has {S}; pass the "
+                                 "document ids of the whole rows, not of this rank's chunks")
+            same_doc = doc_ids[:, q_slot].unsqueeze(-1) == doc_ids[:, k_slot].unsqueeze(1)  # (B, Sl, S)
+            mask = mask & same_doc
+        return mask.unsqueeze(1)
 
     def shard_batch(
         self, inputs: torch.Tensor, targets: torch.Tensor | None = None, *, doc_ids: torch.Tensor | None = None,
@@ -82,35 +121,29 @@ class ContextParallel:
         built locally instead of being communicated.
         """
         B, S = inputs.shape
-        device = inputs.device
-        q_slot = local_slots(S, self.rank, self.size, device=device)  # (Sl,)
-        k_slot = torch.cat([local_slots(S, r, self.size, device=device) for r in range(self.size)])  # (S,) gathered order
+        q_slot = local_slots(S, self.rank, self.size, device=inputs.device)  # (Sl,)
         if pos is None:
-            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=device).expand(B, S)
-        mask = (k_slot.view(1, 1, S) <= q_slot.view(1, -1, 1))  # (1, Sl, S): causal by global slot
-        if doc_ids is not None:
-            if not self.allow_row_masks:
-                raise ValueError(
-                    "document masks with context parallel under pipeline microbatching are not supported; "
-                    "train without doc_ids or with parallel.pp = 1"
-                )
-            same_doc = doc_ids[:, q_slot].unsqueeze(-1) == doc_ids[:, k_slot].unsqueeze(1)  # (B, Sl, S)
-            mask = mask & same_doc
-        self._mask = mask.unsqueeze(1)  # (B or 1, 1, Sl, S)
+            pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device).expand(B, S)
+        self._mask = self.gathered_mask(S, doc_ids, device=inputs.device)  # (B or 1, 1, Sl, S)
         local_targets = None if targets is None else targets[:, q_slot]
-        return CPBatch(inputs=inputs[:, q_slot], targets=local_targets, pos=pos[:, q_slot])
+        return CPBatch(inputs=inputs[:, q_slot], targets=local_targets, pos=pos[:, q_slot], doc_ids=doc_ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-        """Local queries (B, H, Sl, D) over all-gathered keys/values (B, K, S, D)."""
-        if self._mask is None:
+        """Local queries (B, H, Sl, D) over all-gathered keys/values (B, K, S, D).
+
+        `mask` is the caller's `GatheredMask` (pipeline stages), else the step's mask from
+        `shard_batch` (the model's own `AttentionMask` covers only local keys).
+        """
+        attn_mask = mask.mask if isinstance(mask, GatheredMask) else self._mask
+        if attn_mask is None:
             raise RuntimeError("ContextParallel.shard_batch must run before the forward pass")
-        if self._mask.shape[0] not in (1, q.shape[0]):
-            raise ValueError(f"CP mask has {self._mask.shape[0]} rows but the batch has {q.shape[0]}")
+        if attn_mask.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"CP mask has {attn_mask.shape[0]} rows but the batch has {q.shape[0]}")
         n_kv = k.shape[1]
         # One collective for both: latency matters more than the copy at these sizes.
         kv = _all_gather(torch.cat([k, v], dim=1), gather_dim=2, group=self.mesh)  # (B, 2K, S, D)
         k, v = kv[:, :n_kv], kv[:, n_kv:]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def apply_cp(model: nn.Module, cp: ContextParallel) -> None:

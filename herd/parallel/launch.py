@@ -47,37 +47,61 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def pop_nproc(argv: Sequence[str]) -> tuple[int, list[str]]:
-    """Take `--nproc N` (or `--nproc=N`) out of a command's trailing arguments."""
-    rest, nproc, args = [], 1, list(argv)
+def _pop_count(argv: Sequence[str], flag: str, *, minimum: int) -> tuple[int | None, list[str]]:
+    """Take `flag N` (or `flag=N`) out of a command's trailing arguments; None if it is absent."""
+    rest, value, args = [], None, list(argv)
     i = 0
     while i < len(args):
         a = args[i]
-        if a == "--nproc" or a.startswith("--nproc="):
-            value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+        if a == flag or a.startswith(flag + "="):
+            text = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
             i += 1 if "=" in a else 2
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"--nproc needs a positive number of processes, got {value!r}")
-            nproc = int(value)
+            if not text.isdigit() or int(text) < minimum:
+                kind = "a positive number" if minimum else "a number (0 or more)"
+                raise ValueError(f"{flag} needs {kind}, got {text!r}")
+            value = int(text)
             continue
         rest.append(a)
         i += 1
-    return nproc, rest
+    return value, rest
 
 
-def run_under_torchrun(nproc: int, module_args: Sequence[str]) -> int:
-    """Run `python -m herd <module_args>` in `nproc` local processes; return torchrun's exit code."""
+def pop_nproc(argv: Sequence[str]) -> tuple[int, list[str]]:
+    """Take `--nproc N` (or `--nproc=N`) out of a command's trailing arguments."""
+    nproc, rest = _pop_count(argv, "--nproc", minimum=1)
+    return nproc or 1, rest
+
+
+def pop_max_restarts(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """Take `--max-restarts K` out of a command's trailing arguments; None if it is absent."""
+    return _pop_count(argv, "--max-restarts", minimum=0)
+
+
+def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: int = 0) -> int:
+    """Run `python -m herd <module_args>` in `nproc` local processes; return torchrun's exit code.
+
+    max_restarts: how often torchrun's elastic agent restarts the whole group after a process
+    fails (herd.train.elastic says why the whole group, from the last checkpoint).
+    """
     if world_size_from_env() > 1:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "herd", *module_args]
+           f"--max-restarts={max_restarts}", "-m", "herd", *module_args]
+    env = dict(os.environ)
+    if max_restarts:
+        # By default the workers' process group shares the agent's rendezvous store, and its keys
+        # (the gloo/NCCL addresses of each rank) survive a restart: a restarted rank can read the
+        # dead group's address before the new rank 0 writes its own, and every later attempt fails
+        # the same way (seen here: "Gloo connectFullMesh failed ... Connection refused" after a
+        # kill; pytorch/pytorch#135712). A store of their own per attempt has no stale keys.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # torchrun runs in a session of its own: a terminal's Ctrl-C (or a SIGTERM) reaches this process
     # alone, which passes it on to torchrun, which passes it to every rank, so each process gets
     # it once. Had it reached torchrun and the ranks directly as well, each rank would get it
     # twice (a server's second SIGINT forces its exit, dropping the answers still being sent).
     # And this process waits for torchrun: `subprocess.call` would SIGKILL it on Ctrl-C, orphaning
     # the ranks.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return proc.wait()
 

@@ -42,10 +42,14 @@ from herd.parallel.pipeline import (
     PipelineStageModel,
     build_schedule,
     check_pp,
+    check_schedule_ac,
+    eval_schedule,
     split_model,
     stages_per_rank,
 )
+from herd.parallel.pipeline import stage_ids as stage_ids_of
 from herd.parallel.tensor import apply_tp, check_tp
+from herd.parallel.tied import TiedCopies, tie_group
 from herd.targets import IGNORE_INDEX
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +89,8 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         if self.pp_microbatches < 0 or self.pp_stages_per_rank < 0:
             raise ValueError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0 (0 = default)")
+        if self.pp > 1:
+            check_schedule_ac(self.pp_schedule, self.ac)
 
     def dims(self, world_size: int) -> ParallelDims:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
@@ -110,10 +116,17 @@ class ParallelModel:
 
     def __init__(self, parts: list[nn.Module], *, config: ParallelConfig, meshes: Meshes | None,
                  stage_ids: list[int], cp: ContextParallel | None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 tie_group: dist.ProcessGroup | None = None):
         self.parts, self.config, self.meshes, self.stage_ids, self.cp = parts, config, meshes, stage_ids, cp
         self.loss_fn = loss_fn
+        # Pipeline stages of a tied model: the embedding (first stage) and head (last stage) copies
+        # of the one matrix that this rank holds, and the group joining the two stages' ranks
+        # (None when one rank holds both, as in a V schedule).
+        self.tie_group = tie_group
+        self.tied: TiedCopies | None = None
         self.schedule = None
+        self.microbatches = 1  # per step, under pipeline parallelism
         self._scale = 1.0  # loss multiplier of the current step, read by the pipeline's loss function
         self._loss_chunks = 1  # head slices of the current step, read by the pipeline's loss function
         self._merged: nn.Module | None = None
@@ -164,6 +177,9 @@ class ParallelModel:
         for part in self.parts:
             part.to_empty(device=device)
             part.init_weights()
+        self._find_tied_copies()
+        if self.tied:
+            self.tied.copy_weights()
         self._build_schedule(device)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], *, device: torch.device | str) -> None:
@@ -171,6 +187,9 @@ class ParallelModel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         device = torch.device(device)
+        if self.dims.pp > 1 and self.parts[0].args.tie_embeddings and "tok_embeddings.weight" in state_dict:
+            # The last stage's head is its copy of the embedding; a tied checkpoint may name it once.
+            state_dict = dict(state_dict) | {"output.weight": state_dict["tok_embeddings.weight"]}
         for part in self.parts:
             part.to_empty(device=device)
             if isinstance(part, Transformer):
@@ -185,13 +204,18 @@ class ParallelModel:
                 # A copy: set_model_state_dict replaces the values of the dict it is given.
                 set_model_state_dict(part, dict(state_dict),
                                      options=StateDictOptions(full_state_dict=True, strict=self.dims.pp == 1))
+        self._find_tied_copies()
         self._build_schedule(device)
+
+    def _find_tied_copies(self) -> None:
+        if self.dims.pp > 1 and self.parts[0].args.tie_embeddings:
+            self.tied = TiedCopies(self.parts, self.tie_group)
 
     def _build_schedule(self, device: torch.device) -> None:
         if self.dims.pp == 1 or self.schedule is not None:
             return
         c = self.config
-        n_mb = c.pp_microbatches or self.dims.pp * len(self.parts)
+        n_mb = self.microbatches = c.pp_microbatches or self.dims.pp * len(self.parts)
         self.schedule = build_schedule(
             list(zip(self.stage_ids, self.parts)), self.meshes.pp, schedule=c.pp_schedule,
             n_microbatches=n_mb, loss_fn=self._pipeline_loss, device=device,
@@ -272,6 +296,7 @@ class ParallelModel:
         # dp_replicate * dp_shard * cp ranks, so scaling by that count makes the result the
         # gradient of (global token sum / global token count).
         self._scale = (d.dp * d.cp) / max(num_targets, 1)
+        self._check_rows(B)
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         local_sum = torch.zeros((), device=inputs.device)
         with self._loss_context(loss_chunks):
@@ -279,7 +304,10 @@ class ParallelModel:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
                 args = (inputs,) if self.has_first_stage else ()
+                before = self.tied.grads_before() if self.tied else None
                 self.schedule.step(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                if self.tied:
+                    self.tied.sum_grads(before)
                 if self.has_last_stage:
                     local_sum = torch.stack([x.detach() for x in losses]).sum() / self._scale
             else:
@@ -295,6 +323,14 @@ class ParallelModel:
                     dist.all_reduce(total, group=mesh.get_group())
         return StepLoss(loss=total, num_targets=num_targets)
 
+    def _check_rows(self, rows: int) -> None:
+        """A pipeline schedule splits this rank's rows into microbatches: at least one row each."""
+        if self.schedule is not None and rows < self.microbatches:
+            raise ValueError(
+                f"pipeline schedule {self.config.pp_schedule} splits each step into {self.microbatches} "
+                f"microbatches, but this data-parallel rank has {rows} rows; set parallel.pp_microbatches <= {rows} "
+                "or give each data-parallel rank more rows (a larger batch)")
+
     def dp_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """This data-parallel rank's rows of a global batch that every rank holds."""
         if x is None or self.meshes is None or self.dims.dp == 1:
@@ -308,11 +344,12 @@ class ParallelModel:
     @torch.no_grad()
     def _local_batch(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None):
         """This rank's part of the batch and its RoPE positions: the zig-zag chunks under context
-        parallelism (whose shard carries the positions and the document structure), else the
+        parallelism (whose shard carries the positions and the document structure; pipeline
+        stages also get the rows' whole document ids to build each microbatch's mask), else the
         whole rows with positions restarting per document."""
         if self.cp is not None:
             shard = self.cp.shard_batch(inputs, targets, doc_ids=doc_ids)
-            return shard.inputs, shard.targets, shard.pos, None
+            return shard.inputs, shard.targets, shard.pos, shard.doc_ids if self.dims.pp > 1 else None
         B, S = inputs.shape
         pos = positions_from_doc_ids(doc_ids) if doc_ids is not None else torch.arange(S, device=inputs.device)
         return inputs, targets, pos.expand(B, -1), doc_ids
@@ -323,6 +360,7 @@ class ParallelModel:
         self._use_chunks(loss_chunks)
         d, m = self.dims, self.meshes
         self._scale = 1.0
+        self._check_rows(inputs.shape[0])
         inputs, targets, pos, doc_ids = self._local_batch(inputs, targets, doc_ids)
         total = torch.zeros((), device=inputs.device)
         with self._loss_context(loss_chunks):
@@ -330,7 +368,8 @@ class ParallelModel:
                 losses: list[torch.Tensor] = []
                 kwargs = {"pos": pos} if doc_ids is None else {"pos": pos, "doc_ids": doc_ids}
                 args = (inputs,) if self.has_first_stage else ()
-                self.schedule.eval(*args, target=targets, losses=losses if self.has_last_stage else None, **kwargs)
+                eval_schedule(self.schedule, *args, target=targets, losses=losses if self.has_last_stage else None,
+                              **kwargs)
                 if self.has_last_stage:
                     total = torch.stack([x.detach() for x in losses]).sum()
             else:
@@ -343,10 +382,44 @@ class ParallelModel:
                     dist.all_reduce(total, group=mesh.get_group())
         return float(total)
 
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """DCP's `get_optimizer_state_dict` of `module`, the same on every layout (collective).
+
+        A tied matrix is named once, as in one process (see tied.py). Under pipeline parallelism
+        each rank's parameter groups list only its own stages' names, while DCP stores the groups
+        as one object that one rank writes; so every rank lists the names of all stages, and the
+        checkpoint loads into any layout (a group must name all of one process's parameters).
+        """
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(self.module, optimizer)
+        if self.tied:
+            sd = self.tied.name_once(sd)
+        if self.dims.pp > 1:
+            mine = [list(g["params"]) for g in sd["param_groups"]]
+            every = [None] * self.dims.pp
+            dist.all_gather_object(every, mine, group=self.meshes.pp.get_group())
+            for i, group in enumerate(sd["param_groups"]):
+                names = [n for rank_groups in every for n in rank_groups[i]]
+                group["params"] = list(dict.fromkeys(names))  # in stage order, each once
+        return sd
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        """`set_optimizer_state_dict` of a state from `optimizer_state_dict` (any layout's)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if self.tied:
+            state_dict = self.tied.name_copies(state_dict)
+        set_optimizer_state_dict(self.module, optimizer, state_dict)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over all shards, stages and parts; return the norm."""
         params = [p for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        # A tied matrix's gradient counts once: its head copies (same gradient) stay out of the norm.
+        heads = self.tied.head_ids if self.tied else set()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in heads], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squared norms of every shard
         if self.dims.pp > 1:
@@ -445,13 +518,13 @@ def parallelize(
     else:
         stages = [(0, model)]
     cp = ContextParallel(meshes.cp) if d.cp > 1 else None
-    if cp is not None and d.pp > 1:
-        cp.allow_row_masks = False
     for _, part in stages:
         if d.tp > 1:
             apply_tp(part, meshes.tp, loss_parallel=config.loss_parallel)
         if cp is not None:
             apply_cp(part, cp)
+            if isinstance(part, PipelineStageModel):
+                part.context = cp  # each microbatch builds its own mask over the gathered keys
         apply_ac(part, mode=config.ac)
         if config.compile:
             for block in part.layers.values():
@@ -459,8 +532,13 @@ def parallelize(
         if use_fsdp:
             apply_fsdp(part, meshes.fsdp, param_dtype=_DTYPES[config.param_dtype],
                        reduce_dtype=_DTYPES[config.reduce_dtype], reshard_after_forward=d.pp == 1)
+    group = None
+    if d.pp > 1 and args.tie_embeddings:
+        last = d.pp * n_per_rank - 1
+        owner = next(r for r in range(d.pp) if last in stage_ids_of(r, d.pp, config.pp_schedule, n_per_rank))
+        group = tie_group(meshes, last_stage_rank=owner)
     return ParallelModel([m for _, m in stages], config=config, meshes=meshes,
-                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn)
+                         stage_ids=[s for s, _ in stages], cp=cp, loss_fn=loss_fn, tie_group=group)
 
 
 def build_parallel_model(

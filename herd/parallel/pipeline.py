@@ -25,25 +25,37 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_sc
 
 from herd.model.args import ModelArgs
 from herd.model.llama import AttentionMask, Transformer
+from herd.parallel.context import ContextParallel, GatheredMask
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 _V_SCHEDULES = {"ZBVZeroBubble"}
+_ZERO_BUBBLE = {"InterleavedZeroBubble", "ZBVZeroBubble"}
 
 
 class PipelineStageModel(Transformer):
     """A `Transformer` holding only some layers; input is tokens (first stage) or hidden states.
 
     Takes `pos` as a (B, S) keyword so each microbatch carries its own positions; the mask is
-    built here the way `Transformer.hidden` builds it for a cache-free forward. With
+    built here the way `Transformer.hidden` builds it for a cache-free forward. Under context
+    parallelism (`context` set) `pos` covers this rank's chunks (B, S/cp) while `doc_ids` covers
+    the whole rows (B, S), and the mask is over the all-gathered keys (`GatheredMask`). With
     `head_in_loss` the last stage stops at the final norm and the schedule's loss function
     applies the output head itself (in chunks, `train.loss_chunks`).
+
+    With tied embeddings the first stage's `tok_embeddings` and the last stage's `output` are
+    two copies of one matrix; `ParallelModel` sums their gradients so they stay equal.
     """
 
     head_in_loss: bool = False
+    context: ContextParallel | None = None
 
     def forward(self, x: torch.Tensor, *, pos: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, S, dim)
-        mask = AttentionMask(pos, kv_len=pos.shape[1], doc_ids=doc_ids, cached=False)
+        if self.context is not None:
+            cp = self.context
+            mask = GatheredMask(cp.gathered_mask(pos.shape[1] * cp.size, doc_ids, device=pos.device))
+        else:
+            mask = AttentionMask(pos, kv_len=pos.shape[1], doc_ids=doc_ids, cached=False)
         freqs_cis = self.freqs_cis[pos]  # (B, S, D/2)
         for layer in self.layers.values():
             h = layer(h, freqs_cis, mask, None)
@@ -68,8 +80,11 @@ class PipelineStageModel(Transformer):
             layer.ffn_norm.weight.fill_(1.0)
         if self.norm is not None:
             self.norm.weight.fill_(1.0)
+        # A tied matrix gets the head's scale on both stages (values are then made equal by
+        # `ParallelModel`, which copies the first stage's into the last).
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0, generator=generator)
+            nn.init.normal_(self.tok_embeddings.weight, std=a.dim**-0.5 if a.tie_embeddings else 1.0,
+                            generator=generator)
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=a.dim**-0.5, generator=generator)
         self.init_rope()
@@ -119,12 +134,16 @@ def layer_split(n_layers: int, n_stages: int) -> list[range]:
 def check_pp(args: ModelArgs, pp: int, n_per_rank: int) -> None:
     if pp == 1:
         return
-    if args.tie_embeddings:
-        raise ValueError(
-            "pipeline parallelism cannot split a tied embedding/output matrix across stages "
-            "(Llama 3.2 1B/3B); use parallel.pp = 1 for these models"
-        )
     layer_split(args.n_layers, pp * n_per_rank)
+
+
+def check_schedule_ac(schedule: str, ac: str) -> None:
+    """Zero-bubble schedules split each backward into an input-gradient and a weight-gradient
+    pass over the same blocks; selective AC lets a region run backward once (torch raises
+    "Trying to backward an extra time"), full AC recomputes the block for each pass."""
+    if ac == "selective" and schedule in _ZERO_BUBBLE:
+        raise ValueError(f"selective activation checkpointing cannot run under {schedule}, whose split backward "
+                         "passes each block twice; use parallel.ac = full (or none), or a 1F1B schedule")
 
 
 def split_model(model: Transformer, *, pp_rank: int, pp: int, schedule: str, n_per_rank: int) -> list[tuple[int, PipelineStageModel]]:
@@ -140,6 +159,8 @@ def split_model(model: Transformer, *, pp_rank: int, pp: int, schedule: str, n_p
         for name in list(stage.layers.keys()):
             if name not in keep:
                 del stage.layers[name]
+        # A tied matrix is shared by the deep copy's embedding and head; dropping one of the two
+        # leaves the other as this stage's own copy of it.
         if sid != 0:
             stage.tok_embeddings = None
         if sid != n_stages - 1:
@@ -170,3 +191,31 @@ def build_schedule(
         return cls(pp_stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     (only,) = pp_stages
     return cls(only, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+# Action kinds (torch's `_ComputationType` values) a forward-only run must not perform.
+_BACKWARD_ACTIONS = {"I", "W", "B", "SEND_B", "RECV_B"}
+
+
+def eval_schedule(schedule, *args, **kwargs) -> None:
+    """`schedule.eval(*args, **kwargs)`: forward only, losses into `kwargs["losses"]`.
+
+    torch's action-list schedules keep their backward actions in eval and rely on each stage
+    skipping them; where two adjacent stages share a rank (ZBVZeroBubble's V, torch 2.13) the
+    skipped backward still hands its input gradient to the other stage, which fails ("can't
+    steal_bwd_input if this stage doesn't have backward"). For the call, the action lists are
+    cut to their forward actions; those keep their order, so every send still meets its receive.
+    """
+    full = getattr(schedule, "pipeline_order_with_comms", None)
+    if full is None:  # one-stage-per-rank schedules run no action lists
+        schedule.eval(*args, **kwargs)
+        return
+    schedule.pipeline_order_with_comms = {
+        rank: [a for a in actions if a is None or str(a.computation_type.value) not in _BACKWARD_ACTIONS]
+        for rank, actions in full.items()
+    }
+    try:
+        schedule.eval(*args, **kwargs)
+    finally:
+        schedule.pipeline_order_with_comms = full
+

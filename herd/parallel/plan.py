@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from herd.model.args import ModelArgs
 from herd.parallel.checkpointing import AC_MODES
-from herd.parallel.pipeline import PP_SCHEDULES, layer_split, stage_ids, stages_per_rank
+from herd.parallel.pipeline import PP_SCHEDULES, check_pp, check_schedule_ac, layer_split, stage_ids, stages_per_rank
 from herd.parallel.tensor import check_tp
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, the usual MFU denominator
@@ -68,6 +68,9 @@ class Layout:
                              f"micro_batch = {self.micro_batch}")
         if self.seq_len % (2 * self.cp) != 0:
             raise ValueError(f"context parallel needs seq_len divisible by 2*cp = {2 * self.cp}")
+        if (self.seq_len // self.cp) % self.tp != 0:  # as ParallelModel.forward_backward checks it
+            raise ValueError(f"sequence parallel needs seq_len / cp = {self.seq_len // self.cp} divisible by "
+                             f"tp = {self.tp}")
         if self.pp_stages_per_rank < 0 or (self.pp == 1 and self.pp_stages_per_rank > 1):
             raise ValueError(f"pp_stages_per_rank = {self.pp_stages_per_rank} is the stages each pipeline rank runs: "
                              "0 (the schedule's default) or, with pp > 1, a count the schedule accepts")
@@ -137,12 +140,14 @@ def _layer_params(args: ModelArgs) -> int:
     return args._layer_params()
 
 
-def _stage_params(args: ModelArgs, layers: int, *, first: bool, last: bool) -> int:
+def _stage_params(args: ModelArgs, layers: int, *, first: bool, last: bool, pp: int = 1) -> int:
+    """Parameters one rank holds. A tied matrix is one tensor only without pipeline parallelism:
+    under it the first and last stage each hold a copy (herd.parallel.tied), also on one rank (V)."""
     n = layers * _layer_params(args)
     if first:
         n += args.vocab_size * args.dim
     if last:
-        n += args.dim + (0 if args.tie_embeddings and first else args.vocab_size * args.dim)
+        n += args.dim + (0 if args.tie_embeddings and first and pp == 1 else args.vocab_size * args.dim)
     return n
 
 
@@ -175,7 +180,7 @@ def _memory(args: ModelArgs, layout: Layout, ac: str) -> Memory:
         ids = stage_ids(rank, pp, layout.pp_schedule, n_per_rank) if pp > 1 else [0]
         layers = sum(len(ranges[s]) for s in ids)
         first, last = 0 in ids, n_stages - 1 in ids
-        p_local = _stage_params(args, layers, first=first, last=last) / tp
+        p_local = _stage_params(args, layers, first=first, last=last, pp=pp) / tp
         block = _layer_params(args) / tp
         gathered = e * (p_local if pp > 1 else 2 * block)  # whole stage kept vs current + prefetched block
         grads = 4 * p_local / shard + (4 * p_local if pp > 1 else (e + 4) * block)
@@ -200,14 +205,15 @@ def _padded(shape: tuple[int, ...], n: int) -> int:
     return math.ceil(shape[0] / n) * n * rest
 
 
-def _unit_shapes(args: ModelArgs, tp: int, layers: int, *, first: bool, last: bool) -> list[list[tuple[int, ...]]]:
+def _unit_shapes(args: ModelArgs, tp: int, layers: int, *, first: bool, last: bool,
+                 pp: int = 1) -> list[list[tuple[int, ...]]]:
     """Local (TP-sharded) parameter shapes of each FSDP unit, in `apply_fsdp`'s grouping."""
     d, qd, kv, ffn, V = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, \
         args.ffn_hidden_dim, args.vocab_size
     block = [(qd // tp, d), (kv // tp, d), (kv // tp, d), (d, qd // tp), (ffn // tp, d), (d, ffn // tp),
              (ffn // tp, d), (d,), (d,)]
     units = [list(block) for _ in range(layers)]
-    tied = args.tie_embeddings and first and last
+    tied = args.tie_embeddings and first and last and pp == 1  # one tensor in one module
     if first and not tied:
         units.append([(V // tp, d)])
     root = []
@@ -250,7 +256,9 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
     with a chunked head, whose backward recomputes them; chunking changes no FSDP traffic).
     cp: per layer an all-gather of K and V over the sequence and a reduce-scatter of their
     gradients, nothing else. pp: activations forward and their gradients backward across each
-    stage boundary that crosses ranks. Full or selective AC repeat the forward gathers.
+    stage boundary that crosses ranks, and for a tied embedding/output matrix an all-reduce of
+    the gradient shard between the first and the last stage's ranks (none when one rank holds
+    both). Full or selective AC repeat the forward gathers.
     """
     out = {"fsdp": 0, "tp": 0, "cp": 0, "pp": 0, "loss": 0}
     d = args.dim
@@ -262,7 +270,7 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
     fsdp_n = c.dp_shard * c.cp
     if fsdp_n * c.dp_replicate > 1:
         reshard = c.pp == 1
-        units = _unit_shapes(args, c.tp, layers, first=first, last=last)
+        units = _unit_shapes(args, c.tp, layers, first=first, last=last, pp=c.pp)
         for i, unit in enumerate(units):
             numel = sum(_padded(s, fsdp_n) for s in unit)
             is_root = i == len(units) - 1
@@ -304,6 +312,9 @@ def step_comm_bytes(args: ModelArgs, c: CommInputs) -> dict[str, int]:
             for nb in (s - 1, s + 1):
                 if 0 <= nb < c.n_stages and nb not in c.stage_ids:
                     out["pp"] += 2 * msg  # forward one way, gradient the other
+        if args.tie_embeddings and first != last:
+            # The tied gradient's shard, laid out as the weight: vocabulary over TP, then FSDP.
+            out["pp"] += _padded((args.vocab_size // c.tp, d), fsdp_n) // fsdp_n * c.reduce_bytes
     if c.dp_replicate * c.dp_shard > 1:
         out["loss"] += 8  # global target count
     if c.dp_replicate * c.dp_shard * c.cp > 1:
@@ -347,9 +358,9 @@ def plan(args: ModelArgs, layout: Layout, *, model: str = "") -> Plan:
     if layout.pp_schedule not in PP_SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {layout.pp_schedule!r}; use one of {', '.join(PP_SCHEDULES)}")
     n_per_rank = stages_per_rank(layout.pp_schedule, layout.pp_stages_per_rank or None) if layout.pp > 1 else 1
-    layer_split(args.n_layers, layout.pp * n_per_rank)
-    if layout.pp > 1 and args.tie_embeddings:
-        raise ValueError("pipeline parallelism cannot split a tied embedding/output matrix; use pp = 1")
+    check_pp(args, layout.pp, n_per_rank)  # the runtime's own checks (tied embeddings are fine)
+    if layout.pp > 1:
+        check_schedule_ac(layout.pp_schedule, layout.ac)
     fpt = args.flops_per_token(layout.seq_len)
     step = fpt * layout.global_batch_tokens
     recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[layout.ac]

@@ -53,11 +53,12 @@ import torch
 from herd.generate import KVCache, SamplingParams, decode_step
 from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
-from herd.generate.processors import accept_token, apply_processors
+from herd.generate.processors import apply_processors
 from herd.model.llama import Transformer
 from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.scoring import match_stop, pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.scoring import pick_tokens, score_chunk, scored_positions, token_logprobs
 from herd.serve.tp import Leader
+from herd.serve.speculative import DraftRunner, SpeculativeSteps
 
 # The request and event types live in requests.py; re-exported: `from herd.serve.engine import Request` works.
 from herd.serve.requests import (  # noqa: F401
@@ -85,7 +86,7 @@ from herd.serve.requests import RunningSeq as _Seq
 
 log = logging.getLogger(__name__)
 
-class Engine:
+class Engine(SpeculativeSteps):
     """Continuous batching for one model. Drive it with `start()` (a background thread) or by
     calling `step()` yourself (tests); not both.
 
@@ -106,6 +107,8 @@ class Engine:
     adapters: LoRA adapters attached to `model` (`herd.generate.adapters.load_adapters`); a
         request names one in `Request.adapter`, and rows of one decode step may use different ones.
         Prefix-cache blocks are per adapter (their keys and values differ).
+    draft, num_draft: speculative decoding (`herd.serve.speculative`): a smaller model with the same
+        vocabulary proposes up to num_draft tokens per row and step. Not with compile or adapters.
     mirror: tensor parallelism (`herd.serve.tp.Leader`): told every forward and KV copy before it
         runs, so follower ranks repeat them on their shards; a failed step is then fatal.
     """
@@ -125,6 +128,8 @@ class Engine:
         compile: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         adapters: AdapterSet | None = None,
+        draft: Transformer | None = None,
+        num_draft: int = 4,
         mirror: Leader | None = None,
     ):
         args = model.args
@@ -163,6 +168,11 @@ class Engine:
                              "choice); leave out compile (--compile) or the adapters (--lora)" if compile else
                              "the adapters were attached to another model than the engine's")
         self.adapters = adapters
+        if draft is not None and (compile or adapters is not None or mirror is not None):
+            raise ValueError("a draft model (speculative decoding) cannot be combined with compile (--compile), "
+                             "LoRA adapters (--lora) or tensor parallelism (--tp) yet; leave out one of them")
+        self.draft = None if draft is None else DraftRunner(draft, target=model, max_batch=max_batch,
+                                                            max_seq_len=max_seq_len, num_draft=num_draft)
         self._latency: list[LatencyObserver] = []
 
     def add_latency_observer(self, observer: LatencyObserver) -> None:
@@ -508,23 +518,28 @@ class Engine:
         one); its row keeps its keys and values, so it resumes without recomputing anything."""
         bs = self.block_size
         for seq in sorted((s for s in self._slots if s is not None and s.state == _DECODE), key=lambda s: s.order):
-            if seq.state != _DECODE or seq.pos // bs < len(seq.blocks):
-                continue
-            while self.pool.num_free == 0 and seq.state == _DECODE:
-                victim = max((s for s in self._slots if s is not None and s.state == _DECODE and s.blocks),
-                             key=lambda s: s.order)
-                self.pool.release(victim.blocks)
-                victim.blocks, victim.state = [], _PAUSED
-                with self._cond:
-                    self._metrics.preemptions_total += 1
-            if seq.state == _DECODE:
-                seq.blocks += self.pool.allocate(1)
+            # A speculative step may commit up to k positions beyond pos: their blocks are held ahead.
+            last = min(seq.pos + self._lookahead(seq), self.max_seq_len - 1)
+            while seq.state == _DECODE and last // bs >= len(seq.blocks):
+                while self.pool.num_free == 0 and seq.state == _DECODE:
+                    victim = max((s for s in self._slots if s is not None and s.state == _DECODE and s.blocks),
+                                 key=lambda s: s.order)
+                    self.pool.release(victim.blocks)
+                    victim.blocks, victim.state = [], _PAUSED
+                    with self._cond:
+                        self._metrics.preemptions_total += 1
+                if seq.state == _DECODE:
+                    seq.blocks += self.pool.allocate(1)
 
     def _decode(self) -> bool:
         running = [s for s in self._slots if s is not None and s.state == _DECODE]
         if not running:
             return False
         t0 = time.perf_counter()
+        k = self._spec_k(running)
+        if k:
+            self._decode_speculative(running, k, t0)
+            return True
         B = self.max_batch if self._compiled is not None else max(s.slot for s in running) + 1
         # Rows that are not decoding ride along with a dummy token. A free row writes it at position 0;
         # a busy one at its own pos, which nobody reads before the row's next real write replaces it.
@@ -570,29 +585,7 @@ class Engine:
 
         generated, now = 0, self._clock()
         for i, (s, t) in enumerate(zip(seqs, chosen)):
-            r = s.handle.request
-            if s.processors:
-                accept_token(s.processors, t)
-            if t in r.stop_tokens:
-                self._finish(s, "stop", stop_token=t)
-                continue
-            s.count += 1
-            s.generated.append(t)
-            generated += 1
-            if s.last_token_at is not None:
-                for observer in self._latency:
-                    observer.inter_token(now - s.last_token_at)
-            s.last_token_at = now
             lp, alts = lps.get(i, (None, None))
-            self._emit(s.handle, TokenEvent(s.handle.id, s.index, t, lp if r.logprobs else None, alts))
-            if r.stop_strings:
-                hit = match_stop(s.tail, self.token_bytes(t), r.stop_strings, s.stop_bytes)
-                if hit is not None:
-                    self._finish(s, "stop", stop_string=hit)
-                    continue
-            if s.count == s.limit:
-                self._finish(s, "length")
-                continue
-            s.pending, s.pos = t, s.pos + 1
+            generated += self._deliver(s, t, lp, alts, now)
         with self._cond:
             self._metrics.generation_tokens_total += generated

@@ -85,7 +85,8 @@ class Jobs:
                         TextAssembler(tok, stops, special), "undecided" if tools else "text",
                         sniffer=ToolCallSniffer(tok, special) if tools else None)
                     for i in range(params.n)])
-                request = Request(prompt, limit, params.sampling, params.n, tok.stop_tokens, params.stop,
+                stop_tokens = () if params.ignore_eos else tok.stop_tokens
+                request = Request(prompt, limit, params.sampling, params.n, stop_tokens, params.stop,
                                   params.logprobs, params.top_logprobs,
                                   logits_processors=(*params.penalties.factories(prompt), *grammar_processors),
                                   prompt_logprobs=prompt_logprobs, adapter=adapter)

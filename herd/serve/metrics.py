@@ -93,6 +93,10 @@ def prometheus_text(m: EngineMetrics, latency: LatencyHistograms, responses: Map
     metric("kv_blocks_free", "gauge", "KV blocks a new sequence could get (empty, or cached and unreferenced).",
            [("", m.kv_blocks_free)])
     metric("kv_blocks_total", "gauge", f"KV blocks in the pool ({m.kv_block_size} tokens each).", [("", m.kv_blocks_total)])
+    metric("spec_draft_tokens_total", "counter", "Speculative decoding: tokens the draft model proposed.",
+           [("", m.spec_draft_tokens_total)])
+    metric("spec_accepted_tokens_total", "counter", "Speculative decoding: draft tokens the model accepted.",
+           [("", m.spec_accepted_tokens_total)])
     metric("http_responses_total", "counter", "HTTP responses by status code.",
            [(f'{{code="{code}"}}', v) for code, v in sorted(responses.items())])
     metric("client_disconnects_total", "counter", "Clients that went away before their answer was complete.",

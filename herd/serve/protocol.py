@@ -12,7 +12,8 @@ Trade-offs:
   wrong type is a 400, and so is a feature we do not implement (`suffix`, echo in chat), rather
   than silently generating something else. `response_format` and a forced `tool_choice` are
   enforced by a grammar (`herd.serve.grammar`).
-* vLLM's extra body fields `top_k` (-1 or 0: no limit), `min_p` and `repetition_penalty` are
+* vLLM's extra body fields `top_k` (-1 or 0: no limit), `min_p`, `repetition_penalty` and
+  `ignore_eos` (also llama.cpp's: generate through end-of-turn tokens, for fixed-length benchmarks) are
   accepted; penalties and `logit_bias` run as logits processors (`herd.generate.penalties`).
 * Tools follow the Llama 3.1 JSON tool-calling format: their definitions go into the system
   prompt with the instruction to answer with `{"name": ..., "parameters": ...}`; a reply is
@@ -71,6 +72,7 @@ class CommonParams:
     response_format: JsonFormat | None = None
     penalties: Penalties = NO_PENALTIES
     echo: bool = False  # completions only: the prompt comes back in front of the text (and its logprobs)
+    ignore_eos: bool = False  # the tokenizer's stop tokens do not end a choice (stop strings still do)
 
 
 @dataclass
@@ -186,8 +188,9 @@ def _common(body: dict, *, max_n: int, chat: bool) -> CommonParams:
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None, seed=seed,
                               min_p=min_p or None)
     echo = False if chat else _get(body, "echo", "boolean", False)
+    ignore_eos = _get(body, "ignore_eos", "boolean", False)
     return CommonParams(model, max_tokens, sampling, n, stop, stream, include_usage, logprobs, top, response_format,
-                        _penalties(body), echo)
+                        _penalties(body), echo, ignore_eos)
 
 
 def _response_format(fmt: dict | None) -> JsonFormat | None:

@@ -288,6 +288,8 @@ class EngineMetrics:
     kv_blocks_free: int = 0  # blocks a new sequence could get (empty or holding an evictable prefix)
     kv_blocks_total: int = 0
     kv_block_size: int = 0
+    spec_draft_tokens_total: int = 0  # speculative decoding: tokens the draft proposed...
+    spec_accepted_tokens_total: int = 0  # ...and those the model accepted (rate: accepted / draft)
 
 
 # A sequence's state. Keys/values exist for positions < pos in its row, always.
@@ -320,3 +322,8 @@ class RunningSeq:
     blocks: list[int] = field(default_factory=list)  # block table: positions [i*bs, (i+1)*bs) live in blocks[i]
     names: list[bytes] = field(default_factory=list)  # chained names of its full blocks named so far
     forks: list[RunningSeq] = field(default_factory=list)  # choice 0 of n > 1: the choices waiting for its prompt
+
+    def token_at(self, position: int) -> int:
+        """The committed token id at `position` (prompt, then generated tokens)."""
+        prompt = self.handle.request.prompt
+        return prompt[position] if position < len(prompt) else self.generated[position - len(prompt)]

@@ -2,7 +2,8 @@
 
 Four sinks, all fed from the same records: `metrics.jsonl` (one JSON object per step or
 validation, the source of truth; a restart truncates it back to the resumed step so the file
-reads as one uninterrupted run), a console line every `log_every` steps under a tqdm progress
+reads as one uninterrupted run, and keeps what it cut in `dropped` for the effective-time
+account of herd.train.goodput), a console line every `log_every` steps under a tqdm progress
 bar, TensorBoard event files, and `loss.png`, redrawn at each validation and stage end and
 replaced atomically so a viewer never sees half a PNG.
 
@@ -75,7 +76,8 @@ class StepRecord:
     seq_len: int
     tokens_per_s: float
     mfu: float
-    seconds: float
+    seconds: float  # wall time of the step alone (batch, forward, backward, update)
+    time: float = 0.0  # Unix time at the step's end: which run (and which restart) produced it
 
 
 class MetricsLogger:
@@ -88,14 +90,15 @@ class MetricsLogger:
         self.stage_bounds = stage_bounds  # (name, first step) per stage, for the plot
         self.jsonl = self.out_dir / "metrics.jsonl"
         self.plot_path = self.out_dir / "loss.png"
+        self.dropped: list[dict[str, Any]] = []  # step records cut by _restore: work a restart redoes
         self.history = self._restore(start_step)
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote after its last checkpoint.
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+            # purge_step drops events a killed run wrote after its last checkpoint; also from step 1
+            # when it died before its first one (a restart then begins again at step 1).
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
         self._bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -117,6 +120,8 @@ class MetricsLogger:
             # Anomaly records stay: they happened, and a rollback's skipped data stays skipped.
             if rec.get("step", 0) <= start_step or "anomaly" in rec:
                 keep.append(rec)
+            elif "loss" in rec:
+                self.dropped.append(rec)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         return keep
 
@@ -169,13 +174,16 @@ class MetricsLogger:
                       "update skipped")
         self.write(f"step {record['step']:>6}/{self.total_steps} | {stage} | {record['kind']}: {detail}")
 
-    def rewind(self, step: int) -> None:
-        """A rollback to the checkpoint of `step`: later step and validation records will be redone."""
+    def rewind(self, step: int) -> list[dict[str, Any]]:
+        """A rollback to the checkpoint of `step`: later step and validation records will be redone.
+        Returns the step records cut (replayed work, for herd.train.goodput)."""
+        cut = [r for r in self.history if r.get("step", 0) > step and "loss" in r and "anomaly" not in r]
         self.history = [r for r in self.history if r.get("step", 0) <= step or "anomaly" in r]
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.history))
         if self._bar is not None:
             self._bar.n = step
             self._bar.refresh()
+        return cut
 
     def write(self, line: str) -> None:
         if self._bar is not None:

@@ -5,7 +5,9 @@ weights only. Norm gains are excluded because pulling them toward 0 rescales act
 than regularising anything. Token embeddings are excluded too (decision, not from the paper):
 a row is only updated when its token occurs, but decay would shrink every row every step, so rare
 tokens' embeddings would drift toward zero between occurrences. A tied embedding/output matrix
-is the embedding and is not decayed. The untied output head is a matmul and is decayed.
+is the embedding and is not decayed. The untied output head is a matmul and is decayed. A pipeline
+stage of a tied model holds the head as its own copy of the embedding (herd.parallel.tied): that
+copy is not decayed either, or it would drift from the first stage's.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     seen: set[int] = set()
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for _, p in model.named_parameters():  # named_parameters yields a tied tensor once
+    tied = getattr(getattr(model, "args", None), "tie_embeddings", False)
+    for name, p in model.named_parameters():  # named_parameters yields a tied tensor once
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embedding_ids else decay).append(p)
+        embedding = id(p) in embedding_ids or (tied and name == "output.weight")  # a pipeline stage's copy
+        (no_decay if p.ndim < 2 or embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import os
 import pickle
 import random
 import shutil
@@ -51,6 +52,7 @@ from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
 from herd.train.core import TokenBatch, TrainCore, token_loss
 from herd.train.export import TOKENIZER_FILE, save_inference_model
+from herd.train.goodput import record_attempt, record_rollback
 from herd.train.metrics import MetricsLogger, StepRecord, measure_matmul_peak
 from herd.train.optim import build_optimizer
 from herd.train.schedule import Schedule, StageSpan, batch_shape
@@ -72,6 +74,7 @@ class Loader(Protocol):
 
 
 LoaderFactory = Callable[..., Loader]  # (sources, *, weights, seq_len, batch_size, seed) -> Loader
+StepHook = Callable[["Trainer", int], None]  # (trainer, step about to run): called once its batch is drawn
 
 
 def packed_loader(sources: Sequence[str], *, weights: Sequence[float] | None, seq_len: int, batch_size: int,
@@ -115,7 +118,8 @@ class _NoMetrics:
     def log_step(self, record) -> None: ...
     def log_val(self, *args, **kwargs) -> None: ...
     def log_anomaly(self, *args, **kwargs) -> None: ...
-    def rewind(self, step: int) -> None: ...
+    def rewind(self, step: int) -> list:
+        return []
     def write(self, line: str) -> None: ...
     def close(self) -> None: ...
     def plot(self) -> None:
@@ -157,8 +161,11 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, *, loader_factory: LoaderFactory = packed_loader,
-                 log: Callable[[str], None] | None = None, faults: Faults | None = None):
+                 log: Callable[[str], None] | None = None, faults: Faults | None = None,
+                 step_hooks: Sequence[StepHook] = ()):
+        self.started = time.time()  # for the effective-time account (herd.train.goodput)
         self.cfg = cfg
+        self.step_hooks = list(step_hooks)  # observers of each step; herd.train.faultinject's faults use it
         self.log = log or (lambda msg: print(f"herd train: {msg}", file=sys.stderr, flush=True))
         self.loader_factory = loader_factory
         self.device = resolve_device(cfg.job.device)
@@ -212,6 +219,7 @@ class Trainer:
         self.tokenizer = self._copy_tokenizer()
         self.metrics: MetricsLogger | None = None
         self.peak_flops = 0.0
+        self.load_seconds = 0.0  # verifying and loading the checkpoint this process resumed from
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -223,7 +231,8 @@ class Trainer:
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return {
             "model": self.model.state_dict(),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "optim": (self.parallel.optimizer_state_dict(self.optimizer) if self.parallel is not None
+                      else get_optimizer_state_dict(self.model, self.optimizer)),
             "train": {"step": self.step, "tokens_seen": self.tokens_seen, "loader_key": self.loader_key,
                       "loader": pickle.dumps(loader_state), "rng": pickle.dumps(rng),
                       "anomaly": pickle.dumps(self.anomaly.state_dict() if self.anomaly is not None else None)},
@@ -235,7 +244,10 @@ class Trainer:
             del state["train"]["anomaly"]
         ckpt_io.load(ckpt.path, state)
         self.model.load_state_dict(state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if self.parallel is not None:  # names a tied matrix as one process does (herd.parallel.tied)
+            self.parallel.load_optimizer_state_dict(self.optimizer, state["optim"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         train = state["train"]
         self.step, self.tokens_seen = int(train["step"]), int(train["tokens_seen"])
         # The loader for the next stage may read other sources; it is rebuilt in _enter_stage,
@@ -267,6 +279,8 @@ class Trainer:
         return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are slow without AVX-512 BF16
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        for hook in self.step_hooks:
+            hook(self, self.step + 1)
         lr = self.schedule.lr(self.step)
         r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
         self.step += 1  # a skipped update still counts: its data was read, the schedule moves on
@@ -358,6 +372,7 @@ class Trainer:
         return [self.loader.next_batch(batch_size=rows, seq_len=shape.seq_len) for _ in range(shape.rows // rows)]
 
     def _resume(self) -> int:
+        t = time.perf_counter()
         latest = self.checkpointer.latest()
         if latest is None:
             return 0
@@ -369,6 +384,7 @@ class Trainer:
                              f"({ {k: saved.get(k) for k in shape_keys} }) than [model] now describes; "
                              "use a new job.out_dir or restore the config")
         self.load_checkpoint(latest)
+        self.load_seconds = time.perf_counter() - t
         self.log(f"resumed from {latest.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return self.step
 
@@ -403,6 +419,9 @@ class Trainer:
         if is_rank0():  # one process writes metrics.jsonl, TensorBoard and the plot
             self.metrics = MetricsLogger(self.out_dir, self.cfg.metrics, total_steps=self.schedule.total_steps,
                                          start_step=self.step, stage_bounds=[(s.name, s.start) for s in spans])
+            record_attempt(self.out_dir, attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                           started=self.started, ready=time.time(), resumed_step=resumed_from,
+                           load_seconds=self.load_seconds, dropped=self.metrics.dropped)
         else:
             self.metrics = _NoMetrics()
         result = TrainResult(steps=0, tokens_seen=0, seconds=0.0, resumed_from=resumed_from)
@@ -467,7 +486,8 @@ class Trainer:
             self.metrics.log_step(StepRecord(
                 step=self.step, stage=span.name, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
-                mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds))
+                mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds,
+                time=time.time()))
             self.sdc.after_step(self.step)  # the replica check, when due
             self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
             if r.anomaly is not None:  # no update: nothing to validate or checkpoint at this step
@@ -496,7 +516,9 @@ class Trainer:
         self.load_checkpoint(target)
         self._enter_stage(span)
         self._checkpoint_owed = False
-        self.metrics.rewind(self.step)
+        cut = self.metrics.rewind(self.step)
+        if cut:  # rank 0's logger: the replayed steps count against the effective time
+            record_rollback(self.out_dir, dropped=cut)
         self.metrics.log_anomaly(span.name, dataclasses.asdict(self.anomaly.rollback_record(window)))
 
     def _average(self, span: StageSpan, out: StageResult, dst: Path) -> None:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 import harness as H
 import scenarios_anomaly
 import scenarios_chunked
+import scenarios_layouts
 from herd.model.llama import Transformer
 from herd.parallel import ParallelConfig, parallelize
 from herd.parallel.comm import CommCounter
@@ -37,9 +38,9 @@ def layouts(configs: dict[str, ParallelConfig], state, refs) -> list:
     return out
 
 
-def comm_check(name: str, cfg: ParallelConfig, state, batches) -> list:
+def comm_check(name: str, cfg: ParallelConfig, state, batches, *, args=H.ARGS) -> list:
     """Measured bytes of one steady-state step == the analytic count in herd.parallel.plan."""
-    pm = H.build_parallel(cfg, state=state)
+    pm = H.build_parallel(cfg, state=state, args=args)
     runner = H.Parallel(pm)
     H.train(runner, H.new_optimizer(runner.parameters()), batches[:1], keep_grads=False)  # first step: set-up traffic
     inputs, targets, doc_ids = batches[1]
@@ -47,7 +48,7 @@ def comm_check(name: str, cfg: ParallelConfig, state, batches) -> list:
         runner.step(inputs, targets, doc_ids)
     measured = counter.attribute(pm.meshes)
     d = pm.dims
-    expected = step_comm_bytes(H.ARGS, CommInputs(
+    expected = step_comm_bytes(args, CommInputs(
         dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, tp=d.tp, cp=d.cp, pp=d.pp, batch=H.BATCH // d.dp,
         seq_len=H.SEQ, stage_ids=pm.stage_ids, n_stages=d.pp * len(pm.parts),
         microbatches=cfg.pp_microbatches or d.pp * len(pm.parts), ac=cfg.ac, loss_parallel=cfg.loss_parallel))
@@ -175,8 +176,11 @@ def world2(rank: int, world: int, workdir: Path) -> list:
                       "TP 2 + full AC": P(tp=2, ac="full"),
                       "TP 2 + selective AC": P(tp=2, ac="selective"), "CP 2 + selective AC": P(cp=2, ac="selective")}.items():
         out += comm_check(name, cfg, state, batches)
+    tied = scenarios_layouts.TIED
+    out += comm_check("PP 2 1F1B tied", P(pp=2), H.reference_state(args=tied), batches, args=tied)
 
     out += resume("FSDP 2", P(), {"TP 2": P(tp=2), "PP 2": P(pp=2)}, state, workdir)
+    out += scenarios_layouts.world2(state, refs, workdir)
     return out + scenarios_anomaly.world2(state, workdir)
 
 
@@ -195,8 +199,12 @@ def world4(rank: int, world: int, workdir: Path) -> list:
     out = layouts(configs, state, refs)
     batches = refs[False][0]
     for name, cfg in {"HSDP 2x2": P(dp_replicate=2, dp_shard=2), "FSDP 2 x TP 2": P(dp_shard=2, tp=2),
-                      "CP 2 x TP 2": P(cp=2, tp=2, dp_shard=1), "PP 2 x FSDP 2": P(pp=2, dp_shard=2)}.items():
+                      "CP 2 x TP 2": P(cp=2, tp=2, dp_shard=1), "PP 2 x FSDP 2": P(pp=2, dp_shard=2),
+                      "CP 2 x PP 2": P(cp=2, pp=2, dp_shard=1)}.items():
         out += comm_check(name, cfg, state, batches)
+    out += comm_check("PP 2 x FSDP 2 tied", P(pp=2, dp_shard=2), H.reference_state(args=scenarios_layouts.TIED),
+                      batches, args=scenarios_layouts.TIED)
     out += resume("FSDP 2 x TP 2", P(dp_shard=2, tp=2), {"FSDP 4": P(dp_shard=4), "HSDP 2x2": P(dp_replicate=2)},
                   state, workdir)
+    out += scenarios_layouts.world4(state, refs)
     return out + scenarios_chunked.world4(state)

@@ -131,9 +131,8 @@ def evaluation(state, batches) -> list:
         logits = single.model(inputs, doc_ids=doc_ids)
         want = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
     out = []
-    # PP with 1F1B: `loss_sum` under ZBVZeroBubble fails with or without chunks (its `eval` runs
-    # the split-backward actions: "can't steal_bwd_input if this stage doesn't have backward").
-    for name, cfg in {"FSDP 2": ParallelConfig(), "TP 2": ParallelConfig(tp=2), "PP 2": ParallelConfig(pp=2)}.items():
+    for name, cfg in {"FSDP 2": ParallelConfig(), "TP 2": ParallelConfig(tp=2), "PP 2": ParallelConfig(pp=2),
+                      "PP 2 ZBVZeroBubble": ParallelConfig(pp=2, pp_schedule="ZBVZeroBubble")}.items():
         pm = H.build_parallel(cfg, state=state)
         with torch.no_grad():
             got = pm.loss_sum(inputs, targets, doc_ids=doc_ids, loss_chunks=CHUNKS)
@@ -298,6 +297,7 @@ NAMES = (
     + [f"TrainCore {n} chunked, 2 micro-batches" for n in ("FSDP 2", "PP 2")]
 )
 NAMES = [x for n in NAMES for x in (n, f"{n}: final parameters")] + [
-    "FSDP 2 bf16 compute chunked", "FSDP 2 + float8 rowwise (emulated) chunked", "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "PP 2 chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
+    "FSDP 2 bf16 compute chunked", "FSDP 2 + float8 rowwise (emulated) chunked", "FSDP 2 chunked loss_sum", "TP 2 chunked loss_sum", "PP 2 chunked loss_sum",
+    "PP 2 ZBVZeroBubble chunked loss_sum", "comm FSDP 2 chunked", "comm TP 2 chunked",
     "comm TP 2 without loss parallel chunked", "FSDP 2 chunked: largest logits tensor",
     "PP 2 ZBVZeroBubble chunked: largest logits tensor"]

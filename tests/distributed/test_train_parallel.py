@@ -98,3 +98,46 @@ def test_fsdp_checkpoint_resumes_under_another_layout(runs, name):
     assert sorted(runs[name]) == list(range(1, STEPS + 1))
     for step in range(4, STEPS + 1):
         assert runs[name][step] == pytest.approx(runs["single"][step], abs=1e-5), (name, step, runs)
+
+
+@pytest.fixture(scope="module")
+def tied_runs(runs, tmp_path_factory):
+    """Llama 3.2's tied embeddings under `herd train --nproc 2 --parallel.pp 2` (ZBVZeroBubble: rank 0
+    holds both copies of the matrix), checkpointed after 3 steps and resumed in one process."""
+    data = next(tmp_path_factory.getbasetemp().glob("train_parallel*/data"))
+    root = data.parent
+    tied = {"model": {"preset": "debug", "vocab_size": 512, "n_layers": 4, "tie_embeddings": True}}
+
+    def cfg(out: str, steps: int) -> dict:
+        return _config(data, root / out, steps) | tied
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(config_from_dict(cfg("tied-single", STEPS))).fit()
+        Trainer(config_from_dict(cfg("tied-single-3", 3))).fit()  # its validation at step 3
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, steps, extra in (("tied-pp", 3, ["--nproc", "2", "--parallel.pp", "2",
+                                              "--parallel.pp_schedule", "ZBVZeroBubble"]),
+                              ("tied-pp", STEPS, [])):
+        path = root / f"{out}-{steps}.toml"
+        path.write_text(to_toml(config_from_dict(cfg(out, steps))))
+        proc = subprocess.run([sys.executable, "-m", "herd", "train", str(path), *extra], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: _losses(root / name) for name in ("tied-single", "tied-pp")} | {
+        f"{name} val": _losses(root / name, "val_loss") for name in ("tied-single", "tied-single-3", "tied-pp")}
+
+
+@pytest.mark.slow  # three more runs: about 2.5 minutes on 2 shared cores
+def test_tied_embeddings_under_pp_train_validate_and_resume_in_one_process(tied_runs):
+    """Steps 1-3 under PP 2 (ZBV), validation at step 3 through the pipeline, steps 4-6 in one
+    process from the pipeline's checkpoint: every loss equals one uninterrupted tied process."""
+    assert sorted(tied_runs["tied-pp"]) == list(range(1, STEPS + 1))
+    for step, loss in tied_runs["tied-pp"].items():
+        assert loss == pytest.approx(tied_runs["tied-single"][step], abs=1e-5), (step, tied_runs)
+    assert sorted(tied_runs["tied-pp val"]) == [3, 6]
+    assert tied_runs["tied-pp val"][3] == pytest.approx(tied_runs["tied-single-3 val"][3], abs=1e-5)
+    assert tied_runs["tied-pp val"][6] == pytest.approx(tied_runs["tied-single val"][6], abs=1e-5)

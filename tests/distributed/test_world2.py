@@ -1,9 +1,11 @@
-"""Every 2-rank layout computes what one process computes (one spawned gloo group, ~30 s).
+"""Every 2-rank layout computes what one process computes (one spawned gloo group, ~2 min).
 
 FSDP, TP (+SP, with and without loss parallel), CP (with and without document masks), PP
 with each schedule, AC modes, float8, measured communication against the analytic count,
-DCP resume under other layouts, and anomaly skips agreed by both ranks. Losses and gradients
-over 3 AdamW steps with gradient clipping must match the single-process run within 1e-5 (fp32).
+DCP resume under other layouts, and anomaly skips agreed by both ranks; PP with tied embeddings
+(scenarios_layouts.py: both schedules, gradient accumulation, the copies bitwise equal,
+checkpoints) and ZBV evaluation between training steps. Losses and gradients over 3 AdamW
+steps with gradient clipping must match the single-process run within 1e-5 (fp32).
 """
 
 import sys
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import scenari
 
 import harness  # noqa: E402
 import scenarios  # noqa: E402
+import scenarios_layouts  # noqa: E402
 import scenarios_anomaly  # noqa: E402
 
 
@@ -33,7 +36,9 @@ NAMES = (
     + ["TP 2 + float8 rowwise (emulated)", "FSDP 2 bf16 compute"]
     + [f"comm {n}" for n in ("FSDP 2", "TP 2", "CP 2", "PP 2 1F1B", "PP 2 ZBVZeroBubble", "TP 2 + full AC",
                              "TP 2 + selective AC", "CP 2 + selective AC")]
+    + ["comm PP 2 1F1B tied"]
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]
+    + scenarios_layouts.NAMES2  # tied embeddings under PP, ZBV evaluation between steps
     + [f"anomaly {n}" for n in scenarios_anomaly.CASES]
     + ["anomaly FSDP 2 Trainer: rollback after NaN gradients on rank 1 equals a run without the window"]
 )

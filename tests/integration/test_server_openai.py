@@ -121,6 +121,18 @@ def test_sampling_fields_end_to_end(model, tok, client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], frequency_penalty=3)
 
 
+def test_ignore_eos_generates_through_end_of_turn(tok, client):
+    # logit_bias makes <|eot_id|> the greedy token at every step: the chat ends at once, unless
+    # ignore_eos keeps it going to max_tokens (llama.cpp's and vLLM's field, for fixed-length runs).
+    base = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                logit_bias={str(tok.eot_id): 100})
+    stopped = client.chat.completions.create(**base)
+    assert stopped.usage.completion_tokens == 0 and stopped.choices[0].finish_reason == "stop"
+    kept = client.chat.completions.create(**base, extra_body={"ignore_eos": True})
+    assert kept.usage.completion_tokens == 4 and kept.choices[0].finish_reason == "length"
+    assert kept.choices[0].message.content == ""  # special tokens stay out of the text
+
+
 def test_echo_with_logprobs_scores_the_prompt(model, tok, client):
     ids = tok.encode("Llamas hum when they are curious", bos=True, eos=False)
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)

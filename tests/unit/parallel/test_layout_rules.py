@@ -73,9 +73,40 @@ def test_pipeline_stages_partition_the_parameters_under_their_full_names(schedul
     assert sorted(seen) == sorted(full)  # every parameter exactly once, names unchanged
 
 
-def test_pipeline_rejects_tied_embeddings():
-    with pytest.raises(ValueError, match="tied embedding"):
-        check_pp(ARGS.replace(tie_embeddings=True), 2, 1)
+def test_pipeline_stages_of_a_tied_model_each_hold_a_copy_of_the_matrix():
+    tied = ARGS.replace(tie_embeddings=True)
+    check_pp(tied, 2, 1)  # accepted: the copies are kept equal by ParallelModel (herd.parallel.tied)
+    with torch.device("meta"):
+        model = Transformer(tied)
+    assert model.output.weight is model.tok_embeddings.weight
+    (_, first), = split_model(model, pp_rank=0, pp=2, schedule="1F1B", n_per_rank=1)
+    (_, last), = split_model(model, pp_rank=1, pp=2, schedule="1F1B", n_per_rank=1)
+    assert first.output is None and last.tok_embeddings is None
+    assert [n for n, _ in last.named_parameters() if "layers" not in n] == ["norm.weight", "output.weight"]
+    # V schedule: rank 0 holds stage 0 and the last stage, as two separate copies.
+    parts = [m for _, m in split_model(_meta(tied), pp_rank=0, pp=2, schedule="ZBVZeroBubble", n_per_rank=2)]
+    assert parts[0].tok_embeddings.weight is not parts[1].output.weight
+
+
+def test_gathered_cp_mask_is_the_full_mask_restricted_to_a_ranks_queries():
+    """Each rank's (local query x gathered key) mask, mapped back to global slots, must be the
+    single-process causal document mask: built here by hand from the definition."""
+    from herd.parallel.context import ContextParallel
+
+    S, cp = 16, 2
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
+    i = torch.arange(S)
+    full = (i.view(1, -1) <= i.view(-1, 1)) & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(1))  # (B, S, S)
+    gathered = torch.cat([local_slots(S, r, cp) for r in range(cp)])
+    for rank in range(cp):
+        ctx = ContextParallel.__new__(ContextParallel)
+        ctx.size, ctx.rank = cp, rank
+        for docs, want in ((doc_ids, full), (None, full[1:])):
+            got = ctx.gathered_mask(S, docs, device="cpu")[:, 0]  # (B or 1, Sl, S), keys in gathered order
+            q = local_slots(S, rank, cp)
+            assert torch.equal(got, want[:, q][:, :, gathered])
+        with pytest.raises(ValueError, match="whole rows"):
+            ctx.gathered_mask(S, doc_ids[:, :8], device="cpu")
 
 
 def test_zigzag_pairs_an_early_and_a_late_chunk():
@@ -170,3 +201,66 @@ def test_chunked_head_in_one_process_equals_the_full_logits():
         want = float(torch.nn.functional.cross_entropy(pm_plain.parts[0](inputs).flatten(0, 1), targets.flatten(),
                                                        reduction="sum"))
     assert pm.loss_sum(inputs, targets, loss_chunks=3) == pytest.approx(want, rel=1e-5)
+
+
+def _v_parts_with_tied_copies():
+    """Rank 0 of a V schedule holds the first and the last stage: both copies of a tied matrix."""
+    from herd.parallel.tied import TiedCopies
+
+    model = build_model(ARGS.replace(tie_embeddings=True), seed=0)
+    parts = [m for _, m in split_model(model, pp_rank=0, pp=2, schedule="ZBVZeroBubble", n_per_rank=2)]
+    return parts, TiedCopies(parts, group=None)
+
+
+def test_tied_copies_sum_each_calls_gradients_once():
+    """Two copies, two accumulated backward calls: each copy must end with the sum of all four
+    gradients (what one shared tensor accumulates), not count the first call twice."""
+    parts, tied = _v_parts_with_tied_copies()
+    emb, head = parts[0].tok_embeddings.weight, parts[1].output.weight
+    assert tied.copies == [emb, head] and tied.head_ids == {id(head)}
+    with torch.no_grad():
+        head.mul_(2)
+    tied.copy_weights()
+    assert torch.equal(head, emb) and head is not emb
+    g = [torch.randn_like(emb) for _ in range(4)]
+    before = tied.grads_before()
+    emb.grad, head.grad = g[0].clone(), g[1].clone()
+    tied.sum_grads(before)
+    torch.testing.assert_close(emb.grad, g[0] + g[1], rtol=0, atol=0)
+    before = tied.grads_before()
+    emb.grad += g[2]
+    head.grad += g[3]
+    tied.sum_grads(before)
+    torch.testing.assert_close(emb.grad, g[0] + g[1] + g[2] + g[3], rtol=1e-6, atol=1e-6)
+    assert torch.equal(emb.grad, head.grad)
+
+
+def test_tied_optimizer_state_is_named_once_like_one_process():
+    _, tied = _v_parts_with_tied_copies()
+    m = torch.ones(3)
+    sd = {"state": {"tok_embeddings.weight": {"exp_avg": m, "step": 1}, "output.weight": {"exp_avg": m.clone()},
+                    "norm.weight": {}},
+          "param_groups": [{"params": ["tok_embeddings.weight", "norm.weight", "output.weight"], "lr": 1.0}]}
+    once = tied.name_once(sd)
+    assert set(once["state"]) == {"tok_embeddings.weight", "norm.weight"}
+    assert once["param_groups"][0]["params"] == ["tok_embeddings.weight", "norm.weight"]
+    back = tied.name_copies(once)
+    assert set(back["state"]) == {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    assert back["param_groups"][0]["params"] == ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    # Equal values, separate tensors: Adam updates each copy's moments in place.
+    assert torch.equal(back["state"]["output.weight"]["exp_avg"], m)
+    assert back["state"]["output.weight"]["exp_avg"] is not back["state"]["tok_embeddings.weight"]["exp_avg"]
+
+
+@pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble"])
+def test_selective_ac_under_a_zero_bubble_schedule_is_refused_with_the_fix(schedule):
+    """torch runs a zero-bubble backward over each block twice, which selective AC forbids (measured:
+    "Trying to backward an extra time"); the config and `herd plan` say so up front."""
+    from herd.parallel.plan import Layout, plan
+
+    with pytest.raises(ValueError, match="use parallel.ac = full"):
+        ParallelConfig(pp=2, pp_schedule=schedule, ac="selective")
+    ParallelConfig(pp=2, pp_schedule=schedule, ac="full")
+    ParallelConfig(pp=2, pp_schedule="1F1B", ac="selective")
+    with pytest.raises(ValueError, match="use parallel.ac = full"):
+        plan(ARGS, Layout(gpus=2, pp=2, pp_schedule=schedule, ac="selective", seq_len=16, global_batch_tokens=64))

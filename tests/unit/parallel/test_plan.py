@@ -121,6 +121,28 @@ def test_cp_traffic_is_only_keys_and_values():
     assert p.comm["cp"] == layers_rank0 * kv * 2  # gathered forward, reduce-scattered backward
 
 
+def test_a_tied_model_under_pipeline_parallelism_holds_and_syncs_two_copies():
+    """Llama 3.2 1B/3B under PP: the first and last stage each hold the matrix (no refusal), and
+    the last stage's gradient shard is all-reduced with the first stage's once per step."""
+    tied = ModelArgs.from_name("debug", tie_embeddings=True)  # 2 layers, dim 64, vocab 256
+    V, d = 256, 64
+    untied = tied.replace(tie_embeddings=False)
+    for stage_ids in ([0], [1]):
+        c = dict(pp=2, tp=2, dp_shard=2, batch=2, seq_len=8, stage_ids=stage_ids, n_stages=2)
+        got, ref = step_comm_bytes(tied, CommInputs(**c)), step_comm_bytes(untied, CommInputs(**c))
+        assert got == ref | {"pp": ref["pp"] + V // 2 * d // 2 * 4}  # vocab over TP, then FSDP; fp32
+    # A V schedule's rank 0 holds both copies: nothing to exchange.
+    v = dict(pp=2, batch=2, seq_len=8, stage_ids=[0, 3], n_stages=4)
+    assert step_comm_bytes(ModelArgs.from_name("debug", n_layers=4, tie_embeddings=True), CommInputs(**v)) == \
+        step_comm_bytes(ModelArgs.from_name("debug", n_layers=4), CommInputs(**v))
+    l1b = ModelArgs.from_name("llama3.2-1b")
+    assert l1b.tie_embeddings
+    one, two = (plan(l1b, Layout(gpus=8, pp=pp, seq_len=8192, global_batch_tokens=64 * 8192)) for pp in (1, 2))
+    assert two.memory.params > 0 and one.layout.pp == 1  # accepted; the copies are counted per stage
+    first_stage_params = 8 * l1b._layer_params() + l1b.vocab_size * l1b.dim
+    assert two.memory.optimizer >= 8 * first_stage_params / 4 - 1  # fp32 moments over dp = 4 shards
+
+
 def test_comm_by_hand_for_a_small_layout():
     args = ModelArgs.from_name("debug")  # 2 layers, dim 64, 4 heads, 2 KV heads, ffn 224, vocab 256
     got = step_comm_bytes(args, CommInputs(dp_shard=2, tp=2, batch=2, seq_len=8))
@@ -160,6 +182,7 @@ def test_a_chunked_head_holds_one_chunk_of_logits_and_runs_its_forward_twice():
     (dict(gpus=8, seq_len=1000, global_batch_tokens=4096), "whole number"),
     (dict(gpus=12, cp=3), "2\\*cp"),
     (dict(gpus=8, global_batch_tokens=8192 * 4), "split evenly"),
+    (dict(gpus=64, seq_len=40, global_batch_tokens=40 * 64, tp=8, cp=2), "seq_len / cp = 20 divisible by tp = 8"),
     (dict(gpus=8, pp_stages_per_rank=4), "with pp > 1"),
     (dict(gpus=8, pp=2, pp_stages_per_rank=-1), "pp_stages_per_rank = -1"),
 ])

@@ -48,12 +48,19 @@ def test_sampling_extensions_are_parsed():
     ({"top_k": -2}, "top_k"),
     ({"top_k": 1.5}, "top_k"),
     ({"min_p": 1.5}, "min_p"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
 ])
 def test_bad_sampling_fields_are_400s_naming_the_field(extra, param):
     for parse, body in ((parse_chat_request, CHAT), (parse_completion_request, {"prompt": "x"})):
         with pytest.raises(APIError) as e:
             parse({**body, **extra}, max_n=1)
         assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def test_ignore_eos_is_parsed_and_off_by_default():
+    for parse, body in ((parse_chat_request, CHAT), (parse_completion_request, {"prompt": "x"})):
+        assert parse({**body, "ignore_eos": True}, max_n=1).params.ignore_eos is True
+        assert parse(body, max_n=1).params.ignore_eos is False
 
 
 def test_logit_bias_ids_are_checked_against_the_vocabulary():

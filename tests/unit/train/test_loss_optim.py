@@ -65,3 +65,17 @@ def test_a_tied_matrix_is_one_undecayed_parameter():
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
     assert any(p is model.tok_embeddings.weight for p in opt.param_groups[1]["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_a_pipeline_stages_copy_of_a_tied_matrix_is_not_decayed():
+    """The last stage of a tied model holds the head as its own copy of the embedding; decaying it
+    (and not the first stage's copy) would make the two copies differ after one step."""
+    from herd.model.llama import Transformer
+    from herd.parallel.pipeline import split_model
+
+    for tie in (True, False):
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.from_name("debug", n_layers=2, tie_embeddings=tie))
+        ((_, last),) = split_model(model, pp_rank=1, pp=2, schedule="1F1B", n_per_rank=1)
+        decay, no_decay = param_groups(last, 0.1)
+        assert any(p is last.output.weight for p in (no_decay if tie else decay)["params"])
