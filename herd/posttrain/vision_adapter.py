@@ -91,7 +91,7 @@ def attach_adapter(text: Transformer, vision: VisionArgs, *, n_cross_layers: int
     if not isinstance(text, Transformer):
         raise ValueError(f"the adapter attaches to a herd text Transformer, got {type(text).__name__}")
     args = MllamaArgs(text=text.args.replace(tie_embeddings=False), vision=vision,
-                      n_cross_layers=min(n_cross_layers, text.args.n_layers))
+                      n_cross_layers=n_cross_layers)  # more cross layers than text layers is refused there
     device = text.tok_embeddings.weight.device
     model = build_mllama(args, device=device, dtype=text.tok_embeddings.weight.dtype, seed=seed)
     sd = {f"text_model.{k}": v for k, v in text.state_dict().items()}
@@ -219,6 +219,10 @@ def train_stage(model: Mllama, examples: Sequence[Example], pics: PictureSet, cf
     check_optim(cfg)
     if not examples:
         raise ValueError(f"{name}: no training examples")
+    unfrozen = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter(n)]
+    if unfrozen:
+        raise ValueError(f"{name}: text-model tensors would train ({', '.join(unfrozen[:3])}, ...); the recipe keeps "
+                         "the text model frozen: call freeze_text_model(model) first")
     opt = adapter_optimizer(model, cfg)
     core = TrainCore(model, opt, grad_clip=cfg.grad_clip, hint=f"{name}: lower the learning rate")
     schedule = schedule_for(cfg, name)

@@ -169,3 +169,12 @@ def test_evaluation_is_greedy_decoding(text_model, pics, tok):
                 new.append(t)
                 seq.append(t)
         assert truth == e.truth and got == tok.decode(new).strip()
+
+
+def test_training_refuses_an_unfrozen_text_model(text_model, pics, tok):
+    model = attach_adapter(text_model, tiny_vision_args(), n_cross_layers=2)  # not frozen
+    with pytest.raises(ValueError, match="freeze_text_model"):
+        train_stage(model, caption_examples(pics, tok, 512), pics, FinetuneOptimConfig(lr=1e-3, steps=1),
+                    pad_id=tok.eos_id, name="captions", log=None)
+    with pytest.raises(ValueError, match="n_cross_layers must be in 1..4"):
+        attach_adapter(text_model, tiny_vision_args(), n_cross_layers=5)
