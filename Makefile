@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.herd-installed
 
-.PHONY: demo test test-tour install clean
+.PHONY: demo test test-heavy test-tour install clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,10 +20,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m herd demo
 
-# The whole suite except the README tour (which runs every README command on a quick demo, 10+
-# minutes on 2 cores, and would put `make test` over its 15-minute budget): `make test-tour`.
+# The whole suite except what would put it over its 15-minute budget on 2 cores: the multi-minute
+# multi-process groups (`make test-heavy`: 8- and 16-rank layouts, elastic restarts, the TP
+# server) and the README tour (`make test-tour`: every README command on a quick demo). CI runs all three.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not tour"
+	$(PY) -m pytest -q -m "not tour and not heavy"
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -m heavy
 
 test-tour: $(STAMP)
 	$(PY) -m pytest -q -m tour tests/integration/test_readme_tour.py

@@ -111,6 +111,7 @@ def _check_restarted(root: Path, out: str, ref: str, stdout: str) -> None:
     assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # two 2-rank torchrun jobs, one restarted: 115-150 s measured on a busy 2-core machine
 def test_killed_rank_restarts_from_the_checkpoint_and_matches_the_uninterrupted_run(data):
     herd_train(data, "ref2", "--nproc", "2")
@@ -118,6 +119,7 @@ def test_killed_rank_restarts_from_the_checkpoint_and_matches_the_uninterrupted_
     _check_restarted(data, "kill2", "ref2", out)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # torchrun, a worker and its restart: 45-130 s measured on a busy 2-core machine
 def test_one_process_under_max_restarts_restarts_too(data):
     threads = torch.get_num_threads()

@@ -24,11 +24,13 @@ def _check(results, names):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tp_cp_pp_8_ranks(tmp_path):
     _check(harness.spawn(scenarios_layouts.world8, 8, tmp_path), scenarios_layouts.NAMES8)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)  # 16 processes on 2 cores: longer than the suite's 10-minute hang guard
 def test_fsdp_pp_cp_tp_16_ranks(tmp_path):
     _check(harness.spawn(scenarios_layouts.world16, 16, tmp_path), scenarios_layouts.NAMES16)

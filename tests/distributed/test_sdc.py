@@ -92,6 +92,7 @@ def results4(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", NAMES4)
 def test_scenario_world4(results4, name):
     assert name in results4, f"scenario {name!r} did not run; ran: {sorted(results4)}"
@@ -100,5 +101,6 @@ def test_scenario_world4(results4, name):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_no_unexpected_scenarios_world4(results4):
     assert set(results4) == set(NAMES4)

@@ -31,7 +31,7 @@ from herd.model import ModelArgs, build_model
 from herd.model.formats import save_model
 from herd.serve.server import ServerThread, build_app
 
-pytestmark = pytest.mark.slow  # three interpreters (herd, torchrun, two ranks) start: ~30 s, more when busy
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # three interpreters (herd, torchrun, two ranks) start: ~30 s, more when busy
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--max-batch", "3", "--block-size", "4", "--prefill-chunk", "8", "--max-seq-len", "128"]
