@@ -1,13 +1,13 @@
 """`herd generate --draft`: speculative decoding from the command line, checked against the library."""
 
 import pytest
-import torch
 
 import herd
 from herd.cli import main
 from herd.generate import GREEDY, generate
 from herd.model import ModelArgs, build_model
 from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+from tests.helpers import target_and_draft
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=256,
                  rope_scaling=dict(factor=8.0, original_max_seq_len=64))
@@ -17,11 +17,7 @@ ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
 def ckpts(tmp_path_factory):
     """A target, and a one-layer draft that shares its embeddings (so it agrees part of the time)."""
     root = tmp_path_factory.mktemp("draft")
-    target = build_model(ARGS, seed=3).eval()
-    with torch.no_grad():
-        target.output.weight.mul_(20.0)  # sharper: greedy comparisons do not hinge on near-ties
-    draft = build_model(ARGS.replace(n_layers=1), seed=4).eval()
-    draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("layers.1.")})
+    target, draft = target_and_draft(ARGS)
     herd.save_model(target, root / "target", format="hf")
     herd.save_model(draft, root / "draft", format="hf")
     other = build_model(ARGS.replace(vocab_size=128300), seed=5).eval()

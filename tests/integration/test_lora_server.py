@@ -16,6 +16,7 @@ from herd.posttrain.lora import apply_lora, lora_parameters, save_adapter
 from herd.serve import Engine
 from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+from tests.helpers import sharpened
 
 KEY = "k"
 
@@ -28,10 +29,7 @@ def tok():
 @pytest.fixture(scope="module")
 def base():
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=128)
-    m = build_model(args, seed=3)
-    with torch.no_grad():
-        m.output.weight.mul_(4.0)  # sharp: batched and single-row greedy decoding agree
-    return m.eval()
+    return sharpened(build_model(args, seed=3), 4.0)  # batched and single-row greedy decoding agree
 
 
 @pytest.fixture(scope="module")

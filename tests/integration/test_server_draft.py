@@ -10,15 +10,15 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import herd
 from herd.cli import main
 from herd.generate import GREEDY, generate
-from herd.model import ModelArgs, build_model
+from herd.model import ModelArgs
 from herd.serve import Engine
 from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+from tests.helpers import target_and_draft
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=256)
 
@@ -31,12 +31,7 @@ def tok():
 @pytest.fixture(scope="module")
 def models():
     """A target and a one-layer draft sharing its embeddings, first block and head."""
-    target = build_model(ARGS, seed=3)
-    with torch.no_grad():
-        target.output.weight.mul_(20.0)  # sharper: greedy comparisons do not hinge on near-ties
-    draft = build_model(ARGS.replace(n_layers=1), seed=4)
-    draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("layers.1.")})
-    return target.eval(), draft.eval()
+    return target_and_draft(ARGS)
 
 
 @pytest.fixture(scope="module")
