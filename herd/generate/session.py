@@ -8,7 +8,7 @@ tool calls come back as `ToolCall`s rather than raw text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from herd.generate.generate import stream_text
@@ -65,15 +65,20 @@ class ChatSession:
             self.model, self.tokenizer, [prompt], max_new_tokens=min(self.max_new_tokens, room),
             sampling=self.sampling, stop_tokens=self.tokenizer.stop_tokens,
         )
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as done:
-                result = done.value[0]
-                break
-            if event.texts[0]:
-                yield event.texts[0]
-        reply_ids = result.tokens + ([result.stop_token] if result.stop_token is not None else [])
-        reply = self.format.decode_assistant_message(reply_ids)
+        reply = yield from stream_reply(events, self.format)
         self.history = [*dialog, reply]
         self.last_reply = reply
+
+
+def stream_reply(events, fmt) -> Generator[str, None, Message]:
+    """Yield one row's text pieces from `stream_text` events; return the finished reply parsed by
+    the chat format (its stop token included, so <|eom_id|> and tool calls come back)."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            result = done.value[0]
+            break
+        if event.texts[0]:
+            yield event.texts[0]
+    return fmt.decode_assistant_message(result.tokens + ([result.stop_token] if result.stop_token is not None else []))

@@ -207,6 +207,7 @@ class VisionChatSession:
 
         The turn and its images join the history only when the reply is complete."""
         from herd.generate.generate import stream_text
+        from herd.generate.session import stream_reply
 
         content = [*[IMAGE] * len(self.pending), text] if self.pending else text
         dialog = [*self.history, Message(role="user", content=content)]
@@ -221,15 +222,6 @@ class VisionChatSession:
                       if images else _TextOnly(self.lm.model))
         events = stream_text(bound, self.lm.tokenizer, [prompt], max_new_tokens=new, sampling=self.sampling,
                              stop_tokens=self.lm.stop_tokens)
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as done:
-                result = done.value[0]
-                break
-            if event.texts[0]:
-                yield event.texts[0]
-        reply_ids = result.tokens + ([result.stop_token] if result.stop_token is not None else [])
-        reply = self.format.decode_assistant_message(reply_ids)
+        reply = yield from stream_reply(events, self.format)
         self.history, self.images, self.pending = [*dialog, reply], images, []
         self.last_reply = reply
