@@ -170,8 +170,9 @@ class MetricsLogger:
                       f"{record['value']:g} and skipping the data of the streak")
         else:
             bound = f" > {record['threshold']:.4f}" if record["kind"] == "loss_spike" else ""
-            detail = (f"{what} {record['value']:.4f}{bound} on {record['ranks']} of {record['world']} rank(s); "
-                      "update skipped")
+            outcome = ("recomputed from the same batch and weights: finite, a transient fault; update applied"
+                       if record.get("action") == "retried" else "update skipped")
+            detail = f"{what} {record['value']:.4f}{bound} on {record['ranks']} of {record['world']} rank(s); {outcome}"
         self.write(f"step {record['step']:>6}/{self.total_steps} | {stage} | {record['kind']}: {detail}")
 
     def rewind(self, step: int) -> list[dict[str, Any]]:

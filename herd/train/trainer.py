@@ -46,7 +46,7 @@ from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
-from herd.train.anomaly import LEDGER, AnomalyGuard, Verdict
+from herd.train.anomaly import LEDGER, AnomalyGuard, AnomalyRecord, Verdict
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
@@ -133,6 +133,7 @@ class StepResult:
     grad_norm: float  # before clipping
     tokens: int  # input tokens in the batch
     anomaly: Verdict | None = None  # set: the update was skipped on every rank
+    retried: AnomalyRecord | None = None  # set: non-finite at first, finite when recomputed (a transient fault)
 
 
 @dataclass
@@ -285,7 +286,8 @@ class Trainer:
         r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
         self.step += 1  # a skipped update still counts: its data was read, the schedule moves on
         self.tokens_seen += r.tokens
-        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly)
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly,
+                          retried=r.retried)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -488,6 +490,8 @@ class Trainer:
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
                 mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds,
                 time=time.time()))
+            if r.retried is not None:
+                self.metrics.log_anomaly(span.name, dataclasses.asdict(r.retried))
             self.sdc.after_step(self.step)  # the replica check, when due
             self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
             if r.anomaly is not None:  # no update: nothing to validate or checkpoint at this step

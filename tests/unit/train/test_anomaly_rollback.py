@@ -47,7 +47,9 @@ def _cfg(data, out, **anomaly):
         "schedule": {"warmup_steps": 2},
         "checkpoint": {"every": 3, "keep_last": 2},
         "metrics": {"log_every": 1, "tensorboard": False, "plot": False, "progress": False},
-        "anomaly": {"max_consecutive": 2, **anomaly},
+        # retry_nonfinite 0: these faults stand for bad data, which a recomputation would meet again
+        # (test_anomaly.py covers the recomputation of a transient fault).
+        "anomaly": {"max_consecutive": 2, "retry_nonfinite": 0, **anomaly},
         "stages": [{"name": "pretrain", "steps": STEPS, "ramp": [[0, 256, 64]]}],  # one next_batch per step
     })
 
