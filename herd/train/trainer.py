@@ -73,6 +73,7 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+PEAK_CACHE = ".matmul-peak.json"  # in job.out_dir: a restarted job reuses its measured peak (herd.train.metrics)
 LoaderFactory = Callable[..., Loader]  # (sources, *, weights, seq_len, batch_size, seed) -> Loader
 StepHook = Callable[["Trainer", int], None]  # (trainer, step about to run): called once its batch is drawn
 
@@ -412,7 +413,7 @@ class Trainer:
         resumed_from = self._resume()
         spans = self.schedule.spans
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.peak_flops = measure_matmul_peak(self.device, dtype)
+        self.peak_flops = measure_matmul_peak(self.device, dtype, cache_file=self.out_dir / PEAK_CACHE)
         if self.meshes is not None:  # tokens/s is the whole group's, so MFU is against the group's peak
             self.peak_flops *= self.meshes.world.size()
         self.log(f"{self.model.args.num_params():,} parameters on {self.device}; measured {dtype} matmul peak "
