@@ -119,6 +119,7 @@ class StageConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints; stage ends are always checkpointed
     keep_last: int = 3  # periodic checkpoints kept; each stage's final checkpoint is kept as well
+    async_save: bool = False  # periodic checkpoints: copy the state at the step, write it in a background thread
 
 
 @dataclass

@@ -204,7 +204,8 @@ class Trainer:
         self.faults = faults if faults is not None else Faults.from_env()
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          log=self.log, verify_writes=cfg.sdc.verify_checkpoints,
-                                         on_written=self.faults.checkpoint_written if self.faults else None)
+                                         on_written=self.faults.checkpoint_written if self.faults else None,
+                                         async_writes=cfg.checkpoint.async_save)
         self.watchdog = Watchdog(cfg.watchdog, out_dir=self.out_dir, faults=self.faults, log=self.log,
                                  models=self.parallel.parts if self.parallel is not None else [self.model],
                                  compiled=cfg.parallel.compile)
@@ -266,11 +267,16 @@ class Trainer:
         if self.anomaly is not None and anomaly is not None:
             self.anomaly.load_state_dict(anomaly)
 
-    def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint:
+    def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint | None:
+        """None: a periodic checkpoint written in the background (checkpoint.async_save); a stage's
+        final one is always written before this returns (the next stage and export read it)."""
         meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
         self._checkpoint_owed = False
+        if self.cfg.checkpoint.async_save and not final:
+            self.checkpointer.save_async(self.state_dict(), step=self.step, meta=meta)
+            return None
         return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -431,7 +437,9 @@ class Trainer:
         try:
             for span in spans:
                 result.stages.append(self._run_stage(span))
+            self.checkpointer.wait()
         finally:
+            self.checkpointer.settle()  # after a failure: let a pending write finish, if it can
             self.watchdog.close()
             self.metrics.close()
         result.steps, result.tokens_seen = self.step, self.tokens_seen
