@@ -237,3 +237,17 @@ def test_a_checkpoint_due_at_a_skipped_update_is_written_at_the_next_good_step(d
     FaultInjector().nan_grad(6).install(t)
     assert t.fit().anomalies == {"nonfinite_grad": 1}
     assert [c.step for c in t.checkpointer._scan()] == [3, 7, 8]  # 6 skipped its update: deferred to 7
+
+
+def test_a_transient_nan_in_the_trainer_is_recomputed_recorded_and_changes_nothing(data, tmp_path, tmp_path_factory):
+    t = Trainer(_cfg(data, tmp_path, retry_nonfinite=1))
+    FaultInjector().nan_grad(5).install(t)  # once: the recomputation is clean
+    result = t.fit()
+    clean_out = tmp_path_factory.mktemp("clean")
+    clean = Trainer(_cfg(data, clean_out, retry_nonfinite=1))
+    clean.fit()
+    assert _losses(tmp_path) == _losses(clean_out) and _same(_weights(t), _weights(clean))
+    assert result.anomalies == {"transient": 1}
+    rec, = [r for r in _records(tmp_path) if "anomaly" in r]
+    assert (rec["anomaly"], rec["step"], rec["action"]) == ("nonfinite_grad", 5, "retried")
+    assert [c.step for c in t.checkpointer._scan()] == [c.step for c in clean.checkpointer._scan()]  # none deferred
