@@ -452,8 +452,11 @@ def test_oversized_body_is_refused(server):
     assert resp.status_code == 413 and resp.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_herd_serve_command(model, tok, tmp_path):
-    # The CLI end to end: load a checkpoint, bind a free loopback port, answer, stop on SIGINT.
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_herd_serve_command(model, tok, tmp_path, stop):
+    # The CLI end to end: load a checkpoint, bind a free loopback port, answer, then stop cleanly on
+    # Ctrl-C and on a service manager's SIGTERM alike: exit 0, with the engine stopped (the last line
+    # is printed only after `serve` has stopped it).
     import signal
     import socket
     import subprocess
@@ -485,6 +488,8 @@ def test_herd_serve_command(model, tok, tmp_path):
         r = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and f"http://127.0.0.1:{port}/v1, 2 slots x 128 tokens" in out
+    assert proc.returncode == 0, out
+    assert f"http://127.0.0.1:{port}/v1, 2 slots x 128 tokens" in out
+    assert out.rstrip().endswith("herd serve: stopped"), out
