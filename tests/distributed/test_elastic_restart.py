@@ -152,3 +152,20 @@ def test_a_corruption_that_comes_back_after_the_restart_stops_the_job_for_good(d
     assert [(a["attempt"], a["resumed_step"]) for a in attempts] == [(0, 0), (1, 3)]  # not 3 restarts
     events = _rows(out, "sdc-events.jsonl")
     assert [(e["step"], e["ranks"], e["attempt"]) for e in events] == [(4, [0, 1], 0), (4, [0, 1], 1)]
+
+
+@pytest.mark.heavy
+@pytest.mark.slow  # two 2-rank torchrun jobs, one restarted: ~2-3 min on a busy 2-core machine
+def test_async_checkpoints_under_fsdp_restart_exactly(data):
+    # The background writer's gloo group, DTensor staging and the commit on rank 0, under FSDP 2:
+    # the killed run resumes from whichever checkpoint was complete and equals a synchronous run.
+    herd_train(data, "ref2sync", "--nproc", "2")
+    out = herd_train(data, "kill2async", "--nproc", "2", "--checkpoint.async_save", "true",
+                     faults=[{"kind": "kill", "step": 5, "rank": 1}])
+    run = data / "kill2async"
+    assert _losses(run) == _losses(data / "ref2sync") and [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    for name, tensor in _weights(data / "ref2sync").items():
+        assert torch.equal(_weights(run)[name], tensor), name
+    attempts = _rows(run, "attempts.jsonl")
+    assert len(attempts) == 2 and attempts[1]["resumed_step"] in (0, 3) and "1 restart(s)" in out
+    assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
