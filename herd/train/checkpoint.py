@@ -196,7 +196,6 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if async_writes and not _no_dist() else None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.stage_seconds = 0.0  # time training waited for staging copies (the async saves' visible cost)
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in sorted(self.root.iterdir()) if _rank0() else ():
             if _TMP_RE.match(leftover.name):
@@ -221,9 +220,7 @@ class Checkpointer:
         if not self.async_writes:
             raise ValueError("save_async needs a Checkpointer built with async_writes=True")
         self.wait()
-        t = time.perf_counter()
         staged = stage_state(state)
-        self.stage_seconds += time.perf_counter() - t
 
         def write() -> None:
             try:
