@@ -133,10 +133,8 @@ class TrainCore:
         self.device = device if device is not None else self.params[0].device
 
     def set_lr(self, lr: float) -> None:
-        """Set the step's base learning rate; a param group with an `lr_scale` key gets lr * lr_scale
-        (e.g. the vision adapter's gates), so a schedule keeps every group's ratio to the base rate."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
 
     # ---- forward + backward ------------------------------------------------------------------
 

@@ -97,23 +97,6 @@ def test_a_core_step_with_accumulation_is_the_hand_written_step():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_set_lr_keeps_each_groups_lr_scale_through_a_schedule():
-    """A group with `lr_scale` (the vision adapter's gates) follows the schedule at its ratio; plain
-    groups get the base rate; one SGD step moves each parameter by exactly its group's rate."""
-    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 10.0}], lr=1.0)
-    core = TrainCore(torch.nn.ParameterList([a, b]), opt, grad_clip=0.0)
-    sched = schedule_for(PostOptim(lr=1e-3, steps=10, warmup_steps=2), "test")
-    for step in range(10):
-        lr = sched.lr(step)
-        core.set_lr(lr)
-        assert opt.param_groups[0]["lr"] == lr and opt.param_groups[1]["lr"] == pytest.approx(10.0 * lr, rel=1e-12)
-    core.set_lr(0.5)
-    (a.sum() + b.sum()).backward()
-    opt.step()
-    assert a.tolist() == [-0.5, -0.5] and b.tolist() == [-5.0, -5.0]  # gradient 1 times each group's rate
-
-
 def test_a_non_finite_loss_raises_and_leaves_the_weights_alone():
     model = build_model(ARGS, seed=0)
     before = copy.deepcopy(model.state_dict())
