@@ -22,7 +22,7 @@ Design trade-offs:
   pauses the youngest decoding sequence, which gives its blocks back (vLLM's preemption); its
   row keeps its keys and values, so it resumes without recomputation once blocks are free.
 * Chunked prefill. Each step prefills at most `prefill_budget` prompt tokens (oldest prompt
-  first, one forward per chunk) and then decodes every running sequence once, so a long prompt
+  first; the chunks batched into as few forwards as padding allows, `herd.serve.prefill`) and then decodes every running sequence once, so a long prompt
   is spread over several steps while everyone else keeps getting a token per step. A prompt
   whose last chunk completes joins that same step's decode.
 * n > 1 choices share the prompt: choice 0 prefills, the others then take its full blocks by
@@ -55,8 +55,9 @@ from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import apply_processors
 from herd.model.llama import Transformer
-from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.scoring import pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.pages import BlockPool, BlockStore, block_hashes, chain_root
+from herd.serve.prefill import PrefillSteps
+from herd.serve.scoring import pick_tokens, token_logprobs
 from herd.serve.tp import Leader
 from herd.serve.speculative import DraftRunner, SpeculativeSteps
 
@@ -86,7 +87,7 @@ from herd.serve.requests import RunningSeq as _Seq
 
 log = logging.getLogger(__name__)
 
-class Engine(SpeculativeSteps):
+class Engine(SpeculativeSteps, PrefillSteps):
     """Continuous batching for one model. Drive it with `start()` (a background thread) or by
     calling `step()` yourself (tests); not both.
 
@@ -440,58 +441,6 @@ class Engine(SpeculativeSteps):
             tokens = [*prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
             seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens,
                                            root=chain_root(seq.handle.request.adapter))
-
-    def _prefill(self) -> bool:
-        """Prefill chunks of waiting prompts, oldest first, up to `prefill_budget` tokens in all."""
-        budget, progressed = self.prefill_budget, False
-        for seq in sorted((s for s in self._slots if s is not None and s.state == _PREFILL), key=lambda s: s.order):
-            if budget == 0:
-                break
-            handle, prompt = seq.handle, seq.handle.request.prompt
-            S = len(prompt)
-            c = min(S - seq.pos, budget)
-            t0 = time.perf_counter()
-            try:
-                if self._mirror is not None:
-                    scored = 0 if handle.request.prompt_logprobs is None else scored_positions(S, seq.pos, c)
-                    self._mirror.prefill(seq.slot, seq.pos, prompt[seq.pos : seq.pos + c], last=seq.pos + c == S,
-                                         scored=scored)
-                tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
-                if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
-                    self.adapters.select([handle.request.adapter])
-                h = self.model.hidden(tokens, pos=seq.pos, cache=RowCache(self.cache, seq.slot))  # (1, c, dim)
-                logits = self.model.output(h[:, -1]).float() if seq.pos + c == S else None  # (1, V)
-                if handle.request.prompt_logprobs is not None:
-                    seq.prompt_lps = score_chunk(self.model.output, prompt, seq.pos, h[0],
-                                                 handle.request.prompt_logprobs, seq.prompt_lps)
-            except Exception:
-                if self._mirror is not None:  # the followers may be inside this forward's collectives
-                    raise
-                log.exception("prefill of %s failed", handle.id)
-                for s in (seq, *seq.forks):
-                    if self._slots[s.slot] is s:
-                        self._finish(s, "error", error="internal error during prefill")
-                continue
-            seq.pos += c
-            budget -= c
-            progressed = True
-            self._commit(seq)
-            with self._cond:
-                m = self._metrics
-                m.prefills_total += 1
-                m.prefill_tokens_total += c
-                m.prefill_seconds += time.perf_counter() - t0
-            if logits is None:
-                continue
-            if seq.prompt_lps is not None:  # before any event: consumers may read it once they see one
-                handle.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
-            if seq.limit == 0:  # prefill only (max_tokens 0)
-                for s in (seq, *seq.forks):
-                    if self._slots[s.slot] is s:
-                        self._finish(s, "length")
-                continue
-            self._fork(seq, logits)
-        return progressed
 
     def _fork(self, first: _Seq, logits: torch.Tensor) -> None:
         """Choice 0's prompt is in: the other choices share its full blocks and copy its row, and all
