@@ -365,6 +365,15 @@ def cmd_serve(opts) -> None:
                                ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
             if bad:
                 raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
+    # --q4-decode auto quietly steps aside where a twin cannot apply; "always" says why instead.
+    unfit = (f"{opts.path} is not a .gguf file" if not str(opts.path).endswith(".gguf") else
+             "it needs CPU, fp32 and no --compile, --lora, --draft or --tp" if (
+                 opts.compile or opts.lora or opts.draft is not None or opts.tp != 1 or str(opts.device) != "cpu"
+                 or str(opts.dtype) != "torch.float32") else None)
+    if unfit and opts.q4_decode == "always":
+        raise ValueError(f"--q4-decode always decodes with a GGUF file's Q4_0/Q4_1 blocks, but {unfit}; "
+                         "pass --q4-decode never")
+    opts.q4_decode = "never" if unfit else opts.q4_decode
     if _tp_launch(opts):
         return
     if opts.tp > 1:
@@ -391,7 +400,25 @@ def _serve_engine(opts, lm, *, adapters=None, mirror=None, draft=None):
                     prefix_caching=not opts.no_prefix_caching, token_bytes=lm.tokenizer.decode_single_token_bytes,
                     compile=opts.compile, adapters=adapters, mirror=mirror, draft=draft,
                     num_draft=4 if opts.draft_k is None else opts.draft_k)
+    if getattr(opts, "q4_decode", "never") != "never" and mirror is None:
+        _attach_q4_twin(opts, lm, engine)
     return engine, context
+
+
+def _attach_q4_twin(opts, lm, engine) -> None:
+    """Hold the GGUF file's int4 blocks beside the fp32 weights; decode each batch size on the faster
+    of the two (--q4-decode auto) or always on the int4 blocks (always)."""
+    from herd.generate.loading import q4_decode_twin
+    from herd.serve.decode_choice import choose_decode
+
+    twin, why = q4_decode_twin(lm.model, opts.path)
+    if twin is None:
+        if opts.q4_decode == "always":
+            raise ValueError(f"--q4-decode always: {why}; pass --q4-decode never")
+        print(f"herd serve: decoding with the fp32 weights only ({why})", file=sys.stderr)
+        return
+    engine.decode_choice = choose_decode({"fp32": lm.model, "int4": twin}, engine.cache, mode=opts.q4_decode)
+    print(f"herd serve: {why}; decode steps by batch size: {engine.decode_choice.describe()}", file=sys.stderr)
 
 
 def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> None:
@@ -542,6 +569,10 @@ def _serve_args(p):
                    "blocks pause sequences when they run out")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt whole (default: reuse the KV blocks of earlier prompts' shared prefixes)")
+    p.add_argument("--q4-decode", choices=("auto", "always", "never"), default="auto",
+                   help="for a .gguf of Q4_0/Q4_1 layers: also hold its int4 blocks (the same weights) and decode "
+                   "each batch size on whichever of int4 and fp32 was faster at start-up (auto), always on int4, or "
+                   "never (fp32 only, the file dequantized); prefill runs fp32")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step beside the running decodes (longer prompts take several steps)")
     p.add_argument("--model-name", "--served-model-name", dest="model_name",

@@ -55,6 +55,7 @@ from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import apply_processors
 from herd.model.llama import Transformer
+from herd.serve.decode_choice import DecodeChoice
 from herd.serve.pages import BlockPool, BlockStore, block_hashes, chain_root
 from herd.serve.prefill import PrefillSteps
 from herd.serve.scoring import pick_tokens, token_logprobs
@@ -112,6 +113,9 @@ class Engine(SpeculativeSteps, PrefillSteps):
         vocabulary proposes up to num_draft tokens per row and step. Not with compile or adapters.
     mirror: tensor parallelism (`herd.serve.tp.Leader`): told every forward and KV copy before it
         runs, so follower ranks repeat them on their shards; a failed step is then fatal.
+    decode_choice: decode each step on `model` or an equivalent twin (the GGUF file's int4 blocks),
+        whichever `herd.serve.decode_choice.choose_decode` found faster at that batch size. Plain
+        decode steps only: not with compile, adapters, a draft or a mirror.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class Engine(SpeculativeSteps, PrefillSteps):
         draft: Transformer | None = None,
         num_draft: int = 4,
         mirror: Leader | None = None,
+        decode_choice: DecodeChoice | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -175,6 +180,13 @@ class Engine(SpeculativeSteps, PrefillSteps):
         self.draft = None if draft is None else DraftRunner(draft, target=model, max_batch=max_batch,
                                                             max_seq_len=max_seq_len, num_draft=num_draft)
         self._latency: list[LatencyObserver] = []
+        if decode_choice is not None:
+            if compile or adapters is not None or draft is not None or mirror is not None:
+                raise ValueError("a decode twin (--q4-decode) cannot be combined with compile (--compile), LoRA "
+                                 "adapters (--lora), a draft (--draft) or tensor parallelism (--tp); use --q4-decode never")
+            if next(iter(decode_choice.models.values())) is not model:
+                raise ValueError("the decode choice's main model is not the engine's model")
+        self.decode_choice = decode_choice
 
     def add_latency_observer(self, observer: LatencyObserver) -> None:
         """Report every time to first token, inter-token gap and request latency to `observer`
@@ -506,7 +518,8 @@ class Engine(SpeculativeSteps, PrefillSteps):
         if self._compiled is not None:
             logits = self._compiled(tokens_t, pos_t)  # (max_batch, V)
         else:
-            logits = decode_step(self.model, tokens_t, pos_t, self.cache)  # (B, V)
+            model = self.model if self.decode_choice is None else self.decode_choice.pick(B)
+            logits = decode_step(model, tokens_t, pos_t, self.cache)  # (B, V)
         rows = torch.tensor([s.slot for s in running], device=self.device)
         for s in running:  # the pending token's keys/values are in: pos + 1 positions done
             s.pos += 1
