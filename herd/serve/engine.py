@@ -17,7 +17,9 @@ Design trade-offs:
   not a smaller footprint.
 * Admission waits for blocks. A request starts when it gets slots for its n choices and blocks
   for its whole prompt (plus a private tail block per extra choice); until then it and everyone
-  behind it wait (first come, first served, no starvation of large requests). A decoding
+  behind it wait (first come, first served, no starvation of large requests). It also waits while
+  its next uncached block is being prefilled by a running prompt (a shared system prompt whose
+  first request is still prefilling), then takes that block as a hit instead of recomputing it. A decoding
   sequence that needs a new block when none is free (after evicting unreferenced cached ones)
   pauses the youngest decoding sequence, which gives its blocks back (vLLM's preemption); its
   row keeps its keys and values, so it resumes without recomputation once blocks are free.
@@ -402,10 +404,24 @@ class Engine(SpeculativeSteps, PrefillSteps):
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
+                if len(hits) < len(names) and self._in_flight(names[len(hits)]):
+                    break  # a running prompt is prefilling this block now: wait to share it, not recompute it
                 self._waiting.popleft()
             self._start(handle, free[: r.n], names, hits)
             admitted = True
         return admitted
+
+    def _in_flight(self, name: bytes) -> bool:
+        """Whether a prompt being prefilled will name a block `name` (it is not in the pool yet). Four
+        chats that open at once with the same long system prompt would otherwise each prefill it."""
+        for seq in self._slots:
+            if seq is not None and seq.state == _PREFILL:
+                prompt = seq.handle.request.prompt
+                done = len(seq.names)
+                if name in block_hashes(prompt[: len(prompt) - 1], self.block_size, start=done,
+                                        parent=seq.names[-1] if done else chain_root(seq.handle.request.adapter)):
+                    return True
+        return False
 
     def _start(self, handle: RequestHandle, slots: list[int], names: list[bytes], hits: list[int]) -> None:
         r = handle.request

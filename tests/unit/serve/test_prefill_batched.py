@@ -147,3 +147,32 @@ def test_choices_fork_after_a_batched_prefill(model, n):
     engine.run_until_idle()
     assert all(c.tokens == _alone(model, prompts[0], 5) for c in h[0].result(0).choices)
     assert h[1].result(0).choices[0].tokens == _alone(model, prompts[1], 5)
+
+
+def test_a_prefix_being_prefilled_is_waited_for_and_shared_not_recomputed(model):
+    system = _tokens(40, 50)  # five blocks of 8, prefilled in chunks of 16 by the first request
+    prompts = [system + _tokens(3, 51), system + _tokens(6, 52), system[:16] + _tokens(4, 53)]
+    engine = Engine(model, max_batch=3, max_seq_len=96, block_size=8, prefill_budget=16)
+    handles = [engine.submit(Request(p, 6)) for p in prompts]
+    engine.step()
+    # The first prompt prefills its first 16 tokens; the others wait, since their next block is in flight.
+    assert engine.metrics().requests_running == 1 and engine.metrics().requests_waiting == 2
+    engine.run_until_idle()
+    m = engine.metrics()
+    assert m.prefix_cache_hits_total == 40 + 16  # the second took all five system blocks, the third two
+    assert m.prefill_tokens_total == len(prompts[0]) + 6 + 4
+    for p, h in zip(prompts, handles):
+        assert h.result(0).choices[0].tokens == _alone(model, p, 6)
+
+
+def test_a_cancelled_prefill_releases_the_requests_waiting_for_its_blocks(model):
+    system = _tokens(40, 60)
+    engine = Engine(model, max_batch=2, max_seq_len=96, block_size=8, prefill_budget=8)
+    first = engine.submit(Request(system + [1], 4))
+    second = engine.submit(Request(system + [2, 3], 4))
+    engine.step()
+    assert engine.metrics().requests_waiting == 1
+    first.cancel()
+    engine.run_until_idle()
+    assert second.result(0).choices[0].tokens == _alone(model, system + [2, 3], 4)
+    assert engine.metrics().prefix_cache_hits_total == 8  # the one block the first had named before it went
