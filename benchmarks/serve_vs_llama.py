@@ -211,6 +211,10 @@ def start_servers(args, gguf: Path, llama_bin: Path, tmp: Path) -> dict[str, Ser
                "--no-webui"]
         print(f"starting llama-server on port {port}", file=sys.stderr, flush=True)
         servers["llama"] = Server("llama-server", cmd, env=env, port=port, log=tmp / "llama.log")
+    for srv in servers.values():  # herd's start-up lines (its decode choice per batch size) go into the record
+        for line in srv.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("herd serve:"):
+                print(f"{srv.name}: {line}", file=sys.stderr, flush=True)
     return servers
 
 
