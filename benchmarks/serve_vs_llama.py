@@ -48,7 +48,7 @@ from serve_client import PhaseStats, RequestRecord, run_clients, stream_chat, su
 
 TOPICS = ["a llama who learns to sail", "the history of the abacus", "why bread rises", "a city under the sea",
           "how bees find flowers", "a lighthouse keeper's winter", "the rules of chess", "a robot gardener"]
-# The multi-turn workload's system prompt, shared by every request of every conversation (~450 tokens
+# The multi-turn workload's system prompt, shared by every request of every conversation (~500 tokens
 # in SmolLM2's chat template): what prefix caching is for (issue 15: "a long system prompt").
 SYSTEM = " ".join([
     "You are a patient storyteller who writes for readers of every age.",
