@@ -230,3 +230,27 @@ class VisionEngine(Engine):
         super()._finish(seq, reason, **kwargs)
         if self._slots[seq.slot] is None:
             self.rows.bind(seq.slot, None)
+
+
+def request_images(engine: Engine, urls: Sequence[str]) -> RequestImages | None:
+    """A chat request's image URLs, decoded (`images.decode_data_url`, data URLs only) and tiled for
+    the engine's model; None for none. APIError 400 for anything the client got wrong."""
+    from herd.serve.fields import APIError
+    from herd.serve.images import ImageError, decode_data_url
+
+    if not urls:
+        return None
+    if not isinstance(engine, VisionEngine):
+        raise APIError(400, "this model has no vision encoder; send text only, or serve a Llama 3.2 Vision "
+                       "checkpoint", param="messages")
+    if len(urls) > engine.max_images:
+        raise APIError(400, f"the request has {len(urls)} images; this server takes at most {engine.max_images} per "
+                       "request (herd serve --max-images)", param="messages")
+    pictures = []
+    for i, url in enumerate(urls):
+        try:
+            pictures.append(decode_data_url(url))
+        except ImageError as e:
+            raise APIError(400, f"image {i + 1} of {len(urls)}: {e}", param="messages") from None
+    v = engine.rows.model.args.vision
+    return prepare_images(pictures, tile_size=v.image_size, max_tiles=v.max_num_tiles)

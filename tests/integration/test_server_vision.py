@@ -1,0 +1,203 @@
+"""`herd serve` on a tiny Llama 3.2 Vision checkpoint: the `openai` client sends images as data URLs
+(plain and streamed) and gets the library's own greedy reply for that dialog; every way to get an
+image request wrong is a clear 400."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+Image = pytest.importorskip("PIL.Image")
+
+from herd.cli import main  # noqa: E402
+from herd.generate import GREEDY, generate  # noqa: E402
+from herd.generate.vision import _TextOnly, generate_with_images, load_vision_for_inference  # noqa: E402
+from herd.model.args import ModelArgs  # noqa: E402
+from herd.model.mllama import MllamaArgs, build_mllama  # noqa: E402
+from herd.model.mllama_io import save_mllama  # noqa: E402
+from herd.model.vision import VisionArgs  # noqa: E402
+from herd.serve import Engine  # noqa: E402
+from herd.serve.server import ServerThread, build_app  # noqa: E402
+from herd.serve.vision import VisionEngine  # noqa: E402
+from herd.tokenizer import Message  # noqa: E402
+from herd.tokenizer.chat import IMAGE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+                                     max_seq_len=128),
+                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
+                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
+                      n_cross_layers=1)
+    model = build_mllama(args, seed=4).eval()
+    with torch.no_grad():  # open the gates and amplify the cross layers so the image steers the greedy text
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_attn", "gate_ffwd")):
+                p.fill_(0.7)
+        for block in model.text_model.cross_attention_layers.values():
+            block.attention.wo.weight.mul_(20.0)
+            block.feed_forward.w2.weight.mul_(20.0)
+        model.vision_model.vision_projection.weight.mul_(5.0)
+    return save_mllama(model, tmp_path_factory.mktemp("serve-vision") / "hf")
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return load_vision_for_inference(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def client(lm):
+    engine = VisionEngine(lm.model, max_batch=3, max_seq_len=96, max_images=2, block_size=8,
+                          token_bytes=lm.tokenizer.decode_single_token_bytes)
+    engine.start()
+    with ServerThread(build_app(engine, lm.tokenizer, model_name="tiny-vision", chat=lm.chat)) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120), srv.url
+    engine.stop()
+
+
+def _picture(seed: int, h: int = 30, w: int = 50):
+    gen = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy())
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_part(img) -> dict:
+    return {"type": "image_url", "image_url": {"url": _data_url(img)}}
+
+
+def _want(lm, content, images, max_tokens=6) -> str:
+    """The library's greedy reply to one user turn (the chat format places <|image|> where the part was)."""
+    prompt = lm.chat.encode_dialog_prompt([Message(role="user", content=content)]).tokens
+    kw = dict(max_new_tokens=max_tokens, sampling=GREEDY, stop_tokens=lm.stop_tokens)
+    [r] = (generate_with_images(lm.model, [prompt], lm.tile(images), **kw) if images
+           else generate(_TextOnly(lm.model), [prompt], **kw))
+    return lm.tokenizer.decode(r.tokens)
+
+
+def test_an_image_question_gets_the_librarys_greedy_reply(lm, client):
+    c, _ = client
+    pic = _picture(0)
+    content = [_image_part(pic), {"type": "text", "text": "What is in this picture?"}]
+    r = c.chat.completions.create(model="tiny-vision", messages=[{"role": "user", "content": content}],
+                                  max_tokens=6, temperature=0)
+    want = _want(lm, [IMAGE, "What is in this picture?"], [pic])
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(lm.chat.encode_dialog_prompt(
+        [Message(role="user", content=[IMAGE, "What is in this picture?"])]).tokens)
+    # Streamed, with text before the image and two images: the same reply as the library's.
+    content = [{"type": "text", "text": "Compare"}, _image_part(pic), {"type": "text", "text": "and"},
+               _image_part(_picture(1, 50, 20))]
+    stream = c.chat.completions.create(model="tiny-vision", messages=[{"role": "user", "content": content}],
+                                       max_tokens=6, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == _want(lm, ["Compare", IMAGE, "and", IMAGE], [pic, _picture(1, 50, 20)])
+    # Another picture, the same words: another reply (the image reaches the model).
+    other = c.chat.completions.create(model="tiny-vision", messages=[{"role": "user", "content": [
+        _image_part(_picture(2)), {"type": "text", "text": "What is in this picture?"}]}], max_tokens=6,
+        temperature=0, logprobs=True)
+    assert other.choices[0].message.content == _want(lm, [IMAGE, "What is in this picture?"], [_picture(2)])
+    assert other.choices[0].message.content != want
+
+
+def test_a_text_only_request_on_the_vision_model(lm, client):
+    c, _ = client
+    r = c.chat.completions.create(model="tiny-vision", messages=[{"role": "user", "content": "Hello there"}],
+                                  max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == _want(lm, "Hello there", [])
+    assert r.choices[0].message.content  # a reply, not an empty match
+
+
+@pytest.mark.parametrize("part, message", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, "send the image itself as a data URL"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, "base64 is malformed"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hello").decode()}},
+     "does not hold a readable image"),
+    ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}, "not an image"),
+    ({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}, "must be {'type': 'image_url'"),
+    ({"type": "input_audio", "input_audio": {}}, "must be a text part"),
+])
+def test_bad_images_are_400s_that_say_what_to_send(client, part, message):
+    _, url = client
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}], "max_tokens": 2}
+    if part["type"] == "input_audio":
+        body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": _data_url(_picture(3))}})
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_too_many_images_and_images_outside_user_turns(client):
+    c, _ = client
+    three = [_image_part(_picture(i, 20, 20)) for i in range(3)]
+    with pytest.raises(openai.BadRequestError, match="at most 2 per request"):
+        c.chat.completions.create(model="tiny-vision", messages=[{"role": "user", "content": three}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="only user messages may hold images"):
+        c.chat.completions.create(model="tiny-vision", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": three[:1]},
+            {"role": "user", "content": "and?"}])
+    with pytest.raises(openai.BadRequestError, match="no system message"):
+        c.chat.completions.create(model="tiny-vision", max_tokens=2, messages=[
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": three[:1]}])
+
+
+def test_a_text_model_refuses_images(lm):
+    from herd.model import build_model
+
+    text = build_model(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=128256, multiple_of=32, max_seq_len=64))
+    engine = Engine(text, max_batch=1, max_seq_len=64)
+    engine.start()
+    try:
+        with ServerThread(build_app(engine, lm.tokenizer, model_name="text")) as srv:
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+                {"role": "user", "content": [_image_part(_picture(4)), {"type": "text", "text": "hi"}]}]})
+    finally:
+        engine.stop()
+    assert r.status_code == 400 and "this model has no vision encoder" in r.json()["error"]["message"]
+
+
+def test_herd_serve_command_with_a_vision_checkpoint(lm, checkpoint):
+    assert main(["serve", str(checkpoint), "--lora", "a=b"]) == 2  # refused before anything loads
+    assert main(["serve", str(checkpoint), "--max-images", "0"]) == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "herd", "serve", str(checkpoint), "--port", str(port), "--max-batch", "2",
+           "--max-seq-len", "96", "--model-name", "tiny-vision"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        pic = _picture(5)
+        r = c.chat.completions.create(model="tiny-vision", max_tokens=5, temperature=0, messages=[
+            {"role": "user", "content": [_image_part(pic), {"type": "text", "text": "Describe it."}]}])
+        assert r.choices[0].message.content == _want(lm, [IMAGE, "Describe it."], [pic], max_tokens=5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Llama 3.2 Vision, image_url parts" in out
