@@ -239,6 +239,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
             adapter = state.check_model(req.params.model)
             images = request_images(engine, req.images)  # decoded and tiled here, encoded by the engine
             prompt = chat_prompt(state.fmt, req)
+            if images is not None:
+                prompt = engine.rows.image_ids(prompt)  # type: ignore[attr-defined]
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
             grammar = state.grammars.for_chat(state.fmt, req)
             jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar, adapter=adapter,

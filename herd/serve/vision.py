@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from herd.model.mllama import CrossKV, Mllama
+from herd.model.mllama import IMAGE_TOKEN_ID, CrossKV, Mllama
 from herd.model.vision_preprocess import ImageBatch, cross_attention_mask, preprocess_images
 from herd.serve.engine import Engine, Request, RequestHandle
 from herd.serve.pages import RowCache
@@ -101,8 +101,13 @@ class VisionRows:
         self.bound: list[_Bound | None] = [None] * max_batch
         self._padded: tuple[tuple[int, ...], CrossKV] | None = None  # (the rows' bindings, their padded kv)
 
-    def parameters(self):
-        return self.model.parameters()
+    def image_ids(self, prompt: list[int]) -> list[int]:
+        """A chat-format prompt with `<|image|>` at this model's id. The chat format writes the released
+        models' 128256; a model with a smaller text vocabulary (`herd vision-adapter`'s) has its image
+        token at its own vocabulary size, and 128256 cannot be one of its text ids."""
+        if self.image_token == IMAGE_TOKEN_ID or self.args.vocab_size > IMAGE_TOKEN_ID:
+            return prompt
+        return [self.image_token if t == IMAGE_TOKEN_ID else t for t in prompt]
 
     def bind(self, slot: int, bound: _Bound | None) -> None:
         self.bound[slot] = bound

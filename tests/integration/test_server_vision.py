@@ -201,3 +201,39 @@ def test_herd_serve_command_with_a_vision_checkpoint(lm, checkpoint):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Llama 3.2 Vision, image_url parts" in out
+
+
+def test_a_small_vocabulary_model_gets_its_own_image_id(tmp_path):
+    """`herd vision-adapter`'s models have <|image|> at their vocabulary size (512 here), not 128256:
+    the server moves the chat format's image token there."""
+    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                                     max_seq_len=96),
+                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
+                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
+                      n_cross_layers=1)
+    model = build_mllama(args, seed=6).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_attn", "gate_ffwd")):
+                p.fill_(0.7)
+    path = save_mllama(model, tmp_path / "hf")
+    (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    small = load_vision_for_inference(path)
+    engine = VisionEngine(small.model, max_batch=1, max_seq_len=96, token_bytes=small.tokenizer.decode_single_token_bytes)
+    engine.start()
+    pic = _picture(7)
+    try:
+        with ServerThread(build_app(engine, small.tokenizer, model_name="small", chat=small.chat)) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            r = c.chat.completions.create(model="small", max_tokens=4, temperature=0, messages=[
+                {"role": "user", "content": [_image_part(pic), {"type": "text", "text": "hi"}]}])
+    finally:
+        engine.stop()
+    prompt = small.chat.encode_dialog_prompt([Message(role="user", content=[IMAGE, "hi"])]).tokens
+    prompt = [512 if t == 128256 else t for t in prompt]
+    [want] = generate_with_images(small.model, [prompt], small.tile([pic]), max_new_tokens=4, sampling=GREEDY,
+                                  stop_tokens=small.stop_tokens)
+    special = set(small.tokenizer.special_tokens.values())  # left out of the text, as vLLM does
+    assert r.choices[0].message.content == small.tokenizer.decode([t for t in want.tokens if t not in special])
+    assert r.usage.completion_tokens == len(want.tokens)
+    assert r.usage.prompt_tokens == len(prompt) and 512 in prompt
