@@ -99,7 +99,7 @@ class VisionRows:
         self.output = model.text_model.output
         self.engine_cache: Any = None  # the engine's KVCache: decode forwards cover its rows 0..B-1
         self.bound: list[_Bound | None] = [None] * max_batch
-        self._padded: tuple[tuple[int, ...], CrossKV] | None = None  # (the rows' bindings, their padded kv)
+        self._padded: tuple[list[_Bound | None], CrossKV] | None = None  # (the rows' bindings, their padded kv)
 
     def image_ids(self, prompt: list[int]) -> list[int]:
         """A chat-format prompt with `<|image|>` at this model's id. The chat format writes the released
@@ -110,6 +110,9 @@ class VisionRows:
         return [self.image_token if t == IMAGE_TOKEN_ID else t for t in prompt]
 
     def bind(self, slot: int, bound: _Bound | None) -> None:
+        """Give a slot its request's images (None: a text-only request, or a free slot)."""
+        if self.bound[slot] is not bound:
+            self._padded = None  # rebuilt at the next decode step; never holds a finished request's images
         self.bound[slot] = bound
 
     def encode(self, images: RequestImages, prompt: Sequence[int], length: int) -> _Bound:
@@ -152,8 +155,10 @@ class VisionRows:
 
     def _padded_kv(self, bound: list[_Bound | None]) -> CrossKV:
         """Every row's image keys/values in one batch, padded with zeros to the most images (B, K, V, D)."""
-        key = tuple(id(b) for b in bound)
-        if self._padded is not None and self._padded[0] == key:
+        # The bindings themselves are the key (compared by identity, and kept alive by it: an id()
+        # could be reused by a newer binding once an old one is freed).
+        if self._padded is not None and len(self._padded[0]) == len(bound) and all(
+                a is b for a, b in zip(self._padded[0], bound)):
             return self._padded[1]
         some = next(b for b in bound if b is not None)
         M = max(b.kv.n_images for b in bound if b is not None)
@@ -171,7 +176,7 @@ class VisionRows:
             ks.append(k)
             vs.append(v)
         kv = CrossKV(ks, vs, n_images=M, n_tiles=T)
-        self._padded = (key, kv)
+        self._padded = (list(bound), kv)
         return kv
 
 

@@ -140,3 +140,16 @@ def test_a_text_engine_refuses_images():
     images = prepare_images([_picture(8, 20, 20)], tile_size=TILE, max_tiles=TILES)
     with pytest.raises(ValueError, match="this model has no vision encoder"):
         engine.submit(Request([1, 2, 3], 2, images=images))
+
+
+def test_the_encoder_runs_once_per_request(model, monkeypatch):
+    """The cross-attention keys/values are computed at admission and reused by every chunk and step."""
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    engine = VisionEngine(model, max_batch=2, max_seq_len=64, prefill_budget=3, block_size=4)
+    prompt = [1, 2, IMG, 4, 5, 6, 7, 8]
+    results = _run(engine, [_request(prompt, [_picture(10, 20, 30)], 8), _request([1, 2, 3], None, 8),
+                            _request(prompt, [_picture(11, 30, 20)], 8, n=2)])
+    assert len(calls) == 2  # two image requests (one with two choices), three prefill chunks each, 8 steps
+    assert all(len(c.tokens) == 8 for r in results for c in r.choices)
