@@ -376,10 +376,15 @@ def cmd_serve(opts) -> None:
     if opts.tp > 1:
         _serve_tp(opts)
         return
+    import signal
+
     lm = load(opts)
     draft = load_draft(opts, lm).model if opts.draft is not None else None
     adapters = _attach_loras(lm.model, opts.lora)
     engine, context = _serve_engine(opts, lm, adapters=adapters, draft=draft)
+    # uvicorn re-raises a SIGTERM after its graceful shutdown; with the default handler that ends the
+    # process before `serve` stops the engine. Unwinding as from Ctrl-C stops it and exits 0.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     note = "" if draft is None else (f", speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; "
                                      "rows with logprobs, penalties, logit_bias or structured outputs decode without it)")
     _serve(opts, lm, engine, context, adapters=adapters, note=note)
@@ -422,6 +427,7 @@ def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> 
         print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
     serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat,
           body_timeout=opts.body_timeout)
+    print("herd serve: stopped", file=sys.stderr)
 
 
 def _raise_interrupt(signum, frame):
