@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -22,34 +17,17 @@ Image = pytest.importorskip("PIL.Image")
 from herd.cli import main  # noqa: E402
 from herd.generate import GREEDY, generate  # noqa: E402
 from herd.generate.vision import _TextOnly, generate_with_images, load_vision_for_inference  # noqa: E402
-from herd.model.args import ModelArgs  # noqa: E402
-from herd.model.mllama import MllamaArgs, build_mllama  # noqa: E402
 from herd.model.mllama_io import save_mllama  # noqa: E402
-from herd.model.vision import VisionArgs  # noqa: E402
-from herd.serve import Engine  # noqa: E402
 from herd.serve.server import ServerThread, build_app  # noqa: E402
 from herd.serve.vision import VisionEngine  # noqa: E402
 from herd.tokenizer import Message  # noqa: E402
 from herd.tokenizer.chat import IMAGE  # noqa: E402
+from tests.helpers import herd_serve_process, real_vocab_model, served, tiny_vision_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
-                                     max_seq_len=128),
-                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
-                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
-                      n_cross_layers=1)
-    model = build_mllama(args, seed=4).eval()
-    with torch.no_grad():  # open the gates and amplify the cross layers so the image steers the greedy text
-        for name, p in model.named_parameters():
-            if name.endswith(("gate_attn", "gate_ffwd")):
-                p.fill_(0.7)
-        for block in model.text_model.cross_attention_layers.values():
-            block.attention.wo.weight.mul_(20.0)
-            block.feed_forward.w2.weight.mul_(20.0)
-        model.vision_model.vision_projection.weight.mul_(5.0)
-    return save_mllama(model, tmp_path_factory.mktemp("serve-vision") / "hf")
+    return save_mllama(tiny_vision_model(seed=4), tmp_path_factory.mktemp("serve-vision") / "hf")
 
 
 @pytest.fixture(scope="module")
@@ -158,64 +136,29 @@ def test_too_many_images_and_images_outside_user_turns(client):
 
 
 def test_a_text_model_refuses_images(lm):
-    from herd.model import build_model
-
-    text = build_model(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=128256, multiple_of=32, max_seq_len=64))
-    engine = Engine(text, max_batch=1, max_seq_len=64)
-    engine.start()
-    try:
-        with ServerThread(build_app(engine, lm.tokenizer, model_name="text")) as srv:
-            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
-                {"role": "user", "content": [_image_part(_picture(4)), {"type": "text", "text": "hi"}]}]})
-    finally:
-        engine.stop()
+    with served(real_vocab_model(seed=1, context=64), lm.tokenizer, max_batch=1, max_seq_len=64) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+            {"role": "user", "content": [_image_part(_picture(4)), {"type": "text", "text": "hi"}]}]})
     assert r.status_code == 400 and "this model has no vision encoder" in r.json()["error"]["message"]
 
 
 def test_herd_serve_command_with_a_vision_checkpoint(lm, checkpoint):
     assert main(["serve", str(checkpoint), "--lora", "a=b"]) == 2  # refused before anything loads
     assert main(["serve", str(checkpoint), "--max-images", "0"]) == 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "herd", "serve", str(checkpoint), "--port", str(port), "--max-batch", "2",
-           "--max-seq-len", "96", "--model-name", "tiny-vision"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+    with herd_serve_process([str(checkpoint), "--max-batch", "2", "--max-seq-len", "96",
+                             "--model-name", "tiny-vision"]) as (url, proc):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         pic = _picture(5)
         r = c.chat.completions.create(model="tiny-vision", max_tokens=5, temperature=0, messages=[
             {"role": "user", "content": [_image_part(pic), {"type": "text", "text": "Describe it."}]}])
         assert r.choices[0].message.content == _want(lm, [IMAGE, "Describe it."], [pic], max_tokens=5)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Llama 3.2 Vision, image_url parts" in out
+    assert proc.returncode == 0 and "Llama 3.2 Vision, image_url parts" in proc.output
 
 
 def test_a_small_vocabulary_model_gets_its_own_image_id(tmp_path):
     """`herd vision-adapter`'s models have <|image|> at their vocabulary size (512 here), not 128256:
     the server moves the chat format's image token there."""
-    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                                     max_seq_len=96),
-                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
-                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
-                      n_cross_layers=1)
-    model = build_mllama(args, seed=6).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gate_attn", "gate_ffwd")):
-                p.fill_(0.7)
+    model = tiny_vision_model(seed=6, vocab_size=512, amplify=1.0)
     path = save_mllama(model, tmp_path / "hf")
     (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     small = load_vision_for_inference(path)
