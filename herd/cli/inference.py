@@ -365,6 +365,12 @@ def cmd_serve(opts) -> None:
                                ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
             if bad:
                 raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
+    from herd.model.mllama_io import is_mllama_dir
+
+    if is_mllama_dir(opts.path):  # Llama 3.2 Vision: text and image_url requests in one batch
+        from herd.cli.serve_vision import serve_vision
+
+        return serve_vision(opts, _serve)
     if _tp_launch(opts):
         return
     if opts.tp > 1:
@@ -562,6 +568,8 @@ def _serve_args(p):
     p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
                    "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
+    p.add_argument("--max-images", type=int, default=4, help="images per chat request (a Llama 3.2 Vision "
+                   "checkpoint; each is encoded once and its cross-attention keys/values kept for the request)")
 
 
 COMMANDS = {

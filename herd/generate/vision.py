@@ -103,6 +103,11 @@ class LoadedVisionModel:
     def stop_tokens(self) -> tuple[int, ...]:
         return tuple(self.tokenizer.stop_tokens)
 
+    @property
+    def chat(self):
+        """The checkpoint's chat format (`ChatFormat` 3.1 for the Llama 3 vocabulary), as `LoadedModel.chat`."""
+        return chat_format_for(self.path, self.tokenizer)
+
     def encode_prompt(self, text: str, n_images: int, *, chat: bool, system: str | None = None) -> list[int]:
         """`n_images` image tokens and the text: as one user turn in the chat format (`chat`), else as
         `<|image|>...<|begin_of_text|>text`, the released base models' prompt shape."""

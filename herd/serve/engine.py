@@ -385,7 +385,7 @@ class Engine(SpeculativeSteps):
                 # Scored prompts (prompt_logprobs) compute every position: no prefix hits for them.
                 reuse = self.pool.prefix_caching and r.prompt_logprobs is None
                 names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size,
-                                     parent=chain_root(r.adapter)) if reuse else []
+                                     parent=chain_root(r.adapter, r.image_digest)) if reuse else []
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
@@ -435,11 +435,11 @@ class Engine(SpeculativeSteps):
         """Copy the sequence's newly full blocks (positions < pos) into the pool and name them."""
         bs, done = self.block_size, len(seq.names)
         if self.pool.prefix_caching and seq.pos // bs > done:
-            prompt, a = seq.handle.request.prompt, done * bs
-            S = len(prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
-            tokens = [*prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
+            r, a = seq.handle.request, done * bs
+            S = len(r.prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
+            tokens = [*r.prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
             seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens,
-                                           root=chain_root(seq.handle.request.adapter))
+                                           root=chain_root(r.adapter, r.image_digest))
 
     def _prefill(self) -> bool:
         """Prefill chunks of waiting prompts, oldest first, up to `prefill_budget` tokens in all."""
