@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from herd.model.mllama import IMAGE_TOKEN_ID, CrossKV, Mllama
+from herd.generate.vision import with_image_token
+from herd.model.mllama import CrossKV, Mllama
 from herd.model.vision_preprocess import ImageBatch, cross_attention_mask, preprocess_images
 from herd.serve.engine import Engine, Request, RequestHandle
 from herd.serve.pages import RowCache
@@ -102,12 +103,8 @@ class VisionRows:
         self._padded: tuple[list[_Bound | None], CrossKV] | None = None  # (the rows' bindings, their padded kv)
 
     def image_ids(self, prompt: list[int]) -> list[int]:
-        """A chat-format prompt with `<|image|>` at this model's id. The chat format writes the released
-        models' 128256; a model with a smaller text vocabulary (`herd vision-adapter`'s) has its image
-        token at its own vocabulary size, and 128256 cannot be one of its text ids."""
-        if self.image_token == IMAGE_TOKEN_ID or self.args.vocab_size > IMAGE_TOKEN_ID:
-            return prompt
-        return [self.image_token if t == IMAGE_TOKEN_ID else t for t in prompt]
+        """A chat-format prompt with `<|image|>` at this model's id (see `with_image_token`)."""
+        return with_image_token(prompt, self.model)
 
     def bind(self, slot: int, bound: _Bound | None) -> None:
         """Give a slot its request's images (None: a text-only request, or a free slot)."""
