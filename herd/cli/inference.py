@@ -9,6 +9,7 @@ from pathlib import Path
 from herd.cli.chat import cmd_chat
 from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
 from herd.cli.speculative import check_draft_flags, generate_speculative, load_draft
+from herd.cli.serve_q4 import attach_q4_twin, check_q4_decode
 
 
 def cmd_info(opts) -> None:
@@ -365,24 +366,27 @@ def cmd_serve(opts) -> None:
                                ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
             if bad:
                 raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
-    # --q4-decode auto quietly steps aside where a twin cannot apply; "always" says why instead.
-    unfit = (f"{opts.path} is not a .gguf file" if not str(opts.path).endswith(".gguf") else
-             "it needs CPU, fp32 and no --compile, --lora, --draft or --tp" if (
-                 opts.compile or opts.lora or opts.draft is not None or opts.tp != 1 or str(opts.device) != "cpu"
-                 or str(opts.dtype) != "torch.float32") else None)
-    if unfit and opts.q4_decode == "always":
-        raise ValueError(f"--q4-decode always decodes with a GGUF file's Q4_0/Q4_1 blocks, but {unfit}; "
-                         "pass --q4-decode never")
-    opts.q4_decode = "never" if unfit else opts.q4_decode
+    from herd.model.mllama_io import is_mllama_dir
+
+    if is_mllama_dir(opts.path):  # Llama 3.2 Vision: text and image_url requests in one batch
+        from herd.cli.serve_vision import serve_vision
+
+        return serve_vision(opts, _serve)
+    check_q4_decode(opts)
     if _tp_launch(opts):
         return
     if opts.tp > 1:
         _serve_tp(opts)
         return
+    import signal
+
     lm = load(opts)
     draft = load_draft(opts, lm).model if opts.draft is not None else None
     adapters = _attach_loras(lm.model, opts.lora)
     engine, context = _serve_engine(opts, lm, adapters=adapters, draft=draft)
+    # uvicorn re-raises a SIGTERM after its graceful shutdown; with the default handler that ends the
+    # process before `serve` stops the engine. Unwinding as from Ctrl-C stops it and exits 0.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     note = "" if draft is None else (f", speculative decoding with draft {opts.draft} (k={engine.draft.num_draft}; "
                                      "rows with logprobs, penalties, logit_bias or structured outputs decode without it)")
     _serve(opts, lm, engine, context, adapters=adapters, note=note)
@@ -401,24 +405,8 @@ def _serve_engine(opts, lm, *, adapters=None, mirror=None, draft=None):
                     compile=opts.compile, adapters=adapters, mirror=mirror, draft=draft,
                     num_draft=4 if opts.draft_k is None else opts.draft_k)
     if getattr(opts, "q4_decode", "never") != "never" and mirror is None:
-        _attach_q4_twin(opts, lm, engine)
+        attach_q4_twin(opts, lm, engine)
     return engine, context
-
-
-def _attach_q4_twin(opts, lm, engine) -> None:
-    """Hold the GGUF file's int4 blocks beside the fp32 weights; decode each batch size on the faster
-    of the two (--q4-decode auto) or always on the int4 blocks (always)."""
-    from herd.generate.loading import q4_decode_twin
-    from herd.serve.decode_choice import choose_decode
-
-    twin, why = q4_decode_twin(lm.model, opts.path)
-    if twin is None:
-        if opts.q4_decode == "always":
-            raise ValueError(f"--q4-decode always: {why}; pass --q4-decode never")
-        print(f"herd serve: decoding with the fp32 weights only ({why})", file=sys.stderr)
-        return
-    engine.decode_choice = choose_decode({"fp32": lm.model, "int4": twin}, engine.cache, mode=opts.q4_decode)
-    print(f"herd serve: {why}; decode steps by batch size: {engine.decode_choice.describe()}", file=sys.stderr)
 
 
 def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> None:
@@ -443,6 +431,7 @@ def _serve(opts, lm, engine, context: int, *, adapters=None, note: str = "") -> 
         print(f"herd serve: no chat format ({e}); /v1/chat/completions will answer 400", file=sys.stderr)
     serve(engine, tok, model_name=name, host=opts.host, port=opts.port, api_key=opts.api_key, chat=chat,
           body_timeout=opts.body_timeout)
+    print("herd serve: stopped", file=sys.stderr)
 
 
 def _raise_interrupt(signum, frame):
@@ -587,6 +576,8 @@ def _serve_args(p):
     p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
                    "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
+    p.add_argument("--max-images", type=int, default=4, help="images per chat request (a Llama 3.2 Vision "
+                   "checkpoint; each is encoded once and its cross-attention keys/values kept for the request)")
 
 
 COMMANDS = {

@@ -400,7 +400,7 @@ class Engine(SpeculativeSteps, PrefillSteps):
                 # Scored prompts (prompt_logprobs) compute every position: no prefix hits for them.
                 reuse = self.pool.prefix_caching and r.prompt_logprobs is None
                 names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size,
-                                     parent=chain_root(r.adapter)) if reuse else []
+                                     parent=chain_root(r.adapter, r.image_digest)) if reuse else []
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
@@ -416,10 +416,11 @@ class Engine(SpeculativeSteps, PrefillSteps):
         chats that open at once with the same long system prompt would otherwise each prefill it."""
         for seq in self._slots:
             if seq is not None and seq.state == _PREFILL:
-                prompt = seq.handle.request.prompt
+                r = seq.handle.request
+                prompt = r.prompt
                 done = len(seq.names)
                 if name in block_hashes(prompt[: len(prompt) - 1], self.block_size, start=done,
-                                        parent=seq.names[-1] if done else chain_root(seq.handle.request.adapter)):
+                                        parent=seq.names[-1] if done else chain_root(r.adapter, r.image_digest)):
                     return True
         return False
 
@@ -464,11 +465,11 @@ class Engine(SpeculativeSteps, PrefillSteps):
         """Copy the sequence's newly full blocks (positions < pos) into the pool and name them."""
         bs, done = self.block_size, len(seq.names)
         if self.pool.prefix_caching and seq.pos // bs > done:
-            prompt, a = seq.handle.request.prompt, done * bs
-            S = len(prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
-            tokens = [*prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
+            r, a = seq.handle.request, done * bs
+            S = len(r.prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
+            tokens = [*r.prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
             seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens,
-                                           root=chain_root(seq.handle.request.adapter))
+                                           root=chain_root(r.adapter, r.image_digest))
 
     def _fork(self, first: _Seq, logits: torch.Tensor) -> None:
         """Choice 0's prompt is in: the other choices share its full blocks and copy its row, and all

@@ -133,7 +133,13 @@ def forward_chunks(model, cache: KVCache, chunks: Sequence[Chunk], device: torch
 
 
 class PrefillSteps:
-    """The engine's prefill (a mixin of `herd.serve.engine.Engine`, which owns the state it reads)."""
+    """The engine's prefill (a mixin of `herd.serve.engine.Engine`, which owns the state it reads).
+
+    batch_prefill: False keeps one forward per chunk (a model surface that prefills one slot's row
+    at a time, e.g. `herd.serve.vision.VisionRows`, whose rows attend to their own images).
+    """
+
+    batch_prefill = True
 
     def _prefill(self) -> bool:
         """Prefill chunks of waiting prompts, oldest first, up to `prefill_budget` tokens in all,
@@ -141,7 +147,8 @@ class PrefillSteps:
         chunks = plan_chunks([s for s in self._slots if s is not None], self.prefill_budget)
         if not chunks:
             return False
-        groups = [[ch] for ch in chunks] if self._mirror is not None else group_chunks(chunks)
+        single = self._mirror is not None or not self.batch_prefill
+        groups = [[ch] for ch in chunks] if single else group_chunks(chunks)
         for group in groups:
             self._prefill_group(group)
         return True
