@@ -114,3 +114,14 @@ def test_the_engine_gives_the_same_tokens_whichever_decodes(pair):
         Engine(fp32, max_batch=4, compile=True, decode_choice=choice)
     with pytest.raises(ValueError, match="main model is not the engine's model"):
         Engine(twin, max_batch=4, decode_choice=choice)
+
+
+def test_serve_refuses_q4_decode_always_where_it_cannot_apply(files, capsys, tmp_path):
+    from herd.cli import main
+
+    assert main(["serve", str(tmp_path / "model-dir"), "--q4-decode", "always"]) == 2  # before any loading
+    assert "is not a .gguf file" in capsys.readouterr().err
+    assert main(["serve", str(files["Q4_0"]), "--q4-decode", "always", "--compile"]) == 2
+    assert "it needs CPU, fp32 and no --compile" in capsys.readouterr().err
+    assert main(["serve", str(files["Q8_0"]), "--q4-decode", "always", "--port", "1"]) == 2  # after loading
+    assert "not Q4_0/Q4_1" in capsys.readouterr().err
