@@ -139,4 +139,21 @@ def q4_decode_twin(model: Transformer, path: str | os.PathLike[str]) -> tuple[Tr
         block.attention_norm, block.ffn_norm = model.layers[name].attention_norm, model.layers[name].ffn_norm
     twin.freqs_cis = model.freqs_cis
     move_to_huge_pages(nn.ModuleList([m for b in twin.layers.values() for m in (b.attention, b.feed_forward)]))
-    return twin, f"{len(built.exact)} Q4 linears kept as int4"
+    kept = len(built.exact)
+    del built
+    _trim_heap()
+    return twin, f"{kept} Q4 linears kept as int4"
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS. Building the twin reads the whole GGUF file to
+    fp32 once more (~0.5 GB for SmolLM2-135M) and frees it, but glibc keeps the pages: measured,
+    the process's RSS stayed 0.5 GB higher (1.59 GB against 1.10 GB after `malloc_trim`). Other C
+    libraries have no such call and keep what they keep."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
