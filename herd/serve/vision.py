@@ -179,11 +179,14 @@ class VisionRows:
 
 class VisionEngine(Engine):
     """Continuous batching for a Llama 3.2 Vision model: text-only and image requests in one batch.
+    Prefill runs one chunk per forward (`VisionRows` binds a prefill to one slot's images).
 
     A request's images travel in `Request.images` (`prepare_images`), one per `<|image|>` token of
     its prompt, at most `max_images`. Other arguments as for `Engine`; compile, LoRA adapters, a
     draft model and tensor parallelism are not supported with images.
     """
+
+    batch_prefill = False
 
     def __init__(self, model: Mllama, *, max_batch: int = 8, max_images: int = MAX_IMAGES, **kwargs: Any):
         for name in ("compile", "adapters", "draft", "mirror"):
