@@ -45,13 +45,24 @@ def give_default_mode(path: str | os.PathLike[str]) -> None:
     writer), and a rename keeps the mode: without this a checkpoint written atomically would be
     unreadable to other users and tools. A folder is done with everything in it; call this on the
     temporary folder once it is complete, just before renaming it into place.
+
+    A file that has an execute bit (a script copied in on purpose: mkstemp never sets one) keeps
+    it as 0777 less the umask. Symbolic links are left alone: chmod would follow them and change
+    the file they point to, which may be outside the folder.
     """
     path = Path(path)
     mask = _umask()
+
+    def mode(p: Path) -> int:
+        full = p.is_dir() or os.stat(p).st_mode & 0o111
+        return (0o777 if full else 0o666) & ~mask
+
     if path.is_dir():
         for sub in path.rglob("*"):
-            os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+            if not sub.is_symlink():
+                os.chmod(sub, mode(sub))
+    if not path.is_symlink():
+        os.chmod(path, mode(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

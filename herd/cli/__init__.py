@@ -10,6 +10,7 @@ one line and exit with status 2, without a traceback; so are usage errors, by ar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"herd {opts.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for a torchrun group, not one per rank
+            print("\ninterrupted", file=sys.stderr)
         return 130
     return 0

@@ -85,7 +85,7 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: 
     """
     if world_size_from_env() > 1:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "herd.parallel.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "-m", "herd", *module_args]
     env = dict(os.environ)
     if max_restarts:

@@ -18,6 +18,7 @@ from herd.serve import Engine, Request
 from herd.serve.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, chat_prompt, parse_chat_request
 from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from tests.helpers import herd_serve_process
 
 KEY = "test-key"
 CONTEXT = 256
@@ -452,39 +453,24 @@ def test_oversized_body_is_refused(server):
     assert resp.status_code == 413 and resp.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_herd_serve_command(model, tok, tmp_path):
-    # The CLI end to end: load a checkpoint, bind a free loopback port, answer, stop on SIGINT.
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_herd_serve_command(model, tok, tmp_path, stop):
+    # The CLI end to end: load a checkpoint, bind a free loopback port, answer, then stop cleanly on
+    # Ctrl-C and on a service manager's SIGTERM alike: exit 0, with the engine stopped (the last line
+    # is printed only after `serve` has stopped it).
     import signal
-    import socket
-    import subprocess
-    import sys
 
     import herd
 
     herd.save_model(model, tmp_path / "tiny", format="hf")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "herd", "serve", str(tmp_path / "tiny"), "--port", str(port), "--api-key", KEY,
-           "--max-batch", "2", "--max-seq-len", "128"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+    args = [str(tmp_path / "tiny"), "--api-key", KEY, "--max-batch", "2", "--max-seq-len", "128"]
+    with herd_serve_process(args, stop=getattr(signal, stop), startup_s=120) as (url, proc):
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == ["tiny"]
         assert c.models.list().data[0].max_model_len == 128
         r = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and f"http://127.0.0.1:{port}/v1, 2 slots x 128 tokens" in out
+    out = proc.output
+    assert proc.returncode == 0, out
+    assert f"{url}/v1, 2 slots x 128 tokens" in out
+    assert out.rstrip().endswith("herd serve: stopped"), out

@@ -1,12 +1,6 @@
 """`herd serve --draft`: speculative decoding behind the OpenAI API. Greedy completions equal the
 model's own greedy output, sampled ones complete, /metrics counts drafted and accepted tokens."""
 
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import openai
 import pytest
@@ -18,7 +12,7 @@ from herd.model import ModelArgs
 from herd.serve import Engine
 from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import Tokenizer, llama3_tokenizer_path
-from tests.helpers import target_and_draft
+from tests.helpers import herd_serve_process, target_and_draft
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=256)
 
@@ -70,23 +64,9 @@ def test_herd_serve_draft_command(models, tmp_path):
     # Refused before anything loads: exit status 2 and a one-line reason.
     assert main(["serve", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--compile"]) == 2
     assert main(["serve", str(tmp_path / "target"), "--draft-k", "2"]) == 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "herd", "serve", str(tmp_path / "target"), "--port", str(port), "--max-batch", "2",
-           "--max-seq-len", "128", "--draft", str(tmp_path / "target"), "--draft-k", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+    args = [str(tmp_path / "target"), "--max-batch", "2", "--max-seq-len", "128", "--draft", str(tmp_path / "target"),
+            "--draft-k", "2"]
+    with herd_serve_process(args) as (url, proc):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         r = c.completions.create(model="target", prompt="Hi", max_tokens=7, temperature=0)
         assert r.usage.completion_tokens == 7
@@ -95,7 +75,5 @@ def test_herd_serve_draft_command(models, tmp_path):
         drafted = [line for line in metrics.splitlines() if line.startswith("herd_spec_draft_tokens_total")]
         accepted = [line for line in metrics.splitlines() if line.startswith("herd_spec_accepted_tokens_total")]
         assert float(drafted[0].split()[1]) > 0 and drafted[0].split()[1] == accepted[0].split()[1]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+    out = proc.output
     assert proc.returncode == 0 and "speculative decoding with draft" in out and "k=2" in out

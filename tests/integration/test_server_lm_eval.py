@@ -19,10 +19,8 @@ import torch
 
 from herd.eval.multiple_choice import build_prompt, evaluate_mc, format_continuation, load_mc_jsonl
 from herd.eval.scoring import score_continuations
-from herd.model import ModelArgs, build_model
-from herd.serve import Engine
-from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import Tokenizer, llama3_tokenizer_path
+from tests.helpers import real_vocab_model, served
 
 pytest.importorskip("lm_eval.evaluator")  # the full harness (datasets, evaluate, ...): the lm-eval extra
 pytest.importorskip("tenacity")  # lm-eval's API models (lm-eval[api])
@@ -43,18 +41,13 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
-                     max_seq_len=CONTEXT)
-    return build_model(args, seed=11).eval()
+    return real_vocab_model(seed=11, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    engine = Engine(model, token_bytes=tok.decode_single_token_bytes, max_batch=4, max_queue=64, max_seq_len=CONTEXT)
-    engine.start()
-    with ServerThread(build_app(engine, tok, model_name="tiny")) as srv:
+    with served(model, tok, max_queue=64, max_seq_len=CONTEXT) as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")

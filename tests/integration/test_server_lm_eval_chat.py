@@ -18,10 +18,8 @@ import json
 import pytest
 import torch
 
-from herd.model import ModelArgs, build_model
-from herd.serve import Engine
-from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from tests.helpers import real_vocab_model, served
 
 pytest.importorskip("lm_eval.evaluator")  # the full harness (datasets, evaluate, ...): the lm-eval extra
 pytest.importorskip("tenacity")  # lm-eval's API models (lm-eval[api])
@@ -42,18 +40,13 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
-                     max_seq_len=CONTEXT)
-    return build_model(args, seed=5).eval()
+    return real_vocab_model(seed=5, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    engine = Engine(model, token_bytes=tok.decode_single_token_bytes, max_batch=2, max_queue=16, max_seq_len=CONTEXT)
-    engine.start()
-    with ServerThread(build_app(engine, tok, model_name="tiny", chat="3.1")) as srv:
+    with served(model, tok, max_batch=2, max_seq_len=CONTEXT, chat="3.1") as srv:
         yield srv
-    engine.stop()
 
 
 def _task(root, docs, until: list[str]) -> None:

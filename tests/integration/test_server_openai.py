@@ -7,10 +7,8 @@ import openai
 import pytest
 import torch
 
-from herd.model import ModelArgs, build_model
-from herd.serve import Engine
-from herd.serve.server import ServerThread, build_app
 from herd.tokenizer import ChatFormat, Message, Tokenizer, llama3_tokenizer_path
+from tests.helpers import real_vocab_model, served
 
 KEY = "test-key"
 CONTEXT = 128
@@ -25,18 +23,13 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     """Random, with the real vocabulary (as in test_server.py); a soft head, so penalties change paths."""
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
-                     max_seq_len=CONTEXT)
-    return build_model(args, seed=5).eval()
+    return real_vocab_model(seed=5, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    engine = Engine(model, token_bytes=tok.decode_single_token_bytes, max_batch=4, max_queue=16, max_seq_len=CONTEXT)
-    engine.start()
-    with ServerThread(build_app(engine, tok, model_name="tiny", api_key=KEY)) as srv:
+    with served(model, tok, max_seq_len=CONTEXT, api_key=KEY) as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")

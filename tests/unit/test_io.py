@@ -52,6 +52,24 @@ def test_give_default_mode_covers_a_whole_temporary_folder(tmp_path):
         assert _mode(os.path.join(folder, f)) == 0o666 & ~mask
 
 
+def test_give_default_mode_keeps_execute_bits_and_leaves_links_alone(tmp_path):
+    # A script copied into a checkpoint stays runnable, and a link to a file outside the folder
+    # does not get that file's mode changed through it.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("shared")
+    os.chmod(outside, 0o600)
+    folder = tempfile.mkdtemp(dir=tmp_path)
+    script = os.path.join(folder, "run.sh")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(script, 0o700)
+    os.symlink(outside, os.path.join(folder, "link.txt"))
+    give_default_mode(folder)
+    mask = _umask()
+    assert _mode(script) == 0o777 & ~mask
+    assert _mode(outside) == 0o600
+
+
 def test_write_files_refuses_paths_outside_the_folder(tmp_path):
     with pytest.raises(ValueError):
         write_files(tmp_path, {"../escape.txt": b"no"})
