@@ -76,6 +76,7 @@ class PhaseStats:
     tokens_per_s: float
     ttft_p50_s: float
     ttft_p95_s: float
+    ttft_p99_s: float
     itl_p50_s: float
     tpot_p50_s: float
 
@@ -92,6 +93,7 @@ def summarize(records: Sequence[RequestRecord], *, clients: int, wall_s: float) 
         prompt_tokens_mean=sum(r.prompt_tokens for r in records) / len(records), seconds=wall_s,
         tokens_per_s=tokens / wall_s,
         ttft_p50_s=percentile([r.ttft for r in records], 0.5), ttft_p95_s=percentile([r.ttft for r in records], 0.95),
+        ttft_p99_s=percentile([r.ttft for r in records], 0.99),
         itl_p50_s=percentile([g for r in records for g in r.itls], 0.5), tpot_p50_s=percentile(tpots, 0.5))
 
 

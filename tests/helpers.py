@@ -49,6 +49,32 @@ def real_vocab_model(*, seed: int, context: int = 128) -> Transformer:
     return build_model(args, seed=seed).eval()
 
 
+def tiny_vision_model(*, seed: int, vocab_size: int = 128256, n_layers: int = 2, n_cross_layers: int = 1,
+                      context: int = 128, amplify: float = 20.0):
+    """A random Llama 3.2 Vision model (28 px tiles, up to 2 per image, 5 tokens each) whose images
+    steer its greedy text: the cross-attention gates are opened (a fresh model's are 0, so it would
+    ignore images) and the cross layers' outputs and the projector scaled up by `amplify` (and
+    amplify / 4). Eval mode, fp32."""
+    from herd.model.mllama import MllamaArgs, build_mllama
+    from herd.model.vision import VisionArgs
+
+    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                                     multiple_of=16, max_seq_len=context),
+                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
+                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
+                      n_cross_layers=n_cross_layers)
+    model = build_mllama(args, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_attn", "gate_ffwd")):
+                p.fill_(0.7)
+        for block in model.text_model.cross_attention_layers.values():
+            block.attention.wo.weight.mul_(amplify)
+            block.feed_forward.w2.weight.mul_(amplify)
+        model.vision_model.vision_projection.weight.mul_(amplify / 4)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def served(model: Transformer, tok, *, max_batch: int = 4, max_queue: int = 16, max_seq_len: int = 128,
            **app_options: Any) -> Iterator[Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from herd.cli.chat import cmd_chat
 from herd.cli.common import CHECKPOINT_HELP, add_checkpoint_args, add_sampling_args, load, sampling
 from herd.cli.speculative import check_draft_flags, generate_speculative, load_draft
+from herd.cli.serve_q4 import attach_q4_twin, check_q4_decode
 
 
 def cmd_info(opts) -> None:
@@ -365,6 +366,13 @@ def cmd_serve(opts) -> None:
                                ("--compile", opts.compile, "the compiled step does not take the ranks' collectives")):
             if bad:
                 raise ValueError(f"{flag} is not supported with --tp yet ({why}); run with --tp 1 or leave out {flag}")
+    from herd.model.mllama_io import is_mllama_dir
+
+    if is_mllama_dir(opts.path):  # Llama 3.2 Vision: text and image_url requests in one batch
+        from herd.cli.serve_vision import serve_vision
+
+        return serve_vision(opts, _serve)
+    check_q4_decode(opts)
     if _tp_launch(opts):
         return
     if opts.tp > 1:
@@ -396,6 +404,8 @@ def _serve_engine(opts, lm, *, adapters=None, mirror=None, draft=None):
                     prefix_caching=not opts.no_prefix_caching, token_bytes=lm.tokenizer.decode_single_token_bytes,
                     compile=opts.compile, adapters=adapters, mirror=mirror, draft=draft,
                     num_draft=4 if opts.draft_k is None else opts.draft_k)
+    if getattr(opts, "q4_decode", "never") != "never" and mirror is None:
+        attach_q4_twin(opts, lm, engine)
     return engine, context
 
 
@@ -548,6 +558,10 @@ def _serve_args(p):
                    "blocks pause sequences when they run out")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt whole (default: reuse the KV blocks of earlier prompts' shared prefixes)")
+    p.add_argument("--q4-decode", choices=("auto", "always", "never"), default="auto",
+                   help="for a .gguf of Q4_0/Q4_1 layers: also hold its int4 blocks (the same weights) and decode "
+                   "each batch size on whichever of int4 and fp32 was faster at start-up (auto), always on int4, or "
+                   "never (fp32 only, the file dequantized); prefill runs fp32")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step beside the running decodes (longer prompts take several steps)")
     p.add_argument("--model-name", "--served-model-name", dest="model_name",
@@ -562,6 +576,8 @@ def _serve_args(p):
     p.add_argument("--draft-k", type=int, metavar="N", help="tokens the draft proposes per row and step (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: starts N processes (gloo on CPU, NCCL "
                    "on GPUs, one GPU each), each holding a slice of the weights and KV heads; rank 0 serves")
+    p.add_argument("--max-images", type=int, default=4, help="images per chat request (a Llama 3.2 Vision "
+                   "checkpoint; each is encoded once and its cross-attention keys/values kept for the request)")
 
 
 COMMANDS = {

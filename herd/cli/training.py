@@ -173,8 +173,8 @@ def _vision_adapter_args(p):
     # Defaults live in herd.posttrain.vision_adapter.AdapterConfig (not imported here: `herd --help` stays torch-free).
     p.add_argument("--text-model", required=True, help="a trained herd text checkpoint directory (with its tokenizer)")
     p.add_argument("--out", required=True, help="output directory: model/ (Llama 3.2 Vision HF checkpoint) + report.json")
-    p.add_argument("--caption-steps", type=int, help="stage 1 steps on captions (default 150)")
-    p.add_argument("--qa-steps", type=int, help="stage 2 steps on question/answer pairs (default 100)")
+    p.add_argument("--caption-steps", type=int, help="stage 1 steps on captions (default 300)")
+    p.add_argument("--qa-steps", type=int, help="stage 2 steps on question/answer pairs, the captions mixed in (default 200)")
     p.add_argument("--train-pictures", type=int, help="drawn training pictures (default 512)")
     p.add_argument("--eval-pictures", type=int, help="drawn held-out pictures (default 48)")
     p.add_argument("--seed", type=int, default=0)

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from herd.generate.fast_decode import apply_fast_decode
+from herd.kernels.hugepages import move_to_huge_pages
 from herd.model.formats import load_model
 from herd.model.llama import Transformer
 from herd.quant import apply_cpu_kernels, is_quantized_checkpoint, load_quantized
@@ -104,3 +106,54 @@ def load_for_inference(
             apply_fast_decode(model)  # each decode step's block as one fused op (small models: 1.5-2x)
     tok = load_tokenizer(path, tokenizer, vocab_size=model.args.vocab_size)
     return LoadedModel(model=model, tokenizer=tok, path=path)
+
+
+def q4_decode_twin(model: Transformer, path: str | os.PathLike[str]) -> tuple[Transformer | None, str]:
+    """The same model with the GGUF file's Q4_0 / Q4_1 blocks kept as int4 linears, for decoding.
+
+    `model` is the file loaded by `load_for_inference` (every weight dequantized to fp32). The twin
+    shares its embedding, norms and output head (the float values, Q8_0 heads included) and holds
+    every layer's seven linears as the file's int4 blocks, which dequantize to exactly `model`'s
+    fp32 weights: both compute the same function, up to fp32 rounding order, and a serving engine
+    may decode any step with either (`herd.serve.decode_choice`). Returns (None, why) when the file
+    is not a GGUF or not every layer linear is Q4_0 / Q4_1 (a twin would then be another model).
+    """
+    from herd.quant import QuantConfig
+    from herd.quant.gguf_blocks import quantized_model_from_gguf
+
+    path = Path(path).expanduser()
+    if path.suffix != ".gguf":
+        return None, f"{path.name} is not a GGUF file"
+    built = quantized_model_from_gguf(path, QuantConfig("int4", group_size=32, head="float"))
+    layer_linears = {f"layers.{i}.{n}" for i in model.layers for n in
+                     ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                      "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    missing = sorted(layer_linears - set(built.exact))
+    if missing:
+        return None, f"{len(missing)} layer linears are not Q4_0/Q4_1 in the file (e.g. {missing[0]})"
+    twin = built.model.eval()
+    apply_cpu_kernels(twin)  # repack the int4 blocks into the decode kernels' tiles
+    apply_fast_decode(twin, huge_pages=False)  # the shared tensors were moved with `model` already
+    twin.tok_embeddings, twin.output, twin.norm = model.tok_embeddings, model.output, model.norm
+    for name, block in twin.layers.items():
+        block.attention_norm, block.ffn_norm = model.layers[name].attention_norm, model.layers[name].ffn_norm
+    twin.freqs_cis = model.freqs_cis
+    move_to_huge_pages(nn.ModuleList([m for b in twin.layers.values() for m in (b.attention, b.feed_forward)]))
+    kept = len(built.exact)
+    del built
+    _trim_heap()
+    return twin, f"{kept} Q4 linears kept as int4"
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS. Building the twin reads the whole GGUF file to
+    fp32 once more (~0.5 GB for SmolLM2-135M) and frees it, but glibc keeps the pages: measured,
+    the process's RSS stayed 0.5 GB higher (1.59 GB against 1.10 GB after `malloc_trim`). Other C
+    libraries have no such call and keep what they keep."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from herd.generate.generate import GenerationResult, generate
-from herd.model.mllama import N_LEARNABLE_TOKENS, Mllama
+from herd.model.mllama import IMAGE_TOKEN_ID, N_LEARNABLE_TOKENS, Mllama
 from herd.model.mllama_io import is_mllama_dir, load_mllama
 from herd.model.vision_preprocess import ImageBatch, cross_attention_mask, preprocess_images
 from herd.tokenizer import Message, TokenizerLike, chat_format_for, load_tokenizer
@@ -91,6 +91,18 @@ def generate_with_images(model: Mllama, prompts: Sequence[Sequence[int]], images
 # ---- opening a vision checkpoint for the CLI -----------------------------------------------------
 
 
+def with_image_token(prompt: Sequence[int], model: Mllama) -> list[int]:
+    """A chat-format prompt with `<|image|>` at `model`'s own id.
+
+    The chat format writes the released models' id, 128256 (their text vocabulary's size). A model
+    with a smaller text vocabulary (`herd vision-adapter`'s) has its image token at its own
+    vocabulary size, and 128256 is not an id it can embed."""
+    image = model.args.text.vocab_size
+    if image >= IMAGE_TOKEN_ID:  # the released vocabulary (or a larger one, where 128256 is text)
+        return list(prompt)
+    return [image if t == IMAGE_TOKEN_ID else t for t in prompt]
+
+
 @dataclass
 class LoadedVisionModel:
     """A Llama 3.2 Vision checkpoint opened for inference, with its tokenizer (as `LoadedModel` for text)."""
@@ -103,6 +115,11 @@ class LoadedVisionModel:
     def stop_tokens(self) -> tuple[int, ...]:
         return tuple(self.tokenizer.stop_tokens)
 
+    @property
+    def chat(self):
+        """The checkpoint's chat format (`ChatFormat` 3.1 for the Llama 3 vocabulary), as `LoadedModel.chat`."""
+        return chat_format_for(self.path, self.tokenizer)
+
     def encode_prompt(self, text: str, n_images: int, *, chat: bool, system: str | None = None) -> list[int]:
         """`n_images` image tokens and the text: as one user turn in the chat format (`chat`), else as
         `<|image|>...<|begin_of_text|>text`, the released base models' prompt shape."""
@@ -112,7 +129,8 @@ class LoadedVisionModel:
                 raise ValueError("a dialog with images takes no system message (the released chat template refuses "
                                  "one); drop --system")
             fmt = chat_format_for(self.path, self.tokenizer)
-            return fmt.encode_dialog_prompt([Message(role="user", content=[*[IMAGE] * n_images, text])]).tokens
+            dialog = [Message(role="user", content=[*[IMAGE] * n_images, text])]
+            return with_image_token(fmt.encode_dialog_prompt(dialog).tokens, self.model)
         return [image] * n_images + self.tokenizer.encode(text, bos=self.tokenizer.add_bos, eos=False)
 
     def preprocess(self, files: Sequence[str | os.PathLike[str]]) -> ImageBatch:
@@ -211,7 +229,7 @@ class VisionChatSession:
 
         content = [*[IMAGE] * len(self.pending), text] if self.pending else text
         dialog = [*self.history, Message(role="user", content=content)]
-        prompt = self.format.encode_dialog_prompt(dialog).tokens
+        prompt = with_image_token(self.format.encode_dialog_prompt(dialog).tokens, self.lm.model)
         room = self.lm.model.args.text.max_seq_len - len(prompt)
         if room < 1:
             raise ValueError(f"the conversation is {len(prompt)} tokens, the model's limit is "

@@ -17,12 +17,14 @@ Design trade-offs:
   not a smaller footprint.
 * Admission waits for blocks. A request starts when it gets slots for its n choices and blocks
   for its whole prompt (plus a private tail block per extra choice); until then it and everyone
-  behind it wait (first come, first served, no starvation of large requests). A decoding
+  behind it wait (first come, first served, no starvation of large requests). It also waits while
+  its next uncached block is being prefilled by a running prompt (a shared system prompt whose
+  first request is still prefilling), then takes that block as a hit instead of recomputing it. A decoding
   sequence that needs a new block when none is free (after evicting unreferenced cached ones)
   pauses the youngest decoding sequence, which gives its blocks back (vLLM's preemption); its
   row keeps its keys and values, so it resumes without recomputation once blocks are free.
 * Chunked prefill. Each step prefills at most `prefill_budget` prompt tokens (oldest prompt
-  first, one forward per chunk) and then decodes every running sequence once, so a long prompt
+  first; the chunks batched into as few forwards as padding allows, `herd.serve.prefill`) and then decodes every running sequence once, so a long prompt
   is spread over several steps while everyone else keeps getting a token per step. A prompt
   whose last chunk completes joins that same step's decode.
 * n > 1 choices share the prompt: choice 0 prefills, the others then take its full blocks by
@@ -55,8 +57,10 @@ from herd.generate.adapters import AdapterSet
 from herd.generate.compiled import CompiledDecoder
 from herd.generate.processors import apply_processors
 from herd.model.llama import Transformer
-from herd.serve.pages import BlockPool, BlockStore, RowCache, block_hashes, chain_root
-from herd.serve.scoring import pick_tokens, score_chunk, scored_positions, token_logprobs
+from herd.serve.decode_choice import DecodeChoice
+from herd.serve.pages import BlockPool, BlockStore, block_hashes, chain_root
+from herd.serve.prefill import PrefillSteps
+from herd.serve.scoring import pick_tokens, token_logprobs
 from herd.serve.tp import Leader
 from herd.serve.speculative import DraftRunner, SpeculativeSteps
 
@@ -86,7 +90,7 @@ from herd.serve.requests import RunningSeq as _Seq
 
 log = logging.getLogger(__name__)
 
-class Engine(SpeculativeSteps):
+class Engine(SpeculativeSteps, PrefillSteps):
     """Continuous batching for one model. Drive it with `start()` (a background thread) or by
     calling `step()` yourself (tests); not both.
 
@@ -111,6 +115,9 @@ class Engine(SpeculativeSteps):
         vocabulary proposes up to num_draft tokens per row and step. Not with compile or adapters.
     mirror: tensor parallelism (`herd.serve.tp.Leader`): told every forward and KV copy before it
         runs, so follower ranks repeat them on their shards; a failed step is then fatal.
+    decode_choice: decode each step on `model` or an equivalent twin (the GGUF file's int4 blocks),
+        whichever `herd.serve.decode_choice.choose_decode` found faster at that batch size. Plain
+        decode steps only: not with compile, adapters, a draft or a mirror.
     """
 
     def __init__(
@@ -131,6 +138,7 @@ class Engine(SpeculativeSteps):
         draft: Transformer | None = None,
         num_draft: int = 4,
         mirror: Leader | None = None,
+        decode_choice: DecodeChoice | None = None,
     ):
         args = model.args
         max_seq_len = args.max_seq_len if max_seq_len is None else max_seq_len
@@ -174,6 +182,13 @@ class Engine(SpeculativeSteps):
         self.draft = None if draft is None else DraftRunner(draft, target=model, max_batch=max_batch,
                                                             max_seq_len=max_seq_len, num_draft=num_draft)
         self._latency: list[LatencyObserver] = []
+        if decode_choice is not None:
+            if compile or adapters is not None or draft is not None or mirror is not None:
+                raise ValueError("a decode twin (--q4-decode) cannot be combined with compile (--compile), LoRA "
+                                 "adapters (--lora), a draft (--draft) or tensor parallelism (--tp); use --q4-decode never")
+            if next(iter(decode_choice.models.values())) is not model:
+                raise ValueError("the decode choice's main model is not the engine's model")
+        self.decode_choice = decode_choice
 
     def add_latency_observer(self, observer: LatencyObserver) -> None:
         """Report every time to first token, inter-token gap and request latency to `observer`
@@ -385,14 +400,29 @@ class Engine(SpeculativeSteps):
                 # Scored prompts (prompt_logprobs) compute every position: no prefix hits for them.
                 reuse = self.pool.prefix_caching and r.prompt_logprobs is None
                 names = block_hashes(r.prompt[: len(r.prompt) - 1], self.block_size,
-                                     parent=chain_root(r.adapter)) if reuse else []
+                                     parent=chain_root(r.adapter, r.image_digest)) if reuse else []
                 hits = self.pool.match(names)
                 if self.pool.available_with(hits) < self._blocks_for(r) - len(hits):
                     break
+                if len(hits) < len(names) and self._in_flight(names[len(hits)]):
+                    break  # a running prompt is prefilling this block now: wait to share it, not recompute it
                 self._waiting.popleft()
             self._start(handle, free[: r.n], names, hits)
             admitted = True
         return admitted
+
+    def _in_flight(self, name: bytes) -> bool:
+        """Whether a prompt being prefilled will name a block `name` (it is not in the pool yet). Four
+        chats that open at once with the same long system prompt would otherwise each prefill it."""
+        for seq in self._slots:
+            if seq is not None and seq.state == _PREFILL:
+                r = seq.handle.request
+                prompt = r.prompt
+                done = len(seq.names)
+                if name in block_hashes(prompt[: len(prompt) - 1], self.block_size, start=done,
+                                        parent=seq.names[-1] if done else chain_root(r.adapter, r.image_digest)):
+                    return True
+        return False
 
     def _start(self, handle: RequestHandle, slots: list[int], names: list[bytes], hits: list[int]) -> None:
         r = handle.request
@@ -435,63 +465,11 @@ class Engine(SpeculativeSteps):
         """Copy the sequence's newly full blocks (positions < pos) into the pool and name them."""
         bs, done = self.block_size, len(seq.names)
         if self.pool.prefix_caching and seq.pos // bs > done:
-            prompt, a = seq.handle.request.prompt, done * bs
-            S = len(prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
-            tokens = [*prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
+            r, a = seq.handle.request, done * bs
+            S = len(r.prompt)  # the ids at positions a..pos-1: prompt, then generated tokens
+            tokens = [*r.prompt[a : seq.pos], *seq.generated[max(a - S, 0) : max(seq.pos - S, 0)]]
             seq.names += self.store.commit(self.pool, self.cache, seq.slot, seq.blocks, seq.names, tokens,
-                                           root=chain_root(seq.handle.request.adapter))
-
-    def _prefill(self) -> bool:
-        """Prefill chunks of waiting prompts, oldest first, up to `prefill_budget` tokens in all."""
-        budget, progressed = self.prefill_budget, False
-        for seq in sorted((s for s in self._slots if s is not None and s.state == _PREFILL), key=lambda s: s.order):
-            if budget == 0:
-                break
-            handle, prompt = seq.handle, seq.handle.request.prompt
-            S = len(prompt)
-            c = min(S - seq.pos, budget)
-            t0 = time.perf_counter()
-            try:
-                if self._mirror is not None:
-                    scored = 0 if handle.request.prompt_logprobs is None else scored_positions(S, seq.pos, c)
-                    self._mirror.prefill(seq.slot, seq.pos, prompt[seq.pos : seq.pos + c], last=seq.pos + c == S,
-                                         scored=scored)
-                tokens = torch.tensor([list(prompt[seq.pos : seq.pos + c])], dtype=torch.long, device=self.device)
-                if self.adapters is not None:  # multi-LoRA hook: the prefill row's adapter
-                    self.adapters.select([handle.request.adapter])
-                h = self.model.hidden(tokens, pos=seq.pos, cache=RowCache(self.cache, seq.slot))  # (1, c, dim)
-                logits = self.model.output(h[:, -1]).float() if seq.pos + c == S else None  # (1, V)
-                if handle.request.prompt_logprobs is not None:
-                    seq.prompt_lps = score_chunk(self.model.output, prompt, seq.pos, h[0],
-                                                 handle.request.prompt_logprobs, seq.prompt_lps)
-            except Exception:
-                if self._mirror is not None:  # the followers may be inside this forward's collectives
-                    raise
-                log.exception("prefill of %s failed", handle.id)
-                for s in (seq, *seq.forks):
-                    if self._slots[s.slot] is s:
-                        self._finish(s, "error", error="internal error during prefill")
-                continue
-            seq.pos += c
-            budget -= c
-            progressed = True
-            self._commit(seq)
-            with self._cond:
-                m = self._metrics
-                m.prefills_total += 1
-                m.prefill_tokens_total += c
-                m.prefill_seconds += time.perf_counter() - t0
-            if logits is None:
-                continue
-            if seq.prompt_lps is not None:  # before any event: consumers may read it once they see one
-                handle.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
-            if seq.limit == 0:  # prefill only (max_tokens 0)
-                for s in (seq, *seq.forks):
-                    if self._slots[s.slot] is s:
-                        self._finish(s, "length")
-                continue
-            self._fork(seq, logits)
-        return progressed
+                                           root=chain_root(r.adapter, r.image_digest))
 
     def _fork(self, first: _Seq, logits: torch.Tensor) -> None:
         """Choice 0's prompt is in: the other choices share its full blocks and copy its row, and all
@@ -557,7 +535,8 @@ class Engine(SpeculativeSteps):
         if self._compiled is not None:
             logits = self._compiled(tokens_t, pos_t)  # (max_batch, V)
         else:
-            logits = decode_step(self.model, tokens_t, pos_t, self.cache)  # (B, V)
+            model = self.model if self.decode_choice is None else self.decode_choice.pick(B)
+            logits = decode_step(model, tokens_t, pos_t, self.cache)  # (B, V)
         rows = torch.tensor([s.slot for s in running], device=self.device)
         for s in running:  # the pending token's keys/values are in: pos + 1 positions done
             s.pos += 1

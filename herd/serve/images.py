@@ -67,3 +67,29 @@ def decode_data_url(url: str, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
         raise ImageError(f"the image data is damaged: {e}") from None
     return img
+
+
+def split_image_parts(content: list, where: str) -> tuple[list, list[str]]:
+    """OpenAI content parts -> the chat format's content (text pieces and `IMAGE` slots, in the
+    client's order, which is where the `<|image|>` tokens go, as Meta's and HF's templates place
+    them) and the image URLs in that order (decoded later, by `decode_data_url`)."""
+    from herd.tokenizer.chat import IMAGE
+
+    parts: list = []
+    urls: list[str] = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise ImageError(f"{where}: content[{i}] must be {{'type': 'image_url', 'image_url': {{'url': "
+                                 "'data:image/png;base64,...'}}")
+            parts.append(IMAGE)
+            urls.append(url)
+        else:
+            raise ImageError(f"{where}: content[{i}] must be a text part ({{'type': 'text', 'text': ...}}) or an "
+                             "image part ({'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...'}})")
+    return parts, urls

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
@@ -59,11 +59,11 @@ class Jobs:
         self.outs: list[list[Out]] = []
 
     def submit(self, prompts: list[list[int]], params: CommonParams, max_tokens: list[int], *, tools: bool,
-               grammar: Grammar | None = None, adapter: str | None = None) -> None:
+               grammar: Grammar | None = None, adapter: str | None = None, images: Any = None) -> None:
         """Queue one engine request per prompt (APIError 503 when the queue is full, 400 when the
         engine refuses one; what was queued before is cancelled). grammar: every choice's output
         is constrained to it (structured output). adapter: a LoRA adapter's name, which is also
-        the model id the responses carry."""
+        the model id the responses carry. images: the `RequestImages` of a one-prompt chat request."""
         tok, special = self.tokenizer, self.special_ids
         if adapter is not None:
             self.model = adapter
@@ -89,7 +89,7 @@ class Jobs:
                 request = Request(prompt, limit, params.sampling, params.n, stop_tokens, params.stop,
                                   params.logprobs, params.top_logprobs,
                                   logits_processors=(*params.penalties.factories(prompt), *grammar_processors),
-                                  prompt_logprobs=prompt_logprobs, adapter=adapter)
+                                  prompt_logprobs=prompt_logprobs, adapter=adapter, images=images)
 
                 def deliver(event, j=j):
                     try:

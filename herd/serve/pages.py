@@ -44,10 +44,13 @@ def block_hashes(tokens: Sequence[int], block_size: int, start: int = 0, parent:
     return out
 
 
-def chain_root(adapter: str | None) -> bytes:
-    """The parent name of a sequence's first block. Keys and values depend on the LoRA adapter as
-    well as on the tokens, so each adapter's blocks form their own chains (b"": the base model)."""
-    return b"" if adapter is None else hashlib.sha256(b"lora:" + adapter.encode("utf-8")).digest()
+def chain_root(adapter: str | None, images: bytes = b"") -> bytes:
+    """The parent name of a sequence's first block. Keys and values depend on the LoRA adapter and
+    (Llama 3.2 Vision, through cross-attention) on the request's images as well as on the tokens,
+    so each adapter's and each image set's blocks form their own chains (b"": the base model, no
+    images). `images` is the images' digest (`Request.image_digest`)."""
+    root = b"" if adapter is None else hashlib.sha256(b"lora:" + adapter.encode("utf-8")).digest()
+    return root if not images else hashlib.sha256(root + b"|images:" + images).digest()
 
 
 class BlockPool:

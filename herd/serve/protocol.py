@@ -38,6 +38,7 @@ from herd.generate.penalties import NO_PENALTIES, Penalties
 from herd.serve.logprobs import chat_logprobs, completion_logprobs, token_text  # noqa: F401
 # So are the error type and the typed field readers, moved to fields.py (tokens_api.py shares them).
 from herd.serve.fields import APIError, _get, _in_range, _type_name  # noqa: F401
+from herd.serve.images import ImageError, split_image_parts
 from herd.serve.requests import MAX_TOP_LOGPROBS, Choice
 from herd.tokenizer import ChatFormat, ChatTemplate, Message, StreamDecoder, Tokenizer, ToolCall, llama31_system_prompt
 
@@ -91,6 +92,7 @@ class ChatRequest:
     messages: list[Message]
     tools: list[dict] = field(default_factory=list)  # the "function" objects of the tools
     forced_tool: str | None = None  # tool_choice "required" (any tool: "") or the one function named
+    images: list[str] = field(default_factory=list)  # image_url URLs, in the order of the IMAGE slots
 
 
 @dataclass
@@ -246,7 +248,7 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
     raw_messages = _get(body, "messages", "array", required=True)
     if not raw_messages:
         raise APIError(400, "'messages' must not be empty", param="messages")
-    messages = []
+    messages, images = [], []
     for i, raw in enumerate(raw_messages):
         where = f"messages[{i}]"
         if not isinstance(raw, dict):
@@ -260,6 +262,16 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
             if not isinstance(raw["tool_calls"], list):
                 raise APIError(400, f"{where}: tool_calls must be an array", param="messages")
             calls = [_tool_call_in(c, where) for c in raw["tool_calls"]]
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            if role != "user":
+                raise APIError(400, f"{where}: only user messages may hold images", param="messages")
+            try:
+                parts, urls = split_image_parts(content, where)
+            except ImageError as e:
+                raise APIError(400, str(e), param="messages") from None
+            messages.append(Message(role="user", content=parts))
+            images += urls
+            continue
         text = "" if content is None and calls else _text_content(content, where)
         messages.append(Message(role="system" if role == "developer" else role, content=text, tool_calls=calls))
     tools = []
@@ -285,7 +297,7 @@ def parse_chat_request(body: Any, *, max_n: int) -> ChatRequest:
                        "{'name': ...}}", param="tool_choice")
     if choice == "none":
         tools = []
-    return ChatRequest(params, messages, tools, forced)
+    return ChatRequest(params, messages, tools, forced, images)
 
 
 def parse_completion_request(body: Any, *, max_n: int) -> CompletionRequest:
@@ -334,6 +346,9 @@ def chat_prompt(fmt: ChatFormat | ChatTemplate | None, request: ChatRequest, *, 
         raise APIError(400, "this model declares no chat template and its vocabulary is not Llama 3's, so it has "
                        "no chat format; use /v1/completions with a plain prompt", param="messages")
     messages = list(request.messages)
+    if isinstance(fmt, ChatTemplate) and request.images:
+        raise APIError(400, "image parts need the Llama 3 chat format (a Llama 3.2 Vision checkpoint with the Llama 3 "
+                       "tokenizer); this model's own chat template is not used with images", param="messages")
     if isinstance(fmt, ChatTemplate):
         try:
             return fmt.encode_prompt(messages, tools=request.tools or None,  # no SFT mask: linear time

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from herd.generate.processors import LogitsProcessor
+    from herd.serve.vision import RequestImages
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_TOP_LOGPROBS = 20
@@ -49,6 +50,8 @@ class Request:
         computed at prefill, with this many top alternatives (0..20); see `PromptLogprob`.
     adapter: the name of a LoRA adapter the engine was built with (`adapters=`), or None for the
         base model.
+    images: a Llama 3.2 Vision request's images (`herd.serve.vision.prepare_images`), one per
+        `<|image|>` token of the prompt; only a `VisionEngine` takes them.
     """
 
     prompt: Sequence[int]
@@ -62,6 +65,12 @@ class Request:
     logits_processors: Sequence[ProcessorFactory] = ()
     prompt_logprobs: int | None = None
     adapter: str | None = None
+    images: RequestImages | None = None
+
+    @property
+    def image_digest(self) -> bytes:
+        """What the request's images add to its KV blocks' names (b"": none)."""
+        return b"" if self.images is None else self.images.digest
 
 
 @dataclass
@@ -231,6 +240,8 @@ def check_request(r: Request, *, vocab: int, max_seq_len: int, max_batch: int, s
         raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
     if r.prompt_logprobs is not None and not 0 <= r.prompt_logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"prompt_logprobs must be None or in 0..{MAX_TOP_LOGPROBS}, got {r.prompt_logprobs}")
+    if r.images is not None:
+        raise ValueError("this model has no vision encoder; send text only, or serve a Llama 3.2 Vision checkpoint")
     if r.stop_strings:
         if not stop_strings_ok:
             raise ValueError("stop strings need an engine built with token_bytes= (e.g. the tokenizer's)")

@@ -68,6 +68,7 @@ from herd.serve.protocol import (
 )
 from herd.serve.requests import TokenEvent
 from herd.serve.tokens_api import detokenize, tokenize, tokenizer_info
+from herd.serve.vision import request_images
 from herd.tokenizer import ChatFormat, ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -236,10 +237,14 @@ def build_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key:
         def prepare(jobs: Jobs) -> CommonParams:  # on a worker thread
             req = parse_chat_request(_parse_json(raw), max_n=engine.max_batch)
             adapter = state.check_model(req.params.model)
+            images = request_images(engine, req.images)  # decoded and tiled here, encoded by the engine
             prompt = chat_prompt(state.fmt, req)
+            if images is not None:
+                prompt = engine.rows.image_ids(prompt)  # type: ignore[attr-defined]
             limit = check_length(len(prompt), req.params.max_tokens, engine.max_seq_len)
             grammar = state.grammars.for_chat(state.fmt, req)
-            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar, adapter=adapter)
+            jobs.submit([prompt], req.params, [limit], tools=bool(req.tools), grammar=grammar, adapter=adapter,
+                        images=images)
             return req.params
 
         jobs = Jobs(engine, tokenizer, state.special_ids, model=state.model_name)

@@ -167,3 +167,44 @@ def test_chat_errors(vis, capsys, monkeypatch):
     assert main(["chat", str(path), "--max-new-tokens", "2"]) in (0, None)
     err = capsys.readouterr().err
     assert "does not exist" in err and "/image needs a file" in err
+
+
+def test_a_small_vocabulary_model_gets_its_own_image_id_in_chat(tmp_path, capsys, monkeypatch):
+    """`herd vision-adapter`'s models have <|image|> at their text vocabulary's size (512 here): the
+    chat format's 128256 is moved there, in `encode_prompt` and in `herd chat --image` (before, the
+    prompt held an id the model cannot embed)."""
+    import base64
+    import io
+
+    from herd.tokenizer import Message, chat_format_for
+    from herd.tokenizer.chat import IMAGE
+
+    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                                     max_seq_len=128),
+                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
+                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
+                      n_cross_layers=1)
+    model = build_mllama(args, seed=6).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_attn", "gate_ffwd")):
+                p.fill_(0.7)
+    path = save_mllama(model, tmp_path / "hf")
+    (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    picture = tmp_path / "pic.png"
+    gen = torch.Generator().manual_seed(2)
+    Image.fromarray((torch.rand(30, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(picture)
+
+    lm = load_vision_for_inference(path)
+    tokens = lm.encode_prompt("hi", 1, chat=True)
+    assert 512 in tokens and IMAGE_TOKEN_ID not in tokens
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    code = main(["chat", str(path), "--image", str(picture), "--max-new-tokens", "4", "--temperature", "0"])
+    assert code in (0, None)
+    [got] = _replies(capsys.readouterr().out)
+    prompt = chat_format_for(lm.path, lm.tokenizer).encode_dialog_prompt([Message("user", [IMAGE, "hi"])]).tokens
+    prompt = [512 if t == IMAGE_TOKEN_ID else t for t in prompt]
+    [r] = generate_with_images(lm.model, [prompt], lm.preprocess([picture]), max_new_tokens=4,
+                               sampling=SamplingParams(temperature=0), stop_tokens=lm.stop_tokens)
+    assert got == lm.tokenizer.decode(r.tokens)

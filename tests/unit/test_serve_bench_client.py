@@ -56,6 +56,7 @@ def test_phase_summary_by_hand():
     assert s.tokens_per_s == pytest.approx(11 / 4.0)
     assert s.ttft_p50_s == pytest.approx(0.5)  # TTFTs 0.2, 0.5, 1.0
     assert s.ttft_p95_s == pytest.approx(0.5 + 0.9 * 0.5)  # position 1.9 between 0.5 and 1.0
+    assert s.ttft_p99_s == pytest.approx(0.5 + 0.98 * 0.5)  # position 1.98
     assert s.itl_p50_s == pytest.approx(0.1)  # pooled gaps 0.1 x4, 0.2, 0.3, 0.4
     assert s.tpot_p50_s == pytest.approx(0.2)
     with pytest.raises(ValueError, match="no requests"):

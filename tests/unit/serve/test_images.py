@@ -70,3 +70,23 @@ def test_a_truncated_image_is_damaged_not_a_crash():
         decode_data_url("data:image/png;base64," + base64.b64encode(cut).decode())
     with pytest.raises(ImageError, match="must be a string"):
         decode_data_url(None)
+
+
+def test_image_parts_become_image_slots_where_the_client_put_them():
+    from herd.serve.protocol import APIError, parse_chat_request
+    from herd.tokenizer.chat import IMAGE
+
+    a, b = "data:image/png;base64,AAAA", "data:image/png;base64,BBBB"
+    body = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": a}},
+                                     {"type": "text", "text": "and"},
+                                     {"type": "image_url", "image_url": {"url": b, "detail": "low"}}]},
+        {"role": "assistant", "content": "Two pictures."},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks"}]}]}
+    req = parse_chat_request(body, max_n=1)
+    assert req.messages[0].content == ["Compare", IMAGE, "and", IMAGE]
+    assert req.images == [a, b]  # decoded later, by the server, in this order
+    assert req.messages[2].content == "Thanks"  # text-only parts stay a string
+    body["messages"][1]["content"] = [{"type": "image_url", "image_url": {"url": a}}]
+    with pytest.raises(APIError, match="only user messages may hold images"):
+        parse_chat_request(body, max_n=1)
