@@ -92,9 +92,9 @@ def _corruptions(out: Path, log: str) -> list[int]:
 KINDS = [
     FaultKind("kill", "herd.train.elastic", _restarts),
     FaultKind("nan", "herd.train.anomaly", _anomalies),
-    # Replicas to compare: plain data parallelism over the 2 ranks, checked after every step.
-    FaultKind("bitflip", "herd.train.sdc", _corruptions,
-              ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--sdc.replica_check_every", "1"]),
+    # Replicas to compare: plain data parallelism over the 2 ranks, checked at every checkpoint step
+    # (--replica-check-every, main() adds it), so no checkpoint is written before the check of its step.
+    FaultKind("bitflip", "herd.train.sdc", _corruptions, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
 ]
 
 
@@ -131,13 +131,15 @@ def write_config(data: Path, out: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def schedule(kinds: list[FaultKind], *, steps: int, every: int, seed: int) -> list[dict[str, Any]]:
-    """One fault per `every` steps of each kind, at a random step of each window and a random rank."""
+def schedule(kinds: list[FaultKind], *, steps: int, every: int, seed: int, per_kind: bool = False) -> list[dict[str, Any]]:
+    """One fault per `every` steps, at a random step of each window and a random rank: the kinds
+    take turns window by window (so `every` is the rate of all faults together), or with
+    `per_kind` one fault of every kind in each window (the rate of each kind)."""
     rng = random.Random(seed)
     faults = []
-    for kind in kinds:
-        for lo in range(0, steps, every):
-            hi = min(lo + every, steps)
+    for i, lo in enumerate(range(0, steps, every)):
+        hi = min(lo + every, steps)
+        for kind in (kinds if per_kind else [kinds[i % len(kinds)]] if kinds else []):
             # Never the very last step: a fault there would leave no step to show the recovery.
             faults.append({"kind": kind.name, "step": rng.randint(lo + 1, max(lo + 1, hi - 1)),
                            "rank": rng.randrange(WORLD)})
@@ -184,13 +186,20 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step (sequences of 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", default="kill,nan,bitflip")
+    p.add_argument("--per-kind", action="store_true", help="one fault of every kind per --every steps (default: one "
+                   "fault in all per --every steps, the kinds taking turns)")
+    p.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints on the training thread "
+                   "(default: checkpoint.async_save)")
+    p.add_argument("--replica-check-every", type=int, default=0,
+                   help="with bitflip: steps between replica checks (default: --checkpoint-every)")
     p.add_argument("--keep", help="keep the runs in this directory (default: a temporary one)")
     args = p.parse_args()
 
     asked = [k for k in KINDS if k.name in args.kinds.split(",")]
     available = [k for k in asked if k.unavailable() is None]
     report: dict[str, Any] = {"benchmark": "faults", "steps": args.steps, "world": WORLD, "every": args.every,
-                              "seed": args.seed, "checkpoint_every": args.checkpoint_every, "kinds": {}}
+                              "per_kind": args.per_kind, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+                              "async_checkpoints": not args.sync_checkpoints, "kinds": {}}
     for k in asked:
         if k.unavailable() is not None:
             report["kinds"][k.name] = {"available": False, "reason": k.unavailable()}
@@ -199,11 +208,17 @@ def main() -> None:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         data = write_data(root)
-        faults = schedule(available, steps=args.steps, every=args.every, seed=args.seed)
+        faults = schedule(available, steps=args.steps, every=args.every, seed=args.seed, per_kind=args.per_kind)
         overrides = [flag for k in available for flag in k.overrides]
+        if any(k.name == "bitflip" for k in available):
+            overrides += ["--sdc.replica_check_every", str(args.replica_check_every or args.checkpoint_every)]
+        if not args.sync_checkpoints:
+            overrides += ["--checkpoint.async_save", "true"]
+        report["overrides"] = overrides
         runs = {}
         for name, injected in (("fault_free", None), ("faulty", faults)):
             out = root / name
+            load_before = os.getloadavg()
             code, seconds, log = herd_train(write_config(data, out, args), faults=injected, state=root / "fired",
                                             overrides=overrides, max_restarts=len(faults) + 1)  # kills and SDC stops restart
             if code != 0:
@@ -211,6 +226,8 @@ def main() -> None:
                 raise SystemExit(f"the {name} run failed with exit code {code}")
             runs[name] = {"out": out, "seconds": seconds, "log": log,
                           "account": json.loads((out / "effective_time.json").read_text())}
+            # The machine is shared: its 1-minute load average before and after each run says how shared.
+            report[f"loadavg_{name}"] = [round(load_before[0], 1), round(os.getloadavg()[0], 1)]
             print(f"{name}: {runs[name]['account']['effective']:.1%} effective, {seconds:.1f} s", file=sys.stderr)
 
         faulty, clean = runs["faulty"]["out"], runs["fault_free"]["out"]
@@ -224,6 +241,10 @@ def main() -> None:
                      "recovered": len(detected) if finished else 0, "steps": [f["step"] for f in mine]}
             if k.name == "kill":  # the steps between the checkpoint resumed from and the kill ran twice
                 entry["steps_lost"] = sum(f["step"] - resumed for f, resumed in zip(injected, detected))
+            if k.name == "nan":  # recomputed finite (exact recovery) vs skipped (the update is lost)
+                recs = [r for r in _jsonl(faulty / "metrics.jsonl") if str(r.get("anomaly", "")).startswith("nonfinite")]
+                entry["retried_transient"] = sum(r.get("action") == "retried" for r in recs)
+                entry["skipped"] = sum(r.get("action") == "skip" for r in recs)
             report["kinds"][k.name] = entry
         kill, flip = report["kinds"].get("kill", {}), report["kinds"].get("bitflip", {})
         if kill.get("available") and flip.get("available"):
@@ -253,6 +274,10 @@ def main() -> None:
         # the failure, stopping the others, new processes, imports, process group, model, checkpoint load.
         gaps = restart_seconds(faulty)
         report["restart_s"] = round(sum(gaps) / len(gaps), 1) if gaps else None
+        report["restarts_s"] = [round(g, 1) for g in gaps]
+        # Per restart: the logged steps it cut and ran again (the step in flight at a kill comes on top).
+        report["steps_redone_per_restart"] = [len(a.get("dropped", [])) for a in _jsonl(faulty / "attempts.jsonl")[1:]
+                                              if "rollback" not in a]
         kill = report["kinds"].get("kill", {})
         if gaps and kill.get("injected") and "steps_lost" in kill:
             # What one kill costs: a restart plus the steps run twice; faults alone take 10% of the

@@ -32,18 +32,24 @@ def cmd_train(opts) -> None:
         run = supervise(opts.config, overrides, out_dir=cfg.job.out_dir, nproc=nproc, max_restarts=restarts,
                         since=since)
         print(run.account.line(), "->", run.summary)
+        if run.stopped:
+            print(f"herd train: stopped for good: {run.stopped}", file=sys.stderr, flush=True)
         if run.returncode:
             raise SystemExit(run.returncode)
         return
     from herd.train.anomaly import AnomalyStop
     from herd.train.checkpoint import CheckpointVerifyError
-    from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption
+    from herd.train.sdc import SDC_EXIT_CODE, SilentDataCorruption, record_event, write_stop
 
     try:
         result = Trainer(cfg, step_hooks=hooks_from_env()).fit()
     except (SilentDataCorruption, CheckpointVerifyError) as e:  # hardware, not usage: no traceback, own code
         if is_rank0():  # every rank raised the same message
             print(f"herd train: {e}", file=sys.stderr, flush=True)
+            persistent = record_event(cfg.job.out_dir, e) if isinstance(e, SilentDataCorruption) else None
+            if persistent:  # the same step and ranks again after a restart: no more restarts
+                write_stop(cfg.job.out_dir, persistent)
+                print(f"herd train: stopped for good: {persistent}", file=sys.stderr, flush=True)
         raise SystemExit(SDC_EXIT_CODE) from None
     except AnomalyStop as e:  # the run cannot recover by itself: a clear end, the message says what to do
         if is_rank0():  # every rank raised the same message

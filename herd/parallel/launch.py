@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,11 +79,14 @@ def pop_max_restarts(argv: Sequence[str]) -> tuple[int | None, list[str]]:
     return _pop_count(argv, "--max-restarts", minimum=0)
 
 
-def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: int = 0) -> int:
+def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: int = 0,
+                       stop_file: Path | None = None) -> int:
     """Run `python -m herd <module_args>` in `nproc` local processes; return torchrun's exit code.
 
     max_restarts: how often torchrun's elastic agent restarts the whole group after a process
     fails (herd.train.elastic says why the whole group, from the last checkpoint).
+    stop_file: when a worker creates it, torchrun is ended (SIGTERM to it, which stops every rank)
+    instead of restarting the group again: a failure the workers know a restart cannot cure.
     """
     if world_size_from_env() > 1:
         raise ValueError("--nproc is for starting a run; this process is already one of a torchrun group")
@@ -103,14 +108,26 @@ def run_under_torchrun(nproc: int, module_args: Sequence[str], *, max_restarts: 
     # the ranks.
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        return proc.wait()
+        return wait_unless_stopped(proc, stop_file)
 
     def forward(signum, frame):
         proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        return wait_unless_stopped(proc, stop_file)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def wait_unless_stopped(proc: subprocess.Popen, stop_file: Path | None, *, poll_s: float = 0.5) -> int:
+    """`proc.wait()`, but SIGTERM `proc` once `stop_file` exists (then wait for it to end)."""
+    if stop_file is None:
+        return proc.wait()
+    while proc.poll() is None:
+        if stop_file.exists():
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait()
+        time.sleep(poll_s)
+    return proc.returncode

@@ -20,8 +20,6 @@ import copy
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
 from herd.model.args import ModelArgs
 from herd.model.llama import AttentionMask, Transformer
@@ -180,6 +178,11 @@ def build_schedule(
     device: torch.device,
 ):
     """Wrap materialised, parallelised stage modules in `PipelineStage`s and a schedule."""
+    # Imported here, not at the top: torch.distributed.pipelining pulls in torch._dynamo, ~1.5 s of
+    # every process start on our CPUs, which layouts without PP (and every restart of them) never use.
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+
     n_stages = mesh.size() * len(stages)
     pp_stages = [
         PipelineStage(module, sid, n_stages, device, group=mesh.get_group()) for sid, module in stages

@@ -11,6 +11,15 @@ step, before the optimizer touches the weights (`TrainCore._update` asks `Anomal
   actually made. Every rank must take the same decision or FSDP shards would drift apart, so the
   0/1 flags of every rank are summed with one all-reduce over the whole world (a sum rather than
   a max: the decision is the same, "any rank > 0", and the record can say how many ranks saw it).
+* **Non-finite: first recompute.** A NaN or inf from a transient fault (a flipped bit in an
+  activation, a flaky kernel, the silent data corruption the paper names as a leading cause)
+  does not come back when the same micro-batches are run again from the same weights and RNG
+  state; one from the data does. So a non-finite step is recomputed `retry_nonfinite` times
+  (default once) before it counts: a finite recomputation is applied as the step's update, and
+  the run stays bit-identical to one that never met the fault (recorded with action "retried");
+  only a step that is non-finite again is skipped. The decision is agreed like the skip: every
+  rank sees the same summed flags, so every rank recomputes. Loss spikes are not retried: a
+  spike is a finite loss, data-caused as far as anyone can tell, and recomputing it costs a step.
 * **Loss spike**: the loss is above both `median + spike_threshold * 1.4826 * MAD` and
   `spike_ratio * median` of the last `window` good losses of the stage. Median and MAD ignore
   the outliers they are meant to catch; the median lags a falling curve, so the ordinary descent
@@ -39,6 +48,9 @@ config can poison a run): build a `FaultInjector`, list the faults, install it o
 
 Each fault fires once, at the optimizer step numbered `step` (1-based, as logged), on `rank` (or
 every rank), between backward and the anomaly check, so everything downstream is the real code.
+A fault that fired is gone, so the recomputation of a non-finite step (`retry_nonfinite`) no
+longer sees it: a one-time fault is a transient one. List it twice for a fault the recomputation
+meets again (a poisoned batch), and once more per rollback replay.
 """
 
 from __future__ import annotations
@@ -77,7 +89,8 @@ class AnomalyRecord:
     threshold: float  # loss_spike: the bound crossed; non-finite: inf; rollback: max_consecutive
     ranks: int  # ranks that saw it; the decision (skip) was every rank's
     world: int
-    action: str  # "skip": update skipped; "rollback": reloaded a checkpoint and skipped data
+    action: str  # "skip": update skipped; "rollback": reloaded a checkpoint and skipped data;
+    #              "retry": about to recompute; "retried": the recomputation was finite and was applied
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Verdict:
 
     record: AnomalyRecord
     rollback: bool  # the streak reached max_consecutive
+    retry: bool = False  # non-finite and retries are left: recompute the step instead of skipping it
 
 
 @dataclass
@@ -170,8 +184,11 @@ class AnomalyGuard:
 
     # ---- the step (called by TrainCore) ------------------------------------------------------
 
-    def check(self, *, step: int, loss: float, grad_norm: float) -> Verdict | None:
-        """None for a clean step (its loss joins the statistic), else every rank's agreed verdict."""
+    def check(self, *, step: int, loss: float, grad_norm: float, retry: bool = False) -> Verdict | None:
+        """None for a clean step (its loss joins the statistic), else every rank's agreed verdict.
+
+        retry: the caller can recompute the step; a non-finite verdict then says `retry` and
+        changes no state (the streak, the counts), since the step may yet turn out clean."""
         spike, bound = self.spikes.is_spike(loss) if self.spikes is not None else (False, math.inf)
         flags = [not math.isfinite(loss), not math.isfinite(grad_norm), spike]
         counts = torch.tensor(flags, dtype=torch.float32, device=self.device)
@@ -191,6 +208,10 @@ class AnomalyGuard:
         if kind != "loss_spike" and not flags[KINDS.index(kind)]:
             value = math.nan  # another rank saw it; this rank's own value is finite and beside the point
         threshold = bound if kind == "loss_spike" else math.inf
+        if retry and kind != "loss_spike":
+            return Verdict(AnomalyRecord(kind=kind, step=step, value=value, threshold=threshold,
+                                         ranks=counts[KINDS.index(kind)], world=world, action="retry"),
+                           rollback=False, retry=True)
         self.consecutive += 1
         if self.consecutive == 1:
             self._streak_start = self._step_start
@@ -198,6 +219,12 @@ class AnomalyGuard:
         record = AnomalyRecord(kind=kind, step=step, value=value, threshold=threshold, ranks=counts[KINDS.index(kind)],
                                world=world, action="skip")
         return Verdict(record, rollback=0 < self.cfg.max_consecutive <= self.consecutive)
+
+    def transient(self, first: AnomalyRecord) -> AnomalyRecord:
+        """The step whose first computation was `first` (a retry verdict) recomputed finite and was
+        applied: the record says so; the streak is unaffected (the step was clean)."""
+        self.counts["transient"] += 1
+        return AnomalyRecord(**{**asdict(first), "action": "retried"})
 
     # ---- the trainer's hooks -----------------------------------------------------------------
 

@@ -26,6 +26,17 @@ Design trade-offs:
   tensors (loader and RNG states) are stored by DCP as pickled blobs.
 * Pruning keeps the newest `keep_last` periodic checkpoints plus every checkpoint marked `keep`
   (each stage's final one, which the next stage starts from and `herd export` wants).
+* Asynchronous writes (`save_async`, `checkpoint.async_save`): the state is copied (staged) at
+  the step boundary, which is the only part training waits for, and a background thread writes
+  the copy through the same path as `save` (temporary directory, CRCs, COMPLETE, rename, the
+  verification, pruning), so every guarantee above holds: a kill mid-write leaves the previous
+  checkpoints, and the unfinished one is removed at the next start. The price is a second copy
+  of the state in memory while a write is pending, and a write that competes with training for
+  CPU and I/O. At most one write is pending: the next save, a load, a scan of the checkpoints
+  and the run's end wait for it first (and re-raise its error, e.g. a failed verification, on
+  the training thread). In a distributed run the writer's collectives (DCP's planning, the
+  barrier, the broadcast) use a gloo group of their own, so they never interleave with the
+  training step's collectives on the default group.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 import zlib
@@ -102,17 +114,32 @@ def _rank0() -> bool:
     return _no_dist() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if not _no_dist():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _from_rank0(value: Any) -> Any:
+def _from_rank0(value: Any, group: Any = None) -> Any:
     if _no_dist():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def stage_state(obj: Any) -> Any:
+    """A copy of a (nested) state dict that training can no longer change: every tensor copied
+    (to CPU where it is a plain tensor; a DTensor is cloned where it lives, keeping its mesh and
+    placements), everything else kept (the trainer's other values are ints, strings and bytes)."""
+    if isinstance(obj, dict):
+        return {k: stage_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(stage_state(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is torch.Tensor or isinstance(obj, torch.nn.Parameter):
+            return obj.detach().to("cpu", copy=True)
+        return obj.detach().clone()
+    return obj
 
 
 @contextlib.contextmanager
@@ -154,13 +181,21 @@ class Checkpointer:
     on_written(path, step): called on rank 0 after the rename, before that verification (fault injection)."""
 
     def __init__(self, root: str | Path, *, keep_last: int, log: Callable[[str], None] = print,
-                 verify_writes: bool = False, on_written: Callable[[Path, int], None] | None = None):
+                 verify_writes: bool = False, on_written: Callable[[Path, int], None] | None = None,
+                 async_writes: bool = False, before_commit: Callable[[Path, int], None] | None = None):
+        """async_writes: allow `save_async` (in a distributed run it creates the writer's own gloo
+        group, a collective: construct the Checkpointer on every rank). before_commit(tmp, step):
+        called on rank 0 once the files are written, before COMPLETE and the rename (tests: a kill there)."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
         self.log = log
-        self.verify_writes, self.on_written = verify_writes, on_written
+        self.verify_writes, self.on_written, self.before_commit = verify_writes, on_written, before_commit
+        self.async_writes = async_writes
+        self._group = dist.new_group(backend="gloo") if async_writes and not _no_dist() else None
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in sorted(self.root.iterdir()) if _rank0() else ():
             if _TMP_RE.match(leftover.name):
@@ -176,18 +211,66 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any], *, step: int, meta: dict[str, Any], keep: bool = False) -> SavedCheckpoint:
         """Write `state` (a DCP state dict) as the checkpoint for `step`; prune old ones."""
+        self.wait()
+        return self._write(state, step=step, meta=meta, keep=keep, group=None)
+
+    def save_async(self, state: dict[str, Any], *, step: int, meta: dict[str, Any], keep: bool = False) -> Path:
+        """Stage `state` now and write it in the background (see the module doc); returns the
+        directory it will have. Waits for (and re-raises the error of) the write still pending."""
+        if not self.async_writes:
+            raise ValueError("save_async needs a Checkpointer built with async_writes=True")
+        self.wait()
+        staged = stage_state(state)
+
+        def write() -> None:
+            try:
+                self._write(staged, step=step, meta=meta, keep=keep, group=self._group)
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+
+        self._pending = threading.Thread(target=write, name=f"checkpoint-step-{step}", daemon=True)
+        self._pending.start()
+        return self.root / checkpoint_name(step)
+
+    def wait(self) -> None:
+        """Block until no write is pending; raise the error a background write ended with."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """On the way out of a failed run: give a pending write `timeout` seconds to finish (it is a
+        good checkpoint from before the failure), and drop its error (the run's own error is the
+        one to report). A write still blocked then dies with the process; its temporary
+        directory is removed at the next start."""
+        if self._pending is not None:
+            self._pending.join(timeout)
+        self._error = None
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None and self._pending.is_alive()
+
+    def _write(self, state: dict[str, Any], *, step: int, meta: dict[str, Any], keep: bool,
+               group: Any) -> SavedCheckpoint:
         dst = self.root / checkpoint_name(step)
-        tmp = self.root / f".{dst.name}.tmp-{_from_rank0(os.getpid())}"
+        tmp = self.root / f".{dst.name}.tmp-{_from_rank0(os.getpid(), group)}"
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
+        _barrier(group)
         with _quiet_single_process():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=_no_dist())
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), process_group=group,
+                     no_dist=_no_dist())
         if not _rank0():
-            _barrier()  # until rank 0 has made the checkpoint complete
-            self._raise_if_bad(_from_rank0(None), dst)
+            _barrier(group)  # until rank 0 has made the checkpoint complete
+            self._raise_if_bad(_from_rank0(None, group), dst)
             return SavedCheckpoint(dst, step, meta)
+        if self.before_commit is not None:
+            self.before_commit(tmp, step)
         files = {p.name: [p.stat().st_size, _crc32(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {**meta, "step": step, "keep": keep, "saved_at": time.time(), "files": files}
         with open(tmp / COMPLETE, "w") as f:
@@ -212,8 +295,8 @@ class Checkpointer:
                 self._quarantine(dst, problem)
         if not problem:
             self._prune()  # never drop a good old checkpoint for a bad new one
-        _barrier()
-        self._raise_if_bad(_from_rank0(problem), dst)
+        _barrier(group)
+        self._raise_if_bad(_from_rank0(problem, group), dst)
         return SavedCheckpoint(dst, step, meta)
 
     def _raise_if_bad(self, problem: str | None, dst: Path) -> None:
@@ -250,6 +333,7 @@ class Checkpointer:
 
     def latest(self, *, before: int | None = None) -> SavedCheckpoint | None:
         """The newest checkpoint that verifies; every bad one met on the way is reported and moved aside."""
+        self.wait()
         return _from_rank0(self._latest(before) if _rank0() else None)
 
     def _latest(self, before: int | None) -> SavedCheckpoint | None:
@@ -277,12 +361,14 @@ class Checkpointer:
 
     def find_stage_final(self, stage: str) -> SavedCheckpoint | None:
         """The checkpoint that ended stage `stage` (marked final when it was saved)."""
+        self.wait()
         for c in reversed(self._scan()):
             if c.meta.get("stage") == stage and c.meta.get("stage_final"):
                 return self.verified(c.path)
         return None
 
     def stage_checkpoints(self, stage: str) -> list[SavedCheckpoint]:
+        self.wait()
         return [c for c in self._scan() if c.meta.get("stage") == stage]
 
 

@@ -119,6 +119,7 @@ class StageConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints; stage ends are always checkpointed
     keep_last: int = 3  # periodic checkpoints kept; each stage's final checkpoint is kept as well
+    async_save: bool = False  # periodic checkpoints: copy the state at the step, write it in a background thread
 
 
 @dataclass
@@ -176,6 +177,7 @@ class AnomalyConfig:
     warmup: int = 20  # good steps in a stage before the spike check starts (the statistic restarts per stage)
     max_consecutive: int = 3  # this many anomalous steps in a row: roll back to the last checkpoint; 0 = never
     max_rollbacks: int = 3  # rollbacks to the same checkpoint before the run stops with an error
+    retry_nonfinite: int = 1  # recompute a non-finite step this many times before skipping it; 0 = skip at once
 
 
 @dataclass
@@ -296,6 +298,9 @@ def _check_anomaly(a: AnomalyConfig) -> None:
         raise ValueError(f"anomaly.warmup and anomaly.max_consecutive must be >= 0, got {a.warmup} and "
                          f"{a.max_consecutive}")
     _positive(a.max_rollbacks, "anomaly.max_rollbacks")
+    if a.retry_nonfinite < 0:
+        raise ValueError(f"anomaly.retry_nonfinite must be >= 0 (recomputations of a non-finite step before it is "
+                         f"skipped; 0 = skip at once), got {a.retry_nonfinite}")
 
 
 def _check_weights(sources: list[str], weights: list[float], key: str) -> None:

@@ -36,7 +36,7 @@ from herd.parallel import ParallelModel, StepLoss
 from herd.targets import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from herd.train.anomaly import AnomalyGuard, FaultInjector, Verdict
+    from herd.train.anomaly import AnomalyGuard, AnomalyRecord, FaultInjector, Verdict
 
 __all__ = [
     "IGNORE_INDEX", "ChunkedNextTokenLoss", "CoreStep", "StepLoss", "TokenBatch", "TokenLoss", "TrainCore",
@@ -93,6 +93,7 @@ class CoreStep:
     tokens: int  # input tokens read
     metrics: dict[str, float] = field(default_factory=dict)
     anomaly: Verdict | None = None  # set: every rank skipped this update (herd.train.anomaly)
+    retried: AnomalyRecord | None = None  # set: the first computation was non-finite, a recomputation was not
 
 
 class TrainCore:
@@ -172,9 +173,24 @@ class TrainCore:
     # ---- the update ----------------------------------------------------------------------------
 
     def step(self, micro_batches: Sequence[MicroBatch], *, lr: float, step: int = 0) -> CoreStep:
-        """One optimizer step of the token loss over `micro_batches` (gradient accumulation)."""
+        """One optimizer step of the token loss over `micro_batches` (gradient accumulation).
+
+        A non-finite loss or gradient is recomputed from the same micro-batches, weights and RNG
+        state up to `guard.cfg.retry_nonfinite` times (herd.train.anomaly): a finite recomputation
+        is the step, exactly as if the fault had never happened."""
         self.set_lr(lr)
-        return self._update(self.forward_backward(micro_batches, step=step), step)
+        retries = self.guard.cfg.retry_nonfinite if self.guard is not None else 0
+        rng = _rng_state() if retries else None
+        result = self._update(self.forward_backward(micro_batches, step=step), step, retry=retries > 0)
+        first = result.anomaly.record if result.anomaly is not None and result.anomaly.retry else None
+        for attempt in range(1, retries + 1):
+            if result.anomaly is None or not result.anomaly.retry:
+                break
+            _set_rng_state(rng)  # dropout and any other randomness draw what the first computation drew
+            result = self._update(self.forward_backward(micro_batches, step=step), step, retry=attempt < retries)
+        if first is not None and result.anomaly is None:
+            result.retried = self.guard.transient(first)
+        return result
 
     def step_closure(self, closure: Callable[[], StepLoss], *, lr: float, step: int = 0) -> CoreStep:
         """One optimizer step of a loss `closure()` computes and normalises itself (single process)."""
@@ -186,7 +202,7 @@ class TrainCore:
         return self._update(StepLoss(out.loss.detach(), num_targets=out.num_targets, tokens=out.tokens,
                                      metrics=out.metrics), step)
 
-    def _update(self, out: StepLoss, step: int) -> CoreStep:
+    def _update(self, out: StepLoss, step: int, *, retry: bool = False) -> CoreStep:
         if self.injector is not None:
             out.loss = self.injector.apply(step, self.params, out.loss)
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
@@ -199,7 +215,7 @@ class TrainCore:
                           metrics=out.metrics)
         # Checked before the update, so the weights stay those of the last good step.
         if self.guard is not None:
-            result.anomaly = self.guard.check(step=step, loss=loss, grad_norm=norm)
+            result.anomaly = self.guard.check(step=step, loss=loss, grad_norm=norm, retry=retry)
         elif not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
@@ -208,3 +224,13 @@ class TrainCore:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])

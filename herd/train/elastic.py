@@ -28,12 +28,19 @@ What the agent costs is measured, not assumed: each restart pays process start-u
 torch import, process group), the checkpoint load and the replay of the steps since that
 checkpoint. The supervisor writes the account (herd.train.goodput) to `effective_time.json`.
 
+A restart is the recovery from a one-time fault, including silent data corruption (a worker
+exits 4, the group comes back from a checkpoint written before the corruption). A corruption
+that comes back at the same step on the same ranks is the hardware's: the worker writes
+`sdc-stop.json` (herd.train.sdc.record_event) and the supervisor ends torchrun at once instead
+of letting it spend the remaining restarts meeting the same fault.
+
 A single process (`--nproc 1`, the default) with `--max-restarts K` runs under the same agent
 as one worker, so it restarts the same way; without the flag it runs in this process, as before.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -42,6 +49,7 @@ from typing import Sequence
 
 from herd.parallel.launch import run_under_torchrun
 from herd.train.goodput import EffectiveTime, effective_time, write_summary
+from herd.train.sdc import SDC_EXIT_CODE, SDC_STOP
 
 DEFAULT_RESTARTS = 3  # for --nproc > 1: enough for a few faults, few enough that a deterministic crash ends the job
 
@@ -63,6 +71,7 @@ class SupervisedRun:
     returncode: int  # torchrun's: 0 once a group finished the job, else the last failure's
     account: EffectiveTime
     summary: Path  # effective_time.json
+    stopped: str = ""  # why the job was ended before its restarts ran out (a persistent SDC), else ""
 
 
 def supervise(config: str, overrides: Sequence[str], *, out_dir: str | Path, nproc: int, max_restarts: int,
@@ -73,8 +82,14 @@ def supervise(config: str, overrides: Sequence[str], *, out_dir: str | Path, npr
         raise ValueError("--nproc and --max-restarts start a job; this process is already a torchrun worker "
                          "(run herd train CFG under torchrun without them, or herd train CFG --nproc N alone)")
     since = time.time() if since is None else since
-    code = run_under_torchrun(nproc, ["train", config, *overrides], max_restarts=max_restarts)
-    return account_for(out_dir, since=since, returncode=code)
+    stop = Path(out_dir) / SDC_STOP
+    stop.unlink(missing_ok=True)  # a person starting the job again has dealt with the last one
+    code = run_under_torchrun(nproc, ["train", config, *overrides], max_restarts=max_restarts, stop_file=stop)
+    run = account_for(out_dir, since=since, returncode=code)
+    if stop.is_file():  # a worker saw the same corruption again after a restart (herd.train.sdc.record_event)
+        run.stopped = json.loads(stop.read_text()).get("message", "")
+        run.returncode = SDC_EXIT_CODE
+    return run
 
 
 def account_for(out_dir: str | Path, *, since: float, returncode: int = 0) -> SupervisedRun:

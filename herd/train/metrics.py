@@ -34,17 +34,55 @@ _PEAKS: dict[tuple, float] = {}
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int | None = None,
-                        seconds: float = 1.0, cached: bool = True) -> float:
+                        seconds: float = 1.0, cached: bool = True, cache_file: Path | None = None) -> float:
     """Best FLOP/s of a square matmul in `dtype` on `device` over about `seconds` of trials.
 
     Measured once per process and device/dtype/size (each measurement costs a few seconds, and a
     process that builds several trainers, like the demo or a test run, would pay it each time);
     `cached=False` measures again, e.g. for a benchmark that brackets its run with two readings.
+
+    cache_file: a JSON file that keeps the measurement across processes (the trainer passes one in
+    its run directory, so a job restarted after a fault does not measure again: ~1 s of every
+    restart on our CPUs). Its key names the host, the device and its model, the thread count,
+    dtype, size and torch version, so a restart on other hardware or software measures afresh.
     """
     n = size or (2048 if device.type == "cpu" else 8192)
     key = (str(device), dtype, n)
     if cached and key in _PEAKS:
         return _PEAKS[key]
+    file_key = _peak_file_key(device, dtype, n) if cached and cache_file is not None else None
+    known = _read_peaks(cache_file) if file_key is not None else {}
+    if file_key in known:
+        _PEAKS[key] = float(known[file_key])
+        return _PEAKS[key]
+    peak = _measure(device, dtype, n, seconds)
+    if cached:
+        _PEAKS[key] = peak
+    if file_key is not None:
+        # Merged with what is there (other ranks' hosts); two ranks writing at once lose nothing that
+        # matters: the loser's key is measured again at its next start.
+        atomic_write_text(cache_file, json.dumps({**_read_peaks(cache_file), file_key: peak}, indent=1))
+    return peak
+
+
+def _peak_file_key(device: torch.device, dtype: torch.dtype, n: int) -> str:
+    import platform
+    import socket
+
+    model = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (f"{socket.gethostname()}|{device}|{model}|{dtype}|n={n}|threads={torch.get_num_threads()}"
+            f"|torch {torch.__version__}")
+
+
+def _read_peaks(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # absent or damaged: measure (and rewrite it)
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and v > 0} if isinstance(data, dict) else {}
+
+
+def _measure(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -58,10 +96,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
         sync()
         best = min(best, time.perf_counter() - t)
         trials += 1
-    peak = 2 * n**3 / best
-    if cached:
-        _PEAKS[key] = peak
-    return peak
+    return 2 * n**3 / best
 
 
 @dataclass
@@ -170,8 +205,9 @@ class MetricsLogger:
                       f"{record['value']:g} and skipping the data of the streak")
         else:
             bound = f" > {record['threshold']:.4f}" if record["kind"] == "loss_spike" else ""
-            detail = (f"{what} {record['value']:.4f}{bound} on {record['ranks']} of {record['world']} rank(s); "
-                      "update skipped")
+            outcome = ("recomputed from the same batch and weights: finite, a transient fault; update applied"
+                       if record.get("action") == "retried" else "update skipped")
+            detail = f"{what} {record['value']:.4f}{bound} on {record['ranks']} of {record['world']} rank(s); {outcome}"
         self.write(f"step {record['step']:>6}/{self.total_steps} | {stage} | {record['kind']}: {detail}")
 
     def rewind(self, step: int) -> list[dict[str, Any]]:

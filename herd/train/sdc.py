@@ -69,6 +69,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from herd.io import atomic_write_json
 from herd.train.config import SDCConfig
 
 FAULTS_ENV = "HERD_SDC_FAULTS"
@@ -78,7 +79,58 @@ _CHUNK = 1 << 22  # elements hashed at a time: bounds the scratch to one chunk o
 
 
 class SilentDataCorruption(RuntimeError):
-    """Two computations or copies that must be bit-identical are not; the job must not train on."""
+    """Two computations or copies that must be bit-identical are not; the job must not train on.
+
+    step, ranks: where it was seen and the ranks named (for `record_event`)."""
+
+    def __init__(self, message: str, *, step: int = 0, ranks: Sequence[int] = ()):
+        super().__init__(message)
+        self.step, self.ranks = step, tuple(sorted(ranks))
+
+
+# ---- a corruption that comes back --------------------------------------------------------------
+
+SDC_EVENTS = "sdc-events.jsonl"  # in job.out_dir: one line per detection (rank 0 writes it)
+SDC_STOP = "sdc-stop.json"  # in job.out_dir: a persistent corruption; `herd train`'s supervisor ends the job
+
+
+def record_event(out_dir: str | Path, error: SilentDataCorruption, *, job: str | None = None) -> str | None:
+    """Append `error` to the run's SDC record; if this job already saw a corruption at the same step
+    naming the same ranks, return the message that stops it for good (else None).
+
+    After a mismatch torchrun's agent restarts the job from the last checkpoint, which is the
+    recovery for a one-time fault: a flipped bit does not flip again. A fault that does come back
+    at the same step on the same rank, from the same checkpoint and data, is the hardware's, and
+    every further restart would meet it again: stop rather than spend the remaining restarts.
+    job: which torchrun invocation (TORCHELASTIC_RUN_ID); detections of earlier ones do not count,
+    so a person who replaced the hardware and starts the job again is not stopped by old records.
+    """
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "") if job is None else job
+    path = Path(out_dir) / SDC_EVENTS
+    earlier = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                earlier.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line a killed process left half written
+    event = {"job": job, "step": error.step, "ranks": list(error.ranks), "time": time.time(),
+             "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "message": str(error).splitlines()[0]}
+    with open(path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+    if not any(e.get("job") == job and e.get("step") == error.step and e.get("ranks") == event["ranks"]
+               for e in earlier):
+        return None
+    who = ", ".join(f"rank {r}" for r in error.ranks) or "an unnamed rank"
+    exclude = " or ".join(f"rank {r}'s host" for r in error.ranks) or "the named rank's host"
+    return (f"silent data corruption came back at step {error.step} on {who} after a restart from a checkpoint "
+            f"written before it: a persistent fault, likely faulty hardware: exclude {exclude} and start the job "
+            f"again (it resumes from the last good checkpoint). Every detection is in {path}.")
+
+
+def write_stop(out_dir: str | Path, message: str) -> Path:
+    """Tell `herd train`'s supervisor to end the job instead of restarting it (herd.train.elastic)."""
+    return atomic_write_json(Path(out_dir) / SDC_STOP, {"message": message, "time": time.time()})
 
 
 # ---- the hash and the bit flip -----------------------------------------------------------------
@@ -279,7 +331,8 @@ class ReplicaChecker:
         mismatches = find_mismatches([r for r, _ in gathered])
         if mismatches:
             raise SilentDataCorruption(mismatch_message(step, mismatches, [h for _, h in gathered],
-                                                        what="replica checksum check"))
+                                                        what="replica checksum check"),
+                                       step=step, ranks={r for m in mismatches for r in m.ranks})
         return len(report)
 
 
@@ -349,7 +402,7 @@ def recompute_check(step: int, run: Callable[[], None], params: Sequence[tuple[s
             d, f, _ = gathered[r]
             what = ["forward output"] if f else []
             lines.append(f"  rank {r}: {', '.join(what + d[:4])}{' ...' if len(d) > 4 else ''}")
-        raise SilentDataCorruption("\n".join(lines))
+        raise SilentDataCorruption("\n".join(lines), step=step, ranks=named)
     return len(first)
 
 

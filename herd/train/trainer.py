@@ -46,7 +46,7 @@ from herd.model import Transformer, build_model
 from herd.parallel import ParallelConfig, ParallelModel, build_parallel_model
 from herd.parallel.launch import init_distributed, is_rank0
 from herd.train import checkpoint as ckpt_io
-from herd.train.anomaly import LEDGER, AnomalyGuard, Verdict
+from herd.train.anomaly import LEDGER, AnomalyGuard, AnomalyRecord, Verdict
 from herd.train.average import average_checkpoints
 from herd.train.checkpoint import Checkpointer, SavedCheckpoint
 from herd.train.config import Config, config_to_dict, micro_batch_rows
@@ -73,6 +73,7 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+PEAK_CACHE = ".matmul-peak.json"  # in job.out_dir: a restarted job reuses its measured peak (herd.train.metrics)
 LoaderFactory = Callable[..., Loader]  # (sources, *, weights, seq_len, batch_size, seed) -> Loader
 StepHook = Callable[["Trainer", int], None]  # (trainer, step about to run): called once its batch is drawn
 
@@ -133,6 +134,7 @@ class StepResult:
     grad_norm: float  # before clipping
     tokens: int  # input tokens in the batch
     anomaly: Verdict | None = None  # set: the update was skipped on every rank
+    retried: AnomalyRecord | None = None  # set: non-finite at first, finite when recomputed (a transient fault)
 
 
 @dataclass
@@ -202,7 +204,8 @@ class Trainer:
         self.faults = faults if faults is not None else Faults.from_env()
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          log=self.log, verify_writes=cfg.sdc.verify_checkpoints,
-                                         on_written=self.faults.checkpoint_written if self.faults else None)
+                                         on_written=self.faults.checkpoint_written if self.faults else None,
+                                         async_writes=cfg.checkpoint.async_save)
         self.watchdog = Watchdog(cfg.watchdog, out_dir=self.out_dir, faults=self.faults, log=self.log,
                                  models=self.parallel.parts if self.parallel is not None else [self.model],
                                  compiled=cfg.parallel.compile)
@@ -264,11 +267,16 @@ class Trainer:
         if self.anomaly is not None and anomaly is not None:
             self.anomaly.load_state_dict(anomaly)
 
-    def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint:
+    def save_checkpoint(self, span: StageSpan, *, final: bool = False) -> SavedCheckpoint | None:
+        """None: a periodic checkpoint written in the background (checkpoint.async_save); a stage's
+        final one is always written before this returns (the next stage and export read it)."""
         meta = {"stage": span.name, "stage_index": span.index, "stage_final": final,
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
         self._checkpoint_owed = False
+        if self.cfg.checkpoint.async_save and not final:
+            self.checkpointer.save_async(self.state_dict(), step=self.step, meta=meta)
+            return None
         return self.checkpointer.save(self.state_dict(), step=self.step, meta=meta, keep=final)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -285,7 +293,8 @@ class Trainer:
         r = self.core.step(micro_batches, lr=lr, step=self.step + 1)
         self.step += 1  # a skipped update still counts: its data was read, the schedule moves on
         self.tokens_seen += r.tokens
-        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly)
+        return StepResult(loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=r.tokens, anomaly=r.anomaly,
+                          retried=r.retried)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -410,7 +419,7 @@ class Trainer:
         resumed_from = self._resume()
         spans = self.schedule.spans
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.peak_flops = measure_matmul_peak(self.device, dtype)
+        self.peak_flops = measure_matmul_peak(self.device, dtype, cache_file=self.out_dir / PEAK_CACHE)
         if self.meshes is not None:  # tokens/s is the whole group's, so MFU is against the group's peak
             self.peak_flops *= self.meshes.world.size()
         self.log(f"{self.model.args.num_params():,} parameters on {self.device}; measured {dtype} matmul peak "
@@ -428,7 +437,9 @@ class Trainer:
         try:
             for span in spans:
                 result.stages.append(self._run_stage(span))
+            self.checkpointer.wait()
         finally:
+            self.checkpointer.settle()  # after a failure: let a pending write finish, if it can
             self.watchdog.close()
             self.metrics.close()
         result.steps, result.tokens_seen = self.step, self.tokens_seen
@@ -488,6 +499,8 @@ class Trainer:
                 tokens_seen=self.tokens_seen, batch_tokens=r.tokens, seq_len=seq_len, tokens_per_s=tps,
                 mfu=tps * self.model.args.flops_per_token(seq_len) / self.peak_flops, seconds=seconds,
                 time=time.time()))
+            if r.retried is not None:
+                self.metrics.log_anomaly(span.name, dataclasses.asdict(r.retried))
             self.sdc.after_step(self.step)  # the replica check, when due
             self.watchdog.step_end(self.step, seconds, self.metrics)  # straggler gather, when due
             if r.anomaly is not None:  # no update: nothing to validate or checkpoint at this step

@@ -32,9 +32,15 @@ CASES = {  # name -> (layout, fault)
 }
 
 
-def _run(cfg: ParallelConfig, state, batches, *, guard: bool, fault: str | None = None):
+RETRY_CASES = {"FSDP 2": ParallelConfig(), "PP 2": ParallelConfig(pp=2)}
+RETRY_NAME = "anomaly {}: a one-time NaN gradient on rank 1 is recomputed, weights equal a fault-free run"
+
+
+def _run(cfg: ParallelConfig, state, batches, *, guard: bool, fault: str | None = None, retry: int = 0):
+    # retry 0 by default: the faults here stand for bad data, which a recomputation would meet again.
     pm = H.build_parallel(cfg, state=state)
-    g = AnomalyGuard(AnomalyConfig(), device=torch.device("cpu"), log=lambda m: None) if guard else None
+    g = (AnomalyGuard(AnomalyConfig(retry_nonfinite=retry), device=torch.device("cpu"), log=lambda m: None)
+         if guard else None)
     core = TrainCore(pm.module, H.new_optimizer(pm.parameters()), grad_clip=H.CLIP, parallel=pm, guard=g)
     if fault is not None:
         getattr(FaultInjector(), fault)(2, rank=1).install(core)
@@ -53,7 +59,7 @@ def _trainer_cfg(data: Path, out: Path):
         "optim": {"lr": 3e-3},
         "checkpoint": {"every": 3, "keep_last": 2},
         "metrics": {"log_every": 100, "tensorboard": False, "plot": False, "progress": False},
-        "anomaly": {"max_consecutive": 2},
+        "anomaly": {"max_consecutive": 2, "retry_nonfinite": 0},
         "stages": [{"name": "pretrain", "steps": 8, "ramp": [[0, 256, 64]]}],
     })
 
@@ -114,4 +120,12 @@ def world2(state, workdir: Path) -> list:
         detail = (f"skipped {skipped}; record {rec}; "
                   f"max |diff| {max(float((got[k] - ref[k]).abs().max()) for k in ref):.1e}")
         out += H.agree(f"anomaly {name}", ok, detail)
+    # A one-time NaN gradient on rank 1 (transient): both ranks recompute the step, and the weights
+    # equal those of a run that never met the fault.
+    for name, cfg in RETRY_CASES.items():
+        got, verdicts = _run(cfg, state, batches, guard=True, fault="nan_grad", retry=1)
+        ref, _ = _run(cfg, state, batches, guard=False)
+        ok = verdicts == [None, None, None] and set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+        out += H.agree(RETRY_NAME.format(name), ok, f"verdicts {verdicts}; max |diff| "
+                       f"{max(float((got[k] - ref[k]).abs().max()) for k in ref):.1e}")
     return out + trainer_rollback(workdir)

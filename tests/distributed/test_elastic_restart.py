@@ -130,3 +130,42 @@ def test_one_process_under_max_restarts_restarts_too(data):
         torch.set_num_threads(threads)
     out = herd_train(data, "kill1", "--max-restarts", "1", faults=[{"kind": "kill", "step": 5}])
     _check_restarted(data, "kill1", "ref1", out)
+
+
+@pytest.mark.heavy
+@pytest.mark.slow  # a 2-rank torchrun job, restarted once, then ended: ~60-120 s on a busy 2-core machine
+def test_a_corruption_that_comes_back_after_the_restart_stops_the_job_for_good(data):
+    # HERD_SDC_FAULTS faults fire in every process that reaches their step, so a restart from the
+    # step-3 checkpoint meets the same flip again: hardware that keeps corrupting rank 1's copy.
+    out = data / "sdc2"
+    cfg = data / "sdc2.toml"
+    cfg.write_text(to_toml(config_from_dict(_config(data / "data", out))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "HERD_SDC_FAULTS": json.dumps([{"kind": "flip_param", "step": 4, "rank": 1, "name": "norm.weight"}])}
+    env.pop(ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(cfg), "--nproc", "2", "--max-restarts", "3",
+                           "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--sdc.replica_check_every",
+                           "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "likely faulty hardware: exclude rank 0's host or rank 1's host" in proc.stderr  # 2 replicas: both named
+    attempts = _rows(out, "attempts.jsonl")
+    assert [(a["attempt"], a["resumed_step"]) for a in attempts] == [(0, 0), (1, 3)]  # not 3 restarts
+    events = _rows(out, "sdc-events.jsonl")
+    assert [(e["step"], e["ranks"], e["attempt"]) for e in events] == [(4, [0, 1], 0), (4, [0, 1], 1)]
+
+
+@pytest.mark.heavy
+@pytest.mark.slow  # two 2-rank torchrun jobs, one restarted: ~2-3 min on a busy 2-core machine
+def test_async_checkpoints_under_fsdp_restart_exactly(data):
+    # The background writer's gloo group, DTensor staging and the commit on rank 0, under FSDP 2:
+    # the killed run resumes from whichever checkpoint was complete and equals a synchronous run.
+    herd_train(data, "ref2sync", "--nproc", "2")
+    out = herd_train(data, "kill2async", "--nproc", "2", "--checkpoint.async_save", "true",
+                     faults=[{"kind": "kill", "step": 5, "rank": 1}])
+    run = data / "kill2async"
+    assert _losses(run) == _losses(data / "ref2sync") and [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    for name, tensor in _weights(data / "ref2sync").items():
+        assert torch.equal(_weights(run)[name], tensor), name
+    attempts = _rows(run, "attempts.jsonl")
+    assert len(attempts) == 2 and attempts[1]["resumed_step"] in (0, 3) and "1 restart(s)" in out
+    assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]

@@ -40,6 +40,7 @@ NAMES = (
     + [f"resume FSDP 2 -> {n}" for n in ("TP 2", "PP 2", "single process")]
     + scenarios_layouts.NAMES2  # tied embeddings under PP, ZBV evaluation between steps
     + [f"anomaly {n}" for n in scenarios_anomaly.CASES]
+    + [scenarios_anomaly.RETRY_NAME.format(n) for n in scenarios_anomaly.RETRY_CASES]
     + ["anomaly FSDP 2 Trainer: rollback after NaN gradients on rank 1 equals a run without the window"]
 )
 

@@ -47,8 +47,10 @@ def one_thread():
 @pytest.mark.parametrize("fault", ["nan_grad", "nan_loss"])
 def test_a_poisoned_step_is_skipped_and_the_weights_equal_a_run_without_its_batch(fault):
     core = _core()
-    getattr(FaultInjector(), fault)(2).install(core)
+    inj = FaultInjector()
+    getattr(getattr(inj, fault)(2), fault)(2).install(core)  # twice: the recomputation meets it again (bad data)
     results = [core.step([_batch(i)], lr=1e-3, step=i) for i in (1, 2, 3)]
+    assert inj.fired == [(2, fault), (2, fault)] and results[1].retried is None
     assert [r.anomaly is not None for r in results] == [False, True, False]
     rec = results[1].anomaly.record
     assert rec.kind == {"nan_grad": "nonfinite_grad", "nan_loss": "nonfinite_loss"}[fault]
@@ -62,6 +64,65 @@ def test_a_poisoned_step_is_skipped_and_the_weights_equal_a_run_without_its_batc
         assert torch.equal(p, q), name
     # AdamW took two steps in both: the skipped update left its state alone too.
     assert all(s["step"] == 2 for s in core.optimizer.state.values())
+
+
+@pytest.mark.parametrize("fault", ["nan_grad", "nan_loss"])
+def test_a_transient_nan_is_recomputed_and_the_run_equals_a_fault_free_one_bit_for_bit(fault):
+    core, ref = _core(), _core()
+    inj = getattr(FaultInjector(), fault)(2).install(core)  # fires once: the recomputation is clean
+    results = [core.step([_batch(i)], lr=1e-3, step=i) for i in (1, 2, 3)]
+    clean = [ref.step([_batch(i)], lr=1e-3, step=i) for i in (1, 2, 3)]
+    assert inj.fired == [(2, fault)] and all(r.anomaly is None for r in results)
+    assert [r.loss for r in results] == [r.loss for r in clean]
+    assert [r.grad_norm for r in results] == [r.grad_norm for r in clean]
+    for (name, p), q in zip(core.model.named_parameters(), ref.model.parameters()):
+        assert torch.equal(p, q), name
+    rec = results[1].retried
+    assert (rec.kind, rec.step, rec.action) == ({"nan_grad": "nonfinite_grad", "nan_loss": "nonfinite_loss"}[fault],
+                                                2, "retried")
+    assert core.guard.counts == {"transient": 1} and core.guard.consecutive == 0
+
+
+def test_retries_are_counted_and_off_means_skip_at_once():
+    # Two recomputations allowed: a fault met at the first two computations is still transient ...
+    core = _core(cfg=AnomalyConfig(retry_nonfinite=2))
+    FaultInjector().nan_grad(1).nan_grad(1).install(core)
+    first = core.step([_batch(1)], lr=1e-3, step=1)
+    assert first.anomaly is None and first.retried is not None
+    # ... and one met at all three is skipped, counted once.
+    FaultInjector().nan_grad(2).nan_grad(2).nan_grad(2).install(core)
+    second = core.step([_batch(2)], lr=1e-3, step=2)
+    assert second.anomaly.record.action == "skip" and core.guard.counts == {"transient": 1, "nonfinite_grad": 1}
+    off = _core(cfg=AnomalyConfig(retry_nonfinite=0))
+    inj = FaultInjector().nan_grad(1).install(off)
+    assert off.step([_batch(1)], lr=1e-3, step=1).anomaly.record.action == "skip" and inj.fired == [(1, "nan_grad")]
+
+
+def test_dropout_draws_the_same_numbers_in_the_recomputation():
+    class Noisy(torch.nn.Module):  # the retried step must see the RNG state the first computation saw
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.lin(x), p=0.5)
+
+    def loss(model, batch):
+        return model(batch.inputs.float()).sum()
+
+    def run(fault: bool):
+        torch.manual_seed(0)
+        model = Noisy()
+        g = AnomalyGuard(AnomalyConfig(), device=torch.device("cpu"), log=lambda m: None)
+        core = TrainCore(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=0.0, loss=loss, guard=g)
+        if fault:
+            FaultInjector().nan_grad(1).install(core)
+        b = Batch(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), None, 8)
+        out = [core.step([b], lr=0.1, step=s).loss for s in (1, 2)]
+        return out, model.lin.weight.detach().clone(), torch.rand(1)
+
+    (l1, w1, r1), (l2, w2, r2) = run(True), run(False)
+    assert l1 == l2 and torch.equal(w1, w2) and torch.equal(r1, r2)
 
 
 def test_without_a_guard_a_non_finite_gradient_raises_before_the_update():

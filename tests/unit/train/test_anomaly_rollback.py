@@ -47,7 +47,9 @@ def _cfg(data, out, **anomaly):
         "schedule": {"warmup_steps": 2},
         "checkpoint": {"every": 3, "keep_last": 2},
         "metrics": {"log_every": 1, "tensorboard": False, "plot": False, "progress": False},
-        "anomaly": {"max_consecutive": 2, **anomaly},
+        # retry_nonfinite 0: these faults stand for bad data, which a recomputation would meet again
+        # (test_anomaly.py covers the recomputation of a transient fault).
+        "anomaly": {"max_consecutive": 2, "retry_nonfinite": 0, **anomaly},
         "stages": [{"name": "pretrain", "steps": STEPS, "ramp": [[0, 256, 64]]}],  # one next_batch per step
     })
 
@@ -235,3 +237,17 @@ def test_a_checkpoint_due_at_a_skipped_update_is_written_at_the_next_good_step(d
     FaultInjector().nan_grad(6).install(t)
     assert t.fit().anomalies == {"nonfinite_grad": 1}
     assert [c.step for c in t.checkpointer._scan()] == [3, 7, 8]  # 6 skipped its update: deferred to 7
+
+
+def test_a_transient_nan_in_the_trainer_is_recomputed_recorded_and_changes_nothing(data, tmp_path, tmp_path_factory):
+    t = Trainer(_cfg(data, tmp_path, retry_nonfinite=1))
+    FaultInjector().nan_grad(5).install(t)  # once: the recomputation is clean
+    result = t.fit()
+    clean_out = tmp_path_factory.mktemp("clean")
+    clean = Trainer(_cfg(data, clean_out, retry_nonfinite=1))
+    clean.fit()
+    assert _losses(tmp_path) == _losses(clean_out) and _same(_weights(t), _weights(clean))
+    assert result.anomalies == {"transient": 1}
+    rec, = [r for r in _records(tmp_path) if "anomaly" in r]
+    assert (rec["anomaly"], rec["step"], rec["action"]) == ("nonfinite_grad", 5, "retried")
+    assert [c.step for c in t.checkpointer._scan()] == [c.step for c in clean.checkpointer._scan()]  # none deferred
