@@ -161,6 +161,22 @@ def write_files(root: str | os.PathLike[str], files: Mapping[str, bytes]) -> Non
         (root / rel).write_bytes(data)
 
 
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON records of a JSON-lines log that a killed process may have appended to: a missing
+    file is no records, and a line that does not parse (the half-written last line of a process
+    killed mid-write) is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def refuse_existing(path: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Fail before any work when `path` (a file, or a directory with something in it) would be
     replaced without `overwrite`: converting or quantizing a large model first and refusing to

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from herd.io import atomic_write_json
+from herd.io import atomic_write_json, read_records
 
 ATTEMPTS = "attempts.jsonl"
 SUMMARY = "effective_time.json"
@@ -74,17 +74,6 @@ def record_rollback(out_dir: str | Path, *, dropped: list[dict[str, Any]]) -> No
         f.write(json.dumps(rec) + "\n")
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line a killed process left half written
-    return out
-
-
 @dataclass
 class EffectiveTime:
     wall_seconds: float  # supervisor start to end, restarts included
@@ -122,8 +111,8 @@ class EffectiveTime:
 def effective_time(out_dir: str | Path, *, since: float, until: float) -> EffectiveTime:
     """The account of the run that started at Unix time `since` and ended at `until`."""
     out_dir = Path(out_dir)
-    steps = [r for r in _jsonl(out_dir / "metrics.jsonl") if "loss" in r and r.get("time", 0.0) >= since]
-    lines = _jsonl(out_dir / ATTEMPTS)
+    steps = [r for r in read_records(out_dir / "metrics.jsonl") if "loss" in r and r.get("time", 0.0) >= since]
+    lines = read_records(out_dir / ATTEMPTS)
     attempts = sorted((a for a in lines if "rollback" not in a and a.get("started", 0.0) >= since),
                       key=lambda a: a["started"])
     dropped = [d for a in lines for d in a.get("dropped", []) if d[2] >= since]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from herd.io import atomic_write_bytes, atomic_write_text
+from herd.io import atomic_write_bytes, atomic_write_text, read_records
 from herd.train.config import MetricsConfig
 
 
@@ -147,11 +147,7 @@ class MetricsLogger:
         if not self.jsonl.is_file():
             return []
         keep = []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the half-written last line of a killed run
+        for rec in read_records(self.jsonl):  # without the half-written last line of a killed run
             # Anomaly records stay: they happened, and a rollback's skipped data stays skipped.
             if rec.get("step", 0) <= start_step or "anomaly" in rec:
                 keep.append(rec)

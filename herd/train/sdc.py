@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from herd.io import atomic_write_json
+from herd.io import atomic_write_json, read_records
 from herd.train.config import SDCConfig
 
 FAULTS_ENV = "HERD_SDC_FAULTS"
@@ -107,13 +107,7 @@ def record_event(out_dir: str | Path, error: SilentDataCorruption, *, job: str |
     """
     job = os.environ.get("TORCHELASTIC_RUN_ID", "") if job is None else job
     path = Path(out_dir) / SDC_EVENTS
-    earlier = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                earlier.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line a killed process left half written
+    earlier = read_records(path)
     event = {"job": job, "step": error.step, "ranks": list(error.ranks), "time": time.time(),
              "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "message": str(error).splitlines()[0]}
     with open(path, "a") as f:

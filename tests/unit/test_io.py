@@ -124,3 +124,12 @@ def test_atomic_dir_replaces_whole_folders_or_nothing(tmp_path):
     atomic_dir(dst, lambda d: write_files(d, {"c.txt": b"3"}), overwrite=True)
     assert [p.name for p in dst.iterdir()] == ["c.txt"]  # replaced, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary or old folder left
+
+
+def test_read_records_leaves_out_a_half_written_last_line(tmp_path):
+    from herd.io import read_records
+
+    log = tmp_path / "events.jsonl"
+    assert read_records(log) == []  # no file yet: no records
+    log.write_text('{"step": 1}\n{"step": 2, "loss": 3.5}\n{"step": 3, "lo')  # killed mid-write
+    assert read_records(log) == [{"step": 1}, {"step": 2, "loss": 3.5}]
