@@ -274,6 +274,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "model_args": dataclasses.asdict(self.model.args),
                 "config": config_to_dict(self.cfg)}
         self._checkpoint_owed = False
+        self.sdc.before_checkpoint(self.step)
         if self.cfg.checkpoint.async_save and not final:
             self.checkpointer.save_async(self.state_dict(), step=self.step, meta=meta)
             return None

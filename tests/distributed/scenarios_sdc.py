@@ -207,8 +207,23 @@ def trainer(workdir: Path) -> list:
         # Step 2's record is never written: the check stops the run first.
         steps_ok = steps_ok and [r["step"] for r in times] == [1] and len(times[0]["rank_busy_s"]) == 2
     beats = sorted(p.name for p in (out_dir / "heartbeat").iterdir())
-    return out + H.agree("trainer HSDP 2x1: step-time records and heartbeats", steps_ok and beats == [
+    out += H.agree("trainer HSDP 2x1: step-time records and heartbeats", steps_ok and beats == [
         "rank-0.json", "rank-1.json"], f"step {t.step}, records {recs}, heartbeats {beats}")
+
+    # Checks every 3 steps, checkpoints every 2: the flip after step 1 must not reach step 2's
+    # checkpoint, which every restart would resume from. The check before the save finds it.
+    out_dir = workdir / "train-ckpt"
+    from dataclasses import replace
+
+    cfg = replace(cfg, job=replace(cfg.job, out_dir=str(out_dir)), sdc=replace(cfg.sdc, replica_check_every=3),
+                  checkpoint=replace(cfg.checkpoint, every=2))
+    faults = Faults([Fault("flip_param", step=1, rank=1, options={"name": "layers.0.ffn_norm.weight", "bit": 2})])
+    t = Trainer(cfg, log=lambda m: None, faults=faults)
+    out += _expect_sdc("trainer HSDP 2x1: a flip between replica checks stops the run before step 2's checkpoint",
+                       t.fit, "replica checksum check at step 2", "rank 1")
+    saved = sorted(p.name for p in (out_dir / "checkpoints").glob("step-*")) if (out_dir / "checkpoints").is_dir() else []
+    return out + H.agree("trainer HSDP 2x1: no checkpoint holds the disagreeing replicas", t.step == 2 and not saved,
+                         f"step {t.step}, checkpoints {saved}")
 
 
 def world2(rank: int, world: int, workdir: Path) -> list:

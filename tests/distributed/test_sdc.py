@@ -44,6 +44,8 @@ NAMES = [
     "PP 2: progress events for every local block, forward and backward",
     "trainer HSDP 2x1: the flip after step 1 stops the run at step 2's replica check",
     "trainer HSDP 2x1: step-time records and heartbeats",
+    "trainer HSDP 2x1: a flip between replica checks stops the run before step 2's checkpoint",
+    "trainer HSDP 2x1: no checkpoint holds the disagreeing replicas",
 ]
 
 
