@@ -179,17 +179,9 @@ def test_a_small_vocabulary_model_gets_its_own_image_id_in_chat(tmp_path, capsys
     from herd.tokenizer import Message, chat_format_for
     from herd.tokenizer.chat import IMAGE
 
-    args = MllamaArgs(text=ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                                     max_seq_len=128),
-                      vision=VisionArgs(width=16, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=32, image_size=28,
-                                        patch_size=14, max_num_tiles=2, intermediate_layers=(1,)),
-                      n_cross_layers=1)
-    model = build_mllama(args, seed=6).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gate_attn", "gate_ffwd")):
-                p.fill_(0.7)
-    path = save_mllama(model, tmp_path / "hf")
+    from tests.helpers import tiny_vision_model
+
+    path = save_mllama(tiny_vision_model(seed=6, vocab_size=512, amplify=1.0), tmp_path / "hf")
     (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     picture = tmp_path / "pic.png"
     gen = torch.Generator().manual_seed(2)
